@@ -1,0 +1,211 @@
+"""Settings: one typed object read from the environment once, plus the TOML config file.
+
+Secrets (provider keys, tokens) come only from the environment; the non-secret knobs
+(plan allowances, rate limits, status thresholds, reservations) from `config/gateway.toml`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gateway.meters import ALL_METERS
+
+
+class ConfigError(Exception):
+    """Bad configuration: the message is one clear line for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    requests_per_minute: int | None = 60
+    tokens_per_minute: int | None = 400_000
+
+
+@dataclass(frozen=True, slots=True)
+class StatusConfig:
+    warning: float = 0.75
+    critical: float = 0.90
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationConfig:
+    default_max_output_tokens: int = 4096
+    images_per_request: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class FileConfig:
+    plan: dict[str, int] = field(default_factory=dict)  # meter -> allowance per period; absent = unlimited
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
+    reservation: ReservationConfig = field(default_factory=ReservationConfig)
+
+
+def _section(cls: type, name: str, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r} in [{name}] (known: {', '.join(sorted(known))})")
+        default = getattr(cls(), key)
+        want_float = isinstance(default, float)
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+            if want_float
+            else isinstance(value, int) and not isinstance(value, bool)
+        )
+        if not ok or value < 0:
+            kind = "a non-negative number" if want_float else "a non-negative integer"
+            raise ConfigError(f"[{name}] {key} must be {kind}, got {value!r}")
+        kwargs[key] = float(value) if want_float else value
+    return cls(**kwargs)
+
+
+def parse_file_config(raw: Mapping[str, Any]) -> FileConfig:
+    allowed = {"plan", "rate_limit", "status", "reservation"}
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"unknown section [{key}] (known: {', '.join(sorted(allowed))})")
+    plan_raw = raw.get("plan", {})
+    if not isinstance(plan_raw, dict):
+        raise ConfigError("[plan] must be a table")
+    plan: dict[str, int] = {}
+    for meter, value in plan_raw.items():
+        if meter not in ALL_METERS:
+            raise ConfigError(f"unknown meter {meter!r} in [plan] (known: {', '.join(ALL_METERS)})")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"[plan] {meter} must be a non-negative integer, got {value!r}")
+        plan[meter] = value
+    status = _section(StatusConfig, "status", raw.get("status", {}))
+    if not 0 < status.warning <= status.critical <= 1:
+        raise ConfigError("[status] needs 0 < warning <= critical <= 1")
+    return FileConfig(
+        plan=plan,
+        rate_limit=_section(RateLimitConfig, "rate_limit", raw.get("rate_limit", {})),
+        status=status,
+        reservation=_section(ReservationConfig, "reservation", raw.get("reservation", {})),
+    )
+
+
+def load_file_config(path: Path) -> FileConfig:
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path} (set GATEWAY_CONFIG)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return parse_file_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str = "sqlite:///gateway.db"
+    config_path: Path = Path("config/gateway.toml")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    anthropic_api_key: str = ""
+    gemini_api_key: str = ""
+    anthropic_upstream: str = "https://api.anthropic.com"
+    gemini_upstream: str = "https://generativelanguage.googleapis.com"
+    admin_token: str = ""
+    upstream_timeout_seconds: float = 600.0
+    connect_timeout_seconds: float = 10.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    drain_timeout_seconds: float = 120.0
+    drain_max_bytes: int = 8 * 1024 * 1024
+    log_format: str = "text"
+    # Polar
+    polar_access_token: str = ""
+    polar_organization_id: str = ""
+    polar_environment: str = "sandbox"
+    polar_webhook_secret: str = ""
+    polar_base_url: str = ""
+    sync_interval_seconds: float = 300.0
+    sync_max_attempts: int = 3
+    sync_batch_size: int = 500
+    limits_max_age_seconds: float = 900.0
+    file: FileConfig = field(default_factory=FileConfig)
+
+    @property
+    def sqlite_path(self) -> str:
+        return self.database_url.removeprefix("sqlite:///")
+
+    @property
+    def polar_enabled(self) -> bool:
+        return bool(self.polar_access_token)
+
+    def __repr__(self) -> str:  # never print secrets
+        return f"Settings(database_url={self.database_url!r}, host={self.host!r}, port={self.port})"
+
+
+_ENV: dict[str, tuple[str, type]] = {
+    "GATEWAY_DATABASE_URL": ("database_url", str),
+    "GATEWAY_CONFIG": ("config_path", Path),
+    "GATEWAY_HOST": ("host", str),
+    "GATEWAY_PORT": ("port", int),
+    "ANTHROPIC_API_KEY": ("anthropic_api_key", str),
+    "GEMINI_API_KEY": ("gemini_api_key", str),
+    "GATEWAY_ANTHROPIC_UPSTREAM": ("anthropic_upstream", str),
+    "GATEWAY_GEMINI_UPSTREAM": ("gemini_upstream", str),
+    "GATEWAY_ADMIN_TOKEN": ("admin_token", str),
+    "GATEWAY_UPSTREAM_TIMEOUT_SECONDS": ("upstream_timeout_seconds", float),
+    "GATEWAY_CONNECT_TIMEOUT_SECONDS": ("connect_timeout_seconds", float),
+    "GATEWAY_MAX_BODY_BYTES": ("max_body_bytes", int),
+    "GATEWAY_DRAIN_TIMEOUT_SECONDS": ("drain_timeout_seconds", float),
+    "GATEWAY_DRAIN_MAX_BYTES": ("drain_max_bytes", int),
+    "GATEWAY_LOG_FORMAT": ("log_format", str),
+    "POLAR_ACCESS_TOKEN": ("polar_access_token", str),
+    "POLAR_ORGANIZATION_ID": ("polar_organization_id", str),
+    "POLAR_ENVIRONMENT": ("polar_environment", str),
+    "POLAR_WEBHOOK_SECRET": ("polar_webhook_secret", str),
+    "POLAR_BASE_URL": ("polar_base_url", str),
+    "GATEWAY_SYNC_INTERVAL_SECONDS": ("sync_interval_seconds", float),
+    "GATEWAY_SYNC_MAX_ATTEMPTS": ("sync_max_attempts", int),
+    "GATEWAY_SYNC_BATCH_SIZE": ("sync_batch_size", int),
+    "GATEWAY_LIMITS_MAX_AGE_SECONDS": ("limits_max_age_seconds", float),
+}
+
+
+def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool = True) -> Settings:
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for var, (attr, kind) in _ENV.items():
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{var} must be {kind.__name__}, got {raw!r}") from None
+        if kind in (int, float) and value < 0:
+            raise ConfigError(f"{var} must not be negative, got {raw!r}")
+        values[attr] = value
+    settings = Settings(**values)
+    if settings.polar_environment not in ("sandbox", "production"):
+        raise ConfigError(f"POLAR_ENVIRONMENT must be 'sandbox' or 'production', got {settings.polar_environment!r}")
+    if not (settings.database_url.startswith("sqlite:///") or settings.database_url.startswith("postgresql://")):
+        raise ConfigError("GATEWAY_DATABASE_URL must look like sqlite:///path/to.db or postgresql://user@host/db")
+    if settings.database_url.startswith("postgresql://"):
+        raise ConfigError("the PostgreSQL store is not available yet; use sqlite:///path/to.db")
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError("GATEWAY_LOG_FORMAT must be 'text' or 'json'")
+    for name in ("anthropic_upstream", "gemini_upstream"):
+        url = getattr(settings, name)
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"GATEWAY_{name.upper()} must be an http(s) URL, got {url!r}")
+    if load_file:
+        from dataclasses import replace
+
+        settings = replace(settings, file=load_file_config(settings.config_path))
+    return settings

@@ -1,0 +1,144 @@
+"""The store interface: every durable read and write the gateway makes.
+
+Handlers, the ledger, the sync and the webhooks only see these dataclasses and the
+`Store` protocol; SQL lives in the implementations (`sqlite.py`, later `postgres.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    user_id: str
+    name: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One Polar event: a meter quantity for a user, with its deterministic external id."""
+
+    external_id: str
+    request_id: str
+    user_id: str
+    meter: str
+    value: int
+    model: str
+    provider: str
+    timestamp: datetime  # UTC, aware: when the request started
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """A request row. Written `in_flight` before the upstream call, finished after."""
+
+    id: str
+    user_id: str
+    key_id: str
+    provider: str
+    model: str
+    operation: str
+    stream: bool
+    started_at: datetime
+    reservation: dict[str, int] = field(default_factory=dict)
+    status_code: int | None = None
+    outcome: str = "in_flight"  # ok | upstream_error | client_disconnected | upstream_broken | timeout | ...
+    usage: dict[str, int] = field(default_factory=dict)
+    usage_raw: Any = None
+    estimated: bool = False
+    finished_at: datetime | None = None
+    owner: str = ""  # id of the process that holds it in flight
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    external_id: str
+    user_id: str
+    meter: str
+    value: int
+    model: str
+    provider: str
+    timestamp: datetime
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSummaryRow:
+    user_id: str
+    meter: str
+    total: int
+    synced: int  # counts of events by sync state
+    pending: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class MeterLimit:
+    meter: str
+    credited: int | None  # None: unlimited
+    consumed: float = 0.0  # as Polar last reported it (informational; quota uses local usage)
+    balance: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerLimits:
+    """Limits cached from Polar for one customer (external id == our user id)."""
+
+    user_id: str
+    meters: dict[str, MeterLimit]
+    period_start: datetime | None
+    period_end: datetime | None
+    snapshot_at: datetime  # Polar's timestamp of the snapshot; older never overwrites newer
+    updated_at: datetime  # when we stored it
+    active: bool = True  # False after subscription.revoked: no credits
+
+
+class Store(Protocol):
+    # lifecycle
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def migrate(self) -> list[str]: ...
+
+    # keys
+    async def create_key(self, key_id: str, user_id: str, name: str, prefix: str, key_hash: bytes) -> ApiKey: ...
+    async def list_keys(self, user_id: str | None = None) -> list[ApiKey]: ...
+    async def revoke_key(self, key_id: str) -> bool: ...
+    async def find_key(self, key_hash: bytes) -> tuple[ApiKey, bytes] | None: ...
+
+    # requests and usage (the hot path)
+    async def begin_request(self, record: RequestRecord) -> None: ...
+    async def finish_request(self, record: RequestRecord, events: Sequence[UsageEvent]) -> None: ...
+    async def in_flight_requests(self) -> list[RequestRecord]: ...
+    async def consumed(self, user_id: str, start: datetime, end: datetime) -> dict[str, int]: ...
+    async def recent_requests(self, user_id: str | None, limit: int) -> list[RequestRecord]: ...
+    async def events_for_request(self, request_id: str) -> list[UsageEvent]: ...
+
+    # sync outbox
+    async def claim_events(self, owner: str, limit: int, lease_seconds: float) -> list[PendingEvent]: ...
+    async def mark_synced(self, external_ids: Sequence[str]) -> None: ...
+    async def mark_retry(
+        self, external_ids: Sequence[str], error: str, next_attempt_at: datetime, max_attempts: int
+    ) -> None: ...
+    async def mark_failed(self, external_ids: Sequence[str], error: str) -> None: ...
+    async def requeue_failed(self, user_id: str | None = None) -> int: ...
+    async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]: ...
+    async def failed_events(self, limit: int = 100) -> list[tuple[PendingEvent, str]]: ...
+
+    # limits cache and webhooks
+    async def get_limits(self, user_id: str) -> CustomerLimits | None: ...
+    async def put_limits(self, limits: CustomerLimits) -> bool: ...
+    async def stale_limit_users(self, older_than: datetime, limit: int) -> list[str]: ...
+    async def known_users(self) -> list[str]: ...
+    async def record_webhook(self, webhook_id: str, event_type: str) -> bool:
+        """Remember a processed delivery; False when this webhook id was recorded before."""
+        ...
+
+    async def webhook_recorded(self, webhook_id: str) -> bool: ...
