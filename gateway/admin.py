@@ -1,0 +1,82 @@
+"""Admin HTTP API for key provisioning, guarded by `Authorization: Bearer $GATEWAY_ADMIN_TOKEN`."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.keys import InvalidUserId, issue_key
+from gateway.services import Services
+from gateway.store.base import ApiKey
+from gateway.timeutil import iso
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message}}, status)
+
+
+def key_json(key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "user_id": key.user_id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "created_at": iso(key.created_at),
+        "revoked_at": iso(key.revoked_at) if key.revoked_at else None,
+    }
+
+
+def guarded(s: Services, endpoint: Endpoint) -> Endpoint:
+    async def wrapper(request: Request) -> Response:
+        token = s.settings.admin_token
+        if not token:
+            return _error(503, "the admin API is disabled: set GATEWAY_ADMIN_TOKEN")
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return _error(401, "admin token required")
+        return await endpoint(request)
+
+    return wrapper
+
+
+def admin_routes(s: Services) -> list[Route]:
+    async def create(request: Request) -> Response:
+        try:
+            data = await request.json()
+        except ValueError:
+            return _error(400, "malformed JSON body")
+        if not isinstance(data, dict) or not isinstance(data.get("user_id"), str):
+            return _error(400, 'body must be {"user_id": "...", "name": "..."}')
+        name = data.get("name", "")
+        if not isinstance(name, str):
+            return _error(400, "name must be a string")
+        try:
+            issued = await issue_key(s.store, data["user_id"], name)
+        except InvalidUserId as exc:
+            return _error(400, str(exc))
+        return JSONResponse({**key_json(issued.record), "key": issued.key}, 201)
+
+    async def list_keys(request: Request) -> Response:
+        keys = await s.store.list_keys(request.query_params.get("user_id"))
+        return JSONResponse({"data": [key_json(k) for k in keys]})
+
+    async def revoke(request: Request) -> Response:
+        key_id = request.path_params["key_id"]
+        if not await s.store.revoke_key(key_id):
+            return _error(404, f"no active key {key_id}")
+        s.keys.evict_key_id(key_id)
+        return JSONResponse({"id": key_id, "revoked": True})
+
+    return [
+        Route("/admin/keys", guarded(s, create), methods=["POST"]),
+        Route("/admin/keys", guarded(s, list_keys), methods=["GET"]),
+        Route("/admin/keys/{key_id}", guarded(s, revoke), methods=["DELETE"]),
+    ]

@@ -1,0 +1,118 @@
+"""The app factory: `create_app(settings)` builds every dependency and wires the routes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.admin import admin_routes
+from gateway.billing import status_endpoint
+from gateway.keys import KeyCache
+from gateway.providers.anthropic import AnthropicProvider
+from gateway.providers.gemini import GeminiProvider
+from gateway.proxy import ProxyEndpoint
+from gateway.quota import Ledger
+from gateway.ratelimit import RateLimiter
+from gateway.recording import recover_in_flight
+from gateway.services import Services, process_owner_id
+from gateway.settings import Settings
+from gateway.store.sqlite import SqliteStore
+from gateway.upstream import create_client
+
+log = logging.getLogger("gateway")
+
+
+def build_services(settings: Settings) -> Services:
+    store = SqliteStore(settings.sqlite_path)
+    rl = settings.file.rate_limit
+    return Services(
+        settings=settings,
+        store=store,
+        keys=KeyCache(store),
+        ledger=Ledger(store, settings.file.plan),
+        limiter=RateLimiter(rl.requests_per_minute, rl.tokens_per_minute),
+        owner=process_owner_id(),
+    )
+
+
+class GatewayApp:
+    """Sends provider paths straight to their raw ASGI endpoints; everything else to Starlette."""
+
+    def __init__(self, app: Starlette, services: Services, proxies: dict[str, ProxyEndpoint]) -> None:
+        self.app = app
+        self.services = services
+        self._proxies = proxies
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            for prefix, endpoint in self._proxies.items():
+                if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+                    await endpoint(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings, services: Services | None = None) -> GatewayApp:
+    s = services or build_services(settings)
+    reservation = settings.file.reservation
+    anthropic = AnthropicProvider(
+        settings.anthropic_upstream, settings.anthropic_api_key, reservation.default_max_output_tokens
+    )
+    gemini = GeminiProvider(
+        settings.gemini_upstream,
+        settings.gemini_api_key,
+        reservation.default_max_output_tokens,
+        reservation.images_per_request,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await s.store.open()
+        applied = await s.store.migrate()
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        await recover_in_flight(s.store, s.owner)
+        s.client = create_client(settings.connect_timeout_seconds)
+        if not settings.anthropic_api_key:
+            log.warning("ANTHROPIC_API_KEY is not set: Claude requests will be refused by the provider")
+        if not settings.gemini_api_key:
+            log.warning("GEMINI_API_KEY is not set: Gemini requests will be refused by the provider")
+        if not settings.polar_enabled:
+            log.warning("POLAR_ACCESS_TOKEN is not set: running with config-file limits only, no sync to Polar")
+        try:
+            yield
+        finally:
+            await s.client.close()
+            await s.store.close()
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: not found"}}, status)
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/api/billing/status", status_endpoint(s)),
+        *admin_routes(s),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app.state.services = s
+    return GatewayApp(
+        app,
+        s,
+        {
+            "/anthropic": ProxyEndpoint(anthropic, s, "/anthropic"),
+            "/gemini": ProxyEndpoint(gemini, s, "/gemini"),
+        },
+    )

@@ -1,0 +1,64 @@
+"""User-facing billing endpoints: usage status for a healthbar, and the Polar portal link."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from gateway.keys import Identity
+from gateway.meters import ALL_METERS
+from gateway.quota import meter_status, overall_status
+from gateway.services import Services
+from gateway.timeutil import iso
+
+
+def bearer_or_api_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("x-api-key") or request.headers.get("x-goog-api-key")
+
+
+async def authenticate(s: Services, request: Request) -> Identity | None:
+    return await s.keys.authenticate(bearer_or_api_key(request))
+
+
+def unauthorized() -> JSONResponse:
+    return JSONResponse({"error": {"type": "authentication_error", "message": "invalid or revoked gateway key"}}, 401)
+
+
+def status_endpoint(s: Services) -> Callable[[Request], Awaitable[JSONResponse]]:
+    async def billing_status(request: Request) -> JSONResponse:
+        ident = await authenticate(s, request)
+        if ident is None:
+            return unauthorized()
+        uq = await s.ledger.get(ident.user_id)
+        cfg = s.settings.file.status
+        meters = [meter_status(name, uq.meter(name), cfg.warning, cfg.critical) for name in ALL_METERS]
+        return JSONResponse(
+            {
+                "userId": ident.user_id,
+                "status": overall_status(meters),
+                "meters": [
+                    {
+                        "name": m.name,
+                        "consumed": m.consumed,
+                        "reserved": m.reserved,
+                        "credited": m.credited,
+                        "remaining": m.remaining,
+                        "percentUsed": m.percent_used,
+                        "status": m.status,
+                    }
+                    for m in meters
+                ],
+                "period": {"start": iso(uq.period_start), "end": iso(uq.period_end)},
+                "limits": {
+                    "source": uq.source,
+                    "updatedAt": iso(uq.limits_updated_at) if uq.limits_updated_at else None,
+                },
+            }
+        )
+
+    return billing_status

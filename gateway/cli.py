@@ -1,0 +1,160 @@
+"""`gateway` command line: serve, migrate, keys, usage, sync, polar setup."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gateway.admin import key_json
+from gateway.keys import InvalidUserId, check_user_id, issue_key
+from gateway.settings import ConfigError, Settings, settings_from_env
+from gateway.store.sqlite import SqliteStore
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gateway", description="LLM billing gateway for Claude and Gemini, metered into Polar"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway (applies migrations first)")
+    serve.add_argument("--host", help="overrides GATEWAY_HOST")
+    serve.add_argument("--port", type=int, help="overrides GATEWAY_PORT")
+    serve.add_argument("--workers", type=int, default=1, help="processes (SQLite supports 1)")
+    sub.add_parser("migrate", help="apply database migrations")
+
+    keys = sub.add_parser("keys", help="manage user keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="issue a key for a user; prints it once")
+    create.add_argument("--user", required=True, help="your app's user id (also the Polar external customer id)")
+    create.add_argument("--name", default="", help="a label for the key")
+    create.add_argument("--email", help="ensure a Polar customer with this email exists (when Polar is configured)")
+    create.add_argument("--json", action="store_true", help='print {"id","key","user_id"}')
+    lst = keys.add_parser("list", help="list keys (never shows the key itself)")
+    lst.add_argument("--user")
+    lst.add_argument("--json", action="store_true")
+    revoke = keys.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+
+    usage = sub.add_parser("usage", help="per-meter totals with sync state")
+    usage.add_argument("--user")
+    usage.add_argument("--json", action="store_true")
+    sync = sub.add_parser("sync", help="run one sync pass to Polar now")
+    sync.add_argument("--retry-failed", action="store_true", help="re-queue parked events first")
+    polar = sub.add_parser("polar", help="Polar setup").add_subparsers(dest="polar_command", required=True)
+    polar.add_parser("setup", help="create the Polar meters (idempotent)")
+    return p
+
+
+async def _with_store(settings: Settings, fn: Callable[[SqliteStore], Awaitable[int]]) -> int:
+    store = SqliteStore(settings.sqlite_path)
+    await store.open()
+    try:
+        await store.migrate()
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+async def _migrate(store: SqliteStore) -> int:
+    return 0  # _with_store already migrated
+
+
+def _keys(args: argparse.Namespace, settings: Settings) -> Callable[[SqliteStore], Awaitable[int]]:
+    async def run(store: SqliteStore) -> int:
+        if args.keys_command == "create":
+            try:
+                check_user_id(args.user)
+            except InvalidUserId as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            if args.email:
+                from gateway.polar_cli import ensure_customer
+
+                await ensure_customer(settings, args.user, args.email)
+            issued = await issue_key(store, args.user, args.name)
+            if args.json:
+                print(json.dumps({"id": issued.record.id, "key": issued.key, "user_id": args.user}))
+            else:
+                print(f"key id {issued.record.id} for user {args.user} (shown once, store it now):")
+                print(issued.key)
+            return 0
+        if args.keys_command == "list":
+            keys = await store.list_keys(args.user)
+            if args.json:
+                print(json.dumps([key_json(k) for k in keys]))
+            for k in [] if args.json else keys:
+                state = "revoked" if k.revoked_at else "active"
+                print(f"{k.id}  {k.user_id}  {k.prefix}...  {state}  {k.name}")
+            return 0
+        if await store.revoke_key(args.key_id):
+            print(f"revoked {args.key_id} (running gateways refuse it within 1 s)")
+            return 0
+        print(f"error: no active key {args.key_id}", file=sys.stderr)
+        return 1
+
+    return run
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+
+    if args.workers != 1:
+        print("error: --workers > 1 needs the PostgreSQL store; SQLite runs one process", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = settings_from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        return _serve(args, settings)
+    job: Callable[[SqliteStore], Awaitable[int]]
+    if args.command == "migrate":
+        job = _migrate
+    elif args.command == "keys":
+        job = _keys(args, settings)
+    elif args.command == "usage":
+        from gateway.polar_cli import print_usage
+
+        def job(store: SqliteStore) -> Awaitable[int]:
+            return print_usage(store, args.user, args.json)
+    elif args.command == "sync":
+        from gateway.polar_cli import run_sync
+
+        def job(store: SqliteStore) -> Awaitable[int]:
+            return run_sync(settings, store, args.retry_failed)
+    else:
+        from gateway.polar_cli import polar_setup
+
+        return asyncio.run(polar_setup(settings))
+    result: Any = asyncio.run(_with_store(settings, job))
+    return int(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Gateway keys: generated once, shown once, stored only as a SHA-256 hash.
+
+Keys carry 256 random bits, so a plain (unsalted) hash is safe to store and lets the
+lookup be an indexed equality; the final comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from gateway.store.base import ApiKey, Store
+
+KEY_PREFIX = "pgw_"
+USER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+class InvalidUserId(ValueError):
+    pass
+
+
+def check_user_id(user_id: str) -> str:
+    """User ids become Polar external customer ids and URL path segments: keep them URL-safe."""
+    if not USER_ID_RE.fullmatch(user_id):
+        raise InvalidUserId(
+            f"invalid user id {user_id!r}: use 1-128 characters from A-Z a-z 0-9 _ . - (it is the Polar external id)"
+        )
+    return user_id
+
+
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    key: str  # the secret, shown once
+    record: ApiKey
+
+
+async def issue_key(store: Store, user_id: str, name: str = "") -> IssuedKey:
+    check_user_id(user_id)
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    key_id = "key_" + secrets.token_hex(8)
+    record = await store.create_key(key_id, user_id, name, key[:12], hash_key(key))
+    return IssuedKey(key=key, record=record)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    key_id: str
+    user_id: str
+
+
+class KeyCache:
+    """Authenticates keys with a short positive cache.
+
+    A revocation through this process (admin API) evicts at once; one made by another
+    process (CLI) is honoured within `ttl` seconds.
+    """
+
+    def __init__(self, store: Store, ttl: float = 1.0, max_entries: int = 100_000) -> None:
+        self._store = store
+        self._ttl = ttl
+        self._max = max_entries
+        self._cache: dict[bytes, tuple[Identity, float]] = {}
+
+    async def authenticate(self, key: str | None) -> Identity | None:
+        if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
+            return None
+        digest = hash_key(key)
+        hit = self._cache.get(digest)
+        now = time.monotonic()
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        found = await self._store.find_key(digest)
+        if found is None:
+            self._cache.pop(digest, None)
+            return None
+        record, stored = found
+        if not hmac.compare_digest(stored, digest) or record.revoked_at is not None:
+            self._cache.pop(digest, None)
+            return None
+        ident = Identity(key_id=record.id, user_id=record.user_id)
+        if len(self._cache) >= self._max:
+            self._cache.clear()
+        self._cache[digest] = (ident, now + self._ttl)
+        return ident
+
+    def evict_key_id(self, key_id: str) -> None:
+        for digest, (ident, _) in list(self._cache.items()):
+            if ident.key_id == key_id:
+                del self._cache[digest]

@@ -1,0 +1,124 @@
+"""Usage extraction for Anthropic /v1/messages (non-streaming bodies and SSE streams).
+
+Billing rules (providers.md §2-3): `output_tokens` already includes thinking, so
+`output_tokens_details.thinking_tokens` is never added; `input_tokens` excludes cache
+reads/writes, which have their own meters; stream usage fields are cumulative, so
+`message_delta` values overwrite and are never summed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from gateway.metering.sse import SSEParser
+from gateway.metering.usage import Usage, as_count
+from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, CLAUDE_INPUT, CLAUDE_OUTPUT
+
+_START = b"message_start"
+_DELTA = b"message_delta"
+_STOP = b"message_stop"
+_ERROR = b"error"
+_PARSED = frozenset({_START, _DELTA, _ERROR})
+# Used only when an event arrives without an `event:` line; the type is near the start.
+_TYPE_RE = re.compile(rb'"type"\s*:\s*"([a-z_]+)"')
+
+
+def meters_from_usage(usage: dict[str, Any] | None) -> dict[str, int]:
+    """Map an Anthropic `usage` object to the four Claude meters (missing/null -> 0)."""
+    u = usage or {}
+    return {
+        CLAUDE_INPUT: as_count(u.get("input_tokens")),
+        CLAUDE_OUTPUT: as_count(u.get("output_tokens")),
+        CLAUDE_CACHE_WRITE: as_count(u.get("cache_creation_input_tokens")),
+        CLAUDE_CACHE_READ: as_count(u.get("cache_read_input_tokens")),
+    }
+
+
+def usage_from_message(body: bytes | dict[str, Any]) -> Usage:
+    """Usage of a complete (non-streaming) Messages response; error bodies give zeros."""
+    obj: object = body
+    if isinstance(body, bytes | bytearray | memoryview):
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return Usage(meters=meters_from_usage(None))
+    if not isinstance(obj, dict):
+        return Usage(meters=meters_from_usage(None))
+    error = obj.get("error")  # {"type": "error", "error": {...}} on 4xx/5xx bodies
+    raw = obj.get("usage")
+    if not isinstance(raw, dict):
+        return Usage(meters=meters_from_usage(None), final=True, error=error)
+    return Usage(meters=meters_from_usage(raw), raw=raw, final=True, error=error, seen=True)
+
+
+def _sniff_event(data: bytes) -> bytes:
+    """Event name from the payload's `type` for streams whose `event:` lines were lost.
+
+    Anthropic always sends `event:` lines; if something upstream stripped them the client
+    sees nothing, but the provider still billed, so the meter keeps counting.
+    """
+    m = _TYPE_RE.search(data, 0, 96)
+    return m.group(1) if m else b""
+
+
+class AnthropicStreamMeter:
+    """Accumulates usage from a Messages SSE stream as the relay forwards it.
+
+    Only `message_start`, `message_delta` and `error` payloads are JSON-parsed; content
+    deltas and pings are dropped by event name without touching their JSON.
+    """
+
+    __slots__ = ("_error", "_final", "_sse", "_usage")
+
+    def __init__(self) -> None:
+        self._sse = SSEParser()
+        self._usage: dict[str, Any] | None = None
+        self._final = False
+        self._error: Any = None
+
+    def feed(self, chunk: bytes) -> None:
+        for name, data in self._sse.feed(chunk):
+            if not name:
+                name = _sniff_event(data)
+            if name == _STOP:
+                self._final = True
+            elif name in _PARSED:
+                self._event(name, data)
+
+    def _event(self, name: bytes, data: bytes) -> None:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(obj, dict):
+            return
+        if name == _ERROR:
+            err = obj.get("error")
+            self._error = err if err is not None else obj
+            return
+        if name == _START:
+            msg = obj.get("message")
+            usage = msg.get("usage") if isinstance(msg, dict) else None
+            if isinstance(usage, dict):
+                self._usage = {k: v for k, v in usage.items() if v is not None}
+            return
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            merged = self._usage if self._usage is not None else {}
+            for k, v in usage.items():
+                if v is not None:
+                    merged[k] = v  # cumulative totals: overwrite, never add
+            self._usage = merged
+
+    def usage(self) -> Usage:
+        raw = dict(self._usage) if self._usage is not None else None
+        return Usage(
+            meters=meters_from_usage(raw),
+            raw=raw,
+            final=self._final,
+            error=self._error,
+            seen=raw is not None,
+        )

@@ -1,0 +1,192 @@
+"""Usage extraction for the Gemini API: generateContent, streamGenerateContent, Imagen predict.
+
+Billing rules (providers.md §7-9):
+- `promptTokenCount` includes `cachedContentTokenCount`, so fresh input is prompt - cached,
+  plus `toolUsePromptTokenCount` (tool results fed back in are input).
+- `thoughtsTokenCount` is separate from `candidatesTokenCount` and billed as output.
+- Image output is billed per image (`gemini_images`), so IMAGE-modality candidate tokens
+  are taken out of the output token meter to avoid charging twice.
+- Streams: `usageMetadata` holds running totals (last one wins, a chunk without it keeps
+  the previous one); each image appears in exactly one chunk, so images are summed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.metering.jsonarray import JSONArrayScanner
+from gateway.metering.sse import SSEParser
+from gateway.metering.usage import Usage, as_count
+from gateway.meters import GEMINI_CACHED, GEMINI_IMAGES, GEMINI_INPUT, GEMINI_OUTPUT
+
+
+def meters_from_metadata(um: dict[str, Any] | None, images: int = 0) -> dict[str, int]:
+    """Map a `usageMetadata` object (plus an image count) to the four Gemini meters."""
+    u = um or {}
+    prompt = as_count(u.get("promptTokenCount"))
+    cached = as_count(u.get("cachedContentTokenCount"))
+    tool = as_count(u.get("toolUsePromptTokenCount"))
+    output = as_count(u.get("candidatesTokenCount")) + as_count(u.get("thoughtsTokenCount"))
+    details = u.get("candidatesTokensDetails")
+    if isinstance(details, list):
+        for d in details:
+            if isinstance(d, dict) and d.get("modality") == "IMAGE":
+                output -= as_count(d.get("tokenCount"))
+    return {
+        GEMINI_INPUT: max(prompt - cached, 0) + tool,
+        GEMINI_CACHED: cached,
+        GEMINI_OUTPUT: max(output, 0),
+        GEMINI_IMAGES: images,
+    }
+
+
+def _is_image_part(part: object) -> bool:
+    if not isinstance(part, dict) or part.get("thought") is True:
+        return False  # thought parts are interim reasoning artefacts, not delivered images
+    blob = part.get("inlineData")
+    if blob is None:
+        blob = part.get("inline_data")
+    if not isinstance(blob, dict):
+        return False
+    mime = blob.get("mimeType")
+    if mime is None:
+        mime = blob.get("mime_type")
+    return isinstance(mime, str) and mime.startswith("image/")
+
+
+class _Accumulator:
+    """Shared semantics for one response, whether it arrives whole, as SSE or as an array."""
+
+    __slots__ = ("error", "final", "images", "metadata")
+
+    def __init__(self) -> None:
+        self.metadata: dict[str, Any] | None = None
+        self.images = 0
+        self.final = False
+        self.error: Any = None
+
+    def observe(self, obj: object) -> None:
+        if not isinstance(obj, dict):
+            return
+        if "error" in obj:
+            self.error = obj["error"]
+        um = obj.get("usageMetadata")
+        if isinstance(um, dict):
+            self.metadata = um  # running totals: the last one wins
+        candidates = obj.get("candidates")
+        if isinstance(candidates, list):
+            for cand in candidates:
+                if not isinstance(cand, dict):
+                    continue
+                if cand.get("finishReason"):
+                    self.final = True
+                content = cand.get("content")
+                parts = content.get("parts") if isinstance(content, dict) else None
+                if isinstance(parts, list):
+                    self.images += sum(1 for p in parts if _is_image_part(p))
+        feedback = obj.get("promptFeedback")
+        if isinstance(feedback, dict) and feedback.get("blockReason"):
+            self.final = True  # a blocked prompt gets no candidates and no finishReason
+
+    def observe_json(self, data: bytes) -> None:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        self.observe(obj)
+
+    def usage(self) -> Usage:
+        um = self.metadata
+        return Usage(
+            meters=meters_from_metadata(um, self.images),
+            raw=um,
+            final=self.final,
+            error=self.error,
+            seen=um is not None or self.images > 0,
+        )
+
+
+def _loads(body: bytes | dict[str, Any]) -> object:
+    if isinstance(body, bytes | bytearray | memoryview):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+    return body
+
+
+def usage_from_response(body: bytes | dict[str, Any]) -> Usage:
+    """Usage of a complete generateContent body (an array body is read element by element)."""
+    obj = _loads(body)
+    acc = _Accumulator()
+    if isinstance(obj, list):
+        for item in obj:
+            acc.observe(item)
+    elif isinstance(obj, dict):
+        acc.observe(obj)
+    else:
+        return acc.usage()
+    acc.final = True  # the body is complete, whatever finishReason said
+    return acc.usage()
+
+
+def usage_from_predict(body: bytes | dict[str, Any]) -> Usage:
+    """Usage of an Imagen :predict body: one billable image per delivered prediction.
+
+    RAI-filtered entries (only `raiFilteredReason`) and safety-attribute entries carry no
+    image and are not charged.
+    """
+    obj = _loads(body)
+    if not isinstance(obj, dict):
+        return Usage(meters=meters_from_metadata(None))
+    error = obj.get("error")
+    predictions = obj.get("predictions")
+    if not isinstance(predictions, list):
+        return Usage(meters=meters_from_metadata(None), final=True, error=error)
+    n = sum(1 for p in predictions if isinstance(p, dict) and (p.get("bytesBase64Encoded") or p.get("gcsUri")))
+    return Usage(
+        meters=meters_from_metadata(None, n),
+        raw={"predictions": n},
+        final=True,
+        error=error,
+        seen=True,
+    )
+
+
+class GeminiSSEMeter:
+    """Meters streamGenerateContent?alt=sse; every `data:` payload is one response chunk."""
+
+    __slots__ = ("_acc", "_sse")
+
+    def __init__(self) -> None:
+        self._sse = SSEParser()
+        self._acc = _Accumulator()
+
+    def feed(self, chunk: bytes) -> None:
+        for _, data in self._sse.feed(chunk):
+            if data:
+                self._acc.observe_json(data)
+
+    def usage(self) -> Usage:
+        return self._acc.usage()
+
+
+class GeminiArrayMeter:
+    """Meters streamGenerateContent without alt=sse: one JSON array written incrementally."""
+
+    __slots__ = ("_acc", "_scan")
+
+    def __init__(self) -> None:
+        self._scan = JSONArrayScanner()
+        self._acc = _Accumulator()
+
+    def feed(self, chunk: bytes) -> None:
+        for element in self._scan.feed(chunk):
+            self._acc.observe_json(element)
+        if self._scan.done:
+            self._acc.final = True
+
+    def usage(self) -> Usage:
+        return self._acc.usage()

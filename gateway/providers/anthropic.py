@@ -1,0 +1,94 @@
+"""Anthropic Messages API specifics: routes, auth forms, error shape, usage meters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.metering import (
+    AnthropicStreamMeter,
+    estimate_input_tokens,
+    requested_max_output,
+    usage_from_message,
+)
+from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, CLAUDE_INPUT, CLAUDE_METERS, CLAUDE_OUTPUT
+from gateway.providers.base import Call, Headers, Route, forward_headers
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    504: "timeout_error",
+}
+
+
+class AnthropicProvider:
+    name = "anthropic"
+    meters: tuple[str, ...] = CLAUDE_METERS
+
+    def __init__(self, upstream: str, api_key: str, default_max_output: int) -> None:
+        self.upstream = upstream.rstrip("/")
+        self._credential = ("x-api-key", api_key)
+        self._default_max_output = default_max_output
+
+    def match(self, method: str, path: str, query: bytes) -> Route | None:
+        upstream_path = path + ("?" + query.decode("latin-1") if query else "")
+        if method == "POST" and path == "/v1/messages":
+            return Route("messages", upstream_path, "", metered=True, has_body=True)
+        if method == "POST" and path == "/v1/messages/count_tokens":
+            return Route("count_tokens", upstream_path, "", metered=False, has_body=True)
+        if method == "GET" and (path == "/v1/models" or (path.startswith("/v1/models/") and path.count("/") == 3)):
+            return Route("models", upstream_path, path[len("/v1/models/") :], metered=False, has_body=False)
+        return None
+
+    def extract_key(self, headers: Headers, query: bytes) -> str | None:
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"x-api-key":  # SDK <= 1.x
+                return value.decode("latin-1")
+            if lname == b"authorization" and value[:7].lower() == b"bearer ":  # SDK 2.x
+                return value[7:].decode("latin-1").strip()
+        return None
+
+    def upstream_headers(self, headers: Headers) -> list[tuple[str, str]]:
+        return forward_headers(headers, self._credential)
+
+    def prepare(self, route: Route, body: bytes, obj: Any) -> Call:
+        stream = bool(obj.get("stream")) if isinstance(obj, dict) else False
+        model = str(obj.get("model", "")) if isinstance(obj, dict) else ""
+        est_in = estimate_input_tokens(body)
+        max_out = requested_max_output(obj, "anthropic") if isinstance(obj, dict) else None
+        est_out = max_out if max_out is not None else self._default_max_output
+        # Input may land in any of the three input meters; each can hold at most the whole input.
+        reservation = {
+            CLAUDE_INPUT: est_in,
+            CLAUDE_CACHE_WRITE: est_in,
+            CLAUDE_CACHE_READ: est_in,
+            CLAUDE_OUTPUT: est_out,
+        }
+        return Call(
+            route=route,
+            model=model,
+            stream=stream,
+            reservation=reservation,
+            rate_tokens=est_in + est_out,
+            meter_factory=AnthropicStreamMeter if stream else None,
+            body_usage=usage_from_message,
+        )
+
+    def error_body(self, status: int, kind: str, message: str, extra: dict[str, Any] | None = None) -> bytes:
+        error: dict[str, Any] = {"type": _ERROR_TYPES.get(status, kind), "message": message}
+        if extra:
+            error.update(extra)
+        return orjson.dumps({"type": "error", "error": error})
+
+    def stream_error_event(self, route: Route, status: int, kind: str, message: str) -> bytes:
+        data = orjson.dumps({"type": "error", "error": {"type": _ERROR_TYPES.get(status, kind), "message": message}})
+        return b"event: error\ndata: " + data + b"\n\n"

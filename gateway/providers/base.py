@@ -1,0 +1,126 @@
+"""What a provider contributes to the shared proxy core: routes, auth, error shape, metering.
+
+Everything else (pre-check, forwarding, relay, recording) is provider-neutral in
+`gateway/proxy.py`; a provider module stays small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.metering import StreamMeter, Usage
+
+Headers = list[tuple[bytes, bytes]]
+
+# Request headers never forwarded upstream: hop-by-hop, framing we recompute, and credentials.
+DROP_REQUEST_HEADERS = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"expect",
+        b"authorization",
+        b"x-api-key",
+        b"x-goog-api-key",
+        b"cookie",
+        b"accept-encoding",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+    }
+)
+# Response headers never relayed back: hop-by-hop ones (uvicorn frames the body itself).
+DROP_RESPONSE_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+        b"proxy-connection",
+        b"set-cookie",
+    }
+)
+_DECODABLE = {"gzip", "x-gzip", "deflate", "identity"}
+
+
+def accept_encoding(value: bytes | None) -> bytes | None:
+    """Keep only encodings the meter can decode, so compressed bodies can be relayed as received."""
+    if not value:
+        return None
+    kept = [p.strip() for p in value.decode("latin-1").split(",") if p.split(";")[0].strip().lower() in _DECODABLE]
+    return ", ".join(kept).encode() if kept else None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A matched provider route. `metered` routes reserve quota and become request records."""
+
+    operation: str
+    upstream_path: str  # path + query to send upstream (gateway prefix removed, `key=` removed)
+    model: str
+    metered: bool
+    has_body: bool
+    stream: bool = False  # known from the path (gemini) or decided from the body (anthropic)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A metered call, prepared from the route and the parsed body."""
+
+    route: Route
+    model: str
+    stream: bool
+    reservation: dict[str, int]  # meter -> most it can consume
+    rate_tokens: int  # tokens counted against tokens-per-minute at pre-check
+    meter_factory: Callable[[], StreamMeter] | None  # incremental meter for streamed bodies
+    body_usage: Callable[[bytes], Usage]  # usage from a whole (non-stream) body
+
+
+class Provider(Protocol):
+    name: str
+    upstream: str
+
+    @property
+    def meters(self) -> tuple[str, ...]: ...
+
+    def match(self, method: str, path: str, query: bytes) -> Route | None: ...
+    def extract_key(self, headers: Headers, query: bytes) -> str | None: ...
+    def upstream_headers(self, headers: Headers) -> list[tuple[str, str]]: ...
+    def prepare(self, route: Route, body: bytes, obj: Any) -> Call: ...
+    def error_body(self, status: int, kind: str, message: str, extra: dict[str, Any] | None = None) -> bytes: ...
+    def stream_error_event(self, route: Route, status: int, kind: str, message: str) -> bytes: ...
+
+
+def forward_headers(headers: Headers, credential: tuple[str, str]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in DROP_REQUEST_HEADERS:
+            if lname == b"accept-encoding":
+                kept = accept_encoding(value)
+                if kept:
+                    out.append(("accept-encoding", kept.decode("latin-1")))
+            continue
+        out.append((lname.decode("latin-1"), value.decode("latin-1")))
+    out.append(credential)
+    return out
+
+
+def header(headers: Headers, name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None

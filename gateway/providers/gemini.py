@@ -1,0 +1,127 @@
+"""Gemini API specifics: versioned model routes, `x-goog-api-key` / `?key=` auth, Google error shape."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import orjson
+
+from gateway.metering import (
+    GeminiArrayMeter,
+    GeminiSSEMeter,
+    estimate_input_tokens,
+    requested_max_output,
+    usage_from_predict,
+    usage_from_response,
+    wants_images,
+)
+from gateway.meters import GEMINI_CACHED, GEMINI_IMAGES, GEMINI_INPUT, GEMINI_METERS, GEMINI_OUTPUT
+from gateway.providers.base import Call, Headers, Route, forward_headers
+
+_METHOD_RE = re.compile(r"^/(v1|v1beta|v1alpha)/(models|tunedModels)/([^/:]+):([A-Za-z]+)$")
+_MODELS_RE = re.compile(r"^/(v1|v1beta|v1alpha)/models(?:/([^/:]+))?$")
+_OPERATIONS = {
+    "generateContent": ("generate", True),
+    "streamGenerateContent": ("stream_generate", True),
+    "predict": ("predict", True),
+    "countTokens": ("count_tokens", False),
+}
+_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    402: "FAILED_PRECONDITION",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def _strip_key(query: bytes) -> tuple[str, str | None]:
+    """Query without `key=` (it is the user's gateway key), and that key."""
+    if not query:
+        return "", None
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    key = next((v for k, v in pairs if k == "key"), None)
+    if key is None:
+        return query.decode("latin-1"), None
+    return urlencode([(k, v) for k, v in pairs if k != "key"]), key
+
+
+class GeminiProvider:
+    name = "gemini"
+    meters: tuple[str, ...] = GEMINI_METERS
+
+    def __init__(self, upstream: str, api_key: str, default_max_output: int, images_per_request: int) -> None:
+        self.upstream = upstream.rstrip("/")
+        self._credential = ("x-goog-api-key", api_key)
+        self._default_max_output = default_max_output
+        self._images_per_request = images_per_request
+
+    def match(self, method: str, path: str, query: bytes) -> Route | None:
+        qs, _ = _strip_key(query)
+        upstream_path = path + ("?" + qs if qs else "")
+        if method == "POST":
+            m = _METHOD_RE.match(path)
+            if m is None or m.group(4) not in _OPERATIONS:
+                return None
+            operation, metered = _OPERATIONS[m.group(4)]
+            stream = operation == "stream_generate"
+            return Route(operation, upstream_path, m.group(3), metered=metered, has_body=True, stream=stream)
+        if method == "GET":
+            m = _MODELS_RE.match(path)
+            if m is not None:
+                return Route("models", upstream_path, m.group(2) or "", metered=False, has_body=False)
+        return None
+
+    def extract_key(self, headers: Headers, query: bytes) -> str | None:
+        for name, value in headers:
+            if name.lower() == b"x-goog-api-key":
+                return value.decode("latin-1")
+        _, key = _strip_key(query)
+        if key is not None:
+            return key
+        for name, value in headers:  # REST callers sometimes send a bearer token
+            if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
+                return value[7:].decode("latin-1").strip()
+        return None
+
+    def upstream_headers(self, headers: Headers) -> list[tuple[str, str]]:
+        return forward_headers(headers, self._credential)
+
+    def prepare(self, route: Route, body: bytes, obj: Any) -> Call:
+        reservation: dict[str, int]
+        if route.operation == "predict":
+            n = 1
+            if isinstance(obj, dict):
+                params = obj.get("parameters") or {}
+                raw = params.get("sampleCount", params.get("sample_count", 4)) if isinstance(params, dict) else 4
+                n = raw if isinstance(raw, int) and raw > 0 else 4
+            return Call(route, route.model, False, {GEMINI_IMAGES: n}, 0, None, usage_from_predict)
+        est_in = estimate_input_tokens(body)
+        max_out = requested_max_output(obj, "gemini") if isinstance(obj, dict) else None
+        est_out = max_out if max_out is not None else self._default_max_output
+        reservation = {GEMINI_INPUT: est_in, GEMINI_CACHED: est_in, GEMINI_OUTPUT: est_out}
+        if isinstance(obj, dict) and wants_images(obj, route.model):
+            reservation[GEMINI_IMAGES] = self._images_per_request
+        factory = None
+        if route.stream:
+            factory = GeminiSSEMeter if "alt=sse" in route.upstream_path else GeminiArrayMeter
+        return Call(route, route.model, route.stream, reservation, est_in + est_out, factory, usage_from_response)
+
+    def error_body(self, status: int, kind: str, message: str, extra: dict[str, Any] | None = None) -> bytes:
+        error: dict[str, Any] = {"code": status, "message": message, "status": _STATUS.get(status, "UNKNOWN")}
+        if extra:
+            error.update(extra)
+        return orjson.dumps({"error": error})
+
+    def stream_error_event(self, route: Route, status: int, kind: str, message: str) -> bytes:
+        if "alt=sse" not in route.upstream_path:
+            return b""  # a JSON-array stream cannot take an event after it started; it just ends
+        return b"data: " + self.error_body(status, kind, message) + b"\r\n\r\n"

@@ -1,0 +1,323 @@
+"""The hot path: a raw ASGI endpoint per provider.
+
+`ProxyEndpoint.__call__` reads top to bottom: authenticate -> pre-check -> forward ->
+meter -> record. No Starlette Request/Response objects here: the bytes of the upstream
+response are relayed as they arrive, and the meter only observes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.metering import ContentDecoder, Usage
+from gateway.providers.base import DROP_RESPONSE_HEADERS, Call, Provider, Route, header
+from gateway.quota import Ledger, UserQuota
+from gateway.recording import finish_and_settle
+from gateway.services import Services
+from gateway.store.base import RequestRecord
+from gateway.timeutil import utcnow
+
+log = logging.getLogger("gateway.proxy")
+
+Scope = dict[str, Any]
+PORTAL_PATH = "/api/billing/portal"
+
+
+class ClientGone(Exception):
+    pass
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+@dataclass(slots=True)
+class Outcome:
+    status: int
+    outcome: str  # ok | upstream_error | timeout | upstream_unreachable | upstream_broken | client_disconnected
+    usage: Usage | None
+    estimated: bool = False
+
+
+async def read_body(receive: Any, limit: int) -> bytes | None:
+    """The whole request body, or None when it exceeds `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class ProxyEndpoint:
+    def __init__(self, provider: Provider, services: Services, prefix: str) -> None:
+        self.provider = provider
+        self.s = services
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        provider, s = self.provider, self.s
+        request_id = new_request_id()
+        rid = (b"x-gateway-request-id", request_id.encode())
+        method, query, headers = scope["method"], scope["query_string"], scope["headers"]
+        path = scope["path"][len(self.prefix) :]
+
+        route = provider.match(method, path, query)
+        if route is None:
+            return await self._error(send, 404, "not_found", f"{method} {path} is not served by the gateway", rid)
+
+        # 1. authenticate
+        ident = await s.keys.authenticate(provider.extract_key(headers, query))
+        if ident is None:
+            return await self._error(send, 401, "authentication_error", "invalid or revoked gateway key", rid)
+
+        # 2. read and check the request
+        body, obj = b"", None
+        if route.has_body:
+            length = header(headers, b"content-length")
+            if length is not None and length.isdigit() and int(length) > s.settings.max_body_bytes:
+                return await self._error(send, 413, "request_too_large", self._too_large(), rid)
+            try:
+                maybe = await read_body(receive, s.settings.max_body_bytes)
+            except ClientGone:
+                return
+            if maybe is None:
+                return await self._error(send, 413, "request_too_large", self._too_large(), rid)
+            body = maybe
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                return await self._error(send, 400, "invalid_request_error", f"malformed JSON body: {exc}", rid)
+            if not isinstance(obj, dict):
+                return await self._error(send, 400, "invalid_request_error", "the JSON body must be an object", rid)
+        call = provider.prepare(route, body, obj) if route.metered else None
+
+        # 3. pre-check: rate limit, then quota (check and reserve in one step)
+        limited, ticket = s.limiter.acquire(ident.user_id, call.rate_tokens if call else 0)
+        if limited is not None:
+            what = "requests" if limited.reason == "requests" else "tokens"
+            return await self._error(
+                send,
+                429,
+                "rate_limit_error",
+                f"rate limit exceeded: too many {what} per minute for this user; retry in {limited.retry_after} s",
+                rid,
+                extra_headers=[(b"retry-after", str(limited.retry_after).encode())],
+            )
+        if call is None:
+            await self._forward(route, None, body, headers, send, receive, rid)
+            return
+        uq = await s.ledger.get(ident.user_id)
+        refusal = Ledger.reserve(uq, call.reservation)
+        if refusal is not None:
+            s.limiter.settle(ident.user_id, ticket, 0)
+            if refusal.remaining <= 0:
+                message = f"quota exhausted for meter {refusal.meter}; manage billing at {PORTAL_PATH}"
+            else:
+                message = (
+                    f"quota for meter {refusal.meter} has {refusal.remaining} left but this request may use up to "
+                    f"{refusal.needed}; lower max_tokens or manage billing at {PORTAL_PATH}"
+                )
+            return await self._error(
+                send,
+                402,
+                "billing_error",
+                message,
+                rid,
+                extra={"meter": refusal.meter, "portal_url": PORTAL_PATH},
+                extra_headers=[(b"x-should-retry", b"false")],
+            )
+
+        # 4. forward, metering beside the relay; the record is durable in flight first
+        record = RequestRecord(
+            id=request_id,
+            user_id=ident.user_id,
+            key_id=ident.key_id,
+            provider=provider.name,
+            model=call.model or route.model,
+            operation=route.operation,
+            stream=call.stream,
+            started_at=utcnow(),
+            reservation=call.reservation,
+            owner=s.owner,
+        )
+        result = Outcome(502, "not_forwarded", None)
+        try:
+            await s.store.begin_request(record)
+        except Exception:
+            log.exception("could not record request %s in flight", request_id)
+            Ledger.settle(uq, call.reservation, {})
+            s.limiter.settle(ident.user_id, ticket, 0)
+            return await self._error(send, 503, "api_error", "the gateway cannot record usage right now", rid)
+        try:
+            result = await self._forward(route, call, body, headers, send, receive, rid)
+        finally:
+            # 5. record: events durable, then the ledger moves from reserved to consumed
+            await asyncio.shield(self._record(record, call, result, uq, ticket))
+
+    async def _record(self, record: RequestRecord, call: Call, result: Outcome, uq: UserQuota, ticket: object) -> None:
+        usage = result.usage
+        record.status_code = result.status
+        record.outcome = result.outcome
+        record.estimated = result.estimated
+        record.usage = {k: v for k, v in usage.meters.items() if v} if usage else {}
+        record.usage_raw = usage.raw if usage else None
+        await finish_and_settle(self.s, record, uq, ticket)
+
+    async def _forward(
+        self,
+        route: Route,
+        call: Call | None,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        send: Any,
+        receive: Any,
+        rid: tuple[bytes, bytes],
+    ) -> Outcome:
+        provider, settings = self.provider, self.s.settings
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.connect_timeout_seconds,
+            sock_read=settings.upstream_timeout_seconds,
+        )
+        try:
+            resp = await self.s.http.request(
+                "POST" if route.has_body else "GET",
+                provider.upstream + route.upstream_path,
+                data=body if route.has_body else None,
+                headers=provider.upstream_headers(headers),
+                allow_redirects=False,
+                timeout=timeout,
+            )
+        except TimeoutError:
+            await self._error(send, 504, "timeout_error", "the provider did not answer in time", rid)
+            return Outcome(504, "timeout", None)
+        except aiohttp.ClientError as exc:
+            log.warning("upstream %s unreachable: %s", provider.name, type(exc).__name__)
+            await self._error(send, 502, "api_error", "the provider could not be reached", rid)
+            return Outcome(502, "upstream_unreachable", None)
+
+        async with resp:
+            status = resp.status
+            out_headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in DROP_RESPONSE_HEADERS]
+            out_headers.append(rid)
+            await send({"type": "http.response.start", "status": status, "headers": out_headers})
+            if call is None:
+                return await self._relay_plain(resp, send, status)
+            decoder = ContentDecoder.for_encoding(resp.headers.get("content-encoding"))
+            streamed = call.stream and status == 200 and call.meter_factory is not None
+            meter = call.meter_factory() if streamed and call.meter_factory else None
+            whole = bytearray()
+            gone = asyncio.Event()
+            watcher = asyncio.ensure_future(_watch_disconnect(receive, gone)) if meter is not None else None
+            outcome, estimated, drained, drain_deadline = (
+                "ok" if status < 400 else "upstream_error",
+                False,
+                0,
+                0.0,
+            )
+            try:
+                while True:
+                    if gone.is_set():
+                        if not drain_deadline:
+                            drain_deadline = time.monotonic() + settings.drain_timeout_seconds
+                            outcome = "client_disconnected"
+                        left = drain_deadline - time.monotonic()
+                        if left <= 0 or drained > settings.drain_max_bytes:
+                            estimated = meter is not None and not meter.usage().final
+                            break
+                        try:
+                            chunk = await asyncio.wait_for(resp.content.readany(), left)
+                        except TimeoutError:
+                            estimated = meter is not None and not meter.usage().final
+                            break
+                        drained += len(chunk)
+                    else:
+                        chunk = await resp.content.readany()
+                    if not chunk:
+                        break
+                    if meter is not None:
+                        meter.feed(decoder.decode(chunk))
+                    else:
+                        whole += chunk
+                    if not gone.is_set():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except TimeoutError:
+                outcome = "timeout"
+                await self._stream_error(send, route, 504, "timeout_error", "the provider stalled mid-response")
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+                outcome = "upstream_broken"
+                await self._stream_error(send, route, 502, "api_error", "the provider connection broke mid-response")
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            usage: Usage | None
+            if meter is not None:
+                usage = meter.usage()
+                if usage.error is not None and outcome == "ok":
+                    outcome = "upstream_error_midstream"
+            else:
+                usage = call.body_usage(decoder.decode(bytes(whole))) if whole else None
+            return Outcome(status, outcome, usage, estimated)
+
+    async def _relay_plain(self, resp: aiohttp.ClientResponse, send: Any, status: int) -> Outcome:
+        outcome = "ok"
+        try:
+            async for chunk in resp.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (TimeoutError, aiohttp.ClientError):
+            outcome = "upstream_broken"
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return Outcome(status, outcome, None)
+
+    async def _stream_error(self, send: Any, route: Route, status: int, kind: str, message: str) -> None:
+        event = self.provider.stream_error_event(route, status, kind, message)
+        if event:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+
+    async def _error(
+        self,
+        send: Any,
+        status: int,
+        kind: str,
+        message: str,
+        rid: tuple[bytes, bytes],
+        extra: dict[str, Any] | None = None,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        body = self.provider.error_body(status, kind, message, extra)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            rid,
+            *(extra_headers or ()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _too_large(self) -> str:
+        return f"request body exceeds the gateway limit of {self.s.settings.max_body_bytes} bytes"
+
+
+async def _watch_disconnect(receive: Any, gone: asyncio.Event) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            return

@@ -1,0 +1,191 @@
+"""Quota ledger: credited, consumed and reserved per user and meter for the current period.
+
+The ledger is the authority for the pre-check in this process. `reserve` checks and
+reserves in one synchronous step (no await between), so parallel requests can never
+pass on the same remaining balance. `consumed` is loaded once per user and period from
+the store and then moved forward by `settle` after each request's records are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from gateway.store.base import CustomerLimits, Store
+from gateway.timeutil import month_bounds, utcnow
+
+
+@dataclass(slots=True)
+class MeterState:
+    credited: int | None  # None = unlimited
+    consumed: int = 0
+    reserved: int = 0
+
+    @property
+    def remaining(self) -> int | None:
+        if self.credited is None:
+            return None
+        return self.credited - self.consumed - self.reserved
+
+
+@dataclass(slots=True)
+class UserQuota:
+    user_id: str
+    period_start: datetime
+    period_end: datetime
+    meters: dict[str, MeterState]
+    source: str  # "polar" | "plan"
+    limits_updated_at: datetime | None = None
+    stale: bool = False
+
+    def meter(self, name: str) -> MeterState:
+        state = self.meters.get(name)
+        if state is None:
+            state = self.meters[name] = MeterState(credited=None)
+        return state
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    meter: str
+    needed: int
+    remaining: int
+
+
+class Ledger:
+    def __init__(self, store: Store, plan: Mapping[str, int], clock: Callable[[], datetime] = utcnow) -> None:
+        self._store = store
+        self._plan = dict(plan)
+        self._clock = clock
+        self._users: dict[str, UserQuota] = {}
+        self._loading: dict[str, asyncio.Future[UserQuota]] = {}
+
+    async def get(self, user_id: str) -> UserQuota:
+        uq = self._users.get(user_id)
+        if uq is not None and not uq.stale and self._clock() < uq.period_end:
+            return uq
+        pending = self._loading.get(user_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[UserQuota] = asyncio.get_running_loop().create_future()
+        self._loading[user_id] = fut
+        try:
+            uq = await self._load(user_id, self._users.get(user_id))
+            self._users[user_id] = uq
+            fut.set_result(uq)
+            return uq
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._loading[user_id]
+
+    async def _load(self, user_id: str, old: UserQuota | None) -> UserQuota:
+        now = self._clock()
+        limits = await self._store.get_limits(user_id)
+        start, end, credited, source = self._limits_for(limits, now)
+        if old is not None and old.period_start == start and old.period_end == end:
+            consumed = {name: st.consumed for name, st in old.meters.items()}
+        else:
+            consumed = await self._store.consumed(user_id, start, end)
+        reserved = {name: st.reserved for name, st in old.meters.items()} if old else {}
+        names = set(credited) | set(consumed) | set(reserved)
+        meters = {
+            n: MeterState(credited=credited.get(n), consumed=consumed.get(n, 0), reserved=reserved.get(n, 0))
+            for n in names
+        }
+        return UserQuota(
+            user_id=user_id,
+            period_start=start,
+            period_end=end,
+            meters=meters,
+            source=source,
+            limits_updated_at=limits.updated_at if limits else None,
+        )
+
+    def _limits_for(
+        self, limits: CustomerLimits | None, now: datetime
+    ) -> tuple[datetime, datetime, dict[str, int | None], str]:
+        if limits is None:
+            start, end = month_bounds(now)
+            return start, end, dict(self._plan), "plan"
+        if limits.period_start and limits.period_end and limits.period_start <= now < limits.period_end:
+            start, end = limits.period_start, limits.period_end
+        else:
+            start, end = month_bounds(now)
+        if not limits.active:  # subscription revoked: no credits left for any limited meter
+            return start, end, {m: 0 for m in set(self._plan) | set(limits.meters)}, "polar"
+        credited: dict[str, int | None] = dict(self._plan)
+        for name, m in limits.meters.items():
+            credited[name] = m.credited
+        return start, end, credited, "polar"
+
+    def invalidate(self, user_id: str) -> None:
+        """Limits changed (webhook, refresh): reload them before the next pre-check."""
+        uq = self._users.get(user_id)
+        if uq is not None:
+            uq.stale = True
+
+    @staticmethod
+    def reserve(uq: UserQuota, amounts: Mapping[str, int]) -> Refusal | None:
+        """Check and reserve in one step; synchronous on purpose (atomic within the event loop)."""
+        for name, amount in amounts.items():
+            state = uq.meters.get(name)
+            if state is None or state.credited is None:
+                continue
+            remaining = state.credited - state.consumed - state.reserved
+            if remaining <= 0 or remaining < amount:
+                return Refusal(meter=name, needed=amount, remaining=max(remaining, 0))
+        for name, amount in amounts.items():
+            uq.meter(name).reserved += amount
+        return None
+
+    @staticmethod
+    def settle(uq: UserQuota, reserved: Mapping[str, int], actual: Mapping[str, int]) -> None:
+        for name, amount in reserved.items():
+            state = uq.meter(name)
+            state.reserved = max(0, state.reserved - amount)
+        for name, amount in actual.items():
+            if amount:
+                uq.meter(name).consumed += amount
+
+
+@dataclass(frozen=True, slots=True)
+class MeterStatus:
+    name: str
+    consumed: int
+    reserved: int
+    credited: int | None
+    remaining: int | None
+    percent_used: float | None
+    status: str
+
+
+_RANK = {"ok": 0, "warning": 1, "critical": 2, "exceeded": 3}
+
+
+def meter_status(name: str, st: MeterState, warning: float, critical: float) -> MeterStatus:
+    if st.credited is None:
+        return MeterStatus(name, st.consumed, st.reserved, None, None, None, "ok")
+    used = st.consumed + st.reserved
+    ratio = used / st.credited if st.credited > 0 else (1.0 if used > 0 or st.credited == 0 else 0.0)
+    if ratio >= 1.0:
+        status = "exceeded"
+    elif ratio >= critical:
+        status = "critical"
+    elif ratio >= warning:
+        status = "warning"
+    else:
+        status = "ok"
+    return MeterStatus(name, st.consumed, st.reserved, st.credited, st.credited - used, round(ratio * 100, 2), status)
+
+
+def overall_status(statuses: list[MeterStatus]) -> str:
+    worst = "ok"
+    for s in statuses:
+        if _RANK[s.status] > _RANK[worst]:
+            worst = s.status
+    return worst

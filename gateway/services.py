@@ -1,0 +1,40 @@
+"""The gateway's runtime dependencies, built once by the app factory and passed explicitly."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from gateway.keys import KeyCache
+from gateway.quota import Ledger
+from gateway.ratelimit import RateLimiter
+from gateway.settings import Settings
+from gateway.store.base import Store
+
+
+def process_owner_id() -> str:
+    """Identifies this process on the records it holds in flight."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    keys: KeyCache
+    ledger: Ledger
+    limiter: RateLimiter
+    owner: str
+    client: aiohttp.ClientSession | None = None  # created in the lifespan (needs a running loop)
+    on_events: Callable[[int], None] = field(default=lambda n: None)  # wakes the sync when events land
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self.client is None:
+            raise RuntimeError("upstream client not started")
+        return self.client

@@ -1,0 +1,29 @@
+"""UTC time helpers: one text format so stored timestamps sort and compare as strings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+_FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime(_FMT)
+
+
+def parse_iso(text: str) -> datetime:
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    dt = datetime.fromisoformat(text)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def month_bounds(now: datetime) -> tuple[datetime, datetime]:
+    """Calendar month (UTC) containing `now`: the default billing period."""
+    start = now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return start, end

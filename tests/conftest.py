@@ -1,0 +1,176 @@
+"""Shared fixtures: a fake upstream, and the real gateway app served by uvicorn over loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+import uvloop
+
+from gateway.app import create_app
+from gateway.settings import FileConfig, RateLimitConfig, ReservationConfig, Settings
+from tests.fakes.upstream import FakeUpstream
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ADMIN_TOKEN = "test-admin-token"
+ANTHROPIC_KEY = "sk-ant-REAL-PROVIDER-KEY"
+GEMINI_KEY = "AIza-REAL-PROVIDER-KEY"
+
+
+def fixture_bytes(relpath: str) -> bytes:
+    return (FIXTURES / relpath).read_bytes()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
+    """Poll until `predicate()` is truthy; the deadline makes a missed condition fail, not hang."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+class ServerThread:
+    """Runs an ASGI app under uvicorn (uvloop, httptools) in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, http="httptools", lifespan="on", access_log=False, log_config=None)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        loop = uvloop.new_event_loop()
+        try:
+            loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+        finally:
+            loop.close()
+
+    def start(self) -> None:
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), timeout=10)
+        if not self.server.started:
+            raise RuntimeError("gateway failed to start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@dataclasses.dataclass
+class Gateway:
+    url: str
+    settings: Settings
+    db_path: Path
+    server: ServerThread
+    app: Any
+
+    @property
+    def services(self) -> Any:
+        return self.app.services
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
+
+    def issue_key(self, user_id: str, name: str = "") -> str:
+        with self.admin() as client:
+            resp = client.post("/admin/keys", json={"user_id": user_id, "name": name})
+            assert resp.status_code == 201, resp.text
+            return str(resp.json()["key"])
+
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(self.db_path)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def events(self, user_id: str) -> dict[str, int]:
+        rows = self.query("SELECT meter, SUM(value) FROM usage_events WHERE user_id = ? GROUP BY meter", user_id)
+        return {m: int(v) for m, v in rows}
+
+    def requests(self, user_id: str) -> list[dict[str, Any]]:
+        conn = sqlite3.connect(self.db_path)
+        conn.row_factory = sqlite3.Row
+        try:
+            rows = conn.execute("SELECT * FROM requests WHERE user_id = ? ORDER BY started_at", (user_id,))
+            return [dict(r) for r in rows.fetchall()]
+        finally:
+            conn.close()
+
+    def wait_recorded(self, user_id: str, n: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The response reaches the client before its record commits: poll for it."""
+
+        def done() -> list[dict[str, Any]] | None:
+            rows = self.requests(user_id)
+            finished = [r for r in rows if r["outcome"] != "in_flight"]
+            return finished if len(finished) >= n else None
+
+        return wait_until(done, timeout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    fake = FakeUpstream()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Callable[..., Gateway]]:
+    upstream.reset()
+    started: list[Gateway] = []
+
+    def make(
+        plan: dict[str, int] | None = None,
+        rate_limit: RateLimitConfig | None = None,
+        reservation: ReservationConfig | None = None,
+        **overrides: Any,
+    ) -> Gateway:
+        db_path = tmp_path / f"gateway-{len(started)}.db"
+        file = FileConfig(
+            plan=plan or {},
+            rate_limit=rate_limit or RateLimitConfig(requests_per_minute=None, tokens_per_minute=None),
+            reservation=reservation or ReservationConfig(),
+        )
+        settings = Settings(
+            database_url=f"sqlite:///{db_path}",
+            anthropic_api_key=ANTHROPIC_KEY,
+            gemini_api_key=GEMINI_KEY,
+            anthropic_upstream=upstream.url,
+            gemini_upstream=upstream.url,
+            admin_token=ADMIN_TOKEN,
+            file=file,
+            **overrides,
+        )
+        app = create_app(settings)
+        server = ServerThread(app)
+        server.start()
+        gw = Gateway(f"http://127.0.0.1:{server.port}", settings, db_path, server, app)
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        gw.server.stop()
+
+
+@pytest.fixture
+def gateway(make_gateway: Callable[..., Gateway]) -> Gateway:
+    return make_gateway()

@@ -1,0 +1,66 @@
+"""Claude through the gateway with the official `anthropic` SDK, against the fake upstream."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import pytest
+
+from tests.conftest import ANTHROPIC_KEY, Gateway, fixture_bytes
+from tests.fakes.upstream import FakeUpstream
+
+MSG = [{"role": "user", "content": "Hello"}]
+
+
+def client(gw: Gateway, key: str, **kw: object) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, **kw)  # type: ignore[arg-type]
+
+
+def test_message_is_metered_and_key_replaced(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.issue_key("alice")
+    msg = client(gateway, key).messages.create(model="claude-sonnet-4-6", max_tokens=64, messages=MSG)
+    assert msg.usage.input_tokens == 12 and msg.usage.output_tokens == 9
+    rows = gateway.wait_recorded("alice")
+    assert rows[0]["outcome"] == "ok" and rows[0]["status_code"] == 200 and rows[0]["model"] == "claude-sonnet-4-6"
+    assert gateway.events("alice") == {"claude_input_tokens": 12, "claude_output_tokens": 9}
+    sent = upstream.requests[-1]
+    assert sent.path == "/v1/messages"
+    assert sent.header("x-api-key") == ANTHROPIC_KEY
+    assert sent.header("authorization") is None
+    assert key not in repr(sent.headers)
+    assert sent.header("anthropic-version") == "2026-10-21"
+    assert sent.body == b'{"max_tokens":64,"messages":[{"role":"user","content":"Hello"}],"model":"claude-sonnet-4-6"}'
+
+
+def test_stream_relayed_byte_for_byte_and_metered(gateway: Gateway) -> None:
+    key = gateway.issue_key("bob")
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": MSG, "stream": True}
+    with httpx.Client(timeout=10) as http:
+        resp = http.post(f"{gateway.url}/anthropic/v1/messages", json=body, headers={"x-api-key": key})
+    assert resp.status_code == 200
+    assert resp.content == fixture_bytes("anthropic/stream_text.sse")
+    gateway.wait_recorded("bob")
+    assert gateway.events("bob") == {"claude_input_tokens": 25, "claude_output_tokens": 15}
+
+
+def test_sdk_stream_helper(gateway: Gateway) -> None:
+    key = gateway.issue_key("carol")
+    with client(gateway, key).messages.stream(model="claude-sonnet-4-6", max_tokens=64, messages=MSG) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "Hello! How can I help?"
+    assert final.usage.output_tokens == 15
+    gateway.wait_recorded("carol")
+    assert gateway.events("carol") == {"claude_input_tokens": 25, "claude_output_tokens": 15}
+
+
+def test_invalid_key_is_401_and_upstream_not_called(gateway: Gateway, upstream: FakeUpstream) -> None:
+    before = len(upstream.requests)
+    with pytest.raises(anthropic.AuthenticationError) as err:
+        client(gateway, "pgw_not-a-real-key").messages.create(model="claude-sonnet-4-6", max_tokens=8, messages=MSG)
+    assert err.value.status_code == 401
+    assert err.value.body == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "invalid or revoked gateway key"},
+    }
+    assert len(upstream.requests) == before
