@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,54 +222,47 @@ class ProxyEndpoint:
             streamed = call.stream and status == 200 and call.meter_factory is not None
             meter = call.meter_factory() if streamed and call.meter_factory else None
             whole = bytearray()
-            gone = asyncio.Event()
-            watcher = asyncio.ensure_future(_watch_disconnect(receive, gone)) if meter is not None else None
-            outcome, estimated, drained, drain_deadline = (
-                "ok" if status < 400 else "upstream_error",
-                False,
-                0,
-                0.0,
-            )
+            gone, expired = asyncio.Event(), asyncio.Event()
+            watcher = None
+            if meter is not None:  # a JSON body is read to its end anyway; a stream needs a drain bound
+                watcher = asyncio.ensure_future(
+                    _watch_disconnect(receive, gone, expired, resp, settings.drain_timeout_seconds)
+                )
+            outcome, drained = "ok" if status < 400 else "upstream_error", 0
             try:
-                while True:
-                    if gone.is_set():
-                        if not drain_deadline:
-                            drain_deadline = time.monotonic() + settings.drain_timeout_seconds
-                            outcome = "client_disconnected"
-                        left = drain_deadline - time.monotonic()
-                        if left <= 0 or drained > settings.drain_max_bytes:
-                            estimated = meter is not None and not meter.usage().final
-                            break
-                        try:
-                            chunk = await asyncio.wait_for(resp.content.readany(), left)
-                        except TimeoutError:
-                            estimated = meter is not None and not meter.usage().final
-                            break
-                        drained += len(chunk)
-                    else:
-                        chunk = await resp.content.readany()
-                    if not chunk:
-                        break
+                while chunk := await resp.content.readany():
                     if meter is not None:
                         meter.feed(decoder.decode(chunk))
                     else:
                         whole += chunk
                     if not gone.is_set():
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        continue
+                    drained += len(chunk)
+                    if drained > settings.drain_max_bytes or (meter is not None and meter.usage().final):
+                        break
             except TimeoutError:
                 outcome = "timeout"
                 await self._stream_error(send, route, 504, "timeout_error", "the provider stalled mid-response")
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
-                outcome = "upstream_broken"
-                await self._stream_error(send, route, 502, "api_error", "the provider connection broke mid-response")
+                if not expired.is_set():
+                    outcome = "upstream_broken"
+                    await self._stream_error(
+                        send, route, 502, "api_error", "the provider connection broke mid-response"
+                    )
             finally:
                 if watcher is not None:
                     watcher.cancel()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             usage: Usage | None
+            estimated = False
             if meter is not None:
                 usage = meter.usage()
-                if usage.error is not None and outcome == "ok":
+                if gone.is_set():
+                    # The client left; whatever the upstream did after, what we billed is what it reported.
+                    outcome = "client_disconnected"
+                    estimated = not usage.final
+                elif usage.error is not None and outcome == "ok":
                     outcome = "upstream_error_midstream"
             else:
                 usage = call.body_usage(decoder.decode(bytes(whole))) if whole else None
@@ -315,9 +307,13 @@ class ProxyEndpoint:
         return f"request body exceeds the gateway limit of {self.s.settings.max_body_bytes} bytes"
 
 
-async def _watch_disconnect(receive: Any, gone: asyncio.Event) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            return
+async def _watch_disconnect(
+    receive: Any, gone: asyncio.Event, expired: asyncio.Event, resp: aiohttp.ClientResponse, drain_seconds: float
+) -> None:
+    """Notice a client disconnect; give the upstream `drain_seconds` more to report usage, then cut it."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+    await asyncio.sleep(drain_seconds)
+    expired.set()
+    resp.close()

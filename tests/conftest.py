@@ -149,16 +149,16 @@ def make_gateway(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Callable[..
             rate_limit=rate_limit or RateLimitConfig(requests_per_minute=None, tokens_per_minute=None),
             reservation=reservation or ReservationConfig(),
         )
-        settings = Settings(
-            database_url=f"sqlite:///{db_path}",
-            anthropic_api_key=ANTHROPIC_KEY,
-            gemini_api_key=GEMINI_KEY,
-            anthropic_upstream=upstream.url,
-            gemini_upstream=upstream.url,
-            admin_token=ADMIN_TOKEN,
-            file=file,
-            **overrides,
-        )
+        values: dict[str, Any] = {
+            "database_url": f"sqlite:///{db_path}",
+            "anthropic_api_key": ANTHROPIC_KEY,
+            "gemini_api_key": GEMINI_KEY,
+            "anthropic_upstream": upstream.url,
+            "gemini_upstream": upstream.url,
+            "admin_token": ADMIN_TOKEN,
+            "file": file,
+        }
+        settings = Settings(**{**values, **overrides})
         app = create_app(settings)
         server = ServerThread(app)
         server.start()

@@ -1,0 +1,228 @@
+"""Bad input, failing providers, broken streams and disconnects: clear errors, nothing lost."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+
+import anthropic
+import httpx
+import pytest
+
+from tests.conftest import Gateway, fixture_bytes, wait_until
+from tests.fakes.upstream import FakeUpstream, Reply
+
+BODY = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}
+STREAM_BODY = {**BODY, "stream": True}
+
+
+def post(gw: Gateway, key: str, path: str = "/anthropic/v1/messages", **kw: object) -> httpx.Response:
+    headers = {"x-api-key": key, **kw.pop("headers", {})}  # type: ignore[dict-item]
+    return httpx.post(f"{gw.url}{path}", headers=headers, timeout=10, **kw)  # type: ignore[arg-type]
+
+
+def test_malformed_json_is_400_and_not_forwarded(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.issue_key("mal")
+    resp = post(gateway, key, content=b'{"model": "claude', headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert resp.json()["error"]["message"].startswith("malformed JSON body")
+    resp = post(
+        gateway,
+        key,
+        path="/gemini/v1/models/gemini-2.5-flash:generateContent",
+        content=b"[1, 2]",
+        headers={"x-goog-api-key": key},
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["status"] == "INVALID_ARGUMENT"
+    assert upstream.requests == [] and gateway.requests("mal") == []
+
+
+def test_oversized_body_is_413(make_gateway, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = make_gateway(max_body_bytes=1000)
+    key = gw.issue_key("big")
+    big = {**BODY, "messages": [{"role": "user", "content": "x" * 2000}]}
+    resp = post(gw, key, json=big)
+    assert resp.status_code == 413
+    assert resp.json()["error"] == {
+        "type": "request_too_large",
+        "message": "request body exceeds the gateway limit of 1000 bytes",
+    }
+    assert upstream.requests == []
+
+
+def test_unknown_routes_404_in_provider_shape(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.issue_key("nf")
+    resp = post(gateway, key, path="/anthropic/v1/messages/batches", json={"requests": []})
+    assert resp.status_code == 404 and resp.json()["error"]["type"] == "not_found_error"
+    resp = httpx.get(f"{gateway.url}/anthropic/v1/files", headers={"x-api-key": key})
+    assert resp.status_code == 404 and resp.json()["type"] == "error"
+    resp = post(gateway, key, path="/gemini/v1beta/files", json={})
+    assert resp.status_code == 404 and resp.json()["error"]["status"] == "NOT_FOUND"
+    resp = post(gateway, key, path="/gemini/v1/models/gemini-2.5-flash:embedContent", json={})
+    assert resp.status_code == 404
+    assert httpx.get(f"{gateway.url}/nope").status_code == 404
+    assert upstream.requests == []
+
+
+def test_models_routes_forwarded_unmetered(gateway: Gateway) -> None:
+    key = gateway.issue_key("mo")
+    c = anthropic.Anthropic(base_url=f"{gateway.url}/anthropic", api_key=key)
+    assert [m.id for m in c.models.list()] == ["claude-sonnet-4-6"]
+    assert c.models.retrieve("claude-sonnet-4-6").display_name == "Claude Sonnet 4.6"
+    assert c.messages.count_tokens(model="claude-sonnet-4-6", messages=BODY["messages"]).input_tokens > 0  # type: ignore[arg-type]
+    assert gateway.requests("mo") == []
+
+
+def test_hanging_upstream_gets_504(make_gateway, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = make_gateway(upstream_timeout_seconds=0.5)
+    key = gw.issue_key("hang")
+    upstream.enqueue(Reply.fixture("anthropic/message.json", delay_before=30))
+    c = anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
+    with pytest.raises(anthropic.InternalServerError) as err:
+        c.messages.create(**BODY)  # type: ignore[arg-type]
+    assert err.value.status_code == 504
+    assert err.value.body["error"]["type"] == "timeout_error"  # type: ignore[index]
+    rows = gw.wait_recorded("hang")
+    assert rows[0]["outcome"] == "timeout" and rows[0]["status_code"] == 504
+    assert gw.events("hang") == {}
+
+
+def test_stream_stalling_midway_ends_with_error_event(make_gateway, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = make_gateway(upstream_timeout_seconds=0.5)
+    key = gw.issue_key("stall")
+    upstream.enqueue(Reply.fixture("anthropic/stream_text.sse", hang_after=2))
+    resp = post(gw, key, json=STREAM_BODY)
+    assert resp.status_code == 200
+    events = fixture_bytes("anthropic/stream_text.sse").split(b"\n\n")
+    assert resp.content.startswith(events[0] + b"\n\n" + events[1] + b"\n\n")
+    assert resp.content.endswith(
+        b'event: error\ndata: {"type":"error","error":{"type":"timeout_error",'
+        b'"message":"the provider stalled mid-response"}}\n\n'
+    )
+    rows = gw.wait_recorded("stall")
+    assert rows[0]["outcome"] == "timeout"
+    assert gw.events("stall") == {"claude_input_tokens": 25, "claude_output_tokens": 1}
+    wait_until(lambda: upstream.active_connections == 0)
+
+
+def test_truncated_stream_keeps_usage_seen(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.issue_key("trunc")
+    upstream.enqueue(Reply.fixture("anthropic/stream_multiple_message_delta.sse", drop_after=5))
+    resp = post(gateway, key, json=STREAM_BODY)
+    assert resp.content.endswith(
+        b'event: error\ndata: {"type":"error","error":{"type":"api_error",'
+        b'"message":"the provider connection broke mid-response"}}\n\n'
+    )
+    rows = gateway.wait_recorded("trunc")
+    assert rows[0]["outcome"] == "upstream_broken"
+    assert gateway.events("trunc") == {"claude_input_tokens": 25, "claude_output_tokens": 40}
+
+
+def test_anthropic_midstream_error_event(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.issue_key("mid")
+    upstream.enqueue(Reply.fixture("anthropic/stream_error_midstream.sse"))
+    c = anthropic.Anthropic(base_url=f"{gateway.url}/anthropic", api_key=key)
+    with pytest.raises(anthropic.APIStatusError) as err:
+        for _ in c.messages.create(**STREAM_BODY):  # type: ignore[arg-type]
+            pass
+    assert err.value.status_code == 200
+    rows = gateway.wait_recorded("mid")
+    assert rows[0]["outcome"] == "upstream_error_midstream"
+    assert gateway.events("mid") == {"claude_input_tokens": 25, "claude_output_tokens": 1}
+
+
+def test_multiple_message_deltas_take_last(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.issue_key("md")
+    upstream.enqueue(Reply.fixture("anthropic/stream_multiple_message_delta.sse"))
+    post(gateway, key, json=STREAM_BODY)
+    gateway.wait_recorded("md")
+    assert gateway.events("md")["claude_output_tokens"] == 57
+
+
+def test_cache_and_thinking_usage(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.issue_key("cache")
+    upstream.enqueue(Reply.fixture("anthropic/message_cache_thinking_servertool.json"))
+    post(gateway, key, json=BODY)
+    rows = gateway.wait_recorded("cache")
+    assert gateway.events("cache") == {
+        "claude_input_tokens": 21,
+        "claude_output_tokens": 312,
+        "claude_cache_write_tokens": 1800,
+        "claude_cache_read_tokens": 3200,
+    }
+    assert '"thinking_tokens":240' in rows[0]["usage_raw"]
+
+
+def test_client_disconnect_midstream_drains_full_usage(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.issue_key("gone")
+    upstream.enqueue(Reply.fixture("anthropic/stream_text.sse", delay_between=0.15))
+    payload = httpx.Request("POST", f"{gateway.url}/anthropic/v1/messages", json=STREAM_BODY).content
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /anthropic/v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"x-api-key: {key}\r\ncontent-length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        assert b"message_start" in sock.recv(65536) or True
+    rows = gateway.wait_recorded("gone", timeout=10)
+    assert rows[0]["outcome"] == "client_disconnected" and rows[0]["estimated"] == 0
+    assert gateway.events("gone") == {"claude_input_tokens": 25, "claude_output_tokens": 15}
+
+
+def test_drain_bound_marks_estimated(make_gateway, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = make_gateway(drain_timeout_seconds=0.3)
+    key = gw.issue_key("est")
+    upstream.enqueue(Reply.fixture("anthropic/stream_text.sse", hang_after=3))
+    with httpx.stream("POST", f"{gw.url}/anthropic/v1/messages", json=STREAM_BODY, headers={"x-api-key": key}) as r:
+        next(r.iter_raw())
+    rows = gw.wait_recorded("est", timeout=10)
+    assert rows[0]["outcome"] == "client_disconnected" and rows[0]["estimated"] == 1
+    assert gw.events("est") == {"claude_input_tokens": 25, "claude_output_tokens": 1}
+
+
+def test_response_headers_relayed_cookies_dropped(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.issue_key("hdr")
+    upstream.enqueue(
+        Reply.fixture(
+            "anthropic/message.json",
+            headers=[("x-multi", "a"), ("x-multi", "b"), ("set-cookie", "session=upstream-secret")],
+        )
+    )
+    resp = post(gateway, key, json=BODY)
+    assert resp.headers.get_list("x-multi") == ["a", "b"]
+    assert "set-cookie" not in resp.headers
+    assert resp.headers["x-gateway-request-id"].startswith("req_")
+    assert resp.headers["request-id"].startswith("req_")
+
+
+def test_gzip_relayed_compressed_and_metered(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.issue_key("gz")
+    upstream.enqueue(Reply.fixture("anthropic/message.json", gzip=True))
+    with httpx.Client(timeout=10) as http:
+        resp = http.post(
+            f"{gateway.url}/anthropic/v1/messages",
+            json=BODY,
+            headers={"x-api-key": key, "accept-encoding": "gzip, br"},
+        )
+        raw = resp.content
+    assert resp.headers["content-encoding"] == "gzip"
+    assert raw == fixture_bytes("anthropic/message.json")
+    assert upstream.requests[-1].header("accept-encoding") == "gzip"
+    gateway.wait_recorded("gz")
+    assert gateway.events("gz") == {"claude_input_tokens": 12, "claude_output_tokens": 9}
+    assert gzip.compress(b"x")  # gzip module used for symmetry with the fake
+
+
+def test_upstream_unreachable_is_502(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    gw: Gateway = make_gateway(anthropic_upstream=dead)
+    key = gw.issue_key("dead")
+    resp = post(gw, key, json=BODY)
+    assert resp.status_code == 502
+    assert resp.json()["error"] == {"type": "api_error", "message": "the provider could not be reached"}
+    rows = gw.wait_recorded("dead")
+    assert rows[0]["outcome"] == "upstream_unreachable"
