@@ -19,7 +19,7 @@ import orjson
 from gateway.metering import ContentDecoder, Usage
 from gateway.providers.base import DROP_RESPONSE_HEADERS, Call, Provider, Route, header
 from gateway.quota import Ledger, UserQuota
-from gateway.recording import finish_and_settle
+from gateway.recording import estimate_from_reservation, finish_and_settle
 from gateway.services import Services
 from gateway.store.base import RequestRecord
 from gateway.timeutil import utcnow
@@ -176,6 +176,9 @@ class ProxyEndpoint:
         record.estimated = result.estimated
         record.usage = {k: v for k, v in usage.meters.items() if v} if usage else {}
         record.usage_raw = usage.raw if usage else None
+        if result.estimated and not (usage and usage.seen):
+            # The client left and the drain ended before any usage: the provider may still bill it.
+            record.usage = estimate_from_reservation(record.reservation)
         await finish_and_settle(self.s, record, uq, ticket)
 
     async def _forward(

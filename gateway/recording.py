@@ -79,13 +79,18 @@ async def finish_and_settle(s: Services, record: RequestRecord, uq: UserQuota, t
 _NOT_ESTIMATED = frozenset({CLAUDE_CACHE_WRITE, CLAUDE_CACHE_READ, GEMINI_CACHED})
 
 
+def estimate_from_reservation(reservation: Mapping[str, int]) -> dict[str, int]:
+    """What to bill when the provider's usage never reached us: the most the request could use."""
+    return {m: v for m, v in reservation.items() if m not in _NOT_ESTIMATED and v > 0}
+
+
 async def recover_in_flight(store: Store, owner: str) -> int:
     """Settle requests a dead process left in flight: bill the reservation, marked estimated."""
     settled = 0
     for record in await store.in_flight_requests():
         if record.owner == owner:
             continue
-        record.usage = {m: v for m, v in record.reservation.items() if m not in _NOT_ESTIMATED and v > 0}
+        record.usage = estimate_from_reservation(record.reservation)
         record.outcome = "crashed"
         record.estimated = True
         record.finished_at = utcnow()

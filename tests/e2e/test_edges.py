@@ -226,3 +226,15 @@ def test_upstream_unreachable_is_502(make_gateway) -> None:  # type: ignore[no-u
     assert resp.json()["error"] == {"type": "api_error", "message": "the provider could not be reached"}
     rows = gw.wait_recorded("dead")
     assert rows[0]["outcome"] == "upstream_unreachable"
+
+
+def test_disconnect_before_any_usage_bills_the_reservation(make_gateway, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = make_gateway(drain_timeout_seconds=0.3)
+    key = gw.issue_key("early")
+    upstream.enqueue(Reply.fixture("anthropic/stream_text.sse", hang_after=0))
+    body = httpx.Request("POST", "http://x", json=STREAM_BODY).content
+    with httpx.stream("POST", f"{gw.url}/anthropic/v1/messages", content=body, headers={"x-api-key": key}) as r:
+        assert r.status_code == 200
+    rows = gw.wait_recorded("early", timeout=10)
+    assert rows[0]["outcome"] == "client_disconnected" and rows[0]["estimated"] == 1
+    assert gw.events("early") == {"claude_input_tokens": len(body) // 2 + 16, "claude_output_tokens": 64}
