@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -14,8 +15,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.admin import admin_routes
-from gateway.billing import status_endpoint
+from gateway.billing import portal_endpoint, status_endpoint
 from gateway.keys import KeyCache
+from gateway.limits import LimitsRefresher
+from gateway.polar import PolarBilling
 from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.gemini import GeminiProvider
 from gateway.proxy import ProxyEndpoint
@@ -25,7 +28,9 @@ from gateway.recording import recover_in_flight
 from gateway.services import Services, process_owner_id
 from gateway.settings import Settings
 from gateway.store.sqlite import SqliteStore
+from gateway.sync import Syncer
 from gateway.upstream import create_client
+from gateway.webhooks import make_webhook_endpoint
 
 log = logging.getLogger("gateway")
 
@@ -33,7 +38,9 @@ log = logging.getLogger("gateway")
 def build_services(settings: Settings) -> Services:
     store = SqliteStore(settings.sqlite_path)
     rl = settings.file.rate_limit
+    polar = PolarBilling.from_settings(settings) if settings.polar_enabled else None
     return Services(
+        polar=polar,
         settings=settings,
         store=store,
         keys=KeyCache(store),
@@ -41,6 +48,13 @@ def build_services(settings: Settings) -> Services:
         limiter=RateLimiter(rl.requests_per_minute, rl.tokens_per_minute),
         owner=process_owner_id(),
     )
+
+
+def _meter_names(s: Services) -> Callable[[], Awaitable[Mapping[str, str]]]:
+    async def names() -> Mapping[str, str]:
+        return await s.polar.meter_names() if s.polar is not None else {}
+
+    return names
 
 
 class GatewayApp:
@@ -86,12 +100,39 @@ def create_app(settings: Settings, services: Services | None = None) -> GatewayA
             log.warning("ANTHROPIC_API_KEY is not set: Claude requests will be refused by the provider")
         if not settings.gemini_api_key:
             log.warning("GEMINI_API_KEY is not set: Gemini requests will be refused by the provider")
-        if not settings.polar_enabled:
+        stop = asyncio.Event()
+        background: list[asyncio.Task[None]] = []
+        if s.polar is None:
             log.warning("POLAR_ACCESS_TOKEN is not set: running with config-file limits only, no sync to Polar")
+        else:
+            syncer = Syncer(
+                s.store,
+                s.polar,
+                owner=s.owner,
+                batch_size=settings.sync_batch_size,
+                interval=settings.sync_interval_seconds,
+                max_attempts=settings.sync_max_attempts,
+            )
+            s.on_events = syncer.notify
+            refresher = LimitsRefresher(s.store, s.polar, settings.limits_max_age_seconds, s.limits_changed)
+            background += [
+                asyncio.create_task(syncer.run_forever(stop), name="polar-sync"),
+                asyncio.create_task(refresher.run_forever(stop), name="polar-limits"),
+            ]
+            log.info("Polar %s: syncing usage every %.0f s", settings.polar_environment, settings.sync_interval_seconds)
         try:
             yield
         finally:
+            stop.set()
+            if background:
+                # An interrupted ingest is harmless: its claimed events return after the lease, deduplicated.
+                _, pending = await asyncio.wait(background, timeout=5)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
             await s.client.close()
+            if s.polar is not None:
+                await s.polar.close()
             await s.store.close()
 
     async def healthz(request: Request) -> Response:
@@ -104,6 +145,14 @@ def create_app(settings: Settings, services: Services | None = None) -> GatewayA
     routes = [
         Route("/healthz", healthz),
         Route("/api/billing/status", status_endpoint(s)),
+        Route("/api/billing/portal", portal_endpoint(s)),
+        Route(
+            "/webhooks/polar",
+            make_webhook_endpoint(
+                s.store, settings.polar_webhook_secret, _meter_names(s), s.limits_changed, polar=s.polar
+            ),
+            methods=["POST"],
+        ),
         *admin_routes(s),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
@@ -9,9 +10,12 @@ from starlette.responses import JSONResponse
 
 from gateway.keys import Identity
 from gateway.meters import ALL_METERS
+from gateway.polar import CustomerNotFound, PolarBillingError
 from gateway.quota import meter_status, overall_status
 from gateway.services import Services
 from gateway.timeutil import iso
+
+log = logging.getLogger("gateway.billing")
 
 
 def bearer_or_api_key(request: Request) -> str | None:
@@ -62,3 +66,32 @@ def status_endpoint(s: Services) -> Callable[[Request], Awaitable[JSONResponse]]
         )
 
     return billing_status
+
+
+def portal_endpoint(s: Services) -> Callable[[Request], Awaitable[JSONResponse]]:
+    async def billing_portal(request: Request) -> JSONResponse:
+        ident = await authenticate(s, request)
+        if ident is None:
+            return unauthorized()
+        if s.polar is None:
+            return JSONResponse(
+                {"error": {"type": "unavailable", "message": "billing portal unavailable: Polar is not configured"}},
+                503,
+            )
+        return_url = request.query_params.get("return_url")
+        if return_url is not None and not return_url.startswith(("https://", "http://")):
+            return JSONResponse(
+                {"error": {"type": "invalid_request", "message": "return_url must be an http(s) URL"}}, 400
+            )
+        try:
+            url = await s.polar.portal_url(ident.user_id, return_url)
+        except CustomerNotFound:
+            return JSONResponse(
+                {"error": {"type": "not_found", "message": "no Polar customer exists for this user yet"}}, 404
+            )
+        except PolarBillingError as exc:
+            log.warning("portal session for %s failed: %s", ident.user_id, type(exc).__name__)
+            return JSONResponse({"error": {"type": "unavailable", "message": "Polar is unreachable right now"}}, 503)
+        return JSONResponse({"url": url})
+
+    return billing_portal

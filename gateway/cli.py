@@ -72,9 +72,14 @@ def _keys(args: argparse.Namespace, settings: Settings) -> Callable[[SqliteStore
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
             if args.email:
+                from gateway.polar import PolarBillingError
                 from gateway.polar_cli import ensure_customer
 
-                await ensure_customer(settings, args.user, args.email)
+                try:
+                    await ensure_customer(settings, args.user, args.email)
+                except (ConfigError, PolarBillingError) as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 1
             issued = await issue_key(store, args.user, args.name)
             if args.json:
                 print(json.dumps({"id": issued.record.id, "key": issued.key, "user_id": args.user}))

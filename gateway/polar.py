@@ -286,7 +286,13 @@ class PolarBilling:
     async def meter_names(self, *, refresh: bool = False) -> dict[str, str]:
         """Polar meter id -> our meter name, cached (state payloads only carry meter ids)."""
         if refresh or time.monotonic() - self._meters_at > self._meters_ttl:
-            meters = await self._list_meters()
+            try:
+                meters = await self._list_meters()
+            except PolarBillingError as exc:
+                if not self._meter_names:
+                    raise
+                log.warning("meter listing failed, using the cached one: %s", exc)
+                return dict(self._meter_names)
             self._meter_names = {m.id: m.name for m in meters if m.name in ALL_METERS}
             self._meters_at = time.monotonic()
         return dict(self._meter_names)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from gateway.keys import KeyCache
+from gateway.polar import PolarBilling
 from gateway.quota import Ledger
 from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
@@ -31,7 +32,12 @@ class Services:
     limiter: RateLimiter
     owner: str
     client: aiohttp.ClientSession | None = None  # created in the lifespan (needs a running loop)
+    polar: PolarBilling | None = None  # None when POLAR_ACCESS_TOKEN is not set
     on_events: Callable[[int], None] = field(default=lambda n: None)  # wakes the sync when events land
+
+    async def limits_changed(self, user_id: str) -> None:
+        """Polar changed a customer's limits (webhook or refresh): the next pre-check reloads them."""
+        self.ledger.invalidate(user_id)
 
     @property
     def http(self) -> aiohttp.ClientSession:

@@ -101,7 +101,9 @@ class Gateway:
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         conn = sqlite3.connect(self.db_path)
         try:
-            return conn.execute(sql, params).fetchall()
+            rows = conn.execute(sql, params).fetchall()
+            conn.commit()
+            return rows
         finally:
             conn.close()
 

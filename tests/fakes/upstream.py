@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 FIXTURES_DIR = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -278,7 +278,7 @@ def _google_json(obj: Any) -> Reply:
     return Reply(headers=[("content-type", "application/json")], body=json_module.dumps(obj, indent=2).encode())
 
 
-def _is_gemini_request(path: str, query: dict[str, str], headers: CIMultiDict[str]) -> bool:
+def _is_gemini_request(path: str, query: dict[str, str], headers: CIMultiDictProxy[str]) -> bool:
     """Tell Gemini from Anthropic; they share `GET /v1/models[/{id}]`."""
     parts = path.split("/")
     if len(parts) > 1 and parts[1] in ("v1beta", "v1alpha"):
@@ -290,10 +290,10 @@ def _is_gemini_request(path: str, query: dict[str, str], headers: CIMultiDict[st
     if "x-goog-api-key" in headers or "x-goog-api-client" in headers or "key" in query:
         return True
     m = _ANTHROPIC_MODEL_RE.match(path)
-    return bool(m) and not m.group(1).startswith("claude")
+    return m is not None and not m.group(1).startswith("claude")
 
 
-def default_reply(method: str, path: str, query: dict[str, str], headers: CIMultiDict[str], body: bytes) -> Reply:
+def default_reply(method: str, path: str, query: dict[str, str], headers: CIMultiDictProxy[str], body: bytes) -> Reply:
     """The reply for a request when nothing is queued (paths are the upstream's, without gateway prefix)."""
     if _is_gemini_request(path, query, headers):
         return _gemini_reply(method, path, query)
@@ -452,23 +452,27 @@ class FakeUpstream:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         self._runner = runner
-        server = site._server
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
 
     async def _shutdown(self) -> None:
         assert self._stopping is not None
-        self._stopping.set()
+        self._stopping.set()  # wakes hung and delayed handlers, which abort their connections
         runner = self._runner
         if runner is None:
             return
         server = runner.server
-        if server is not None:
-            for handler in server.connections:
-                if handler.transport is not None:
-                    handler.transport.abort()
+        for site in list(runner.sites):
+            await site.stop()  # stop listening first
+        # Connections accepted just before that are still being set up (accept -> transport ->
+        # connection_made takes a few loop iterations): let them land, then abort every one.
+        for _ in range(10):
+            await asyncio.sleep(0)
+        _abort_all_connections(server)
         await runner.cleanup()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        _abort_all_connections(server)
         self._runner = None
 
     # ---- test-facing API --------------------------------------------------------------------------------
@@ -622,6 +626,14 @@ class FakeUpstream:
             return await self._drop(request)
         await resp.write_eof()
         return resp
+
+
+def _abort_all_connections(server: web.Server | None) -> None:
+    if server is None:
+        return
+    for handler in server.connections:
+        if handler.transport is not None:
+            handler.transport.abort()
 
 
 def _gzip_chunks(chunks: list[bytes]) -> list[bytes]:

@@ -1,0 +1,132 @@
+"""The gateway with Polar configured: usage synced, webhooks change limits, portal links, end to end."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import anthropic
+import httpx
+import pytest
+
+from tests.conftest import Gateway, wait_until
+from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
+
+MSG = [{"role": "user", "content": "Hello"}]
+SECRET = new_standard_secret()
+
+
+@pytest.fixture
+def polar() -> Iterator[FakePolar]:
+    with FakePolar() as fake:
+        yield fake
+
+
+@pytest.fixture
+def polar_gateway(make_gateway: Callable[..., Gateway], polar: FakePolar) -> Callable[..., Gateway]:
+    def make(**kw: object) -> Gateway:
+        return make_gateway(
+            polar_access_token=polar.token,
+            polar_base_url=polar.url,
+            polar_webhook_secret=SECRET,
+            sync_interval_seconds=0.2,
+            **kw,
+        )
+
+    return make
+
+
+def claude(gw: Gateway, key: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
+
+
+def test_usage_reaches_polar_once_with_meter_names(polar_gateway, polar: FakePolar) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = polar_gateway()
+    key = gw.issue_key("alice")
+    claude(gw, key).messages.create(model="claude-sonnet-4-6", max_tokens=16, messages=MSG)  # type: ignore[arg-type]
+    rid = gw.wait_recorded("alice")[0]["id"]
+    wait_until(lambda: len(polar.events) == 2)
+    assert polar.events[f"{rid}:claude_input_tokens"]["metadata"] == {
+        "value": 12,
+        "model": "claude-sonnet-4-6",
+        "provider": "anthropic",
+    }
+    assert polar.events[f"{rid}:claude_output_tokens"]["name"] == "claude_output_tokens"
+    assert polar.events[f"{rid}:claude_output_tokens"]["external_customer_id"] == "alice"
+    wait_until(lambda: gw.query("SELECT COUNT(*) FROM usage_events WHERE state = 'synced'") == [(2,)])
+    assert max(polar.sent.values()) == 1
+
+
+def test_requests_served_while_polar_down_then_delivered_once(polar_gateway, polar: FakePolar) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = polar_gateway(sync_max_attempts=1000)
+    key = gw.issue_key("bob")
+    polar.down(True)
+    for _ in range(5):
+        claude(gw, key).messages.create(model="claude-sonnet-4-6", max_tokens=16, messages=MSG)  # type: ignore[arg-type]
+    gw.wait_recorded("bob", 5)
+    wait_until(lambda: any(p == "POST /v1/events/ingest" for p in polar.paths()))
+    assert polar.events == {}
+    assert gw.query("SELECT COUNT(*) FROM usage_events WHERE state = 'synced'") == [(0,)]
+    polar.down(False)
+    claude(gw, key).messages.create(model="claude-sonnet-4-6", max_tokens=16, messages=MSG)  # type: ignore[arg-type]
+
+    def delivered() -> bool:
+        # the retries back off (30 s and more); pretend that time has passed
+        gw.query("UPDATE usage_events SET next_attempt_at = '' WHERE state = 'pending'")
+        return len(polar.events) == 12
+
+    wait_until(delivered, timeout=10)
+    assert polar.total("claude_input_tokens", "bob") == 6 * 12
+    assert polar.total("claude_output_tokens", "bob") == 6 * 9
+
+
+def test_signed_state_change_lifts_402_and_forged_changes_nothing(polar_gateway, polar: FakePolar) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = polar_gateway(plan={"claude_output_tokens": 10})
+    key = gw.issue_key("carol")
+    c = claude(gw, key)
+    c.messages.create(model="claude-sonnet-4-6", max_tokens=9, messages=MSG)  # type: ignore[arg-type]
+    gw.wait_recorded("carol")
+    with pytest.raises(anthropic.PaymentRequiredError):
+        c.messages.create(model="claude-sonnet-4-6", max_tokens=9, messages=MSG)  # type: ignore[arg-type]
+
+    polar.set_state("carol", meters={"claude_output_tokens": (1000, 9.0)})
+    payload = webhook_payload("customer.state_changed", polar.state_payload("carol"))
+    forged_body, forged_headers = sign_webhook(payload, new_standard_secret(), legacy=False)
+    resp = httpx.post(f"{gw.url}/webhooks/polar", content=forged_body, headers=forged_headers)
+    assert resp.status_code in (401, 403)
+    with pytest.raises(anthropic.PaymentRequiredError):
+        c.messages.create(model="claude-sonnet-4-6", max_tokens=9, messages=MSG)  # type: ignore[arg-type]
+
+    body, headers = sign_webhook(payload, SECRET, legacy=False)
+    resp = httpx.post(f"{gw.url}/webhooks/polar", content=body, headers=headers)
+    assert resp.status_code == 200, resp.text
+    c.messages.create(model="claude-sonnet-4-6", max_tokens=9, messages=MSG)  # type: ignore[arg-type]
+    status = httpx.get(f"{gw.url}/api/billing/status", headers={"x-api-key": key}).json()
+    out = next(m for m in status["meters"] if m["name"] == "claude_output_tokens")
+    assert out["credited"] == 1000
+    assert status["limits"]["source"] == "polar" and status["limits"]["updatedAt"] is not None
+    # a replay of the same delivery is not processed twice
+    again = httpx.post(f"{gw.url}/webhooks/polar", content=body, headers=headers)
+    assert again.status_code == 200 and again.json()["status"] == "duplicate"
+
+
+def test_portal_url_from_customer_session(polar_gateway, polar: FakePolar) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = polar_gateway()
+    key = gw.issue_key("dave")
+    polar.add_customer("dave")
+    resp = httpx.get(
+        f"{gw.url}/api/billing/portal",
+        params={"return_url": "https://app.example.com/billing"},
+        headers={"authorization": f"Bearer {key}"},
+    )
+    assert resp.status_code == 200
+    assert resp.json() == {"url": polar.sessions[-1]["customer_portal_url"]}
+    assert polar.sessions[-1]["return_url"] == "https://app.example.com/billing"
+    assert httpx.get(f"{gw.url}/api/billing/portal").status_code == 401
+
+
+def test_portal_without_polar_is_503(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = make_gateway()
+    key = gw.issue_key("erin")
+    resp = httpx.get(f"{gw.url}/api/billing/portal", headers={"x-api-key": key})
+    assert resp.status_code == 503
+    assert "Polar is not configured" in resp.json()["error"]["message"]

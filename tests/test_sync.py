@@ -1,0 +1,373 @@
+"""Outbox sync against FakePolar over loopback, with the real polar-sdk and the real SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT, GEMINI_IMAGES
+from gateway.polar import IngestResult, PolarBilling
+from gateway.polar_cli import print_usage, run_sync
+from gateway.settings import Settings
+from gateway.store.base import PendingEvent, RequestRecord, UsageEvent
+from gateway.store.sqlite import SqliteStore
+from gateway.sync import Syncer
+from gateway.timeutil import parse_iso
+from tests.fakes.polar import FakePolar
+
+
+@pytest.fixture
+def fake() -> Iterator[FakePolar]:
+    with FakePolar() as fp:
+        yield fp
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "gateway.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(str(db_path))
+    await s.open()
+    await s.migrate()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def polar(fake: FakePolar) -> AsyncIterator[PolarBilling]:
+    client = PolarBilling(fake.token, base_url=fake.url, timeout=2.0, ingest_timeout=1.0)
+    yield client
+    await client.close()
+
+
+async def add_events(
+    store: SqliteStore, n: int, *, user: str = "user-1", meter: str = CLAUDE_INPUT, start: int = 0, **kw: Any
+) -> dict[str, int]:
+    """n requests with one event each; returns external_id -> value."""
+    out: dict[str, int] = {}
+    now = datetime.now(UTC)
+    for i in range(start, start + n):
+        rid = f"req_{user}_{i:05d}"
+        record = RequestRecord(
+            id=rid,
+            user_id=user,
+            key_id="key1",
+            provider="anthropic",
+            model="claude-sonnet-4-5",
+            operation="messages",
+            stream=False,
+            started_at=now,
+            outcome="ok",
+            status_code=200,
+        )
+        value = kw.get("value", 100 + i)
+        event = UsageEvent(
+            external_id=f"{rid}:{meter}",
+            request_id=rid,
+            user_id=user,
+            meter=meter,
+            value=value,
+            model=kw.get("model", "claude-sonnet-4-5"),
+            provider="anthropic",
+            timestamp=kw.get("timestamp", now - timedelta(seconds=5)),
+        )
+        await store.finish_request(record, [event])
+        out[event.external_id] = value
+    return out
+
+
+def rows(db_path: Path) -> dict[str, dict[str, Any]]:
+    conn = sqlite3.connect(db_path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return {r["external_id"]: dict(r) for r in conn.execute("SELECT * FROM usage_events")}
+    finally:
+        conn.close()
+
+
+async def poll(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within} s")
+        await asyncio.sleep(0.02)
+
+
+def syncer(store: SqliteStore, polar: Any, **kw: Any) -> Syncer:
+    kw.setdefault("owner", "test-owner")
+    kw.setdefault("backoff_base", 0.01)
+    kw.setdefault("backoff_max", 0.05)
+    return Syncer(store, polar, **kw)
+
+
+async def test_delivers_every_event_once_in_count_bounded_batches(
+    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+) -> None:
+    events = await add_events(store, 20)
+    result = await syncer(store, polar, batch_size=7).run_once()
+    assert (result.claimed, result.synced, result.inserted, result.duplicates) == (20, 20, 20, 0)
+    assert (result.batches, result.retried, result.failed, result.error) == (3, 0, 0, None)
+    assert [len(b) for b in fake.ingest_bodies()] == [7, 7, 6]
+    assert {x: e["metadata"]["value"] for x, e in fake.events.items()} == events
+    assert set(fake.sent.values()) == {1}
+    assert fake.total(CLAUDE_INPUT, "user-1") == sum(events.values())
+    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+    again = await syncer(store, polar, batch_size=7).run_once()
+    assert (again.claimed, again.batches) == (0, 0)
+
+
+async def test_batches_are_bounded_by_bytes(store: SqliteStore, polar: PolarBilling, fake: FakePolar) -> None:
+    await add_events(store, 10)
+    result = await syncer(store, polar, batch_size=500, max_batch_bytes=700).run_once()
+    assert result.synced == 10
+    sizes = [r.headers["Content-Length"] for r in fake.requests if r.path == "/v1/events/ingest"]
+    assert len(sizes) > 1
+    assert all(int(s) <= 700 for s in sizes)
+    assert sum(len(b) for b in fake.ingest_bodies()) == 10
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["503", "connection-refused"])
+async def test_polar_down_then_back_delivers_each_external_id_once(
+    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path, refuse: bool
+) -> None:
+    events = await add_events(store, 12)
+    s = syncer(store, polar, batch_size=5)
+    fake.down(True, refuse=refuse)
+    down = await s.run_once()
+    assert (down.claimed, down.synced, down.retried, down.batches) == (5, 0, 5, 1)  # stops at the first failure
+    assert down.error is not None and "Polar" in down.error
+    assert fake.events == {}
+    fake.down(False)
+
+    async def all_synced() -> bool:
+        await s.run_once()
+        return {r["state"] for r in rows(db_path).values()} == {"synced"}
+
+    await poll(all_synced)
+    assert sorted(fake.events) == sorted(events)
+    assert fake.total(CLAUDE_INPUT) == sum(events.values())
+    assert all(r["attempts"] <= 1 for r in rows(db_path).values())
+
+
+async def test_timeout_after_polar_committed_is_deduplicated(
+    store: SqliteStore, fake: FakePolar, db_path: Path
+) -> None:
+    client = PolarBilling(fake.token, base_url=fake.url, ingest_timeout=0.3)
+    try:
+        events = await add_events(store, 4)
+        fake.fail_next(1, "timeout", commit=True, hold=3.0)
+        s = syncer(store, client)
+        first = await s.run_once()
+        assert (first.synced, first.retried) == (0, 4)
+        assert len(fake.events) == 4  # Polar stored them, we didn't hear back
+
+        async def synced() -> bool:
+            return (await s.run_once()).synced == 4 or {r["state"] for r in rows(db_path).values()} == {"synced"}
+
+        await poll(synced)
+        assert fake.total() == sum(events.values())
+        assert set(fake.sent.values()) == {2}
+        assert fake.ingest_bodies()[-1] == fake.ingest_bodies()[0]
+    finally:
+        await client.close()
+
+
+async def test_429_retry_after_is_honoured(
+    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+) -> None:
+    await add_events(store, 3)
+    fake.fail_next(1, 429, retry_after=1)
+    s = syncer(store, polar)
+    failed_at = datetime.now(UTC)
+    result = await s.run_once()
+    assert (result.retried, result.error) == (3, "Polar rate limit (429)")
+    for row in rows(db_path).values():
+        assert (row["state"], row["attempts"]) == ("pending", 1)
+        assert parse_iso(row["next_attempt_at"]) >= failed_at + timedelta(seconds=1)
+    early = await s.run_once()
+    assert (early.claimed, len(fake.ingest_bodies())) == (0, 1)
+
+    async def synced() -> bool:
+        return (await s.run_once()).synced == 3
+
+    await poll(synced)
+    assert datetime.now(UTC) >= failed_at + timedelta(seconds=1)
+    assert len(fake.events) == 3
+
+
+@pytest.mark.parametrize("with_index", [True, False], ids=["indexed-422", "bisect"])
+async def test_422_isolates_the_bad_event(
+    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path, with_index: bool
+) -> None:
+    events = await add_events(store, 9)
+    bad = sorted(events)[5]
+    fake.reject_when(lambda e: "customer unknown to test" if e["external_id"] == bad else False, with_index=with_index)
+    result = await syncer(store, polar, batch_size=100).run_once()
+    assert (result.claimed, result.synced, result.failed, result.retried) == (9, 8, 1, 0)
+    state = rows(db_path)
+    assert state[bad]["state"] == "failed"
+    assert "customer unknown to test" in state[bad]["last_error"]
+    assert {x for x, r in state.items() if r["state"] == "synced"} == set(events) - {bad}
+    assert sorted(fake.events) == sorted(set(events) - {bad})
+    assert fake.total() == sum(events.values()) - events[bad]
+    if with_index:
+        assert result.batches == 2
+    else:
+        assert result.batches <= 9
+
+    # parked events come back with requeue_failed once the cause is fixed
+    fake.reject_when(None)
+    assert await store.requeue_failed() == 1
+    again = await syncer(store, polar).run_once()
+    assert (again.claimed, again.synced, again.inserted) == (1, 1, 1)
+    assert fake.total() == sum(events.values())
+    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+
+
+async def test_future_timestamp_is_clamped_and_empty_strings_dropped(
+    store: SqliteStore, polar: PolarBilling, fake: FakePolar
+) -> None:
+    future = datetime.now(UTC) + timedelta(hours=1)
+    await add_events(store, 1, timestamp=future, model="")
+    result = await syncer(store, polar).run_once()
+    assert (result.synced, result.failed) == (1, 0)
+    (event,) = fake.events.values()
+    assert event["metadata"] == {"value": 100, "provider": "anthropic"}
+    assert event["timestamp"].endswith("Z")
+    assert parse_iso(event["timestamp"]) < datetime.now(UTC)
+
+
+async def test_concurrent_passes_on_one_syncer_do_not_double_send(
+    store: SqliteStore, polar: PolarBilling, fake: FakePolar
+) -> None:
+    events = await add_events(store, 120)
+    s = syncer(store, polar, batch_size=10)
+    a, b = await asyncio.gather(s.run_once(), s.run_once())
+    assert a.synced + b.synced == 120
+    assert a.duplicates + b.duplicates == 0
+    assert set(fake.sent.values()) == {1} and len(fake.sent) == 120
+    assert fake.total() == sum(events.values())
+
+
+async def test_two_syncers_on_the_same_database_file_do_not_double_send(
+    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+) -> None:
+    events = await add_events(store, 150)
+    other = SqliteStore(str(db_path))
+    await other.open()
+    try:
+        s1 = syncer(store, polar, owner="gw-1", batch_size=10)
+        s2 = syncer(other, polar, owner="gw-2", batch_size=10)
+        a, b = await asyncio.gather(s1.run_once(), s2.run_once())
+    finally:
+        await other.close()
+    assert a.synced + b.synced == 150
+    assert a.claimed + b.claimed == 150
+    assert set(fake.sent.values()) == {1} and len(fake.sent) == 150
+    assert fake.total() == sum(events.values())
+    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+
+
+async def test_max_attempts_parks_after_n_failures(
+    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+) -> None:
+    (xid,) = await add_events(store, 1)
+    s = syncer(store, polar, max_attempts=3, backoff_base=0.0, backoff_max=0.0)
+    fake.fail_next(10, 500)
+    for attempt in (1, 2, 3):
+        result = await s.run_once()
+        assert (result.claimed, result.retried) == (1, 1)
+        assert rows(db_path)[xid]["attempts"] == attempt
+    assert rows(db_path)[xid]["state"] == "failed"
+    assert "Polar server error 500" in rows(db_path)[xid]["last_error"]
+    assert (await s.run_once()).claimed == 0
+    assert fake.events == {}
+
+
+async def test_bad_token_does_not_burn_attempts(store: SqliteStore, fake: FakePolar, db_path: Path) -> None:
+    (xid,) = await add_events(store, 1)
+    client = PolarBilling("polar_oat_WRONG", base_url=fake.url)
+    try:
+        result = await syncer(store, client, lease_seconds=0.05).run_once()
+    finally:
+        await client.close()
+    assert result.error is not None and "401" in result.error and "WRONG" not in result.error
+    assert (rows(db_path)[xid]["attempts"], rows(db_path)[xid]["state"]) == (0, "claimed")
+
+
+async def test_run_forever_wakes_on_a_full_batch_and_survives_errors(
+    store: SqliteStore, polar: PolarBilling, fake: FakePolar
+) -> None:
+    s = syncer(store, polar, batch_size=5, interval=60.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(s.run_forever(stop))
+    events = await add_events(store, 5)
+    s.notify(4)
+    await asyncio.sleep(0)
+    s.notify(1)  # the fifth event fills a batch: wake long before the 60 s interval
+
+    async def delivered() -> bool:
+        return fake.total() == sum(events.values())
+
+    await poll(delivered)
+
+    calls: list[int] = []
+
+    class Broken:
+        async def ingest(self, events: Sequence[PendingEvent]) -> IngestResult:
+            calls.append(len(events))
+            raise RuntimeError("boom")
+
+    s.polar = Broken()
+    await add_events(store, 1, start=100)
+    s.wake()
+    await poll(lambda: asyncio.sleep(0, bool(calls)))
+    assert not task.done()  # the error was logged, the loop goes on
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_cli_sync_and_usage(store: SqliteStore, fake: FakePolar) -> None:
+    await add_events(store, 2, meter=CLAUDE_OUTPUT, value=10)
+    await add_events(store, 1, user="user-2", meter=GEMINI_IMAGES, value=1)
+    out = io.StringIO()
+    assert await run_sync(Settings(), store, retry_failed=False, out=out) == 2
+    assert "POLAR_ACCESS_TOKEN" in out.getvalue()
+
+    settings = Settings(polar_access_token=fake.token, polar_base_url=fake.url)
+    bad = "req_user-1_00001:claude_output_tokens"
+    fake.reject_when(lambda e: e["external_id"] == bad)
+    out = io.StringIO()
+    assert await run_sync(settings, store, retry_failed=False, out=out) == 1
+    assert f"failed {bad}" in out.getvalue()
+    assert fake.token not in out.getvalue()
+
+    out = io.StringIO()
+    assert await print_usage(store, None, True, out=out) == 0
+    assert json.loads(out.getvalue()) == [
+        {"user_id": "user-1", "meter": CLAUDE_OUTPUT, "total": 20, "synced": 1, "pending": 0, "failed": 1},
+        {"user_id": "user-2", "meter": GEMINI_IMAGES, "total": 1, "synced": 1, "pending": 0, "failed": 0},
+    ]
+
+    fake.reject_when(None)
+    out = io.StringIO()
+    assert await run_sync(settings, store, retry_failed=True, out=out) == 0
+    assert "re-queued 1 failed event(s)" in out.getvalue()
+    out = io.StringIO()
+    assert await print_usage(store, "user-1", False, out=out) == 0
+    assert out.getvalue().splitlines() == [
+        "USER    METER                 TOTAL  SYNCED  PENDING  FAILED",
+        "user-1  claude_output_tokens     20       2        0       0",
+    ]
