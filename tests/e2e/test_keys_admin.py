@@ -138,3 +138,44 @@ def test_admin_token_is_needed_for_admin(make_gateway) -> None:  # type: ignore[
     gw: Gateway = make_gateway(admin_token="")
     resp = httpx.post(f"{gw.url}/admin/keys", json={"user_id": "x"}, headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
     assert resp.status_code == 503
+
+
+def test_cli_polar_setup_sync_usage_and_customer(tmp_path: Path) -> None:
+    from tests.fakes.polar import FakePolar
+
+    with FakePolar() as polar:
+        env = {
+            "GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/p.db",
+            "POLAR_ACCESS_TOKEN": polar.token,
+            "POLAR_BASE_URL": polar.url,
+        }
+        first = _cli(env, "polar", "setup")
+        assert first.returncode == 0, first.stderr
+        assert len(polar.meters) == 8
+        again = _cli(env, "polar", "setup")
+        assert again.returncode == 0 and len(polar.meters) == 8
+        assert polar.token not in first.stdout + first.stderr + again.stdout
+        out = _cli(env, "keys", "create", "--user", "alice", "--email", "alice@example.com", "--json")
+        assert out.returncode == 0, out.stderr
+        assert polar.customers["alice"]["email"] == "alice@example.com"
+        # one recorded event, synced by the CLI
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "p.db") as conn:
+            conn.execute(
+                "INSERT INTO usage_events (external_id, request_id, user_id, meter, value, model, provider, ts)"
+                " VALUES ('req_1:claude_input_tokens', 'req_1', 'alice', 'claude_input_tokens', 7, 'm', 'anthropic',"
+                " '2026-01-01T00:00:00.000000Z')"
+            )
+        polar.fail_next(1, 500, path="/v1/events/ingest")
+        failed = _cli({**env, "GATEWAY_SYNC_MAX_ATTEMPTS": "1"}, "sync")
+        assert failed.returncode == 1
+        usage = json.loads(_cli(env, "usage", "--json").stdout)
+        assert usage == [
+            {"user_id": "alice", "meter": "claude_input_tokens", "total": 7, "synced": 0, "pending": 0, "failed": 1}
+        ]
+        ok = _cli(env, "sync", "--retry-failed")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert polar.total("claude_input_tokens", "alice") == 7
+    no_polar = _cli({"GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/q.db"}, "sync")
+    assert no_polar.returncode == 2 and "POLAR_ACCESS_TOKEN" in no_polar.stdout + no_polar.stderr
