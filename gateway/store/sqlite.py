@@ -1,46 +1,19 @@
-"""SQLite store (aiosqlite, WAL). All SQL of the embedded default lives here.
-
-Writes from the hot path (`begin_request`, `finish_request`) go through a group commit:
-callers queue their statements and wait; one transaction commits everything queued,
-so N concurrent requests cost one fsync-free WAL commit instead of N.
-"""
+"""SQLite store (aiosqlite, WAL): the embedded default. Its SQL lives here and in `sqlite_outbox.py`."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-import aiosqlite
 import orjson
 
-from gateway.store.base import (
-    ApiKey,
-    CustomerLimits,
-    MeterLimit,
-    PendingEvent,
-    RequestRecord,
-    UsageEvent,
-    UsageSummaryRow,
-)
+from gateway.store.base import ApiKey, CustomerLimits, MeterLimit, RequestRecord, UsageEvent
+from gateway.store.sqlite_base import Op, json_text, migrations_dir, opt_datetime
+from gateway.store.sqlite_outbox import SqliteOutbox
 from gateway.timeutil import iso, parse_iso, utcnow
 
-log = logging.getLogger("gateway.store")
-
-
-def migrations_dir(dialect: str) -> Path:
-    """`migrations/<dialect>` of the source tree, or of the working directory (installed package)."""
-    for root in (Path(__file__).resolve().parent.parent.parent, Path.cwd()):
-        candidate = root / "migrations" / dialect
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"migrations/{dialect} not found next to the package or in the working directory")
-
-
-Op = tuple[str, Sequence[Any] | list[Sequence[Any]], bool]  # sql, params, many
+__all__ = ["SqliteStore", "migrations_dir"]
 
 _INSERT_REQUEST = (
     "INSERT INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
@@ -60,114 +33,8 @@ _INSERT_EVENT = (
 )
 
 
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-def _opt_dt(text: str | None) -> datetime | None:
-    return parse_iso(text) if text else None
-
-
-class SqliteStore:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()  # one transaction at a time on the shared connection
-        self._queue: list[tuple[list[Op], asyncio.Future[None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    # ------------------------------------------------------------------ lifecycle
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("store is not open")
-        return self._db
-
-    async def open(self) -> None:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a killed process (not a power cut) without an fsync per commit.
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.execute("PRAGMA busy_timeout=10000")
-
-    async def close(self) -> None:
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
-
-    async def migrate(self) -> list[str]:
-        applied: list[str] = []
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")  # serialises concurrent migrators on one file
-            try:
-                await self.db.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
-                )
-                done = {row[0] for row in await self.db.execute_fetchall("SELECT version FROM schema_migrations")}
-                for path in sorted(migrations_dir("sqlite").glob("*.sql")):
-                    if path.stem in done:
-                        continue
-                    for statement in _split_sql(path.read_text()):
-                        await self.db.execute(statement)
-                    await self.db.execute(
-                        "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                        (path.stem, iso(utcnow())),
-                    )
-                    applied.append(path.stem)
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
-        return applied
-
-    async def _transaction(self, ops: Iterable[Op]) -> None:
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, params, many in ops:
-                    if many:
-                        await self.db.executemany(sql, params)
-                    else:
-                        await self.db.execute(sql, params)
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
-
-    # ------------------------------------------------------------------ group commit
-    async def _submit(self, ops: list[Op]) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((ops, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        await asyncio.shield(fut)
-
-    async def _flush(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            merged: list[tuple[str, list[Any]]] = []
-            for ops, _ in batch:  # merge runs of the same statement into one executemany
-                for sql, params, many in ops:
-                    rows: list[Any] = list(params) if many else [params]
-                    if merged and merged[-1][0] == sql:
-                        merged[-1][1].extend(rows)
-                    else:
-                        merged.append((sql, rows))
-            try:
-                await self._transaction([(sql, rows, True) for sql, rows in merged])
-            except Exception as exc:
-                log.exception("group commit of %d writes failed", len(batch))
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-            else:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
+class SqliteStore(SqliteOutbox):
+    """Implements `gateway.store.base.Store`."""
 
     # ------------------------------------------------------------------ keys
     async def create_key(self, key_id: str, user_id: str, name: str, prefix: str, key_hash: bytes) -> ApiKey:
@@ -191,7 +58,7 @@ class SqliteStore:
             name=row[2],
             prefix=row[3],
             created_at=parse_iso(row[4]),
-            revoked_at=_opt_dt(row[5]),
+            revoked_at=opt_datetime(row[5]),
         )
 
     async def list_keys(self, user_id: str | None = None) -> list[ApiKey]:
@@ -238,7 +105,7 @@ class SqliteStore:
                         int(record.stream),
                         iso(record.started_at),
                         "in_flight",
-                        _dumps(record.reservation),
+                        json_text(record.reservation),
                         record.owner,
                     ),
                     False,
@@ -260,12 +127,12 @@ class SqliteStore:
                     int(record.stream),
                     iso(record.started_at),
                     record.outcome,
-                    _dumps(record.reservation),
+                    json_text(record.reservation),
                     record.owner,
                     iso(record.finished_at or utcnow()),
                     record.status_code,
-                    _dumps(record.usage),
-                    None if record.usage_raw is None else _dumps(record.usage_raw),
+                    json_text(record.usage),
+                    None if record.usage_raw is None else json_text(record.usage_raw),
                     int(record.estimated),
                 ),
                 False,
@@ -309,7 +176,7 @@ class SqliteStore:
             operation=row[5],
             stream=bool(row[6]),
             started_at=parse_iso(row[7]),
-            finished_at=_opt_dt(row[8]),
+            finished_at=opt_datetime(row[8]),
             status_code=row[9],
             outcome=row[10],
             reservation=orjson.loads(row[11]),
@@ -366,102 +233,6 @@ class SqliteStore:
         )
         return [self._event(r) for r in rows]
 
-    # ------------------------------------------------------------------ sync outbox
-    _PENDING_COLS = "external_id, user_id, meter, value, model, provider, ts, attempts"
-
-    @staticmethod
-    def _pending(row: Any) -> PendingEvent:
-        return PendingEvent(
-            external_id=row[0],
-            user_id=row[1],
-            meter=row[2],
-            value=row[3],
-            model=row[4],
-            provider=row[5],
-            timestamp=parse_iso(row[6]),
-            attempts=row[7],
-        )
-
-    async def claim_events(self, owner: str, limit: int, lease_seconds: float) -> list[PendingEvent]:
-        from datetime import timedelta
-
-        now = utcnow()
-        until = iso(now + timedelta(seconds=lease_seconds))
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")  # claim across processes on the same file
-            try:
-                rows = await self.db.execute_fetchall(
-                    "UPDATE usage_events SET state = 'claimed', claimed_by = ?, claimed_until = ?"
-                    " WHERE external_id IN (SELECT external_id FROM usage_events"
-                    "   WHERE (state = 'pending' AND next_attempt_at <= ?) OR (state = 'claimed' AND claimed_until < ?)"
-                    "   ORDER BY ts, external_id LIMIT ?)"
-                    f" RETURNING {self._PENDING_COLS}",
-                    (owner, until, iso(now), iso(now), limit),
-                )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
-        events = [self._pending(r) for r in rows]
-        events.sort(key=lambda e: (e.timestamp, e.external_id))
-        return events
-
-    async def _update_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
-        if params:
-            await self._transaction([(sql, list(params), True)])
-
-    async def mark_synced(self, external_ids: Sequence[str]) -> None:
-        now = iso(utcnow())
-        await self._update_many(
-            "UPDATE usage_events SET state = 'synced', synced_at = ?, claimed_by = NULL, claimed_until = NULL,"
-            " last_error = NULL WHERE external_id = ? AND state != 'synced'",
-            [(now, x) for x in external_ids],
-        )
-
-    async def mark_retry(
-        self, external_ids: Sequence[str], error: str, next_attempt_at: datetime, max_attempts: int
-    ) -> None:
-        await self._update_many(
-            "UPDATE usage_events SET attempts = attempts + 1,"
-            " state = CASE WHEN attempts + 1 >= ? THEN 'failed' ELSE 'pending' END,"
-            " next_attempt_at = ?, last_error = ?, claimed_by = NULL, claimed_until = NULL"
-            " WHERE external_id = ? AND state != 'synced'",
-            [(max_attempts, iso(next_attempt_at), error[:500], x) for x in external_ids],
-        )
-
-    async def mark_failed(self, external_ids: Sequence[str], error: str) -> None:
-        await self._update_many(
-            "UPDATE usage_events SET state = 'failed', attempts = attempts + 1, last_error = ?,"
-            " claimed_by = NULL, claimed_until = NULL WHERE external_id = ? AND state != 'synced'",
-            [(error[:500], x) for x in external_ids],
-        )
-
-    async def requeue_failed(self, user_id: str | None = None) -> int:
-        sql = "UPDATE usage_events SET state = 'pending', attempts = 0, next_attempt_at = '' WHERE state = 'failed'"
-        params: tuple[Any, ...] = ()
-        if user_id is not None:
-            sql += " AND user_id = ?"
-            params = (user_id,)
-        async with self._lock:
-            cur = await self.db.execute(sql, params)
-            return cur.rowcount
-
-    async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]:
-        where, params = ("WHERE user_id = ?", (user_id,)) if user_id else ("", ())
-        rows = await self.db.execute_fetchall(
-            "SELECT user_id, meter, SUM(value), SUM(state = 'synced'), SUM(state IN ('pending', 'claimed')),"
-            f" SUM(state = 'failed') FROM usage_events {where} GROUP BY user_id, meter ORDER BY user_id, meter",
-            params,
-        )
-        return [UsageSummaryRow(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
-
-    async def failed_events(self, limit: int = 100) -> list[tuple[PendingEvent, str]]:
-        rows = await self.db.execute_fetchall(
-            f"SELECT {self._PENDING_COLS}, last_error FROM usage_events WHERE state = 'failed' ORDER BY ts LIMIT ?",
-            (limit,),
-        )
-        return [(self._pending(r), r[8] or "") for r in rows]
-
     # ------------------------------------------------------------------ limits and webhooks
     async def get_limits(self, user_id: str) -> CustomerLimits | None:
         rows = list(
@@ -486,8 +257,8 @@ class SqliteStore:
         return CustomerLimits(
             user_id=r[0],
             meters=meters,
-            period_start=_opt_dt(r[2]),
-            period_end=_opt_dt(r[3]),
+            period_start=opt_datetime(r[2]),
+            period_end=opt_datetime(r[3]),
             snapshot_at=parse_iso(r[4]),
             updated_at=parse_iso(r[5]),
             active=bool(r[6]),
@@ -507,7 +278,7 @@ class SqliteStore:
                 " WHERE excluded.snapshot_at >= customer_limits.snapshot_at",
                 (
                     limits.user_id,
-                    _dumps(meters),
+                    json_text(meters),
                     iso(limits.period_start) if limits.period_start else None,
                     iso(limits.period_end) if limits.period_end else None,
                     iso(limits.snapshot_at),
@@ -541,9 +312,3 @@ class SqliteStore:
             await self.db.execute_fetchall("SELECT 1 FROM webhook_deliveries WHERE webhook_id = ?", (webhook_id,))
         )
         return bool(rows)
-
-
-def _split_sql(script: str) -> list[str]:
-    """Statements of a migration file (our migrations keep ';' out of literals and comments)."""
-    lines = [line.split("--", 1)[0] for line in script.splitlines()]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
