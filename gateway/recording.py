@@ -98,4 +98,7 @@ async def recover_in_flight(store: Store, owner: str) -> int:
         settled += 1
     if settled:
         log.warning("settled %d request(s) left in flight by a stopped process (estimated)", settled)
+    released = await store.release_claims(owner)
+    if released:
+        log.warning("re-queued %d usage event(s) a stopped sync had claimed (Polar dedups any resend)", released)
     return settled

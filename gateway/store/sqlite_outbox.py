@@ -86,6 +86,16 @@ class SqliteOutbox(SqliteBase):
             cur = await self.db.execute(sql, params)
             return cur.rowcount
 
+    async def release_claims(self, keep_owner: str) -> int:
+        """Hand back claims of stopped processes now instead of after their lease."""
+        async with self._lock:
+            cur = await self.db.execute(
+                "UPDATE usage_events SET state = 'pending', claimed_by = NULL, claimed_until = NULL"
+                " WHERE state = 'claimed' AND claimed_by != ?",
+                (keep_owner,),
+            )
+            return cur.rowcount
+
     async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]:
         where, params = ("WHERE user_id = ?", (user_id,)) if user_id else ("", ())
         rows = await self.db.execute_fetchall(

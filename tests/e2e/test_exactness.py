@@ -90,3 +90,42 @@ def test_kill_9_mid_stream_is_settled_on_restart(tmp_path: Path, upstream: FakeU
             assert conn.execute("SELECT COUNT(*) FROM usage_events").fetchone() == (2,)
     finally:
         gw.stop()
+
+
+def test_sync_claims_survive_kill_9(tmp_path: Path, upstream: FakeUpstream) -> None:
+    from tests.fakes.polar import FakePolar
+
+    db = tmp_path / "sync-crash.db"
+    with FakePolar() as polar:
+        env = {
+            "GATEWAY_DATABASE_URL": f"sqlite:///{db}",
+            "GATEWAY_ANTHROPIC_UPSTREAM": upstream.url,
+            "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
+            "GATEWAY_ADMIN_TOKEN": "adm",
+            "POLAR_ACCESS_TOKEN": polar.token,
+            "POLAR_BASE_URL": polar.url,
+            "GATEWAY_SYNC_INTERVAL_SECONDS": "0.2",
+        }
+        # Polar stores the batch, then hangs: the gateway dies before it learns the batch landed.
+        polar.fail_next(1, "timeout", hold=60, commit=True, path="/v1/events/ingest")
+        gw = GatewayProcess(env).start()
+        try:
+            key = httpx.post(
+                f"{gw.url}/admin/keys", json={"user_id": "sc"}, headers={"authorization": "Bearer adm"}
+            ).json()["key"]
+            c = anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
+            c.messages.create(model="claude-sonnet-4-6", max_tokens=16, messages=MSG)  # type: ignore[arg-type]
+
+            def states() -> list[str]:
+                with sqlite3.connect(db) as conn:
+                    return [r[0] for r in conn.execute("SELECT state FROM usage_events ORDER BY external_id")]
+
+            wait_until(lambda: len(polar.events) == 2 and states() == ["claimed", "claimed"], timeout=10)
+            gw.kill()
+            gw = GatewayProcess(env, gw.port).start()
+            wait_until(lambda: states() == ["synced", "synced"], timeout=10)
+            assert polar.total("claude_input_tokens", "sc") == 12
+            assert polar.total("claude_output_tokens", "sc") == 9
+            assert len(polar.events) == 2  # the resend was deduplicated by external id
+        finally:
+            gw.stop()

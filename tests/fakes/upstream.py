@@ -21,6 +21,7 @@ import gzip as gzip_module
 import json as json_module
 import re
 import secrets
+import socket
 import string
 import threading
 import time
@@ -373,6 +374,7 @@ class FakeUpstream:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
+        self._listen_sock: socket.socket | None = None
         self._stopping: asyncio.Event | None = None
         self._in_flight = 0
 
@@ -449,11 +451,19 @@ class FakeUpstream:
             auto_decompress=False,  # record request bodies exactly as received
         )
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        # Our own listening socket, so that shutdown can stop accepting before closing it (see _shutdown).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", 0))
+            site = web.SockSite(runner, sock)
+            await site.start()
+        except BaseException:
+            sock.close()
+            await runner.cleanup()
+            raise
+        self._listen_sock = sock
         self._runner = runner
-        port = runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
 
     async def _shutdown(self) -> None:
         assert self._stopping is not None
@@ -462,18 +472,20 @@ class FakeUpstream:
         if runner is None:
             return
         server = runner.server
-        for site in list(runner.sites):
-            await site.stop()  # stop listening first
-        # Connections accepted just before that are still being set up (accept -> transport ->
-        # connection_made takes a few loop iterations): let them land, then abort every one.
+        # Stop accepting, but let connections accepted a moment ago finish their setup before the listening
+        # server is closed: on Python 3.11, closing it first leaks their sockets (asyncio's Server._attach
+        # asserts on a closed server and the half-made transport is dropped unclosed).
+        if self._listen_sock is not None:
+            asyncio.get_running_loop().remove_reader(self._listen_sock.fileno())
         for _ in range(10):
             await asyncio.sleep(0)
         _abort_all_connections(server)
-        await runner.cleanup()
+        await runner.cleanup()  # closes the listening socket too
         for _ in range(10):
             await asyncio.sleep(0)
         _abort_all_connections(server)
         self._runner = None
+        self._listen_sock = None
 
     # ---- test-facing API --------------------------------------------------------------------------------
 
