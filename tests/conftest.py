@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ import uvloop
 
 from gateway.app import create_app
 from gateway.settings import FileConfig, RateLimitConfig, ReservationConfig, Settings
+from gateway.store.sqlite import SqliteStore
+from tests.fakes.polar import FakePolar
 from tests.fakes.upstream import FakeUpstream
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -129,6 +131,27 @@ class Gateway:
             return finished if len(finished) >= n else None
 
         return wait_until(done, timeout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakePolar]:
+    """A fake Polar API over loopback (the real polar-sdk talks to it)."""
+    with FakePolar() as fp:
+        yield fp
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "gateway.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(str(db_path))
+    await s.open()
+    await s.migrate()
+    yield s
+    await s.close()
 
 
 @pytest.fixture(scope="session")

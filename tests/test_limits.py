@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -16,21 +15,6 @@ from gateway.polar import PolarBilling
 from gateway.store.base import CustomerLimits, MeterLimit
 from gateway.store.sqlite import SqliteStore
 from tests.fakes.polar import FakePolar
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePolar]:
-    with FakePolar() as fp:
-        yield fp
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(str(tmp_path / "gateway.db"))
-    await s.open()
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -26,12 +26,6 @@ from gateway.store.base import CustomerLimits, MeterLimit, PendingEvent
 from tests.fakes.polar import FakePolar
 
 NOW = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePolar]:
-    with FakePolar() as fp:
-        yield fp
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import io
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,26 +23,6 @@ from gateway.store.sqlite import SqliteStore
 from gateway.sync import Syncer
 from gateway.timeutil import parse_iso
 from tests.fakes.polar import FakePolar
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePolar]:
-    with FakePolar() as fp:
-        yield fp
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "gateway.db"
-
-
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(str(db_path))
-    await s.open()
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 @pytest.fixture

@@ -6,10 +6,9 @@ import asyncio
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -46,21 +45,6 @@ class Hook:
         legacy = (secret != STANDARD_SECRET) if legacy is None else legacy
         body, headers = sign_webhook(payload, secret, legacy=legacy, **kw)
         return await self.client.post(self.url, content=body, headers=headers)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePolar]:
-    with FakePolar() as fp:
-        yield fp
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(str(tmp_path / "gateway.db"))
-    await s.open()
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 async def serve(app: Starlette) -> tuple[str, uvicorn.Server, asyncio.Task[None]]:
