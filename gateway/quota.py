@@ -84,27 +84,28 @@ class Ledger:
             del self._loading[user_id]
 
     async def _load(self, user_id: str, old: UserQuota | None) -> UserQuota:
+        """Load or refresh a user's quota. An existing object is updated in place: requests in
+        flight hold it and settle their reservations on it, so it must stay the one in use."""
+        if old is not None:
+            old.stale = False  # an invalidation arriving while we load marks it stale again
         now = self._clock()
         limits = await self._store.get_limits(user_id)
         start, end, credited, source = self._limits_for(limits, now)
-        if old is not None and old.period_start == start and old.period_end == end:
-            consumed = {name: st.consumed for name, st in old.meters.items()}
-        else:
-            consumed = await self._store.consumed(user_id, start, end)
-        reserved = {name: st.reserved for name, st in old.meters.items()} if old else {}
-        names = set(credited) | set(consumed) | set(reserved)
-        meters = {
-            n: MeterState(credited=credited.get(n), consumed=consumed.get(n, 0), reserved=reserved.get(n, 0))
-            for n in names
-        }
-        return UserQuota(
-            user_id=user_id,
-            period_start=start,
-            period_end=end,
-            meters=meters,
-            source=source,
-            limits_updated_at=limits.updated_at if limits else None,
-        )
+        same_period = old is not None and (old.period_start, old.period_end) == (start, end)
+        consumed = None if same_period else await self._store.consumed(user_id, start, end)
+        uq = old if old is not None else UserQuota(user_id, start, end, {}, source)
+        if consumed is not None:  # new period: usage restarts from what the store holds for it
+            for state in uq.meters.values():
+                state.consumed = 0
+            for name, value in consumed.items():
+                uq.meter(name).consumed = value
+        for name, state in uq.meters.items():
+            state.credited = credited.get(name)
+        for name, amount in credited.items():
+            uq.meter(name).credited = amount
+        uq.period_start, uq.period_end, uq.source = start, end, source
+        uq.limits_updated_at = limits.updated_at if limits else None
+        return uq
 
     def _limits_for(
         self, limits: CustomerLimits | None, now: datetime
