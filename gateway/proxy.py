@@ -68,6 +68,12 @@ class ProxyEndpoint:
         self.provider = provider
         self.s = services
         self.prefix = prefix
+        settings = services.settings
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,  # streams may run for any length of time; silence is what is bounded
+            sock_connect=settings.connect_timeout_seconds,
+            sock_read=settings.upstream_timeout_seconds,
+        )
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         provider, s = self.provider, self.s
@@ -155,7 +161,8 @@ class ProxyEndpoint:
             reservation=call.reservation,
             owner=s.owner,
         )
-        result = Outcome(502, "not_forwarded", None)
+        # If the relay itself fails, the provider may still have billed: bill the reservation, estimated.
+        result = Outcome(500, "gateway_error", None, estimated=True)
         try:
             await s.store.begin_request(record)
         except Exception:
@@ -192,11 +199,6 @@ class ProxyEndpoint:
         rid: tuple[bytes, bytes],
     ) -> Outcome:
         provider, settings = self.provider, self.s.settings
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=settings.connect_timeout_seconds,
-            sock_read=settings.upstream_timeout_seconds,
-        )
         try:
             resp = await self.s.http.request(
                 "POST" if route.has_body else "GET",
@@ -204,7 +206,7 @@ class ProxyEndpoint:
                 data=body if route.has_body else None,
                 headers=provider.upstream_headers(headers),
                 allow_redirects=False,
-                timeout=timeout,
+                timeout=self._timeout,
             )
         except TimeoutError:
             await self._error(send, 504, "timeout_error", "the provider did not answer in time", rid)
