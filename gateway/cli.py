@@ -122,6 +122,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         http="httptools",
         lifespan="on",
         access_log=False,
+        proxy_headers=False,  # the gateway reads no client address; skip the per-request middleware
         log_config=None,
         timeout_graceful_shutdown=30,
     )

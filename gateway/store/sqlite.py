@@ -15,18 +15,16 @@ from gateway.timeutil import iso, parse_iso, utcnow
 
 __all__ = ["SqliteStore", "migrations_dir"]
 
-_INSERT_REQUEST = (
-    "INSERT INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
-    " reservation, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT_IN_FLIGHT = (
+    "INSERT INTO in_flight (id, user_id, key_id, provider, model, operation, stream, started_at, reservation, owner)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?)"
 )
 _FINISH_REQUEST = (
-    "INSERT INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
+    "INSERT OR IGNORE INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
     " reservation, owner, finished_at, status_code, usage, usage_raw, estimated)"
     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-    " ON CONFLICT(id) DO UPDATE SET finished_at=excluded.finished_at, status_code=excluded.status_code,"
-    " outcome=excluded.outcome, usage=excluded.usage, usage_raw=excluded.usage_raw,"
-    " estimated=excluded.estimated, model=excluded.model"
 )
+_DELETE_IN_FLIGHT = "DELETE FROM in_flight WHERE id = ?"
 _INSERT_EVENT = (
     "INSERT OR IGNORE INTO usage_events (external_id, request_id, user_id, meter, value, model, provider, ts)"
     " VALUES (?,?,?,?,?,?,?,?)"
@@ -94,7 +92,7 @@ class SqliteStore(SqliteOutbox):
         await self._submit(
             [
                 (
-                    _INSERT_REQUEST,
+                    _INSERT_IN_FLIGHT,
                     (
                         record.id,
                         record.user_id,
@@ -104,7 +102,6 @@ class SqliteStore(SqliteOutbox):
                         record.operation,
                         int(record.stream),
                         iso(record.started_at),
-                        "in_flight",
                         json_text(record.reservation),
                         record.owner,
                     ),
@@ -136,7 +133,8 @@ class SqliteStore(SqliteOutbox):
                     int(record.estimated),
                 ),
                 False,
-            )
+            ),
+            (_DELETE_IN_FLIGHT, (record.id,), False),
         ]
         if events:
             ops.append(
@@ -188,9 +186,24 @@ class SqliteStore(SqliteOutbox):
 
     async def in_flight_requests(self) -> list[RequestRecord]:
         rows = await self.db.execute_fetchall(
-            f"SELECT {self._REQUEST_COLS} FROM requests WHERE outcome = 'in_flight' ORDER BY started_at"
+            "SELECT id, user_id, key_id, provider, model, operation, stream, started_at, reservation, owner"
+            " FROM in_flight ORDER BY started_at"
         )
-        return [self._request(r) for r in rows]
+        return [
+            RequestRecord(
+                id=r[0],
+                user_id=r[1],
+                key_id=r[2],
+                provider=r[3],
+                model=r[4],
+                operation=r[5],
+                stream=bool(r[6]),
+                started_at=parse_iso(r[7]),
+                reservation=orjson.loads(r[8]),
+                owner=r[9],
+            )
+            for r in rows
+        ]
 
     async def get_request(self, request_id: str) -> RequestRecord | None:
         rows = list(
@@ -228,8 +241,8 @@ class SqliteStore(SqliteOutbox):
     async def events_for_request(self, request_id: str) -> list[UsageEvent]:
         rows = await self.db.execute_fetchall(
             "SELECT external_id, request_id, user_id, meter, value, model, provider, ts FROM usage_events"
-            " WHERE request_id = ? ORDER BY external_id",
-            (request_id,),
+            " WHERE external_id > ? AND external_id < ? ORDER BY external_id",  # the primary key's range
+            (request_id + ":", request_id + ";"),
         )
         return [self._event(r) for r in rows]
 

@@ -71,14 +71,14 @@ def test_kill_9_mid_stream_is_settled_on_restart(tmp_path: Path, upstream: FakeU
             next(r.iter_raw())  # the stream has started: the request is in flight
             gw.kill()
 
-        def rows() -> list[tuple[str, int, str]]:
+        def rows(table: str, cols: str) -> list[tuple[str, ...]]:
             with sqlite3.connect(db) as conn:
-                return conn.execute("SELECT outcome, estimated, reservation FROM requests").fetchall()
+                return conn.execute(f"SELECT {cols} FROM {table}").fetchall()
 
-        assert [r[:2] for r in rows()] == [("in_flight", 0)]
+        assert len(rows("in_flight", "id")) == 1 and rows("requests", "id") == []
         gw = GatewayProcess(env, gw.port).start()  # recovery runs at start
-        wait_until(lambda: rows()[0][0] == "crashed")
-        assert rows()[0][1] == 1
+        wait_until(lambda: rows("requests", "outcome, estimated") == [("crashed", 1)])
+        assert rows("in_flight", "id") == []
         with sqlite3.connect(db) as conn:
             events = dict(conn.execute("SELECT meter, value FROM usage_events").fetchall())
         reserved = httpx.Request("POST", "http://x", json=body).content

@@ -1,0 +1,101 @@
+"""Profile the gateway's hot path under load: py-spy samples it while wrk drives one cell.
+
+    python bench/profile.py [--cell anthropic_json@16] [--duration 10] [--top 25]
+
+Prints the functions with the most samples, by own time and by inclusive time, so the
+billing path's cost can be read off (the closing notes of the performance work quote it).
+Uses the same nginx upstream, wrk scripts and pinning as `bench/run.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench  # bench/run.py, imported as a sibling module
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cell", default="anthropic_json@16")
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    cells = {c.name: c for c in bench.fast_cells()}
+    cell = cells[args.cell]
+    bench.ensure_tools()
+    with bench.workdir(keep=False) as work:
+        upstream = bench.Nginx("upstream", work, slow=False, cpu=bench.LOAD_CPU, access_log=False)
+        gateway = bench.start_gateway(upstream, work, [cell])
+        try:
+            expect = work / "expect.bin"
+            expect.write_bytes(cell.fixture.served(False))
+            bench.run_wrk(gateway, cell, 2, expect, work)  # warm up
+            raw = work / "profile.txt"
+            spy = subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(gateway.proc.pid),
+                    "--duration",
+                    str(int(args.duration)),
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(raw),
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+            )
+            result: dict[str, int] = {}
+            t = threading.Thread(
+                target=lambda: result.update(bench.run_wrk(gateway, cell, args.duration, expect, work))
+            )
+            t.start()
+            spy.wait()
+            t.join()
+            print(f"{cell.name}: {result}")
+            report(raw, args.top)
+        finally:
+            gateway.proc.stop()
+            upstream.stop()
+    return 0
+
+
+def report(raw: Path, top: int) -> None:
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        frames = [
+            f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")" if " (" in f else f
+            for f in stack.split(";")
+        ]
+        total += n
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    print(f"\n{total} samples. Own time:")
+    for name, n in own.most_common(top):
+        print(f"  {100 * n / total:5.1f}%  {name}")
+    print("\nInclusive time:")
+    for name, n in inclusive.most_common(top):
+        print(f"  {100 * n / total:5.1f}%  {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
