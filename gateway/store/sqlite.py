@@ -20,14 +20,14 @@ _INSERT_IN_FLIGHT = (
     " VALUES (?,?,?,?,?,?,?,?,?,?)"
 )
 _FINISH_REQUEST = (
-    "INSERT OR IGNORE INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
+    "INSERT INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
     " reservation, owner, finished_at, status_code, usage, usage_raw, estimated)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING"
 )
 _DELETE_IN_FLIGHT = "DELETE FROM in_flight WHERE id = ?"
 _INSERT_EVENT = (
-    "INSERT OR IGNORE INTO usage_events (external_id, request_id, user_id, meter, value, model, provider, ts)"
-    " VALUES (?,?,?,?,?,?,?,?)"
+    "INSERT INTO usage_events (external_id, request_id, user_id, meter, value, model, provider, ts)"
+    " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(external_id) DO NOTHING"  # replays dedup; bad rows still fail
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -65,6 +66,7 @@ class SqliteBase:
         # NORMAL in WAL mode survives a killed process (not a power cut) without an fsync per commit.
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.execute("PRAGMA busy_timeout=10000")
+        await self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB: keep the hot index pages in memory
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -123,29 +125,49 @@ class SqliteBase:
     async def _flush(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
-            merged: list[tuple[str, list[Any]]] = []
-            for ops, _ in batch:  # merge runs of the same statement into one executemany
+            # One executemany per statement: writes queued together never depend on each other's
+            # order (a request's in-flight row always commits before its finish is queued).
+            grouped: dict[str, list[Any]] = {}
+            for ops, _ in batch:
                 for sql, params, many in ops:
-                    rows: list[Any] = list(params) if many else [params]
-                    if merged and merged[-1][0] == sql:
-                        merged[-1][1].extend(rows)
+                    rows = grouped.setdefault(sql, [])
+                    if many:
+                        rows.extend(params)
                     else:
-                        merged.append((sql, rows))
+                        rows.append(params)
             try:
-                await self._transaction([(sql, rows, True) for sql, rows in merged])
-            except Exception as exc:
-                log.exception("group commit of %d writes failed", len(batch))
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                await self._transaction([(sql, rows, True) for sql, rows in grouped.items()])
+            except Exception:
+                if len(batch) == 1:
+                    log.exception("a write failed")
+                    _settle(batch[0][1], sys.exc_info()[1])
+                    continue
+                # Isolate the failing write: one bad record must not lose the others queued with it.
+                log.warning("group commit of %d writes failed; committing them one by one", len(batch))
+                for ops, fut in batch:
+                    try:
+                        await self._transaction(ops)
+                    except Exception as exc:
+                        log.exception("a write failed")
+                        _settle(fut, exc)
+                    else:
+                        _settle(fut, None)
             else:
                 for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
+                    _settle(fut, None)
 
     async def _update_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         if params:
             await self._transaction([(sql, list(params), True)])
+
+
+def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
 
 
 def _split_sql(script: str) -> list[str]:

@@ -1,0 +1,81 @@
+"""The SQLite store: group commit, isolation of a failing write, in-flight rows, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway.store.base import RequestRecord, UsageEvent
+from gateway.store.sqlite import SqliteStore
+
+
+def record(rid: str, **kw: object) -> RequestRecord:
+    values: dict[str, object] = {
+        "id": rid,
+        "user_id": "u",
+        "key_id": "k",
+        "provider": "anthropic",
+        "model": "m",
+        "operation": "messages",
+        "stream": False,
+        "started_at": datetime(2026, 12, 1, tzinfo=UTC),
+        "reservation": {"claude_output_tokens": 10},
+        **kw,
+    }
+    return RequestRecord(**values)  # type: ignore[arg-type]
+
+
+def event(rid: str, meter: str, value: object) -> UsageEvent:
+    return UsageEvent(f"{rid}:{meter}", rid, "u", meter, value, "m", "anthropic", datetime(2026, 12, 1, tzinfo=UTC))  # type: ignore[arg-type]
+
+
+async def test_concurrent_writes_commit_together_and_a_bad_one_is_isolated(store: SqliteStore) -> None:
+    good = [record(f"req_{i}", outcome="ok", usage={"claude_output_tokens": 5}) for i in range(10)]
+    bad = record("req_bad", outcome="ok")
+    results = await asyncio.gather(
+        *(store.finish_request(r, [event(r.id, "claude_output_tokens", 5)]) for r in good),
+        store.finish_request(bad, [event("req_bad", "claude_output_tokens", None)]),  # NOT NULL violated
+        return_exceptions=True,
+    )
+    assert all(r is None for r in results[:10])
+    assert isinstance(results[10], Exception)
+    assert await store.consumed("u", datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)) == {
+        "claude_output_tokens": 50
+    }
+
+
+async def test_in_flight_rows_until_finished(store: SqliteStore) -> None:
+    r = record("req_a")
+    await store.begin_request(r)
+    assert [x.id for x in await store.in_flight_requests()] == ["req_a"]
+    r.outcome, r.usage = "ok", {"claude_output_tokens": 3}
+    await store.finish_request(r, [event("req_a", "claude_output_tokens", 3)])
+    assert await store.in_flight_requests() == []
+    assert [e.value for e in await store.events_for_request("req_a")] == [3]
+    # finishing twice (a crash recovery replayed) records nothing twice
+    await store.finish_request(r, [event("req_a", "claude_output_tokens", 3)])
+    assert [e.value for e in await store.events_for_request("req_a")] == [3]
+
+
+async def test_migrate_is_idempotent(store: SqliteStore) -> None:
+    assert await store.migrate() == []
+
+
+@pytest.mark.parametrize("n", [1, 3])
+async def test_two_stores_on_one_file_claim_disjoint_events(tmp_path: object, n: int) -> None:
+    path = f"{tmp_path}/two.db"
+    a, b = SqliteStore(path), SqliteStore(path)
+    for s in (a, b):
+        await s.open()
+        await s.migrate()
+    try:
+        r = record("req_x", outcome="ok")
+        await a.finish_request(r, [event("req_x", m, n) for m in ("claude_input_tokens", "claude_output_tokens")])
+        got_a, got_b = await asyncio.gather(a.claim_events("A", 10, 60), b.claim_events("B", 10, 60))
+        ids = [e.external_id for e in got_a] + [e.external_id for e in got_b]
+        assert sorted(ids) == ["req_x:claude_input_tokens", "req_x:claude_output_tokens"]
+    finally:
+        await a.close()
+        await b.close()
