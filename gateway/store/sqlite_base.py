@@ -120,7 +120,7 @@ class SqliteBase:
         self._queue.append((ops, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        await asyncio.shield(fut)
+        await fut  # the flusher owns the write: a cancelled waiter does not cancel it
 
     async def _flush(self) -> None:
         while self._queue:
