@@ -140,7 +140,8 @@ def create_app(settings: Settings, services: Services | None = None) -> GatewayA
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 404
-        return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: not found"}}, status)
+        what = "method not allowed" if status == 405 else "not found"
+        return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {what}"}}, status)
 
     routes = [
         Route("/healthz", healthz),

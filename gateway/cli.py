@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import sys
@@ -114,8 +115,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         print("error: --workers > 1 needs the PostgreSQL store; SQLite runs one process", file=sys.stderr)
         return 2
     configure_logging(settings.log_format)
+    app = create_app(settings)
+    # What is loaded now lives as long as the process: keep the collector from rescanning it, so
+    # the collections that per-request garbage triggers stay short (they showed up as p99 spikes).
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=args.host or settings.host,
         port=args.port or settings.port,
         loop="uvloop",

@@ -238,3 +238,36 @@ def test_disconnect_before_any_usage_bills_the_reservation(make_gateway, upstrea
     rows = gw.wait_recorded("early", timeout=10)
     assert rows[0]["outcome"] == "client_disconnected" and rows[0]["estimated"] == 1
     assert gw.events("early") == {"claude_input_tokens": len(body) // 2 + 16, "claude_output_tokens": 64}
+
+
+def test_gateway_routes_answer_json_errors(gateway: Gateway) -> None:
+    resp = httpx.get(f"{gateway.url}/nope")
+    assert resp.status_code == 404 and resp.json() == {"error": {"message": "GET /nope: not found"}}
+    resp = httpx.delete(f"{gateway.url}/api/billing/status")
+    assert resp.status_code == 405
+    assert resp.json() == {"error": {"message": "DELETE /api/billing/status: method not allowed"}}
+    assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok"}
+
+
+def test_no_secret_in_logs_or_errors(make_gateway, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import ANTHROPIC_KEY, GEMINI_KEY
+
+    caplog.set_level("DEBUG")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    gw: Gateway = make_gateway(anthropic_upstream=dead, upstream_timeout_seconds=0.5)
+    key = gw.issue_key("sec")
+    bodies = [
+        post(gw, key, json=BODY).text,  # unreachable provider
+        post(gw, "pgw_wrong", json=BODY).text,  # bad key
+        post(gw, key, path="/gemini/v1/models/m:generateContent?key=" + key, content=b"{bad").text,
+    ]
+    upstream.enqueue(Reply.fixture("gemini/generate_content.json", delay_before=30))
+    bodies.append(
+        post(gw, key, path="/gemini/v1/models/m:generateContent", json={}, headers={"x-goog-api-key": key}).text
+    )
+    server_logs = [r.getMessage() for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
+    text = "\n".join(server_logs) + "".join(bodies)  # (the test's own client logs its URLs)
+    for secret in (ANTHROPIC_KEY, GEMINI_KEY, key):
+        assert secret not in text
