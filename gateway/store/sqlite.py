@@ -186,24 +186,11 @@ class SqliteStore(SqliteOutbox):
 
     async def in_flight_requests(self) -> list[RequestRecord]:
         rows = await self.db.execute_fetchall(
-            "SELECT id, user_id, key_id, provider, model, operation, stream, started_at, reservation, owner"
-            " FROM in_flight ORDER BY started_at"
+            # the in-flight columns, padded to the shape of a request row
+            "SELECT id, user_id, key_id, provider, model, operation, stream, started_at, NULL, NULL, 'in_flight',"
+            " reservation, '{}', NULL, 0, owner FROM in_flight ORDER BY started_at"
         )
-        return [
-            RequestRecord(
-                id=r[0],
-                user_id=r[1],
-                key_id=r[2],
-                provider=r[3],
-                model=r[4],
-                operation=r[5],
-                stream=bool(r[6]),
-                started_at=parse_iso(r[7]),
-                reservation=orjson.loads(r[8]),
-                owner=r[9],
-            )
-            for r in rows
-        ]
+        return [self._request(r) for r in rows]
 
     async def get_request(self, request_id: str) -> RequestRecord | None:
         rows = list(
