@@ -18,7 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run as bench  # bench/run.py, imported as a sibling module
+from harness.contenders import start_gateway
+from harness.fixtures import fast_cells
+from harness.load import run_wrk
+from harness.processes import ensure_tools, workdir
+from harness.settings import LOAD_CPU
+from harness.upstream import Nginx
 
 
 def main() -> int:
@@ -27,16 +32,16 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
-    cells = {c.name: c for c in bench.fast_cells()}
+    cells = {c.name: c for c in fast_cells()}
     cell = cells[args.cell]
-    bench.ensure_tools()
-    with bench.workdir(keep=False) as work:
-        upstream = bench.Nginx("upstream", work, slow=False, cpu=bench.LOAD_CPU, access_log=False)
-        gateway = bench.start_gateway(upstream, work, [cell])
+    ensure_tools()
+    with workdir(keep=False) as work:
+        upstream = Nginx("upstream", work, slow=False, cpu=LOAD_CPU, access_log=False)
+        gateway = start_gateway(upstream, work, [cell])
         try:
             expect = work / "expect.bin"
             expect.write_bytes(cell.fixture.served(False))
-            bench.run_wrk(gateway, cell, 2, expect, work)  # warm up
+            run_wrk(gateway, cell, 2, expect, work)  # warm up
             raw = work / "profile.txt"
             spy = subprocess.Popen(
                 [
@@ -58,9 +63,7 @@ def main() -> int:
                 stderr=subprocess.STDOUT,
             )
             result: dict[str, int] = {}
-            t = threading.Thread(
-                target=lambda: result.update(bench.run_wrk(gateway, cell, args.duration, expect, work))
-            )
+            t = threading.Thread(target=lambda: result.update(run_wrk(gateway, cell, args.duration, expect, work)))
             t.start()
             spy.wait()
             t.join()

@@ -1,0 +1,156 @@
+"""The contenders: direct nginx, the bare pass-throughs (bench/bare.py) and the gateway."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .fixtures import Cell, Fixture
+from .processes import Proc, free_port, spawn, wait_port
+from .settings import BENCH, CONTENDER_CPU, ROOT
+from .upstream import Nginx
+
+# --- contenders ----------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    port: int
+    proc: Proc | None
+    prefixed: bool  # "/anthropic" and "/gemini" path prefixes (the gateway's URL layout)
+    keys: dict[str, str] = field(default_factory=dict)  # cell name -> gateway key
+    users: dict[str, str] = field(default_factory=dict)  # cell name -> gateway user id
+    nginx: Nginx | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.nginx:
+            return self.nginx.proc.pid
+        assert self.proc is not None
+        return self.proc.pid
+
+    def prefix(self, fixture: Fixture) -> str:
+        return f"/{fixture.provider}" if self.prefixed else ""
+
+    def key(self, cell: Cell) -> str:
+        return self.keys.get(cell.name, "sk-bench" if cell.fixture.provider == "anthropic" else "bench")
+
+    def stop(self) -> None:
+        if self.nginx:
+            self.nginx.stop()
+        if self.proc:
+            self.proc.stop()
+
+
+def uvicorn_flags(port: int) -> list[str]:
+    return [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
+def start_bare(mode: str, upstream: Nginx, workdir: Path) -> Contender:
+    port = free_port()
+    env = dict(os.environ, BARE_MODE=mode, BARE_UPSTREAM=upstream.url)
+    argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH), "--factory", "bare:create_app"]
+    proc = spawn(f"bare-{mode}", argv + uvicorn_flags(port), workdir, CONTENDER_CPU, env)
+    wait_port(proc, port)
+    return Contender(f"bare-{mode}", port, proc, prefixed=True)
+
+
+GATEWAY_TOML = """\
+# bench/run.py: unlimited plan, rate limits that are never hit.
+[plan]
+
+[rate_limit]
+requests_per_minute = 100000000
+tokens_per_minute = 100000000000
+"""
+
+
+def gateway_env(workdir: Path, port: int, upstream: Nginx) -> dict[str, str]:
+    gwdir = workdir / "gateway"
+    gwdir.mkdir(exist_ok=True)
+    config = gwdir / "gateway.toml"
+    config.write_text(GATEWAY_TOML)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "POLAR_"))}
+    env.update(
+        GATEWAY_DATABASE_URL=f"sqlite:///{gwdir / 'bench.db'}",
+        GATEWAY_CONFIG=str(config),
+        GATEWAY_HOST="127.0.0.1",
+        GATEWAY_PORT=str(port),
+        GATEWAY_ANTHROPIC_UPSTREAM=upstream.url,
+        GATEWAY_GEMINI_UPSTREAM=upstream.url,
+        ANTHROPIC_API_KEY="sk-bench",
+        GEMINI_API_KEY="bench",
+        GATEWAY_ADMIN_TOKEN="bench",
+    )
+    return env
+
+
+def gateway_available() -> str | None:
+    """None when `python -m gateway serve` exists, else why not."""
+    if not (ROOT / "gateway" / "cli.py").exists():
+        return "gateway/cli.py does not exist yet"
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    if out.returncode != 0 or "serve" not in out.stdout:
+        return f"`python -m gateway --help` does not offer `serve`: {(out.stdout + out.stderr).strip()[-300:]}"
+    return None
+
+
+def gateway_cli(env: dict[str, str], *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"python -m gateway {' '.join(args)} failed ({out.returncode}):\n{out.stderr}{out.stdout}")
+    return out.stdout
+
+
+def last_json(text: str) -> object:
+    """The JSON document printed by a CLI (the last line or block that parses)."""
+    with contextlib.suppress(ValueError):
+        return json.loads(text)
+    for line in reversed(text.splitlines()):
+        with contextlib.suppress(ValueError):
+            return json.loads(line)
+    raise ValueError(f"no JSON in output: {text[-300:]!r}")
+
+
+def start_gateway(upstream: Nginx, workdir: Path, cells: Sequence[Cell]) -> Contender:
+    port = free_port()
+    env = gateway_env(workdir, port, upstream)
+    gateway_cli(env, "migrate")
+    keys: dict[str, str] = {}
+    users: dict[str, str] = {}
+    for i, cell in enumerate(cells):
+        created = last_json(gateway_cli(env, "keys", "create", "--user", f"bench-user-{i}", "--json"))
+        assert isinstance(created, dict), created
+        keys[cell.name] = str(created["key"])
+        users[cell.name] = str(created.get("user_id", f"bench-user-{i}"))
+    proc = spawn("gateway", [sys.executable, "-m", "gateway", "serve"], workdir, CONTENDER_CPU, env)
+    wait_port(proc, port, timeout=60)
+    return Contender("gateway", port, proc, prefixed=True, keys=keys, users=users)
+
+
+def start_direct(workdir: Path, slow: bool) -> Contender:
+    nginx = Nginx("direct", workdir, slow, CONTENDER_CPU, access_log=False)
+    return Contender("direct", nginx.port, None, prefixed=False, nginx=nginx)

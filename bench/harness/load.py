@@ -1,0 +1,196 @@
+"""Driving a contender with wrk: the preflight request, one measured cell, its result and rates."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .contenders import Contender
+from .fixtures import Cell, ideal_latency
+from .processes import CpuWindow, peak_rss_mb, wait_quiet
+from .settings import BENCH, FOREIGN_LIMIT, LOAD_CPU, ROOT
+from .upstream import Nginx
+
+# --- load ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    contender: str
+    cell: Cell
+    ok: int = 0
+    duration_s: float = 0.0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    mean_ms: float = 0.0
+    requests: int = 0  # everything wrk completed in the window, good or not
+    errors: dict[str, int] = field(default_factory=dict)
+    rss_mb: float = 0.0
+    preflight: str = ""  # "" when the single request returned the exact fixture bytes
+    warm_ok: int = 0  # good responses outside the measured window (preflight + warm-up)
+    upstream: dict[str, tuple[int, int]] = field(default_factory=dict)
+    skipped: str = ""
+    foreign: dict[str, float] = field(default_factory=dict)  # CPU -> share used by other processes
+    steal: dict[str, float] = field(default_factory=dict)  # CPU -> share stolen by the hypervisor
+    busy: dict[str, float] = field(default_factory=dict)  # CPU -> user+system share (all processes)
+
+    @property
+    def disturbed(self) -> str:
+        """'' when the cell ran on a quiet machine, else what disturbed it."""
+        parts = [f"CPU {c}: {v:.0%} other processes" for c, v in sorted(self.foreign.items()) if v > FOREIGN_LIMIT]
+        parts += [f"CPU {c}: {v:.0%} steal" for c, v in sorted(self.steal.items()) if v > FOREIGN_LIMIT]
+        return "; ".join(parts)
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def preflight(contender: Contender, cell: Cell, slow: bool) -> str:
+    """One request with the cell's headers: '' when it returns 200 and the exact fixture bytes."""
+    fx = cell.fixture
+    script = (BENCH / "wrk" / f"{fx.name}.lua").read_text()
+    path = re.search(r'path = "([^"]+)"', script)
+    body = re.search(r"body = '([^']+)'", script)
+    assert path and body, f"cannot read path/body from {fx.name}.lua"
+    headers = {"Content-Type": "application/json", "anthropic-version": "2023-06-01"}
+    headers["x-api-key" if fx.provider == "anthropic" else "x-goog-api-key"] = contender.key(cell)
+    if fx.name == "anthropic_sse":
+        headers["anthropic-beta"] = "bench-sse"
+    conn = http.client.HTTPConnection("127.0.0.1", contender.port, timeout=30)
+    try:
+        conn.request("POST", contender.prefix(fx) + path.group(1), body=body.group(1).encode(), headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        return f"request failed: {exc!r}"
+    finally:
+        conn.close()
+    if resp.status != 200:
+        return f"HTTP {resp.status}: {data[:300]!r}"
+    if data != fx.served(slow):
+        return f"body differs from the fixture ({len(data)} bytes, expected {len(fx.served(slow))})"
+    return ""
+
+
+def run_wrk(contender: Contender, cell: Cell, duration: float, expect: Path, logdir: Path) -> dict[str, int]:
+    fx = cell.fixture
+    env = dict(
+        os.environ,
+        BENCH_PREFIX=contender.prefix(fx),
+        BENCH_KEY=contender.key(cell),
+        BENCH_EXPECT_FILE=str(expect),
+        BENCH_WRK_DIR=str(BENCH / "wrk"),
+    )
+    argv = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "wrk",
+        "-t1",
+        f"-c{cell.connections}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout",
+        "30s",
+        "--latency",
+        "-s",
+        str(BENCH / "wrk" / f"{fx.name}.lua"),
+        f"http://127.0.0.1:{contender.port}",
+    ]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=ROOT)
+    with (logdir / "wrk.log").open("a") as fh:
+        fh.write(f"### {contender.name} {cell.name}\n{' '.join(argv)}\n{out.stdout}{out.stderr}\n")
+    match = re.search(r"^BENCH_RESULT (\{.*\})$", out.stdout, re.M)
+    if out.returncode != 0 or not match:
+        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}{out.stderr}")
+    return dict(json.loads(match.group(1)))
+
+
+def run_cell(
+    contender: Contender,
+    cell: Cell,
+    args: argparse.Namespace,
+    upstream: Nginx,
+    expect: Path,
+    logdir: Path,
+) -> Result:
+    result = Result(contender.name, cell)
+    offset = upstream.log_offset()
+    result.preflight = preflight(contender, cell, args.slow)
+    if result.preflight.startswith(("HTTP", "request failed")):
+        result.skipped = result.preflight
+        return result
+    extra_ok = 0 if result.preflight else 1  # good responses outside the reported window
+    for attempt in range(1 + args.retries):
+        wait_quiet(args.quiet_timeout)
+        if args.warmup > 0:
+            extra_ok += int(run_wrk(contender, cell, args.warmup, expect, logdir)["ok"])
+        with CpuWindow(contender.pid, [upstream.proc.pid]) as cpu:
+            raw = run_wrk(contender, cell, args.duration, expect, logdir)
+        result.foreign, result.steal, result.busy = cpu.foreign, cpu.steal, cpu.busy
+        if not result.disturbed or attempt == args.retries:
+            break
+        extra_ok += int(raw["ok"])
+        print(f"  {cell.name:<18} disturbed ({result.disturbed}): measuring again", flush=True)
+    result.warm_ok = extra_ok
+    result.ok = raw["ok"]
+    result.requests = raw["requests"]
+    result.mean_ms = raw["mean_us"] / 1000
+    result.duration_s = raw["duration_us"] / 1e6
+    result.p50_ms, result.p90_ms, result.p99_ms = (raw[k] / 1000 for k in ("p50_us", "p90_us", "p99_us"))
+    result.errors = {
+        k: int(raw[k]) for k in ("bad_status", "bad_body", "connect", "read", "write", "timeout") if raw[k]
+    }
+    time.sleep(args.settle)  # let the contender finish (and meter) what wrk left in flight
+    result.rss_mb = peak_rss_mb(contender.pid)
+    if contender.name != "direct":
+        result.upstream = upstream.served_since(offset)
+    return result
+
+
+def print_result(r: Result, slow: bool) -> None:
+    if r.skipped:
+        print(f"  {r.cell.name:<18} SKIPPED: {r.skipped}", flush=True)
+        return
+    extra = f"  steady {steady_rate(r):.0f} rps = {ideal_share(r):.1%} of ideal" if slow else ""
+    errors = f"  errors {r.errors}" if r.errors else ""
+    note = f"  WARNING preflight: {r.preflight}" if r.preflight else ""
+    cpu = "  cpu " + " ".join(f"{c}:{v:.0%}" for c, v in sorted(r.busy.items()))
+    if r.disturbed:
+        note += f"  DISTURBED ({r.disturbed})"
+    print(
+        f"  {r.cell.name:<18} {r.rps:>9.0f} rps  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms"
+        f"  peak RSS {r.rss_mb:6.1f} MB{cpu}{extra}{errors}{note}",
+        flush=True,
+    )
+
+
+def ideal_rate(cell: Cell) -> float:
+    return cell.connections / ideal_latency(cell.fixture)
+
+
+def steady_rate(r: Result) -> float:
+    """Closed-loop steady-state rate (Little's law): connections / mean latency, good responses only.
+
+    wrk's own RPS undercounts slow cells: each connection's last request is cut off at the end of
+    the window (up to 600 ms of 10 s for a stream), so the slow-mode target uses this instead.
+    """
+    if not r.mean_ms or not r.requests:
+        return 0.0
+    return r.cell.connections / (r.mean_ms / 1000) * (r.ok / r.requests)
+
+
+def ideal_share(r: Result) -> float:
+    return steady_rate(r) / ideal_rate(r.cell)

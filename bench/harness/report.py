@@ -1,0 +1,220 @@
+"""The markdown report: results table, targets, meter check, notes; and the README update."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import re
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+from .fixtures import Cell
+from .load import Result, ideal_share, steady_rate
+from .meters import MeterRow
+from .settings import (
+    BARE,
+    BENCH,
+    CONTENDER_CPU,
+    CONTENDERS,
+    LOAD_CPU,
+    ROOT,
+    SLOW_CONNECTIONS,
+    SLOW_EVENT_GAP,
+    SLOW_EVENTS,
+    SLOW_JSON_DELAY,
+    TARGET_P99_MS,
+    TARGET_RATIO,
+    TARGET_RSS_MB,
+    TARGET_SLOW,
+)
+
+# --- report --------------------------------------------------------------------------------
+
+
+def fmt_ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if a and b else "—"
+
+
+def versions() -> str:
+    def ver(cmd: list[str], pattern: str) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "?"
+        m = re.search(pattern, out.stdout + out.stderr)
+        return m.group(1) if m else "?"
+
+    import aiohttp
+    import starlette
+    import uvicorn
+
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        m = re.search(r"model name\s*:\s*(.*)", fh.read())
+        cpu = m.group(1).strip() if m else "?"
+    nginx = ver(["nginx", "-v"], r"nginx/(\S+)")
+    wrk = ver(["wrk", "-v"], r"wrk (\S+)")
+    return (
+        f"{os.cpu_count()} x {cpu}; Python {platform.python_version()}, uvicorn {uvicorn.__version__} "
+        f"(uvloop, httptools), starlette {starlette.__version__}, aiohttp {aiohttp.__version__}, "
+        f"nginx {nginx}, wrk {wrk}"
+    )
+
+
+def git_rev() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() + (" (dirty tree)" if dirty.stdout.strip() else "")
+
+
+def render_report(
+    results: dict[str, list[Result]],
+    cells: list[Cell],
+    args: argparse.Namespace,
+    meter_rows: list[MeterRow],
+    meter_note: str,
+    notes: list[str],
+) -> str:
+    by = {(r.contender, r.cell.name): r for rs in results.values() for r in rs}
+    ran = [c for c in CONTENDERS if c in results]
+    mode = f"slow upstream ({SLOW_CONNECTIONS} connections)" if args.slow else "fast upstream"
+    lines = [
+        f"# Benchmark results: {mode}",
+        "",
+        f"`{' '.join(['python', 'bench/run.py', *sys.argv[1:]])}` on "
+        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, commit {git_rev()}.",
+        f"{versions()}.",
+        f"Contender pinned to CPU {CONTENDER_CPU}; wrk (1 thread) and the nginx upstream on CPU {LOAD_CPU}. "
+        f"{args.duration:g} s per cell after a {args.warmup:g} s warm-up. RPS counts only 200s whose body is "
+        "byte-identical to the fixture; peak RSS is VmHWM (cumulative over the contender's cells).",
+        "",
+    ]
+    if args.slow:
+        lines += [
+            f"JSON answers after {SLOW_JSON_DELAY * 1000:.0f} ms, streams have {SLOW_EVENTS} events "
+            f"{SLOW_EVENT_GAP * 1000:.0f} ms apart (600 ms). Steady RPS = connections / mean latency x "
+            "good share (Little's law; wrk's RPS loses each connection's last, cut-off request); ideal = "
+            f"connections / nominal latency. Target: >= {TARGET_SLOW:.0%} of ideal.",
+            "",
+        ]
+    head = "| Cell | Conns | Contender | RPS | p50 ms | p99 ms | Peak RSS MB | CPU 0 busy | Errors | gateway / this |"
+    if args.slow:
+        head = head[:-1] + " steady RPS | % of ideal |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for cell in cells:
+        gw = by.get(("gateway", cell.name))
+        for name in ran:
+            r = by.get((name, cell.name))
+            if r is None:
+                continue
+            if r.skipped:
+                lines.append(f"| {cell.label} | {cell.connections} | {name} | skipped: {r.skipped[:80]} |")
+                continue
+            errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "0"
+            if r.preflight:
+                errors += f" ({r.preflight[:60]})"
+            ratio = fmt_ratio(gw.rps, r.rps) if gw and not gw.skipped and name != "gateway" else ""
+            row = (
+                f"| {cell.label} | {cell.connections} | {name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
+                f"| {r.rss_mb:.1f} | {r.busy.get(CONTENDER_CPU, 0.0):.0%} | {errors} | {ratio} |"
+            )
+            if args.slow:
+                row += f" {steady_rate(r):,.0f} | {ideal_share(r):.1%} |"
+            lines.append(row)
+    lines += ["", "## Targets", ""]
+    lines += targets(by, cells, ran, args.slow)
+    if "gateway" in results:
+        lines += ["", "## Meter check", ""]
+        if meter_note:
+            lines.append(meter_note)
+        else:
+            lines += [
+                "Upstream-served = complete 200s in the fake upstream's access log for the cell's key "
+                "(preflight + warm-up + measured; the gateway drains what wrk abandons at the end). "
+                "Expected = upstream-served x the fixture's usage.",
+                "",
+                "| Cell | Meter | Upstream-served | Client-seen OK | Expected | Recorded | OK |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for m in meter_rows:
+                lines.append(
+                    f"| {m.cell} | {m.meter} | {m.served} | {m.client_ok} | {m.expected} | {m.recorded} "
+                    f"| {'yes' if m.ok else '**NO**'} |"
+                )
+    notes = list(notes)
+    for name in ran:
+        for r in results[name]:
+            if r.disturbed:
+                notes.append(f"{name} {r.cell.name} ran on a busy machine ({r.disturbed}): rerun it.")
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def targets(by: dict[tuple[str, str], Result], cells: list[Cell], ran: list[str], slow: bool) -> list[str]:
+    out: list[str] = []
+    gw_ok = [by[("gateway", c.name)] for c in cells if ("gateway", c.name) in by]
+    gw_ok = [r for r in gw_ok if not r.skipped]
+    if not gw_ok:
+        out.append("- gateway: not measured in this run.")
+    if slow:
+        for name in ran:
+            rs = [by[(name, c.name)] for c in cells if (name, c.name) in by and not by[(name, c.name)].skipped]
+            worst = min((ideal_share(r) for r in rs), default=0.0)
+            flag = "PASS" if worst >= TARGET_SLOW else "FAIL"
+            out.append(f"- {name}: worst cell {worst:.1%} of ideal (target >= {TARGET_SLOW:.0%}): {flag}")
+        return out
+    for r in gw_ok:
+        bare = [by[(b, r.cell.name)] for b in BARE if (b, r.cell.name) in by]
+        bare = [b for b in bare if not b.skipped]
+        if bare:
+            best = max(bare, key=lambda b: b.rps)
+            ratio = r.rps / best.rps if best.rps else 0.0
+            flag = "PASS" if ratio >= TARGET_RATIO else "FAIL"
+            out.append(
+                f"- {r.cell.label} @{r.cell.connections}: gateway {ratio:.2f}x of the fastest bare "
+                f"({best.contender}), target >= {TARGET_RATIO}x: {flag}"
+            )
+        if r.cell.connections == 16:
+            flag = "PASS" if r.p99_ms <= TARGET_P99_MS else "FAIL"
+            out.append(f"- {r.cell.label} @16: gateway p99 {r.p99_ms:.2f} ms, target <= {TARGET_P99_MS:.0f} ms: {flag}")
+    if gw_ok:
+        rss = max(r.rss_mb for r in gw_ok)
+        flag = "PASS" if rss <= TARGET_RSS_MB else "FAIL"
+        out.append(f"- gateway peak RSS {rss:.1f} MB, target <= {TARGET_RSS_MB:.0f} MB: {flag}")
+    # The fake upstream must never be the bottleneck: direct (nginx alone on one CPU) must serve
+    # >= 10x the gateway (the issue's rule; the fastest Python contender when there is no gateway).
+    for cell in cells:
+        direct = by.get(("direct", cell.name))
+        pythons = [by[(n, cell.name)] for n in ("gateway", *BARE) if (n, cell.name) in by]
+        pythons = [p for p in pythons if not p.skipped and p.rps]
+        if not direct or direct.skipped or not pythons:
+            continue
+        ref = next((p for p in pythons if p.contender == "gateway"), max(pythons, key=lambda p: p.rps))
+        fastest = max(pythons, key=lambda p: p.rps)
+        headroom = direct.rps / ref.rps
+        flag = "ok" if headroom >= 10 else "TOO LOW: the upstream may be the bottleneck"
+        also = f"; {direct.rps / fastest.rps:.1f}x {fastest.contender}" if fastest is not ref else ""
+        out.append(
+            f"- upstream headroom {cell.label} @{cell.connections}: direct {direct.rps:,.0f} rps = "
+            f"{headroom:.1f}x {ref.contender}{also} (target >= 10x): {flag}"
+        )
+    return out
+
+
+def update_readme(report: str, slow: bool) -> None:
+    """Replace the README's results (or results-slow) section with `report`, headings demoted."""
+    readme = BENCH / "README.md"
+    tag = "results-slow" if slow else "results"
+    begin, end_marker = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    text = readme.read_text()
+    start, end = text.find(begin), text.find(end_marker)
+    if start < 0 or end < start:
+        print(f"{readme}: no {begin} ... {end_marker} section, not updated")
+        return
+    body = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", report, flags=re.M)
+    readme.write_text(text[: start + len(begin)] + "\n" + body + text[end:])
+    print(f"updated {readme}")

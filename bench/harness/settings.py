@@ -1,0 +1,35 @@
+"""Constants of the speed benchmark: paths, CPU pinning, contenders, slow-mode timing, targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+BENCH = ROOT / "bench"
+FIXTURES = ROOT / "tests" / "fixtures"
+NGINX_MODULES = Path("/usr/lib/nginx/modules")
+ECHO_MODULE = NGINX_MODULES / "ngx_http_echo_module.so"  # fast mode: echo + echo_flush per event
+NDK_MODULE = NGINX_MODULES / "ndk_http_module.so"  # slow mode: Lua timing (needs ndk first)
+LUA_MODULE = NGINX_MODULES / "ngx_http_lua_module.so"
+APT_PACKAGES = ("nginx", "libnginx-mod-http-echo", "libnginx-mod-http-lua", "wrk")
+
+CONTENDER_CPU = "0"
+LOAD_CPU = "1"
+
+CONTENDERS = ("direct", "bare-starlette", "bare-raw", "gateway")
+BARE = ("bare-starlette", "bare-raw")
+
+# Slow-upstream mode: JSON after 250 ms; streams of 31 events 20 ms apart.
+SLOW_JSON_DELAY = 0.25
+SLOW_EVENTS = 31
+SLOW_EVENT_GAP = 0.02
+SLOW_CONNECTIONS = 256
+
+# Targets from the performance issue.
+TARGET_RATIO = 0.7
+TARGET_P99_MS = 30.0
+TARGET_RSS_MB = 120.0
+TARGET_SLOW = 0.95
+
+# A cell is flagged when other processes (or the hypervisor) took more than this share of a CPU.
+FOREIGN_LIMIT = 0.05
