@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 _FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -11,6 +12,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@functools.lru_cache(maxsize=4096)  # a request's start time is formatted for its row and each event
 def iso(dt: datetime) -> str:
     if dt.tzinfo is not UTC:
         dt = dt.astimezone(UTC)
