@@ -26,13 +26,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness.cancel import CancelResult, print_cancel, run_cancel
 from harness.contenders import Contender, gateway_available, gateway_env, start_bare, start_direct, start_gateway
-from harness.fixtures import FIXTURE_LIST, fast_cells, slow_cells
+from harness.fixtures import FIXTURE_LIST, Cell, fast_cells, slow_cells
 from harness.load import Result, print_result, run_cell
 from harness.meters import MeterRow, check_meters, print_meters
 from harness.processes import ensure_tools, workdir
 from harness.report import render_report, update_readme
-from harness.settings import BARE, BENCH, CONTENDER_CPU, CONTENDERS, LOAD_CPU
+from harness.settings import (
+    BARE,
+    BENCH,
+    CANCEL_CONTENDERS,
+    CONTENDER_CPU,
+    CONTENDERS,
+    LOAD_CPU,
+    TTFB_CONTENDERS,
+    TTFB_REQUESTS,
+    TTFB_REQUESTS_QUICK,
+    TTFB_WARMUP,
+)
+from harness.ttfb import TtfbResult, measure_ttfb, print_ttfb
 from harness.upstream import Nginx
 
 # --- main ----------------------------------------------------------------------------------
@@ -57,6 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.duration = args.duration or (3.0 if args.quick else 10.0)
     args.warmup = 1.0 if args.warmup is None else args.warmup
     args.settle = 1.5 if args.slow else 0.5
+    args.ttfb_requests = TTFB_REQUESTS_QUICK if args.quick else TTFB_REQUESTS
     args.out = args.out or BENCH / ("results_slow.md" if args.slow else "results.md")
     args.contender_list = [c.strip() for c in args.contenders.split(",") if c.strip()]
     unknown = set(args.contender_list) - set(CONTENDERS)
@@ -78,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, list[Result]] = {}
     meter_rows: list[MeterRow] = []
     meter_note = ""
+    ttfb: list[TtfbResult] = []
+    cancel: list[CancelResult] = []
+    # Side measurements on the Anthropic SSE cell: TTFB at 1 connection (fast), cancel burst (--slow).
+    sse = next((c for c in cells if c.fixture.name == "anthropic_sse"), None)
     with workdir(args.keep) as tmp:
         expect = {}
         for fx in FIXTURE_LIST:
@@ -101,13 +119,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                     elif name in BARE:
                         contender = start_bare(name.removeprefix("bare-"), upstream, tmp)
                     else:
-                        contender = start_gateway(upstream, tmp, cells)
+                        contender = start_gateway(upstream, tmp, cells, extra=("ttfb", "cancel"))
                     print(f"{name} on :{contender.port} (pid {contender.pid}, CPU {CONTENDER_CPU})", flush=True)
                     results[name] = []
                     for cell in cells:
                         r = run_cell(contender, cell, args, upstream, expect[cell.fixture.name], tmp)
                         print_result(r, args.slow)
                         results[name].append(r)
+                    if sse and not args.slow and name in TTFB_CONTENDERS:
+                        one = Cell(sse.fixture, 1)
+                        view = contender.as_user("ttfb", one)
+                        body = expect[sse.fixture.name].read_bytes()
+                        ttfb.append(measure_ttfb(view, one, body, args.ttfb_requests, TTFB_WARMUP, args.quiet_timeout))
+                        print_ttfb(ttfb[-1])
+                    if sse and args.slow and name in CANCEL_CONTENDERS:
+                        cancel.append(run_cancel(contender, sse, args, upstream, expect[sse.fixture.name], tmp))
+                        print_cancel(cancel[-1])
                 except RuntimeError as exc:
                     msg = f"{name} failed: {exc}"
                     print(msg, flush=True)
@@ -121,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print_meters(meter_rows, meter_note)
         finally:
             upstream.stop()
-        report = render_report(results, cells, args, meter_rows, meter_note, notes)
+        report = render_report(results, cells, args, meter_rows, meter_note, notes, ttfb, cancel)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -41,6 +42,13 @@ class Contender:
 
     def key(self, cell: Cell) -> str:
         return self.keys.get(cell.name, "sk-bench" if cell.fixture.provider == "anthropic" else "bench")
+
+    def as_user(self, tag: str, cell: Cell) -> Contender:
+        """A view of this contender that sends `cell` with the extra key `tag` (the gateway's own user for a
+        side measurement, so that the meter check's per-cell users see only their cell's requests)."""
+        if tag not in self.keys:
+            return self
+        return dataclasses.replace(self, keys={cell.name: self.keys[tag]})
 
     def stop(self) -> None:
         if self.nginx:
@@ -135,17 +143,19 @@ def last_json(text: str) -> object:
     raise ValueError(f"no JSON in output: {text[-300:]!r}")
 
 
-def start_gateway(upstream: Nginx, workdir: Path, cells: Sequence[Cell]) -> Contender:
+def start_gateway(upstream: Nginx, workdir: Path, cells: Sequence[Cell], extra: Sequence[str] = ()) -> Contender:
+    """The gateway with one user (and key) per cell, plus one per `extra` tag (keys[tag], users[tag])."""
     port = free_port()
     env = gateway_env(workdir, port, upstream)
     gateway_cli(env, "migrate")
     keys: dict[str, str] = {}
     users: dict[str, str] = {}
-    for i, cell in enumerate(cells):
-        created = last_json(gateway_cli(env, "keys", "create", "--user", f"bench-user-{i}", "--json"))
+    names = [(cell.name, f"bench-user-{i}") for i, cell in enumerate(cells)] + [(t, f"bench-{t}") for t in extra]
+    for name, user in names:
+        created = last_json(gateway_cli(env, "keys", "create", "--user", user, "--json"))
         assert isinstance(created, dict), created
-        keys[cell.name] = str(created["key"])
-        users[cell.name] = str(created.get("user_id", f"bench-user-{i}"))
+        keys[name] = str(created["key"])
+        users[name] = str(created.get("user_id", user))
     proc = spawn("gateway", [sys.executable, "-m", "gateway", "serve"], workdir, CONTENDER_CPU, env)
     wait_port(proc, port, timeout=60)
     return Contender("gateway", port, proc, prefixed=True, keys=keys, users=users)

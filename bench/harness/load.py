@@ -58,8 +58,8 @@ class Result:
         return sum(self.errors.values())
 
 
-def preflight(contender: Contender, cell: Cell, slow: bool) -> str:
-    """One request with the cell's headers: '' when it returns 200 and the exact fixture bytes."""
+def cell_request(contender: Contender, cell: Cell) -> tuple[str, bytes, dict[str, str]]:
+    """The cell's request as the wrk script sends it: (path with the contender's prefix, body, headers)."""
     fx = cell.fixture
     script = (BENCH / "wrk" / f"{fx.name}.lua").read_text()
     path = re.search(r'path = "([^"]+)"', script)
@@ -69,9 +69,24 @@ def preflight(contender: Contender, cell: Cell, slow: bool) -> str:
     headers["x-api-key" if fx.provider == "anthropic" else "x-goog-api-key"] = contender.key(cell)
     if fx.name == "anthropic_sse":
         headers["anthropic-beta"] = "bench-sse"
+    return contender.prefix(fx) + path.group(1), body.group(1).encode(), headers
+
+
+def raw_request(contender: Contender, cell: Cell) -> bytes:
+    """The cell's request as HTTP/1.1 bytes (keep-alive), for the raw-socket clients."""
+    path, body, headers = cell_request(contender, cell)
+    head = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{contender.port}", f"Content-Length: {len(body)}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def preflight(contender: Contender, cell: Cell, slow: bool) -> str:
+    """One request with the cell's headers: '' when it returns 200 and the exact fixture bytes."""
+    fx = cell.fixture
+    path, body, headers = cell_request(contender, cell)
     conn = http.client.HTTPConnection("127.0.0.1", contender.port, timeout=30)
     try:
-        conn.request("POST", contender.prefix(fx) + path.group(1), body=body.group(1).encode(), headers=headers)
+        conn.request("POST", path, body=body, headers=headers)
         resp = conn.getresponse()
         data = resp.read()
     except (OSError, http.client.HTTPException) as exc:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 
+from .cancel import CancelResult, render_cancel
 from .fixtures import Cell
 from .load import Result, ideal_share, steady_rate
 from .meters import MeterRow
@@ -29,7 +30,9 @@ from .settings import (
     TARGET_RATIO,
     TARGET_RSS_MB,
     TARGET_SLOW,
+    TTFB_WARMUP,
 )
+from .ttfb import TtfbResult, render_ttfb
 
 # --- report --------------------------------------------------------------------------------
 
@@ -77,6 +80,8 @@ def render_report(
     meter_rows: list[MeterRow],
     meter_note: str,
     notes: list[str],
+    ttfb: list[TtfbResult] | None = None,
+    cancel: list[CancelResult] | None = None,
 ) -> str:
     by = {(r.contender, r.cell.name): r for rs in results.values() for r in rs}
     ran = [c for c in CONTENDERS if c in results]
@@ -126,6 +131,8 @@ def render_report(
             lines.append(row)
     lines += ["", "## Targets", ""]
     lines += targets(by, cells, ran, args.slow)
+    lines += render_ttfb(ttfb or [], args.ttfb_requests, TTFB_WARMUP)
+    lines += render_cancel(cancel or [], args.warmup, args.settle)
     if "gateway" in results:
         lines += ["", "## Meter check", ""]
         if meter_note:

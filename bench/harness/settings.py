@@ -33,3 +33,17 @@ TARGET_SLOW = 0.95
 
 # A cell is flagged when other processes (or the hypervisor) took more than this share of a CPU.
 FOREIGN_LIMIT = 0.05
+
+# Time to first byte of Anthropic SSE at 1 connection (fast mode): the relay's added latency.
+TTFB_CONTENDERS = ("direct", "bare-raw", "gateway")
+TTFB_REQUESTS = 2000  # --quick: TTFB_REQUESTS_QUICK
+TTFB_REQUESTS_QUICK = 500
+TTFB_WARMUP = 100
+TARGET_TTFB_MS = 1.0
+
+# Cancel burst (slow mode, Anthropic SSE cell): rate before and after callers hang up mid-stream.
+CANCEL_CONTENDERS = ("bare-raw", "gateway")
+CANCEL_BURST = 256  # streaming requests that disconnect after the first event
+CANCEL_WINDOW = 5.0  # seconds measured before and after
+CANCEL_WINDOW_QUICK = 3.0
+TARGET_CANCEL = 0.95
