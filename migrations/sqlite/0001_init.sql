@@ -1,5 +1,7 @@
--- Core schema: keys, requests (in flight and finished), usage events (the Polar outbox),
--- cached Polar limits and processed webhooks. Timestamps are ISO-8601 UTC text.
+-- Core schema: keys, requests in flight and finished, usage events (the Polar outbox), cached
+-- Polar limits and processed webhooks. Timestamps are ISO-8601 UTC text ("...Z"), so they sort
+-- and compare as strings. Ids are time-ordered; small rows keyed by them are stored WITHOUT ROWID
+-- so an insert touches one B-tree fewer and appends.
 
 CREATE TABLE api_keys (
     id          TEXT PRIMARY KEY,
@@ -11,6 +13,21 @@ CREATE TABLE api_keys (
     revoked_at  TEXT
 );
 CREATE INDEX ix_api_keys_user ON api_keys (user_id);
+
+-- A request is written here (durably) before it is forwarded, and removed when its final row
+-- lands in `requests`; what a crash leaves here is settled at the next start.
+CREATE TABLE in_flight (
+    id           TEXT PRIMARY KEY,
+    user_id      TEXT NOT NULL,
+    key_id       TEXT NOT NULL,
+    provider     TEXT NOT NULL,
+    model        TEXT NOT NULL,
+    operation    TEXT NOT NULL,
+    stream       INTEGER NOT NULL,
+    started_at   TEXT NOT NULL,
+    reservation  TEXT NOT NULL,
+    owner        TEXT NOT NULL
+) WITHOUT ROWID;
 
 CREATE TABLE requests (
     id           TEXT PRIMARY KEY,
@@ -31,8 +48,8 @@ CREATE TABLE requests (
     owner        TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX ix_requests_user_started ON requests (user_id, started_at);
-CREATE INDEX ix_requests_in_flight ON requests (outcome) WHERE outcome = 'in_flight';
 
+-- Events of a request are found by the external id prefix (`<request id>:`) on the primary key.
 CREATE TABLE usage_events (
     external_id      TEXT PRIMARY KEY,
     request_id       TEXT NOT NULL,
@@ -49,10 +66,9 @@ CREATE TABLE usage_events (
     claimed_until    TEXT,
     last_error       TEXT,
     synced_at        TEXT
-);
+) WITHOUT ROWID;
 CREATE INDEX ix_usage_events_user_meter_ts ON usage_events (user_id, meter, ts);
 CREATE INDEX ix_usage_events_outbox ON usage_events (state, next_attempt_at) WHERE state IN ('pending', 'claimed');
-CREATE INDEX ix_usage_events_request ON usage_events (request_id);
 
 CREATE TABLE customer_limits (
     user_id       TEXT PRIMARY KEY,
