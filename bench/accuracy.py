@@ -37,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the harness package
 
 from harness.accuracy_accounting import account, db_query, failures_of, ledger_snapshot, wait_synced, wait_until
-from harness.accuracy_drive import Clients, GatewayProcess, drive, free_port, issue_key, make_plan, write_config
+from harness.accuracy_drive import Clients, GatewayProcess, drive, issue_key, make_plan, write_config
 from harness.accuracy_fakes import ADMIN_TOKEN, POLAR_TOKEN, BenchPolar, BenchUpstream
 from harness.accuracy_report import render
+from harness.processes import free_port
 
 
 # ---------------------------------------------------------------------------------------------- main

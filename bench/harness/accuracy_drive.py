@@ -6,7 +6,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,12 +33,6 @@ from .accuracy_fakes import (
 
 
 # ---------------------------------------------------------------------------------------------- gateway
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class GatewayProcess:
     """`python -m gateway serve` as a real process (kill -9 needs one); its log goes to a file, not a pipe
     nobody reads (a full pipe would stall the gateway)."""
