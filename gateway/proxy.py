@@ -177,9 +177,9 @@ class ProxyEndpoint:
             result = await self._forward(route, call, body, headers, send, receive, rid)
         finally:
             # 5. record: events durable, then the ledger moves from reserved to consumed
-            await asyncio.shield(self._record(record, call, result, uq, ticket))
+            await asyncio.shield(self._record(record, result, uq, ticket))
 
-    async def _record(self, record: RequestRecord, call: Call, result: Outcome, uq: UserQuota, ticket: object) -> None:
+    async def _record(self, record: RequestRecord, result: Outcome, uq: UserQuota, ticket: object) -> None:
         usage = result.usage
         record.status_code = result.status
         record.outcome = result.outcome

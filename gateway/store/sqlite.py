@@ -192,19 +192,6 @@ class SqliteStore(SqliteOutbox):
         )
         return [self._request(r) for r in rows]
 
-    async def get_request(self, request_id: str) -> RequestRecord | None:
-        rows = list(
-            await self.db.execute_fetchall(f"SELECT {self._REQUEST_COLS} FROM requests WHERE id = ?", (request_id,))
-        )
-        return self._request(rows[0]) if rows else None
-
-    async def recent_requests(self, user_id: str | None, limit: int) -> list[RequestRecord]:
-        where, params = ("WHERE user_id = ?", (user_id, limit)) if user_id else ("", (limit,))
-        rows = await self.db.execute_fetchall(
-            f"SELECT {self._REQUEST_COLS} FROM requests {where} ORDER BY started_at DESC LIMIT ?", params
-        )
-        return [self._request(r) for r in rows]
-
     async def consumed(self, user_id: str, start: datetime, end: datetime) -> dict[str, int]:
         rows = await self.db.execute_fetchall(
             "SELECT meter, SUM(value) FROM usage_events WHERE user_id = ? AND ts >= ? AND ts < ? GROUP BY meter",
