@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import shutil
 import subprocess
 import sys
 import threading
@@ -45,7 +46,7 @@ def main() -> int:
             raw = work / "profile.txt"
             spy = subprocess.Popen(
                 [
-                    "py-spy",
+                    py_spy(),
                     "record",
                     "--pid",
                     str(gateway.proc.pid),
@@ -73,6 +74,15 @@ def main() -> int:
             gateway.proc.stop()
             upstream.stop()
     return 0
+
+
+def py_spy() -> str:
+    """py-spy from the venv running this script (pip install py-spy), else from PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    found = str(beside) if beside.exists() else shutil.which("py-spy")
+    if not found:
+        sys.exit("py-spy not found: pip install py-spy")
+    return found
 
 
 def report(raw: Path, top: int) -> None:

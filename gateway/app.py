@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from gateway.admin import admin_routes
 from gateway.billing import portal_endpoint, status_endpoint
+from gateway.journal import Journal
 from gateway.keys import KeyCache
 from gateway.limits import LimitsRefresher
 from gateway.polar import PolarBilling
@@ -24,7 +25,7 @@ from gateway.providers.gemini import GeminiProvider
 from gateway.proxy import ProxyEndpoint
 from gateway.quota import Ledger
 from gateway.ratelimit import RateLimiter
-from gateway.recording import recover_in_flight
+from gateway.recording import Recorder, recover
 from gateway.services import Services, process_owner_id
 from gateway.settings import Settings
 from gateway.store.sqlite import SqliteStore
@@ -39,6 +40,8 @@ def build_services(settings: Settings) -> Services:
     store = SqliteStore(settings.sqlite_path)
     rl = settings.file.rate_limit
     polar = PolarBilling.from_settings(settings) if settings.polar_enabled else None
+    owner = process_owner_id()
+    journal = Journal(settings.journal_path, owner)
     return Services(
         polar=polar,
         settings=settings,
@@ -46,7 +49,9 @@ def build_services(settings: Settings) -> Services:
         keys=KeyCache(store),
         ledger=Ledger(store, settings.file.plan),
         limiter=RateLimiter(rl.requests_per_minute, rl.tokens_per_minute),
-        owner=process_owner_id(),
+        owner=owner,
+        journal=journal,
+        recorder=Recorder(store, journal, linger=settings.record_linger_seconds),
     )
 
 
@@ -94,7 +99,8 @@ def create_app(settings: Settings, services: Services | None = None) -> GatewayA
         applied = await s.store.migrate()
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-        await recover_in_flight(s.store, s.owner)
+        await recover(s.store, s.journal.directory, s.owner)
+        s.journal.open()
         s.client = create_client(settings.connect_timeout_seconds)
         if not settings.anthropic_api_key:
             log.warning("ANTHROPIC_API_KEY is not set: Claude requests will be refused by the provider")
@@ -113,7 +119,7 @@ def create_app(settings: Settings, services: Services | None = None) -> GatewayA
                 interval=settings.sync_interval_seconds,
                 max_attempts=settings.sync_max_attempts,
             )
-            s.on_events = syncer.notify
+            s.recorder.on_events = syncer.notify
             refresher = LimitsRefresher(s.store, s.polar, settings.limits_max_age_seconds, s.limits_changed)
             background += [
                 asyncio.create_task(syncer.run_forever(stop), name="polar-sync"),
@@ -133,6 +139,8 @@ def create_app(settings: Settings, services: Services | None = None) -> GatewayA
             await s.client.close()
             if s.polar is not None:
                 await s.polar.close()
+            await s.recorder.close()
+            s.journal.close()
             await s.store.close()
 
     async def healthz(request: Request) -> Response:

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gateway.journal import Segment
 from gateway.metering import ContentDecoder, Usage
 from gateway.providers.base import DROP_RESPONSE_HEADERS, Call, Provider, Route, header
 from gateway.quota import Ledger, UserQuota
@@ -151,7 +152,7 @@ class ProxyEndpoint:
                 extra_headers=[(b"x-should-retry", b"false")],
             )
 
-        # 4. forward, metering beside the relay; the record is durable in flight first
+        # 4. forward, metering beside the relay; the request is journaled (durable) first
         record = RequestRecord(
             id=request_id,
             user_id=ident.user_id,
@@ -167,19 +168,21 @@ class ProxyEndpoint:
         # If the relay itself fails, the provider may still have billed: bill the reservation, estimated.
         result = Outcome(500, "gateway_error", None, estimated=True)
         try:
-            await s.store.begin_request(record)
-        except Exception:
-            log.exception("could not record request %s in flight", request_id)
+            begun = s.journal.begin(record)
+        except OSError:
+            log.exception("could not journal request %s", request_id)
             Ledger.settle(uq, call.reservation, {})
             s.limiter.settle(ident.user_id, ticket, 0)
             return await self._error(send, 503, "api_error", "the gateway cannot record usage right now", rid)
         try:
             result = await self._forward(route, call, body, headers, send, receive, rid)
         finally:
-            # 5. record: events durable, then the ledger moves from reserved to consumed
-            await asyncio.shield(self._record(record, result, uq, ticket))
+            # 5. record: the final usage journaled, the ledger moved from reserved to consumed
+            self._record(record, result, uq, ticket, begun)
 
-    async def _record(self, record: RequestRecord, result: Outcome, uq: UserQuota, ticket: object) -> None:
+    def _record(
+        self, record: RequestRecord, result: Outcome, uq: UserQuota, ticket: object, begun: Segment | None
+    ) -> None:
         usage = result.usage
         record.status_code = result.status
         record.outcome = result.outcome
@@ -189,7 +192,7 @@ class ProxyEndpoint:
         if result.estimated and not (usage and usage.seen):
             # The client left and the drain ended before any usage: the provider may still bill it.
             record.usage = estimate_from_reservation(record.reservation)
-        await finish_and_settle(self.s, record, uq, ticket)
+        finish_and_settle(self.s, record, uq, ticket, begun)
 
     async def _forward(
         self,

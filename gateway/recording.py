@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
+from gateway.journal import Journal, Segment, orphans
 from gateway.meters import (
     CLAUDE_CACHE_READ,
     CLAUDE_CACHE_WRITE,
@@ -60,18 +65,105 @@ def token_total(usage: Mapping[str, int]) -> int:
     return sum(v for k, v in usage.items() if k != GEMINI_IMAGES)
 
 
-async def finish_and_settle(s: Services, record: RequestRecord, uq: UserQuota, ticket: object) -> None:
+def finish_and_settle(s: Services, record: RequestRecord, uq: UserQuota, ticket: object, begun: Segment | None) -> None:
+    """Journal the final usage, settle the ledger and the rate limit, and hand the rows to the recorder."""
     record.finished_at = utcnow()
     events = usage_events(record)
     try:
-        await s.store.finish_request(record, events)
-    except Exception:
-        # The in-flight row stays; recovery at the next start settles it from the reservation.
-        log.exception("could not record request %s; it stays in flight for recovery", record.id)
+        finished = s.journal.finish(record)
+    except OSError:
+        # The begin stays in the journal: recovery at the next start settles it by estimate.
+        log.exception("could not journal the end of request %s", record.id)
+        finished = None
     Ledger.settle(uq, record.reservation, record.usage)
     s.limiter.settle(record.user_id, ticket, token_total(record.usage))
-    if events:
-        s.on_events(len(events))
+    s.recorder.add(record, events, [begun, finished])
+
+
+@dataclass(slots=True)
+class _Finished:
+    record: RequestRecord
+    events: list[UsageEvent]
+    segments: list[Segment | None]
+    attempts: int = 0
+
+
+class Recorder:
+    """Takes finished requests to the store in batches, off the request path.
+
+    Why: a commit per request costs a thread round trip and a WAL write each; the journal already
+    holds every finished request durably, so the store can take them `linger` seconds later, many
+    per transaction. A write that fails is retried, then left to the journal for the next start.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        journal: Journal,
+        on_events: Callable[[int], None] = lambda n: None,
+        linger: float = 0.02,
+        max_batch: int = 2000,
+        max_attempts: int = 3,
+    ) -> None:
+        self.store = store
+        self.journal = journal
+        self.on_events = on_events
+        self.linger = linger
+        self.max_batch = max_batch
+        self.max_attempts = max_attempts
+        self._queue: list[_Finished] = []
+        self._full = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, record: RequestRecord, events: list[UsageEvent], segments: list[Segment | None]) -> None:
+        self._queue.append(_Finished(record, events, segments))
+        if len(self._queue) >= self.max_batch:
+            self._full.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="recorder")
+
+    async def _run(self) -> None:
+        while self._queue:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.linger)
+            self._full.clear()
+            batch, self._queue = self._queue, []
+            await self._store(batch)
+
+    async def _store(self, batch: list[_Finished]) -> None:
+        try:
+            await self.store.finish_requests([(f.record, f.events) for f in batch])
+            results: list[BaseException | None] = [None] * len(batch)
+        except Exception:
+            # One bad record must not hold back the others: go one by one.
+            results = await asyncio.gather(
+                *(self.store.finish_request(f.record, f.events) for f in batch), return_exceptions=True
+            )
+        stored: list[Segment | None] = []
+        events = failed = 0
+        for f, result in zip(batch, results, strict=True):
+            if result is None:
+                stored += f.segments
+                events += len(f.events)
+                continue
+            failed += 1
+            f.attempts += 1
+            if f.attempts < self.max_attempts:
+                log.warning("could not store request %s (%s); retrying", f.record.id, type(result).__name__)
+                self._queue.append(f)
+            else:
+                log.error("could not store request %s; the journal keeps it for the next start", f.record.id)
+        self.journal.stored(stored)
+        if events:
+            self.on_events(events)
+        if failed:
+            await asyncio.sleep(0.5)  # give the store a moment before the retries
+
+    async def close(self) -> None:
+        """Store everything queued (at shutdown)."""
+        while self._task is not None and not self._task.done():
+            self._full.set()
+            await asyncio.shield(self._task)
 
 
 # The reservation covers every input meter with the whole input estimate; a crash
@@ -84,11 +176,16 @@ def estimate_from_reservation(reservation: Mapping[str, int]) -> dict[str, int]:
     return {m: v for m, v in reservation.items() if m not in _NOT_ESTIMATED and v > 0}
 
 
-async def recover_in_flight(store: Store, owner: str) -> int:
-    """Settle requests a dead process left in flight: bill the reservation, marked estimated."""
+async def recover(store: Store, journal_dir: Path | None, owner: str) -> int:
+    """Store what dead processes left in their journals: finished requests exactly, requests that
+    were still in flight by estimate (the provider may have billed them). Runs before serving."""
+    found = orphans(journal_dir)
+    for record in found.finished:
+        await store.finish_request(record, usage_events(record))  # idempotent: stored ones are kept as they are
+    stored = await store.finished_ids([r.id for r in found.unfinished])
     settled = 0
-    for record in await store.in_flight_requests():
-        if record.owner == owner:
+    for record in found.unfinished:
+        if record.id in stored:
             continue
         record.usage = estimate_from_reservation(record.reservation)
         record.outcome = "crashed"
@@ -96,6 +193,9 @@ async def recover_in_flight(store: Store, owner: str) -> int:
         record.finished_at = utcnow()
         await store.finish_request(record, usage_events(record))
         settled += 1
+    found.discard()
+    if found.finished:
+        log.warning("stored %d finished request(s) a stopped process had journaled", len(found.finished))
     if settled:
         log.warning("settled %d request(s) left in flight by a stopped process (estimated)", settled)
     released = await store.release_claims(owner)

@@ -5,17 +5,21 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 
+from gateway.journal import Journal
 from gateway.keys import KeyCache
 from gateway.polar import PolarBilling
 from gateway.quota import Ledger
 from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
 from gateway.store.base import Store
+
+if TYPE_CHECKING:
+    from gateway.recording import Recorder
 
 
 def process_owner_id() -> str:
@@ -31,9 +35,10 @@ class Services:
     ledger: Ledger
     limiter: RateLimiter
     owner: str
+    journal: Journal
+    recorder: Recorder  # wakes the sync when events land (its `on_events`)
     client: aiohttp.ClientSession | None = None  # created in the lifespan (needs a running loop)
     polar: PolarBilling | None = None  # None when POLAR_ACCESS_TOKEN is not set
-    on_events: Callable[[int], None] = field(default=lambda n: None)  # wakes the sync when events land
 
     async def limits_changed(self, user_id: str) -> None:
         """Polar changed a customer's limits (webhook or refresh): the next pre-check reloads them."""

@@ -111,6 +111,8 @@ def load_file_config(path: Path) -> FileConfig:
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str = "sqlite:///gateway.db"
+    journal_dir: str = ""  # requests in flight (gateway/journal.py); "" = beside the database
+    record_linger_seconds: float = 0.02  # how long finished requests gather before one store commit
     config_path: Path = Path("config/gateway.toml")
     host: str = "127.0.0.1"
     port: int = 8080
@@ -142,6 +144,14 @@ class Settings:
         return self.database_url.removeprefix("sqlite:///")
 
     @property
+    def journal_path(self) -> Path | None:
+        """None for an in-memory database: there is nothing durable to journal for."""
+        if self.journal_dir:
+            return Path(self.journal_dir)
+        db = self.sqlite_path
+        return None if db == ":memory:" else Path(db + ".journal")
+
+    @property
     def polar_enabled(self) -> bool:
         return bool(self.polar_access_token)
 
@@ -151,6 +161,8 @@ class Settings:
 
 _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_DATABASE_URL": ("database_url", str),
+    "GATEWAY_JOURNAL_DIR": ("journal_dir", str),
+    "GATEWAY_RECORD_LINGER_SECONDS": ("record_linger_seconds", float),
     "GATEWAY_CONFIG": ("config_path", Path),
     "GATEWAY_HOST": ("host", str),
     "GATEWAY_PORT": ("port", int),

@@ -1,4 +1,4 @@
-"""The SQLite store: group commit, isolation of a failing write, in-flight rows, migrations."""
+"""The SQLite store: group commit, isolation of a failing write, idempotent finishes, migrations."""
 
 from __future__ import annotations
 
@@ -46,13 +46,11 @@ async def test_concurrent_writes_commit_together_and_a_bad_one_is_isolated(store
     }
 
 
-async def test_in_flight_rows_until_finished(store: SqliteStore) -> None:
-    r = record("req_a")
-    await store.begin_request(r)
-    assert [x.id for x in await store.in_flight_requests()] == ["req_a"]
-    r.outcome, r.usage = "ok", {"claude_output_tokens": 3}
+async def test_finish_is_idempotent_and_finished_ids_tells_what_is_stored(store: SqliteStore) -> None:
+    r = record("req_a", outcome="ok", usage={"claude_output_tokens": 3})
+    assert await store.finished_ids(["req_a", "req_b"]) == set()
     await store.finish_request(r, [event("req_a", "claude_output_tokens", 3)])
-    assert await store.in_flight_requests() == []
+    assert await store.finished_ids(["req_a", "req_b"]) == {"req_a"}
     assert [e.value for e in await store.events_for_request("req_a")] == [3]
     # finishing twice (a crash recovery replayed) records nothing twice
     await store.finish_request(r, [event("req_a", "claude_output_tokens", 3)])

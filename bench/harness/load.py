@@ -41,6 +41,12 @@ class Result:
     foreign: dict[str, float] = field(default_factory=dict)  # CPU -> share used by other processes
     steal: dict[str, float] = field(default_factory=dict)  # CPU -> share stolen by the hypervisor
     busy: dict[str, float] = field(default_factory=dict)  # CPU -> user+system share (all processes)
+    contender_cpu_s: float = 0.0  # CPU seconds the contender used in the window
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        """The contender's CPU per completed request: steadier than RPS on a shared machine."""
+        return 1e6 * self.contender_cpu_s / self.requests if self.requests else 0.0
 
     @property
     def disturbed(self) -> str:
@@ -155,6 +161,7 @@ def run_cell(
         with CpuWindow(contender.pid, [upstream.proc.pid]) as cpu:
             raw = run_wrk(contender, cell, args.duration, expect, logdir)
         result.foreign, result.steal, result.busy = cpu.foreign, cpu.steal, cpu.busy
+        result.contender_cpu_s = cpu.contender_seconds
         if not result.disturbed or attempt == args.retries:
             break
         extra_ok += int(raw["ok"])
@@ -187,7 +194,7 @@ def print_result(r: Result, slow: bool) -> None:
         note += f"  DISTURBED ({r.disturbed})"
     print(
         f"  {r.cell.name:<18} {r.rps:>9.0f} rps  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms"
-        f"  peak RSS {r.rss_mb:6.1f} MB{cpu}{extra}{errors}{note}",
+        f"  peak RSS {r.rss_mb:6.1f} MB{cpu}  {r.cpu_us_per_request:.0f} us CPU/req{extra}{errors}{note}",
         flush=True,
     )
 

@@ -130,6 +130,7 @@ class CpuWindow:
     start: dict[str, tuple[float, float]] = field(default_factory=dict)
     ours: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
+    contender_seconds: float = 0.0  # CPU the contender's processes used in the window
 
     def __enter__(self) -> CpuWindow:
         self.start = cpu_times()
@@ -149,6 +150,7 @@ class CpuWindow:
         }
         self.steal = {cpu: (end[cpu][1] - self.start[cpu][1]) / self.wall for cpu in (CONTENDER_CPU, LOAD_CPU)}
         self.busy = {cpu: (end[cpu][0] - self.start[cpu][0]) / self.wall for cpu in (CONTENDER_CPU, LOAD_CPU)}
+        self.contender_seconds = used[CONTENDER_CPU] - self.ours[CONTENDER_CPU]
 
 
 def wait_quiet(timeout: float) -> None:

@@ -105,9 +105,12 @@ def render_report(
             f"connections / nominal latency. Target: >= {TARGET_SLOW:.0%} of ideal.",
             "",
         ]
-    head = "| Cell | Conns | Contender | RPS | p50 ms | p99 ms | Peak RSS MB | CPU 0 busy | Errors | gateway / this |"
+    head = (
+        "| Cell | Conns | Contender | RPS | p50 ms | p99 ms | Peak RSS MB | CPU 0 busy | CPU µs/req | Errors"
+        " | gateway / this |"
+    )
     if args.slow:
-        head = head[:-1] + " steady RPS | % of ideal |"
+        head += " steady RPS | % of ideal |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for cell in cells:
         gw = by.get(("gateway", cell.name))
@@ -124,7 +127,8 @@ def render_report(
             ratio = fmt_ratio(gw.rps, r.rps) if gw and not gw.skipped and name != "gateway" else ""
             row = (
                 f"| {cell.label} | {cell.connections} | {name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
-                f"| {r.rss_mb:.1f} | {r.busy.get(CONTENDER_CPU, 0.0):.0%} | {errors} | {ratio} |"
+                f"| {r.rss_mb:.1f} | {r.busy.get(CONTENDER_CPU, 0.0):.0%} | {r.cpu_us_per_request:.0f} "
+                f"| {errors} | {ratio} |"
             )
             if args.slow:
                 row += f" {steady_rate(r):,.0f} | {ideal_share(r):.1%} |"

@@ -38,7 +38,7 @@ class UsageEvent:
 
 @dataclass(slots=True)
 class RequestRecord:
-    """A request row. Written `in_flight` before the upstream call, finished after."""
+    """A request: journaled before the upstream call (gateway/journal.py), stored when finished."""
 
     id: str
     user_id: str
@@ -114,9 +114,15 @@ class Store(Protocol):
     async def find_key(self, key_hash: bytes) -> tuple[ApiKey, bytes] | None: ...
 
     # requests and usage (the hot path)
-    async def begin_request(self, record: RequestRecord) -> None: ...
     async def finish_request(self, record: RequestRecord, events: Sequence[UsageEvent]) -> None: ...
-    async def in_flight_requests(self) -> list[RequestRecord]: ...
+    async def finish_requests(self, items: Sequence[tuple[RequestRecord, Sequence[UsageEvent]]]) -> None:
+        """Many at once, in one transaction: one fails, all fail (callers then go one by one)."""
+        ...
+
+    async def finished_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of these requests are stored already."""
+        ...
+
     async def consumed(self, user_id: str, start: datetime, end: datetime) -> dict[str, int]: ...
     async def events_for_request(self, request_id: str) -> list[UsageEvent]: ...
 

@@ -15,20 +15,25 @@ from gateway.timeutil import iso, parse_iso, utcnow
 
 __all__ = ["SqliteStore", "migrations_dir"]
 
-_INSERT_IN_FLIGHT = (
-    "INSERT INTO in_flight (id, user_id, key_id, provider, model, operation, stream, started_at, reservation, owner)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?)"
+# A whole batch binds as one JSON array and inserts in one statement: sqlite3 releases the GIL
+# around each step, and a step per row fought the event loop for it (measured: a 2,000-request
+# batch took 0.7 s on a busy core, in one statement it takes milliseconds).
+_REQUEST_COLUMNS = (
+    "id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
+    " reservation, owner, finished_at, status_code, usage, usage_raw, estimated"
 )
-_FINISH_REQUEST = (
-    "INSERT INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
-    " reservation, owner, finished_at, status_code, usage, usage_raw, estimated)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING"
-)
-_DELETE_IN_FLIGHT = "DELETE FROM in_flight WHERE id = ?"
-_INSERT_EVENT = (
-    "INSERT INTO usage_events (external_id, request_id, user_id, meter, value, model, provider, ts)"
-    " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(external_id) DO NOTHING"  # replays dedup; bad rows still fail
-)
+_EVENT_COLUMNS = "external_id, request_id, user_id, meter, value, model, provider, ts"
+
+
+def _from_json(table: str, columns: str, key: str) -> str:
+    n = columns.count(",") + 1
+    picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(n))
+    # (WHERE true: an INSERT ... SELECT needs it before ON CONFLICT)
+    return f"INSERT INTO {table} ({columns}) SELECT {picks} FROM json_each(?) WHERE true ON CONFLICT({key}) DO NOTHING"
+
+
+_FINISH_REQUESTS = _from_json("requests", _REQUEST_COLUMNS, "id")
+_INSERT_EVENTS = _from_json("usage_events", _EVENT_COLUMNS, "external_id")  # replays dedup; bad rows still fail
 
 
 class SqliteStore(SqliteOutbox):
@@ -88,109 +93,51 @@ class SqliteStore(SqliteOutbox):
         return self._key(rows[0]), bytes(rows[0][6])
 
     # ------------------------------------------------------------------ requests and usage
-    async def begin_request(self, record: RequestRecord) -> None:
-        await self._submit(
-            [
-                (
-                    _INSERT_IN_FLIGHT,
-                    (
-                        record.id,
-                        record.user_id,
-                        record.key_id,
-                        record.provider,
-                        record.model,
-                        record.operation,
-                        int(record.stream),
-                        iso(record.started_at),
-                        json_text(record.reservation),
-                        record.owner,
-                    ),
-                    False,
-                )
-            ]
-        )
-
     async def finish_request(self, record: RequestRecord, events: Sequence[UsageEvent]) -> None:
-        ops: list[Op] = [
-            (
-                _FINISH_REQUEST,
+        await self.finish_requests([(record, events)])
+
+    async def finish_requests(self, items: Sequence[tuple[RequestRecord, Sequence[UsageEvent]]]) -> None:
+        requests: list[tuple[Any, ...]] = []
+        events: list[tuple[Any, ...]] = []
+        for r, evs in items:
+            requests.append(
                 (
-                    record.id,
-                    record.user_id,
-                    record.key_id,
-                    record.provider,
-                    record.model,
-                    record.operation,
-                    int(record.stream),
-                    iso(record.started_at),
-                    record.outcome,
-                    json_text(record.reservation),
-                    record.owner,
-                    iso(record.finished_at or utcnow()),
-                    record.status_code,
-                    json_text(record.usage),
-                    None if record.usage_raw is None else json_text(record.usage_raw),
-                    int(record.estimated),
-                ),
-                False,
-            ),
-            (_DELETE_IN_FLIGHT, (record.id,), False),
-        ]
-        if events:
-            ops.append(
-                (
-                    _INSERT_EVENT,
-                    [
-                        (
-                            e.external_id,
-                            e.request_id,
-                            e.user_id,
-                            e.meter,
-                            e.value,
-                            e.model,
-                            e.provider,
-                            iso(e.timestamp),
-                        )
-                        for e in events
-                    ],
-                    True,
+                    r.id,
+                    r.user_id,
+                    r.key_id,
+                    r.provider,
+                    r.model,
+                    r.operation,
+                    int(r.stream),
+                    iso(r.started_at),
+                    r.outcome,
+                    json_text(r.reservation),
+                    r.owner,
+                    iso(r.finished_at or utcnow()),
+                    r.status_code,
+                    json_text(r.usage),
+                    None if r.usage_raw is None else json_text(r.usage_raw),
+                    int(r.estimated),
                 )
             )
+            events.extend(
+                (e.external_id, e.request_id, e.user_id, e.meter, e.value, e.model, e.provider, iso(e.timestamp))
+                for e in evs
+            )
+        ops: list[Op] = [(_FINISH_REQUESTS, (json_text(requests),), False)]
+        if events:
+            ops.append((_INSERT_EVENTS, (json_text(events),), False))
         await self._submit(ops)
 
-    _REQUEST_COLS = (
-        "id, user_id, key_id, provider, model, operation, stream, started_at, finished_at, status_code,"
-        " outcome, reservation, usage, usage_raw, estimated, owner"
-    )
-
-    @staticmethod
-    def _request(row: Any) -> RequestRecord:
-        return RequestRecord(
-            id=row[0],
-            user_id=row[1],
-            key_id=row[2],
-            provider=row[3],
-            model=row[4],
-            operation=row[5],
-            stream=bool(row[6]),
-            started_at=parse_iso(row[7]),
-            finished_at=opt_datetime(row[8]),
-            status_code=row[9],
-            outcome=row[10],
-            reservation=orjson.loads(row[11]),
-            usage=orjson.loads(row[12]),
-            usage_raw=None if row[13] is None else orjson.loads(row[13]),
-            estimated=bool(row[14]),
-            owner=row[15],
-        )
-
-    async def in_flight_requests(self) -> list[RequestRecord]:
-        rows = await self.db.execute_fetchall(
-            # the in-flight columns, padded to the shape of a request row
-            "SELECT id, user_id, key_id, provider, model, operation, stream, started_at, NULL, NULL, 'in_flight',"
-            " reservation, '{}', NULL, 0, owner FROM in_flight ORDER BY started_at"
-        )
-        return [self._request(r) for r in rows]
+    async def finished_ids(self, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            rows = await self.db.execute_fetchall(
+                f"SELECT id FROM requests WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            )
+            found.update(r[0] for r in rows)
+        return found
 
     async def consumed(self, user_id: str, start: datetime, end: datetime) -> dict[str, int]:
         rows = await self.db.execute_fetchall(

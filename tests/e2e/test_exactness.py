@@ -75,10 +75,12 @@ def test_kill_9_mid_stream_is_settled_on_restart(tmp_path: Path, upstream: FakeU
             with sqlite3.connect(db) as conn:
                 return conn.execute(f"SELECT {cols} FROM {table}").fetchall()
 
-        assert len(rows("in_flight", "id")) == 1 and rows("requests", "id") == []
+        journal = tmp_path / "crash.db.journal"
+        (segment,) = journal.iterdir()  # the request is journaled, not yet stored
+        assert segment.read_bytes().count(b'["B","req_') == 1 and rows("requests", "id") == []
         gw = GatewayProcess(env, gw.port).start()  # recovery runs at start
         wait_until(lambda: rows("requests", "outcome, estimated") == [("crashed", 1)])
-        assert rows("in_flight", "id") == []
+        assert not segment.exists()
         with sqlite3.connect(db) as conn:
             events = dict(conn.execute("SELECT meter, value FROM usage_events").fetchall())
         reserved = httpx.Request("POST", "http://x", json=body).content
@@ -88,6 +90,42 @@ def test_kill_9_mid_stream_is_settled_on_restart(tmp_path: Path, upstream: FakeU
         gw = GatewayProcess(env, gw.port).start()
         with sqlite3.connect(db) as conn:
             assert conn.execute("SELECT COUNT(*) FROM usage_events").fetchone() == (2,)
+    finally:
+        gw.stop()
+
+
+def test_kill_9_after_the_answer_keeps_exact_usage(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """A finished request the store has not taken yet is in the journal; the next start stores it exactly."""
+    db = tmp_path / "late.db"
+    env = {
+        "GATEWAY_DATABASE_URL": f"sqlite:///{db}",
+        "GATEWAY_ANTHROPIC_UPSTREAM": upstream.url,
+        "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
+        "GATEWAY_ADMIN_TOKEN": "adm",
+        "GATEWAY_RECORD_LINGER_SECONDS": "600",  # the store would take it ten minutes later
+    }
+    gw = GatewayProcess(env).start()
+    try:
+        key = httpx.post(
+            f"{gw.url}/admin/keys", json={"user_id": "late"}, headers={"authorization": "Bearer adm"}
+        ).json()["key"]
+        c = anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
+        msg = c.messages.create(model="claude-sonnet-4-6", max_tokens=64, messages=MSG)  # type: ignore[arg-type]
+        journal = tmp_path / "late.db.journal"
+        wait_until(lambda: b'["F","req_' in b"".join(p.read_bytes() for p in journal.iterdir()))
+        gw.kill()
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM requests").fetchone() == (0,)
+        gw = GatewayProcess(env, gw.port).start()
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute("SELECT outcome, estimated FROM requests").fetchall()
+            events = dict(conn.execute("SELECT meter, value FROM usage_events").fetchall())
+        assert rows == [("ok", 0)]
+        assert events == {
+            "claude_input_tokens": msg.usage.input_tokens,
+            "claude_output_tokens": msg.usage.output_tokens,
+        }
+        assert list(journal.iterdir()) != [] and all(b"req_" not in p.read_bytes() for p in journal.iterdir())
     finally:
         gw.stop()
 

@@ -1,0 +1,231 @@
+"""The request journal: requests in flight and just finished, in append-only files beside the database.
+
+Why: a request must be on disk before it is forwarded (a crash must not lose what the provider
+bills), and a finished request's exact usage must survive a crash too. One `write()` to an
+append-only file does both in microseconds on the event loop, where a database commit costs a
+thread round trip per request; the store then takes finished requests in large batches, off the
+request path (`recording.Recorder`). Durability is the same as SQLite's WAL with
+synchronous=NORMAL: what was written survives a killed process, not a power cut.
+
+A process owns its segments through an exclusive `flock`, which the kernel drops when the
+process dies (kill -9 included); the next start recovers every segment it can lock. A segment
+is deleted once every request it mentions is in the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from gateway.store.base import RequestRecord
+from gateway.timeutil import iso, parse_iso
+
+log = logging.getLogger("gateway.journal")
+
+SUFFIX = ".journal"
+
+
+@dataclass(slots=True, eq=False)
+class Segment:
+    path: Path
+    fd: int
+    size: int = 0
+    pending: int = 0  # records written here whose request is not yet in the store
+    sealed: bool = False  # no longer written; deleted when nothing is pending
+
+
+class Journal:
+    """Append-only, per-process. `directory=None` keeps nothing (an in-memory database)."""
+
+    def __init__(self, directory: Path | None, owner: str, segment_bytes: int = 16 << 20) -> None:
+        self.directory = directory
+        self.owner = owner.replace("/", "-").replace(":", "-")
+        self.segment_bytes = segment_bytes
+        self._current: Segment | None = None
+        self._segments: list[Segment] = []
+        self._seq = 0
+
+    def open(self) -> None:
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._roll()
+
+    def _roll(self) -> None:
+        assert self.directory is not None
+        if self._current is not None:
+            self._current.sealed = True
+            self._release_idle()
+        self._seq += 1
+        path = self.directory / f"{self.owner}.{self._seq:06d}{SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._current = Segment(path, fd)
+        self._segments.append(self._current)
+
+    def _append(self, line: bytes) -> Segment | None:
+        seg = self._current
+        if seg is None:
+            return None
+        if seg.size >= self.segment_bytes:
+            self._roll()
+            seg = self._current
+            assert seg is not None
+        written = os.write(seg.fd, line)
+        if written != len(line):  # a short write to a regular file: the disk is full
+            raise OSError(f"journal write cut short ({written} of {len(line)} bytes)")
+        seg.size += written
+        seg.pending += 1
+        return seg
+
+    def begin(self, r: RequestRecord) -> Segment | None:
+        """Make the request durable before it is forwarded; raises OSError when the disk refuses."""
+        return self._append(
+            orjson.dumps(
+                [
+                    "B",
+                    r.id,
+                    r.user_id,
+                    r.key_id,
+                    r.provider,
+                    r.model,
+                    r.operation,
+                    r.stream,
+                    iso(r.started_at),
+                    r.reservation,
+                    r.owner,
+                ],
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+        )
+
+    def finish(self, r: RequestRecord) -> Segment | None:
+        """Make the final usage durable before the store has it."""
+        assert r.finished_at is not None
+        return self._append(
+            orjson.dumps(
+                [
+                    "F",
+                    r.id,
+                    r.status_code,
+                    r.outcome,
+                    r.usage,
+                    r.usage_raw,
+                    r.estimated,
+                    iso(r.finished_at),
+                ],
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+        )
+
+    def stored(self, segments: list[Segment | None]) -> None:
+        """The records written to these segments are now in the store."""
+        for seg in segments:
+            if seg is not None:
+                seg.pending -= 1
+        self._release_idle()
+
+    def _release_idle(self) -> None:
+        for seg in [s for s in self._segments if s.sealed and s.pending <= 0]:
+            self._segments.remove(seg)
+            _close_and_unlink(seg)
+
+    def close(self) -> None:
+        """At shutdown, after the store has taken everything: segments with nothing pending go."""
+        for seg in self._segments:
+            seg.sealed = True
+        self._release_idle()
+        for seg in self._segments:  # something never reached the store: the next start recovers it
+            log.warning("journal %s keeps %d record(s) for recovery at the next start", seg.path.name, seg.pending)
+            os.close(seg.fd)
+        self._segments.clear()
+        self._current = None
+
+
+def _close_and_unlink(seg: Segment) -> None:
+    os.close(seg.fd)
+    with contextlib.suppress(FileNotFoundError):
+        seg.path.unlink()
+
+
+@dataclass(slots=True)
+class Orphans:
+    """What dead processes left: requests to finish exactly, requests to settle by estimate."""
+
+    finished: list[RequestRecord] = field(default_factory=list)
+    unfinished: list[RequestRecord] = field(default_factory=list)
+    files: list[tuple[Path, int]] = field(default_factory=list)  # locked by us until `discard`
+
+    def discard(self) -> None:
+        """Every orphan is in the store: the files can go."""
+        for path, fd in self.files:
+            _close_and_unlink(Segment(path, fd))
+        self.files.clear()
+
+
+def orphans(directory: Path | None) -> Orphans:
+    """Read the segments no live process holds (each stays locked by us until `discard`)."""
+    found = Orphans()
+    if directory is None or not directory.is_dir():
+        return found
+    begun: dict[str, RequestRecord] = {}
+    for path in sorted(directory.glob(f"*{SUFFIX}")):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # a live process writes it
+            continue
+        found.files.append((path, fd))
+        with open(path, "rb") as fh:
+            for entry in _entries(fh.read(), path):
+                if entry[0] == "B":
+                    begun[str(entry[1])] = _begun(entry)
+                elif entry[0] == "F" and (r := begun.pop(str(entry[1]), None)) is not None:
+                    # A finish whose begin is gone was stored already (a segment goes only when it is).
+                    _finish(r, entry)
+                    found.finished.append(r)
+    found.unfinished = list(begun.values())
+    return found
+
+
+def _entries(data: bytes, path: Path) -> Iterator[list[object]]:
+    for n, line in enumerate(data.splitlines(), 1):
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            # Only a write cut by the crash can be torn, and a torn begin was never forwarded.
+            log.warning("journal %s line %d is torn; skipped", path.name, n)
+            continue
+        if isinstance(entry, list) and entry and entry[0] in ("B", "F"):
+            yield entry
+
+
+def _begun(e: list[object]) -> RequestRecord:
+    return RequestRecord(
+        id=str(e[1]),
+        user_id=str(e[2]),
+        key_id=str(e[3]),
+        provider=str(e[4]),
+        model=str(e[5]),
+        operation=str(e[6]),
+        stream=bool(e[7]),
+        started_at=parse_iso(str(e[8])),
+        reservation=dict(e[9]),  # type: ignore[call-overload]
+        owner=str(e[10]),
+    )
+
+
+def _finish(r: RequestRecord, e: list[object]) -> None:
+    r.status_code = e[2]  # type: ignore[assignment]
+    r.outcome = str(e[3])
+    r.usage = dict(e[4])  # type: ignore[call-overload]
+    r.usage_raw = e[5]
+    r.estimated = bool(e[6])
+    r.finished_at = parse_iso(str(e[7]))

@@ -1,0 +1,149 @@
+"""The request journal and the recorder: what a crash leaves is stored exactly once at the next start."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.journal import Journal, orphans
+from gateway.recording import Recorder, recover, usage_events
+from gateway.store.base import RequestRecord, UsageEvent
+from gateway.store.sqlite import SqliteStore
+from tests.test_store import record
+
+
+def crash(journal: Journal) -> None:
+    """What kill -9 leaves: the files, unlocked, nothing deleted."""
+    for seg in journal._segments:
+        os.close(seg.fd)
+    journal._segments.clear()
+
+
+def finished(r: RequestRecord, usage: dict[str, int]) -> RequestRecord:
+    r.outcome, r.status_code, r.usage = "ok", 200, usage
+    r.finished_at = datetime(2026, 12, 1, 0, 0, 1, tzinfo=UTC)
+    return r
+
+
+async def stored_usage(store: SqliteStore, rid: str) -> dict[str, int]:
+    return {e.meter: e.value for e in await store.events_for_request(rid)}
+
+
+async def test_recovery_stores_finished_exactly_and_estimates_the_unfinished(
+    tmp_path: Path, store: SqliteStore
+) -> None:
+    j = Journal(tmp_path / "j", "host:1:aa")
+    j.open()
+    done = record("req_done", reservation={"claude_input_tokens": 50, "claude_output_tokens": 100})
+    j.begin(done)
+    j.finish(finished(done, {"claude_input_tokens": 12, "claude_output_tokens": 9}))
+    cut = record("req_cut", reservation={"claude_input_tokens": 50, "claude_cache_read_tokens": 50})
+    j.begin(cut)
+    crash(j)
+
+    assert await recover(store, tmp_path / "j", "me") == 1
+    assert await stored_usage(store, "req_done") == {"claude_input_tokens": 12, "claude_output_tokens": 9}
+    assert await stored_usage(store, "req_cut") == {"claude_input_tokens": 50}  # input estimated once
+    assert list((tmp_path / "j").iterdir()) == []
+    # a second start finds nothing to do
+    assert await recover(store, tmp_path / "j", "me") == 0
+    assert await stored_usage(store, "req_done") == {"claude_input_tokens": 12, "claude_output_tokens": 9}
+
+
+async def test_a_request_stored_before_the_crash_is_not_estimated_again(tmp_path: Path, store: SqliteStore) -> None:
+    # Its begin sits in a segment kept alive by another request; its finish was in a segment already gone.
+    j = Journal(tmp_path / "j", "p", segment_bytes=1)
+    j.open()
+    r = record("req_a")
+    b = j.begin(r)
+    f = j.finish(finished(r, {"claude_output_tokens": 7}))
+    await store.finish_request(r, usage_events(r))
+    j.begin(record("req_open"))
+    assert b is not None and f is not None
+    b.pending += 1  # as if something else in req_a's begin segment were still pending
+    j.stored([b, f])
+    assert b.path.exists() and not f.path.exists()
+    crash(j)
+
+    assert await recover(store, tmp_path / "j", "me") == 1  # only req_open
+    assert await stored_usage(store, "req_a") == {"claude_output_tokens": 7}
+
+
+def test_a_live_process_segments_are_not_touched(tmp_path: Path) -> None:
+    live = Journal(tmp_path, "live")
+    live.open()
+    live.begin(record("req_live"))
+    found = orphans(tmp_path)
+    assert found.finished == [] and found.unfinished == [] and found.files == []
+    live.close()
+
+
+def test_torn_last_line_is_skipped(tmp_path: Path) -> None:
+    j = Journal(tmp_path, "p")
+    j.open()
+    j.begin(record("req_ok"))
+    assert j._current is not None
+    os.write(j._current.fd, b'["B","req_torn","u"')  # the write the crash cut
+    crash(j)
+    found = orphans(tmp_path)
+    assert [r.id for r in found.unfinished] == ["req_ok"]
+    found.discard()
+
+
+def test_segments_roll_and_go_once_everything_in_them_is_stored(tmp_path: Path) -> None:
+    j = Journal(tmp_path, "p", segment_bytes=200)
+    j.open()
+    segs = []
+    for i in range(6):
+        r = record(f"req_{i}")
+        segs.append((j.begin(r), j.finish(finished(r, {"claude_output_tokens": 1}))))
+    assert len(list(tmp_path.iterdir())) > 2
+    for b, f in segs:
+        j.stored([b, f])
+    assert len(list(tmp_path.iterdir())) == 1  # only the one being written
+    j.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+class FlakyStore(SqliteStore):
+    """Fails the first `n` finishes: a locked or full database."""
+
+    def __init__(self, path: str, n: int) -> None:
+        super().__init__(path)
+        self.fail = n
+        self.calls = 0
+
+    async def finish_requests(self, items: Sequence[tuple[RequestRecord, Sequence[UsageEvent]]]) -> None:
+        self.calls += 1
+        if self.fail > 0:
+            self.fail -= 1
+            raise OSError("disk I/O error")
+        await super().finish_requests(items)
+
+
+async def test_recorder_batches_retries_and_keeps_the_journal_until_stored(tmp_path: Path) -> None:
+    store = FlakyStore(str(tmp_path / "r.db"), n=2)
+    await store.open()
+    await store.migrate()
+    j = Journal(tmp_path / "j", "p", segment_bytes=1)
+    j.open()
+    woken: list[int] = []
+    rec = Recorder(store, j, woken.append, linger=0.01)
+    try:
+        for i in range(5):
+            r = record(f"req_{i}")
+            b = j.begin(r)
+            finished(r, {"claude_output_tokens": i})
+            rec.add(r, usage_events(r), [b, j.finish(r)])
+        await rec.close()
+        assert store.calls == 7  # the batch failed, then one by one: the first of those failed and was retried
+        assert await store.finished_ids([f"req_{i}" for i in range(5)]) == {f"req_{i}" for i in range(5)}
+        assert sum(woken) == 4  # req_0 had no usage: no event
+        await asyncio.sleep(0)
+        assert [p.name for p in (tmp_path / "j").iterdir()] == [j._current.path.name]  # type: ignore[union-attr]
+    finally:
+        j.close()
+        await store.close()
