@@ -77,3 +77,28 @@ async def test_two_stores_on_one_file_claim_disjoint_events(tmp_path: object, n:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_upgrade_from_the_first_schema_keeps_requests(tmp_path: object) -> None:
+    import sqlite3
+
+    from gateway.store.sqlite_base import migrations_dir
+
+    path = f"{tmp_path}/old.db"
+    with sqlite3.connect(path) as old:
+        old.executescript((migrations_dir("sqlite") / "0001_init.sql").read_text())
+        old.execute("CREATE TABLE schema_migrations (version TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+        old.execute("INSERT INTO schema_migrations VALUES ('0001_init', '2026-11-30T00:00:00Z')")
+        old.execute(
+            "INSERT INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome)"
+            " VALUES ('req_old', 'u', 'k', 'anthropic', 'm', 'messages', 0, '2026-11-30T00:00:00Z', 'ok')"
+        )
+    s = SqliteStore(path)
+    await s.open()
+    try:
+        assert await s.migrate() == ["0002_journal"]
+        assert await s.finished_ids(["req_old", "req_new"]) == {"req_old"}
+        await s.finish_request(record("req_new", outcome="ok"), [])
+        assert await s.finished_ids(["req_old", "req_new"]) == {"req_old", "req_new"}
+    finally:
+        await s.close()
