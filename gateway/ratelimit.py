@@ -1,7 +1,12 @@
-"""Per-user rate limits: requests and tokens per minute over a sliding 60 s window.
+"""Per-user rate limits: requests and tokens per minute over a sliding 60 s window of 1 s buckets.
 
 Tokens are counted as reserved at pre-check (estimate) and corrected to the actual usage
 when the request ends, so parallel requests cannot all pass on the same window.
+
+Buckets, not an entry per request: at thousands of requests per second an entry each kept
+hundreds of thousands of objects alive per user, which the garbage collector rescanned (measured:
+p99 from 10 ms to 60 ms after a minute of load). A bucket leaves the window 59 to 60 s after its
+requests were admitted.
 """
 
 from __future__ import annotations
@@ -12,23 +17,33 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-WINDOW = 60.0
-
-
-@dataclass(slots=True)
-class _Entry:
-    at: float
-    tokens: int
+WINDOW = 60  # seconds, in 1 s buckets
+SWEEP_EVERY = 10_000  # admissions between sweeps of idle users' windows
 
 
 @dataclass(slots=True)
 class _Window:
-    entries: deque[_Entry] = field(default_factory=deque)
+    buckets: deque[list[int]] = field(default_factory=deque)  # [second, requests, tokens], oldest first
+    requests: int = 0
     tokens: int = 0
 
-    def expire(self, now: float) -> None:
-        while self.entries and self.entries[0].at <= now - WINDOW:
-            self.tokens -= self.entries.popleft().tokens
+    def expire(self, second: int) -> None:
+        while self.buckets and self.buckets[0][0] <= second - WINDOW:
+            _, n, t = self.buckets.popleft()
+            self.requests -= n
+            self.tokens -= t
+
+    def admit(self, second: int, tokens: int) -> list[int]:
+        if self.buckets and self.buckets[-1][0] == second:
+            bucket = self.buckets[-1]
+            bucket[1] += 1
+            bucket[2] += tokens
+        else:
+            bucket = [second, 1, tokens]
+            self.buckets.append(bucket)
+        self.requests += 1
+        self.tokens += tokens
+        return bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +63,7 @@ class RateLimiter:
         self.tpm = tokens_per_minute
         self._clock = clock
         self._windows: dict[str, _Window] = {}
+        self._admitted = 0
 
     def acquire(self, user_id: str, tokens: int) -> tuple[RateLimited | None, object | None]:
         """Admit one request with an estimated token cost, or say when to retry.
@@ -57,35 +73,44 @@ class RateLimiter:
         if self.rpm is None and self.tpm is None:
             return None, None
         now = self._clock()
+        second = int(now)
         win = self._windows.get(user_id)
         if win is None:
             win = self._windows[user_id] = _Window()
-        win.expire(now)
-        if self.rpm is not None and len(win.entries) >= self.rpm:
-            return RateLimited("requests", self._retry_after(win.entries[0].at, now)), None
-        if self.tpm is not None and win.entries and win.tokens + tokens > self.tpm:
-            # Free the oldest entries until it would fit; a lone over-sized request is let through.
-            need, freed, at = win.tokens + tokens - self.tpm, 0, win.entries[0].at
-            for e in win.entries:
-                freed += e.tokens
-                at = e.at
+        win.expire(second)
+        if self.rpm is not None and win.requests >= self.rpm:
+            return RateLimited("requests", self._retry_after(win.buckets[0][0], now)), None
+        if self.tpm is not None and win.requests and win.tokens + tokens > self.tpm:
+            # Free the oldest buckets until it would fit; a lone over-sized request is let through.
+            need, freed, at = win.tokens + tokens - self.tpm, 0, win.buckets[0][0]
+            for bucket in win.buckets:
+                freed += bucket[2]
+                at = bucket[0]
                 if freed >= need:
                     break
             return RateLimited("tokens", self._retry_after(at, now)), None
-        entry = _Entry(now, tokens)
-        win.entries.append(entry)
-        win.tokens += tokens
-        return None, entry
+        ticket = (win.admit(second, tokens), tokens)
+        self._admitted += 1
+        if self._admitted % SWEEP_EVERY == 0:
+            self._sweep(second)
+        return None, ticket
 
     def settle(self, user_id: str, ticket: object | None, actual_tokens: int) -> None:
-        if not isinstance(ticket, _Entry):
+        if not isinstance(ticket, tuple):
             return
+        bucket, reserved = ticket
         win = self._windows.get(user_id)
-        if win is None or not win.entries or ticket.at <= self._clock() - WINDOW:
-            return  # already expired out of the window
-        win.tokens += actual_tokens - ticket.tokens
-        ticket.tokens = actual_tokens
+        if win is None or bucket[0] <= int(self._clock()) - WINDOW:
+            return  # already out of the window
+        win.tokens += actual_tokens - reserved
+        bucket[2] += actual_tokens - reserved
+
+    def _sweep(self, second: int) -> None:
+        """Forget users with nothing left in the window (a window only expires when its user returns)."""
+        idle = [u for u, w in self._windows.items() if not w.buckets or w.buckets[-1][0] <= second - WINDOW]
+        for user_id in idle:
+            del self._windows[user_id]
 
     @staticmethod
-    def _retry_after(oldest: float, now: float) -> int:
+    def _retry_after(oldest: int, now: float) -> int:
         return max(1, math.ceil(oldest + WINDOW - now))
