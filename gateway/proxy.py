@@ -239,15 +239,18 @@ class ProxyEndpoint:
                 watcher = asyncio.ensure_future(
                     _watch_disconnect(receive, gone, expired, resp, settings.drain_timeout_seconds)
                 )
-            outcome, drained = "ok" if status < 400 else "upstream_error", 0
+            outcome, drained, ended = "ok" if status < 400 else "upstream_error", 0, False
+            content = resp.content
             try:
-                while chunk := await resp.content.readany():
+                while chunk := await content.readany():
                     if meter is not None:
                         meter.feed(decoder.decode(chunk))
                     else:
                         whole += chunk
                     if not gone.is_set():
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        # The last chunk carries the end of the body: one send (and write) fewer.
+                        ended = content.at_eof()
+                        await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
                         continue
                     drained += len(chunk)
                     if drained > settings.drain_max_bytes or (meter is not None and meter.usage().final):
@@ -264,7 +267,8 @@ class ProxyEndpoint:
             finally:
                 if watcher is not None:
                     watcher.cancel()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
             usage: Usage | None
             estimated = False
             if meter is not None:
@@ -280,13 +284,15 @@ class ProxyEndpoint:
             return Outcome(status, outcome, usage, estimated)
 
     async def _relay_plain(self, resp: aiohttp.ClientResponse, send: Any, status: int) -> Outcome:
-        outcome = "ok"
+        outcome, ended = "ok", False
         try:
             async for chunk in resp.content.iter_any():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                ended = resp.content.at_eof()
+                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
         except (TimeoutError, aiohttp.ClientError):
             outcome = "upstream_broken"
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         return Outcome(status, outcome, None)
 
     async def _stream_error(self, send: Any, route: Route, status: int, kind: str, message: str) -> None:
