@@ -1,1 +1,1 @@
-"""The benchmark harness behind bench/run.py, bench/profile.py and bench/accuracy.py, one module per concern."""
+"""The benchmark harness behind bench/run.py, hotspots.py, pipeline.py and accuracy.py, one module per concern."""

@@ -1,6 +1,6 @@
 """Profile the gateway's hot path under load: py-spy samples it while wrk drives one cell.
 
-    python bench/profile.py [--cell anthropic_json@16] [--duration 10] [--top 25]
+    python bench/hotspots.py [--cell anthropic_json@16] [--duration 10] [--top 25]
 
 Prints the functions with the most samples, by own time and by inclusive time, so the
 billing path's cost can be read off (the closing notes of the performance work quote it).

@@ -1,0 +1,214 @@
+"""The gateway's own cost per request, without sockets: its ASGI app driven in-process.
+
+    python bench/pipeline.py [--cells anthropic_json@16,...] [--requests 12000] [--rounds 3] [--profile]
+
+`bench/run.py` measures the whole stack, where uvicorn, aiohttp and the kernel's loopback are most
+of the cost and a shared machine moves the numbers by +-20 %. This drives `create_app(settings)`
+directly, 16 requests at a time, with the upstream client replaced by one that answers the
+recorded fixtures from memory: what is left is authentication, pre-checks, metering, the journal
+and the store (whose writer thread counts too: CPU time is the process's). It prints the CPU time
+per request (the minimum over rounds is the least disturbed) and checks that the recorded meter
+totals equal requests x the fixture's usage. `--profile` adds the top functions by own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import logging
+import pstats
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import uvloop
+from harness.fixtures import Cell, fast_cells
+
+from gateway.app import create_app
+from gateway.keys import issue_key
+from gateway.settings import Settings, load_file_config
+
+CONCURRENCY = 16
+TOML = "[plan]\n[rate_limit]\nrequests_per_minute = 100000000\ntokens_per_minute = 100000000000\n"
+
+
+class _Content:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = chunks
+        self._i = 0
+
+    async def readany(self) -> bytes:
+        if self._i < len(self._chunks):
+            self._i += 1
+            return self._chunks[self._i - 1]
+        return b""
+
+    def at_eof(self) -> bool:
+        return self._i >= len(self._chunks)
+
+
+class _Response:
+    status = 200
+
+    def __init__(self, chunks: list[bytes], content_type: bytes) -> None:
+        self.content = _Content(chunks)
+        self.raw_headers = [(b"Content-Type", content_type), (b"request-id", b"req_bench")]
+        self.headers: dict[str, str] = {}
+
+    async def __aenter__(self) -> _Response:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class FixtureSession:
+    """Stands in for the aiohttp session: every call answers the cell's fixture, as nginx would."""
+
+    def __init__(self, cell: Cell) -> None:
+        fx = cell.fixture
+        self._chunks = fx.events() if fx.stream else [fx.body()]
+        self._type = b"text/event-stream" if fx.stream else b"application/json"
+
+    async def request(self, *args: Any, **kwargs: Any) -> _Response:
+        return _Response(self._chunks, self._type)
+
+    async def close(self) -> None:
+        pass
+
+
+def request_for(cell: Cell, key: str) -> tuple[dict[str, Any], bytes]:
+    stream = cell.fixture.stream
+    if cell.name.startswith("gemini"):
+        op = "streamGenerateContent" if stream else "generateContent"
+        path = f"/gemini/v1beta/models/gemini-2.5-flash:{op}"
+        query = b"alt=sse" if stream else b""
+        headers = [(b"x-goog-api-key", key.encode()), (b"content-type", b"application/json")]
+        body = b'{"contents": [{"parts": [{"text": "Hello"}], "role": "user"}]}'
+    else:
+        path, query = "/anthropic/v1/messages", b""
+        headers = [
+            (b"x-api-key", key.encode()),
+            (b"content-type", b"application/json"),
+            (b"anthropic-version", b"2023-06-01"),
+        ]
+        body = b'{"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "Hello"}]'
+        body += b', "stream": true}' if stream else b"}"
+    scope = {"type": "http", "method": "POST", "path": path, "query_string": query, "headers": headers}
+    return scope, body
+
+
+async def measure(cell: Cell, requests: int, rounds: int, profile: bool) -> list[float]:
+    work = Path(tempfile.mkdtemp(prefix="polar-pipeline-"))
+    config = work / "gateway.toml"
+    config.write_text(TOML)
+    db = f"sqlite:///{work / 'bench.db'}"
+    settings = Settings(
+        database_url=db,
+        config_path=config,
+        file=load_file_config(config),
+        anthropic_api_key="sk-bench",
+        gemini_api_key="bench",
+    )
+    app = create_app(settings)
+    s = app.services
+    lifespan: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    started = asyncio.Event()
+
+    async def lifespan_send(message: dict[str, str]) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
+        elif message["type"].endswith("failed"):
+            raise RuntimeError(message)
+
+    await lifespan.put({"type": "lifespan.startup"})
+    life = asyncio.create_task(app.app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan.get, lifespan_send))
+    await started.wait()
+    assert s.client is not None
+    await s.client.close()
+    s.client = FixtureSession(cell)  # type: ignore[assignment]
+    key = (await issue_key(s.store, "bench-user")).key
+    scope, body = request_for(cell, key)
+    never = asyncio.Event()
+
+    async def one() -> None:
+        delivered = False
+        status: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await never.wait()  # the client stays connected
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        await app(dict(scope), receive, send)
+        if status != [200]:
+            raise RuntimeError(f"{cell.name}: status {status}")
+
+    async def batch(n: int) -> None:
+        for _ in range(n // CONCURRENCY):
+            await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
+        await s.recorder.close()  # the store's share of the work is in the measurement
+
+    await batch(CONCURRENCY * 20)  # warm up
+    results: list[float] = []
+    prof = cProfile.Profile() if profile else None
+    for _ in range(rounds):
+        t0 = time.process_time()
+        if prof:
+            prof.enable()
+        await batch(requests)
+        if prof:
+            prof.disable()
+        results.append(1e6 * (time.process_time() - t0) / (requests // CONCURRENCY * CONCURRENCY))
+    served = CONCURRENCY * 20 + rounds * (requests // CONCURRENCY * CONCURRENCY)
+    await lifespan.put({"type": "lifespan.shutdown"})
+    await life
+    check_meters(work / "bench.db", cell, served)
+    if prof:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    return results
+
+
+def check_meters(db: Path, cell: Cell, served: int) -> None:
+    with sqlite3.connect(db) as conn:
+        recorded = dict(conn.execute("SELECT meter, SUM(value) FROM usage_events GROUP BY meter").fetchall())
+    expected = {m: v * served for m, v in cell.fixture.usage.items() if v}
+    if recorded != expected:
+        raise SystemExit(f"{cell.name}: recorded {recorded} != expected {expected} ({served} requests)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", default="anthropic_json@16,anthropic_sse@16,gemini_json@16,gemini_sse@16")
+    ap.add_argument("--requests", type=int, default=12000, help="per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    logging.getLogger("gateway").setLevel(logging.ERROR)  # "Polar is not configured" and the like
+    cells = {c.name: c for c in fast_cells()}
+    for name in args.cells.split(","):
+        us = uvloop.run(measure(cells[name], args.requests, args.rounds, args.profile))
+        rounds = ", ".join(f"{u:.1f}" for u in us)
+        print(f"{name:<18} min {min(us):6.1f} us CPU/request  (rounds: {rounds}); meters exact", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
