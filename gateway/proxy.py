@@ -36,6 +36,9 @@ class ClientGone(Exception):
     pass
 
 
+_NEVER_SET = asyncio.Event()  # "the client left" when nothing watches: a JSON body is read to its end anyway
+
+
 def new_request_id() -> str:
     """Time-ordered (ms clock, then random): ids and the external ids derived from them append to
     the store's indexes instead of landing on random pages."""
@@ -233,9 +236,10 @@ class ProxyEndpoint:
             streamed = call.stream and status == 200 and call.meter_factory is not None
             meter = call.meter_factory() if streamed and call.meter_factory else None
             whole = bytearray()
-            gone, expired = asyncio.Event(), asyncio.Event()
+            gone = expired = _NEVER_SET
             watcher = None
             if meter is not None:  # a JSON body is read to its end anyway; a stream needs a drain bound
+                gone, expired = asyncio.Event(), asyncio.Event()
                 watcher = asyncio.ensure_future(
                     _watch_disconnect(receive, gone, expired, resp, settings.drain_timeout_seconds)
                 )
