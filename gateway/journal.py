@@ -79,6 +79,8 @@ class Journal:
             assert seg is not None
         written = os.write(seg.fd, line)
         if written != len(line):  # a short write to a regular file: the disk is full
+            with contextlib.suppress(OSError):  # end the torn line, or it would swallow the next one
+                os.write(seg.fd, b"\n")
             raise OSError(f"journal write cut short ({written} of {len(line)} bytes)")
         seg.size += written
         seg.pending += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import socket
 
 import anthropic
@@ -271,3 +272,30 @@ def test_no_secret_in_logs_or_errors(make_gateway, upstream: FakeUpstream, caplo
     text = "\n".join(server_logs) + "".join(bodies)  # (the test's own client logs its URLs)
     for secret in (ANTHROPIC_KEY, GEMINI_KEY, key):
         assert secret not in text
+
+
+def test_full_disk_refuses_with_503_before_forwarding_and_releases_the_reservation(
+    make_gateway,  # type: ignore[no-untyped-def]
+    upstream: FakeUpstream,
+) -> None:
+    gw: Gateway = make_gateway(plan={"claude_output_tokens": 64})
+    key = gw.issue_key("full")
+    segment = gw.services.journal._current
+    saved = os.dup(segment.fd)
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, segment.fd)  # every journal write now fails with ENOSPC
+    try:
+        before = len(upstream.requests)
+        c = anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as err:
+            c.messages.create(**BODY)  # type: ignore[arg-type]
+        assert err.value.status_code == 503
+        assert err.value.body["error"]["message"] == "the gateway cannot record usage right now"  # type: ignore[index]
+        assert len(upstream.requests) == before  # never forwarded: nothing to bill
+    finally:
+        os.dup2(saved, segment.fd)
+        os.close(saved)
+        os.close(full)
+    # the refused request held no quota: the whole allowance is still there
+    c.messages.create(**BODY)  # type: ignore[arg-type]
+    gw.wait_recorded("full", 1)
