@@ -16,6 +16,19 @@ from tests.fakes.upstream import FakeUpstream, Reply
 MSG = [{"role": "user", "content": "Hello"}]
 
 
+def process_env(db: Path, upstream: FakeUpstream, **extra: str) -> dict[str, str]:
+    """Environment of a `gateway serve` subprocess on `db` in front of the fake upstream."""
+    return {
+        "GATEWAY_DATABASE_URL": f"sqlite:///{db}",
+        "GATEWAY_ANTHROPIC_UPSTREAM": upstream.url,
+        "GATEWAY_GEMINI_UPSTREAM": upstream.url,
+        "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
+        "GEMINI_API_KEY": "g",
+        "GATEWAY_ADMIN_TOKEN": "adm",
+        **extra,
+    }
+
+
 async def _burst(gw: Gateway, key: str, n: int, max_tokens: int) -> list[int]:
     c = anthropic.AsyncAnthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
 
@@ -52,14 +65,7 @@ async def test_parallel_requests_rate_limit_exact(make_gateway, upstream: FakeUp
 
 def test_kill_9_mid_stream_is_settled_on_restart(tmp_path: Path, upstream: FakeUpstream) -> None:
     db = tmp_path / "crash.db"
-    env = {
-        "GATEWAY_DATABASE_URL": f"sqlite:///{db}",
-        "GATEWAY_ANTHROPIC_UPSTREAM": upstream.url,
-        "GATEWAY_GEMINI_UPSTREAM": upstream.url,
-        "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
-        "GEMINI_API_KEY": "g",
-        "GATEWAY_ADMIN_TOKEN": "adm",
-    }
+    env = process_env(db, upstream)
     gw = GatewayProcess(env).start()
     try:
         key = httpx.post(
@@ -97,13 +103,7 @@ def test_kill_9_mid_stream_is_settled_on_restart(tmp_path: Path, upstream: FakeU
 def test_kill_9_after_the_answer_keeps_exact_usage(tmp_path: Path, upstream: FakeUpstream) -> None:
     """A finished request the store has not taken yet is in the journal; the next start stores it exactly."""
     db = tmp_path / "late.db"
-    env = {
-        "GATEWAY_DATABASE_URL": f"sqlite:///{db}",
-        "GATEWAY_ANTHROPIC_UPSTREAM": upstream.url,
-        "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
-        "GATEWAY_ADMIN_TOKEN": "adm",
-        "GATEWAY_RECORD_LINGER_SECONDS": "600",  # the store would take it ten minutes later
-    }
+    env = process_env(db, upstream, GATEWAY_RECORD_LINGER_SECONDS="600")  # the store takes it 10 min later
     gw = GatewayProcess(env).start()
     try:
         key = httpx.post(
@@ -135,15 +135,13 @@ def test_sync_claims_survive_kill_9(tmp_path: Path, upstream: FakeUpstream) -> N
 
     db = tmp_path / "sync-crash.db"
     with FakePolar() as polar:
-        env = {
-            "GATEWAY_DATABASE_URL": f"sqlite:///{db}",
-            "GATEWAY_ANTHROPIC_UPSTREAM": upstream.url,
-            "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
-            "GATEWAY_ADMIN_TOKEN": "adm",
-            "POLAR_ACCESS_TOKEN": polar.token,
-            "POLAR_BASE_URL": polar.url,
-            "GATEWAY_SYNC_INTERVAL_SECONDS": "0.2",
-        }
+        env = process_env(
+            db,
+            upstream,
+            POLAR_ACCESS_TOKEN=polar.token,
+            POLAR_BASE_URL=polar.url,
+            GATEWAY_SYNC_INTERVAL_SECONDS="0.2",
+        )
         # Polar stores the batch, then hangs: the gateway dies before it learns the batch landed.
         polar.fail_next(1, "timeout", hold=60, commit=True, path="/v1/events/ingest")
         gw = GatewayProcess(env).start()
