@@ -241,6 +241,12 @@ class GatewayProcess:
         wait_until(healthy, timeout=20, interval=0.05)
         return self
 
+    def issue_key(self, user_id: str) -> str:
+        """A key through the admin API (the env must set GATEWAY_ADMIN_TOKEN=adm)."""
+        resp = httpx.post(f"{self.url}/admin/keys", json={"user_id": user_id}, headers={"authorization": "Bearer adm"})
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["key"])
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)

@@ -68,9 +68,7 @@ def test_kill_9_mid_stream_is_settled_on_restart(tmp_path: Path, upstream: FakeU
     env = process_env(db, upstream)
     gw = GatewayProcess(env).start()
     try:
-        key = httpx.post(
-            f"{gw.url}/admin/keys", json={"user_id": "crash"}, headers={"authorization": "Bearer adm"}
-        ).json()["key"]
+        key = gw.issue_key("crash")
         upstream.enqueue(Reply.fixture("anthropic/stream_text.sse", hang_after=2))
         body = {"model": "claude-sonnet-4-6", "max_tokens": 100, "messages": MSG, "stream": True}
         with httpx.stream("POST", f"{gw.url}/anthropic/v1/messages", json=body, headers={"x-api-key": key}) as r:
@@ -106,9 +104,7 @@ def test_kill_9_after_the_answer_keeps_exact_usage(tmp_path: Path, upstream: Fak
     env = process_env(db, upstream, GATEWAY_RECORD_LINGER_SECONDS="600")  # the store takes it 10 min later
     gw = GatewayProcess(env).start()
     try:
-        key = httpx.post(
-            f"{gw.url}/admin/keys", json={"user_id": "late"}, headers={"authorization": "Bearer adm"}
-        ).json()["key"]
+        key = gw.issue_key("late")
         c = anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
         msg = c.messages.create(model="claude-sonnet-4-6", max_tokens=64, messages=MSG)  # type: ignore[arg-type]
         journal = tmp_path / "late.db.journal"
@@ -146,9 +142,7 @@ def test_sync_claims_survive_kill_9(tmp_path: Path, upstream: FakeUpstream) -> N
         polar.fail_next(1, "timeout", hold=60, commit=True, path="/v1/events/ingest")
         gw = GatewayProcess(env).start()
         try:
-            key = httpx.post(
-                f"{gw.url}/admin/keys", json={"user_id": "sc"}, headers={"authorization": "Bearer adm"}
-            ).json()["key"]
+            key = gw.issue_key("sc")
             c = anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
             c.messages.create(model="claude-sonnet-4-6", max_tokens=16, messages=MSG)  # type: ignore[arg-type]
 
