@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway.admin import key_json
 from gateway.keys import InvalidUserId, check_user_id, issue_key
+from gateway.recording import recover_journal
 from gateway.settings import ConfigError, Settings, settings_from_env
 from gateway.store.sqlite import SqliteStore
 
@@ -55,6 +56,8 @@ async def _with_store(settings: Settings, fn: Callable[[SqliteStore], Awaitable[
     await store.open()
     try:
         await store.migrate()
+        # What a stopped gateway journaled belongs in the store before keys, usage or sync look at it.
+        await recover_journal(store, settings.journal_path)
         return await fn(store)
     finally:
         await store.close()

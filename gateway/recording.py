@@ -177,8 +177,18 @@ def estimate_from_reservation(reservation: Mapping[str, int]) -> dict[str, int]:
 
 
 async def recover(store: Store, journal_dir: Path | None, owner: str) -> int:
+    """At start, before serving: store what dead processes journaled and hand back their sync claims."""
+    settled = await recover_journal(store, journal_dir)
+    released = await store.release_claims(owner)
+    if released:
+        log.warning("re-queued %d usage event(s) a stopped sync had claimed (Polar dedups any resend)", released)
+    return settled
+
+
+async def recover_journal(store: Store, journal_dir: Path | None) -> int:
     """Store what dead processes left in their journals: finished requests exactly, requests that
-    were still in flight by estimate (the provider may have billed them). Runs before serving."""
+    were still in flight by estimate (the provider may have billed them). Returns how many were
+    estimated. Safe beside a live gateway: its segments are locked and skipped."""
     found = orphans(journal_dir)
     for record in found.finished:
         await store.finish_request(record, usage_events(record))  # idempotent: stored ones are kept as they are
@@ -198,7 +208,4 @@ async def recover(store: Store, journal_dir: Path | None, owner: str) -> int:
         log.warning("stored %d finished request(s) a stopped process had journaled", len(found.finished))
     if settled:
         log.warning("settled %d request(s) left in flight by a stopped process (estimated)", settled)
-    released = await store.release_claims(owner)
-    if released:
-        log.warning("re-queued %d usage event(s) a stopped sync had claimed (Polar dedups any resend)", released)
     return settled

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import anthropic
@@ -112,7 +115,13 @@ def test_kill_9_after_the_answer_keeps_exact_usage(tmp_path: Path, upstream: Fak
         gw.kill()
         with sqlite3.connect(db) as conn:
             assert conn.execute("SELECT COUNT(*) FROM requests").fetchone() == (0,)
-        gw = GatewayProcess(env, gw.port).start()
+        # `gateway usage` (like every CLI command) stores what the dead process journaled first
+        cli = subprocess.run(
+            [sys.executable, "-m", "gateway", "usage", "--json"], env=gw.env, capture_output=True, text=True, check=True
+        )
+        shown = {row["meter"]: row["total"] for row in json.loads(cli.stdout)}
+        assert shown == {"claude_input_tokens": msg.usage.input_tokens, "claude_output_tokens": msg.usage.output_tokens}
+        gw = GatewayProcess(env, gw.port).start()  # and the restart finds nothing left to do
         with sqlite3.connect(db) as conn:
             rows = conn.execute("SELECT outcome, estimated FROM requests").fetchall()
             events = dict(conn.execute("SELECT meter, value FROM usage_events").fetchall())
