@@ -93,7 +93,8 @@ class Recorder:
 
     Why: a commit per request costs a thread round trip and a WAL write each; the journal already
     holds every finished request durably, so the store can take them `linger` seconds later, many
-    per transaction. A write that fails is retried, then left to the journal for the next start.
+    per transaction. While the store takes nothing (down, locked) everything waits, with backoff;
+    a record it refuses on its own is retried a few times, then left to the journal for the next start.
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class Recorder:
         linger: float = 0.02,
         max_batch: int = 2000,
         max_attempts: int = 3,
+        retry_seconds: float = 0.5,
     ) -> None:
         self.store = store
         self.journal = journal
@@ -111,9 +113,11 @@ class Recorder:
         self.linger = linger
         self.max_batch = max_batch
         self.max_attempts = max_attempts
+        self.retry_seconds = retry_seconds  # first backoff; doubles while the store takes nothing, up to 60x
         self._queue: list[_Finished] = []
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._backoff = 0.0
 
     def add(self, record: RequestRecord, events: list[UsageEvent], segments: list[Segment | None]) -> None:
         self._queue.append(_Finished(record, events, segments))
@@ -140,30 +144,54 @@ class Recorder:
                 *(self.store.finish_request(f.record, f.events) for f in batch), return_exceptions=True
             )
         stored: list[Segment | None] = []
-        events = failed = 0
+        events = 0
+        failed: list[_Finished] = []
         for f, result in zip(batch, results, strict=True):
             if result is None:
                 stored += f.segments
                 events += len(f.events)
-                continue
-            failed += 1
-            f.attempts += 1
-            if f.attempts < self.max_attempts:
-                log.warning("could not store request %s (%s); retrying", f.record.id, type(result).__name__)
-                self._queue.append(f)
             else:
-                log.error("could not store request %s; the journal keeps it for the next start", f.record.id)
+                failed.append(f)
         self.journal.stored(stored)
         if events:
             self.on_events(events)
-        if failed:
-            await asyncio.sleep(0.5)  # give the store a moment before the retries
+        if not failed:
+            self._backoff = 0.0
+            return
+        if len(failed) == len(batch):
+            # Nothing went in: the store is down or locked, not these records. Keep them all and wait.
+            self._backoff = min(max(2 * self._backoff, self.retry_seconds), 60 * self.retry_seconds)
+            why = _reason(results)
+            log.warning("could not store %d request(s) (%s); retrying in %.1f s", len(failed), why, self._backoff)
+            self._queue = failed + self._queue
+            await asyncio.sleep(self._backoff)
+            return
+        for f in failed:  # the store works but refuses these: a few more tries, then the journal keeps them
+            f.attempts += 1
+            if f.attempts < self.max_attempts:
+                self._queue.append(f)
+            else:
+                log.error("could not store request %s; the journal keeps it for the next start", f.record.id)
+        await asyncio.sleep(self.retry_seconds)
 
-    async def close(self) -> None:
-        """Store everything queued (at shutdown)."""
-        while self._task is not None and not self._task.done():
-            self._full.set()
-            await asyncio.shield(self._task)
+    async def close(self, grace_seconds: float = 10.0) -> None:
+        """Store everything queued (at shutdown). If the store cannot take it in `grace_seconds`,
+        stop trying: the journal keeps it for the next start."""
+        try:
+            async with asyncio.timeout(grace_seconds):
+                while self._task is not None and not self._task.done():
+                    self._full.set()
+                    await asyncio.shield(self._task)
+        except TimeoutError:
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            log.error("shutting down with %d request(s) not stored; the journal keeps them", len(self._queue))
+
+
+def _reason(results: list[BaseException | None]) -> str:
+    return next((type(r).__name__ for r in results if r is not None), "")
 
 
 # The reservation covers every input meter with the whole input estimate; a crash

@@ -147,3 +147,60 @@ async def test_recorder_batches_retries_and_keeps_the_journal_until_stored(tmp_p
     finally:
         j.close()
         await store.close()
+
+
+class DownStore(SqliteStore):
+    """Takes nothing while `down` (a locked or unreachable database)."""
+
+    down = True
+    calls = 0
+
+    async def finish_requests(self, items: Sequence[tuple[RequestRecord, Sequence[UsageEvent]]]) -> None:
+        self.calls += 1
+        if self.down:
+            raise OSError("database is locked")
+        await super().finish_requests(items)
+
+
+async def open_store(store: SqliteStore) -> SqliteStore:
+    await store.open()
+    await store.migrate()
+    return store
+
+
+async def test_recorder_keeps_everything_while_the_store_is_down(tmp_path: Path) -> None:
+    store = await open_store(DownStore(str(tmp_path / "d.db")))
+    j = Journal(tmp_path / "j", "p")
+    j.open()
+    rec = Recorder(store, j, linger=0.001, max_attempts=2, retry_seconds=0.001)
+    try:
+        for i in range(3):
+            r = finished(record(f"req_{i}"), {"claude_output_tokens": 1})
+            rec.add(r, usage_events(r), [j.begin(r), j.finish(r)])
+        deadline = asyncio.get_running_loop().time() + 10
+        while store.calls < 20:  # many more tries than max_attempts: nothing is given up
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        store.down = False
+        await rec.close()
+        assert await store.finished_ids(["req_0", "req_1", "req_2"]) == {"req_0", "req_1", "req_2"}
+    finally:
+        j.close()
+        await store.close()
+
+
+async def test_shutdown_with_the_store_down_leaves_the_journal_for_the_next_start(tmp_path: Path) -> None:
+    store = await open_store(DownStore(str(tmp_path / "d.db")))
+    j = Journal(tmp_path / "j", "p")
+    j.open()
+    rec = Recorder(store, j, linger=0.001, retry_seconds=0.001)
+    r = finished(record("req_x"), {"claude_output_tokens": 4})
+    rec.add(r, usage_events(r), [j.begin(r), j.finish(r)])
+    await rec.close(grace_seconds=0.2)
+    j.close()  # the segment is kept: its request was never stored
+    store.down = False
+    try:
+        assert await recover(store, tmp_path / "j", "next") == 0
+        assert await stored_usage(store, "req_x") == {"claude_output_tokens": 4}
+    finally:
+        await store.close()
