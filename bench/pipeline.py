@@ -59,7 +59,7 @@ class _Response:
 
     def __init__(self, chunks: list[bytes], content_type: bytes) -> None:
         self.content = _Content(chunks)
-        self.raw_headers = [(b"Content-Type", content_type), (b"request-id", b"req_bench")]
+        self.raw_headers = ((b"Content-Type", content_type), (b"request-id", b"req_bench"))
         self.headers: dict[str, str] = {}
 
     async def __aenter__(self) -> _Response:
