@@ -7,8 +7,9 @@ One command (from the repository root, with the venv's python)::
     python bench/run.py --slow          # slow-upstream mode, 256 connections
 
 It starts a fake provider upstream (nginx + the echo module, serving the recorded fixtures,
-streams written one event per write), then, one contender after another, starts the
-contender pinned to CPU 0 and drives it with wrk pinned to CPU 1 (the upstream shares CPU 1).
+streams written one event per write) and every contender, pinned to CPU 0; then, cell by cell,
+drives each contender in turn with wrk pinned to CPU 1 (the upstream shares CPU 1), so that a
+cell's contenders are measured seconds apart.
 Contenders: ``direct`` (a second nginx, the upstream itself, pinned to CPU 0), ``bare-starlette``
 and ``bare-raw`` (bench/bare.py) and ``gateway`` (``python -m gateway serve`` with real keys,
 limits that are never hit, metering into SQLite). After the run it checks that the gateway's
@@ -103,50 +104,60 @@ def main(argv: Sequence[str] | None = None) -> int:
             expect[fx.name].write_bytes(fx.served(args.slow))
         upstream = Nginx("upstream", tmp, args.slow, LOAD_CPU, access_log=True)
         print(f"fake upstream (nginx) on {upstream.url}, pinned to CPU {LOAD_CPU}; work dir {tmp}", flush=True)
+        contenders: dict[str, Contender] = {}
         try:
+            # Every contender runs from the start, idle but for its cell: each cell is measured for all
+            # of them back to back, so the ratios compare runs seconds apart, not minutes.
             for name in args.contender_list:
-                contender: Contender | None = None
-                if name == "gateway":
-                    why = gateway_available()
-                    if why:
-                        msg = f"gateway skipped: {why}"
-                        print(msg, flush=True)
-                        notes.append(msg)
-                        continue
+                why = gateway_available() if name == "gateway" else None
+                if why:
+                    notes.append(f"gateway skipped: {why}")
+                    print(notes[-1], flush=True)
+                    continue
                 try:
                     if name == "direct":
-                        contender = start_direct(tmp, args.slow)
+                        contenders[name] = start_direct(tmp, args.slow)
                     elif name in BARE:
-                        contender = start_bare(name.removeprefix("bare-"), upstream, tmp)
+                        contenders[name] = start_bare(name.removeprefix("bare-"), upstream, tmp)
                     else:
-                        contender = start_gateway(upstream, tmp, cells, extra=("ttfb", "cancel"))
-                    print(f"{name} on :{contender.port} (pid {contender.pid}, CPU {CONTENDER_CPU})", flush=True)
-                    results[name] = []
-                    for cell in cells:
-                        r = run_cell(contender, cell, args, upstream, expect[cell.fixture.name], tmp)
-                        print_result(r, args.slow)
-                        results[name].append(r)
-                    if sse and not args.slow and name in TTFB_CONTENDERS:
-                        one = Cell(sse.fixture, 1)
-                        view = contender.as_user("ttfb", one)
-                        body = expect[sse.fixture.name].read_bytes()
-                        ttfb.append(measure_ttfb(view, one, body, args.ttfb_requests, TTFB_WARMUP, args.quiet_timeout))
-                        print_ttfb(ttfb[-1])
-                    if sse and args.slow and name in CANCEL_CONTENDERS:
-                        cancel.append(run_cancel(contender, sse, args, upstream, expect[sse.fixture.name], tmp))
-                        print_cancel(cancel[-1])
+                        contenders[name] = start_gateway(upstream, tmp, cells, extra=("ttfb", "cancel"))
                 except RuntimeError as exc:
-                    msg = f"{name} failed: {exc}"
-                    print(msg, flush=True)
-                    notes.append(msg.splitlines()[0])
-                finally:
-                    if contender:
-                        contender.stop()
-                if name == "gateway" and contender and name in results:
-                    env = gateway_env(tmp, contender.port, upstream)
-                    meter_rows, meter_note = check_meters(contender, results[name], env)
-                    print_meters(meter_rows, meter_note)
+                    notes.append(f"{name} failed to start: {str(exc).splitlines()[0]}")
+                    print(notes[-1], flush=True)
+                    continue
+                c = contenders[name]
+                print(f"{name} on :{c.port} (pid {c.pid}, CPU {CONTENDER_CPU})", flush=True)
+                results[name] = []
+            for cell in cells:
+                for name, contender in list(contenders.items()):
+                    try:
+                        r = run_cell(contender, cell, args, upstream, expect[cell.fixture.name], tmp)
+                    except RuntimeError as exc:
+                        notes.append(f"{name} failed: {str(exc).splitlines()[0]}")
+                        print(notes[-1], flush=True)
+                        contenders.pop(name).stop()
+                        continue
+                    print(f"{name:<15}", end="", flush=True)
+                    print_result(r, args.slow)
+                    results[name].append(r)
+            for name, contender in contenders.items():
+                if sse and not args.slow and name in TTFB_CONTENDERS:
+                    one = Cell(sse.fixture, 1)
+                    view = contender.as_user("ttfb", one)
+                    body = expect[sse.fixture.name].read_bytes()
+                    ttfb.append(measure_ttfb(view, one, body, args.ttfb_requests, TTFB_WARMUP, args.quiet_timeout))
+                    print_ttfb(ttfb[-1])
+                if sse and args.slow and name in CANCEL_CONTENDERS:
+                    cancel.append(run_cancel(contender, sse, args, upstream, expect[sse.fixture.name], tmp))
+                    print_cancel(cancel[-1])
         finally:
+            for contender in contenders.values():
+                contender.stop()
+            gateway = contenders.get("gateway")
+            if gateway and "gateway" in results:
+                env = gateway_env(tmp, gateway.port, upstream)
+                meter_rows, meter_note = check_meters(gateway, results["gateway"], env)
+                print_meters(meter_rows, meter_note)
             upstream.stop()
         report = render_report(results, cells, args, meter_rows, meter_note, notes, ttfb, cancel)
     args.out.parent.mkdir(parents=True, exist_ok=True)
