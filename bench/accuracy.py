@@ -33,10 +33,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tests.fakes
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the harness package
 
-from harness.accuracy_accounting import account, db_query, failures_of, ledger_snapshot, wait_synced, wait_until
+from harness.accuracy_accounting import account, failures_of, ledger_snapshot, wait_synced, wait_until
 from harness.accuracy_drive import Clients, GatewayProcess, drive, issue_key, make_plan, write_config
 from harness.accuracy_fakes import ADMIN_TOKEN, POLAR_TOKEN, BenchPolar, BenchUpstream
 from harness.accuracy_report import render
@@ -44,6 +46,12 @@ from harness.processes import free_port
 
 
 # ---------------------------------------------------------------------------------------------- main
+def all_stored(url: str, keys: dict[str, str]) -> bool:
+    """Nothing in flight (no reservation held) and nothing finished but not yet in the store."""
+    held = any(m["reserved"] for meters in ledger_snapshot(url, keys).values() for m in meters.values())
+    return not held and httpx.get(f"{url}/healthz", timeout=5).json()["unstored"] == 0
+
+
 async def main_async(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     loop = asyncio.get_running_loop()
@@ -89,12 +97,7 @@ async def main_async(args: argparse.Namespace) -> int:
         plan = make_plan(users, heavy, args.requests, rng)
         clients = Clients.create(gw.url, keys)
         tl = await drive(plan, clients, gw, upstream, polar, args.concurrency)
-        await asyncio.to_thread(
-            wait_until,
-            lambda: db_query(db, "SELECT COUNT(*) FROM requests WHERE outcome = 'in_flight'")[0][0] == 0,
-            30,
-            "every request to be recorded",
-        )
+        await asyncio.to_thread(wait_until, lambda: all_stored(gw.url, keys), 30, "every request to be stored")
         nudged = await asyncio.to_thread(wait_synced, db, polar, args.sync_timeout)
         ledger = await asyncio.to_thread(ledger_snapshot, gw.url, keys)
         await asyncio.to_thread(gw.stop)

@@ -144,7 +144,9 @@ def create_app(settings: Settings, services: Services | None = None) -> GatewayA
             await s.store.close()
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        # `unstored`: finished requests the store has not taken yet (journaled, so not lost); it only
+        # grows while the database refuses writes.
+        return JSONResponse({"status": "ok", "unstored": s.recorder.backlog})
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 404

@@ -118,6 +118,12 @@ class Recorder:
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._backoff = 0.0
+        self._storing = 0  # records in the batch being written
+
+    @property
+    def backlog(self) -> int:
+        """Finished requests not yet in the store."""
+        return len(self._queue) + self._storing
 
     def add(self, record: RequestRecord, events: list[UsageEvent], segments: list[Segment | None]) -> None:
         self._queue.append(_Finished(record, events, segments))
@@ -132,7 +138,11 @@ class Recorder:
                 await asyncio.wait_for(self._full.wait(), self.linger)
             self._full.clear()
             batch, self._queue = self._queue, []
-            await self._store(batch)
+            self._storing = len(batch)
+            try:
+                await self._store(batch)
+            finally:
+                self._storing = 0
 
     async def _store(self, batch: list[_Finished]) -> None:
         try:

@@ -247,7 +247,7 @@ def test_gateway_routes_answer_json_errors(gateway: Gateway) -> None:
     resp = httpx.delete(f"{gateway.url}/api/billing/status")
     assert resp.status_code == 405
     assert resp.json() == {"error": {"message": "DELETE /api/billing/status: method not allowed"}}
-    assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok", "unstored": 0}
 
 
 def test_no_secret_in_logs_or_errors(make_gateway, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
