@@ -1,4 +1,4 @@
-"""The SQLite store: group commit, isolation of a failing write, idempotent finishes, migrations."""
+"""The SQLite store: a failing write fails alone, idempotent finishes, migrations."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def event(rid: str, meter: str, value: object) -> UsageEvent:
     return UsageEvent(f"{rid}:{meter}", rid, "u", meter, value, "m", "anthropic", datetime(2026, 12, 1, tzinfo=UTC))  # type: ignore[arg-type]
 
 
-async def test_concurrent_writes_commit_together_and_a_bad_one_is_isolated(store: SqliteStore) -> None:
+async def test_concurrent_writes_and_a_bad_one_fails_alone(store: SqliteStore) -> None:
     good = [record(f"req_{i}", outcome="ok", usage={"claude_output_tokens": 5}) for i in range(10)]
     bad = record("req_bad", outcome="ok")
     results = await asyncio.gather(

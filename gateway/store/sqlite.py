@@ -129,7 +129,7 @@ class SqliteStore(SqliteOutbox):
         ops: list[Op] = [(_FINISH_REQUESTS, (json_text(requests),), False)]
         if events:
             ops.append((_INSERT_EVENTS, (json_text(events),), False))
-        await self._submit(ops)
+        await self._commit(ops)
 
     async def finished_ids(self, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()

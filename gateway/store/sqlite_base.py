@@ -1,11 +1,10 @@
-"""SQLite connection, migrations and group commit: the machinery under `SqliteStore`.
+"""SQLite connection, migrations and the writer thread: the machinery under `SqliteStore`.
 
-Writes from the hot path go through a group commit: callers queue their statements and
-wait; one transaction commits everything queued, so N concurrent requests cost one
-WAL commit instead of N. That transaction runs as one call on a writer thread of its own
-(stdlib sqlite3): going through aiosqlite it took one event-loop round trip per statement,
-and under a burst of requests each round trip waited behind the burst (measured: +100 ms
-at 256 connections). Everything else uses aiosqlite.
+Finished requests arrive already batched (`recording.Recorder` gathers them for one
+transaction). That transaction runs as one call on a writer thread of its own (stdlib
+sqlite3): going through aiosqlite it took one event-loop round trip per statement, and under
+a burst of requests each round trip waited behind the burst (measured: +100 ms at 256
+connections). Everything else uses aiosqlite.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -63,10 +61,8 @@ class SqliteBase:
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()  # one transaction at a time on the shared connection
-        self._queue: list[tuple[list[Op], asyncio.Future[None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
-        self._writer: sqlite3.Connection | None = None  # the group commit's own connection
+        self._writer: sqlite3.Connection | None = None  # the writer thread's own connection
         self._writer_thread: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -96,10 +92,9 @@ class SqliteBase:
         conn.execute("PRAGMA wal_autocheckpoint=0")
         return conn
 
-    def _commit_sync(self, ops: list[Op]) -> None:
+    @staticmethod
+    def _commit_sync(conn: sqlite3.Connection, ops: list[Op]) -> None:
         """One transaction, on the writer thread."""
-        conn = self._writer
-        assert conn is not None
         conn.execute("BEGIN IMMEDIATE")
         try:
             for sql, params, many in ops:
@@ -113,10 +108,13 @@ class SqliteBase:
             raise
 
     async def _commit(self, ops: list[Op]) -> None:
+        """One transaction on the writer thread. A cancelled caller does not cancel the write, and
+        `close` runs after every write submitted before it (the thread takes jobs in order)."""
         if self._writer is None:
             await self._transaction(ops)
-        else:
-            await asyncio.get_running_loop().run_in_executor(self._writer_thread, self._commit_sync, ops)
+            return
+        job = asyncio.get_running_loop().run_in_executor(self._writer_thread, self._commit_sync, self._writer, ops)
+        await asyncio.shield(job)
 
     async def _checkpoint_loop(self, interval: float = 1.0) -> None:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -137,8 +135,6 @@ class SqliteBase:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpointer
             self._checkpointer = None
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
         if self._writer is not None:
             writer, self._writer = self._writer, None
             await asyncio.get_running_loop().run_in_executor(self._writer_thread, writer.close)
@@ -188,60 +184,9 @@ class SqliteBase:
                 await self.db.execute("ROLLBACK")
                 raise
 
-    # ------------------------------------------------------------------ group commit
-    async def _submit(self, ops: list[Op]) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((ops, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        await fut  # the flusher owns the write: a cancelled waiter does not cancel it
-
-    async def _flush(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            # One executemany per statement: writes queued together never depend on each other's
-            # order (a request's in-flight row always commits before its finish is queued).
-            grouped: dict[str, list[Any]] = {}
-            for ops, _ in batch:
-                for sql, params, many in ops:
-                    rows = grouped.setdefault(sql, [])
-                    if many:
-                        rows.extend(params)
-                    else:
-                        rows.append(params)
-            try:
-                await self._commit([(sql, rows, True) for sql, rows in grouped.items()])
-            except Exception:
-                if len(batch) == 1:
-                    log.exception("a write failed")
-                    _settle(batch[0][1], sys.exc_info()[1])
-                    continue
-                # Isolate the failing write: one bad record must not lose the others queued with it.
-                log.warning("group commit of %d writes failed; committing them one by one", len(batch))
-                for ops, fut in batch:
-                    try:
-                        await self._commit(ops)
-                    except Exception as exc:
-                        log.exception("a write failed")
-                        _settle(fut, exc)
-                    else:
-                        _settle(fut, None)
-            else:
-                for _, fut in batch:
-                    _settle(fut, None)
-
     async def _update_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         if params:
             await self._transaction([(sql, list(params), True)])
-
-
-def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(exc)
 
 
 def _split_sql(script: str) -> list[str]:
