@@ -136,7 +136,7 @@ class Journal:
     def _release_idle(self) -> None:
         for seg in [s for s in self._segments if s.sealed and s.pending <= 0]:
             self._segments.remove(seg)
-            _close_and_unlink(seg)
+            _close_and_unlink(seg.path, seg.fd)
 
     def close(self) -> None:
         """At shutdown, after the store has taken everything: segments with nothing pending go."""
@@ -150,10 +150,10 @@ class Journal:
         self._current = None
 
 
-def _close_and_unlink(seg: Segment) -> None:
-    os.close(seg.fd)
+def _close_and_unlink(path: Path, fd: int) -> None:
+    os.close(fd)
     with contextlib.suppress(FileNotFoundError):
-        seg.path.unlink()
+        path.unlink()
 
 
 @dataclass(slots=True)
@@ -167,7 +167,7 @@ class Orphans:
     def discard(self) -> None:
         """Every orphan is in the store: the files can go."""
         for path, fd in self.files:
-            _close_and_unlink(Segment(path, fd))
+            _close_and_unlink(path, fd)
         self.files.clear()
 
 

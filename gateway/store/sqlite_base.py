@@ -79,7 +79,7 @@ class SqliteBase:
         for pragma in _PRAGMAS:
             await self._db.execute(pragma)
         if self.path != ":memory:":  # (an in-memory database is one connection: no writer thread)
-            self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-group-commit")
+            self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
             self._writer = await asyncio.get_running_loop().run_in_executor(self._writer_thread, self._open_writer)
             self._checkpointer = asyncio.create_task(self._checkpoint_loop())
 
