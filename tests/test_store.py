@@ -90,15 +90,20 @@ async def test_upgrade_from_the_first_schema_keeps_requests(tmp_path: object) ->
         old.execute("CREATE TABLE schema_migrations (version TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
         old.execute("INSERT INTO schema_migrations VALUES ('0001_init', '2026-11-30T00:00:00Z')")
         old.execute(
-            "INSERT INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome)"
-            " VALUES ('req_old', 'u', 'k', 'anthropic', 'm', 'messages', 0, '2026-11-30T00:00:00Z', 'ok')"
+            "INSERT INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome, usage)"
+            " VALUES ('req_old', 'u', 'k', 'anthropic', 'm', 'messages', 0, '2026-11-30T00:00:00Z', 'ok',"
+            " '{\"claude_output_tokens\": 7}')"
         )
     s = SqliteStore(path)
     await s.open()
     try:
-        assert await s.migrate() == ["0002_journal"]
+        assert await s.migrate() == ["0002_journal", "0003_consumed_from_requests"]
         assert await s.finished_ids(["req_old", "req_new"]) == {"req_old"}
-        await s.finish_request(record("req_new", outcome="ok"), [])
+        await s.finish_request(record("req_new", outcome="ok", usage={"claude_output_tokens": 5}), [])
         assert await s.finished_ids(["req_old", "req_new"]) == {"req_old", "req_new"}
+        # the period's usage comes from the requests, old and new (2026-11-30 and 2026-12-01)
+        nov, dec = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+        assert await s.consumed("u", nov, dec) == {"claude_output_tokens": 7}
+        assert await s.consumed("u", nov, datetime(2027, 1, 1, tzinfo=UTC)) == {"claude_output_tokens": 12}
     finally:
         await s.close()

@@ -142,8 +142,10 @@ class SqliteStore(SqliteOutbox):
         return found
 
     async def consumed(self, user_id: str, start: datetime, end: datetime) -> dict[str, int]:
+        # A request's `usage` holds what its events carry (one per non-zero meter; images one each).
         rows = await self.db.execute_fetchall(
-            "SELECT meter, SUM(value) FROM usage_events WHERE user_id = ? AND ts >= ? AND ts < ? GROUP BY meter",
+            "SELECT u.key, SUM(u.value) FROM requests AS r, json_each(r.usage) AS u"
+            " WHERE r.user_id = ? AND r.started_at >= ? AND r.started_at < ? AND u.value > 0 GROUP BY u.key",
             (user_id, iso(start), iso(end)),
         )
         return {r[0]: int(r[1]) for r in rows}
