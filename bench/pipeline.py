@@ -188,7 +188,11 @@ async def measure(cell: Cell, requests: int, rounds: int, profile: bool) -> list
 
 def check_meters(db: Path, cell: Cell, served: int) -> None:
     with sqlite3.connect(db) as conn:
-        recorded = dict(conn.execute("SELECT meter, SUM(value) FROM usage_events GROUP BY meter").fetchall())
+        recorded = dict(
+            conn.execute(
+                "SELECT u.key, SUM(u.value) FROM requests, json_each(requests.usage) AS u GROUP BY u.key"
+            ).fetchall()
+        )
     expected = {m: v * served for m, v in cell.fixture.usage.items() if v}
     if recorded != expected:
         raise SystemExit(f"{cell.name}: recorded {recorded} != expected {expected} ({served} requests)")

@@ -9,56 +9,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.events import event_count
 from gateway.journal import Journal, Segment, orphans
 from gateway.meters import (
     CLAUDE_CACHE_READ,
     CLAUDE_CACHE_WRITE,
-    COUNT_METERS,
     GEMINI_CACHED,
     GEMINI_IMAGES,
 )
 from gateway.quota import Ledger, UserQuota
 from gateway.services import Services
-from gateway.store.base import RequestRecord, Store, UsageEvent
+from gateway.store.base import RequestRecord, Store
 from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.recording")
-
-
-def usage_events(record: RequestRecord) -> list[UsageEvent]:
-    """One event per non-zero meter, one per image; ids are derived, so a replay dedups."""
-    events: list[UsageEvent] = []
-    for meter, value in sorted(record.usage.items()):
-        if value <= 0:
-            continue
-        if meter in COUNT_METERS:
-            events.extend(
-                UsageEvent(
-                    f"{record.id}:{meter}:{i}",
-                    record.id,
-                    record.user_id,
-                    meter,
-                    1,
-                    record.model,
-                    record.provider,
-                    record.started_at,
-                )
-                for i in range(value)
-            )
-        else:
-            events.append(
-                UsageEvent(
-                    f"{record.id}:{meter}",
-                    record.id,
-                    record.user_id,
-                    meter,
-                    value,
-                    record.model,
-                    record.provider,
-                    record.started_at,
-                )
-            )
-    return events
 
 
 def token_total(usage: Mapping[str, int]) -> int:
@@ -68,7 +32,6 @@ def token_total(usage: Mapping[str, int]) -> int:
 def finish_and_settle(s: Services, record: RequestRecord, uq: UserQuota, ticket: object, begun: Segment | None) -> None:
     """Journal the final usage, settle the ledger and the rate limit, and hand the rows to the recorder."""
     record.finished_at = utcnow()
-    events = usage_events(record)
     try:
         finished = s.journal.finish(record)
     except OSError:
@@ -77,13 +40,12 @@ def finish_and_settle(s: Services, record: RequestRecord, uq: UserQuota, ticket:
         finished = None
     Ledger.settle(uq, record.reservation, record.usage)
     s.limiter.settle(record.user_id, ticket, token_total(record.usage))
-    s.recorder.add(record, events, [begun, finished])
+    s.recorder.add(record, [begun, finished])
 
 
 @dataclass(slots=True)
 class _Finished:
     record: RequestRecord
-    events: list[UsageEvent]
     segments: list[Segment | None]
     attempts: int = 0
 
@@ -125,8 +87,8 @@ class Recorder:
         """Finished requests not yet in the store."""
         return len(self._queue) + self._storing
 
-    def add(self, record: RequestRecord, events: list[UsageEvent], segments: list[Segment | None]) -> None:
-        self._queue.append(_Finished(record, events, segments))
+    def add(self, record: RequestRecord, segments: list[Segment | None]) -> None:
+        self._queue.append(_Finished(record, segments))
         if len(self._queue) >= self.max_batch:
             self._full.set()
         if self._task is None or self._task.done():
@@ -146,12 +108,12 @@ class Recorder:
 
     async def _store(self, batch: list[_Finished]) -> None:
         try:
-            await self.store.finish_requests([(f.record, f.events) for f in batch])
+            await self.store.finish_requests([f.record for f in batch])
             results: list[BaseException | None] = [None] * len(batch)
         except Exception:
             # One bad record must not hold back the others: go one by one.
             results = await asyncio.gather(
-                *(self.store.finish_request(f.record, f.events) for f in batch), return_exceptions=True
+                *(self.store.finish_request(f.record) for f in batch), return_exceptions=True
             )
         stored: list[Segment | None] = []
         events = 0
@@ -159,7 +121,7 @@ class Recorder:
         for f, result in zip(batch, results, strict=True):
             if result is None:
                 stored += f.segments
-                events += len(f.events)
+                events += event_count(f.record.usage)
             else:
                 failed.append(f)
         self.journal.stored(stored)
@@ -229,7 +191,7 @@ async def recover_journal(store: Store, journal_dir: Path | None) -> int:
     estimated. Safe beside a live gateway: its segments are locked and skipped."""
     found = orphans(journal_dir)
     for record in found.finished:
-        await store.finish_request(record, usage_events(record))  # idempotent: stored ones are kept as they are
+        await store.finish_request(record)  # idempotent: stored ones are kept as they are
     stored = await store.finished_ids([r.id for r in found.unfinished])
     settled = 0
     for record in found.unfinished:
@@ -239,7 +201,7 @@ async def recover_journal(store: Store, journal_dir: Path | None) -> int:
         record.outcome = "crashed"
         record.estimated = True
         record.finished_at = utcnow()
-        await store.finish_request(record, usage_events(record))
+        await store.finish_request(record)
         settled += 1
     found.discard()
     if found.finished:

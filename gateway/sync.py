@@ -1,9 +1,10 @@
 """Outbox sync: usage events from the store to Polar, at least once, deduplicated by external_id.
 
-Claims (a lease per event) keep concurrent passes, in this process or another one on the
+Claims (a lease per request) keep concurrent passes, in this process or another one on the
 same database, from sending the same event on the normal path; Polar's permanent
-external_id dedup covers the abnormal ones (lease expired mid-send, timeout after commit).
-A bad event is isolated (Polar rejects whole batches) so it can never block the queue.
+external_id dedup covers the abnormal ones (lease expired mid-send, timeout after commit,
+a request resent whole after some of its events were accepted). A bad event is isolated
+(Polar rejects whole batches) so it can never block the queue; it parks its request.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
@@ -39,6 +40,19 @@ class SyncResult:
     failed: int = 0  # rejected by Polar, parked with the reason
     batches: int = 0  # ingest calls made
     error: str | None = None  # the transient error that ended the pass early, if any
+
+
+@dataclass(slots=True)
+class _Claim:
+    """What became of one claim's events, settled per request at the end."""
+
+    events: list[PendingEvent]
+    parked: dict[str, str] = field(default_factory=dict)  # request id -> Polar's reason
+    deferred: list[PendingEvent] = field(default_factory=list)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(dict.fromkeys(e.request_id for e in self.events))
 
 
 class Syncer:
@@ -115,25 +129,31 @@ class Syncer:
             if not events:
                 break
             result.claimed += len(events)
+            claim = _Claim(events)
             chunks = self._chunks(events)
+            error: PolarBillingError | None = None
             for i, chunk in enumerate(chunks):
-                error, unresolved = await self._deliver(chunk, result)
+                error, unresolved = await self._deliver(chunk, claim, result)
                 if error is not None:
-                    rest = [e for later in chunks[i + 1 :] for e in later]
-                    await self._defer([*unresolved, *rest], error, result)
-                    return result
-            if len(events) < self.batch_size:
+                    claim.deferred += unresolved
+                    claim.deferred += [e for later in chunks[i + 1 :] for e in later]
+                    break
+            await self._settle(claim, error, result)
+            if error is not None:
+                return result
+            if len({e.request_id for e in events}) < self.batch_size:
                 break
         return result
 
     def _chunks(self, events: list[PendingEvent]) -> list[list[PendingEvent]]:
-        """Split a claim into batches of at most max_batch_bytes of JSON (at least one event each)."""
+        """Split a claim into batches of at most batch_size events and max_batch_bytes of JSON
+        (at least one event each)."""
         now = utcnow()
         chunks: list[list[PendingEvent]] = [[]]
         size = 16  # {"events":[]}
         for event in events:
             n = len(json.dumps(event_payload(event, now), separators=(",", ":"))) + 1
-            if chunks[-1] and size + n > self.max_batch_bytes:
+            if chunks[-1] and (size + n > self.max_batch_bytes or len(chunks[-1]) >= self.batch_size):
                 chunks.append([])
                 size = 16
             chunks[-1].append(event)
@@ -141,7 +161,7 @@ class Syncer:
         return chunks
 
     async def _deliver(
-        self, chunk: list[PendingEvent], result: SyncResult
+        self, chunk: list[PendingEvent], claim: _Claim, result: SyncResult
     ) -> tuple[PolarBillingError | None, list[PendingEvent]]:
         """Send a batch; on 422 park the bad events and resend the rest (bisect if Polar named none).
 
@@ -152,39 +172,51 @@ class Syncer:
         try:
             outcome = await self.polar.ingest(chunk)
         except BatchRejected as exc:
-            return await self._split(chunk, exc, result)
+            return await self._split(chunk, exc, claim, result)
         except PolarBillingError as exc:  # RetryableError, PolarAuthError, anything else from Polar
             return exc, chunk
-        await self.store.mark_synced([e.external_id for e in chunk])
         result.synced += len(chunk)
         result.inserted += outcome.inserted
         result.duplicates += outcome.duplicates
         return None, []
 
     async def _split(
-        self, chunk: list[PendingEvent], exc: BatchRejected, result: SyncResult
+        self, chunk: list[PendingEvent], exc: BatchRejected, claim: _Claim, result: SyncResult
     ) -> tuple[PolarBillingError | None, list[PendingEvent]]:
         if len(chunk) == 1:
-            await self._park({0: exc.reasons.get(0, exc.reason)}, chunk, result)
+            self._park({0: exc.reasons.get(0, exc.reason)}, chunk, claim, result)
             return None, []
         bad = {i for i in exc.bad_indexes if 0 <= i < len(chunk)}
         if bad:
-            await self._park({i: exc.reasons.get(i, exc.reason) for i in bad}, chunk, result)
-            return await self._deliver([e for i, e in enumerate(chunk) if i not in bad], result)
+            self._park({i: exc.reasons.get(i, exc.reason) for i in bad}, chunk, claim, result)
+            return await self._deliver([e for i, e in enumerate(chunk) if i not in bad], claim, result)
         mid = len(chunk) // 2
-        error, left = await self._deliver(chunk[:mid], result)
+        error, left = await self._deliver(chunk[:mid], claim, result)
         if error is not None:
             return error, [*left, *chunk[mid:]]
-        return await self._deliver(chunk[mid:], result)
+        return await self._deliver(chunk[mid:], claim, result)
 
-    async def _park(self, reasons: dict[int, str], chunk: list[PendingEvent], result: SyncResult) -> None:
-        by_reason: dict[str, list[str]] = defaultdict(list)
+    def _park(self, reasons: dict[int, str], chunk: list[PendingEvent], claim: _Claim, result: SyncResult) -> None:
         for i, reason in reasons.items():
-            by_reason[reason].append(chunk[i].external_id)
-        for reason, ids in by_reason.items():
-            log.warning("parking %d event(s) rejected by Polar: %s", len(ids), reason)
-            await self.store.mark_failed(ids, reason)
+            claim.parked.setdefault(chunk[i].request_id, reason)
+            log.warning("parking event %s rejected by Polar: %s", chunk[i].external_id, reason)
         result.failed += len(reasons)
+
+    async def _settle(self, claim: _Claim, error: PolarBillingError | None, result: SyncResult) -> None:
+        """Record the claim's outcome per request: a request is synced only when every one of its
+        events was accepted; one parked event parks it; one deferred event defers it."""
+        by_reason: dict[str, list[str]] = defaultdict(list)
+        for rid, reason in claim.parked.items():
+            by_reason[reason].append(rid)
+        for reason, ids in by_reason.items():
+            await self.store.mark_failed(ids, reason)
+        deferred = [e for e in claim.deferred if e.request_id not in claim.parked]
+        if error is not None and deferred:
+            await self._defer(deferred, error, result)
+        left = claim.parked.keys() | {e.request_id for e in claim.deferred}
+        synced = [rid for rid in claim.request_ids if rid not in left]
+        if synced:
+            await self.store.mark_synced(synced)
 
     async def _defer(self, events: list[PendingEvent], error: PolarBillingError, result: SyncResult) -> None:
         """Polar unavailable: back off (honouring Retry-After). Auth errors leave the lease to expire
@@ -193,16 +225,16 @@ class Syncer:
         if isinstance(error, PolarAuthError):
             log.error("sync stopped: %s", error)
             return
+        result.retried += len(events)
         log.warning("sync deferred %d event(s): %s", len(events), error)
         retry_after = getattr(error, "retry_after", None) or 0.0
         now = utcnow()
-        by_attempts: dict[int, list[str]] = defaultdict(list)
+        by_attempts: dict[int, set[str]] = defaultdict(set)
         for e in events:
-            by_attempts[e.attempts].append(e.external_id)
+            by_attempts[e.attempts].add(e.request_id)
         for attempts, ids in by_attempts.items():
             delay = max(self.backoff(attempts), float(retry_after))
-            await self.store.mark_retry(ids, str(error), now + timedelta(seconds=delay), self.max_attempts)
-        result.retried += len(events)
+            await self.store.mark_retry(sorted(ids), str(error), now + timedelta(seconds=delay), self.max_attempts)
 
     def backoff(self, attempts: int) -> float:
         """Exponential with jitter in [50%, 100%] so many gateways don't retry in lockstep."""

@@ -110,7 +110,11 @@ class Gateway:
             conn.close()
 
     def events(self, user_id: str) -> dict[str, int]:
-        rows = self.query("SELECT meter, SUM(value) FROM usage_events WHERE user_id = ? GROUP BY meter", user_id)
+        rows = self.query(
+            "SELECT u.key, SUM(u.value) FROM requests AS r, json_each(r.usage) AS u"
+            " WHERE r.user_id = ? AND u.value > 0 GROUP BY u.key",
+            user_id,
+        )
         return {m: int(v) for m, v in rows}
 
     def requests(self, user_id: str) -> list[dict[str, Any]]:

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.journal import Journal, orphans
-from gateway.recording import Recorder, recover, usage_events
-from gateway.store.base import RequestRecord, UsageEvent
+from gateway.recording import Recorder, recover
+from gateway.store.base import RequestRecord
 from gateway.store.sqlite import SqliteStore
 from tests.test_store import record
 
@@ -60,7 +60,7 @@ async def test_a_request_stored_before_the_crash_is_not_estimated_again(tmp_path
     r = record("req_a")
     b = j.begin(r)
     f = j.finish(finished(r, {"claude_output_tokens": 7}))
-    await store.finish_request(r, usage_events(r))
+    await store.finish_request(r)
     j.begin(record("req_open"))
     assert b is not None and f is not None
     b.pending += 1  # as if something else in req_a's begin segment were still pending
@@ -116,12 +116,12 @@ class FlakyStore(SqliteStore):
         self.fail = n
         self.calls = 0
 
-    async def finish_requests(self, items: Sequence[tuple[RequestRecord, Sequence[UsageEvent]]]) -> None:
+    async def finish_requests(self, records: Sequence[RequestRecord]) -> None:
         self.calls += 1
         if self.fail > 0:
             self.fail -= 1
             raise OSError("disk I/O error")
-        await super().finish_requests(items)
+        await super().finish_requests(records)
 
 
 async def test_recorder_batches_retries_and_keeps_the_journal_until_stored(tmp_path: Path) -> None:
@@ -137,7 +137,7 @@ async def test_recorder_batches_retries_and_keeps_the_journal_until_stored(tmp_p
             r = record(f"req_{i}")
             b = j.begin(r)
             finished(r, {"claude_output_tokens": i})
-            rec.add(r, usage_events(r), [b, j.finish(r)])
+            rec.add(r, [b, j.finish(r)])
         await rec.close()
         assert store.calls == 7  # the batch failed, then one by one: the first of those failed and was retried
         assert await store.finished_ids([f"req_{i}" for i in range(5)]) == {f"req_{i}" for i in range(5)}
@@ -155,11 +155,11 @@ class DownStore(SqliteStore):
     down = True
     calls = 0
 
-    async def finish_requests(self, items: Sequence[tuple[RequestRecord, Sequence[UsageEvent]]]) -> None:
+    async def finish_requests(self, records: Sequence[RequestRecord]) -> None:
         self.calls += 1
         if self.down:
             raise OSError("database is locked")
-        await super().finish_requests(items)
+        await super().finish_requests(records)
 
 
 async def open_store(store: SqliteStore) -> SqliteStore:
@@ -176,7 +176,7 @@ async def test_recorder_keeps_everything_while_the_store_is_down(tmp_path: Path)
     try:
         for i in range(3):
             r = finished(record(f"req_{i}"), {"claude_output_tokens": 1})
-            rec.add(r, usage_events(r), [j.begin(r), j.finish(r)])
+            rec.add(r, [j.begin(r), j.finish(r)])
         deadline = asyncio.get_running_loop().time() + 10
         while store.calls < 20:  # many more tries than max_attempts: nothing is given up
             assert asyncio.get_running_loop().time() < deadline
@@ -195,7 +195,7 @@ async def test_shutdown_with_the_store_down_leaves_the_journal_for_the_next_star
     j.open()
     rec = Recorder(store, j, linger=0.001, retry_seconds=0.001)
     r = finished(record("req_x"), {"claude_output_tokens": 4})
-    rec.add(r, usage_events(r), [j.begin(r), j.finish(r)])
+    rec.add(r, [j.begin(r), j.finish(r)])
     await rec.close(grace_seconds=0.2)
     j.close()  # the segment is kept: its request was never stored
     store.down = False

@@ -36,7 +36,7 @@ async def polar(fake: FakePolar) -> AsyncIterator[PolarBilling]:
 
 
 def pending(xid: str, value: int = 1200, ts: datetime = NOW, model: str = "claude-sonnet-4-5") -> PendingEvent:
-    return PendingEvent(xid, "user-123", CLAUDE_INPUT, value, model, "anthropic", ts, 0)
+    return PendingEvent(xid, xid.split(":")[0], "user-123", CLAUDE_INPUT, value, model, "anthropic", ts, 0)
 
 
 def test_event_payload_is_flat_with_iso_z_timestamp_clamped_into_the_past() -> None:

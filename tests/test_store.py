@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+import orjson
 import pytest
 
-from gateway.store.base import RequestRecord, UsageEvent
+from gateway.store.base import RequestRecord
 from gateway.store.sqlite import SqliteStore
 
 
@@ -27,17 +28,11 @@ def record(rid: str, **kw: object) -> RequestRecord:
     return RequestRecord(**values)  # type: ignore[arg-type]
 
 
-def event(rid: str, meter: str, value: object) -> UsageEvent:
-    return UsageEvent(f"{rid}:{meter}", rid, "u", meter, value, "m", "anthropic", datetime(2026, 12, 1, tzinfo=UTC))  # type: ignore[arg-type]
-
-
 async def test_concurrent_writes_and_a_bad_one_fails_alone(store: SqliteStore) -> None:
     good = [record(f"req_{i}", outcome="ok", usage={"claude_output_tokens": 5}) for i in range(10)]
-    bad = record("req_bad", outcome="ok")
+    bad = record("req_bad", outcome="ok", user_id=None)  # NOT NULL violated
     results = await asyncio.gather(
-        *(store.finish_request(r, [event(r.id, "claude_output_tokens", 5)]) for r in good),
-        store.finish_request(bad, [event("req_bad", "claude_output_tokens", None)]),  # NOT NULL violated
-        return_exceptions=True,
+        *(store.finish_request(r) for r in good), store.finish_request(bad), return_exceptions=True
     )
     assert all(r is None for r in results[:10])
     assert isinstance(results[10], Exception)
@@ -47,14 +42,24 @@ async def test_concurrent_writes_and_a_bad_one_fails_alone(store: SqliteStore) -
 
 
 async def test_finish_is_idempotent_and_finished_ids_tells_what_is_stored(store: SqliteStore) -> None:
-    r = record("req_a", outcome="ok", usage={"claude_output_tokens": 3})
+    r = record("req_a", outcome="ok", usage={"claude_output_tokens": 3, "gemini_images": 2, "claude_input_tokens": 0})
     assert await store.finished_ids(["req_a", "req_b"]) == set()
-    await store.finish_request(r, [event("req_a", "claude_output_tokens", 3)])
+    await store.finish_request(r)
     assert await store.finished_ids(["req_a", "req_b"]) == {"req_a"}
-    assert [e.value for e in await store.events_for_request("req_a")] == [3]
+    expected = [("req_a:claude_output_tokens", 3), ("req_a:gemini_images:0", 1), ("req_a:gemini_images:1", 1)]
+    assert [(e.external_id, e.value) for e in await store.events_for_request("req_a")] == expected
     # finishing twice (a crash recovery replayed) records nothing twice
-    await store.finish_request(r, [event("req_a", "claude_output_tokens", 3)])
-    assert [e.value for e in await store.events_for_request("req_a")] == [3]
+    await store.finish_request(r)
+    assert [(e.external_id, e.value) for e in await store.events_for_request("req_a")] == expected
+    assert [(e.external_id, e.request_id) for e in await store.claim_events("o", 10, 60)] == [
+        (x, "req_a") for x, _ in expected
+    ]
+
+
+async def test_a_request_without_usage_has_nothing_to_sync(store: SqliteStore) -> None:
+    await store.finish_request(record("req_z", outcome="upstream_error", usage={}))
+    assert await store.claim_events("o", 10, 60) == []
+    assert await store.usage_summary() == []
 
 
 async def test_migrate_is_idempotent(store: SqliteStore) -> None:
@@ -69,8 +74,8 @@ async def test_two_stores_on_one_file_claim_disjoint_events(tmp_path: object, n:
         await s.open()
         await s.migrate()
     try:
-        r = record("req_x", outcome="ok")
-        await a.finish_request(r, [event("req_x", m, n) for m in ("claude_input_tokens", "claude_output_tokens")])
+        r = record("req_x", outcome="ok", usage={m: n for m in ("claude_input_tokens", "claude_output_tokens")})
+        await a.finish_request(r)
         got_a, got_b = await asyncio.gather(a.claim_events("A", 10, 60), b.claim_events("B", 10, 60))
         ids = [e.external_id for e in got_a] + [e.external_id for e in got_b]
         assert sorted(ids) == ["req_x:claude_input_tokens", "req_x:claude_output_tokens"]
@@ -79,7 +84,7 @@ async def test_two_stores_on_one_file_claim_disjoint_events(tmp_path: object, n:
         await b.close()
 
 
-async def test_upgrade_from_the_first_schema_keeps_requests(tmp_path: object) -> None:
+async def test_upgrade_from_the_first_schema_keeps_requests_and_their_sync_state(tmp_path: object) -> None:
     import sqlite3
 
     from gateway.store.sqlite_base import migrations_dir
@@ -89,21 +94,40 @@ async def test_upgrade_from_the_first_schema_keeps_requests(tmp_path: object) ->
         old.executescript((migrations_dir("sqlite") / "0001_init.sql").read_text())
         old.execute("CREATE TABLE schema_migrations (version TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
         old.execute("INSERT INTO schema_migrations VALUES ('0001_init', '2026-11-30T00:00:00Z')")
-        old.execute(
-            "INSERT INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome, usage)"
-            " VALUES ('req_old', 'u', 'k', 'anthropic', 'm', 'messages', 0, '2026-11-30T00:00:00Z', 'ok',"
-            " '{\"claude_output_tokens\": 7}')"
-        )
+        for rid, usage, states in [
+            ("req_old", '{"claude_output_tokens": 7}', ["synced"]),
+            ("req_mixed", '{"claude_input_tokens": 2, "claude_output_tokens": 3}', ["synced", "claimed"]),
+            ("req_bad", '{"claude_output_tokens": 1}', ["failed"]),
+        ]:
+            old.execute(
+                "INSERT INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
+                " usage) VALUES (?, 'u', 'k', 'anthropic', 'm', 'messages', 0, '2026-11-30T00:00:00Z', 'ok', ?)",
+                (rid, usage),
+            )
+            for (meter, value), state in zip(orjson.loads(usage).items(), states, strict=True):
+                old.execute(
+                    "INSERT INTO usage_events (external_id, request_id, user_id, meter, value, model, provider, ts,"
+                    " state, last_error) VALUES (?, ?, 'u', ?, ?, 'm', 'anthropic', '2026-11-30T00:00:00Z', ?, ?)",
+                    (f"{rid}:{meter}", rid, meter, value, state, "422" if state == "failed" else None),
+                )
     s = SqliteStore(path)
     await s.open()
     try:
-        assert await s.migrate() == ["0002_journal", "0003_consumed_from_requests"]
+        assert await s.migrate() == ["0002_journal", "0003_consumed_from_requests", "0004_outbox_per_request"]
         assert await s.finished_ids(["req_old", "req_new"]) == {"req_old"}
-        await s.finish_request(record("req_new", outcome="ok", usage={"claude_output_tokens": 5}), [])
+        await s.finish_request(record("req_new", outcome="ok", usage={"claude_output_tokens": 5}))
         assert await s.finished_ids(["req_old", "req_new"]) == {"req_old", "req_new"}
         # the period's usage comes from the requests, old and new (2026-11-30 and 2026-12-01)
         nov, dec = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
-        assert await s.consumed("u", nov, dec) == {"claude_output_tokens": 7}
-        assert await s.consumed("u", nov, datetime(2027, 1, 1, tzinfo=UTC)) == {"claude_output_tokens": 12}
+        assert await s.consumed("u", nov, dec) == {"claude_output_tokens": 11, "claude_input_tokens": 2}
+        assert (await s.consumed("u", nov, datetime(2027, 1, 1, tzinfo=UTC)))["claude_output_tokens"] == 16
+        # sync state carried over per request: a partly synced request is resent whole (Polar dedups)
+        claimed = await s.claim_events("o", 10, 60)
+        assert sorted(e.external_id for e in claimed) == [
+            "req_mixed:claude_input_tokens",
+            "req_mixed:claude_output_tokens",
+            "req_new:claude_output_tokens",
+        ]
+        assert [(e.external_id, why) for e, why in await s.failed_events()] == [("req_bad:claude_output_tokens", "422")]
     finally:
         await s.close()

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
+from gateway.events import event_quantities
 from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT, GEMINI_IMAGES
 from gateway.polar import IngestResult, PolarBilling
 from gateway.polar_cli import print_usage, run_sync
 from gateway.settings import Settings
-from gateway.store.base import PendingEvent, RequestRecord, UsageEvent
+from gateway.store.base import PendingEvent, RequestRecord
 from gateway.store.sqlite import SqliteStore
 from gateway.sync import Syncer
 from gateway.timeutil import parse_iso
@@ -37,42 +38,37 @@ async def add_events(
 ) -> dict[str, int]:
     """n requests with one event each; returns external_id -> value."""
     out: dict[str, int] = {}
-    now = datetime.now(UTC)
     for i in range(start, start + n):
         rid = f"req_{user}_{i:05d}"
+        value = kw.get("value", 100 + i)
         record = RequestRecord(
             id=rid,
             user_id=user,
             key_id="key1",
             provider="anthropic",
-            model="claude-sonnet-4-5",
+            model=kw.get("model", "claude-sonnet-4-5"),
             operation="messages",
             stream=False,
-            started_at=now,
+            started_at=kw.get("timestamp", datetime.now(UTC) - timedelta(seconds=5)),
             outcome="ok",
             status_code=200,
+            usage={meter: value},
         )
-        value = kw.get("value", 100 + i)
-        event = UsageEvent(
-            external_id=f"{rid}:{meter}",
-            request_id=rid,
-            user_id=user,
-            meter=meter,
-            value=value,
-            model=kw.get("model", "claude-sonnet-4-5"),
-            provider="anthropic",
-            timestamp=kw.get("timestamp", now - timedelta(seconds=5)),
-        )
-        await store.finish_request(record, [event])
-        out[event.external_id] = value
+        await store.finish_request(record)
+        out.update({xid: v for xid, _, v in event_quantities(rid, record.usage)})
     return out
 
 
 def rows(db_path: Path) -> dict[str, dict[str, Any]]:
+    """Sync state by external id (each event carries its request's state)."""
     conn = sqlite3.connect(db_path)
     conn.row_factory = sqlite3.Row
     try:
-        return {r["external_id"]: dict(r) for r in conn.execute("SELECT * FROM usage_events")}
+        out: dict[str, dict[str, Any]] = {}
+        for r in conn.execute("SELECT * FROM requests WHERE sync_state != 'none'"):
+            for xid, _, _ in event_quantities(r["id"], json.loads(r["usage"])):
+                out[xid] = {**dict(r), "state": r["sync_state"]}
+        return out
     finally:
         conn.close()
 
@@ -214,6 +210,68 @@ async def test_422_isolates_the_bad_event(
     assert (again.claimed, again.synced, again.inserted) == (1, 1, 1)
     assert fake.total() == sum(events.values())
     assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+
+
+async def request_with(store: SqliteStore, rid: str, usage: dict[str, int]) -> None:
+    await store.finish_request(
+        RequestRecord(
+            id=rid,
+            user_id="user-1",
+            key_id="key1",
+            provider="gemini",
+            model="gemini-2.5-flash-image",
+            operation="generateContent",
+            stream=False,
+            started_at=datetime.now(UTC) - timedelta(seconds=5),
+            outcome="ok",
+            usage=usage,
+        )
+    )
+
+
+async def test_a_request_is_synced_only_when_all_its_events_are_and_resent_whole(
+    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+) -> None:
+    """The outbox unit is the request: one rejected event parks it, and the resend of its
+    accepted events is deduplicated by Polar, so the totals stay exact."""
+    await request_with(store, "req_a", {CLAUDE_INPUT: 10, CLAUDE_OUTPUT: 20, GEMINI_IMAGES: 3})
+    await request_with(store, "req_b", {CLAUDE_INPUT: 1})
+    fake.reject_when(lambda e: "rejected" if e["external_id"] == "req_a:gemini_images:1" else False)
+    # 2 events per batch: req_a's 5 events are spread over 3 batches
+    result = await syncer(store, polar, batch_size=2).run_once()
+    assert (result.claimed, result.synced, result.failed) == (6, 5, 1)
+    assert {x: r["state"] for x, r in rows(db_path).items()} == {
+        **{x: "failed" for x, _, _ in event_quantities("req_a", {CLAUDE_INPUT: 1, CLAUDE_OUTPUT: 1, GEMINI_IMAGES: 3})},
+        "req_b:claude_input_tokens": "synced",
+    }
+    assert fake.total(CLAUDE_INPUT) == 11 and fake.total(GEMINI_IMAGES) == 2
+    fake.reject_when(None)
+    assert await store.requeue_failed() == 5  # events of the parked request, all resent
+    again = await syncer(store, polar).run_once()
+    assert (again.claimed, again.inserted, again.duplicates) == (5, 1, 4)
+    assert (fake.total(CLAUDE_INPUT), fake.total(CLAUDE_OUTPUT), fake.total(GEMINI_IMAGES)) == (11, 20, 3)
+    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+
+
+async def test_polar_down_mid_request_defers_the_whole_request(
+    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+) -> None:
+    await request_with(store, "req_a", {CLAUDE_INPUT: 10, CLAUDE_OUTPUT: 20, GEMINI_IMAGES: 2})
+    # Polar stores the first batch of 2, then hangs past the client's timeout: the request's other
+    # batch is never sent, and the whole request waits for a retry.
+    fake.fail_next(1, "timeout", hold=3, commit=True, path="/v1/events/ingest")
+    result = await syncer(store, polar, batch_size=2).run_once()
+    assert (result.claimed, result.synced, result.retried, result.batches) == (4, 0, 4, 1)
+    assert {r["state"] for r in rows(db_path).values()} == {"pending"}
+    assert len(fake.events) == 2
+    await poll(lambda: _synced_after_retry(store, polar, db_path))
+    assert (fake.total(CLAUDE_INPUT), fake.total(CLAUDE_OUTPUT), fake.total(GEMINI_IMAGES)) == (10, 20, 2)
+    assert len(fake.events) == 4
+
+
+async def _synced_after_retry(store: SqliteStore, polar: PolarBilling, db_path: Path) -> bool:
+    await syncer(store, polar).run_once()
+    return {r["state"] for r in rows(db_path).values()} == {"synced"}
 
 
 async def test_future_timestamp_is_clamped_and_empty_strings_dropped(

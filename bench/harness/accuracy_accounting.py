@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections import Counter, defaultdict
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from gateway.events import event_quantities
 
 from .accuracy_fakes import FIXTURE_USAGE, PLAN, TAG_RE, TOKEN_METERS, Attempt, BenchPolar, BenchUpstream
 
@@ -24,6 +27,17 @@ def db_query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return rows
     finally:
         conn.close()
+
+
+def local_events(db: Path) -> list[tuple[str, str, str, str, int, str]]:
+    """(external_id, request_id, user_id, meter, value, sync state) of every stored event: the
+    store keeps one row per request and derives its events, as the sync does."""
+    rows = db_query(db, "SELECT id, user_id, usage, sync_state FROM requests WHERE sync_state != 'none'")
+    return [
+        (xid, rid, user, meter, value, state)
+        for rid, user, usage, state in rows
+        for xid, meter, value in event_quantities(rid, json.loads(usage))
+    ]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
@@ -45,12 +59,13 @@ def wait_synced(db: Path, polar: BenchPolar, timeout: float) -> int:
         nonlocal nudged
         rows = db_query(
             db,
-            "UPDATE usage_events SET next_attempt_at = '' WHERE state = 'pending' AND next_attempt_at != ''"
-            " RETURNING external_id",
+            "UPDATE requests SET next_attempt_at = '' WHERE sync_state = 'pending' AND next_attempt_at != ''"
+            " RETURNING id",
         )
         nudged += len(rows)
-        left = db_query(db, "SELECT COUNT(*) FROM usage_events WHERE state != 'synced'")[0][0]
-        local = {r[0] for r in db_query(db, "SELECT external_id FROM usage_events")}
+        events = local_events(db)
+        left = sum(1 for e in events if e[5] != "synced")
+        local = {e[0] for e in events}
         with polar._lock:
             delivered = set(polar.events)
         return left == 0 and local <= delivered
@@ -157,9 +172,8 @@ def account(
     rows_per_request_meter: Counter[tuple[str, str]] = Counter()
     local_values: dict[str, int] = {}
     consumed: dict[str, Counter[str]] = defaultdict(Counter)
-    for xid, rid, user, meter, value in db_query(
-        db, "SELECT external_id, request_id, user_id, meter, value FROM usage_events"
-    ):
+    events = local_events(db)
+    for xid, rid, user, meter, value, _state in events:
         usage_by_request[rid][meter] += value
         rows_per_request_meter[(rid, meter)] += 1
         local_values[xid] = value
@@ -202,7 +216,7 @@ def account(
     acc.not_in_polar = sum(1 for x in local_values if x not in polar_events)
     acc.resends_deduplicated = polar.duplicates_accepted
     acc.ingests_refused = sent - len(polar_events) - polar.duplicates_accepted
-    acc.unsynced = db_query(db, "SELECT COUNT(*) FROM usage_events WHERE state != 'synced'")[0][0]
+    acc.unsynced = sum(1 for e in events if e[5] != "synced")
 
     for meter, credited in PLAN.items():
         worst = max(users, key=lambda u: consumed[u][meter])

@@ -8,8 +8,9 @@ from typing import Any
 
 import orjson
 
+from gateway.events import event_quantities
 from gateway.store.base import ApiKey, CustomerLimits, MeterLimit, RequestRecord, UsageEvent
-from gateway.store.sqlite_base import Op, json_text, migrations_dir, opt_datetime
+from gateway.store.sqlite_base import json_text, migrations_dir, opt_datetime
 from gateway.store.sqlite_outbox import SqliteOutbox
 from gateway.timeutil import iso, parse_iso, utcnow
 
@@ -22,9 +23,8 @@ __all__ = ["SqliteStore", "migrations_dir"]
 # per request against 90 here), so JSON it is.
 _REQUEST_COLUMNS = (
     "id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
-    " reservation, owner, finished_at, status_code, usage, usage_raw, estimated"
+    " reservation, owner, finished_at, status_code, usage, usage_raw, estimated, sync_state"
 )
-_EVENT_COLUMNS = "external_id, request_id, user_id, meter, value, model, provider, ts"
 
 
 def _from_json(table: str, columns: str, key: str) -> str:
@@ -34,8 +34,7 @@ def _from_json(table: str, columns: str, key: str) -> str:
     return f"INSERT INTO {table} ({columns}) SELECT {picks} FROM json_each(?) WHERE true ON CONFLICT({key}) DO NOTHING"
 
 
-_FINISH_REQUESTS = _from_json("requests", _REQUEST_COLUMNS, "id")
-_INSERT_EVENTS = _from_json("usage_events", _EVENT_COLUMNS, "external_id")  # replays dedup; bad rows still fail
+_FINISH_REQUESTS = _from_json("requests", _REQUEST_COLUMNS, "id")  # replays dedup; bad rows still fail
 
 
 class SqliteStore(SqliteOutbox):
@@ -95,41 +94,34 @@ class SqliteStore(SqliteOutbox):
         return self._key(rows[0]), bytes(rows[0][6])
 
     # ------------------------------------------------------------------ requests and usage
-    async def finish_request(self, record: RequestRecord, events: Sequence[UsageEvent]) -> None:
-        await self.finish_requests([(record, events)])
+    async def finish_request(self, record: RequestRecord) -> None:
+        await self.finish_requests([record])
 
-    async def finish_requests(self, items: Sequence[tuple[RequestRecord, Sequence[UsageEvent]]]) -> None:
-        requests: list[tuple[Any, ...]] = []
-        events: list[tuple[Any, ...]] = []
-        for r, evs in items:
-            requests.append(
-                (
-                    r.id,
-                    r.user_id,
-                    r.key_id,
-                    r.provider,
-                    r.model,
-                    r.operation,
-                    int(r.stream),
-                    iso(r.started_at),
-                    r.outcome,
-                    json_text(r.reservation),
-                    r.owner,
-                    iso(r.finished_at or utcnow()),
-                    r.status_code,
-                    json_text(r.usage),
-                    None if r.usage_raw is None else json_text(r.usage_raw),
-                    int(r.estimated),
-                )
+    async def finish_requests(self, records: Sequence[RequestRecord]) -> None:
+        rows = [
+            (
+                r.id,
+                r.user_id,
+                r.key_id,
+                r.provider,
+                r.model,
+                r.operation,
+                int(r.stream),
+                iso(r.started_at),
+                r.outcome,
+                r.reservation,
+                r.owner,
+                iso(r.finished_at or utcnow()),
+                r.status_code,
+                r.usage,
+                r.usage_raw,
+                int(r.estimated),
+                "pending" if any(v > 0 for v in r.usage.values()) else "none",  # events to send, or none
             )
-            events.extend(
-                (e.external_id, e.request_id, e.user_id, e.meter, e.value, e.model, e.provider, iso(e.timestamp))
-                for e in evs
-            )
-        ops: list[Op] = [(_FINISH_REQUESTS, (json_text(requests),), False)]
-        if events:
-            ops.append((_INSERT_EVENTS, (json_text(events),), False))
-        await self._commit(ops)
+            for r in records
+        ]
+        # json_extract turns the nested usage/reservation back into JSON text, as the columns hold it
+        await self._commit([(_FINISH_REQUESTS, (json_text(rows),), False)])
 
     async def finished_ids(self, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
@@ -150,26 +142,20 @@ class SqliteStore(SqliteOutbox):
         )
         return {r[0]: int(r[1]) for r in rows}
 
-    @staticmethod
-    def _event(row: Any) -> UsageEvent:
-        return UsageEvent(
-            external_id=row[0],
-            request_id=row[1],
-            user_id=row[2],
-            meter=row[3],
-            value=row[4],
-            model=row[5],
-            provider=row[6],
-            timestamp=parse_iso(row[7]),
-        )
-
     async def events_for_request(self, request_id: str) -> list[UsageEvent]:
-        rows = await self.db.execute_fetchall(
-            "SELECT external_id, request_id, user_id, meter, value, model, provider, ts FROM usage_events"
-            " WHERE external_id > ? AND external_id < ? ORDER BY external_id",  # the primary key's range
-            (request_id + ":", request_id + ";"),
+        rows = list(
+            await self.db.execute_fetchall(
+                "SELECT user_id, model, provider, started_at, usage FROM requests WHERE id = ?", (request_id,)
+            )
         )
-        return [self._event(r) for r in rows]
+        if not rows:
+            return []
+        user_id, model, provider, started_at, usage = rows[0]
+        ts = parse_iso(started_at)
+        return [
+            UsageEvent(xid, request_id, user_id, meter, value, model, provider, ts)
+            for xid, meter, value in event_quantities(request_id, orjson.loads(usage))
+        ]
 
     # ------------------------------------------------------------------ limits and webhooks
     async def get_limits(self, user_id: str) -> CustomerLimits | None:

@@ -1,33 +1,40 @@
-"""The usage-event outbox in SQLite: claims with a lease, sync states, summaries."""
+"""The Polar outbox in SQLite: `requests` rows with usage, claimed with a lease, expanded to events.
+
+The unit is a request (migration 0004): its events are derived from its `usage` when claimed,
+and its sync state moves as one. Polar dedups by external id, so resending a request whose
+events were partly accepted before costs nothing but a `duplicates` count.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+
+from gateway.events import event_count, event_quantities
+from gateway.meters import COUNT_METERS
 from gateway.store.base import PendingEvent, UsageSummaryRow
 from gateway.store.sqlite_base import SqliteBase
 from gateway.timeutil import iso, parse_iso, utcnow
 
+_OUTBOX_COLS = "id, user_id, model, provider, started_at, usage, attempts"
+_COUNT_METERS_SQL = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))  # fixed names, not input
+
+
+def _events(rows: Iterable[Any]) -> list[PendingEvent]:
+    events: list[PendingEvent] = []
+    for rid, user_id, model, provider, started_at, usage, attempts in rows:
+        ts = parse_iso(started_at)
+        events.extend(
+            PendingEvent(xid, rid, user_id, meter, value, model, provider, ts, attempts)
+            for xid, meter, value in event_quantities(rid, orjson.loads(usage))
+        )
+    return events
+
 
 class SqliteOutbox(SqliteBase):
-    # ------------------------------------------------------------------ sync outbox
-    _PENDING_COLS = "external_id, user_id, meter, value, model, provider, ts, attempts"
-
-    @staticmethod
-    def _pending(row: Any) -> PendingEvent:
-        return PendingEvent(
-            external_id=row[0],
-            user_id=row[1],
-            meter=row[2],
-            value=row[3],
-            model=row[4],
-            provider=row[5],
-            timestamp=parse_iso(row[6]),
-            attempts=row[7],
-        )
-
     async def claim_events(self, owner: str, limit: int, lease_seconds: float) -> list[PendingEvent]:
         now = utcnow()
         until = iso(now + timedelta(seconds=lease_seconds))
@@ -35,79 +42,90 @@ class SqliteOutbox(SqliteBase):
             await self.db.execute("BEGIN IMMEDIATE")  # claim across processes on the same file
             try:
                 rows = await self.db.execute_fetchall(
-                    "UPDATE usage_events SET state = 'claimed', claimed_by = ?, claimed_until = ?"
-                    " WHERE external_id IN (SELECT external_id FROM usage_events"
-                    "   WHERE (state = 'pending' AND next_attempt_at <= ?) OR (state = 'claimed' AND claimed_until < ?)"
-                    "   ORDER BY ts, external_id LIMIT ?)"
-                    f" RETURNING {self._PENDING_COLS}",
+                    "UPDATE requests SET sync_state = 'claimed', claimed_by = ?, claimed_until = ?"
+                    " WHERE id IN (SELECT id FROM requests"
+                    "   WHERE (sync_state = 'pending' AND next_attempt_at <= ?)"
+                    "      OR (sync_state = 'claimed' AND claimed_until < ?) LIMIT ?)"
+                    f" RETURNING {_OUTBOX_COLS}",
                     (owner, until, iso(now), iso(now), limit),
                 )
                 await self.db.execute("COMMIT")
             except BaseException:
                 await self.db.execute("ROLLBACK")
                 raise
-        events = [self._pending(r) for r in rows]
+        events = _events(rows)
         events.sort(key=lambda e: (e.timestamp, e.external_id))
         return events
 
-    async def mark_synced(self, external_ids: Sequence[str]) -> None:
+    async def mark_synced(self, request_ids: Sequence[str]) -> None:
         now = iso(utcnow())
         await self._update_many(
-            "UPDATE usage_events SET state = 'synced', synced_at = ?, claimed_by = NULL, claimed_until = NULL,"
-            " last_error = NULL WHERE external_id = ? AND state != 'synced'",
-            [(now, x) for x in external_ids],
+            "UPDATE requests SET sync_state = 'synced', synced_at = ?, claimed_by = NULL, claimed_until = NULL,"
+            " last_error = NULL WHERE id = ? AND sync_state != 'synced'",
+            [(now, x) for x in request_ids],
         )
 
     async def mark_retry(
-        self, external_ids: Sequence[str], error: str, next_attempt_at: datetime, max_attempts: int
+        self, request_ids: Sequence[str], error: str, next_attempt_at: datetime, max_attempts: int
     ) -> None:
         await self._update_many(
-            "UPDATE usage_events SET attempts = attempts + 1,"
-            " state = CASE WHEN attempts + 1 >= ? THEN 'failed' ELSE 'pending' END,"
+            "UPDATE requests SET attempts = attempts + 1,"
+            " sync_state = CASE WHEN attempts + 1 >= ? THEN 'failed' ELSE 'pending' END,"
             " next_attempt_at = ?, last_error = ?, claimed_by = NULL, claimed_until = NULL"
-            " WHERE external_id = ? AND state != 'synced'",
-            [(max_attempts, iso(next_attempt_at), error[:500], x) for x in external_ids],
+            " WHERE id = ? AND sync_state IN ('pending', 'claimed', 'failed')",
+            [(max_attempts, iso(next_attempt_at), error[:500], x) for x in request_ids],
         )
 
-    async def mark_failed(self, external_ids: Sequence[str], error: str) -> None:
+    async def mark_failed(self, request_ids: Sequence[str], error: str) -> None:
         await self._update_many(
-            "UPDATE usage_events SET state = 'failed', attempts = attempts + 1, last_error = ?,"
-            " claimed_by = NULL, claimed_until = NULL WHERE external_id = ? AND state != 'synced'",
-            [(error[:500], x) for x in external_ids],
+            "UPDATE requests SET sync_state = 'failed', attempts = attempts + 1, last_error = ?,"
+            " claimed_by = NULL, claimed_until = NULL WHERE id = ? AND sync_state IN ('pending', 'claimed', 'failed')",
+            [(error[:500], x) for x in request_ids],
         )
 
     async def requeue_failed(self, user_id: str | None = None) -> int:
-        sql = "UPDATE usage_events SET state = 'pending', attempts = 0, next_attempt_at = '' WHERE state = 'failed'"
+        sql = (
+            "UPDATE requests SET sync_state = 'pending', attempts = 0, next_attempt_at = '' WHERE sync_state = 'failed'"
+        )
         params: tuple[Any, ...] = ()
         if user_id is not None:
             sql += " AND user_id = ?"
             params = (user_id,)
         async with self._lock:
-            cur = await self.db.execute(sql, params)
-            return cur.rowcount
+            rows = await self.db.execute_fetchall(sql + " RETURNING usage", params)
+            return sum(event_count(orjson.loads(r[0])) for r in rows)
 
     async def release_claims(self, keep_owner: str) -> int:
         """Hand back claims of stopped processes now instead of after their lease."""
         async with self._lock:
             cur = await self.db.execute(
-                "UPDATE usage_events SET state = 'pending', claimed_by = NULL, claimed_until = NULL"
-                " WHERE state = 'claimed' AND claimed_by != ?",
+                "UPDATE requests SET sync_state = 'pending', claimed_by = NULL, claimed_until = NULL"
+                " WHERE sync_state = 'claimed' AND claimed_by != ?",
                 (keep_owner,),
             )
             return cur.rowcount
 
     async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]:
-        where, params = ("WHERE user_id = ?", (user_id,)) if user_id else ("", ())
+        """Totals and event counts by sync state, per user and meter (an image is one event each)."""
+        where, params = ("AND r.user_id = ?", (user_id,)) if user_id else ("", ())
+        n = f"(CASE WHEN u.key IN ({_COUNT_METERS_SQL}) THEN u.value ELSE 1 END)"
         rows = await self.db.execute_fetchall(
-            "SELECT user_id, meter, SUM(value), SUM(state = 'synced'), SUM(state IN ('pending', 'claimed')),"
-            f" SUM(state = 'failed') FROM usage_events {where} GROUP BY user_id, meter ORDER BY user_id, meter",
+            f"SELECT r.user_id, u.key, SUM(u.value), SUM(CASE WHEN r.sync_state = 'synced' THEN {n} ELSE 0 END),"
+            f" SUM(CASE WHEN r.sync_state IN ('pending', 'claimed') THEN {n} ELSE 0 END),"
+            f" SUM(CASE WHEN r.sync_state = 'failed' THEN {n} ELSE 0 END)"
+            " FROM requests AS r, json_each(r.usage) AS u"
+            f" WHERE r.sync_state != 'none' AND u.value > 0 {where}"
+            " GROUP BY r.user_id, u.key ORDER BY r.user_id, u.key",
             params,
         )
         return [UsageSummaryRow(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
 
     async def failed_events(self, limit: int = 100) -> list[tuple[PendingEvent, str]]:
         rows = await self.db.execute_fetchall(
-            f"SELECT {self._PENDING_COLS}, last_error FROM usage_events WHERE state = 'failed' ORDER BY ts LIMIT ?",
+            f"SELECT {_OUTBOX_COLS}, last_error FROM requests WHERE sync_state = 'failed' ORDER BY started_at LIMIT ?",
             (limit,),
         )
-        return [(self._pending(r), r[8] or "") for r in rows]
+        out: list[tuple[PendingEvent, str]] = []
+        for row in rows:
+            out.extend((e, row[7] or "") for e in _events([row[:7]]))
+        return out[:limit]

@@ -52,7 +52,7 @@ def test_usage_reaches_polar_once_with_meter_names(polar_gateway, polar: FakePol
     }
     assert polar.events[f"{rid}:claude_output_tokens"]["name"] == "claude_output_tokens"
     assert polar.events[f"{rid}:claude_output_tokens"]["external_customer_id"] == "alice"
-    wait_until(lambda: gw.query("SELECT COUNT(*) FROM usage_events WHERE state = 'synced'") == [(2,)])
+    wait_until(lambda: gw.query("SELECT COUNT(*) FROM requests WHERE sync_state = 'synced'") == [(1,)])
     assert max(polar.sent.values()) == 1
 
 
@@ -65,13 +65,13 @@ def test_requests_served_while_polar_down_then_delivered_once(polar_gateway, pol
     gw.wait_recorded("bob", 5)
     wait_until(lambda: any(p == "POST /v1/events/ingest" for p in polar.paths()))
     assert polar.events == {}
-    assert gw.query("SELECT COUNT(*) FROM usage_events WHERE state = 'synced'") == [(0,)]
+    assert gw.query("SELECT COUNT(*) FROM requests WHERE sync_state = 'synced'") == [(0,)]
     polar.down(False)
     claude(gw, key).messages.create(model="claude-sonnet-4-6", max_tokens=16, messages=MSG)  # type: ignore[arg-type]
 
     def delivered() -> bool:
         # the retries back off (30 s and more); pretend that time has passed
-        gw.query("UPDATE usage_events SET next_attempt_at = '' WHERE state = 'pending'")
+        gw.query("UPDATE requests SET next_attempt_at = '' WHERE sync_state = 'pending'")
         return len(polar.events) == 12
 
     wait_until(delivered, timeout=10)

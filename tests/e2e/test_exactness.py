@@ -18,6 +18,8 @@ from tests.fakes.upstream import FakeUpstream, Reply
 
 MSG = [{"role": "user", "content": "Hello"}]
 
+USAGE = "SELECT u.key, u.value FROM requests, json_each(requests.usage) AS u"  # {meter: quantity} of one request
+
 
 def process_env(db: Path, upstream: FakeUpstream, **extra: str) -> dict[str, str]:
     """Environment of a `gateway serve` subprocess on `db` in front of the fake upstream."""
@@ -89,14 +91,16 @@ def test_kill_9_mid_stream_is_settled_on_restart(tmp_path: Path, upstream: FakeU
         wait_until(lambda: rows("requests", "outcome, estimated") == [("crashed", 1)])
         assert not segment.exists()
         with sqlite3.connect(db) as conn:
-            events = dict(conn.execute("SELECT meter, value FROM usage_events").fetchall())
+            events = dict(
+                conn.execute("SELECT u.key, u.value FROM requests, json_each(requests.usage) AS u").fetchall()
+            )
         reserved = httpx.Request("POST", "http://x", json=body).content
         assert events == {"claude_input_tokens": len(reserved) // 2 + 16, "claude_output_tokens": 100}
         # a second restart settles nothing twice
         gw.stop()
         gw = GatewayProcess(env, gw.port).start()
         with sqlite3.connect(db) as conn:
-            assert conn.execute("SELECT COUNT(*) FROM usage_events").fetchone() == (2,)
+            assert conn.execute("SELECT COUNT(*), MIN(sync_state) FROM requests").fetchone() == (1, "pending")
     finally:
         gw.stop()
 
@@ -124,7 +128,9 @@ def test_kill_9_after_the_answer_keeps_exact_usage(tmp_path: Path, upstream: Fak
         gw = GatewayProcess(env, gw.port).start()  # and the restart finds nothing left to do
         with sqlite3.connect(db) as conn:
             rows = conn.execute("SELECT outcome, estimated FROM requests").fetchall()
-            events = dict(conn.execute("SELECT meter, value FROM usage_events").fetchall())
+            events = dict(
+                conn.execute("SELECT u.key, u.value FROM requests, json_each(requests.usage) AS u").fetchall()
+            )
         assert rows == [("ok", 0)]
         assert events == {
             "claude_input_tokens": msg.usage.input_tokens,
@@ -157,12 +163,12 @@ def test_sync_claims_survive_kill_9(tmp_path: Path, upstream: FakeUpstream) -> N
 
             def states() -> list[str]:
                 with sqlite3.connect(db) as conn:
-                    return [r[0] for r in conn.execute("SELECT state FROM usage_events ORDER BY external_id")]
+                    return [r[0] for r in conn.execute("SELECT sync_state FROM requests")]
 
-            wait_until(lambda: len(polar.events) == 2 and states() == ["claimed", "claimed"], timeout=10)
+            wait_until(lambda: len(polar.events) == 2 and states() == ["claimed"], timeout=10)
             gw.kill()
             gw = GatewayProcess(env, gw.port).start()
-            wait_until(lambda: states() == ["synced", "synced"], timeout=10)
+            wait_until(lambda: states() == ["synced"], timeout=10)
             assert polar.total("claude_input_tokens", "sc") == 12
             assert polar.total("claude_output_tokens", "sc") == 9
             assert len(polar.events) == 2  # the resend was deduplicated by external id

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from google import genai
 from google.genai import errors, types
 
+from gateway.events import event_quantities
 from tests.conftest import GEMINI_KEY, Gateway, fixture_bytes
 from tests.fakes.upstream import FakeUpstream, Reply
 
@@ -91,8 +94,11 @@ def test_image_output_counts_images_not_image_tokens(gateway: Gateway) -> None:
     assert any(p.inline_data for p in parts)  # type: ignore[union-attr]
     gateway.wait_recorded("ivy")
     assert gateway.events("ivy") == {"gemini_input_tokens": 7, "gemini_output_tokens": 10, "gemini_images": 1}
-    ids = gateway.query("SELECT external_id FROM usage_events WHERE meter = 'gemini_images'")
-    assert [r[0].rsplit(":", 2)[1:] for r in ids] == [["gemini_images", "0"]]
+    ((rid, usage),) = gateway.query("SELECT id, usage FROM requests WHERE user_id = 'ivy'")
+    # a COUNT meter: one event of 1 per image, each with its own external id
+    assert [e for e in event_quantities(rid, json.loads(usage)) if e[1] == "gemini_images"] == [
+        (f"{rid}:gemini_images:0", "gemini_images", 1)
+    ]
 
 
 def test_image_stream_sums_images(gateway: Gateway) -> None:

@@ -163,9 +163,9 @@ def test_cli_polar_setup_sync_usage_and_customer(tmp_path: Path) -> None:
 
         with sqlite3.connect(tmp_path / "p.db") as conn:
             conn.execute(
-                "INSERT INTO usage_events (external_id, request_id, user_id, meter, value, model, provider, ts)"
-                " VALUES ('req_1:claude_input_tokens', 'req_1', 'alice', 'claude_input_tokens', 7, 'm', 'anthropic',"
-                " '2026-01-01T00:00:00.000000Z')"
+                "INSERT INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
+                " usage, sync_state) VALUES ('req_1', 'alice', 'k', 'anthropic', 'm', 'messages', 0,"
+                " '2026-01-01T00:00:00.000000Z', 'ok', '{\"claude_input_tokens\": 7}', 'pending')"
             )
         polar.fail_next(1, 500, path="/v1/events/ingest")
         failed = _cli({**env, "GATEWAY_SYNC_MAX_ATTEMPTS": "1"}, "sync")
