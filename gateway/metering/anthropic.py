@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from gateway.metering.sse import SSEParser
+from gateway.metering.sse import BLANK_LINE_ENDS, SSEParser
 from gateway.metering.usage import Usage, as_count
 from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, CLAUDE_INPUT, CLAUDE_OUTPUT
 
@@ -22,6 +22,11 @@ _DELTA = b"message_delta"
 _STOP = b"message_stop"
 _ERROR = b"error"
 _PARSED = frozenset({_START, _DELTA, _ERROR})
+# Every event the meter reads has one of these in its raw text: in its `event:` line, or in
+# the payload `type` that `_sniff_event` reads. Events without them (content deltas, pings)
+# are skipped without being split into lines.
+_MESSAGE = b"message_"
+_NEEDLES = (_MESSAGE, _ERROR)
 # Used only when an event arrives without an `event:` line; the type is near the start.
 _TYPE_RE = re.compile(rb'"type"\s*:\s*"([a-z_]+)"')
 
@@ -67,20 +72,26 @@ def _sniff_event(data: bytes) -> bytes:
 class AnthropicStreamMeter:
     """Accumulates usage from a Messages SSE stream as the relay forwards it.
 
-    Only `message_start`, `message_delta` and `error` payloads are JSON-parsed; content
-    deltas and pings are dropped by event name without touching their JSON.
+    Only `message_start`, `message_delta` and `error` payloads are JSON-parsed. Content
+    deltas and pings are never parsed (see `_NEEDLES`): a chunk of nothing but them is
+    dropped here after a few C-level scans, and one sharing a chunk with an event that
+    matters is dropped by the SSE parser. The few whose text happens to hold a needle are
+    dropped by event name.
     """
 
     __slots__ = ("_error", "_final", "_sse", "_usage")
 
     def __init__(self) -> None:
-        self._sse = SSEParser()
+        self._sse = SSEParser(only=_NEEDLES)
         self._usage: dict[str, Any] | None = None
         self._final = False
         self._error: Any = None
 
     def feed(self, chunk: bytes) -> None:
-        for name, data in self._sse.feed(chunk):
+        sse = self._sse
+        if sse.idle and chunk.endswith(BLANK_LINE_ENDS) and chunk.find(_MESSAGE) < 0 and chunk.find(_ERROR) < 0:
+            return  # whole events, none of them one we read (most chunks): a few C-level scans
+        for name, data in sse.feed(chunk):
             if not name:
                 name = _sniff_event(data)
             if name == _STOP:

@@ -85,7 +85,13 @@ class _Accumulator:
                 content = cand.get("content")
                 parts = content.get("parts") if isinstance(content, dict) else None
                 if isinstance(parts, list):
-                    self.images += sum(1 for p in parts if _is_image_part(p))
+                    for part in parts:  # a plain loop, and no call for a part without a blob
+                        if (
+                            isinstance(part, dict)
+                            and ("inlineData" in part or "inline_data" in part)
+                            and _is_image_part(part)
+                        ):
+                            self.images += 1
         feedback = obj.get("promptFeedback")
         if isinstance(feedback, dict) and feedback.get("blockReason"):
             self.final = True  # a blocked prompt gets no candidates and no finishReason

@@ -1,17 +1,30 @@
 """Incremental Server-Sent Events parser that only observes the relayed bytes.
 
 The relay forwards upstream bytes untouched (SDKs break if `event:` lines or the space
-after `data:` change), so this parser never re-frames anything: it splits each chunk on
-line endings with C-level bytes methods and only runs Python code per complete line.
-A line still in flight is kept as a list of pieces, so a huge `data:` line (a base64
-image) costs O(1) per chunk until it completes.
+after `data:` change), so this parser never re-frames anything. It keeps the raw bytes
+of the event in flight and parses events only once their blank line has arrived, a whole
+block at a time with C-level bytes methods: a huge `data:` line (a base64 image) costs
+O(1) Python work per chunk until it completes, and a chunk of whole events from an idle
+parser (what providers write) needs no joining at all. A consumer that only cares about
+a few events can say which bytes they must contain, and the rest are never parsed.
 """
 
 from __future__ import annotations
 
 _BOM = b"\xef\xbb\xbf"
+# A chunk with one of these endings ends with a blank line whose LF is its last byte: it
+# closes every line and event it holds and leaves no CR pending (after LF-normalising,
+# "\r\n\r\n", "\n\r\n" and "\r\r\n" all end in "\n\n"; "\r\n\r\n" ends with "\n\r\n").
+BLANK_LINE_ENDS = (b"\n\n", b"\n\r\n", b"\r\r\n")
 
 Event = tuple[bytes, bytes]
+
+
+def _mentions(text: bytes, needles: tuple[bytes, ...]) -> bool:
+    for needle in needles:
+        if text.find(needle) >= 0:  # find, not `in`: bytes.__contains__ tries int first
+            return True
+    return False
 
 
 class SSEParser:
@@ -21,73 +34,131 @@ class SSEParser:
     Data lines are joined with b"\\n". LF, CRLF and CR all end a line, even when a CRLF
     is split across two chunks. An event only counts once its blank line arrives, as
     in the SSE spec and the SDKs' decoders, so a truncated trailing event is dropped.
+
+    `only`: if given, an event is returned only if its raw text (its lines, line breaks
+    aside) contains one of these byte strings (none may hold CR or LF); the others are
+    skipped unparsed, and a chunk of whole events that holds none of them is dropped
+    after a few C-level scans. The result does not depend on chunking, since an event's
+    text is the same however it was cut.
+
+    `idle` (read-only) is True when no line, event or CR is pending and the BOM is dealt
+    with. A chunk that then ends with one of `BLANK_LINE_ENDS` holds only whole events and
+    leaves the parser idle again, so a caller that can tell from its bytes alone that none
+    of them matters may drop it without feeding it, saving even this method's call.
     """
 
-    __slots__ = ("_data", "_event", "_partial", "_skip_lf", "_started")
+    __slots__ = ("_only", "_pending", "_skip_lf", "_started", "idle")
 
-    def __init__(self) -> None:
-        self._partial: list[bytes] = []  # pieces of the incomplete current line
+    def __init__(self, only: tuple[bytes, ...] = ()) -> None:
+        self._only = only  # needles hold no CR or LF, so LF-normalising cannot move them
+        self._pending: list[bytes] = []  # LF-normalised bytes since the last blank line
         self._skip_lf = False  # previous chunk ended with CR: a leading LF belongs to it
-        self._event = b""
-        self._data: list[bytes] | None = None
-        self._started = False  # first line seen (the BOM may only precede it)
+        self._started = False  # first bytes parsed (the BOM may only precede them)
+        self.idle = False
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Consume one chunk; return the events it completed (often none)."""
-        if not chunk:
-            return []
+        if self.idle and chunk.endswith(BLANK_LINE_ENDS):
+            # Whole events only, and idle again after them: no state to join or keep.
+            only = self._only
+            if only:
+                for needle in only:  # `_mentions` inlined: this is the hot path
+                    if chunk.find(needle) >= 0:
+                        break
+                else:
+                    return []
+            # One event per chunk is what providers write: parse it without splitting blocks.
+            cr = chunk.find(b"\r")
+            if cr < 0:
+                end = len(chunk) - 2
+                if chunk.find(b"\n\n") != end:
+                    return self._events(chunk)
+            elif cr == len(chunk) - 4 and chunk.find(b"\n") == cr + 1:
+                end = cr  # one line framed by CRLF CRLF, as Gemini sends
+            else:
+                return self._events(_to_lf(chunk))
+            event = _event(chunk[:end])
+            return [event] if event is not None else []
         if self._skip_lf:
             self._skip_lf = False
-            if chunk[0] == 0x0A:
+            if chunk[:1] == b"\n":
                 chunk = chunk[1:]
-                if not chunk:
-                    return []
-        if b"\r" in chunk:
-            self._skip_lf = chunk[-1] == 0x0D
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if b"\n" not in chunk:
-            self._partial.append(chunk)
+        if not chunk:
             return []
-        lines = chunk.split(b"\n")
-        tail = lines.pop()
-        if self._partial:
-            self._partial.append(lines[0])
-            lines[0] = b"".join(self._partial)
-            self._partial.clear()
-        if tail:
-            self._partial.append(tail)
-        events: list[Event] = []
-        for line in lines:
-            self._line(line, events)
-        return events
-
-    def _line(self, line: bytes, events: list[Event]) -> None:
+        if chunk.find(b"\r") >= 0:
+            self._skip_lf = chunk[-1] == 0x0D
+            chunk = _to_lf(chunk)
+        pending = self._pending
+        end = chunk.rfind(b"\n\n") + 2
+        if end < 2:
+            if chunk[0] == 0x0A and pending and pending[-1][-1] == 0x0A:
+                end = 1  # the blank line straddles the chunk boundary
+            else:
+                pending.append(chunk)
+                self.idle = False
+                return []
+        text = chunk[:end]  # the whole chunk (no copy) when it ends with a blank line
+        if pending:
+            pending.append(text)
+            text = b"".join(pending)
+            pending.clear()
+        if end < len(chunk):
+            pending.append(chunk[end:])
         if not self._started:
             self._started = True
-            if line.startswith(_BOM):
-                line = line[3:]
-        if not line:
-            data = self._data
-            if data is not None:
-                events.append((self._event, b"\n".join(data)))
-            self._data = None
-            self._event = b""
-            return
+            if text.startswith(_BOM):
+                text = text[3:]
+        self.idle = not pending and not self._skip_lf
+        return self._events(text)
+
+    def _events(self, text: bytes) -> list[Event]:
+        """Events of LF-only `text` that ends with a blank line and starts idle."""
+        only = self._only
+        events: list[Event] = []
+        # Blocks between blank lines are whole events; a block may start with the LF of
+        # an extra blank line, and the last one is b"" or b"\n": neither holds a field.
+        for block in text.split(b"\n\n"):
+            if block and not (only and not _mentions(block, only)):
+                event = _event(block)
+                if event is not None:
+                    events.append(event)
+        return events
+
+
+def _event(block: bytes) -> Event | None:
+    """The event of one blank-line-free block of LF-separated lines; None without data."""
+    # The shapes providers send, without splitting lines: `data: X` and `event: N\ndata: X`.
+    if block.startswith(b"data: "):
+        if block.find(b"\n") < 0:
+            return b"", block[6:]
+    elif block.startswith(b"event: "):
+        nl = block.find(b"\n")
+        if nl > 0 and block.startswith(b"data: ", nl + 1) and block.find(b"\n", nl + 1) < 0:
+            return block[7:nl], block[nl + 7 :]
+    name = b""
+    data: list[bytes] | None = None
+    for line in block.split(b"\n"):
         colon = line.find(b":")
-        if colon == 0:
-            return  # comment / keep-alive
-        if colon < 0:
-            name, value = line, b""
+        if colon <= 0:
+            if colon == 0 or not line:
+                continue  # comment / keep-alive, or a leading blank line
+            field, value = line, b""
         else:
-            name = line[:colon]
-            value = line[colon + 1 :]
-            if value[:1] == b" ":
-                value = value[1:]
-        if name == b"data":
-            if self._data is None:
-                self._data = [value]
+            field = line[:colon]
+            value = line[colon + 2 :] if line[colon + 1 : colon + 2] == b" " else line[colon + 1 :]
+        if field == b"data":
+            if data is None:
+                data = [value]
             else:
-                self._data.append(value)
-        elif name == b"event":
-            self._event = value
+                data.append(value)
+        elif field == b"event":
+            name = value
         # `id`, `retry` and unknown fields do not matter for metering.
+    if data is None:
+        return None
+    return name, data[0] if len(data) == 1 else b"\n".join(data)
+
+
+def _to_lf(chunk: bytes) -> bytes:
+    chunk = chunk.replace(b"\r\n", b"\n")
+    return chunk.replace(b"\r", b"\n") if chunk.find(b"\r") >= 0 else chunk
