@@ -1,16 +1,19 @@
 """Profile the gateway's hot path under load: py-spy samples it while wrk drives one cell.
 
-    python bench/hotspots.py [--cell anthropic_json@16] [--duration 10] [--top 25]
+    python bench/hotspots.py [--cell anthropic_json@16] [--duration 10] [--top 25] [--bare]
 
 Prints the functions with the most samples, by own time and by inclusive time, so the
 billing path's cost can be read off (the closing notes of the performance work quote it).
-Uses the same nginx upstream, wrk scripts and pinning as `bench/run.py`.
+Uses the same nginx upstream, wrk scripts and pinning as `bench/run.py`. Also prints the
+CPU time per request of each thread. `--bare` profiles the bare pass-through (bare-raw)
+instead, to see what the gateway adds.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness.contenders import start_gateway
+from harness.contenders import start_bare, start_gateway
 from harness.fixtures import fast_cells
 from harness.load import run_wrk
 from harness.processes import ensure_tools, workdir
@@ -32,13 +35,14 @@ def main() -> int:
     ap.add_argument("--cell", default="anthropic_json@16")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--bare", action="store_true", help="profile bare-raw instead of the gateway")
     args = ap.parse_args()
     cells = {c.name: c for c in fast_cells()}
     cell = cells[args.cell]
     ensure_tools()
     with workdir(keep=False) as work:
         upstream = Nginx("upstream", work, slow=False, cpu=LOAD_CPU, access_log=False)
-        gateway = start_gateway(upstream, work, [cell])
+        gateway = start_bare("raw", upstream, work) if args.bare else start_gateway(upstream, work, [cell])
         try:
             expect = work / "expect.bin"
             expect.write_bytes(cell.fixture.served(False))
@@ -59,21 +63,55 @@ def main() -> int:
                     "--output",
                     str(raw),
                     "--nonblocking",
+                    "--gil",  # only samples holding the GIL: waiting for it (journal writes) is not work
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
             )
             result: dict[str, int] = {}
+            before = thread_cpu(gateway.proc.pid)
             t = threading.Thread(target=lambda: result.update(run_wrk(gateway, cell, args.duration, expect, work)))
             t.start()
             spy.wait()
             t.join()
+            after = thread_cpu(gateway.proc.pid)
             print(f"{cell.name}: {result}")
+            print_thread_cpu(before, after, result.get("requests", 0))
             report(raw, args.top)
         finally:
             gateway.proc.stop()
             upstream.stop()
     return 0
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) per thread, from /proc: unlike py-spy's samples, a thread
+    waiting for the GIL costs nothing here. Python does not name OS threads, so the event
+    loop's is told apart by its id (the process id) and the others by theirs."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        name = "event loop (main thread)" if task.name == str(pid) else f"thread {task.name}"
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def print_thread_cpu(before: dict[str, float], after: dict[str, float], requests: int) -> None:
+    if not requests:
+        return
+    print("CPU per request by thread:")
+    total = 0.0
+    for name in sorted(after, key=lambda n: before.get(n, 0.0) - after[n]):
+        us = (after[name] - before.get(name, 0.0)) / requests * 1e6
+        total += us
+        if us >= 0.5:
+            print(f"  {us:7.1f} us  {name}")
+    print(f"  {total:7.1f} us  (all threads)")
 
 
 def py_spy() -> str:

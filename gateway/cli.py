@@ -123,6 +123,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     # the collections that per-request garbage triggers stay short (they showed up as p99 spikes).
     gc.collect()
     gc.freeze()
+    # A request's objects are freed by reference counting; what trips the default threshold (700
+    # allocations net) is the objects of requests in flight, so a young collection ran every ~20
+    # requests and found nothing (measured: ~9 us of CPU per request). 10,000 still bounds cyclic
+    # garbage to a few MB.
+    gc.set_threshold(10_000, 20, 20)
     uvicorn.run(
         app,
         host=args.host or settings.host,

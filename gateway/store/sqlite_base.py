@@ -53,6 +53,9 @@ _PRAGMAS = (
     "PRAGMA synchronous=NORMAL",
     "PRAGMA busy_timeout=10000",
     "PRAGMA cache_size=-16384",  # 16 MiB: keep the hot index pages in memory
+    # A batch insert needs a statement journal (to undo just that statement on a constraint
+    # error); on disk that was a temp file created, written and unlinked per batch.
+    "PRAGMA temp_store=MEMORY",
 )
 
 
