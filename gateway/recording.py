@@ -181,7 +181,7 @@ async def recover(store: Store, journal_dir: Path | None, owner: str) -> int:
     settled = await recover_journal(store, journal_dir)
     released = await store.release_claims(owner)
     if released:
-        log.warning("re-queued %d usage event(s) a stopped sync had claimed (Polar dedups any resend)", released)
+        log.warning("re-queued %d request(s) a stopped sync had claimed (Polar dedups any resend)", released)
     return settled
 
 
