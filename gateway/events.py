@@ -28,7 +28,3 @@ def event_quantities(request_id: str, usage: Mapping[str, int]) -> list[tuple[st
 
 def event_count(usage: Mapping[str, int]) -> int:
     return sum(value if meter in COUNT_METERS else 1 for meter, value in usage.items() if value > 0)
-
-
-def request_of(external_id: str) -> str:
-    return external_id.split(":", 1)[0]

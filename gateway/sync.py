@@ -141,7 +141,7 @@ class Syncer:
             await self._settle(claim, error, result)
             if error is not None:
                 return result
-            if len({e.request_id for e in events}) < self.batch_size:
+            if len(claim.request_ids) < self.batch_size:  # the store had fewer requests waiting
                 break
         return result
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from gateway.events import event_quantities
+from gateway.events import event_count, event_quantities
 from gateway.store.base import ApiKey, CustomerLimits, MeterLimit, RequestRecord, UsageEvent
 from gateway.store.sqlite_base import json_text, migrations_dir, opt_datetime
 from gateway.store.sqlite_outbox import SqliteOutbox
@@ -116,7 +116,7 @@ class SqliteStore(SqliteOutbox):
                 r.usage,
                 r.usage_raw,
                 int(r.estimated),
-                "pending" if any(v > 0 for v in r.usage.values()) else "none",  # events to send, or none
+                "pending" if event_count(r.usage) else "none",  # events to send, or none
             )
             for r in records
         ]
