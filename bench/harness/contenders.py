@@ -73,12 +73,13 @@ def uvicorn_flags(port: int) -> list[str]:
     ]
 
 
-def start_bare(mode: str, upstream: Nginx, workdir: Path) -> Contender:
+def start_bare(mode: str, upstream: Nginx, workdir: Path, wrap: Sequence[str] = ()) -> Contender:
+    """`wrap`: a command the contender runs under (bench/instructions.py: valgrind)."""
     port = free_port()
     env = dict(os.environ, BARE_MODE=mode, BARE_UPSTREAM=upstream.url)
-    argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH), "--factory", "bare:create_app"]
+    argv = [*wrap, sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH), "--factory", "bare:create_app"]
     proc = spawn(f"bare-{mode}", argv + uvicorn_flags(port), workdir, CONTENDER_CPU, env)
-    wait_port(proc, port)
+    wait_port(proc, port, timeout=120 if wrap else 30)
     return Contender(f"bare-{mode}", port, proc, prefixed=True)
 
 
@@ -143,7 +144,9 @@ def last_json(text: str) -> object:
     raise ValueError(f"no JSON in output: {text[-300:]!r}")
 
 
-def start_gateway(upstream: Nginx, workdir: Path, cells: Sequence[Cell], extra: Sequence[str] = ()) -> Contender:
+def start_gateway(
+    upstream: Nginx, workdir: Path, cells: Sequence[Cell], extra: Sequence[str] = (), wrap: Sequence[str] = ()
+) -> Contender:
     """The gateway with one user (and key) per cell, plus one per `extra` tag (keys[tag], users[tag])."""
     port = free_port()
     env = gateway_env(workdir, port, upstream)
@@ -156,8 +159,8 @@ def start_gateway(upstream: Nginx, workdir: Path, cells: Sequence[Cell], extra: 
         assert isinstance(created, dict), created
         keys[name] = str(created["key"])
         users[name] = str(created.get("user_id", user))
-    proc = spawn("gateway", [sys.executable, "-m", "gateway", "serve"], workdir, CONTENDER_CPU, env)
-    wait_port(proc, port, timeout=60)
+    proc = spawn("gateway", [*wrap, sys.executable, "-m", "gateway", "serve"], workdir, CONTENDER_CPU, env)
+    wait_port(proc, port, timeout=180 if wrap else 60)
     return Contender("gateway", port, proc, prefixed=True, keys=keys, users=users)
 
 

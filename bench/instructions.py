@@ -1,0 +1,140 @@
+"""Instructions per request, counted by valgrind (callgrind): the gateway against bare-raw.
+
+    python bench/instructions.py [--cell anthropic_json@16] [--duration 20] [--top 30]
+
+Wall-clock and CPU-time figures on this shared VM move 10-40 % between runs, so a change worth
+10 us per request cannot be told from noise by `run.py`. Instruction counts do not depend on what
+else the machine is doing: the same code driven the same way counts the same within ~1 %. Each
+contender runs under `valgrind --tool=callgrind` (about 50x slower; every thread is counted,
+the SQLite writer included) behind the same nginx upstream and wrk script as `run.py`; after a
+warm-up the counters are zeroed, wrk runs, and the counters are dumped and divided by the
+requests served. It prints instructions per request for each contender, their ratio (the
+instruction-count analogue of `run.py`'s CPU ratio), and the C functions with the most own
+instructions in the gateway (SQLite, orjson, the interpreter loop, ...).
+
+Needs valgrind (Debian's package). Not a substitute for `run.py`: instructions are not cycles
+(cache misses and syscalls' kernel time are not counted), but a change that removes work shows here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness.contenders import Contender, start_bare, start_gateway
+from harness.fixtures import Cell, fast_cells
+from harness.load import run_wrk
+from harness.processes import ensure_tools, workdir
+from harness.settings import LOAD_CPU
+from harness.upstream import Nginx
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cell", default="anthropic_json@16")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of load under valgrind")
+    ap.add_argument("--warmup", type=float, default=8.0)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--contenders", default="bare-raw,gateway")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (callgrind dumps for kcachegrind)")
+    args = ap.parse_args()
+    cell = {c.name: c for c in fast_cells()}[args.cell]
+    ensure_tools()
+    if not _which("valgrind"):
+        sys.exit("valgrind not found: apt-get install -y valgrind")
+    counts: dict[str, float] = {}
+    with workdir(keep=args.keep) as work:
+        upstream = Nginx("upstream", work, slow=False, cpu=LOAD_CPU, access_log=False)
+        try:
+            for name in args.contenders.split(","):
+                out = work / f"callgrind.{name}"
+                wrap = [
+                    "valgrind",
+                    "--tool=callgrind",
+                    f"--callgrind-out-file={out}",
+                    "--dump-instr=no",
+                    "--compress-strings=no",
+                ]
+                contender = (
+                    start_gateway(upstream, work, [cell], wrap=wrap)
+                    if name == "gateway"
+                    else start_bare(name.removeprefix("bare-"), upstream, work, wrap=wrap)
+                )
+                try:
+                    ir, requests, dump = measure(contender, cell, args, work, out)
+                finally:
+                    assert contender.proc is not None
+                    contender.proc.stop(timeout=120)
+                counts[name] = ir / requests
+                print(f"{name:>10}: {ir / requests:12,.0f} instructions/request ({requests} requests)", flush=True)
+                if name == "gateway" or len(args.contenders.split(",")) == 1:
+                    top_functions(dump, args.top, requests)
+        finally:
+            upstream.stop()
+    if "gateway" in counts and "bare-raw" in counts:
+        print(f"gateway / bare-raw: {counts['gateway'] / counts['bare-raw']:.2f}x instructions per request")
+    return 0
+
+
+def measure(contender: Contender, cell: Cell, args: argparse.Namespace, work: Path, out: Path) -> tuple[int, int, Path]:
+    expect = work / "expect.bin"
+    expect.write_bytes(cell.fixture.served(False))
+    run_wrk(contender, cell, args.warmup, expect, work)
+    control(contender, "-z")
+    result = run_wrk(contender, cell, args.duration, expect, work)
+    before = set(work.glob(f"{out.name}*"))
+    control(contender, "-d")
+    dumps = sorted(set(work.glob(f"{out.name}*")) - before)
+    if not dumps:
+        raise RuntimeError("callgrind wrote no dump")
+    dump = dumps[-1]
+    totals = re.search(r"^(?:totals|summary): (\d+)", dump.read_text(errors="replace"), re.M)
+    if not totals:
+        raise RuntimeError(f"no totals in {dump}")
+    done, good = int(result["requests"]), int(result["ok"])
+    if not done or good != done:
+        raise RuntimeError(f"bad responses under valgrind: {result}")
+    return int(totals.group(1)), done, dump
+
+
+def control(contender: Contender, flag: str) -> None:
+    subprocess.run(["callgrind_control", flag, str(contender.pid)], check=True, capture_output=True, timeout=120)
+
+
+def top_functions(dump: Path, top: int, requests: int) -> None:
+    """Own instructions per C function, read from the dump (callgrind_annotate 3.19 folds them all
+    into the interpreter loop for this file)."""
+    own: collections.Counter[str] = collections.Counter()
+    fn, obj, skip = "", "", False
+    for line in dump.read_text(errors="replace").splitlines():
+        if line.startswith("fn="):
+            fn = f"{line[3:]} [{obj.rsplit('/', 1)[-1]}]"
+        elif line.startswith("ob="):
+            obj = line[3:]
+        elif line.startswith("calls="):
+            skip = True  # the next cost line is the call's inclusive cost
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if skip:
+                skip = False
+            elif fn:
+                parts = line.split()
+                if len(parts) >= 2:
+                    own[fn] += int(parts[1])
+    total = sum(own.values())
+    print(f"  top C functions by own instructions (per request; {total / requests:,.0f} counted):")
+    for name, n in own.most_common(top):
+        print(f"  {n / requests:10,.0f}  {100 * n / total:5.1f}%  {name[:100]}")
+
+
+def _which(tool: str) -> bool:
+    return subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode == 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
