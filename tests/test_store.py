@@ -56,6 +56,52 @@ async def test_finish_is_idempotent_and_finished_ids_tells_what_is_stored(store:
     ]
 
 
+
+@pytest.mark.parametrize("n", [1, 3, 70, 341])  # 341 = 256 + 64 + 16 + 4 + 1: every statement size
+async def test_a_batch_of_any_size_goes_in_whole_with_every_column(store: SqliteStore, n: int) -> None:
+    finished = datetime(2026, 12, 1, 0, 0, 1, tzinfo=UTC)
+    batch = [
+        record(
+            f"req_{i:04d}",
+            outcome="ok",
+            status_code=200,
+            usage={"claude_output_tokens": i + 1},
+            usage_raw={"output_tokens": i + 1, "note": "é"},
+            finished_at=finished,
+        )
+        for i in range(n)
+    ]
+    await store.finish_requests(batch)
+    await store.finish_requests(batch[: n // 2 + 1])  # a replay of some: nothing twice
+    rows = await store.db.execute_fetchall(
+        "SELECT id, user_id, key_id, provider, model, operation, stream, started_at, outcome, reservation, owner,"
+        " finished_at, status_code, usage, usage_raw, estimated, sync_state FROM requests ORDER BY id"
+    )
+    assert [tuple(r) for r in rows] == [
+        (
+            f"req_{i:04d}",
+            "u",
+            "k",
+            "anthropic",
+            "m",
+            "messages",
+            0,
+            "2026-12-01T00:00:00.000000Z",
+            "ok",
+            '{"claude_output_tokens":10}',
+            "",
+            "2026-12-01T00:00:01.000000Z",
+            200,
+            f'{{"claude_output_tokens":{i + 1}}}',
+            f'{{"output_tokens":{i + 1},"note":"é"}}',
+            0,
+            "pending",
+        )
+        for i in range(n)
+    ]
+    total = await store.consumed("u", datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    assert total == {"claude_output_tokens": n * (n + 1) // 2}
+
 async def test_a_request_without_usage_has_nothing_to_sync(store: SqliteStore) -> None:
     await store.finish_request(record("req_z", outcome="upstream_error", usage={}))
     assert await store.claim_events("o", 10, 60) == []
