@@ -50,6 +50,7 @@ def main() -> int:
     if not _which("valgrind"):
         sys.exit("valgrind not found: apt-get install -y valgrind")
     counts: dict[str, float] = {}
+    functions: dict[str, collections.Counter[str]] = {}
     with workdir(keep=args.keep) as work:
         upstream = Nginx("upstream", work, slow=False, cpu=LOAD_CPU, access_log=False)
         try:
@@ -77,13 +78,17 @@ def main() -> int:
                     assert contender.proc is not None
                     contender.proc.stop(timeout=120)
                 counts[name] = ir / requests
+                functions[name] = own_instructions(dump, requests)
                 print(f"{name:>10}: {ir / requests:12,.0f} instructions/request ({requests} requests)", flush=True)
-                if name == "gateway" or len(args.contenders.split(",")) == 1:
-                    top_functions(dump, args.top, requests)
+                if args.top:
+                    print_top("C functions by own instructions per request", functions[name], args.top)
         finally:
             upstream.stop()
     if "gateway" in counts and "bare-raw" in counts:
         print(f"gateway / bare-raw: {counts['gateway'] / counts['bare-raw']:.2f}x instructions per request")
+        extra = functions["gateway"].copy()
+        extra.subtract(functions["bare-raw"])
+        print_top("where the gateway's extra instructions go (gateway - bare-raw, per request)", extra, args.top or 30)
     return 0
 
 
@@ -112,14 +117,15 @@ def control(contender: Contender, flag: str) -> None:
     subprocess.run(["callgrind_control", flag, str(contender.pid)], check=True, capture_output=True, timeout=120)
 
 
-def top_functions(dump: Path, top: int, requests: int) -> None:
-    """Own instructions per C function, read from the dump (callgrind_annotate 3.19 folds them all
-    into the interpreter loop for this file)."""
+def own_instructions(dump: Path, requests: int) -> collections.Counter[str]:
+    """Own instructions per request of each C function, read from the dump (callgrind_annotate
+    3.19 folds them all into the interpreter loop for this file)."""
     own: collections.Counter[str] = collections.Counter()
     fn, obj, skip = "", "", False
     for line in dump.read_text(errors="replace").splitlines():
         if line.startswith("fn="):
-            fn = f"{line[3:]} [{obj.rsplit('/', 1)[-1]}]"
+            name = line[3:].split("'")[0]  # recursion levels ("'2") folded into one
+            fn = f"{name} [{obj.rsplit('/', 1)[-1]}]"
         elif line.startswith("ob="):
             obj = line[3:]
         elif line.startswith("calls="):
@@ -131,10 +137,14 @@ def top_functions(dump: Path, top: int, requests: int) -> None:
                 parts = line.split()
                 if len(parts) >= 2:
                     own[fn] += int(parts[1])
-    total = sum(own.values())
-    print(f"  top C functions by own instructions (per request; {total / requests:,.0f} counted):")
-    for name, n in own.most_common(top):
-        print(f"  {n / requests:10,.0f}  {100 * n / total:5.1f}%  {name[:100]}")
+    return collections.Counter({k: v // requests for k, v in own.items()})
+
+
+def print_top(title: str, counts: collections.Counter[str], top: int) -> None:
+    total = sum(counts.values())
+    print(f"  {title} ({total:,} in all):")
+    for name, n in sorted(counts.items(), key=lambda kv: -abs(kv[1]))[:top]:
+        print(f"  {n:10,}  {name[:100]}")
 
 
 def _which(tool: str) -> bool:

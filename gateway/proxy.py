@@ -227,7 +227,7 @@ class ProxyEndpoint:
 
         async with resp:
             status = resp.status
-            out_headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in DROP_RESPONSE_HEADERS]
+            out_headers = [(lk, v) for k, v in resp.raw_headers if (lk := k.lower()) not in DROP_RESPONSE_HEADERS]
             out_headers.append(rid)
             await send({"type": "http.response.start", "status": status, "headers": out_headers})
             if call is None:

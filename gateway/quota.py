@@ -133,25 +133,34 @@ class Ledger:
     @staticmethod
     def reserve(uq: UserQuota, amounts: Mapping[str, int]) -> Refusal | None:
         """Check and reserve in one step; synchronous on purpose (atomic within the event loop)."""
+        meters = uq.meters
         for name, amount in amounts.items():
-            state = uq.meters.get(name)
+            state = meters.get(name)
             if state is None or state.credited is None:
                 continue
             remaining = state.credited - state.consumed - state.reserved
             if remaining <= 0 or remaining < amount:
                 return Refusal(meter=name, needed=amount, remaining=max(remaining, 0))
         for name, amount in amounts.items():
-            uq.meter(name).reserved += amount
+            state = meters.get(name)
+            if state is None:
+                state = meters[name] = MeterState(credited=None)
+            state.reserved += amount
         return None
 
     @staticmethod
     def settle(uq: UserQuota, reserved: Mapping[str, int], actual: Mapping[str, int]) -> None:
+        meters = uq.meters
         for name, amount in reserved.items():
-            state = uq.meter(name)
-            state.reserved = max(0, state.reserved - amount)
+            state = meters.get(name)
+            if state is not None:  # (reserve created it)
+                state.reserved = max(0, state.reserved - amount)
         for name, amount in actual.items():
             if amount:
-                uq.meter(name).consumed += amount
+                state = meters.get(name)
+                if state is None:
+                    state = meters[name] = MeterState(credited=None)
+                state.consumed += amount
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,7 +56,6 @@ async def test_finish_is_idempotent_and_finished_ids_tells_what_is_stored(store:
     ]
 
 
-
 @pytest.mark.parametrize("n", [1, 3, 70, 341])  # 341 = 256 + 64 + 16 + 4 + 1: every statement size
 async def test_a_batch_of_any_size_goes_in_whole_with_every_column(store: SqliteStore, n: int) -> None:
     finished = datetime(2026, 12, 1, 0, 0, 1, tzinfo=UTC)
@@ -101,6 +100,7 @@ async def test_a_batch_of_any_size_goes_in_whole_with_every_column(store: Sqlite
     ]
     total = await store.consumed("u", datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
     assert total == {"claude_output_tokens": n * (n + 1) // 2}
+
 
 async def test_a_request_without_usage_has_nothing_to_sync(store: SqliteStore) -> None:
     await store.finish_request(record("req_z", outcome="upstream_error", usage={}))

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from gateway.metering.sse import BLANK_LINE_ENDS, SSEParser
+from gateway.metering.usage import BINARY as _BINARY
 from gateway.metering.usage import Usage, as_count
 from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, CLAUDE_INPUT, CLAUDE_OUTPUT
 
@@ -45,7 +46,7 @@ def meters_from_usage(usage: dict[str, Any] | None) -> dict[str, int]:
 def usage_from_message(body: bytes | dict[str, Any]) -> Usage:
     """Usage of a complete (non-streaming) Messages response; error bodies give zeros."""
     obj: object = body
-    if isinstance(body, bytes | bytearray | memoryview):
+    if isinstance(body, _BINARY):
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -42,7 +42,9 @@ class ContentDecoder:
         A list such as "gzip, identity" is accepted when at most one real coding remains;
         stacked codings and unknown ones (br, zstd, compress) are reported unsupported.
         """
-        codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+        if not content_encoding:
+            return _IDENTITY_DECODER  # stateless in identity mode: one instance serves every response
+        codings = [c.strip().lower() for c in content_encoding.split(",")]
         real = [c for c in codings if c not in _IDENTITY]
         if not real:
             return cls("identity")
@@ -114,3 +116,6 @@ class ContentDecoder:
         if out:
             self._replay = None  # the guess produced plaintext: it was right
         return out
+
+
+_IDENTITY_DECODER = ContentDecoder("identity")

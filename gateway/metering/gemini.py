@@ -18,6 +18,7 @@ import orjson
 
 from gateway.metering.jsonarray import JSONArrayScanner
 from gateway.metering.sse import SSEParser
+from gateway.metering.usage import BINARY as _BINARY
 from gateway.metering.usage import Usage, as_count
 from gateway.meters import GEMINI_CACHED, GEMINI_IMAGES, GEMINI_INPUT, GEMINI_OUTPUT
 
@@ -115,7 +116,7 @@ class _Accumulator:
 
 
 def _loads(body: bytes | dict[str, Any]) -> object:
-    if isinstance(body, bytes | bytearray | memoryview):
+    if isinstance(body, _BINARY):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -32,6 +32,10 @@ class StreamMeter(Protocol):
     def usage(self) -> Usage: ...
 
 
+# isinstance() with `bytes | bytearray | memoryview` builds that union on every call.
+BINARY = (bytes, bytearray, memoryview)
+
+
 def as_count(value: object) -> int:
     """Coerce a provider count to a non-negative int; anything odd (null, bool, str) is 0."""
     if isinstance(value, bool):

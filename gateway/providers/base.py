@@ -64,7 +64,7 @@ def accept_encoding(value: bytes | None) -> bytes | None:
     return ", ".join(kept).encode() if kept else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: not frozen, whose __init__ costs a call per field
 class Route:
     """A matched provider route. `metered` routes reserve quota and become request records."""
 
@@ -76,7 +76,7 @@ class Route:
     stream: bool = False  # known from the path (gemini) or decided from the body (anthropic)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
     """A metered call, prepared from the route and the parsed body."""
 
