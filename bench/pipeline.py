@@ -182,7 +182,7 @@ async def measure(cell: Cell, requests: int, rounds: int, profile: bool) -> list
     await life
     check_meters(work / "bench.db", cell, served)
     if prof:
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(45)
     return results
 
 

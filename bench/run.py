@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.cancel import CancelResult, print_cancel, run_cancel
 from harness.contenders import Contender, gateway_available, gateway_env, start_bare, start_direct, start_gateway
 from harness.fixtures import FIXTURE_LIST, Cell, fast_cells, slow_cells
-from harness.load import Result, print_result, run_cell
+from harness.load import Result, merge_rounds, print_result, run_cell
 from harness.meters import MeterRow, check_meters, print_meters
 from harness.processes import ensure_tools, workdir
 from harness.report import render_report, update_readme
@@ -54,8 +54,11 @@ from harness.upstream import Nginx
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark the gateway against direct and bare pass-throughs.")
-    p.add_argument("--quick", action="store_true", help="3 s per cell (default 10 s)")
-    p.add_argument("--duration", type=float, help="seconds per cell (default 10, --quick 3)")
+    p.add_argument("--quick", action="store_true", help="1 round of 3 s per cell")
+    p.add_argument("--duration", type=float, help="seconds per round (default 5, --quick 3)")
+    p.add_argument(
+        "--rounds", type=int, help="rounds per cell, contenders interleaved (default 3, --quick and --slow 1)"
+    )
     p.add_argument("--warmup", type=float, help="warm-up seconds per cell, not measured (default 1)")
     p.add_argument("--slow", action="store_true", help="slow-upstream mode: 250 ms JSON, 31x20 ms streams, 256 conns")
     p.add_argument("--out", type=Path, help="markdown output (default bench/results.md, --slow bench/results_slow.md)")
@@ -68,7 +71,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--update-readme", action="store_true", help="paste the report into bench/README.md")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, nginx config, gateway db)")
     args = p.parse_args(argv)
-    args.duration = args.duration or (3.0 if args.quick else 10.0)
+    args.duration = args.duration or (3.0 if args.quick else 10.0 if args.slow else 5.0)
+    args.rounds = max(1, args.rounds or (1 if args.quick or args.slow else 3))
     args.warmup = 1.0 if args.warmup is None else args.warmup
     args.settle = 1.5 if args.slow else 0.5
     args.ttfb_requests = TTFB_REQUESTS_QUICK if args.quick else TTFB_REQUESTS
@@ -129,17 +133,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name} on :{c.port} (pid {c.pid}, CPU {CONTENDER_CPU})", flush=True)
                 results[name] = []
             for cell in cells:
-                for name, contender in list(contenders.items()):
-                    try:
-                        r = run_cell(contender, cell, args, upstream, expect[cell.fixture.name], tmp)
-                    except RuntimeError as exc:
-                        notes.append(f"{name} failed: {str(exc).splitlines()[0]}")
-                        print(notes[-1], flush=True)
-                        contenders.pop(name).stop()
-                        continue
-                    print(f"{name:<15}", end="", flush=True)
-                    print_result(r, args.slow)
-                    results[name].append(r)
+                # Rounds: every contender once per round, the order rotated each round; a row is the
+                # median round, a ratio the median of the per-round ratios (see merge_rounds).
+                rounds: dict[str, list[Result]] = {}
+                for rnd in range(args.rounds):
+                    names = list(contenders)
+                    names = names[rnd % len(names) :] + names[: rnd % len(names)] if names else names
+                    for name in names:
+                        contender = contenders[name]
+                        try:
+                            r = run_cell(contender, cell, args, upstream, expect[cell.fixture.name], tmp)
+                        except RuntimeError as exc:
+                            notes.append(f"{name} failed: {str(exc).splitlines()[0]}")
+                            print(notes[-1], flush=True)
+                            contenders.pop(name).stop()
+                            continue
+                        tag = f"{name} r{rnd + 1}" if args.rounds > 1 else name
+                        print(f"{tag:<15}", end="", flush=True)
+                        print_result(r, args.slow)
+                        rounds.setdefault(name, []).append(r)
+                for name, rs in rounds.items():
+                    results[name].append(merge_rounds(rs))
             for name, contender in contenders.items():
                 if sse and not args.slow and name in TTFB_CONTENDERS:
                     one = Cell(sse.fixture, 1)

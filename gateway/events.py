@@ -27,4 +27,8 @@ def event_quantities(request_id: str, usage: Mapping[str, int]) -> list[tuple[st
 
 
 def event_count(usage: Mapping[str, int]) -> int:
-    return sum(value if meter in COUNT_METERS else 1 for meter, value in usage.items() if value > 0)
+    n = 0  # a plain loop: twice per request, and a generator in sum() costs more than the counting
+    for meter, value in usage.items():
+        if value > 0:
+            n += value if meter in COUNT_METERS else 1
+    return n

@@ -36,7 +36,7 @@ class ClientGone(Exception):
     pass
 
 
-_NEVER_SET = asyncio.Event()  # "the client left" when nothing watches: a JSON body is read to its end anyway
+WATCH_AFTER_SECONDS = 0.25  # a stream watches for its client leaving once it has run this long
 
 
 def new_request_id() -> str:
@@ -236,13 +236,8 @@ class ProxyEndpoint:
             streamed = call.stream and status == 200 and call.meter_factory is not None
             meter = call.meter_factory() if streamed and call.meter_factory else None
             whole = bytearray()
-            gone = expired = _NEVER_SET
-            watcher = None
-            if meter is not None:  # a JSON body is read to its end anyway; a stream needs a drain bound
-                gone, expired = asyncio.Event(), asyncio.Event()
-                watcher = asyncio.ensure_future(
-                    _watch_disconnect(receive, gone, expired, resp, settings.drain_timeout_seconds)
-                )
+            # A JSON body is read to its end anyway; a stream needs its drain bounded when the client leaves.
+            watch = _DisconnectWatch(receive, resp, settings.drain_timeout_seconds) if meter is not None else None
             outcome, drained, ended = "ok" if status < 400 else "upstream_error", 0, False
             content = resp.content
             try:
@@ -251,7 +246,7 @@ class ProxyEndpoint:
                         meter.feed(decoder.decode(chunk))
                     else:
                         whole += chunk
-                    if not gone.is_set():
+                    if watch is None or not watch.gone:
                         # The last chunk carries the end of the body: one send (and write) fewer.
                         ended = content.at_eof()
                         await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
@@ -263,21 +258,21 @@ class ProxyEndpoint:
                 outcome = "timeout"
                 await self._stream_error(send, route, 504, "timeout_error", "the provider stalled mid-response")
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
-                if not expired.is_set():
+                if watch is None or not watch.expired:
                     outcome = "upstream_broken"
                     await self._stream_error(
                         send, route, 502, "api_error", "the provider connection broke mid-response"
                     )
             finally:
-                if watcher is not None:
-                    watcher.cancel()
+                if watch is not None:
+                    watch.stop()
             if not ended:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             usage: Usage | None
             estimated = False
             if meter is not None:
                 usage = meter.usage()
-                if gone.is_set():
+                if watch is not None and watch.gone:
                     # The client left; whatever the upstream did after, what we billed is what it reported.
                     outcome = "client_disconnected"
                     estimated = not usage.final
@@ -328,13 +323,40 @@ class ProxyEndpoint:
         return f"request body exceeds the gateway limit of {self.s.settings.max_body_bytes} bytes"
 
 
-async def _watch_disconnect(
-    receive: Any, gone: asyncio.Event, expired: asyncio.Event, resp: aiohttp.ClientResponse, drain_seconds: float
-) -> None:
-    """Notice a client disconnect; give the upstream `drain_seconds` more to report usage, then cut it."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    gone.set()
-    await asyncio.sleep(drain_seconds)
-    expired.set()
-    resp.close()
+class _DisconnectWatch:
+    """Notices a client that left a stream; gives the upstream `drain_seconds` more to report usage, then cuts it.
+
+    Watching takes a task reading `receive()`; it starts only once the stream has run for
+    `WATCH_AFTER_SECONDS` (a timer until then), so a stream that ends sooner costs no task. A client
+    that leaves earlier is noticed then: the drain bound starts at most that much later, and a stream
+    that ends before it is simply read to its end, metered exactly, as if the client had stayed.
+    """
+
+    __slots__ = ("_drain", "_receive", "_resp", "_task", "_timer", "expired", "gone")
+
+    def __init__(self, receive: Any, resp: aiohttp.ClientResponse, drain_seconds: float) -> None:
+        self.gone = False  # the client left
+        self.expired = False  # ... and the drain bound passed: the upstream was cut
+        self._receive, self._resp, self._drain = receive, resp, drain_seconds
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            WATCH_AFTER_SECONDS, self._start
+        )
+
+    def _start(self) -> None:
+        self._timer = None
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        await asyncio.sleep(self._drain)
+        self.expired = True
+        self._resp.close()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()

@@ -26,7 +26,8 @@ log = logging.getLogger("gateway.recording")
 
 
 def token_total(usage: Mapping[str, int]) -> int:
-    return sum(v for k, v in usage.items() if k != GEMINI_IMAGES)
+    total = sum(usage.values())  # C-level; images are rare and subtracted
+    return total - usage[GEMINI_IMAGES] if GEMINI_IMAGES in usage else total
 
 
 def finish_and_settle(s: Services, record: RequestRecord, uq: UserQuota, ticket: object, begun: Segment | None) -> None:

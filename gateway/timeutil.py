@@ -16,8 +16,11 @@ def utcnow() -> datetime:
 def iso(dt: datetime) -> str:
     if dt.tzinfo is not UTC:
         dt = dt.astimezone(UTC)
-    # isoformat is C-fast; with microseconds and UTC it is the same text as strftime(_FMT).
-    return dt.isoformat(timespec="microseconds")[:26] + "Z"
+    # isoformat() is the same text as strftime(_FMT) up to its "+00:00" (about 4x faster than
+    # strftime, and 2x faster than isoformat(timespec=...), whose keyword parsing costs as much
+    # as the formatting); it leaves out a zero microsecond.
+    text = dt.isoformat()
+    return text[:26] + "Z" if dt.microsecond else text[:19] + ".000000Z"
 
 
 def parse_iso(text: str) -> datetime:

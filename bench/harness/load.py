@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.client
 import json
 import os
 import re
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ class Result:
     steal: dict[str, float] = field(default_factory=dict)  # CPU -> share stolen by the hypervisor
     busy: dict[str, float] = field(default_factory=dict)  # CPU -> user+system share (all processes)
     contender_cpu_s: float = 0.0  # CPU seconds the contender used in the window
+    rounds: list[float] = field(default_factory=list)  # RPS of each round (merge_rounds), in round order
 
     @property
     def cpu_us_per_request(self) -> float:
@@ -180,6 +183,35 @@ def run_cell(
     if contender.name != "direct":
         result.upstream = upstream.served_since(offset)
     return result
+
+
+def merge_rounds(rs: list[Result]) -> Result:
+    """One row for a contender's rounds on a cell: the median round's figures (by RPS), with the
+    traffic of every round (for the meter check) and the per-round RPS (for paired ratios)."""
+    done = [r for r in rs if not r.skipped]
+    if not done:
+        return rs[-1]
+    ranked = sorted(done, key=lambda r: r.rps)
+    rep = dataclasses.replace(ranked[(len(ranked) - 1) // 2])
+    rep.rounds = [r.rps for r in done]
+    rep.warm_ok = sum(r.ok + r.warm_ok for r in done) - rep.ok
+    rep.rss_mb = max(r.rss_mb for r in done)
+    upstream: dict[str, tuple[int, int]] = {}
+    for r in done:
+        for path, (n, m) in r.upstream.items():
+            a, b = upstream.get(path, (0, 0))
+            upstream[path] = (a + n, b + m)
+    rep.upstream = upstream
+    return rep
+
+
+def paired_ratio(a: Result, b: Result) -> float:
+    """a's RPS over b's: the median of the per-round ratios (each round measures both seconds
+    apart, so a drift of the shared machine over minutes cancels), else the plain ratio."""
+    pairs = [x / y for x, y in zip(a.rounds, b.rounds, strict=False) if x and y]
+    if pairs:
+        return statistics.median(pairs)
+    return a.rps / b.rps if a.rps and b.rps else 0.0
 
 
 def print_result(r: Result, slow: bool) -> None:

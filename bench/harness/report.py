@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from .cancel import CancelResult, render_cancel
 from .fixtures import Cell
-from .load import Result, ideal_share, steady_rate
+from .load import Result, ideal_share, paired_ratio, steady_rate
 from .meters import MeterRow
 from .settings import (
     BARE,
@@ -93,7 +93,7 @@ def render_report(
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, commit {git_rev()}.",
         f"{versions()}.",
         f"Contender pinned to CPU {CONTENDER_CPU}; wrk (1 thread) and the nginx upstream on CPU {LOAD_CPU}. "
-        f"{args.duration:g} s per cell after a {args.warmup:g} s warm-up. RPS counts only 200s whose body is "
+        f"{rounds_text(args)} RPS counts only 200s whose body is "
         "byte-identical to the fixture; peak RSS is VmHWM (cumulative over the contender's cells).",
         "",
     ]
@@ -124,7 +124,9 @@ def render_report(
             errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "0"
             if r.preflight:
                 errors += f" ({r.preflight[:60]})"
-            ratio = fmt_ratio(gw.rps, r.rps) if gw and not gw.skipped and name != "gateway" else ""
+            ratio = ""
+            if gw and not gw.skipped and name != "gateway" and (x := paired_ratio(gw, r)):
+                ratio = f"{x:.2f}x"
             row = (
                 f"| {cell.label} | {cell.connections} | {name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
                 f"| {r.rss_mb:.1f} | {r.busy.get(CONTENDER_CPU, 0.0):.0%} | {r.cpu_us_per_request:.0f} "
@@ -165,6 +167,16 @@ def render_report(
     return "\n".join(lines) + "\n"
 
 
+def rounds_text(args: argparse.Namespace) -> str:
+    if args.rounds <= 1:
+        return f"{args.duration:g} s per cell after a {args.warmup:g} s warm-up."
+    return (
+        f"{args.rounds} rounds per cell, each contender {args.duration:g} s per round after a {args.warmup:g} s "
+        "warm-up, the contenders' order rotated each round; a row is the contender's median round, a "
+        "gateway / this ratio the median of the per-round ratios (a shared VM drifts over minutes)."
+    )
+
+
 def targets(by: dict[tuple[str, str], Result], cells: list[Cell], ran: list[str], slow: bool) -> list[str]:
     out: list[str] = []
     gw_ok = [by[("gateway", c.name)] for c in cells if ("gateway", c.name) in by]
@@ -183,11 +195,15 @@ def targets(by: dict[tuple[str, str], Result], cells: list[Cell], ran: list[str]
         bare = [b for b in bare if not b.skipped]
         if bare:
             best = max(bare, key=lambda b: b.rps)
-            ratio = r.rps / best.rps if best.rps else 0.0
+            ratio = paired_ratio(r, best)
             flag = "PASS" if ratio >= TARGET_RATIO else "FAIL"
+            each = ""
+            if len(r.rounds) > 1:
+                pairs = zip(r.rounds, best.rounds, strict=False)
+                each = " (rounds: " + ", ".join(f"{x / y:.2f}" for x, y in pairs if y) + ")"
             out.append(
                 f"- {r.cell.label} @{r.cell.connections}: gateway {ratio:.2f}x of the fastest bare "
-                f"({best.contender}), target >= {TARGET_RATIO}x: {flag}"
+                f"({best.contender}){each}, target >= {TARGET_RATIO}x: {flag}"
             )
         if r.cell.connections == 16:
             flag = "PASS" if r.p99_ms <= TARGET_P99_MS else "FAIL"
