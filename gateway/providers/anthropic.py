@@ -49,11 +49,10 @@ class AnthropicProvider:
         return None
 
     def extract_key(self, headers: Headers, query: bytes) -> str | None:
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"x-api-key":  # SDK <= 1.x
+        for name, value in headers:  # names arrive lowercased (see providers.base)
+            if name == b"x-api-key":  # SDK <= 1.x
                 return value.decode("latin-1")
-            if lname == b"authorization" and value[:7].lower() == b"bearer ":  # SDK 2.x
+            if name == b"authorization" and value[:7].lower() == b"bearer ":  # SDK 2.x
                 return value[7:].decode("latin-1").strip()
         return None
 

@@ -104,23 +104,26 @@ class Provider(Protocol):
     def stream_error_event(self, route: Route, status: int, kind: str, message: str) -> bytes: ...
 
 
+# Request header names arrive lowercased: the ASGI spec has servers lowercase them (uvicorn does,
+# and Starlette's own Headers relies on it), so nothing here lowercases them again per request.
+
+
 def forward_headers(headers: Headers, credential: tuple[str, str]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for name, value in headers:
-        lname = name.lower()
-        if lname in DROP_REQUEST_HEADERS:
-            if lname == b"accept-encoding":
+        if name in DROP_REQUEST_HEADERS:
+            if name == b"accept-encoding":
                 kept = accept_encoding(value)
                 if kept:
                     out.append(("accept-encoding", kept.decode("latin-1")))
             continue
-        out.append((lname.decode("latin-1"), value.decode("latin-1")))
+        out.append((name.decode("latin-1"), value.decode("latin-1")))
     out.append(credential)
     return out
 
 
 def header(headers: Headers, name: bytes) -> bytes | None:
     for k, v in headers:
-        if k.lower() == name:
+        if k == name:
             return v
     return None

@@ -47,6 +47,8 @@ def _strip_key(query: bytes) -> tuple[str, str | None]:
     """Query without `key=` (it is the user's gateway key), and that key."""
     if not query:
         return "", None
+    if query.find(b"key=") < 0:  # no key (`?alt=sse`, the usual query): nothing to parse
+        return query.decode("latin-1"), None
     pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
     key = next((v for k, v in pairs if k == "key"), None)
     if key is None:
@@ -81,14 +83,14 @@ class GeminiProvider:
         return None
 
     def extract_key(self, headers: Headers, query: bytes) -> str | None:
-        for name, value in headers:
-            if name.lower() == b"x-goog-api-key":
+        for name, value in headers:  # names arrive lowercased (see providers.base)
+            if name == b"x-goog-api-key":
                 return value.decode("latin-1")
         _, key = _strip_key(query)
         if key is not None:
             return key
         for name, value in headers:  # REST callers sometimes send a bearer token
-            if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
                 return value[7:].decode("latin-1").strip()
         return None
 
