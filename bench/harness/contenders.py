@@ -68,6 +68,7 @@ def uvicorn_flags(port: int) -> list[str]:
         "--http",
         "httptools",
         "--no-access-log",
+        "--no-proxy-headers",  # as `gateway serve` runs (see bench/bare.py)
         "--log-level",
         "warning",
     ]
