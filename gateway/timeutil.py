@@ -12,15 +12,23 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_SECONDS: dict[tuple[int, int, int, int, int, int], str] = {}  # the text up to the microseconds, per second
+
+
 @functools.lru_cache(maxsize=4096)  # a request's start time is formatted for its row and each event
 def iso(dt: datetime) -> str:
     if dt.tzinfo is not UTC:
         dt = dt.astimezone(UTC)
-    # isoformat() is the same text as strftime(_FMT) up to its "+00:00" (about 4x faster than
-    # strftime, and 2x faster than isoformat(timespec=...), whose keyword parsing costs as much
-    # as the formatting); it leaves out a zero microsecond.
-    text = dt.isoformat()
-    return text[:26] + "Z" if dt.microsecond else text[:19] + ".000000Z"
+    # Timestamps come a few thousand per second: format each second once and add the microseconds
+    # (half the cost of isoformat(), whose C formatting goes through printf per field).
+    key = (dt.year, dt.month, dt.day, dt.hour, dt.minute, dt.second)
+    prefix = _SECONDS.get(key)
+    if prefix is None:
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        y, mo, d, h, mi, sec = key
+        prefix = _SECONDS[key] = f"{y:04d}-{mo:02d}-{d:02d}T{h:02d}:{mi:02d}:{sec:02d}."
+    return f"{prefix}{dt.microsecond:06d}Z"
 
 
 def parse_iso(text: str) -> datetime:

@@ -75,6 +75,10 @@ class SSEParser:
                     return self._events(chunk)
             elif cr == len(chunk) - 4 and chunk.find(b"\n") == cr + 1:
                 end = cr  # one line framed by CRLF CRLF, as Gemini sends
+            elif chunk.count(b"\r") == chunk.count(b"\n") == chunk.count(b"\r\n"):
+                # CRLF line endings only (Gemini's events, several to a read under load): split
+                # on the blank lines as they are instead of rewriting the chunk to LF first.
+                return self._crlf_events(chunk)
             else:
                 return self._events(_to_lf(chunk))
             event = _event(chunk[:end])
@@ -120,6 +124,17 @@ class SSEParser:
         for block in text.split(b"\n\n"):
             if block and not (only and not _mentions(block, only)):
                 event = _event(block)
+                if event is not None:
+                    events.append(event)
+        return events
+
+    def _crlf_events(self, text: bytes) -> list[Event]:
+        """`_events` for text whose every line ending is CRLF."""
+        only = self._only
+        events: list[Event] = []
+        for block in text.split(b"\r\n\r\n"):
+            if block and not (only and not _mentions(block, only)):
+                event = _event(block if block.find(b"\r") < 0 else block.replace(b"\r\n", b"\n"))
                 if event is not None:
                     events.append(event)
         return events

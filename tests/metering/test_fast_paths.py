@@ -192,6 +192,29 @@ def test_gemini_crlf_events_take_the_one_line_path(monkeypatch: pytest.MonkeyPat
     assert meter.usage() == expected
 
 
+def test_crlf_events_read_together_are_split_without_rewriting(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(self: SSEParser, text: bytes) -> list[tuple[bytes, bytes]]:
+        raise AssertionError("rewritten to LF and split")
+
+    body = (FIXTURES / "gemini/stream_generate_content.sse").read_bytes()
+    expected = run(reference_gemini, [body])
+    first, *rest = events_of(body)
+    meter = GeminiSSEMeter()
+    meter.feed(first)
+    monkeypatch.setattr(SSEParser, "_events", boom)
+    meter.feed(b"".join(rest))  # the rest arrives in one read, as under load
+    assert meter.usage() == expected
+    # Multi-line events, an extra blank line and a comment, all CRLF: the same events as the reference.
+    crlf = b"event: a\r\ndata: 1\r\ndata: 2\r\n\r\n\r\n: note\r\ndata: 3\r\n\r\n"
+    parser = SSEParser()
+    monkeypatch.undo()
+    parser.feed(b"data: 0\r\n\r\n")
+    monkeypatch.setattr(SSEParser, "_events", boom)
+    assert parser.feed(crlf) == [(b"a", b"1\n2"), (b"", b"3")]
+    monkeypatch.undo()
+    assert_parser_matches(b"data: 0\r\n\r\n" + crlf, [b"data: 0\r\n\r\n", crlf])
+
+
 def test_gemini_parts_of_any_json_type() -> None:
     parts = [
         1,
