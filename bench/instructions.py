@@ -1,6 +1,7 @@
 """Instructions per request, counted by valgrind (callgrind): the gateway against bare-raw.
 
-    python bench/instructions.py [--cell anthropic_json@16] [--duration 20] [--top 30]
+    python bench/instructions.py [--cell anthropic_json@16] [--duration 30] [--top 30]
+    python bench/instructions.py --cell all --top 0 --out bench/instructions.md   # every @16 cell, a table
 
 Wall-clock and CPU-time figures on this shared VM move 10-40 % between runs, so a change worth
 10 us per request cannot be told from noise by `run.py`. Instruction counts do not depend on what
@@ -23,6 +24,7 @@ import collections
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,24 +33,43 @@ from harness.contenders import Contender, start_bare, start_gateway
 from harness.fixtures import Cell, fast_cells
 from harness.load import run_wrk
 from harness.processes import ensure_tools, workdir
+from harness.report import git_rev
 from harness.settings import LOAD_CPU
 from harness.upstream import Nginx
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cell", default="anthropic_json@16")
+    ap.add_argument("--cell", default="anthropic_json@16", help="a cell name, or 'all' (every cell at 16 connections)")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of load under valgrind")
     ap.add_argument("--warmup", type=float, default=8.0)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--linger", type=float, default=2.0, help="the gateway's record linger under valgrind")
     ap.add_argument("--contenders", default="bare-raw,gateway")
+    ap.add_argument("--out", type=Path, help="also write a markdown table of instructions per request here")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (callgrind dumps for kcachegrind)")
     args = ap.parse_args()
-    cell = {c.name: c for c in fast_cells()}[args.cell]
+    by_name = {c.name: c for c in fast_cells()}
+    if args.cell == "all":
+        cells = [c for c in fast_cells() if c.connections == 16]
+    elif args.cell in by_name:
+        cells = [by_name[args.cell]]
+    else:
+        sys.exit(f"unknown cell {args.cell!r}; one of: all, {', '.join(by_name)}")
     ensure_tools()
     if not _which("valgrind"):
         sys.exit("valgrind not found: apt-get install -y valgrind")
+    table: dict[str, dict[str, float]] = {}
+    for cell in cells:
+        print(f"== {cell.name}", flush=True)
+        table[cell.name] = run_cell(cell, args)
+    if args.out:
+        args.out.write_text(render(table, args))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, float]:
     counts: dict[str, float] = {}
     functions: dict[str, collections.Counter[str]] = {}
     with workdir(keep=args.keep) as work:
@@ -89,7 +110,27 @@ def main() -> int:
         extra = functions["gateway"].copy()
         extra.subtract(functions["bare-raw"])
         print_top("where the gateway's extra instructions go (gateway - bare-raw, per request)", extra, args.top or 30)
-    return 0
+    return counts
+
+
+def render(table: dict[str, dict[str, float]], args: argparse.Namespace) -> str:
+    lines = [
+        "# Instructions per request (callgrind)",
+        "",
+        f"`python bench/instructions.py --cell {args.cell}` on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, "
+        f"commit {git_rev()}. {args.duration:g} s of wrk load per contender under valgrind after {args.warmup:g} s "
+        "of warm-up; every thread counted (the SQLite writer too); the gateway's record linger scaled to "
+        f"{args.linger:g} s so its batches hold what they hold at full speed. Instructions are not cycles: cache "
+        "misses and the kernel's share (syscalls) are not in these counts; `run.py` measures those.",
+        "",
+        "| Cell | bare-raw | gateway | gateway / bare-raw | throughput ratio this implies |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, counts in table.items():
+        bare, gw = counts.get("bare-raw"), counts.get("gateway")
+        if bare and gw:
+            lines.append(f"| {name} | {bare:,.0f} | {gw:,.0f} | {gw / bare:.2f}x | {bare / gw:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 def measure(contender: Contender, cell: Cell, args: argparse.Namespace, work: Path, out: Path) -> tuple[int, int, Path]:
