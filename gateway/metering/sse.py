@@ -83,6 +83,11 @@ class SSEParser:
                 return self._events(_to_lf(chunk))
             event = _event(chunk[:end])
             return [event] if event is not None else []
+        if not self._started and chunk and chunk[:1] != b"\xef" and not self._pending:
+            # The first bytes, and no BOM can lead them: nothing is pending, so they can take
+            # the path above (a whole response often arrives in one read).
+            self._started = self.idle = True
+            return self.feed(chunk)
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":

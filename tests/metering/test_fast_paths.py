@@ -205,6 +205,9 @@ def test_crlf_events_read_together_are_split_without_rewriting(monkeypatch: pyte
     meter.feed(b"".join(rest))  # the rest arrives in one read, as under load
     assert meter.usage() == expected
     # Multi-line events, an extra blank line and a comment, all CRLF: the same events as the reference.
+    whole = GeminiSSEMeter()
+    whole.feed(body)  # a whole response in the first read: no BOM can lead it, so no rewrite either
+    assert whole.usage() == expected
     crlf = b"event: a\r\ndata: 1\r\ndata: 2\r\n\r\n\r\n: note\r\ndata: 3\r\n\r\n"
     parser = SSEParser()
     monkeypatch.undo()
