@@ -75,12 +75,11 @@ class SSEParser:
                     return self._events(chunk)
             elif cr == len(chunk) - 4 and chunk.find(b"\n") == cr + 1:
                 end = cr  # one line framed by CRLF CRLF, as Gemini sends
-            elif chunk.count(b"\r") == chunk.count(b"\n") == chunk.count(b"\r\n"):
-                # CRLF line endings only (Gemini's events, several to a read under load): split
-                # on the blank lines as they are instead of rewriting the chunk to LF first.
-                return self._crlf_events(chunk)
             else:
-                return self._events(_to_lf(chunk))
+                # Several one-line events framed by CRLF CRLF (Gemini's, a few to a read under
+                # load) are split as they are; anything else is rewritten to LF first.
+                events = self._crlf_events(chunk)
+                return events if events is not None else self._events(_to_lf(chunk))
             event = _event(chunk[:end])
             return [event] if event is not None else []
         if not self._started and chunk and chunk[:1] != b"\xef" and not self._pending:
@@ -133,13 +132,19 @@ class SSEParser:
                     events.append(event)
         return events
 
-    def _crlf_events(self, text: bytes) -> list[Event]:
-        """`_events` for text whose every line ending is CRLF."""
+    def _crlf_events(self, chunk: bytes) -> list[Event] | None:
+        """`_events` for a chunk of one-line events each ended by CRLF CRLF; None when it holds
+        anything else (a multi-line event, another line ending), and nothing was consumed."""
+        blocks = chunk.split(b"\r\n\r\n")
+        if blocks.pop():
+            return None  # it does not end with CRLF CRLF
         only = self._only
         events: list[Event] = []
-        for block in text.split(b"\r\n\r\n"):
+        for block in blocks:
+            if block.find(b"\n") >= 0 or block.find(b"\r") >= 0:
+                return None
             if block and not (only and not _mentions(block, only)):
-                event = _event(block if block.find(b"\r") < 0 else block.replace(b"\r\n", b"\n"))
+                event = _event(block)
                 if event is not None:
                     events.append(event)
         return events

@@ -204,18 +204,23 @@ def test_crlf_events_read_together_are_split_without_rewriting(monkeypatch: pyte
     monkeypatch.setattr(SSEParser, "_events", boom)
     meter.feed(b"".join(rest))  # the rest arrives in one read, as under load
     assert meter.usage() == expected
-    # Multi-line events, an extra blank line and a comment, all CRLF: the same events as the reference.
     whole = GeminiSSEMeter()
     whole.feed(body)  # a whole response in the first read: no BOM can lead it, so no rewrite either
     assert whole.usage() == expected
+    # Multi-line events, an extra blank line and a comment, all CRLF, take the general path: same events.
     crlf = b"event: a\r\ndata: 1\r\ndata: 2\r\n\r\n\r\n: note\r\ndata: 3\r\n\r\n"
+    monkeypatch.undo()
     parser = SSEParser()
-    monkeypatch.undo()
     parser.feed(b"data: 0\r\n\r\n")
-    monkeypatch.setattr(SSEParser, "_events", boom)
     assert parser.feed(crlf) == [(b"a", b"1\n2"), (b"", b"3")]
-    monkeypatch.undo()
     assert_parser_matches(b"data: 0\r\n\r\n" + crlf, [b"data: 0\r\n\r\n", crlf])
+    for chunk in (
+        b": ping\r\n\r\ndata: x\r\n\r\n\r\n\r\n",  # a comment, extra blank lines
+        b"data: x\r\n\r\ndata: y\n\r\n",  # a different ending at the end
+        b"data: x\r\n\r\n\r\ndata: y\r\n\r\n",  # an odd CRLF between events
+        b"event: message_start\r\n\r\ndata\r\n\r\n",  # a name without data, data without a value
+    ):
+        assert_parser_matches(b"data: 0\r\n\r\n" + chunk, [b"data: 0\r\n\r\n", chunk])
 
 
 def test_gemini_parts_of_any_json_type() -> None:
