@@ -356,7 +356,12 @@ class _DisconnectWatch:
         self._resp.close()
 
     def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
+        # Drop the references too: the task's coroutine refers to this object, so keeping the task
+        # here would make a cycle that only the cyclic collector frees, holding the response and the
+        # server's request cycle with it (measured: +30 MB at 256 slow streams).
+        timer, task = self._timer, self._task
+        self._timer = self._task = None
+        if timer is not None:
+            timer.cancel()
+        if task is not None:
+            task.cancel()
