@@ -32,6 +32,7 @@ class Result:
     p50_ms: float = 0.0
     p90_ms: float = 0.0
     p99_ms: float = 0.0
+    max_ms: float = 0.0
     mean_ms: float = 0.0
     requests: int = 0  # everything wrk completed in the window, good or not
     errors: dict[str, int] = field(default_factory=dict)
@@ -175,6 +176,7 @@ def run_cell(
     result.mean_ms = raw["mean_us"] / 1000
     result.duration_s = raw["duration_us"] / 1e6
     result.p50_ms, result.p90_ms, result.p99_ms = (raw[k] / 1000 for k in ("p50_us", "p90_us", "p99_us"))
+    result.max_ms = raw["max_us"] / 1000
     result.errors = {
         k: int(raw[k]) for k in ("bad_status", "bad_body", "connect", "read", "write", "timeout") if raw[k]
     }
