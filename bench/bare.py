@@ -12,7 +12,7 @@ stripped before forwarding to the upstream):
 Both share one tuned aiohttp ``ClientSession`` (no cookie jar, no decompression, no auto
 headers, unlimited keep-alive pool, no redirects), relay the raw header list (repeated
 headers kept) and drop hop-by-hop headers. Both run with the gateway's process settings, which
-are not billing work: the collector tuned as ``gateway serve`` tunes it (``tune_gc``) and uvicorn
+are not billing work: the collector tuned as ``gateway serve`` tunes it (``gateway.collector``) and uvicorn
 without its proxy-headers middleware (``--no-proxy-headers``; the gateway reads no client
 address either). Measured with perf on Anthropic JSON at 16 connections, the default collector
 cost the bare proxy ~16 us of its ~350 us per request.
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
@@ -40,6 +39,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Mount, Route
+
+from gateway.collector import tune_collector
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -194,21 +195,13 @@ def create_raw_app(upstream_url: str) -> Starlette:
 MODES: dict[str, Callable[[str], Starlette]] = {"starlette": create_starlette_app, "raw": create_raw_app}
 
 
-def tune_gc() -> None:
-    """The collector settings of `gateway serve` (gateway/cli.py), so the comparison measures
-    billing work, not a default the gateway does not run with."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 20, 20)
-
-
 def create_app() -> Starlette:
     """uvicorn factory: BARE_MODE (starlette|raw) and BARE_UPSTREAM from the environment."""
     mode = os.environ.get("BARE_MODE", "raw")
     if mode not in MODES:
         raise SystemExit(f"BARE_MODE must be one of {', '.join(MODES)}, got {mode!r}")
     app = MODES[mode](os.environ.get("BARE_UPSTREAM", "http://127.0.0.1:9000"))
-    tune_gc()
+    tune_collector()  # as `gateway serve`: the comparison measures billing work, not a default
     return app
 
 
@@ -222,7 +215,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args()
     app = MODES[args.mode](args.upstream)
-    tune_gc()
+    tune_collector()  # as `gateway serve`: the comparison measures billing work, not a default
     uvicorn.run(
         app,
         host=args.host,
