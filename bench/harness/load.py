@@ -207,10 +207,15 @@ def merge_rounds(rs: list[Result]) -> Result:
     return rep
 
 
+def round_ratios(a: Result, b: Result) -> list[float]:
+    """a's RPS over b's in each round (rounds where b served nothing left out)."""
+    return [x / y for x, y in zip(a.rounds, b.rounds, strict=False) if y]
+
+
 def paired_ratio(a: Result, b: Result) -> float:
     """a's RPS over b's: the median of the per-round ratios (each round measures both seconds
     apart, so a drift of the shared machine over minutes cancels), else the plain ratio."""
-    pairs = [x / y for x, y in zip(a.rounds, b.rounds, strict=False) if x and y]
+    pairs = [p for p in round_ratios(a, b) if p]
     if pairs:
         return statistics.median(pairs)
     return a.rps / b.rps if a.rps and b.rps else 0.0

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from .cancel import CancelResult, render_cancel
 from .fixtures import Cell
-from .load import Result, ideal_share, paired_ratio, steady_rate
+from .load import Result, ideal_share, paired_ratio, round_ratios, steady_rate
 from .meters import MeterRow
 from .settings import (
     BARE,
@@ -36,10 +36,6 @@ from .settings import (
 from .ttfb import TtfbResult, render_ttfb
 
 # --- report --------------------------------------------------------------------------------
-
-
-def fmt_ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if a and b else "—"
 
 
 def versions() -> str:
@@ -201,8 +197,7 @@ def targets(by: dict[tuple[str, str], Result], cells: list[Cell], ran: list[str]
             flag = "PASS" if ratio >= TARGET_RATIO else "FAIL"
             each = ""
             if len(r.rounds) > 1:
-                pairs = zip(r.rounds, best.rounds, strict=False)
-                each = " (rounds: " + ", ".join(f"{x / y:.2f}" for x, y in pairs if y) + ")"
+                each = " (rounds: " + ", ".join(f"{x:.2f}" for x in round_ratios(r, best)) + ")"
             out.append(
                 f"- {r.cell.label} @{r.cell.connections}: gateway {ratio:.2f}x of the fastest bare "
                 f"({best.contender}){each}, target >= {TARGET_RATIO}x: {flag}"
