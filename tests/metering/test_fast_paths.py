@@ -177,39 +177,27 @@ def test_content_deltas_are_skipped_unparsed(monkeypatch: pytest.MonkeyPatch) ->
     assert len(parsed) == 3
 
 
-def test_gemini_crlf_events_take_the_one_line_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(self: SSEParser, text: bytes) -> list[tuple[bytes, bytes]]:
-        raise AssertionError("split into blocks")
+def test_gemini_crlf_events_are_parsed_without_rewriting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One event per read (the one-line path), several in one read (split on CRLF CRLF) or the whole
+    response in the first read (no BOM can lead it): never rewritten to LF and split into blocks."""
 
-    body = (FIXTURES / "gemini/stream_generate_content.sse").read_bytes()
-    expected = run(reference_gemini, [body])
-    first, *rest = events_of(body)
-    meter = GeminiSSEMeter()
-    meter.feed(first)  # the first chunk is not known to start idle (a BOM may lead it)
-    monkeypatch.setattr(SSEParser, "_events", boom)
-    for chunk in rest:
-        meter.feed(chunk)
-    assert meter.usage() == expected
-
-
-def test_crlf_events_read_together_are_split_without_rewriting(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(self: SSEParser, text: bytes) -> list[tuple[bytes, bytes]]:
         raise AssertionError("rewritten to LF and split")
 
     body = (FIXTURES / "gemini/stream_generate_content.sse").read_bytes()
     expected = run(reference_gemini, [body])
     first, *rest = events_of(body)
-    meter = GeminiSSEMeter()
-    meter.feed(first)
     monkeypatch.setattr(SSEParser, "_events", boom)
-    meter.feed(b"".join(rest))  # the rest arrives in one read, as under load
-    assert meter.usage() == expected
-    whole = GeminiSSEMeter()
-    whole.feed(body)  # a whole response in the first read: no BOM can lead it, so no rewrite either
-    assert whole.usage() == expected
-    # Multi-line events, an extra blank line and a comment, all CRLF, take the general path: same events.
+    for reads in ([first, *rest], [first, b"".join(rest)], [body]):
+        meter = GeminiSSEMeter()
+        for chunk in reads:
+            meter.feed(chunk)
+        assert meter.usage() == expected, reads
+
+
+def test_crlf_multi_line_events_take_the_general_path() -> None:
+    # Multi-line events, an extra blank line and a comment, all CRLF: the same events as the reference.
     crlf = b"event: a\r\ndata: 1\r\ndata: 2\r\n\r\n\r\n: note\r\ndata: 3\r\n\r\n"
-    monkeypatch.undo()
     parser = SSEParser()
     parser.feed(b"data: 0\r\n\r\n")
     assert parser.feed(crlf) == [(b"a", b"1\n2"), (b"", b"3")]
