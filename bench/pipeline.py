@@ -1,6 +1,7 @@
 """The gateway's own cost per request, without sockets: its ASGI app driven in-process.
 
     python bench/pipeline.py [--cells anthropic_json@16,...] [--requests 12000] [--rounds 3] [--profile]
+    python bench/pipeline.py --instructions [--tree ../other-checkout]   # under callgrind: deterministic
 
 `bench/run.py` measures the whole stack, where uvicorn, aiohttp and the kernel's loopback are most
 of the cost and a shared machine moves the numbers by +-20 %. This drives `create_app(settings)`
@@ -9,6 +10,12 @@ recorded fixtures from memory: what is left is authentication, pre-checks, meter
 and the store (whose writer thread counts too: CPU time is the process's). It prints the CPU time
 per request (the minimum over rounds is the least disturbed) and checks that the recorded meter
 totals equal requests x the fixture's usage. `--profile` adds the top functions by own time.
+
+`--instructions` counts instead of timing: it runs the measurement under callgrind at two sizes and
+prints the difference per request (start-up and warm-up cancel out), which repeats to within a few
+hundred instructions, so a change worth 1 % shows. `--tree PATH` measures the gateway package of
+another checkout (a `git worktree` of another commit, or one with a part of the billing work cut
+out to see what that part costs).
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ import argparse
 import asyncio
 import cProfile
 import logging
+import os
 import pstats
+import re
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The gateway package measured: this checkout's, or --tree's (set for the child processes).
+sys.path.insert(0, os.environ.get("PIPELINE_GATEWAY_ROOT") or str(Path(__file__).resolve().parent.parent))
 
 import uvloop
 from harness.fixtures import Cell, fast_cells
@@ -108,7 +119,7 @@ def request_for(cell: Cell, key: str) -> tuple[dict[str, Any], bytes]:
     return scope, body
 
 
-async def measure(cell: Cell, requests: int, rounds: int, profile: bool) -> list[float]:
+async def measure(cell: Cell, requests: int, rounds: int, profile: bool, check: bool = True) -> list[float]:
     work = Path(tempfile.mkdtemp(prefix="polar-pipeline-"))
     config = work / "gateway.toml"
     config.write_text(TOML)
@@ -180,7 +191,8 @@ async def measure(cell: Cell, requests: int, rounds: int, profile: bool) -> list
     served = CONCURRENCY * 20 + rounds * (requests // CONCURRENCY * CONCURRENCY)
     await lifespan.put({"type": "lifespan.shutdown"})
     await life
-    check_meters(work / "bench.db", cell, served)
+    if check:
+        check_meters(work / "bench.db", cell, served)
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(45)
     return results
@@ -204,13 +216,55 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=12000, help="per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--instructions", action="store_true", help="instructions per request under callgrind")
+    ap.add_argument("--tree", type=Path, help="measure the gateway package of this checkout")
+    ap.add_argument(
+        "--no-meter-check", action="store_true", help="for a --tree that cuts recording out (to see what it costs)"
+    )
     args = ap.parse_args()
-    logging.getLogger("gateway").setLevel(logging.ERROR)  # "Polar is not configured" and the like
+    if args.tree is not None and not (args.tree / "gateway" / "__init__.py").exists():
+        ap.error(f"--tree: {args.tree} holds no gateway package")
     cells = {c.name: c for c in fast_cells()}
+    unknown = [n for n in args.cells.split(",") if n not in cells]
+    if unknown:
+        ap.error(f"unknown cell(s) {', '.join(unknown)}; cells: {', '.join(cells)}")
+    if args.instructions or (args.tree is not None and "PIPELINE_GATEWAY_ROOT" not in os.environ):
+        return run_children(args)
+    logging.getLogger("gateway").setLevel(logging.ERROR)  # "Polar is not configured" and the like
     for name in args.cells.split(","):
-        us = uvloop.run(measure(cells[name], args.requests, args.rounds, args.profile))
+        us = uvloop.run(measure(cells[name], args.requests, args.rounds, args.profile, not args.no_meter_check))
         rounds = ", ".join(f"{u:.1f}" for u in us)
-        print(f"{name:<18} min {min(us):6.1f} us CPU/request  (rounds: {rounds}); meters exact", flush=True)
+        checked = "meters not checked" if args.no_meter_check else "meters exact"
+        print(f"{name:<18} min {min(us):6.1f} us CPU/request  (rounds: {rounds}); {checked}", flush=True)
+    return 0
+
+
+def run_children(args: argparse.Namespace) -> int:
+    """--tree and --instructions: run the measurement in child processes (under callgrind for the latter)."""
+    env = dict(os.environ)
+    if args.tree is not None:
+        env["PIPELINE_GATEWAY_ROOT"] = str(args.tree.resolve())
+    me = [sys.executable, str(Path(__file__).resolve())] + (["--no-meter-check"] if args.no_meter_check else [])
+    if not args.instructions:
+        argv = [*me, "--cells", args.cells, "--requests", str(args.requests), "--rounds", str(args.rounds)]
+        return subprocess.run(argv + (["--profile"] if args.profile else []), env=env).returncode
+    small, large = 800, 2400
+    for name in args.cells.split(","):
+        counts = []
+        for n in (small, large):
+            with tempfile.NamedTemporaryFile(prefix="callgrind.") as out:
+                argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out.name}"]
+                argv += [*me, "--cells", name, "--requests", str(n), "--rounds", "1"]
+                run = subprocess.run(argv, env=env, capture_output=True, text=True)
+                if run.returncode != 0:
+                    sys.exit(f"{name}: the measurement failed under valgrind:\n{run.stdout}{run.stderr[-2000:]}")
+                match = re.search(rb"^(?:summary|totals): (\d+)", Path(out.name).read_bytes(), re.M)
+                if match is None:
+                    sys.exit(f"{name}: no instruction total in the callgrind output")
+                counts.append(int(match.group(1)))
+        per_request = (counts[1] - counts[0]) / ((large - small) // CONCURRENCY * CONCURRENCY)
+        where = args.tree or "this checkout"
+        print(f"{name:<18} {per_request:10,.0f} instructions/request (gateway of {where})", flush=True)
     return 0
 
 

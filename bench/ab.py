@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""A/B of gateway variants: the same cell, rounds interleaved, CPU per request and RPS side by side.
+
+    python bench/ab.py --variant base= --variant nojournal=env:GATEWAY_JOURNAL_DIR=/dev/shm/j \\
+        --variant head=tree:../other-worktree [--cell anthropic_json@16] [--rounds 6] [--duration 5]
+
+A variant is `name=` (this checkout as it is), `name=env:K=V[,K=V]` (extra environment),
+`name=tree:PATH` (the gateway package of another checkout, e.g. a `git worktree` of another
+commit) or `name=bare:raw` (a bare pass-through of bench/bare.py, for scale). `bench/run.py`
+answers "how far from the bare pass-through"; this answers "did this change help", where the
+machine's drift (+-20 % between minutes) would swamp a before/after pair: every round runs each
+variant back to back and the ratios are taken per round. Timing stays noisy here: for changes
+worth a few percent, count instructions instead (`bench/pipeline.py --instructions --tree`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness.contenders import Contender, start_bare, start_gateway
+from harness.fixtures import fast_cells
+from harness.load import Result, run_cell
+from harness.processes import CLK_TCK, ensure_tools, process_tree, workdir
+from harness.upstream import Nginx
+
+
+@dataclass
+class Variant:
+    name: str
+    wrap: list[str]
+    bare: str = ""  # a bare pass-through mode (bench/bare.py) instead of the gateway
+
+
+def parse_variant(text: str) -> Variant:
+    name, _, spec = text.partition("=")
+    if not name:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: expected name=..., name=env:K=V or name=tree:PATH")
+    if not spec:
+        return Variant(name, [])
+    kind, _, value = spec.partition(":")
+    if kind == "env" and value:
+        return Variant(name, ["env", *value.split(",")])
+    if kind == "bare" and value:
+        return Variant(name, [], bare=value)
+    if kind == "tree" and value:
+        tree = Path(value).resolve()
+        if not (tree / "gateway" / "__init__.py").exists():
+            raise argparse.ArgumentTypeError(f"variant {name}: {tree} holds no gateway package")
+        return Variant(name, ["env", "-C", str(tree)])  # `python -m` puts the working directory first
+    raise argparse.ArgumentTypeError(f"variant {text!r}: expected name=..., name=env:K=V or name=tree:PATH")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", action="append", type=parse_variant, required=True)
+    ap.add_argument("--cell", default="anthropic_json@16")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    cells = {c.name: c for c in fast_cells()}
+    if args.cell not in cells:
+        ap.error(f"unknown cell {args.cell}; one of {', '.join(cells)}")
+    cell = cells[args.cell]
+    variants: list[Variant] = args.variant
+    if len({v.name for v in variants}) != len(variants):
+        ap.error("variant names must differ")
+    # run_cell's knobs, as bench/run.py sets them for a fast cell
+    knobs = argparse.Namespace(slow=False, retries=0, quiet_timeout=15, warmup=1.0, settle=0.5)
+    knobs.duration = args.duration
+    ensure_tools()
+    with workdir(args.keep) as work:
+        upstream = Nginx("upstream", work, slow=False, cpu="1", access_log=False)
+        expect = work / "expect"
+        expect.write_bytes(cell.fixture.served(False))
+        started: list[tuple[Variant, Contender]] = []
+        try:
+            for v in variants:
+                vdir = work / v.name
+                vdir.mkdir()
+                if v.bare:
+                    started.append((v, start_bare(v.bare, upstream, vdir)))
+                else:
+                    started.append((v, start_gateway(upstream, vdir, [cell], wrap=v.wrap)))
+            results: dict[str, list[Result]] = {v.name: [] for v in variants}
+            sys_share: dict[str, list[float]] = {v.name: [] for v in variants}
+            for n in range(args.rounds):
+                line = []
+                for v, gw in started:
+                    before = user_sys_seconds(gw.pid)
+                    r = run_cell(gw, cell, knobs, upstream, expect, work)
+                    after = user_sys_seconds(gw.pid)
+                    sys_share[v.name].append((after[1] - before[1]) / max(1e-9, sum(after) - sum(before)))
+                    if r.skipped or r.error_count:
+                        raise SystemExit(f"{v.name}: {r.skipped or r.errors}")
+                    results[v.name].append(r)
+                    line.append(f"{v.name} {r.rps:,.0f} rps {r.cpu_us_per_request:.0f} us")
+                print(f"round {n + 1}: " + " | ".join(line), flush=True)
+        finally:
+            for _, gw in started:
+                gw.stop()
+            upstream.stop()
+    report(args.cell, variants, results, sys_share)
+    return 0
+
+
+def user_sys_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process and its live children."""
+    user = system = 0
+    for p in process_tree(pid):
+        with open(f"/proc/{p}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+            user, system = user + int(fields[11]), system + int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def report(
+    cell: str, variants: list[Variant], results: dict[str, list[Result]], sys_share: dict[str, list[float]]
+) -> None:
+    base = variants[0].name
+    print(f"\n{cell}: medians over {len(results[base])} rounds; ratios paired per round against {base}")
+    print(f"{'variant':<14}{'RPS':>10}{'CPU us/req':>12}{'kernel':>8}{'RPS ratio':>11}{'CPU ratio':>11}")
+    for v in variants:
+        rs = results[v.name]
+        rps = statistics.median(r.rps for r in rs)
+        cpu = statistics.median(r.cpu_us_per_request for r in rs)
+        pairs = list(zip(results[base], rs, strict=True))
+        rps_ratio = statistics.median(r.rps / b.rps for b, r in pairs)
+        cpu_ratio = statistics.median(r.cpu_us_per_request / b.cpu_us_per_request for b, r in pairs)
+        kernel = statistics.median(sys_share[v.name])
+        print(f"{v.name:<14}{rps:>10,.0f}{cpu:>12.1f}{kernel:>8.0%}{rps_ratio:>11.3f}{cpu_ratio:>11.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
