@@ -8,6 +8,13 @@ Billing rules (providers.md §7-9):
   are taken out of the output token meter to avoid charging twice.
 - Streams: `usageMetadata` holds running totals (last one wins, a chunk without it keeps
   the previous one); each image appears in exactly one chunk, so images are summed.
+
+A streamed chunk is parsed at once only when its raw text names a field that does more than
+update the totals (`_MATTERS`: finish, images, errors); a plain text chunk's totals are only
+ever read if no later chunk replaces them, so it is kept unparsed (`_Accumulator.observe_chunk`)
+and a long stream costs one parse at its end instead of one per chunk. Field names are matched
+as the JSON text Google writes them (quoted, unescaped), as the Anthropic meter matches event
+names.
 """
 
 from __future__ import annotations
@@ -57,16 +64,25 @@ def _is_image_part(part: object) -> bool:
     return isinstance(mime, str) and mime.startswith("image/")
 
 
+# A chunk whose text holds none of these can change nothing but the running totals.
+_MATTERS = (b'"finishReason"', b'"inlineData"', b'"inline_data"', b'"error"', b'"blockReason"')
+_METADATA = b'"usageMetadata"'
+# Unparsed chunks kept at most: the newest that parses is the one that counts, and a malformed
+# chunk must not make an older one's totals disappear, so a few are kept, then settled.
+MAX_DEFERRED = 32
+
+
 class _Accumulator:
     """Shared semantics for one response, whether it arrives whole, as SSE or as an array."""
 
-    __slots__ = ("error", "final", "images", "metadata")
+    __slots__ = ("_deferred", "error", "final", "images", "metadata")
 
     def __init__(self) -> None:
         self.metadata: dict[str, Any] | None = None
         self.images = 0
         self.final = False
         self.error: Any = None
+        self._deferred: list[bytes] = []  # chunks newer than `metadata` that may only replace it
 
     def observe(self, obj: object) -> None:
         if not isinstance(obj, dict):
@@ -97,14 +113,42 @@ class _Accumulator:
         if isinstance(feedback, dict) and feedback.get("blockReason"):
             self.final = True  # a blocked prompt gets no candidates and no finishReason
 
-    def observe_json(self, data: bytes) -> None:
+    def observe_chunk(self, data: bytes) -> None:
+        """A streamed chunk (JSON text): the result of parsing and observing it, parsing only what can matter."""
+        for needle in _MATTERS:
+            if data.find(needle) >= 0:
+                break
+        else:
+            if data.find(_METADATA) >= 0:  # totals only (or the word in a text): read if still newest
+                self._deferred.append(data)
+                if len(self._deferred) >= MAX_DEFERRED:
+                    self._settle()
+            return  # nothing this chunk holds changes the usage
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             return
         self.observe(obj)
+        if self._deferred and isinstance(obj, dict) and isinstance(obj.get("usageMetadata"), dict):
+            self._deferred.clear()  # these totals are newer than any deferred ones
+
+    def _settle(self) -> None:
+        """Apply the newest deferred totals that parse: what observing each in turn would leave."""
+        deferred = self._deferred
+        while deferred:
+            try:
+                obj = orjson.loads(deferred.pop())
+            except orjson.JSONDecodeError:
+                continue
+            um = obj.get("usageMetadata") if isinstance(obj, dict) else None
+            if isinstance(um, dict):
+                self.metadata = um
+                break
+        deferred.clear()
 
     def usage(self) -> Usage:
+        if self._deferred:
+            self._settle()
         um = self.metadata
         return Usage(
             meters=meters_from_metadata(um, self.images),
@@ -174,7 +218,7 @@ class GeminiSSEMeter:
     def feed(self, chunk: bytes) -> None:
         for _, data in self._sse.feed(chunk):
             if data:
-                self._acc.observe_json(data)
+                self._acc.observe_chunk(data)
 
     def usage(self) -> Usage:
         return self._acc.usage()
@@ -191,7 +235,7 @@ class GeminiArrayMeter:
 
     def feed(self, chunk: bytes) -> None:
         for element in self._scan.feed(chunk):
-            self._acc.observe_json(element)
+            self._acc.observe_chunk(element)
         if self._scan.done:
             self._acc.final = True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,11 @@ from gateway.metering import (
     GeminiSSEMeter,
     JSONArrayScanner,
     Usage,
+    gemini,
     usage_from_predict,
     usage_from_response,
 )
+from gateway.metering.gemini import _Accumulator
 from gateway.meters import GEMINI_CACHED, GEMINI_IMAGES, GEMINI_INPUT, GEMINI_OUTPUT
 
 from ._split import assert_split_invariant, run
@@ -202,6 +205,88 @@ SSE_STREAMS = [
 def test_sse_split_invariance(name: str) -> None:
     body = read(name)
     assert assert_split_invariant(GeminiSSEMeter, body) == run(GeminiSSEMeter, [body])
+
+
+# --- chunks parsed only when they can matter (gemini._Accumulator.observe_chunk) ---------------
+
+
+def eager(chunks: list[bytes]) -> Usage:
+    """What parsing and observing every chunk gives: the meaning the deferred parse must keep."""
+    acc = _Accumulator()
+    for chunk in chunks:
+        try:
+            acc.observe(orjson.loads(chunk))
+        except orjson.JSONDecodeError:
+            pass
+    return acc.usage()
+
+
+def lazy(chunks: list[bytes]) -> Usage:
+    acc = _Accumulator()
+    for chunk in chunks:
+        acc.observe_chunk(chunk)
+    return acc.usage()
+
+
+def text_chunk(prompt: int, out: int, text: str = "word") -> bytes:
+    return orjson.dumps(
+        {
+            "candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}],
+            "usageMetadata": {"promptTokenCount": prompt, "candidatesTokenCount": out},
+        }
+    )
+
+
+def random_chunk(rng: random.Random, n: int) -> bytes:
+    kind = rng.randrange(10)
+    if kind <= 3:
+        return text_chunk(n, 2 * n)
+    if kind == 4:  # no totals at all
+        return orjson.dumps({"candidates": [{"content": {"parts": [{"text": "x"}]}}]})
+    if kind == 5:  # the field names only inside the text
+        return text_chunk(n, n, 'says "usageMetadata" and "finishReason"')
+    if kind == 6:  # totals that are not an object
+        return orjson.dumps({"usageMetadata": None, "candidates": []})
+    if kind == 7:  # malformed, with or without what looks like totals
+        return rng.choice([b'{"usageMetadata": {"promptTokenCount": 99}', b"{not json", b""])
+    if kind == 8:
+        return orjson.dumps({"candidates": [{"content": {"parts": [part_image()]}}], "usageMetadata": {"x": n}})
+    final: dict[str, Any] = {"candidates": [{"finishReason": "STOP"}]}
+    if n % 2:
+        final["usageMetadata"] = {"promptTokenCount": n}
+    return orjson.dumps(final)
+
+
+def test_deferred_parse_gives_what_parsing_every_chunk_gives() -> None:
+    rng = random.Random(7)
+    for _ in range(400):
+        chunks = [random_chunk(rng, n) for n in range(rng.randint(0, 80))]
+        assert lazy(chunks) == eager(chunks), chunks
+        cut = rng.randint(0, len(chunks))  # a reading mid-stream (a client that left) changes nothing after it
+        acc = _Accumulator()
+        for chunk in chunks[:cut]:
+            acc.observe_chunk(chunk)
+        assert acc.usage() == eager(chunks[:cut])
+        for chunk in chunks[cut:]:
+            acc.observe_chunk(chunk)
+        assert acc.usage() == eager(chunks)
+
+
+def test_text_chunks_are_kept_unparsed_until_read_and_bounded() -> None:
+    acc = _Accumulator()
+    acc.observe_chunk(text_chunk(5, 1))
+    acc.observe_chunk(text_chunk(5, 2))
+    assert acc.metadata is None  # not parsed yet
+    assert acc.usage().meters == meters(5, 0, 2, 0)
+    for n in range(3 * gemini.MAX_DEFERRED):
+        acc.observe_chunk(text_chunk(5, n))
+        assert len(acc._deferred) < gemini.MAX_DEFERRED
+    assert acc.usage().meters == meters(5, 0, 3 * gemini.MAX_DEFERRED - 1, 0)
+
+
+def test_a_malformed_newest_chunk_keeps_the_totals_before_it() -> None:
+    chunks = [text_chunk(5, 1), text_chunk(5, 2), b'{"usageMetadata": {"promptTokenCount": 99}']
+    assert lazy(chunks).meters == meters(5, 0, 2, 0) == eager(chunks).meters
 
 
 # --- JSON array stream -----------------------------------------------------------------------
