@@ -11,6 +11,8 @@ answers "how far from the bare pass-through"; this answers "did this change help
 machine's drift (+-20 % between minutes) would swamp a before/after pair: every round runs each
 variant back to back and the ratios are taken per round. Timing stays noisy here: for changes
 worth a few percent, count instructions instead (`bench/pipeline.py --instructions --tree`).
+Each variant gets its own database, migrated and given a key by this checkout's CLI, so a `tree:`
+variant must share this checkout's schema.
 """
 
 from __future__ import annotations
