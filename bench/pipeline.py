@@ -2,6 +2,7 @@
 
     python bench/pipeline.py [--cells anthropic_json@16,...] [--requests 12000] [--rounds 3] [--profile]
     python bench/pipeline.py --instructions [--tree ../other-checkout]   # under callgrind: deterministic
+    python bench/pipeline.py --events 31   # streams stretched to 31 events (the fixtures are short)
 
 `bench/run.py` measures the whole stack, where uvicorn, aiohttp and the kernel's loopback are most
 of the cost and a shared machine moves the numbers by +-20 %. This drives `create_app(settings)`
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, os.environ.get("PIPELINE_GATEWAY_ROOT") or str(Path(__file__).resolve().parent.parent))
 
 import uvloop
-from harness.fixtures import Cell, fast_cells
+from harness.fixtures import Cell, fast_cells, stretch_events
 
 from gateway.app import create_app
 from gateway.keys import issue_key
@@ -86,9 +87,10 @@ class _Response:
 class FixtureSession:
     """Stands in for the aiohttp session: every call answers the cell's fixture, as nginx would."""
 
-    def __init__(self, cell: Cell) -> None:
+    def __init__(self, cell: Cell, events: int = 0) -> None:
         fx = cell.fixture
-        self._chunks = fx.events() if fx.stream else [fx.body()]
+        chunks = fx.events() if fx.stream else [fx.body()]
+        self._chunks = stretch_events(chunks, events) if fx.stream and events else chunks
         self._type = b"text/event-stream" if fx.stream else b"application/json"
 
     async def request(self, *args: Any, **kwargs: Any) -> _Response:
@@ -119,7 +121,9 @@ def request_for(cell: Cell, key: str) -> tuple[dict[str, Any], bytes]:
     return scope, body
 
 
-async def measure(cell: Cell, requests: int, rounds: int, profile: bool, check: bool = True) -> list[float]:
+async def measure(
+    cell: Cell, requests: int, rounds: int, profile: bool, check: bool = True, events: int = 0
+) -> list[float]:
     work = Path(tempfile.mkdtemp(prefix="polar-pipeline-"))
     config = work / "gateway.toml"
     config.write_text(TOML)
@@ -147,7 +151,7 @@ async def measure(cell: Cell, requests: int, rounds: int, profile: bool, check: 
     await started.wait()
     assert s.client is not None
     await s.client.close()
-    s.client = FixtureSession(cell)  # type: ignore[assignment]
+    s.client = FixtureSession(cell, events)  # type: ignore[assignment]
     key = (await issue_key(s.store, "bench-user")).key
     scope, body = request_for(cell, key)
     never = asyncio.Event()
@@ -219,6 +223,9 @@ def main() -> int:
     ap.add_argument("--instructions", action="store_true", help="instructions per request under callgrind")
     ap.add_argument("--tree", type=Path, help="measure the gateway package of this checkout")
     ap.add_argument(
+        "--events", type=int, default=0, help="stretch streams to this many events (same usage), as --slow does"
+    )
+    ap.add_argument(
         "--no-meter-check", action="store_true", help="for a --tree that cuts recording out (to see what it costs)"
     )
     args = ap.parse_args()
@@ -232,7 +239,8 @@ def main() -> int:
         return run_children(args)
     logging.getLogger("gateway").setLevel(logging.ERROR)  # "Polar is not configured" and the like
     for name in args.cells.split(","):
-        us = uvloop.run(measure(cells[name], args.requests, args.rounds, args.profile, not args.no_meter_check))
+        check = not args.no_meter_check
+        us = uvloop.run(measure(cells[name], args.requests, args.rounds, args.profile, check, args.events))
         rounds = ", ".join(f"{u:.1f}" for u in us)
         checked = "meters not checked" if args.no_meter_check else "meters exact"
         print(f"{name:<18} min {min(us):6.1f} us CPU/request  (rounds: {rounds}); {checked}", flush=True)
@@ -244,7 +252,8 @@ def run_children(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.tree is not None:
         env["PIPELINE_GATEWAY_ROOT"] = str(args.tree.resolve())
-    me = [sys.executable, str(Path(__file__).resolve())] + (["--no-meter-check"] if args.no_meter_check else [])
+    me = [sys.executable, str(Path(__file__).resolve()), "--events", str(args.events)]
+    me += ["--no-meter-check"] if args.no_meter_check else []
     if not args.instructions:
         argv = [*me, "--cells", args.cells, "--requests", str(args.requests), "--rounds", str(args.rounds)]
         return subprocess.run(argv + (["--profile"] if args.profile else []), env=env).returncode
