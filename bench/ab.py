@@ -3,6 +3,7 @@
 
     python bench/ab.py --variant base= --variant nojournal=env:GATEWAY_JOURNAL_DIR=/dev/shm/j \\
         --variant head=tree:../other-worktree [--cell anthropic_json@16] [--rounds 6] [--duration 5]
+    python bench/ab.py --slow --cell gemini_sse@256 --variant gw= --variant bare=bare:raw   # slow upstream
 
 A variant is `name=` (this checkout as it is), `name=env:K=V[,K=V]` (extra environment),
 `name=tree:PATH` (the gateway package of another checkout, e.g. a `git worktree` of another
@@ -26,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness.contenders import Contender, start_bare, start_gateway
-from harness.fixtures import fast_cells
-from harness.load import Result, run_cell
+from harness.fixtures import fast_cells, slow_cells
+from harness.load import Result, ideal_share, run_cell
 from harness.processes import CLK_TCK, ensure_tools, process_tree, workdir
 from harness.upstream import Nginx
 
@@ -63,10 +64,13 @@ def main() -> int:
     ap.add_argument("--variant", action="append", type=parse_variant, required=True)
     ap.add_argument("--cell", default="anthropic_json@16")
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--duration", type=float, help="seconds per round (default 5, --slow 10)")
+    ap.add_argument("--slow", action="store_true", help="slow upstream, 256 connections (cells end in @256)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
-    cells = {c.name: c for c in fast_cells()}
+    cells = {c.name: c for c in (slow_cells() if args.slow else fast_cells())}
+    if args.cell == ap.get_default("cell") and args.slow:
+        args.cell = "anthropic_json@256"
     if args.cell not in cells:
         ap.error(f"unknown cell {args.cell}; one of {', '.join(cells)}")
     cell = cells[args.cell]
@@ -74,13 +78,14 @@ def main() -> int:
     if len({v.name for v in variants}) != len(variants):
         ap.error("variant names must differ")
     # run_cell's knobs, as bench/run.py sets them for a fast cell
-    knobs = argparse.Namespace(slow=False, retries=0, quiet_timeout=15, warmup=1.0, settle=0.5)
-    knobs.duration = args.duration
+    knobs = argparse.Namespace(slow=args.slow, retries=0, quiet_timeout=15, warmup=1.0)
+    knobs.settle = 1.5 if args.slow else 0.5
+    knobs.duration = args.duration or (10.0 if args.slow else 5.0)
     ensure_tools()
     with workdir(args.keep) as work:
-        upstream = Nginx("upstream", work, slow=False, cpu="1", access_log=False)
+        upstream = Nginx("upstream", work, slow=args.slow, cpu="1", access_log=False)
         expect = work / "expect"
-        expect.write_bytes(cell.fixture.served(False))
+        expect.write_bytes(cell.fixture.served(args.slow))
         started: list[tuple[Variant, Contender]] = []
         try:
             for v in variants:
@@ -102,13 +107,14 @@ def main() -> int:
                     if r.skipped or r.error_count:
                         raise SystemExit(f"{v.name}: {r.skipped or r.errors}")
                     results[v.name].append(r)
-                    line.append(f"{v.name} {r.rps:,.0f} rps {r.cpu_us_per_request:.0f} us")
+                    extra = f" {ideal_share(r):.1%} of ideal" if args.slow else ""
+                    line.append(f"{v.name} {r.rps:,.0f} rps {r.cpu_us_per_request:.0f} us p50 {r.p50_ms:.1f} ms{extra}")
                 print(f"round {n + 1}: " + " | ".join(line), flush=True)
         finally:
             for _, gw in started:
                 gw.stop()
             upstream.stop()
-    report(args.cell, variants, results, sys_share)
+    report(args.cell, variants, results, sys_share, args.slow)
     return 0
 
 
@@ -123,11 +129,16 @@ def user_sys_seconds(pid: int) -> tuple[float, float]:
 
 
 def report(
-    cell: str, variants: list[Variant], results: dict[str, list[Result]], sys_share: dict[str, list[float]]
+    cell: str,
+    variants: list[Variant],
+    results: dict[str, list[Result]],
+    sys_share: dict[str, list[float]],
+    slow: bool = False,
 ) -> None:
     base = variants[0].name
     print(f"\n{cell}: medians over {len(results[base])} rounds; ratios paired per round against {base}")
-    print(f"{'variant':<14}{'RPS':>10}{'CPU us/req':>12}{'kernel':>8}{'RPS ratio':>11}{'CPU ratio':>11}")
+    head = f"{'variant':<14}{'RPS':>10}{'CPU us/req':>12}{'kernel':>8}{'p50 ms':>9}{'RPS ratio':>11}{'CPU ratio':>11}"
+    print(head + (f"{'of ideal':>10}" if slow else ""))
     for v in variants:
         rs = results[v.name]
         rps = statistics.median(r.rps for r in rs)
@@ -136,7 +147,9 @@ def report(
         rps_ratio = statistics.median(r.rps / b.rps for b, r in pairs)
         cpu_ratio = statistics.median(r.cpu_us_per_request / b.cpu_us_per_request for b, r in pairs)
         kernel = statistics.median(sys_share[v.name])
-        print(f"{v.name:<14}{rps:>10,.0f}{cpu:>12.1f}{kernel:>8.0%}{rps_ratio:>11.3f}{cpu_ratio:>11.3f}")
+        p50 = statistics.median(r.p50_ms for r in rs)
+        row = f"{v.name:<14}{rps:>10,.0f}{cpu:>12.1f}{kernel:>8.0%}{p50:>9.2f}{rps_ratio:>11.3f}{cpu_ratio:>11.3f}"
+        print(row + (f"{statistics.median(ideal_share(r) for r in rs):>10.1%}" if slow else ""))
 
 
 if __name__ == "__main__":
