@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.contenders import Contender, start_bare, start_gateway
 from harness.fixtures import fast_cells, slow_cells
 from harness.load import Result, ideal_share, run_cell
-from harness.processes import CLK_TCK, ensure_tools, process_tree, workdir
+from harness.processes import ensure_tools, tree_user_system_seconds, workdir
 from harness.upstream import Nginx
 
 
@@ -40,10 +40,13 @@ class Variant:
     bare: str = ""  # a bare pass-through mode (bench/bare.py) instead of the gateway
 
 
+FORMS = "name=, name=env:K=V[,K=V], name=tree:PATH or name=bare:MODE"
+
+
 def parse_variant(text: str) -> Variant:
     name, _, spec = text.partition("=")
     if not name:
-        raise argparse.ArgumentTypeError(f"variant {text!r}: expected name=..., name=env:K=V or name=tree:PATH")
+        raise argparse.ArgumentTypeError(f"variant {text!r}: expected {FORMS}")
     if not spec:
         return Variant(name, [])
     kind, _, value = spec.partition(":")
@@ -56,28 +59,27 @@ def parse_variant(text: str) -> Variant:
         if not (tree / "gateway" / "__init__.py").exists():
             raise argparse.ArgumentTypeError(f"variant {name}: {tree} holds no gateway package")
         return Variant(name, ["env", "-C", str(tree)])  # `python -m` puts the working directory first
-    raise argparse.ArgumentTypeError(f"variant {text!r}: expected name=..., name=env:K=V or name=tree:PATH")
+    raise argparse.ArgumentTypeError(f"variant {text!r}: expected {FORMS}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", action="append", type=parse_variant, required=True)
-    ap.add_argument("--cell", default="anthropic_json@16")
+    ap.add_argument("--cell", help="default anthropic_json@16 (--slow: anthropic_json@256)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--duration", type=float, help="seconds per round (default 5, --slow 10)")
     ap.add_argument("--slow", action="store_true", help="slow upstream, 256 connections (cells end in @256)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     cells = {c.name: c for c in (slow_cells() if args.slow else fast_cells())}
-    if args.cell == ap.get_default("cell") and args.slow:
-        args.cell = "anthropic_json@256"
+    args.cell = args.cell or ("anthropic_json@256" if args.slow else "anthropic_json@16")
     if args.cell not in cells:
         ap.error(f"unknown cell {args.cell}; one of {', '.join(cells)}")
     cell = cells[args.cell]
     variants: list[Variant] = args.variant
     if len({v.name for v in variants}) != len(variants):
         ap.error("variant names must differ")
-    # run_cell's knobs, as bench/run.py sets them for a fast cell
+    # run_cell's knobs, as bench/run.py sets them
     knobs = argparse.Namespace(slow=args.slow, retries=0, quiet_timeout=15, warmup=1.0)
     knobs.settle = 1.5 if args.slow else 0.5
     knobs.duration = args.duration or (10.0 if args.slow else 5.0)
@@ -100,9 +102,9 @@ def main() -> int:
             for n in range(args.rounds):
                 line = []
                 for v, gw in started:
-                    before = user_sys_seconds(gw.pid)
+                    before = tree_user_system_seconds(gw.pid)
                     r = run_cell(gw, cell, knobs, upstream, expect, work)
-                    after = user_sys_seconds(gw.pid)
+                    after = tree_user_system_seconds(gw.pid)
                     sys_share[v.name].append((after[1] - before[1]) / max(1e-9, sum(after) - sum(before)))
                     if r.skipped or r.error_count:
                         raise SystemExit(f"{v.name}: {r.skipped or r.errors}")
@@ -116,16 +118,6 @@ def main() -> int:
             upstream.stop()
     report(args.cell, variants, results, sys_share, args.slow)
     return 0
-
-
-def user_sys_seconds(pid: int) -> tuple[float, float]:
-    """(utime, stime) of a process and its live children."""
-    user = system = 0
-    for p in process_tree(pid):
-        with open(f"/proc/{p}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-            user, system = user + int(fields[11]), system + int(fields[12])
-    return user / CLK_TCK, system / CLK_TCK
 
 
 def report(

@@ -111,14 +111,19 @@ def cpu_times() -> dict[str, tuple[float, float]]:
     return out
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its live children."""
-    total = 0
+def tree_user_system_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process and its live children."""
+    user = system = 0
     for p in process_tree(pid):
         with contextlib.suppress(OSError), open(f"/proc/{p}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+            user, system = user + int(fields[11]), system + int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its live children."""
+    return sum(tree_user_system_seconds(pid))
 
 
 @dataclass
