@@ -124,10 +124,7 @@ class _Accumulator:
                 if len(self._deferred) >= MAX_DEFERRED:
                     self._settle()
             return  # nothing this chunk holds changes the usage
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
+        obj = _loads(data)  # None when malformed: observing it changes nothing
         self.observe(obj)
         if self._deferred and isinstance(obj, dict) and isinstance(obj.get("usageMetadata"), dict):
             self._deferred.clear()  # these totals are newer than any deferred ones
@@ -136,10 +133,7 @@ class _Accumulator:
         """Apply the newest deferred totals that parse: what observing each in turn would leave."""
         deferred = self._deferred
         while deferred:
-            try:
-                obj = orjson.loads(deferred.pop())
-            except orjson.JSONDecodeError:
-                continue
+            obj = _loads(deferred.pop())
             um = obj.get("usageMetadata") if isinstance(obj, dict) else None
             if isinstance(um, dict):
                 self.metadata = um
