@@ -8,6 +8,7 @@ import httpx
 import orjson
 
 from tests.conftest import ADMIN_TOKEN, BodyCounter, Gateway, raw_request
+from tests.fakes.upstream import FakeUpstream
 
 MIB = 1024 * 1024
 
@@ -89,3 +90,32 @@ def test_gateway_routes_answer_json_errors(gateway: Gateway) -> None:
     assert resp.json() == {"error": {"type": "authentication_error", "message": "invalid or revoked gateway key"}}
     assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok", "unstored": 0}
 
+
+def test_model_name_cannot_rewrite_the_upstream_url(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.issue_key("path")
+    gemini = {"x-goog-api-key": key}
+    body = {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]}
+    for model in ("x%3Falt=sse%26y=", "x%23y", "x%20y", "%2E%2E", "x%25y"):
+        resp = httpx.post(f"{gateway.url}/gemini/v1beta/models/{model}:generateContent", headers=gemini, json=body)
+        assert resp.status_code == 400, model
+        assert resp.json()["error"]["status"] == "INVALID_ARGUMENT"
+        resp = httpx.get(f"{gateway.url}/gemini/v1beta/models/{model}", headers=gemini)
+        assert resp.status_code == 400, model
+        resp = httpx.get(f"{gateway.url}/anthropic/v1/models/{model}", headers={"x-api-key": key})
+        assert resp.status_code == 400, model
+        assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert upstream.requests == [] and gateway.requests("path") == []
+
+    # Model ids as the SDKs send them reach the upstream exactly as given.
+    url = f"{gateway.url}/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    assert httpx.post(url, headers=gemini, json=body).status_code == 200
+    url = f"{gateway.url}/gemini/v1beta/tunedModels/my-tuned_model.1:countTokens"
+    assert httpx.post(url, headers=gemini, json=body).status_code == 200
+    url = f"{gateway.url}/anthropic/v1/models/claude-sonnet-4-6"
+    assert httpx.get(url, headers={"x-api-key": key}).status_code == 200
+    seen = [(r.method, r.path, r.query) for r in upstream.wait_for_requests(3)]
+    assert seen == [
+        ("POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent", "alt=sse"),
+        ("POST", "/v1beta/tunedModels/my-tuned_model.1:countTokens", ""),
+        ("GET", "/v1/models/claude-sonnet-4-6", ""),
+    ]
