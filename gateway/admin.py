@@ -10,16 +10,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.http_api import BodyRefused, api_error, read_json
 from gateway.keys import InvalidUserId, issue_key
 from gateway.services import Services
 from gateway.store.base import ApiKey
 from gateway.timeutil import iso
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message}}, status)
 
 
 def key_json(key: ApiKey) -> dict[str, Any]:
@@ -37,11 +34,11 @@ def guarded(s: Services, endpoint: Endpoint) -> Endpoint:
     async def wrapper(request: Request) -> Response:
         token = s.settings.admin_token
         if not token:
-            return _error(503, "the admin API is disabled: set GATEWAY_ADMIN_TOKEN")
+            return api_error(503, "the admin API is disabled: set GATEWAY_ADMIN_TOKEN")
         auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         if not hmac.compare_digest(given.encode(), token.encode()):
-            return _error(401, "admin token required")
+            return api_error(401, "admin token required")
         return await endpoint(request)
 
     return wrapper
@@ -50,18 +47,18 @@ def guarded(s: Services, endpoint: Endpoint) -> Endpoint:
 def admin_routes(s: Services) -> list[Route]:
     async def create(request: Request) -> Response:
         try:
-            data = await request.json()
-        except ValueError:
-            return _error(400, "malformed JSON body")
+            data = await read_json(request)
+        except BodyRefused as exc:
+            return exc.response
         if not isinstance(data, dict) or not isinstance(data.get("user_id"), str):
-            return _error(400, 'body must be {"user_id": "...", "name": "..."}')
+            return api_error(400, 'body must be {"user_id": "...", "name": "..."}')
         name = data.get("name", "")
         if not isinstance(name, str):
-            return _error(400, "name must be a string")
+            return api_error(400, "name must be a string")
         try:
             issued = await issue_key(s.store, data["user_id"], name)
         except InvalidUserId as exc:
-            return _error(400, str(exc))
+            return api_error(400, str(exc))
         return JSONResponse({**key_json(issued.record), "key": issued.key}, 201)
 
     async def list_keys(request: Request) -> Response:
@@ -71,7 +68,7 @@ def admin_routes(s: Services) -> list[Route]:
     async def revoke(request: Request) -> Response:
         key_id = request.path_params["key_id"]
         if not await s.store.revoke_key(key_id):
-            return _error(404, f"no active key {key_id}")
+            return api_error(404, f"no active key {key_id}")
         s.keys.evict_key_id(key_id)
         return JSONResponse({"id": key_id, "revoked": True})
 

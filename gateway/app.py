@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.admin import admin_routes
 from gateway.billing import portal_endpoint, status_endpoint
+from gateway.http_api import not_found, server_error
 from gateway.journal import Journal
 from gateway.keys import KeyCache
 from gateway.limits import LimitsRefresher
@@ -148,11 +148,6 @@ def create_app(settings: Settings, services: Services | None = None) -> GatewayA
         # grows while the database refuses writes.
         return JSONResponse({"status": "ok", "unstored": s.recorder.backlog})
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, HTTPException) else 404
-        what = "method not allowed" if status == 405 else "not found"
-        return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {what}"}}, status)
-
     routes = [
         Route("/healthz", healthz),
         Route("/api/billing/status", status_endpoint(s)),
@@ -166,7 +161,13 @@ def create_app(settings: Settings, services: Services | None = None) -> GatewayA
         ),
         *admin_routes(s),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={404: not_found, 405: not_found, Exception: server_error},
+    )
+    # `/admin/keys/` is a JSON 404 like any unknown path, not a bodiless redirect.
+    app.router.redirect_slashes = False
     app.state.services = s
     return GatewayApp(
         app,

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from gateway.http_api import api_error
 from gateway.keys import Identity
 from gateway.meters import ALL_METERS
 from gateway.polar import CustomerNotFound, PolarBillingError
@@ -30,7 +31,7 @@ async def authenticate(s: Services, request: Request) -> Identity | None:
 
 
 def unauthorized() -> JSONResponse:
-    return JSONResponse({"error": {"type": "authentication_error", "message": "invalid or revoked gateway key"}}, 401)
+    return api_error(401, "invalid or revoked gateway key")
 
 
 def status_endpoint(s: Services) -> Callable[[Request], Awaitable[JSONResponse]]:
@@ -74,24 +75,17 @@ def portal_endpoint(s: Services) -> Callable[[Request], Awaitable[JSONResponse]]
         if ident is None:
             return unauthorized()
         if s.polar is None:
-            return JSONResponse(
-                {"error": {"type": "unavailable", "message": "billing portal unavailable: Polar is not configured"}},
-                503,
-            )
+            return api_error(503, "billing portal unavailable: Polar is not configured")
         return_url = request.query_params.get("return_url")
         if return_url is not None and not return_url.startswith(("https://", "http://")):
-            return JSONResponse(
-                {"error": {"type": "invalid_request", "message": "return_url must be an http(s) URL"}}, 400
-            )
+            return api_error(400, "return_url must be an http(s) URL")
         try:
             url = await s.polar.portal_url(ident.user_id, return_url)
         except CustomerNotFound:
-            return JSONResponse(
-                {"error": {"type": "not_found", "message": "no Polar customer exists for this user yet"}}, 404
-            )
+            return api_error(404, "no Polar customer exists for this user yet")
         except PolarBillingError as exc:
             log.warning("portal session for %s failed: %s", ident.user_id, type(exc).__name__)
-            return JSONResponse({"error": {"type": "unavailable", "message": "Polar is unreachable right now"}}, 503)
+            return api_error(503, "Polar is unreachable right now")
         return JSONResponse({"url": url})
 
     return billing_portal

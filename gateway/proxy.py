@@ -19,7 +19,7 @@ import orjson
 
 from gateway.journal import Segment
 from gateway.metering import ContentDecoder, Usage
-from gateway.providers.base import DROP_RESPONSE_HEADERS, Call, Provider, Route, header
+from gateway.providers.base import DROP_RESPONSE_HEADERS, Call, InvalidModel, Provider, Route, header
 from gateway.quota import Ledger, UserQuota
 from gateway.recording import estimate_from_reservation, finish_and_settle
 from gateway.services import Services
@@ -89,7 +89,10 @@ class ProxyEndpoint:
         method, query, headers = scope["method"], scope["query_string"], scope["headers"]
         path = scope["path"][len(self.prefix) :]
 
-        route = provider.match(method, path, query)
+        try:
+            route = provider.match(method, path, query)
+        except InvalidModel as exc:
+            return await self._error(send, 400, "invalid_request_error", str(exc), rid)
         if route is None:
             return await self._error(send, 404, "not_found", f"{method} {path} is not served by the gateway", rid)
 

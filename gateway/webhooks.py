@@ -9,12 +9,12 @@ so retries and out-of-order deliveries can't roll limits back. Answers fast: Pol
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import orjson
 import polar.v2026_10.webhooks as sdk_webhooks
 from polar.base import deserialize
 from polar.webhooks import (
@@ -26,6 +26,7 @@ from polar.webhooks import (
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway.http_api import MAX_BODY_BYTES, BodyRefused, api_error, read_body
 from gateway.polar import PolarBilling, PolarBillingError, limits_from_state, valid_user_id
 from gateway.store.base import CustomerLimits, Store
 from gateway.timeutil import parse_iso, utcnow
@@ -67,27 +68,31 @@ def make_webhook_endpoint(
     on_limits_changed: LimitsChanged,
     *,
     polar: PolarBilling | None = None,
-    max_body_bytes: int = 1024 * 1024,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> Endpoint:
     """The Starlette endpoint. `polar` (optional) lets benefit_grant.* refresh the customer's state."""
     refreshing: set[asyncio.Task[None]] = set()
 
     async def endpoint(request: Request) -> Response:
         if not secret:
-            return JSONResponse({"error": "webhooks are not configured"}, status_code=503)
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            return JSONResponse({"error": "payload too large"}, status_code=413)
+            return api_error(503, "webhooks are not configured")
+        try:
+            body = await read_body(request, max_body_bytes)
+        except BodyRefused as exc:
+            return exc.response
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
-            return JSONResponse({"error": "invalid payload"}, status_code=400)
+            return api_error(400, "invalid payload")
         headers = dict(request.headers)
         typed: Any = None
         try:
             typed = validate_event(text, headers, secret, KNOWN_EVENT_TYPES, _load_payload)
         except PolarWebhookVerificationError:
-            return JSONResponse({"error": "invalid signature"}, status_code=403)
+            return api_error(403, "invalid signature")
+        except RecursionError:
+            # The SDK parses the verified body with the json module, which gives up on deep nesting this way.
+            return api_error(400, "invalid payload")
         except PolarWebhookUnknownTypeError as exc:
             log.info("ignoring unknown Polar webhook type %r", exc.event_type)
             return JSONResponse({"status": "ignored"}, status_code=202)
@@ -96,11 +101,11 @@ def make_webhook_endpoint(
             # version could not load the payload model. Fall back to the raw JSON for what we need.
             log.warning("Polar webhook payload did not load into the SDK model; using raw JSON")
         try:
-            raw = json.loads(text)
-        except ValueError:
-            return JSONResponse({"error": "invalid payload"}, status_code=400)
+            raw = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return api_error(400, "invalid payload")
         if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
-            return JSONResponse({"error": "invalid payload"}, status_code=400)
+            return api_error(400, "invalid payload")
         event_type: str = raw["type"]
         webhook_id = headers.get("webhook-id", "")
         if await store.webhook_recorded(webhook_id):
@@ -109,7 +114,7 @@ def make_webhook_endpoint(
             status = await _handle(event_type, typed, raw)
         except Exception:
             log.exception("processing Polar webhook %s failed", event_type)
-            return JSONResponse({"error": "processing failed"}, status_code=500)  # Polar will retry
+            return api_error(500, "processing failed")  # Polar will retry
         await store.record_webhook(webhook_id, event_type)
         return JSONResponse({"status": status}, status_code=200)
 

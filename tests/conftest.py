@@ -49,6 +49,44 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         time.sleep(interval)
 
 
+class BodyCounter:
+    """An ASGI wrapper counting the request body bytes its app read (to see whether an endpoint stopped early)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.read = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def counted() -> dict[str, Any]:
+            message: dict[str, Any] = await receive()
+            self.read += len(message.get("body", b""))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def raw_request(url: str, head: bytes, timeout: float = 10.0) -> bytes:
+    """Send `head` (a request line and headers, maybe a partial body) over a raw socket; the whole answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + _length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
 class ServerThread:
     """Runs an ASGI app under uvicorn (uvloop, httptools) in a background thread."""
 

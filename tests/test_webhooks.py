@@ -26,6 +26,13 @@ from gateway.webhooks import make_webhook_endpoint
 from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
 
 STANDARD_SECRET = new_standard_secret()
+
+
+def api_error(kind: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": kind, "message": message}}
+
+
+INVALID_PAYLOAD = api_error("invalid_request", "invalid payload")
 LEGACY_SECRET = "polar_whs_" + secrets.token_urlsafe(24)  # legacy endpoints: key = the secret's UTF-8 bytes
 
 
@@ -119,7 +126,7 @@ async def test_signed_state_changed_updates_limits(store: SqliteStore, fake: Fak
 async def test_forged_or_tampered_signature_is_403_and_changes_nothing(hook: Hook) -> None:
     payload = state_changed(hook.fake, "user-123", 1000)
     resp = await hook.send(payload, secret=new_standard_secret(), legacy=False)
-    assert (resp.status_code, resp.json()) == (403, {"error": "invalid signature"})
+    assert (resp.status_code, resp.json()) == (403, api_error("permission_denied", "invalid signature"))
     body, headers = sign_webhook(payload, STANDARD_SECRET, legacy=False, msg_id="wh_tamper")
     resp = await hook.client.post(hook.url, content=body.replace(b"1000", b"9999"), headers=headers)
     assert resp.status_code == 403
@@ -165,7 +172,7 @@ async def test_unknown_type_is_202_and_no_secret_is_503(hook: Hook, store: Sqlit
     assert (resp.status_code, resp.json()) == (202, {"status": "ignored"})
     async for unconfigured in make_hook(store, hook.fake, ""):
         resp = await unconfigured.send(state_changed(hook.fake, "user-123", 1), secret=STANDARD_SECRET)
-        assert (resp.status_code, resp.json()) == (503, {"error": "webhooks are not configured"})
+        assert (resp.status_code, resp.json()) == (503, api_error("unavailable", "webhooks are not configured"))
 
 
 async def test_subscription_revoked_deactivates_and_canceled_waits(hook: Hook) -> None:
@@ -203,5 +210,16 @@ async def test_valid_signature_on_garbage_is_400(hook: Hook) -> None:
     signature = Webhook(STANDARD_SECRET).sign(msg_id, ts, body.decode())
     headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(ts.timestamp())), "webhook-signature": signature}
     resp = await hook.client.post(hook.url, content=body, headers=headers)
-    assert (resp.status_code, resp.json()) == (400, {"error": "invalid payload"})
+    assert (resp.status_code, resp.json()) == (400, INVALID_PAYLOAD)
+    assert not await hook.store.webhook_recorded(msg_id)
+
+
+async def test_valid_signature_on_deep_nesting_is_400(hook: Hook) -> None:
+    # The SDK's json module raises RecursionError on this, after the signature checked out.
+    body = '{"type": "customer.state_changed", "data": ' + "[" * 5_000 + "]" * 5_000 + "}"
+    msg_id, ts = "msg_deep", datetime.now(UTC)
+    signature = Webhook(STANDARD_SECRET).sign(msg_id, ts, body)
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(ts.timestamp())), "webhook-signature": signature}
+    resp = await hook.client.post(hook.url, content=body, headers=headers)
+    assert (resp.status_code, resp.json()) == (400, INVALID_PAYLOAD)
     assert not await hook.store.webhook_recorded(msg_id)

@@ -13,7 +13,7 @@ from gateway.metering import (
     usage_from_message,
 )
 from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, CLAUDE_INPUT, CLAUDE_METERS, CLAUDE_OUTPUT
-from gateway.providers.base import Call, Headers, Route, forward_headers
+from gateway.providers.base import Call, Headers, Route, check_model, forward_headers
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -45,7 +45,8 @@ class AnthropicProvider:
         if method == "POST" and path == "/v1/messages/count_tokens":
             return Route("count_tokens", upstream_path, "", metered=False, has_body=True)
         if method == "GET" and (path == "/v1/models" or (path.startswith("/v1/models/") and path.count("/") == 3)):
-            return Route("models", upstream_path, path[len("/v1/models/") :], metered=False, has_body=False)
+            model = check_model(path[len("/v1/models/") :]) if len(path) > len("/v1/models") else ""
+            return Route("models", upstream_path, model, metered=False, has_body=False)
         return None
 
     def extract_key(self, headers: Headers, query: bytes) -> str | None:

@@ -6,6 +6,7 @@ Everything else (pre-check, forwarding, relay, recording) is provider-neutral in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -54,6 +55,20 @@ DROP_RESPONSE_HEADERS = frozenset(
     }
 )
 _DECODABLE = {"gzip", "x-gzip", "deflate", "identity"}
+# What model ids are made of (`gemini-2.5-flash`, `imagen-4.0-generate-001`, `claude-sonnet-4-6`). Routes match
+# the percent-decoded path, so a `?`, `#`, `%` or `/` decoded out of a model name would rewrite the upstream URL:
+# with every variable segment held to these characters, the decoded path is also the safe one to forward.
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class InvalidModel(ValueError):
+    """A path whose model segment is not a model id: refused with 400, never forwarded."""
+
+
+def check_model(model: str) -> str:
+    if _MODEL_ID.fullmatch(model) is None:
+        raise InvalidModel("the model name may only contain letters, digits, '.', '-' and '_'")
+    return model
 
 
 def accept_encoding(value: bytes | None) -> bytes | None:
@@ -96,7 +111,10 @@ class Provider(Protocol):
     @property
     def meters(self) -> tuple[str, ...]: ...
 
-    def match(self, method: str, path: str, query: bytes) -> Route | None: ...
+    def match(self, method: str, path: str, query: bytes) -> Route | None:
+        """The route for a (decoded) path, None when not served; raises InvalidModel for a bad model segment."""
+        ...
+
     def extract_key(self, headers: Headers, query: bytes) -> str | None: ...
     def upstream_headers(self, headers: Headers) -> list[tuple[str, str]]: ...
     def prepare(self, route: Route, body: bytes, obj: Any) -> Call: ...

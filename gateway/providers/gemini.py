@@ -18,7 +18,7 @@ from gateway.metering import (
     wants_images,
 )
 from gateway.meters import GEMINI_CACHED, GEMINI_IMAGES, GEMINI_INPUT, GEMINI_METERS, GEMINI_OUTPUT
-from gateway.providers.base import Call, Headers, Route, forward_headers
+from gateway.providers.base import Call, Headers, Route, check_model, forward_headers
 
 _METHOD_RE = re.compile(r"^/(v1|v1beta|v1alpha)/(models|tunedModels)/([^/:]+):([A-Za-z]+)$")
 _MODELS_RE = re.compile(r"^/(v1|v1beta|v1alpha)/models(?:/([^/:]+))?$")
@@ -75,11 +75,13 @@ class GeminiProvider:
                 return None
             operation, metered = _OPERATIONS[m.group(4)]
             stream = operation == "stream_generate"
-            return Route(operation, upstream_path, m.group(3), metered=metered, has_body=True, stream=stream)
+            model = check_model(m.group(3))
+            return Route(operation, upstream_path, model, metered=metered, has_body=True, stream=stream)
         if method == "GET":
             m = _MODELS_RE.match(path)
             if m is not None:
-                return Route("models", upstream_path, m.group(2) or "", metered=False, has_body=False)
+                model = check_model(m.group(2)) if m.group(2) is not None else ""
+                return Route("models", upstream_path, model, metered=False, has_body=False)
         return None
 
     def extract_key(self, headers: Headers, query: bytes) -> str | None:
