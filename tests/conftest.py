@@ -215,6 +215,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m gateway ARGS` as a real process, with `env` over this one's."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT
+    )
+
+
 class GatewayProcess:
     """`python -m gateway serve` as a real process, for kill -9 and restart tests."""
 
