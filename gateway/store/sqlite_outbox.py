@@ -87,13 +87,6 @@ class SqliteOutbox(SqliteBase):
             [(error[:500], x) for x in request_ids],
         )
 
-    async def mark_failed(self, request_ids: Sequence[str], error: str) -> None:
-        await self._update_many(
-            "UPDATE requests SET sync_state = 'failed', attempts = attempts + 1, last_error = ?,"
-            " claimed_by = NULL, claimed_until = NULL WHERE id = ? AND sync_state IN ('pending', 'claimed', 'failed')",
-            [(error[:500], x) for x in request_ids],
-        )
-
     async def requeue_failed(self, user_id: str | None = None) -> int:
         sql = (
             "UPDATE requests SET sync_state = 'pending', attempts = 0, next_attempt_at = '' WHERE sync_state = 'failed'"
