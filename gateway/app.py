@@ -118,6 +118,8 @@ def create_app(settings: Settings, services: Services | None = None) -> GatewayA
                 batch_size=settings.sync_batch_size,
                 interval=settings.sync_interval_seconds,
                 max_attempts=settings.sync_max_attempts,
+                backoff_base=settings.sync_backoff_seconds,
+                backoff_max=settings.sync_backoff_max_seconds,
             )
             s.recorder.on_events = syncer.notify
             refresher = LimitsRefresher(s.store, s.polar, settings.limits_max_age_seconds, s.limits_changed)

@@ -14,13 +14,14 @@ from typing import TextIO
 from gateway.polar import PolarBilling, PolarBillingError, valid_user_id
 from gateway.settings import ConfigError, Settings
 from gateway.store.base import Store
-from gateway.sync import Syncer
+from gateway.sync import Syncer, SyncResult
 
+_MORE_PASSES = 100
 NO_TOKEN = "Polar is not configured: set POLAR_ACCESS_TOKEN (and POLAR_ENVIRONMENT=sandbox|production)."
 
 
 async def run_sync(settings: Settings, store: Store, retry_failed: bool, *, out: TextIO | None = None) -> int:
-    """One sync pass. Exit 1 if events remain pending or failed afterwards, else 0."""
+    """Send everything pending now, backoffs included. Exit 1 if events remain pending or failed, else 0."""
     out = out or sys.stdout
     if not settings.polar_enabled:
         print(NO_TOKEN, file=out)
@@ -29,6 +30,7 @@ async def run_sync(settings: Settings, store: Store, retry_failed: bool, *, out:
         n = await store.requeue_failed()
         print(f"re-queued {n} failed event(s)", file=out)
     polar = PolarBilling.from_settings(settings)
+    result = SyncResult()
     try:
         syncer = Syncer(
             store,
@@ -37,12 +39,19 @@ async def run_sync(settings: Settings, store: Store, retry_failed: bool, *, out:
             batch_size=settings.sync_batch_size,
             max_attempts=settings.sync_max_attempts,
         )
-        result = await syncer.run_once()
+        # Pass after pass until nothing is claimed or Polar is unavailable: a pass delivers, or counts
+        # a rejection towards parking. Bounded, as a running gateway may keep adding events.
+        for _ in range(settings.sync_max_attempts + _MORE_PASSES):
+            one = await syncer.run_once(everything=True)
+            _add(result, one)
+            if not one.claimed or one.error:
+                break
     finally:
         await polar.close()
     print(
         f"sent {result.synced} event(s) to Polar ({result.inserted} new, {result.duplicates} already there)"
-        f" in {result.batches} batch(es); {result.retried} deferred, {result.failed} rejected",
+        f" in {result.batches} batch(es); {result.deferred} deferred, {result.rejected} rejected"
+        f" ({result.parked} parked)",
         file=out,
     )
     if result.error:
@@ -56,6 +65,12 @@ async def run_sync(settings: Settings, store: Store, retry_failed: bool, *, out:
             print(f"  failed {event.external_id} ({event.user_id} {event.meter}={event.value}): {reason}", file=out)
         print("fix the cause, then run `gateway sync --retry-failed`", file=out)
     return 1 if pending or failed else 0
+
+
+def _add(total: SyncResult, one: SyncResult) -> None:
+    for name in ("claimed", "synced", "inserted", "duplicates", "deferred", "rejected", "parked", "batches"):
+        setattr(total, name, getattr(total, name) + getattr(one, name))
+    total.error = one.error
 
 
 async def print_usage(store: Store, user_id: str | None, as_json: bool, *, out: TextIO | None = None) -> int:

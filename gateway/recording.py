@@ -103,11 +103,14 @@ class Recorder:
             batch, self._queue = self._queue, []
             self._storing = len(batch)
             try:
-                await self._store(batch)
+                pause = await self._store(batch)
             finally:
-                self._storing = 0
+                self._storing = 0  # before the pause: what failed is back in the queue, counted there
+            if pause:
+                await asyncio.sleep(pause)
 
-    async def _store(self, batch: list[_Finished]) -> None:
+    async def _store(self, batch: list[_Finished]) -> float:
+        """Store a batch; what fails goes back to the queue. Returns how long to wait before the next."""
         try:
             await self.store.finish_requests([f.record for f in batch])
             results: list[BaseException | None] = [None] * len(batch)
@@ -130,22 +133,21 @@ class Recorder:
             self.on_events(events)
         if not failed:
             self._backoff = 0.0
-            return
+            return 0.0
         if len(failed) == len(batch):
             # Nothing went in: the store is down or locked, not these records. Keep them all and wait.
             self._backoff = min(max(2 * self._backoff, self.retry_seconds), 60 * self.retry_seconds)
             why = _reason(results)
             log.warning("could not store %d request(s) (%s); retrying in %.1f s", len(failed), why, self._backoff)
             self._queue = failed + self._queue
-            await asyncio.sleep(self._backoff)
-            return
+            return self._backoff
         for f in failed:  # the store works but refuses these: a few more tries, then the journal keeps them
             f.attempts += 1
             if f.attempts < self.max_attempts:
                 self._queue.append(f)
             else:
                 log.error("could not store request %s; the journal keeps it for the next start", f.record.id)
-        await asyncio.sleep(self.retry_seconds)
+        return self.retry_seconds
 
     async def close(self, grace_seconds: float = 10.0) -> None:
         """Store everything queued (at shutdown). If the store cannot take it in `grace_seconds`,

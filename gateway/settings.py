@@ -134,7 +134,9 @@ class Settings:
     polar_webhook_secret: str = ""
     polar_base_url: str = ""
     sync_interval_seconds: float = 300.0
-    sync_max_attempts: int = 3
+    sync_max_attempts: int = 3  # Polar rejecting the event itself (422); an outage only delays
+    sync_backoff_seconds: float = 2.0  # first wait after an outage; doubles per failed pass
+    sync_backoff_max_seconds: float = 300.0
     sync_batch_size: int = 500
     limits_max_age_seconds: float = 900.0
     file: FileConfig = field(default_factory=FileConfig)
@@ -184,6 +186,8 @@ _ENV: dict[str, tuple[str, type]] = {
     "POLAR_BASE_URL": ("polar_base_url", str),
     "GATEWAY_SYNC_INTERVAL_SECONDS": ("sync_interval_seconds", float),
     "GATEWAY_SYNC_MAX_ATTEMPTS": ("sync_max_attempts", int),
+    "GATEWAY_SYNC_BACKOFF_SECONDS": ("sync_backoff_seconds", float),
+    "GATEWAY_SYNC_BACKOFF_MAX_SECONDS": ("sync_backoff_max_seconds", float),
     "GATEWAY_SYNC_BATCH_SIZE": ("sync_batch_size", int),
     "GATEWAY_LIMITS_MAX_AGE_SECONDS": ("limits_max_age_seconds", float),
 }

@@ -4,7 +4,8 @@ Claims (a lease per request) keep concurrent passes, in this process or another 
 same database, from sending the same event on the normal path; Polar's permanent
 external_id dedup covers the abnormal ones (lease expired mid-send, timeout after commit,
 a request resent whole after some of its events were accepted). A bad event is isolated
-(Polar rejects whole batches) so it can never block the queue; it parks its request.
+(Polar rejects whole batches) so it can never block the queue; rejected `max_attempts` times,
+it parks its request. An outage never parks anything: it only delays the next pass.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.sync")
 
+_MAX_RETRY_AFTER = 3600.0
+
 
 class Ingestor(Protocol):
     async def ingest(self, events: Sequence[PendingEvent]) -> IngestResult: ...
@@ -36,10 +39,12 @@ class SyncResult:
     synced: int = 0  # accepted by Polar: inserted + duplicates
     inserted: int = 0
     duplicates: int = 0
-    retried: int = 0  # scheduled for a later attempt (or parked by max_attempts)
-    failed: int = 0  # rejected by Polar, parked with the reason
+    deferred: int = 0  # held back by an outage (network, timeout, 429, 5xx, auth): no attempt counted
+    rejected: int = 0  # refused by Polar (422 for the event itself): an attempt counted
+    parked: int = 0  # of the rejected, those that reached max_attempts and are now `failed`
     batches: int = 0  # ingest calls made
-    error: str | None = None  # the transient error that ended the pass early, if any
+    error: str | None = None  # the outage that ended the pass early, if any
+    retry_after: float = 0.0  # what Polar asked us to wait (429 Retry-After), if anything
 
 
 @dataclass(slots=True)
@@ -47,7 +52,7 @@ class _Claim:
     """What became of one claim's events, settled per request at the end."""
 
     events: list[PendingEvent]
-    parked: dict[str, str] = field(default_factory=dict)  # request id -> Polar's reason
+    rejected: dict[str, str] = field(default_factory=dict)  # request id -> Polar's reason
     deferred: list[PendingEvent] = field(default_factory=list)
 
     @property
@@ -56,6 +61,14 @@ class _Claim:
 
 
 class Syncer:
+    """Sends the outbox to Polar.
+
+    An outage (Polar unreachable, slow, rate limiting, failing, or refusing the token) is Polar's
+    state, not the events': the loop backs off as a whole and the events stay pending, with no
+    attempt counted, so they go out by themselves when Polar is back. Only Polar rejecting an event
+    itself (422) counts an attempt against it and, after `max_attempts`, parks its request.
+    """
+
     def __init__(
         self,
         store: Store,
@@ -67,8 +80,8 @@ class Syncer:
         interval: float = 300.0,
         max_attempts: int = 3,
         lease_seconds: float = 120.0,
-        backoff_base: float = 30.0,
-        backoff_max: float = 3600.0,
+        backoff_base: float = 2.0,
+        backoff_max: float = 300.0,
         max_batches_per_pass: int = 100,
     ) -> None:
         self.store = store
@@ -77,11 +90,12 @@ class Syncer:
         self.batch_size = max(1, batch_size)
         self.max_batch_bytes = max_batch_bytes
         self.interval = interval
-        self.max_attempts = max_attempts
+        self.max_attempts = max(1, max_attempts)
         self.lease_seconds = lease_seconds
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.max_batches_per_pass = max_batches_per_pass
+        self.outages = 0  # consecutive passes ended by an outage
         self._wake = asyncio.Event()
         self._new_events = 0
 
@@ -98,34 +112,53 @@ class Syncer:
 
     # ------------------------------------------------------------------ loop
     async def run_forever(self, stop: asyncio.Event) -> None:
-        """Sync every `interval` seconds, sooner on wake(); logs errors and keeps going until `stop`."""
+        """Sync every `interval` seconds, sooner on wake(); after an outage, again after a capped
+        backoff (not woken early: Polar is down for everyone). Keeps going until `stop`."""
         while not stop.is_set():
             self._wake.clear()
+            delay = self.interval
             try:
                 result = await self.run_once()
                 if result.claimed:
                     log.info(
-                        "sync pass: %d claimed, %d synced (%d duplicates), %d retry, %d failed",
+                        "sync pass: %d claimed, %d synced (%d duplicates), %d deferred, %d rejected (%d parked)",
                         result.claimed,
                         result.synced,
                         result.duplicates,
-                        result.retried,
-                        result.failed,
+                        result.deferred,
+                        result.rejected,
+                        result.parked,
                     )
+                if result.error is not None:
+                    delay = self.outage_delay(result.retry_after)
+                    log.warning("Polar unavailable (%s); next sync in %.1f s", result.error, delay)
             except Exception:
-                log.exception("sync pass failed; will retry next round")
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+                self.outages += 1
+                delay = self.outage_delay()
+                log.exception("sync pass failed; next sync in %.1f s", delay)
+            waiters = [asyncio.ensure_future(stop.wait())]
+            if self.outages == 0:
+                waiters.append(asyncio.ensure_future(self._wake.wait()))
             try:
-                await asyncio.wait(waiters, timeout=self.interval, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waiters:
                     w.cancel()
 
-    async def run_once(self) -> SyncResult:
-        """One pass: claim, send in bounded batches, record each outcome; stops early if Polar is unavailable."""
+    def outage_delay(self, retry_after: float = 0.0) -> float:
+        """Wait before the next pass after `outages` failed ones: the backoff, at least Retry-After
+        (itself capped, so a wild header cannot stall billing for long)."""
+        return max(self.backoff(self.outages - 1), min(retry_after, _MAX_RETRY_AFTER))
+
+    async def run_once(self, *, everything: bool = False) -> SyncResult:
+        """One pass: claim, send in bounded batches, record each outcome; stops early if Polar is unavailable.
+
+        `everything` also sends the events waiting out a rejection's backoff (`gateway sync`)."""
         result = SyncResult()
         for _ in range(self.max_batches_per_pass):
-            events = await self.store.claim_events(self.owner, self.batch_size, self.lease_seconds)
+            events = await self.store.claim_events(
+                self.owner, self.batch_size, self.lease_seconds, due_only=not everything
+            )
             if not events:
                 break
             result.claimed += len(events)
@@ -140,9 +173,11 @@ class Syncer:
                     break
             await self._settle(claim, error, result)
             if error is not None:
+                self.outages += 1
                 return result
             if len(claim.request_ids) < self.batch_size:  # the store had fewer requests waiting
                 break
+        self.outages = 0
         return result
 
     def _chunks(self, events: list[PendingEvent]) -> list[list[PendingEvent]]:
@@ -163,9 +198,9 @@ class Syncer:
     async def _deliver(
         self, chunk: list[PendingEvent], claim: _Claim, result: SyncResult
     ) -> tuple[PolarBillingError | None, list[PendingEvent]]:
-        """Send a batch; on 422 park the bad events and resend the rest (bisect if Polar named none).
+        """Send a batch; on 422 set the bad events aside and resend the rest (bisect if Polar named none).
 
-        Returns the transient error that stopped delivery and the events it left unresolved."""
+        Returns the outage that stopped delivery and the events it left unresolved."""
         if not chunk:
             return None, []
         result.batches += 1
@@ -184,11 +219,11 @@ class Syncer:
         self, chunk: list[PendingEvent], exc: BatchRejected, claim: _Claim, result: SyncResult
     ) -> tuple[PolarBillingError | None, list[PendingEvent]]:
         if len(chunk) == 1:
-            self._park({0: exc.reasons.get(0, exc.reason)}, chunk, claim, result)
+            self._reject({0: exc.reasons.get(0, exc.reason)}, chunk, claim, result)
             return None, []
         bad = {i for i in exc.bad_indexes if 0 <= i < len(chunk)}
         if bad:
-            self._park({i: exc.reasons.get(i, exc.reason) for i in bad}, chunk, claim, result)
+            self._reject({i: exc.reasons.get(i, exc.reason) for i in bad}, chunk, claim, result)
             return await self._deliver([e for i, e in enumerate(chunk) if i not in bad], claim, result)
         mid = len(chunk) // 2
         error, left = await self._deliver(chunk[:mid], claim, result)
@@ -196,46 +231,50 @@ class Syncer:
             return error, [*left, *chunk[mid:]]
         return await self._deliver(chunk[mid:], claim, result)
 
-    def _park(self, reasons: dict[int, str], chunk: list[PendingEvent], claim: _Claim, result: SyncResult) -> None:
+    def _reject(self, reasons: dict[int, str], chunk: list[PendingEvent], claim: _Claim, result: SyncResult) -> None:
         for i, reason in reasons.items():
-            claim.parked.setdefault(chunk[i].request_id, reason)
-            log.warning("parking event %s rejected by Polar: %s", chunk[i].external_id, reason)
-        result.failed += len(reasons)
+            claim.rejected.setdefault(chunk[i].request_id, reason)
+            log.warning("Polar rejected event %s: %s", chunk[i].external_id, reason)
+        result.rejected += len(reasons)
 
     async def _settle(self, claim: _Claim, error: PolarBillingError | None, result: SyncResult) -> None:
         """Record the claim's outcome per request: a request is synced only when every one of its
-        events was accepted; one parked event parks it; one deferred event defers it."""
-        by_reason: dict[str, list[str]] = defaultdict(list)
-        for rid, reason in claim.parked.items():
-            by_reason[reason].append(rid)
-        for reason, ids in by_reason.items():
-            await self.store.mark_failed(ids, reason)
-        deferred = [e for e in claim.deferred if e.request_id not in claim.parked]
-        if error is not None and deferred:
-            await self._defer(deferred, error, result)
-        left = claim.parked.keys() | {e.request_id for e in claim.deferred}
+        events was accepted; one rejected event counts an attempt against it (parking it at
+        max_attempts); one deferred event defers it, with no attempt counted."""
+        if claim.rejected:
+            await self._count_rejections(claim, result)
+        deferred = [e for e in claim.deferred if e.request_id not in claim.rejected]
+        if error is not None:
+            self._note_outage(error, deferred, result)
+        if deferred:
+            await self.store.mark_deferred(sorted({e.request_id for e in deferred}), str(error))
+        left = claim.rejected.keys() | {e.request_id for e in claim.deferred}
         synced = [rid for rid in claim.request_ids if rid not in left]
         if synced:
             await self.store.mark_synced(synced)
 
-    async def _defer(self, events: list[PendingEvent], error: PolarBillingError, result: SyncResult) -> None:
-        """Polar unavailable: back off (honouring Retry-After). Auth errors leave the lease to expire
-        instead, so a bad token never burns the events' attempts."""
-        result.error = str(error)
-        if isinstance(error, PolarAuthError):
-            log.error("sync stopped: %s", error)
-            return
-        result.retried += len(events)
-        log.warning("sync deferred %d event(s): %s", len(events), error)
-        retry_after = getattr(error, "retry_after", None) or 0.0
+    async def _count_rejections(self, claim: _Claim, result: SyncResult) -> None:
+        attempts = {e.request_id: e.attempts for e in claim.events}
+        groups: dict[tuple[int, str], list[str]] = defaultdict(list)
+        for rid, reason in claim.rejected.items():
+            groups[(attempts[rid], reason)].append(rid)
         now = utcnow()
-        by_attempts: dict[int, set[str]] = defaultdict(set)
-        for e in events:
-            by_attempts[e.attempts].add(e.request_id)
-        for attempts, ids in by_attempts.items():
-            delay = max(self.backoff(attempts), float(retry_after))
-            await self.store.mark_retry(sorted(ids), str(error), now + timedelta(seconds=delay), self.max_attempts)
+        for (n, reason), ids in groups.items():
+            await self.store.mark_retry(ids, reason, now + timedelta(seconds=self.backoff(n)), self.max_attempts)
+            if n + 1 >= self.max_attempts:
+                ids_set = set(ids)
+                result.parked += sum(1 for e in claim.events if e.request_id in ids_set)
+                log.error("parked %d request(s) Polar rejected %d time(s): %s", len(ids), n + 1, reason)
 
-    def backoff(self, attempts: int) -> float:
-        """Exponential with jitter in [50%, 100%] so many gateways don't retry in lockstep."""
-        return min(self.backoff_max, self.backoff_base * 2 ** min(attempts, 30)) * random.uniform(0.5, 1.0)
+    def _note_outage(self, error: PolarBillingError, deferred: list[PendingEvent], result: SyncResult) -> None:
+        result.error = str(error)
+        result.deferred += len(deferred)
+        result.retry_after = float(getattr(error, "retry_after", None) or 0.0)
+        if isinstance(error, PolarAuthError):  # needs a person, but the events only wait for the fix
+            log.error("sync held back: %s", error)
+        else:
+            log.warning("sync deferred %d event(s): %s", len(deferred), error)
+
+    def backoff(self, n: int) -> float:
+        """base x 2^n, capped, with jitter in [50%, 100%] so many gateways don't retry in lockstep."""
+        return min(self.backoff_max, self.backoff_base * 2 ** min(max(n, 0), 30)) * random.uniform(0.5, 1.0)

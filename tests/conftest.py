@@ -253,6 +253,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def process_env(db: Path, upstream: FakeUpstream, **extra: str) -> dict[str, str]:
+    """Environment of a `gateway serve` subprocess on `db` in front of the fake upstream."""
+    return {
+        "GATEWAY_DATABASE_URL": f"sqlite:///{db}",
+        "GATEWAY_ANTHROPIC_UPSTREAM": upstream.url,
+        "GATEWAY_GEMINI_UPSTREAM": upstream.url,
+        "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
+        "GEMINI_API_KEY": "g",
+        "GATEWAY_ADMIN_TOKEN": "adm",
+        **extra,
+    }
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m gateway ARGS` as a real process, with `env` over this one's."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT
+    )
+
+
 class GatewayProcess:
     """`python -m gateway serve` as a real process, for kill -9 and restart tests."""
 

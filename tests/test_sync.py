@@ -94,7 +94,7 @@ async def test_delivers_every_event_once_in_count_bounded_batches(
     events = await add_events(store, 20)
     result = await syncer(store, polar, batch_size=7).run_once()
     assert (result.claimed, result.synced, result.inserted, result.duplicates) == (20, 20, 20, 0)
-    assert (result.batches, result.retried, result.failed, result.error) == (3, 0, 0, None)
+    assert (result.batches, result.deferred, result.rejected, result.error) == (3, 0, 0, None)
     assert [len(b) for b in fake.ingest_bodies()] == [7, 7, 6]
     assert {x: e["metadata"]["value"] for x, e in fake.events.items()} == events
     assert set(fake.sent.values()) == {1}
@@ -122,7 +122,7 @@ async def test_polar_down_then_back_delivers_each_external_id_once(
     s = syncer(store, polar, batch_size=5)
     fake.down(True, refuse=refuse)
     down = await s.run_once()
-    assert (down.claimed, down.synced, down.retried, down.batches) == (5, 0, 5, 1)  # stops at the first failure
+    assert (down.claimed, down.synced, down.deferred, down.batches) == (5, 0, 5, 1)  # stops at the first failure
     assert down.error is not None and "Polar" in down.error
     assert fake.events == {}
     fake.down(False)
@@ -134,7 +134,7 @@ async def test_polar_down_then_back_delivers_each_external_id_once(
     await poll(all_synced)
     assert sorted(fake.events) == sorted(events)
     assert fake.total(CLAUDE_INPUT) == sum(events.values())
-    assert all(r["attempts"] <= 1 for r in rows(db_path).values())
+    assert all(r["attempts"] == 0 for r in rows(db_path).values())  # an outage counts no attempt
 
 
 async def test_timeout_after_polar_committed_is_deduplicated(
@@ -146,7 +146,7 @@ async def test_timeout_after_polar_committed_is_deduplicated(
         fake.fail_next(1, "timeout", commit=True, hold=3.0)
         s = syncer(store, client)
         first = await s.run_once()
-        assert (first.synced, first.retried) == (0, 4)
+        assert (first.synced, first.deferred) == (0, 4)
         assert len(fake.events) == 4  # Polar stored them, we didn't hear back
 
         async def synced() -> bool:
@@ -160,27 +160,34 @@ async def test_timeout_after_polar_committed_is_deduplicated(
         await client.close()
 
 
-async def test_429_retry_after_is_honoured(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
-) -> None:
+async def test_429_retry_after_is_honoured(store: SqliteStore, polar: PolarBilling, fake: FakePolar) -> None:
     await add_events(store, 3)
     fake.fail_next(1, 429, retry_after=1)
-    s = syncer(store, polar)
-    failed_at = datetime.now(UTC)
-    result = await s.run_once()
-    assert (result.retried, result.error) == (3, "Polar rate limit (429)")
-    for row in rows(db_path).values():
-        assert (row["state"], row["attempts"]) == ("pending", 1)
-        assert parse_iso(row["next_attempt_at"]) >= failed_at + timedelta(seconds=1)
-    early = await s.run_once()
-    assert (early.claimed, len(fake.ingest_bodies())) == (0, 1)
+    s = syncer(store, polar, interval=60.0)  # backoff 0.01 s: only Retry-After can hold the retry back
+    stop = asyncio.Event()
+    failed_at = time.monotonic()
+    task = asyncio.create_task(s.run_forever(stop))
+    try:
+        await poll(lambda: asyncio.sleep(0, len(fake.events) == 3))
+        assert time.monotonic() - failed_at >= 1.0
+        assert len(fake.ingest_bodies()) == 2
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
 
-    async def synced() -> bool:
-        return (await s.run_once()).synced == 3
 
-    await poll(synced)
-    assert datetime.now(UTC) >= failed_at + timedelta(seconds=1)
-    assert len(fake.events) == 3
+async def test_outage_delay_is_capped_backoff_with_jitter_and_honours_retry_after(
+    store: SqliteStore, polar: PolarBilling
+) -> None:
+    s = Syncer(store, polar, owner="o")  # the defaults: 2 s base, 300 s cap
+    for outages, low, high in [(1, 1, 2), (2, 2, 4), (3, 4, 8), (9, 150, 300), (40, 150, 300)]:
+        s.outages = outages
+        delays = [s.outage_delay() for _ in range(50)]
+        assert all(low <= d <= high for d in delays), (outages, min(delays), max(delays))
+        assert len(set(delays)) > 1  # jittered
+    s.outages = 1
+    assert s.outage_delay(retry_after=30) == 30
+    assert s.outage_delay(retry_after=86400) == 3600  # a wild Retry-After is capped
 
 
 @pytest.mark.parametrize("with_index", [True, False], ids=["indexed-422", "bisect"])
@@ -190,8 +197,8 @@ async def test_422_isolates_the_bad_event(
     events = await add_events(store, 9)
     bad = sorted(events)[5]
     fake.reject_when(lambda e: "customer unknown to test" if e["external_id"] == bad else False, with_index=with_index)
-    result = await syncer(store, polar, batch_size=100).run_once()
-    assert (result.claimed, result.synced, result.failed, result.retried) == (9, 8, 1, 0)
+    result = await syncer(store, polar, batch_size=100, max_attempts=1).run_once()
+    assert (result.claimed, result.synced, result.rejected, result.parked, result.deferred) == (9, 8, 1, 1, 0)
     state = rows(db_path)
     assert state[bad]["state"] == "failed"
     assert "customer unknown to test" in state[bad]["last_error"]
@@ -238,8 +245,8 @@ async def test_a_request_is_synced_only_when_all_its_events_are_and_resent_whole
     await request_with(store, "req_b", {CLAUDE_INPUT: 1})
     fake.reject_when(lambda e: "rejected" if e["external_id"] == "req_a:gemini_images:1" else False)
     # 2 events per batch: req_a's 5 events are spread over 3 batches
-    result = await syncer(store, polar, batch_size=2).run_once()
-    assert (result.claimed, result.synced, result.failed) == (6, 5, 1)
+    result = await syncer(store, polar, batch_size=2, max_attempts=1).run_once()
+    assert (result.claimed, result.synced, result.rejected, result.parked) == (6, 5, 1, 5)
     assert {x: r["state"] for x, r in rows(db_path).items()} == {
         **{x: "failed" for x, _, _ in event_quantities("req_a", {CLAUDE_INPUT: 1, CLAUDE_OUTPUT: 1, GEMINI_IMAGES: 3})},
         "req_b:claude_input_tokens": "synced",
@@ -261,7 +268,7 @@ async def test_polar_down_mid_request_defers_the_whole_request(
     # batch is never sent, and the whole request waits for a retry.
     fake.fail_next(1, "timeout", hold=3, commit=True, path="/v1/events/ingest")
     result = await syncer(store, polar, batch_size=2).run_once()
-    assert (result.claimed, result.synced, result.retried, result.batches) == (4, 0, 4, 1)
+    assert (result.claimed, result.synced, result.deferred, result.batches) == (4, 0, 4, 1)
     assert {r["state"] for r in rows(db_path).values()} == {"pending"}
     assert len(fake.events) == 2
     await poll(lambda: _synced_after_retry(store, polar, db_path))
@@ -280,7 +287,7 @@ async def test_future_timestamp_is_clamped_and_empty_strings_dropped(
     future = datetime.now(UTC) + timedelta(hours=1)
     await add_events(store, 1, timestamp=future, model="")
     result = await syncer(store, polar).run_once()
-    assert (result.synced, result.failed) == (1, 0)
+    assert (result.synced, result.rejected) == (1, 0)
     (event,) = fake.events.values()
     assert event["metadata"] == {"value": 100, "provider": "anthropic"}
     assert event["timestamp"].endswith("Z")
@@ -318,31 +325,105 @@ async def test_two_syncers_on_the_same_database_file_do_not_double_send(
     assert {r["state"] for r in rows(db_path).values()} == {"synced"}
 
 
-async def test_max_attempts_parks_after_n_failures(
+async def test_a_422_parks_only_that_event_after_max_attempts(
     store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
 ) -> None:
-    (xid,) = await add_events(store, 1)
+    events = await add_events(store, 5)
+    bad = sorted(events)[2]
+    fake.reject_when(lambda e: "customer unknown to test" if e["external_id"] == bad else False)
     s = syncer(store, polar, max_attempts=3, backoff_base=0.0, backoff_max=0.0)
-    fake.fail_next(10, 500)
     for attempt in (1, 2, 3):
         result = await s.run_once()
-        assert (result.claimed, result.retried) == (1, 1)
-        assert rows(db_path)[xid]["attempts"] == attempt
-    assert rows(db_path)[xid]["state"] == "failed"
-    assert "Polar server error 500" in rows(db_path)[xid]["last_error"]
+        assert (result.rejected, result.parked, result.error) == (1, 1 if attempt == 3 else 0, None)
+        assert (rows(db_path)[bad]["attempts"], rows(db_path)[bad]["state"]) == (
+            attempt,
+            "failed" if attempt == 3 else "pending",
+        )
+    state = rows(db_path)
+    assert "customer unknown to test" in state[bad]["last_error"]
+    assert {x for x, r in state.items() if r["state"] == "synced"} == set(events) - {bad}
+    assert all(r["attempts"] == 0 for x, r in state.items() if x != bad)
     assert (await s.run_once()).claimed == 0
-    assert fake.events == {}
+    assert sorted(fake.events) == sorted(set(events) - {bad})
 
 
-async def test_bad_token_does_not_burn_attempts(store: SqliteStore, fake: FakePolar, db_path: Path) -> None:
+async def test_a_rejection_waits_out_its_backoff(store: SqliteStore, polar: PolarBilling, fake: FakePolar) -> None:
+    await add_events(store, 1)
+    fake.reject_when(lambda e: True)
+    s = syncer(store, polar, backoff_base=60.0, backoff_max=60.0)
+    assert (await s.run_once()).rejected == 1
+    assert (await s.run_once()).claimed == 0  # not before 30-60 s
+    assert (await s.run_once(everything=True)).rejected == 1  # unless a person asks for it now
+
+
+@pytest.mark.parametrize("failure", [500, 503, 429, 401, 403, "timeout"])
+async def test_an_outage_never_counts_attempts_or_parks(
+    store: SqliteStore, fake: FakePolar, db_path: Path, failure: int | str
+) -> None:
+    client = PolarBilling(fake.token, base_url=fake.url, ingest_timeout=0.3)
+    try:
+        events = await add_events(store, 3)
+        s = syncer(store, client, max_attempts=1)
+        fake.fail_next(5, failure, hold=1.0, path="/v1/events/ingest")
+        for _ in range(5):
+            result = await s.run_once()
+            assert (result.claimed, result.deferred, result.rejected, result.parked) == (3, 3, 0, 0)
+            assert result.error is not None and fake.token not in result.error
+            assert {(r["state"], r["attempts"]) for r in rows(db_path).values()} == {("pending", 0)}
+        assert s.outages == 5
+        result = await s.run_once()
+        assert (result.synced, s.outages) == (3, 0)
+    finally:
+        await client.close()
+    assert fake.total() == sum(events.values())
+    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+
+
+async def test_bad_token_only_delays(store: SqliteStore, fake: FakePolar, db_path: Path) -> None:
     (xid,) = await add_events(store, 1)
     client = PolarBilling("polar_oat_WRONG", base_url=fake.url)
     try:
-        result = await syncer(store, client, lease_seconds=0.05).run_once()
+        result = await syncer(store, client, max_attempts=1).run_once()
     finally:
         await client.close()
     assert result.error is not None and "401" in result.error and "WRONG" not in result.error
-    assert (rows(db_path)[xid]["attempts"], rows(db_path)[xid]["state"]) == (0, "claimed")
+    assert (rows(db_path)[xid]["attempts"], rows(db_path)[xid]["state"]) == (0, "pending")
+    fixed = PolarBilling(fake.token, base_url=fake.url)
+    try:
+        assert (await syncer(store, fixed).run_once()).synced == 1
+    finally:
+        await fixed.close()
+
+
+async def test_outage_with_default_settings_heals_by_itself(store: SqliteStore, fake: FakePolar, db_path: Path) -> None:
+    """Polar failing for several backoff rounds (5xx, 429 with Retry-After, refused token): with the
+    default settings every event arrives by itself, none parked, no operator action."""
+    defaults = Settings()
+    client = PolarBilling(fake.token, base_url=fake.url, ingest_timeout=1.0)
+    events = await add_events(store, 7)
+    fake.fail_next(1, 503, path="/v1/events/ingest")
+    fake.fail_next(1, 429, retry_after=1, path="/v1/events/ingest")
+    fake.fail_next(1, 401, path="/v1/events/ingest")
+    s = Syncer(
+        store,
+        client,
+        owner="gw",
+        interval=0.2,  # only the first pass; the retries are the backoff's
+        max_attempts=defaults.sync_max_attempts,
+        backoff_base=defaults.sync_backoff_seconds,
+        backoff_max=defaults.sync_backoff_max_seconds,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(s.run_forever(stop))
+    try:
+        await poll(lambda: asyncio.sleep(0, len(fake.events) == 7), within=20)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        await client.close()
+    assert len(fake.ingest_bodies()) == 4
+    assert fake.total() == sum(events.values())
+    assert {(r["state"], r["attempts"]) for r in rows(db_path).values()} == {("synced", 0)}
 
 
 async def test_run_forever_wakes_on_a_full_batch_and_survives_errors(

@@ -129,15 +129,24 @@ class Store(Protocol):
     async def events_for_request(self, request_id: str) -> list[UsageEvent]: ...
 
     # sync outbox: the unit is a request; events come out expanded, outcomes go in by request id
-    async def claim_events(self, owner: str, limit: int, lease_seconds: float) -> list[PendingEvent]:
-        """Claim up to `limit` requests and return their events."""
+    async def claim_events(
+        self, owner: str, limit: int, lease_seconds: float, *, due_only: bool = True
+    ) -> list[PendingEvent]:
+        """Claim up to `limit` requests and return their events; `due_only=False` also takes
+        those waiting out a rejection's backoff."""
         ...
 
     async def mark_synced(self, request_ids: Sequence[str]) -> None: ...
     async def mark_retry(
         self, request_ids: Sequence[str], error: str, next_attempt_at: datetime, max_attempts: int
-    ) -> None: ...
-    async def mark_failed(self, request_ids: Sequence[str], error: str) -> None: ...
+    ) -> None:
+        """Polar rejected these requests' events: count an attempt; park them at `max_attempts`."""
+        ...
+
+    async def mark_deferred(self, request_ids: Sequence[str], error: str) -> None:
+        """An outage held these claimed requests back: pending again, no attempt counted."""
+        ...
+
     async def requeue_failed(self, user_id: str | None = None) -> int:
         """Failed requests back to pending; returns how many events that re-queues."""
         ...

@@ -35,9 +35,13 @@ def _events(rows: Iterable[Any]) -> list[PendingEvent]:
 
 
 class SqliteOutbox(SqliteBase):
-    async def claim_events(self, owner: str, limit: int, lease_seconds: float) -> list[PendingEvent]:
+    async def claim_events(
+        self, owner: str, limit: int, lease_seconds: float, *, due_only: bool = True
+    ) -> list[PendingEvent]:
         now = utcnow()
         until = iso(now + timedelta(seconds=lease_seconds))
+        # not due_only: a person asked for a sync now, so nothing waits out its backoff
+        due = iso(now) if due_only else "9999"
         async with self._lock:
             await self.db.execute("BEGIN IMMEDIATE")  # claim across processes on the same file
             try:
@@ -47,7 +51,7 @@ class SqliteOutbox(SqliteBase):
                     "   WHERE (sync_state = 'pending' AND next_attempt_at <= ?)"
                     "      OR (sync_state = 'claimed' AND claimed_until < ?) LIMIT ?)"
                     f" RETURNING {_OUTBOX_COLS}",
-                    (owner, until, iso(now), iso(now), limit),
+                    (owner, until, due, iso(now), limit),
                 )
                 await self.db.execute("COMMIT")
             except BaseException:
@@ -76,10 +80,10 @@ class SqliteOutbox(SqliteBase):
             [(max_attempts, iso(next_attempt_at), error[:500], x) for x in request_ids],
         )
 
-    async def mark_failed(self, request_ids: Sequence[str], error: str) -> None:
+    async def mark_deferred(self, request_ids: Sequence[str], error: str) -> None:
         await self._update_many(
-            "UPDATE requests SET sync_state = 'failed', attempts = attempts + 1, last_error = ?,"
-            " claimed_by = NULL, claimed_until = NULL WHERE id = ? AND sync_state IN ('pending', 'claimed', 'failed')",
+            "UPDATE requests SET sync_state = 'pending', last_error = ?, claimed_by = NULL, claimed_until = NULL"
+            " WHERE id = ? AND sync_state = 'claimed'",
             [(error[:500], x) for x in request_ids],
         )
 

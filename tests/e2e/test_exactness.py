@@ -13,25 +13,12 @@ import anthropic
 import httpx
 
 from gateway.settings import RateLimitConfig
-from tests.conftest import ANTHROPIC_KEY, Gateway, GatewayProcess, wait_until
+from tests.conftest import Gateway, GatewayProcess, process_env, wait_until
 from tests.fakes.upstream import FakeUpstream, Reply
 
 MSG = [{"role": "user", "content": "Hello"}]
 
 USAGE = "SELECT u.key, u.value FROM requests, json_each(requests.usage) AS u"  # {meter: quantity} of one request
-
-
-def process_env(db: Path, upstream: FakeUpstream, **extra: str) -> dict[str, str]:
-    """Environment of a `gateway serve` subprocess on `db` in front of the fake upstream."""
-    return {
-        "GATEWAY_DATABASE_URL": f"sqlite:///{db}",
-        "GATEWAY_ANTHROPIC_UPSTREAM": upstream.url,
-        "GATEWAY_GEMINI_UPSTREAM": upstream.url,
-        "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
-        "GEMINI_API_KEY": "g",
-        "GATEWAY_ADMIN_TOKEN": "adm",
-        **extra,
-    }
 
 
 async def _burst(gw: Gateway, key: str, n: int, max_tokens: int) -> list[int]:
