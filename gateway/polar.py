@@ -83,8 +83,9 @@ class IngestResult:
 def _classify(exc: Exception, *, batch: bool = False) -> PolarBillingError:
     """Map an SDK exception to our error types (messages carry status codes, not bodies).
 
-    With `batch`, any other 4xx (413 body too large, ...) is a BatchRejected with unknown
-    indexes, so the sync loop bisects instead of retrying the same batch forever."""
+    With `batch`, a 413 (body too large) is a BatchRejected with unknown indexes, so the sync loop
+    bisects. Any other 4xx but 422 says nothing about the events (a wrong base URL answers 404), so it
+    only delays them: parking is for Polar refusing an event itself."""
     if isinstance(exc, PolarRateLimitError):
         return RetryableError("Polar rate limit (429)", float(exc.retry_after) if exc.retry_after else None)
     if isinstance(exc, PolarServerError):
@@ -97,8 +98,10 @@ def _classify(exc: Exception, *, batch: bool = False) -> PolarBillingError:
     if isinstance(exc, PolarClientError) and exc.status_code in (401, 403):
         code = exc.status_code
         return PolarAuthError(f"Polar refused the access token ({code}); check POLAR_ACCESS_TOKEN scopes")
+    if isinstance(exc, PolarClientError) and batch and exc.status_code == 413:
+        return BatchRejected([], "Polar refused the batch as too large (413)")
     if isinstance(exc, PolarClientError) and batch:
-        return BatchRejected([], f"Polar client error {exc.status_code}")
+        return RetryableError(f"Polar client error {exc.status_code}")
     if isinstance(exc, PolarClientError):
         return PolarBillingError(f"Polar client error {exc.status_code}")
     return PolarBillingError(f"Polar call failed: {type(exc).__name__}")

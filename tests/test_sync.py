@@ -356,7 +356,7 @@ async def test_a_rejection_waits_out_its_backoff(store: SqliteStore, polar: Pola
     assert (await s.run_once(everything=True)).rejected == 1  # unless a person asks for it now
 
 
-@pytest.mark.parametrize("failure", [500, 503, 429, 401, 403, "timeout"])
+@pytest.mark.parametrize("failure", [500, 503, 429, 401, 403, 400, 404, 409, "timeout"])
 async def test_an_outage_never_counts_attempts_or_parks(
     store: SqliteStore, fake: FakePolar, db_path: Path, failure: int | str
 ) -> None:
