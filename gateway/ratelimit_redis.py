@@ -150,6 +150,10 @@ class RedisRateLimiter:
                 await self._settle(keys=[self.prefix + user_id], args=args, client=pipe)
             await pipe.execute()
 
+    async def flush(self) -> None:
+        """Wait until the corrections settled so far reached Redis."""
+        await self._settler.flush()
+
     async def close(self) -> None:
-        await self._settler.close()
+        await self._settler.flush()
         await self.redis.aclose()

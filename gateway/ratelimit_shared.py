@@ -125,7 +125,8 @@ class Settler:
         finally:
             self._task = None
 
-    async def close(self) -> None:
+    async def flush(self) -> None:
+        """Wait until every correction added so far is sent (or failed)."""
         if self._task is not None:
             await asyncio.shield(self._task)
 
@@ -188,8 +189,12 @@ class StoreRateLimiter:
             self._sweep_due = False
             await self._store.rate_sweep(None if self._clock is None else self._clock())
 
+    async def flush(self) -> None:
+        """Wait until the corrections settled so far reached the store."""
+        await self._settler.flush()
+
     async def close(self) -> None:
-        await self._settler.close()
+        await self._settler.flush()
 
 
 def make_limiter(settings: Settings, store: RateWindowStore, *, shared: bool) -> RateLimit:
