@@ -12,6 +12,9 @@ import logging
 from collections.abc import Callable
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.ratelimit import WINDOW, RateLimited, StoreErrorPolicy
 from gateway.ratelimit_shared import UNAVAILABLE, Corrections, ErrorLog, Settler
@@ -109,7 +112,12 @@ class RedisRateLimiter:
         self._policy = on_store_error
         self._clock = clock
         self.redis = Redis.from_url(
-            url, socket_connect_timeout=timeout_seconds, socket_timeout=timeout_seconds, retry_on_timeout=False
+            url,
+            socket_connect_timeout=timeout_seconds,
+            socket_timeout=timeout_seconds,
+            # Once, at once, on a broken connection (a pooled socket Redis closed), never on a timeout and
+            # without backoff: a request waits at most about one timeout before the policy decides.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._settle = self.redis.register_script(_SETTLE)

@@ -10,6 +10,8 @@ import asyncio
 import logging
 import multiprocessing
 import secrets
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -244,6 +246,20 @@ async def test_a_failing_database_admits_or_refuses_as_configured(
     assert results == [expected] * 5
     (line,) = [r for r in caplog.records if r.name == "gateway.ratelimit"]
     assert "no such table: rate_windows" in line.getMessage()
+
+
+async def test_a_silent_redis_delays_a_request_by_one_timeout_at_most() -> None:
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        rl = RedisRateLimiter(url, 10, None, on_store_error=StoreErrorPolicy.CLOSED, timeout_seconds=0.2)
+        try:
+            started = time.monotonic()
+            assert await rl.acquire("u", 0) == (RateLimited("unavailable", 1), None)
+            assert time.monotonic() - started < 1.0  # one timeout, no retries
+        finally:
+            await rl.close()
 
 
 async def test_redis_recovering_is_logged(caplog: pytest.LogCaptureFixture) -> None:
