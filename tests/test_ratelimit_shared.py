@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from gateway import ratelimit_shared
 from gateway.ratelimit import RateLimit, RateLimited, RateLimiter, StoreErrorPolicy
 from gateway.ratelimit_redis import RedisRateLimiter
 from gateway.ratelimit_shared import StoreRateLimiter, make_limiter
@@ -126,6 +127,11 @@ def backend(request: pytest.FixtureRequest) -> Make:
     return request.getfixturevalue(f"{request.param}_backend")  # type: ignore[no-any-return]
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest) -> Make:
+    return request.getfixturevalue(f"{request.param}_backend")  # type: ignore[no-any-return]
+
+
 async def admitted(rl: RateLimit, user: str = "u", tokens: int = 0) -> bool:
     refusal, _ = await rl.acquire(user, tokens)
     return refusal is None
@@ -194,20 +200,19 @@ async def test_redis_keys_expire_with_their_user(redis_backend: Make) -> None:
     assert 110_000 < ttl <= 120_000
 
 
-async def test_store_sweep_deletes_buckets_out_of_the_window(tmp_path: Path) -> None:
-    store = SqliteStore(str(tmp_path / "sweep.db"))
-    await store.open()
-    await store.migrate()
-    try:
-        clock = Clock()
-        rl = StoreRateLimiter(store, 10, None, clock=clock)
-        for now in (1000.0, 1030.0, 1061.0):
-            clock.now = now
-            await rl.acquire("u", 0)
-        assert await store.rate_sweep(1061.0) == 1  # second 1000 left at 1060
-        assert [r[0] for r in await store.db.execute_fetchall("SELECT second FROM rate_windows")] == [1030, 1061]
-    finally:
-        await store.close()
+async def test_every_nth_admission_sweeps_every_users_buckets_out_of_the_window(
+    store_backend: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ratelimit_shared, "SWEEP_EVERY", 3)
+    clock = Clock()
+    rl: StoreRateLimiter = await store_backend(10, None, clock)
+    assert await admitted(rl, "idle") and await admitted(rl, "u")
+    clock.now = 1061.0
+    assert await admitted(rl, "u")  # the third admission sweeps, in the background
+    await rl.flush()
+    store = rl._store
+    assert await store.rate_sweep(1061.0) == 0  # second 1000 (both users) is gone already
+    assert await store.rate_sweep(1121.0) == 1  # second 1061 leaves at 1121
 
 
 @pytest.mark.parametrize("policy", [StoreErrorPolicy.OPEN, StoreErrorPolicy.CLOSED])
