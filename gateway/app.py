@@ -24,7 +24,7 @@ from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.gemini import GeminiProvider
 from gateway.proxy import ProxyEndpoint
 from gateway.quota import Ledger
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit_shared import make_limiter
 from gateway.recording import Recorder, recover
 from gateway.services import Services, process_owner_id
 from gateway.settings import Settings
@@ -36,9 +36,10 @@ from gateway.webhooks import make_webhook_endpoint
 log = logging.getLogger("gateway")
 
 
-def build_services(settings: Settings) -> Services:
+def build_services(settings: Settings, *, shared: bool = False) -> Services:
+    """`shared`: other processes serve from the same database (more than one worker)."""
     store = SqliteStore(settings.sqlite_path)
-    rl = settings.file.rate_limit
+    shared = shared or settings.database_url.startswith("postgresql://")
     polar = PolarBilling.from_settings(settings) if settings.polar_enabled else None
     owner = process_owner_id()
     journal = Journal(settings.journal_path, owner)
@@ -48,7 +49,7 @@ def build_services(settings: Settings) -> Services:
         store=store,
         keys=KeyCache(store),
         ledger=Ledger(store, settings.file.plan),
-        limiter=RateLimiter(rl.requests_per_minute, rl.tokens_per_minute),
+        limiter=make_limiter(settings, store, shared=shared),
         owner=owner,
         journal=journal,
         recorder=Recorder(store, journal, linger=settings.record_linger_seconds),
@@ -80,8 +81,8 @@ class GatewayApp:
         await self.app(scope, receive, send)
 
 
-def create_app(settings: Settings, services: Services | None = None) -> GatewayApp:
-    s = services or build_services(settings)
+def create_app(settings: Settings, services: Services | None = None, *, shared: bool = False) -> GatewayApp:
+    s = services or build_services(settings, shared=shared)
     reservation = settings.file.reservation
     anthropic = AnthropicProvider(
         settings.anthropic_upstream, settings.anthropic_api_key, reservation.default_max_output_tokens
@@ -142,6 +143,7 @@ def create_app(settings: Settings, services: Services | None = None) -> GatewayA
             if s.polar is not None:
                 await s.polar.close()
             await s.recorder.close()
+            await s.limiter.close()  # its last token corrections may go to the store
             s.journal.close()
             await s.store.close()
 

@@ -123,14 +123,20 @@ class ProxyEndpoint:
         call = provider.prepare(route, body, obj) if route.metered else None
 
         # 3. pre-check: rate limit, then quota (check and reserve in one step)
-        limited, ticket = s.limiter.acquire(ident.user_id, call.rate_tokens if call else 0)
+        limited, ticket = await s.limiter.acquire(ident.user_id, call.rate_tokens if call else 0)
         if limited is not None:
-            what = "requests" if limited.reason == "requests" else "tokens"
+            if limited.reason == "unavailable":
+                message = f"rate limits cannot be checked right now; retry in {limited.retry_after} s"
+            else:
+                what = "requests" if limited.reason == "requests" else "tokens"
+                message = (
+                    f"rate limit exceeded: too many {what} per minute for this user; retry in {limited.retry_after} s"
+                )
             return await self._error(
                 send,
                 429,
                 "rate_limit_error",
-                f"rate limit exceeded: too many {what} per minute for this user; retry in {limited.retry_after} s",
+                message,
                 rid,
                 extra_headers=[(b"retry-after", str(limited.retry_after).encode())],
             )

@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
 
 WINDOW = 60  # seconds, in 1 s buckets
 SWEEP_EVERY = 10_000  # admissions between sweeps of idle users' windows
@@ -48,8 +50,62 @@ class _Window:
 
 @dataclass(frozen=True, slots=True)
 class RateLimited:
-    reason: str  # "requests" | "tokens"
+    reason: str  # "requests" | "tokens" | "unavailable" (the shared store failed and refuses)
     retry_after: int  # seconds
+
+
+class StoreErrorPolicy(StrEnum):
+    """What a shared limiter does while its store (Redis, the database) fails."""
+
+    OPEN = "open"  # admit
+    CLOSED = "closed"  # refuse with 429, Retry-After 1
+
+
+class RateLimit(Protocol):
+    """A limiter: in memory (one process) or shared (Redis, the database). Every one has `close`."""
+
+    async def acquire(self, user_id: str, tokens: int) -> tuple[RateLimited | None, object | None]:
+        """Admit one request with an estimated token cost, or say when to retry. Returns (refusal, ticket)."""
+        ...
+
+    def settle(self, user_id: str, ticket: object | None, actual_tokens: int) -> None:
+        """Correct the admitted estimate to the actual tokens (shared implementations do it in the background)."""
+        ...
+
+    async def close(self) -> None:
+        """Finish pending corrections and release connections."""
+        ...
+
+
+Bucket = tuple[int, int, int]  # second, requests, tokens
+
+
+def check(buckets: Sequence[Bucket], now: float, rpm: int | None, tpm: int | None, tokens: int) -> RateLimited | None:
+    """The refusal for one more request of `tokens` on a window's live buckets (oldest first), or None.
+
+    The same rules as `RateLimiter.acquire`, for the shared limiters that read the window from a store.
+    """
+    if not buckets:
+        return None
+    requests = sum(b[1] for b in buckets)
+    if rpm is not None and requests >= rpm:
+        return RateLimited("requests", retry_after(buckets[0][0], now))
+    if tpm is not None:
+        total = sum(b[2] for b in buckets)
+        if total + tokens > tpm:
+            need, freed, at = total + tokens - tpm, 0, buckets[0][0]
+            for second, _, spent in buckets:
+                freed += spent
+                at = second
+                if freed >= need:
+                    break
+            return RateLimited("tokens", retry_after(at, now))
+    return None
+
+
+def retry_after(oldest: int, now: float) -> int:
+    """Whole seconds until the bucket of second `oldest` leaves the window (at least 1)."""
+    return max(1, math.ceil(oldest + WINDOW - now))
 
 
 class RateLimiter:
@@ -65,7 +121,7 @@ class RateLimiter:
         self._windows: dict[str, _Window] = {}
         self._admitted = 0
 
-    def acquire(self, user_id: str, tokens: int) -> tuple[RateLimited | None, object | None]:
+    async def acquire(self, user_id: str, tokens: int) -> tuple[RateLimited | None, object | None]:
         """Admit one request with an estimated token cost, or say when to retry.
 
         Returns (refusal, ticket); pass the ticket to `settle` with the actual tokens.
@@ -79,7 +135,7 @@ class RateLimiter:
             win = self._windows[user_id] = _Window()
         win.expire(second)
         if self.rpm is not None and win.requests >= self.rpm:
-            return RateLimited("requests", self._retry_after(win.buckets[0][0], now)), None
+            return RateLimited("requests", retry_after(win.buckets[0][0], now)), None
         if self.tpm is not None and win.requests and win.tokens + tokens > self.tpm:
             # Free the oldest buckets until it would fit; a lone over-sized request is let through.
             need, freed, at = win.tokens + tokens - self.tpm, 0, win.buckets[0][0]
@@ -88,7 +144,7 @@ class RateLimiter:
                 at = bucket[0]
                 if freed >= need:
                     break
-            return RateLimited("tokens", self._retry_after(at, now)), None
+            return RateLimited("tokens", retry_after(at, now)), None
         ticket = (win.admit(second, tokens), tokens)
         self._admitted += 1
         if self._admitted % SWEEP_EVERY == 0:
@@ -111,6 +167,5 @@ class RateLimiter:
         for user_id in idle:
             del self._windows[user_id]
 
-    @staticmethod
-    def _retry_after(oldest: int, now: float) -> int:
-        return max(1, math.ceil(oldest + WINDOW - now))
+    async def close(self) -> None:
+        return None

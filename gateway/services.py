@@ -14,7 +14,7 @@ from gateway.journal import Journal
 from gateway.keys import KeyCache
 from gateway.polar import PolarBilling
 from gateway.quota import Ledger
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import RateLimit
 from gateway.settings import Settings
 from gateway.store.base import Store
 
@@ -33,7 +33,7 @@ class Services:
     store: Store
     keys: KeyCache
     ledger: Ledger
-    limiter: RateLimiter
+    limiter: RateLimit
     owner: str
     journal: Journal
     recorder: Recorder  # wakes the sync when events land (its `on_events`)

@@ -10,10 +10,12 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from gateway.meters import ALL_METERS
+from gateway.ratelimit import StoreErrorPolicy
 
 
 class ConfigError(Exception):
@@ -24,6 +26,7 @@ class ConfigError(Exception):
 class RateLimitConfig:
     requests_per_minute: int | None = 60
     tokens_per_minute: int | None = 400_000
+    on_store_error: StoreErrorPolicy = StoreErrorPolicy.OPEN  # shared limits (Redis, the database) failing
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,12 @@ def _section(cls: type, name: str, raw: Any) -> Any:
         if key not in known:
             raise ConfigError(f"unknown key {key!r} in [{name}] (known: {', '.join(sorted(known))})")
         default = getattr(cls(), key)
+        if isinstance(default, StrEnum):
+            choices = [m.value for m in type(default)]
+            if value not in choices:
+                raise ConfigError(f"[{name}] {key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            kwargs[key] = type(default)(value)
+            continue
         want_float = isinstance(default, float)
         ok = (
             isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -127,6 +136,7 @@ class Settings:
     drain_timeout_seconds: float = 120.0
     drain_max_bytes: int = 8 * 1024 * 1024
     log_format: str = "text"
+    redis_url: str = ""  # shared rate limits in Redis; "" = in the database when shared, else in memory
     # Polar
     polar_access_token: str = ""
     polar_organization_id: str = ""
@@ -179,6 +189,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_DRAIN_TIMEOUT_SECONDS": ("drain_timeout_seconds", float),
     "GATEWAY_DRAIN_MAX_BYTES": ("drain_max_bytes", int),
     "GATEWAY_LOG_FORMAT": ("log_format", str),
+    "GATEWAY_REDIS_URL": ("redis_url", str),
     "POLAR_ACCESS_TOKEN": ("polar_access_token", str),
     "POLAR_ORGANIZATION_ID": ("polar_organization_id", str),
     "POLAR_ENVIRONMENT": ("polar_environment", str),
@@ -214,6 +225,8 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         raise ConfigError("GATEWAY_DATABASE_URL must look like sqlite:///path/to.db or postgresql://user@host/db")
     if settings.database_url.startswith("postgresql://"):
         raise ConfigError("the PostgreSQL store is not available yet; use sqlite:///path/to.db")
+    if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("GATEWAY_REDIS_URL must look like redis://host:6379/0 (or rediss://, unix://)")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("GATEWAY_LOG_FORMAT must be 'text' or 'json'")
     for name in ("anthropic_upstream", "gemini_upstream"):

@@ -30,6 +30,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token"
 ANTHROPIC_KEY = "sk-ant-REAL-PROVIDER-KEY"
+REDIS_URL = "redis://127.0.0.1:6379/0"  # shared with other test runs: use a random key prefix or user id
 GEMINI_KEY = "AIza-REAL-PROVIDER-KEY"
 
 
@@ -212,6 +213,7 @@ def make_gateway(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Callable[..
         plan: dict[str, int] | None = None,
         rate_limit: RateLimitConfig | None = None,
         reservation: ReservationConfig | None = None,
+        shared: bool = False,
         **overrides: Any,
     ) -> Gateway:
         db_path = tmp_path / f"gateway-{len(started)}.db"
@@ -230,10 +232,10 @@ def make_gateway(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Callable[..
             "file": file,
         }
         settings = Settings(**{**values, **overrides})
-        app = create_app(settings)
+        app = create_app(settings, shared=shared)
         server = ServerThread(app)
         server.start()
-        gw = Gateway(f"http://127.0.0.1:{server.port}", settings, db_path, server, app)
+        gw = Gateway(f"http://127.0.0.1:{server.port}", settings, Path(settings.sqlite_path), server, app)
         started.append(gw)
         return gw
 

@@ -14,59 +14,59 @@ class Clock:
         return self.now
 
 
-def test_requests_per_minute_refuses_then_admits_when_the_oldest_bucket_leaves() -> None:
+async def test_requests_per_minute_refuses_then_admits_when_the_oldest_bucket_leaves() -> None:
     clock = Clock(1000.2)
     rl = RateLimiter(3, None, clock)
-    assert all(rl.acquire("u", 0)[0] is None for _ in range(2))
+    assert [(await rl.acquire("u", 0))[0] for _ in range(2)] == [None, None]
     clock.now = 1010.5
-    assert rl.acquire("u", 0)[0] is None
-    refused, ticket = rl.acquire("u", 0)
+    assert (await rl.acquire("u", 0))[0] is None
+    refused, ticket = await rl.acquire("u", 0)
     assert refused is not None and ticket is None
     assert (refused.reason, refused.retry_after) == ("requests", 50)  # second 1000 leaves at 1060
-    assert rl.acquire("other", 0)[0] is None  # per user
+    assert (await rl.acquire("other", 0))[0] is None  # per user
     clock.now = 1059.99
-    assert rl.acquire("u", 0)[0] is not None
+    assert (await rl.acquire("u", 0))[0] is not None
     clock.now = 1060.0
-    assert rl.acquire("u", 0)[0] is None  # two freed, one taken
-    assert rl.acquire("u", 0)[0] is None
-    assert rl.acquire("u", 0)[0] is not None
+    assert (await rl.acquire("u", 0))[0] is None  # two freed, one taken
+    assert (await rl.acquire("u", 0))[0] is None
+    assert (await rl.acquire("u", 0))[0] is not None
 
 
-def test_tokens_are_reserved_then_settled_to_the_actual_count() -> None:
+async def test_tokens_are_reserved_then_settled_to_the_actual_count() -> None:
     clock = Clock()
     rl = RateLimiter(None, 100, clock)
-    _, first = rl.acquire("u", 80)  # estimate
-    refused, _ = rl.acquire("u", 30)
+    _, first = await rl.acquire("u", 80)  # estimate
+    refused, _ = await rl.acquire("u", 30)
     assert refused is not None and refused.reason == "tokens" and refused.retry_after == 60
     rl.settle("u", first, 10)  # it used 10
-    assert rl.acquire("u", 30)[0] is None
-    assert rl.acquire("u", 70)[0] is not None  # 40 + 70 > 100
-    assert rl.acquire("u", 60)[0] is None  # 40 + 60 fits exactly
+    assert (await rl.acquire("u", 30))[0] is None
+    assert (await rl.acquire("u", 70))[0] is not None  # 40 + 70 > 100
+    assert (await rl.acquire("u", 60))[0] is None  # 40 + 60 fits exactly
 
 
-def test_a_lone_oversized_request_passes_and_settling_an_expired_ticket_is_ignored() -> None:
+async def test_a_lone_oversized_request_passes_and_settling_an_expired_ticket_is_ignored() -> None:
     clock = Clock()
     rl = RateLimiter(None, 100, clock)
-    _, ticket = rl.acquire("u", 500)
+    _, ticket = await rl.acquire("u", 500)
     assert ticket is not None
     clock.now += 61
     rl.settle("u", ticket, 5)
-    assert rl.acquire("u", 100)[0] is None
-    assert rl.acquire("u", 1)[0] is not None
+    assert (await rl.acquire("u", 100))[0] is None
+    assert (await rl.acquire("u", 1))[0] is not None
 
 
-def test_idle_users_are_forgotten(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+async def test_idle_users_are_forgotten(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(ratelimit, "SWEEP_EVERY", 3)
     clock = Clock()
     rl = RateLimiter(10, None, clock)
-    rl.acquire("a", 0)
-    rl.acquire("b", 0)
+    await rl.acquire("a", 0)
+    await rl.acquire("b", 0)
     clock.now += 61
-    rl.acquire("c", 0)  # the third admission sweeps
+    await rl.acquire("c", 0)  # the third admission sweeps
     assert set(rl._windows) == {"c"}
 
 
-def test_no_limits_no_state() -> None:
+async def test_no_limits_no_state() -> None:
     rl = RateLimiter(None, None)
-    assert rl.acquire("u", 10) == (None, None)
+    assert await rl.acquire("u", 10) == (None, None)
     assert rl._windows == {}

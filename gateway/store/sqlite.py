@@ -12,6 +12,7 @@ from gateway.events import event_count, event_quantities
 from gateway.store.base import ApiKey, CustomerLimits, MeterLimit, RequestRecord, UsageEvent
 from gateway.store.sqlite_base import Op, json_text, migrations_dir, opt_datetime
 from gateway.store.sqlite_outbox import SqliteOutbox
+from gateway.store.sqlite_ratelimit import SqliteRateWindows
 from gateway.timeutil import iso, parse_iso, utcnow
 
 __all__ = ["SqliteStore", "migrations_dir"]
@@ -51,8 +52,8 @@ def _chunked(flat: list[Any]) -> list[Op]:
     return ops
 
 
-class SqliteStore(SqliteOutbox):
-    """Implements `gateway.store.base.Store`."""
+class SqliteStore(SqliteRateWindows, SqliteOutbox):
+    """Implements `gateway.store.base.Store` (and `gateway.ratelimit_shared.RateWindowStore`)."""
 
     # ------------------------------------------------------------------ keys
     async def create_key(self, key_id: str, user_id: str, name: str, prefix: str, key_hash: bytes) -> ApiKey:

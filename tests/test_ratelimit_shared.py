@@ -1,0 +1,359 @@
+"""Shared rate limits on real backends: Redis, SQLite (one file, several processes), PostgreSQL.
+
+Each limiter instance stands for a process; three share one backend. Time is injected (the
+limiters' test hook) except where the backend's own clock is the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from gateway import ratelimit_shared
+from gateway.ratelimit import RateLimit, RateLimited, RateLimiter, StoreErrorPolicy
+from gateway.ratelimit_redis import RedisRateLimiter
+from gateway.ratelimit_shared import StoreRateLimiter, make_limiter
+from gateway.settings import ConfigError, FileConfig, RateLimitConfig, Settings, parse_file_config, settings_from_env
+from gateway.store.postgres_ratelimit import PostgresRateWindows
+from gateway.store.sqlite import SqliteStore
+from tests.conftest import REDIS_URL, free_port
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class PgHost(PostgresRateWindows):
+    """The PostgreSQL store as far as rate windows go: its pool."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+
+Make = Callable[..., Awaitable[Any]]  # (rpm, tpm, clock=None, policy=OPEN) -> a limiter on the shared backend
+
+
+@pytest.fixture
+async def redis_backend() -> AsyncIterator[Make]:
+    prefix = f"test:rl:{secrets.token_hex(6)}:"
+    made: list[RedisRateLimiter] = []
+
+    async def make(
+        rpm: int | None, tpm: int | None, clock: Clock | None = None, policy: StoreErrorPolicy = StoreErrorPolicy.OPEN
+    ) -> RedisRateLimiter:
+        rl = RedisRateLimiter(REDIS_URL, rpm, tpm, on_store_error=policy, key_prefix=prefix, clock=clock)
+        made.append(rl)
+        return rl
+
+    yield make
+    for rl in made:
+        await rl.close()
+    r = Redis.from_url(REDIS_URL)
+    keys = [k async for k in r.scan_iter(match=prefix + "*")]
+    if keys:
+        await r.delete(*keys)
+    await r.aclose()
+
+
+@pytest.fixture
+async def sqlite_backend(tmp_path: Path) -> AsyncIterator[Make]:
+    db = str(tmp_path / "shared.db")
+    stores: list[SqliteStore] = []
+
+    async def make(
+        rpm: int | None, tpm: int | None, clock: Clock | None = None, policy: StoreErrorPolicy = StoreErrorPolicy.OPEN
+    ) -> StoreRateLimiter:
+        store = SqliteStore(db)  # a process of its own: own connections
+        await store.open()
+        await store.migrate()
+        stores.append(store)
+        return StoreRateLimiter(store, rpm, tpm, policy, clock)
+
+    yield make
+    for store in stores:
+        await store.close()
+
+
+@pytest.fixture
+async def postgres_backend() -> AsyncIterator[Make]:
+    name = f"gw_rl_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(PG_ADMIN)
+    await admin.execute(f"CREATE DATABASE {name}")
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    pools: list[Any] = []
+    try:
+        conn = await asyncpg.connect(url)
+        await conn.execute((ROOT / "migrations/postgres/0003_rate_windows.sql").read_text())
+        await conn.close()
+
+        async def make(
+            rpm: int | None,
+            tpm: int | None,
+            clock: Clock | None = None,
+            policy: StoreErrorPolicy = StoreErrorPolicy.OPEN,
+        ) -> StoreRateLimiter:
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=10)
+            pools.append(pool)
+            return StoreRateLimiter(PgHost(pool), rpm, tpm, policy, clock)
+
+        yield make
+    finally:
+        for pool in pools:
+            await pool.close()
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
+
+
+@pytest.fixture(params=["redis", "sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> Make:
+    return request.getfixturevalue(f"{request.param}_backend")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest) -> Make:
+    return request.getfixturevalue(f"{request.param}_backend")  # type: ignore[no-any-return]
+
+
+async def admitted(rl: RateLimit, user: str = "u", tokens: int = 0) -> bool:
+    refusal, _ = await rl.acquire(user, tokens)
+    return refusal is None
+
+
+async def test_thirty_parallel_acquires_over_three_processes_admit_exactly_ten(backend: Make) -> None:
+    # The backend's own clock (Redis TIME, the database's clock): no test hook.
+    limiters = [await backend(10, None) for _ in range(3)]
+    results = await asyncio.gather(*(limiters[i % 3].acquire("par", 0) for i in range(30)))
+    refusals = [r for r, _ in results if r is not None]
+    assert len(results) - len(refusals) == 10
+    assert len(refusals) == 20
+    assert all(r.reason == "requests" and 59 <= r.retry_after <= 60 for r in refusals), refusals
+
+
+async def test_requests_window_slides_with_exact_retry_after(backend: Make) -> None:
+    clock = Clock(1000.2)
+    a, b, c = [await backend(3, None, clock) for _ in range(3)]
+    assert await admitted(a) and await admitted(b)
+    clock.now = 1010.5
+    assert await admitted(c)
+    assert await a.acquire("u", 0) == (RateLimited("requests", 50), None)  # second 1000 leaves at 1060
+    assert await admitted(b, "other")  # per user
+    clock.now = 1059.99
+    assert await b.acquire("u", 0) == (RateLimited("requests", 1), None)
+    clock.now = 1060.0
+    assert await admitted(c) and await admitted(a)  # two freed, two taken
+    assert await b.acquire("u", 0) == (RateLimited("requests", 10), None)  # second 1010 leaves at 1070
+
+
+async def test_tokens_are_reserved_then_corrected_by_settle(backend: Make) -> None:
+    clock = Clock()
+    a, b = [await backend(None, 100, clock) for _ in range(2)]
+    refusal, first = await a.acquire("u", 80)  # the estimate
+    assert refusal is None
+    assert await b.acquire("u", 30) == (RateLimited("tokens", 60), None)
+    a.settle("u", first, 10)  # it used 10
+    await a.flush()
+    _, second = await b.acquire("u", 30)
+    assert second is not None
+    assert await a.acquire("u", 70) == (RateLimited("tokens", 60), None)  # 40 + 70 > 100
+    clock.now = 1030.0
+    b.settle("u", second, 50)  # corrections add up: 10 + 50
+    await b.flush()
+    assert await a.acquire("u", 41) == (RateLimited("tokens", 30), None)  # freeing second 1000 is enough
+    assert await admitted(a, tokens=40)  # 60 + 40 fits exactly
+
+
+async def test_a_lone_oversized_request_passes_and_an_expired_ticket_settles_nothing(backend: Make) -> None:
+    clock = Clock()
+    a, b = [await backend(None, 100, clock) for _ in range(2)]
+    refusal, ticket = await a.acquire("u", 500)
+    assert refusal is None and ticket is not None
+    assert await b.acquire("u", 1) == (RateLimited("tokens", 60), None)
+    clock.now += 61
+    a.settle("u", ticket, 5)
+    await a.flush()
+    assert await admitted(b, tokens=100)
+    assert await a.acquire("u", 1) == (RateLimited("tokens", 60), None)
+
+
+async def test_redis_keys_expire_with_their_user(redis_backend: Make) -> None:
+    rl: RedisRateLimiter = await redis_backend(10, None)
+    await rl.acquire("idle", 0)
+    ttl = await rl.redis.pttl(rl.prefix + "idle")
+    assert 110_000 < ttl <= 120_000
+
+
+async def test_every_nth_admission_sweeps_every_users_buckets_out_of_the_window(
+    store_backend: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ratelimit_shared, "SWEEP_EVERY", 3)
+    clock = Clock()
+    rl: StoreRateLimiter = await store_backend(10, None, clock)
+    assert await admitted(rl, "idle") and await admitted(rl, "u")
+    clock.now = 1061.0
+    assert await admitted(rl, "u")  # the third admission sweeps, in the background
+    await rl.flush()
+    store = rl._store
+    assert await store.rate_sweep(1061.0) == 0  # second 1000 (both users) is gone already
+    assert await store.rate_sweep(1121.0) == 1  # second 1061 leaves at 1121
+
+
+@pytest.mark.parametrize("policy", [StoreErrorPolicy.OPEN, StoreErrorPolicy.CLOSED])
+async def test_redis_down_admits_or_refuses_as_configured_and_logs_once(
+    policy: StoreErrorPolicy, caplog: pytest.LogCaptureFixture
+) -> None:
+    rl = RedisRateLimiter(f"redis://127.0.0.1:{free_port()}/0", 10, 1000, on_store_error=policy)
+    caplog.set_level(logging.ERROR, logger="gateway.ratelimit")
+    try:
+        results = [await rl.acquire("u", 5) for _ in range(20)]
+        rl.settle("u", (1000, 5), 7)  # a correction that cannot be sent is logged, not raised
+        await rl.flush()
+    finally:
+        await rl.close()
+    expected = (None, None) if policy is StoreErrorPolicy.OPEN else (RateLimited("unavailable", 1), None)
+    assert results == [expected] * 20
+    lines = [r for r in caplog.records if r.name == "gateway.ratelimit"]
+    assert len(lines) == 1
+    assert "rate-limit Redis failed 1 time(s)" in lines[0].getMessage()
+    assert "ConnectionError" in lines[0].getMessage()
+
+
+@pytest.mark.parametrize("policy", [StoreErrorPolicy.OPEN, StoreErrorPolicy.CLOSED])
+async def test_a_failing_database_admits_or_refuses_as_configured(
+    policy: StoreErrorPolicy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteStore(str(tmp_path / "unmigrated.db"))  # no rate_windows table: every admission fails
+    await store.open()
+    caplog.set_level(logging.ERROR, logger="gateway.ratelimit")
+    try:
+        rl = StoreRateLimiter(store, 10, None, policy)
+        results = [await rl.acquire("u", 0) for _ in range(5)]
+    finally:
+        await store.close()
+    expected = (None, None) if policy is StoreErrorPolicy.OPEN else (RateLimited("unavailable", 1), None)
+    assert results == [expected] * 5
+    (line,) = [r for r in caplog.records if r.name == "gateway.ratelimit"]
+    assert "no such table: rate_windows" in line.getMessage()
+
+
+async def test_a_silent_redis_delays_a_request_by_one_timeout_at_most() -> None:
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        rl = RedisRateLimiter(url, 10, None, on_store_error=StoreErrorPolicy.CLOSED, timeout_seconds=0.2)
+        try:
+            started = time.monotonic()
+            assert await rl.acquire("u", 0) == (RateLimited("unavailable", 1), None)
+            assert time.monotonic() - started < 1.0  # one timeout, no retries
+        finally:
+            await rl.close()
+
+
+async def test_redis_recovering_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    prefix = f"test:rl:{secrets.token_hex(6)}:"
+    rl = RedisRateLimiter(f"redis://127.0.0.1:{free_port()}/0", 1, None, key_prefix=prefix)
+    caplog.set_level(logging.WARNING, logger="gateway.ratelimit")
+    try:
+        assert await admitted(rl) and await admitted(rl)  # down: open
+        await rl.redis.aclose()
+        rl.redis = Redis.from_url(REDIS_URL)  # the same limiter, Redis back
+        rl._acquire = rl.redis.register_script(rl._acquire.script)
+        assert await admitted(rl)
+        assert not await admitted(rl)
+        assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]
+    finally:
+        await rl.redis.delete(prefix + "u")
+        await rl.close()
+
+
+def _worker(path: str, barrier: Any, results: Any) -> None:
+    """One `--workers` process: its own store on the shared file, 10 parallel admissions at 10/min."""
+
+    async def run() -> int:
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            rl = StoreRateLimiter(store, 10, None)
+            barrier.wait()
+            outcomes = await asyncio.gather(*(rl.acquire("mp", 0) for _ in range(10)))
+            return sum(refusal is None for refusal, _ in outcomes)
+        finally:
+            await store.close()
+
+    results.put(asyncio.run(run()))
+
+
+async def _migrated(path: str) -> None:
+    store = SqliteStore(path)
+    await store.open()
+    await store.migrate()
+    await store.close()
+
+
+def test_three_real_processes_on_one_sqlite_file_admit_exactly_ten(tmp_path: Path) -> None:
+    # Synchronous, so no event loop runs here when the workers fork.
+    path = str(tmp_path / "workers.db")
+    asyncio.run(_migrated(path))
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(path, barrier, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        admitted = [results.get(timeout=60) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+    assert sum(admitted) == 10
+
+
+def _settings(**env: Any) -> Settings:
+    return Settings(file=FileConfig(rate_limit=RateLimitConfig(10, None)), **env)
+
+
+async def test_the_factory_chooses_redis_then_the_store_when_shared_then_memory(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "f.db"))
+    redis = make_limiter(_settings(redis_url=REDIS_URL), store, shared=False)
+    assert isinstance(redis, RedisRateLimiter)
+    await redis.close()
+    assert isinstance(make_limiter(_settings(), store, shared=True), StoreRateLimiter)
+    assert isinstance(make_limiter(_settings(), store, shared=False), RateLimiter)
+    unlimited = Settings(file=FileConfig(rate_limit=RateLimitConfig(None, None)), redis_url=REDIS_URL)
+    assert isinstance(make_limiter(unlimited, store, shared=True), RateLimiter)  # nothing to share
+
+
+def test_on_store_error_is_read_from_the_config_file_and_validated() -> None:
+    assert parse_file_config({}).rate_limit.on_store_error is StoreErrorPolicy.OPEN
+    closed = parse_file_config({"rate_limit": {"on_store_error": "closed"}}).rate_limit
+    assert closed.on_store_error is StoreErrorPolicy.CLOSED and closed.requests_per_minute == 60
+    with pytest.raises(ConfigError, match=r"\[rate_limit\] on_store_error must be one of 'open', 'closed', got 'shut'"):
+        parse_file_config({"rate_limit": {"on_store_error": "shut"}})
+    with pytest.raises(ConfigError, match="on_store_error must be one of"):
+        parse_file_config({"rate_limit": {"on_store_error": 1}})
+
+
+def test_redis_url_comes_from_the_environment_and_is_checked() -> None:
+    env = {"GATEWAY_REDIS_URL": "redis://:s3cret@cache:6379/2"}
+    assert settings_from_env(env, load_file=False).redis_url == "redis://:s3cret@cache:6379/2"
+    assert settings_from_env({}, load_file=False).redis_url == ""
+    with pytest.raises(ConfigError) as err:
+        settings_from_env({"GATEWAY_REDIS_URL": "http://:s3cret@cache:6379"}, load_file=False)
+    assert "GATEWAY_REDIS_URL must look like redis://" in str(err.value) and "s3cret" not in str(err.value)
