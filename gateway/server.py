@@ -3,8 +3,8 @@
 uvicorn bounds neither how long a client may take to send a request nor how many connections it
 holds (`limit_concurrency` is checked per request, only once headers are complete, and counts the
 over-limit connections against the accepted ones). `BoundedProtocol` adds both, per connection:
-one timer per request, armed when the request starts and cancelled once it has fully arrived, so
-responses (streams included) are never timed and no work is done per byte.
+a deadline for each request until it has fully arrived, so responses (streams included) are never
+timed, and no work is done per byte.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -65,6 +66,15 @@ async def _over_capacity(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": _OVER_CAPACITY, "more_body": False})
 
 
+class Phase(StrEnum):
+    """Where a connection's current request is: what the deadline bounds."""
+
+    DUE = "due"  # a new connection: its first request has not begun
+    HEADERS = "headers"
+    BODY = "body"
+    DONE = "done"  # fully received (being answered, or idle between requests): not timed
+
+
 class BoundedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline for receiving each request, and a connection cap.
 
@@ -79,10 +89,10 @@ class BoundedProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # One timer per connection, re-armed only when it fires early: a request costs two clock reads.
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
-        self._in_request = False  # between a request's first byte and its last
-        self._headers_done = False
+        self._phase = Phase.DUE
         self._rejected = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -92,8 +102,8 @@ class BoundedProtocol(HttpToolsProtocol):
             self._rejected = True
             self.app = _over_capacity
             wait = min(wait, REJECT_GRACE_SECONDS)
-        self._deadline = self.loop.time() + wait
-        self._timer = self.loop.call_at(self._deadline, self._expire)
+        # The first request is due now: its budget starts with the connection.
+        self._arm(self.loop.time() + wait)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -103,22 +113,19 @@ class BoundedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_request, self._headers_done = True, False
-        if self._timer is None:
+        if self._phase is Phase.DONE:
             self._deadline = self.loop.time() + self.client_timeout
-            self._timer = self.loop.call_at(self._deadline, self._expire)
+            if self._timer is None:
+                self._arm(self._deadline)
+        self._phase = Phase.HEADERS
 
     def on_headers_complete(self) -> None:
-        self._headers_done = True
-        # The body gets its own budget; the armed timer notices the later deadline when it fires.
-        self._deadline = self.loop.time() + self.client_timeout
+        self._phase = Phase.BODY
+        self._deadline = self.loop.time() + self.client_timeout  # the body gets its own budget
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._in_request = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._phase = Phase.DONE
         super().on_message_complete()
 
     def _arm(self, when: float) -> None:
@@ -128,8 +135,8 @@ class BoundedProtocol(HttpToolsProtocol):
     def _expire(self) -> None:
         self._timer = None
         transport = self.transport
-        if transport.is_closing():
-            return
+        if self._phase is Phase.DONE or transport.is_closing():
+            return  # idle or answering: the next request arms a new timer
         now = self.loop.time()
         if now < self._deadline:
             return self._arm(self._deadline)
@@ -138,16 +145,14 @@ class BoundedProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if self._rejected and (cycle is None or not cycle.response_started):
             transport.write(_OVER_CAPACITY_RAW)
-        elif self._in_request:
-            if self._headers_done:
-                answer = not cycle.response_started
-                if answer:  # the app waits on the body: it reads a disconnect and sends nothing more
-                    cycle.disconnected = True
-                    cycle.message_event.set()
-            else:  # a 408 must not land inside an earlier request's response
-                answer = cycle is None or cycle.response_complete
-            if answer:
+        elif self._phase is Phase.BODY:
+            if not cycle.response_started:  # the app waits on the body: it reads a disconnect, sends nothing
+                cycle.disconnected = True
+                cycle.message_event.set()
                 transport.write(_timeout_response(self.client_timeout))
+        elif self._phase is Phase.HEADERS and (cycle is None or cycle.response_complete):
+            # (not while an earlier request's response is under way: a 408 must not land inside it)
+            transport.write(_timeout_response(self.client_timeout))
         transport.close()
 
 

@@ -135,6 +135,17 @@ def test_connection_that_sends_nothing_is_closed(slow_gateway: Gateway) -> None:
         assert _read_until_closed([s], time.monotonic() + TIMEOUT + MARGIN) == {s: b""}
 
 
+def test_later_request_on_a_kept_alive_connection_is_timed_too(slow_gateway: Gateway) -> None:
+    with _connect(slow_gateway) as s:
+        assert _get(s).startswith(b"HTTP/1.1 200 ")
+        time.sleep(TIMEOUT * 1.5)  # idle past the client timeout (within uvicorn's keep-alive), as a client may
+        assert _get(s).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost")
+        raw = _read_until_closed([s], started + TIMEOUT + MARGIN)[s]
+    assert _status_and_json(raw)[0] == 408
+
+
 @pytest.mark.parametrize("route", ["provider", "admin"])
 def test_body_shorter_than_its_length_gets_408(
     route: str, slow_gateway: Gateway, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
