@@ -29,8 +29,12 @@ REJECT_GRACE_SECONDS = 1.0
 FD_RESERVE = 256  # descriptors beyond two per connection (client + upstream): store, journal, logs
 
 
-def _error_response(status: int, reason: str, kind: str, message: str, extra: bytes = b"") -> bytes:
-    body = orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+def _error_body(kind: str, message: str) -> bytes:
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+
+def _raw_response(status: int, reason: str, body: bytes, extra: bytes = b"") -> bytes:
+    """A whole response written straight to the transport, for when no request reached the app."""
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n"
@@ -40,19 +44,11 @@ def _error_response(status: int, reason: str, kind: str, message: str, extra: by
 
 def _timeout_response(seconds: float) -> bytes:
     message = f"the request did not arrive within the gateway's client timeout of {seconds:g} s"
-    return _error_response(408, "Request Timeout", "request_timeout", message)
+    return _raw_response(408, "Request Timeout", _error_body("request_timeout", message))
 
 
-_OVER_CAPACITY = orjson.dumps(
-    {"type": "error", "error": {"type": "overloaded_error", "message": "the gateway is at its connection limit"}}
-)
-_OVER_CAPACITY_RAW = _error_response(
-    503,
-    "Service Unavailable",
-    "overloaded_error",
-    "the gateway is at its connection limit",
-    b"retry-after: 1\r\n",
-)
+_OVER_CAPACITY = _error_body("overloaded_error", "the gateway is at its connection limit")
+_OVER_CAPACITY_RAW = _raw_response(503, "Service Unavailable", _OVER_CAPACITY, b"retry-after: 1\r\n")
 
 
 async def _over_capacity(scope: Any, receive: Any, send: Any) -> None:
