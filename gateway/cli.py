@@ -113,6 +113,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from gateway.app import create_app
     from gateway.logs import configure_logging
+    from gateway.server import ensure_fd_headroom, server_config
 
     if args.workers != 1:
         print("error: --workers > 1 needs the PostgreSQL store; SQLite runs one process", file=sys.stderr)
@@ -120,19 +121,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log_format)
     app = create_app(settings)
     tune_collector()
-    uvicorn.run(
-        app,
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        proxy_headers=False,  # the gateway reads no client address; skip the per-request middleware
-        log_config=None,
-        timeout_graceful_shutdown=30,
-    )
-    return 0
+    ensure_fd_headroom(settings.max_connections)
+    server = uvicorn.Server(server_config(app, settings, args.host, args.port))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down on
+        pass
+    return 0 if server.started else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ Secrets (provider keys, tokens) come only from the environment; the non-secret k
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -137,6 +138,8 @@ class Settings:
     drain_max_bytes: int = 8 * 1024 * 1024
     log_format: str = "text"
     redis_url: str = ""  # shared rate limits in Redis; "" = in the database when shared, else in memory
+    client_timeout_seconds: float = 30.0  # to receive a request's headers, and again its body
+    max_connections: int = 4096  # open client connections; past it new ones get a 503
     # Polar
     polar_access_token: str = ""
     polar_organization_id: str = ""
@@ -190,6 +193,8 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_DRAIN_MAX_BYTES": ("drain_max_bytes", int),
     "GATEWAY_LOG_FORMAT": ("log_format", str),
     "GATEWAY_REDIS_URL": ("redis_url", str),
+    "GATEWAY_CLIENT_TIMEOUT_SECONDS": ("client_timeout_seconds", float),
+    "GATEWAY_MAX_CONNECTIONS": ("max_connections", int),
     "POLAR_ACCESS_TOKEN": ("polar_access_token", str),
     "POLAR_ORGANIZATION_ID": ("polar_organization_id", str),
     "POLAR_ENVIRONMENT": ("polar_environment", str),
@@ -227,6 +232,9 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         raise ConfigError("the PostgreSQL store is not available yet; use sqlite:///path/to.db")
     if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("GATEWAY_REDIS_URL must look like redis://host:6379/0 (or rediss://, unix://)")
+    for var in ("GATEWAY_CLIENT_TIMEOUT_SECONDS", "GATEWAY_MAX_CONNECTIONS"):
+        if not 0 < getattr(settings, _ENV[var][0]) < math.inf:
+            raise ConfigError(f"{var} must be a positive number, got {env.get(var)!r}")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("GATEWAY_LOG_FORMAT must be 'text' or 'json'")
     for name in ("anthropic_upstream", "gemini_upstream"):

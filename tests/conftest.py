@@ -21,6 +21,7 @@ import uvicorn
 import uvloop
 
 from gateway.app import create_app
+from gateway.server import server_config
 from gateway.settings import FileConfig, RateLimitConfig, ReservationConfig, Settings
 from gateway.store.sqlite import SqliteStore
 from tests.fakes.polar import FakePolar
@@ -89,15 +90,14 @@ def _length(data: bytes) -> int:
 
 
 class ServerThread:
-    """Runs an ASGI app under uvicorn (uvloop, httptools) in a background thread."""
+    """Runs the gateway app under uvicorn as `gateway serve` configures it, in a background thread."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, settings: Settings) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, http="httptools", lifespan="on", access_log=False, log_config=None)
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(server_config(app, settings))
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -233,7 +233,7 @@ def make_gateway(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Callable[..
         }
         settings = Settings(**{**values, **overrides})
         app = create_app(settings, shared=shared)
-        server = ServerThread(app)
+        server = ServerThread(app, settings)
         server.start()
         gw = Gateway(f"http://127.0.0.1:{server.port}", settings, Path(settings.sqlite_path), server, app)
         started.append(gw)

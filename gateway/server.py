@@ -1,0 +1,198 @@
+"""The HTTP server: uvicorn (uvloop, httptools) with slow clients and the connection count bounded.
+
+uvicorn bounds neither how long a client may take to send a request nor how many connections it
+holds (`limit_concurrency` is checked per request, only once headers are complete, and counts the
+over-limit connections against the accepted ones). `BoundedProtocol` adds both, per connection:
+a deadline for each request until it has fully arrived, so responses (streams included) are never
+timed, and no work is done per byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from enum import StrEnum
+from typing import Any
+
+import orjson
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.settings import Settings
+
+log = logging.getLogger("gateway.server")
+
+# An over-limit connection may take this long to send its request, so that it reads its 503 rather
+# than a reset; a client sending nothing holds a descriptor no longer.
+REJECT_GRACE_SECONDS = 1.0
+FD_RESERVE = 256  # descriptors beyond two per connection (client + upstream): store, journal, logs
+
+
+def _error_body(kind: str, message: str) -> bytes:
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+
+def _raw_response(status: int, reason: str, body: bytes, extra: bytes = b"") -> bytes:
+    """A whole response written straight to the transport, for when no request reached the app."""
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n"
+    ).encode()
+    return head + extra + b"\r\n" + body
+
+
+def _timeout_response(seconds: float) -> bytes:
+    message = f"the request did not arrive within the gateway's client timeout of {seconds:g} s"
+    return _raw_response(408, "Request Timeout", _error_body("request_timeout", message))
+
+
+_OVER_CAPACITY = _error_body("overloaded_error", "the gateway is at its connection limit")
+_OVER_CAPACITY_RAW = _raw_response(503, "Service Unavailable", _OVER_CAPACITY, b"retry-after: 1\r\n")
+
+
+async def _over_capacity(scope: Any, receive: Any, send: Any) -> None:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(_OVER_CAPACITY)).encode()),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": _OVER_CAPACITY, "more_body": False})
+
+
+class Phase(StrEnum):
+    """Where a connection's current request is: what the deadline bounds."""
+
+    DUE = "due"  # a new connection: its first request has not begun
+    HEADERS = "headers"
+    BODY = "body"
+    DONE = "done"  # fully received (being answered, or idle between requests): not timed
+
+
+class BoundedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for receiving each request, and a connection cap.
+
+    A request's headers must arrive within `client_timeout` of its first byte (of the connection
+    opening, for the first request), and its body within `client_timeout` of the headers. On expiry
+    a client mid-request gets a 408 and the connection closes; one that sent nothing is closed.
+    Connections past `max_connections` are answered 503 and closed.
+    """
+
+    client_timeout: float = 30.0
+    max_connections: int = 4096
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # One timer per connection, re-armed only when it fires early: a request costs two clock reads.
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._phase = Phase.DUE
+        self._rejected = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        wait = self.client_timeout
+        if len(self.connections) > self.max_connections:  # the set includes this connection
+            self._rejected = True
+            self.app = _over_capacity
+            wait = min(wait, REJECT_GRACE_SECONDS)
+        # The first request is due now: its budget starts with the connection.
+        self._arm(self.loop.time() + wait)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._phase is Phase.DONE:
+            self._deadline = self.loop.time() + self.client_timeout
+            if self._timer is None:
+                self._arm(self._deadline)
+        self._phase = Phase.HEADERS
+
+    def on_headers_complete(self) -> None:
+        self._phase = Phase.BODY
+        self._deadline = self.loop.time() + self.client_timeout  # the body gets its own budget
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._phase = Phase.DONE
+        super().on_message_complete()
+
+    def _arm(self, when: float) -> None:
+        self._deadline = when
+        self._timer = self.loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        transport = self.transport
+        if self._phase is Phase.DONE or transport.is_closing():
+            return  # idle or answering: the next request arms a new timer
+        now = self.loop.time()
+        if now < self._deadline:
+            return self._arm(self._deadline)
+        if self.flow.read_paused:  # the gateway stopped reading (pipelining, an unread body): not the client's delay
+            return self._arm(now + self.client_timeout)
+        cycle = self.cycle
+        if self._rejected and (cycle is None or not cycle.response_started):
+            transport.write(_OVER_CAPACITY_RAW)
+        elif self._phase is Phase.BODY:
+            if not cycle.response_started:  # the app waits on the body: it reads a disconnect, sends nothing
+                cycle.disconnected = True
+                cycle.message_event.set()
+                transport.write(_timeout_response(self.client_timeout))
+        elif self._phase is Phase.HEADERS and (cycle is None or cycle.response_complete):
+            # (not while an earlier request's response is under way: a 408 must not land inside it)
+            transport.write(_timeout_response(self.client_timeout))
+        transport.close()
+
+
+def protocol_class(settings: Settings) -> type[BoundedProtocol]:
+    return type(
+        "GatewayProtocol",
+        (BoundedProtocol,),
+        {"client_timeout": settings.client_timeout_seconds, "max_connections": settings.max_connections},
+    )
+
+
+def server_config(app: Any, settings: Settings, host: str | None = None, port: int | None = None) -> uvicorn.Config:
+    """The uvicorn configuration `gateway serve` runs (and the tests serve the app with)."""
+    return uvicorn.Config(
+        app,
+        host=host or settings.host,
+        port=port or settings.port,
+        loop="uvloop",
+        http=protocol_class(settings),
+        ws="none",  # no WebSocket routes: an upgrade must not hand the connection to another protocol
+        lifespan="on",
+        access_log=False,
+        proxy_headers=False,  # the gateway reads no client address; skip the per-request middleware
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def ensure_fd_headroom(max_connections: int) -> None:
+    """Raise the soft descriptor limit toward what `max_connections` needs, so the cap (a 503) is
+    reached before accept() fails; warn when the hard limit is too low for that."""
+    need = 2 * max_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+        if soft < need:
+            log.warning(
+                "open file limit %d is below the %d that GATEWAY_MAX_CONNECTIONS=%d needs; lower it or raise the limit",
+                soft,
+                need,
+                max_connections,
+            )
