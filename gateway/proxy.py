@@ -36,6 +36,8 @@ class ClientGone(Exception):
     pass
 
 
+# Without it the server keeps reading (and discarding) the rest of an oversized upload.
+_CLOSE = [(b"connection", b"close")]
 WATCH_AFTER_SECONDS = 0.25  # a stream watches for its client leaving once it has run this long
 
 
@@ -106,13 +108,13 @@ class ProxyEndpoint:
         if route.has_body:
             length = header(headers, b"content-length")
             if length is not None and length.isdigit() and int(length) > s.settings.max_body_bytes:
-                return await self._error(send, 413, "request_too_large", self._too_large(), rid)
+                return await self._error(send, 413, "request_too_large", self._too_large(), rid, extra_headers=_CLOSE)
             try:
                 maybe = await read_body(receive, s.settings.max_body_bytes)
             except ClientGone:
                 return
             if maybe is None:
-                return await self._error(send, 413, "request_too_large", self._too_large(), rid)
+                return await self._error(send, 413, "request_too_large", self._too_large(), rid, extra_headers=_CLOSE)
             body = maybe
             try:
                 obj = orjson.loads(body)

@@ -44,7 +44,7 @@ def test_oversized_body_is_413(make_gateway, upstream: FakeUpstream) -> None:  #
     key = gw.issue_key("big")
     big = {**BODY, "messages": [{"role": "user", "content": "x" * 2000}]}
     resp = post(gw, key, json=big)
-    assert resp.status_code == 413
+    assert resp.status_code == 413 and resp.headers["connection"] == "close"
     assert resp.json()["error"] == {
         "type": "request_too_large",
         "message": "request body exceeds the gateway limit of 1000 bytes",
