@@ -28,7 +28,7 @@ from gateway.ratelimit import RateLimiter
 from gateway.recording import Recorder, recover
 from gateway.services import Services, process_owner_id
 from gateway.settings import Settings
-from gateway.store.sqlite import SqliteStore
+from gateway.store import create_store
 from gateway.sync import Syncer
 from gateway.upstream import create_client
 from gateway.webhooks import make_webhook_endpoint
@@ -37,7 +37,7 @@ log = logging.getLogger("gateway")
 
 
 def build_services(settings: Settings) -> Services:
-    store = SqliteStore(settings.sqlite_path)
+    store = create_store(settings)
     rl = settings.file.rate_limit
     polar = PolarBilling.from_settings(settings) if settings.polar_enabled else None
     owner = process_owner_id()

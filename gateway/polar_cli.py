@@ -13,13 +13,13 @@ from typing import TextIO
 
 from gateway.polar import PolarBilling, PolarBillingError, valid_user_id
 from gateway.settings import ConfigError, Settings
-from gateway.store.base import Store
+from gateway.store.base import Outbox
 from gateway.sync import Syncer
 
 NO_TOKEN = "Polar is not configured: set POLAR_ACCESS_TOKEN (and POLAR_ENVIRONMENT=sandbox|production)."
 
 
-async def run_sync(settings: Settings, store: Store, retry_failed: bool, *, out: TextIO | None = None) -> int:
+async def run_sync(settings: Settings, store: Outbox, retry_failed: bool, *, out: TextIO | None = None) -> int:
     """One sync pass. Exit 1 if events remain pending or failed afterwards, else 0."""
     out = out or sys.stdout
     if not settings.polar_enabled:
@@ -58,7 +58,7 @@ async def run_sync(settings: Settings, store: Store, retry_failed: bool, *, out:
     return 1 if pending or failed else 0
 
 
-async def print_usage(store: Store, user_id: str | None, as_json: bool, *, out: TextIO | None = None) -> int:
+async def print_usage(store: Outbox, user_id: str | None, as_json: bool, *, out: TextIO | None = None) -> int:
     """Per-user, per-meter totals with synced/pending/failed event counts."""
     out = out or sys.stdout
     rows = await store.usage_summary(user_id)

@@ -15,6 +15,8 @@ from typing import Any
 
 from gateway.meters import ALL_METERS
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
 
 class ConfigError(Exception):
     """Bad configuration: the message is one clear line for the operator."""
@@ -111,6 +113,7 @@ def load_file_config(path: Path) -> FileConfig:
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str = "sqlite:///gateway.db"
+    database_pool_size: int = 10  # connections per process (PostgreSQL)
     journal_dir: str = ""  # requests in flight (gateway/journal.py); "" = beside the database
     record_linger_seconds: float = 0.02  # how long finished requests gather before one store commit
     config_path: Path = Path("config/gateway.toml")
@@ -140,6 +143,10 @@ class Settings:
     file: FileConfig = field(default_factory=FileConfig)
 
     @property
+    def is_postgres(self) -> bool:
+        return self.database_url.startswith(POSTGRES_SCHEMES)
+
+    @property
     def sqlite_path(self) -> str:
         return self.database_url.removeprefix("sqlite:///")
 
@@ -148,6 +155,8 @@ class Settings:
         """None for an in-memory database: there is nothing durable to journal for."""
         if self.journal_dir:
             return Path(self.journal_dir)
+        if self.is_postgres:
+            return Path("gateway.journal")  # (in the working directory: the process's own disk)
         db = self.sqlite_path
         return None if db == ":memory:" else Path(db + ".journal")
 
@@ -156,11 +165,12 @@ class Settings:
         return bool(self.polar_access_token)
 
     def __repr__(self) -> str:  # never print secrets
-        return f"Settings(database_url={self.database_url!r}, host={self.host!r}, port={self.port})"
+        return f"Settings(database_url={redact_url(self.database_url)!r}, host={self.host!r}, port={self.port})"
 
 
 _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_DATABASE_URL": ("database_url", str),
+    "GATEWAY_DATABASE_POOL_SIZE": ("database_pool_size", int),
     "GATEWAY_JOURNAL_DIR": ("journal_dir", str),
     "GATEWAY_RECORD_LINGER_SECONDS": ("record_linger_seconds", float),
     "GATEWAY_CONFIG": ("config_path", Path),
@@ -189,6 +199,15 @@ _ENV: dict[str, tuple[str, type]] = {
 }
 
 
+def redact_url(url: str) -> str:
+    """The URL without its password (`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+
+
 def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool = True) -> Settings:
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
@@ -206,10 +225,10 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
     settings = Settings(**values)
     if settings.polar_environment not in ("sandbox", "production"):
         raise ConfigError(f"POLAR_ENVIRONMENT must be 'sandbox' or 'production', got {settings.polar_environment!r}")
-    if not (settings.database_url.startswith("sqlite:///") or settings.database_url.startswith("postgresql://")):
-        raise ConfigError("GATEWAY_DATABASE_URL must look like sqlite:///path/to.db or postgresql://user@host/db")
-    if settings.database_url.startswith("postgresql://"):
-        raise ConfigError("the PostgreSQL store is not available yet; use sqlite:///path/to.db")
+    if not settings.database_url.startswith(("sqlite:///", *POSTGRES_SCHEMES)):
+        raise ConfigError("GATEWAY_DATABASE_URL must look like sqlite:///path/to.db or postgresql://user@host:5432/db")
+    if settings.database_pool_size < 1:
+        raise ConfigError("GATEWAY_DATABASE_POOL_SIZE must be at least 1")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("GATEWAY_LOG_FORMAT must be 'text' or 'json'")
     for name in ("anthropic_upstream", "gemini_upstream"):

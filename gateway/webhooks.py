@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.polar import PolarBilling, PolarBillingError, limits_from_state, valid_user_id
-from gateway.store.base import CustomerLimits, Store
+from gateway.store.base import CustomerLimits, WebhookStore
 from gateway.timeutil import parse_iso, utcnow
 
 log = logging.getLogger("gateway.webhooks")
@@ -61,7 +61,7 @@ def _field(obj: Any, *path: str) -> Any:
 
 
 def make_webhook_endpoint(
-    store: Store,
+    store: WebhookStore,
     secret: str,
     meter_names_provider: MeterNamesProvider,
     on_limits_changed: LimitsChanged,

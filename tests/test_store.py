@@ -133,11 +133,11 @@ async def test_two_stores_on_one_file_claim_disjoint_events(tmp_path: object, n:
 async def test_upgrade_from_the_first_schema_keeps_requests_and_their_sync_state(tmp_path: object) -> None:
     import sqlite3
 
-    from gateway.store.sqlite_base import migrations_dir
+    from gateway.store.schema import migration_scripts
 
     path = f"{tmp_path}/old.db"
     with sqlite3.connect(path) as old:
-        old.executescript((migrations_dir("sqlite") / "0001_init.sql").read_text())
+        old.executescript(dict(migration_scripts("sqlite"))["0001_init"])
         old.execute("CREATE TABLE schema_migrations (version TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
         old.execute("INSERT INTO schema_migrations VALUES ('0001_init', '2026-11-30T00:00:00Z')")
         for rid, usage, states in [

@@ -10,11 +10,11 @@ import orjson
 
 from gateway.events import event_count, event_quantities
 from gateway.store.base import ApiKey, CustomerLimits, MeterLimit, RequestRecord, UsageEvent
-from gateway.store.sqlite_base import Op, json_text, migrations_dir, opt_datetime
+from gateway.store.sqlite_base import Op, json_text, opt_datetime
 from gateway.store.sqlite_outbox import SqliteOutbox
 from gateway.timeutil import iso, parse_iso, utcnow
 
-__all__ = ["SqliteStore", "migrations_dir"]
+__all__ = ["SqliteStore"]
 
 _REQUEST_COLUMNS = (
     "id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
