@@ -1,15 +1,13 @@
-"""Outbox sync against FakePolar over loopback, with the real polar-sdk and the real SQLite store."""
+"""Outbox sync against FakePolar over loopback, with the real polar-sdk and the real store."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,11 +17,12 @@ from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT, GEMINI_IMAGES
 from gateway.polar import IngestResult, PolarBilling
 from gateway.polar_cli import print_usage, run_sync
 from gateway.settings import Settings
+from gateway.store import Store
 from gateway.store.base import PendingEvent, RequestRecord
-from gateway.store.sqlite import SqliteStore
 from gateway.sync import Syncer
 from gateway.timeutil import parse_iso
 from tests.fakes.polar import FakePolar
+from tests.support_db import Database, open_store
 
 
 @pytest.fixture
@@ -34,7 +33,7 @@ async def polar(fake: FakePolar) -> AsyncIterator[PolarBilling]:
 
 
 async def add_events(
-    store: SqliteStore, n: int, *, user: str = "user-1", meter: str = CLAUDE_INPUT, start: int = 0, **kw: Any
+    store: Store, n: int, *, user: str = "user-1", meter: str = CLAUDE_INPUT, start: int = 0, **kw: Any
 ) -> dict[str, int]:
     """n requests with one event each; returns external_id -> value."""
     out: dict[str, int] = {}
@@ -59,18 +58,13 @@ async def add_events(
     return out
 
 
-def rows(db_path: Path) -> dict[str, dict[str, Any]]:
+def rows(db: Database) -> dict[str, dict[str, Any]]:
     """Sync state by external id (each event carries its request's state)."""
-    conn = sqlite3.connect(db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        out: dict[str, dict[str, Any]] = {}
-        for r in conn.execute("SELECT * FROM requests WHERE sync_state != 'none'"):
-            for xid, _, _ in event_quantities(r["id"], json.loads(r["usage"])):
-                out[xid] = {**dict(r), "state": r["sync_state"]}
-        return out
-    finally:
-        conn.close()
+    out: dict[str, dict[str, Any]] = {}
+    for r in db.dicts("SELECT * FROM requests WHERE sync_state != 'none'"):
+        for xid, _, _ in event_quantities(r["id"], json.loads(r["usage"])):
+            out[xid] = {**r, "state": r["sync_state"]}
+    return out
 
 
 async def poll(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
@@ -81,7 +75,7 @@ async def poll(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> No
         await asyncio.sleep(0.02)
 
 
-def syncer(store: SqliteStore, polar: Any, **kw: Any) -> Syncer:
+def syncer(store: Store, polar: Any, **kw: Any) -> Syncer:
     kw.setdefault("owner", "test-owner")
     kw.setdefault("backoff_base", 0.01)
     kw.setdefault("backoff_max", 0.05)
@@ -89,7 +83,7 @@ def syncer(store: SqliteStore, polar: Any, **kw: Any) -> Syncer:
 
 
 async def test_delivers_every_event_once_in_count_bounded_batches(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database
 ) -> None:
     events = await add_events(store, 20)
     result = await syncer(store, polar, batch_size=7).run_once()
@@ -99,12 +93,12 @@ async def test_delivers_every_event_once_in_count_bounded_batches(
     assert {x: e["metadata"]["value"] for x, e in fake.events.items()} == events
     assert set(fake.sent.values()) == {1}
     assert fake.total(CLAUDE_INPUT, "user-1") == sum(events.values())
-    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+    assert {r["state"] for r in rows(db).values()} == {"synced"}
     again = await syncer(store, polar, batch_size=7).run_once()
     assert (again.claimed, again.batches) == (0, 0)
 
 
-async def test_batches_are_bounded_by_bytes(store: SqliteStore, polar: PolarBilling, fake: FakePolar) -> None:
+async def test_batches_are_bounded_by_bytes(store: Store, polar: PolarBilling, fake: FakePolar) -> None:
     await add_events(store, 10)
     result = await syncer(store, polar, batch_size=500, max_batch_bytes=700).run_once()
     assert result.synced == 10
@@ -116,7 +110,7 @@ async def test_batches_are_bounded_by_bytes(store: SqliteStore, polar: PolarBill
 
 @pytest.mark.parametrize("refuse", [False, True], ids=["503", "connection-refused"])
 async def test_polar_down_then_back_delivers_each_external_id_once(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path, refuse: bool
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database, refuse: bool
 ) -> None:
     events = await add_events(store, 12)
     s = syncer(store, polar, batch_size=5)
@@ -129,17 +123,15 @@ async def test_polar_down_then_back_delivers_each_external_id_once(
 
     async def all_synced() -> bool:
         await s.run_once()
-        return {r["state"] for r in rows(db_path).values()} == {"synced"}
+        return {r["state"] for r in rows(db).values()} == {"synced"}
 
     await poll(all_synced)
     assert sorted(fake.events) == sorted(events)
     assert fake.total(CLAUDE_INPUT) == sum(events.values())
-    assert all(r["attempts"] <= 1 for r in rows(db_path).values())
+    assert all(r["attempts"] <= 1 for r in rows(db).values())
 
 
-async def test_timeout_after_polar_committed_is_deduplicated(
-    store: SqliteStore, fake: FakePolar, db_path: Path
-) -> None:
+async def test_timeout_after_polar_committed_is_deduplicated(store: Store, fake: FakePolar, db: Database) -> None:
     client = PolarBilling(fake.token, base_url=fake.url, ingest_timeout=0.3)
     try:
         events = await add_events(store, 4)
@@ -150,7 +142,7 @@ async def test_timeout_after_polar_committed_is_deduplicated(
         assert len(fake.events) == 4  # Polar stored them, we didn't hear back
 
         async def synced() -> bool:
-            return (await s.run_once()).synced == 4 or {r["state"] for r in rows(db_path).values()} == {"synced"}
+            return (await s.run_once()).synced == 4 or {r["state"] for r in rows(db).values()} == {"synced"}
 
         await poll(synced)
         assert fake.total() == sum(events.values())
@@ -160,16 +152,14 @@ async def test_timeout_after_polar_committed_is_deduplicated(
         await client.close()
 
 
-async def test_429_retry_after_is_honoured(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
-) -> None:
+async def test_429_retry_after_is_honoured(store: Store, polar: PolarBilling, fake: FakePolar, db: Database) -> None:
     await add_events(store, 3)
     fake.fail_next(1, 429, retry_after=1)
     s = syncer(store, polar)
     failed_at = datetime.now(UTC)
     result = await s.run_once()
     assert (result.retried, result.error) == (3, "Polar rate limit (429)")
-    for row in rows(db_path).values():
+    for row in rows(db).values():
         assert (row["state"], row["attempts"]) == ("pending", 1)
         assert parse_iso(row["next_attempt_at"]) >= failed_at + timedelta(seconds=1)
     early = await s.run_once()
@@ -185,14 +175,14 @@ async def test_429_retry_after_is_honoured(
 
 @pytest.mark.parametrize("with_index", [True, False], ids=["indexed-422", "bisect"])
 async def test_422_isolates_the_bad_event(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path, with_index: bool
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database, with_index: bool
 ) -> None:
     events = await add_events(store, 9)
     bad = sorted(events)[5]
     fake.reject_when(lambda e: "customer unknown to test" if e["external_id"] == bad else False, with_index=with_index)
     result = await syncer(store, polar, batch_size=100).run_once()
     assert (result.claimed, result.synced, result.failed, result.retried) == (9, 8, 1, 0)
-    state = rows(db_path)
+    state = rows(db)
     assert state[bad]["state"] == "failed"
     assert "customer unknown to test" in state[bad]["last_error"]
     assert {x for x, r in state.items() if r["state"] == "synced"} == set(events) - {bad}
@@ -209,10 +199,10 @@ async def test_422_isolates_the_bad_event(
     again = await syncer(store, polar).run_once()
     assert (again.claimed, again.synced, again.inserted) == (1, 1, 1)
     assert fake.total() == sum(events.values())
-    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+    assert {r["state"] for r in rows(db).values()} == {"synced"}
 
 
-async def request_with(store: SqliteStore, rid: str, usage: dict[str, int]) -> None:
+async def request_with(store: Store, rid: str, usage: dict[str, int]) -> None:
     await store.finish_request(
         RequestRecord(
             id=rid,
@@ -230,7 +220,7 @@ async def request_with(store: SqliteStore, rid: str, usage: dict[str, int]) -> N
 
 
 async def test_a_request_is_synced_only_when_all_its_events_are_and_resent_whole(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database
 ) -> None:
     """The outbox unit is the request: one rejected event parks it, and the resend of its
     accepted events is deduplicated by Polar, so the totals stay exact."""
@@ -240,7 +230,7 @@ async def test_a_request_is_synced_only_when_all_its_events_are_and_resent_whole
     # 2 events per batch: req_a's 5 events are spread over 3 batches
     result = await syncer(store, polar, batch_size=2).run_once()
     assert (result.claimed, result.synced, result.failed) == (6, 5, 1)
-    assert {x: r["state"] for x, r in rows(db_path).items()} == {
+    assert {x: r["state"] for x, r in rows(db).items()} == {
         **{x: "failed" for x, _, _ in event_quantities("req_a", {CLAUDE_INPUT: 1, CLAUDE_OUTPUT: 1, GEMINI_IMAGES: 3})},
         "req_b:claude_input_tokens": "synced",
     }
@@ -250,11 +240,11 @@ async def test_a_request_is_synced_only_when_all_its_events_are_and_resent_whole
     again = await syncer(store, polar).run_once()
     assert (again.claimed, again.inserted, again.duplicates) == (5, 1, 4)
     assert (fake.total(CLAUDE_INPUT), fake.total(CLAUDE_OUTPUT), fake.total(GEMINI_IMAGES)) == (11, 20, 3)
-    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+    assert {r["state"] for r in rows(db).values()} == {"synced"}
 
 
 async def test_polar_down_mid_request_defers_the_whole_request(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database
 ) -> None:
     await request_with(store, "req_a", {CLAUDE_INPUT: 10, CLAUDE_OUTPUT: 20, GEMINI_IMAGES: 2})
     # Polar stores the first batch of 2, then hangs past the client's timeout: the request's other
@@ -262,20 +252,20 @@ async def test_polar_down_mid_request_defers_the_whole_request(
     fake.fail_next(1, "timeout", hold=3, commit=True, path="/v1/events/ingest")
     result = await syncer(store, polar, batch_size=2).run_once()
     assert (result.claimed, result.synced, result.retried, result.batches) == (4, 0, 4, 1)
-    assert {r["state"] for r in rows(db_path).values()} == {"pending"}
+    assert {r["state"] for r in rows(db).values()} == {"pending"}
     assert len(fake.events) == 2
-    await poll(lambda: _synced_after_retry(store, polar, db_path))
+    await poll(lambda: _synced_after_retry(store, polar, db))
     assert (fake.total(CLAUDE_INPUT), fake.total(CLAUDE_OUTPUT), fake.total(GEMINI_IMAGES)) == (10, 20, 2)
     assert len(fake.events) == 4
 
 
-async def _synced_after_retry(store: SqliteStore, polar: PolarBilling, db_path: Path) -> bool:
+async def _synced_after_retry(store: Store, polar: PolarBilling, db: Database) -> bool:
     await syncer(store, polar).run_once()
-    return {r["state"] for r in rows(db_path).values()} == {"synced"}
+    return {r["state"] for r in rows(db).values()} == {"synced"}
 
 
 async def test_future_timestamp_is_clamped_and_empty_strings_dropped(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar
+    store: Store, polar: PolarBilling, fake: FakePolar
 ) -> None:
     future = datetime.now(UTC) + timedelta(hours=1)
     await add_events(store, 1, timestamp=future, model="")
@@ -288,7 +278,7 @@ async def test_future_timestamp_is_clamped_and_empty_strings_dropped(
 
 
 async def test_concurrent_passes_on_one_syncer_do_not_double_send(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar
+    store: Store, polar: PolarBilling, fake: FakePolar
 ) -> None:
     events = await add_events(store, 120)
     s = syncer(store, polar, batch_size=10)
@@ -300,11 +290,10 @@ async def test_concurrent_passes_on_one_syncer_do_not_double_send(
 
 
 async def test_two_syncers_on_the_same_database_file_do_not_double_send(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database
 ) -> None:
     events = await add_events(store, 150)
-    other = SqliteStore(str(db_path))
-    await other.open()
+    other = await open_store(db.url)
     try:
         s1 = syncer(store, polar, owner="gw-1", batch_size=10)
         s2 = syncer(other, polar, owner="gw-2", batch_size=10)
@@ -315,11 +304,11 @@ async def test_two_syncers_on_the_same_database_file_do_not_double_send(
     assert a.claimed + b.claimed == 150
     assert set(fake.sent.values()) == {1} and len(fake.sent) == 150
     assert fake.total() == sum(events.values())
-    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+    assert {r["state"] for r in rows(db).values()} == {"synced"}
 
 
 async def test_max_attempts_parks_after_n_failures(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database
 ) -> None:
     (xid,) = await add_events(store, 1)
     s = syncer(store, polar, max_attempts=3, backoff_base=0.0, backoff_max=0.0)
@@ -327,14 +316,14 @@ async def test_max_attempts_parks_after_n_failures(
     for attempt in (1, 2, 3):
         result = await s.run_once()
         assert (result.claimed, result.retried) == (1, 1)
-        assert rows(db_path)[xid]["attempts"] == attempt
-    assert rows(db_path)[xid]["state"] == "failed"
-    assert "Polar server error 500" in rows(db_path)[xid]["last_error"]
+        assert rows(db)[xid]["attempts"] == attempt
+    assert rows(db)[xid]["state"] == "failed"
+    assert "Polar server error 500" in rows(db)[xid]["last_error"]
     assert (await s.run_once()).claimed == 0
     assert fake.events == {}
 
 
-async def test_bad_token_does_not_burn_attempts(store: SqliteStore, fake: FakePolar, db_path: Path) -> None:
+async def test_bad_token_does_not_burn_attempts(store: Store, fake: FakePolar, db: Database) -> None:
     (xid,) = await add_events(store, 1)
     client = PolarBilling("polar_oat_WRONG", base_url=fake.url)
     try:
@@ -342,11 +331,11 @@ async def test_bad_token_does_not_burn_attempts(store: SqliteStore, fake: FakePo
     finally:
         await client.close()
     assert result.error is not None and "401" in result.error and "WRONG" not in result.error
-    assert (rows(db_path)[xid]["attempts"], rows(db_path)[xid]["state"]) == (0, "claimed")
+    assert (rows(db)[xid]["attempts"], rows(db)[xid]["state"]) == (0, "claimed")
 
 
 async def test_run_forever_wakes_on_a_full_batch_and_survives_errors(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar
+    store: Store, polar: PolarBilling, fake: FakePolar
 ) -> None:
     s = syncer(store, polar, batch_size=5, interval=60.0)
     stop = asyncio.Event()
@@ -377,7 +366,7 @@ async def test_run_forever_wakes_on_a_full_batch_and_survives_errors(
     await asyncio.wait_for(task, 5)
 
 
-async def test_cli_sync_and_usage(store: SqliteStore, fake: FakePolar) -> None:
+async def test_cli_sync_and_usage(store: Store, fake: FakePolar) -> None:
     await add_events(store, 2, meter=CLAUDE_OUTPUT, value=10)
     await add_events(store, 1, user="user-2", meter=GEMINI_IMAGES, value=1)
     out = io.StringIO()

@@ -226,7 +226,7 @@ class SqliteStore(SqliteOutbox):
 
     async def stale_limit_users(self, older_than: datetime, limit: int) -> list[str]:
         rows = await self.db.execute_fetchall(
-            "SELECT user_id FROM customer_limits WHERE updated_at < ? ORDER BY updated_at LIMIT ?",
+            "SELECT user_id FROM customer_limits WHERE updated_at < ? ORDER BY updated_at, user_id LIMIT ?",
             (iso(older_than), limit),
         )
         return [r[0] for r in rows]
