@@ -11,6 +11,7 @@ import secrets
 import sqlite3
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ import asyncpg
 import pytest
 
 from gateway.store import Store, create_store
+from gateway.timeutil import iso
 
 T = TypeVar("T")
 
@@ -86,8 +88,19 @@ class PgServer:
             run_async(lambda: self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
 
 
+def _sqlite_shape(value: Any) -> Any:
+    """A PostgreSQL value as SQLite gives it back, so tests compare rows alike: booleans as 0/1,
+    timestamps as the store's ISO text ('' for the '-infinity' of a retry due at once)."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, datetime):
+        return iso(value) if value.tzinfo is not None else ""
+    return value
+
+
 class Database:
-    """A test's database, read and written with plain SQL (`?` placeholders) from sync or async tests."""
+    """A test's database, read and written with plain SQL (`?` placeholders) from sync or async tests.
+    Rows come back in SQLite's shape on both backends (see `_sqlite_shape`); JSON columns as text."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -115,7 +128,7 @@ class Database:
         async def fetch() -> list[dict[str, Any]]:
             conn = await asyncpg.connect(self.url)
             try:
-                return [dict(r) for r in await conn.fetch(pg_sql, *params)]
+                return [{k: _sqlite_shape(v) for k, v in r.items()} for r in await conn.fetch(pg_sql, *params)]
             finally:
                 await conn.close()
 

@@ -510,3 +510,20 @@ async def test_upgrade_from_the_first_schema_keeps_requests_and_their_sync_state
         assert [(e.external_id, why) for e, why in await s.failed_events()] == [("req_bad:claude_output_tokens", "422")]
     finally:
         await s.close()
+
+
+def test_settings_take_a_postgres_url_and_never_show_its_password() -> None:
+    from gateway.settings import ConfigError, settings_from_env
+
+    s = settings_from_env(
+        {"GATEWAY_DATABASE_URL": "postgresql://gw:hunter2@db:5432/gw", "GATEWAY_DATABASE_POOL_SIZE": "3"},
+        load_file=False,
+    )
+    assert (s.is_postgres, s.database_pool_size, str(s.journal_path)) == (True, 3, "gateway.journal")
+    assert "hunter2" not in repr(s) and "gw:***@db:5432/gw" in repr(s)
+    store = create_store(s)
+    assert isinstance(store, PostgresStore) and store.pool_size == 3
+    with pytest.raises(ConfigError, match="must look like sqlite:///"):
+        settings_from_env({"GATEWAY_DATABASE_URL": "mysql://db/gw"}, load_file=False)
+    with pytest.raises(ConfigError, match="at least 1"):
+        settings_from_env({"GATEWAY_DATABASE_POOL_SIZE": "0"}, load_file=False)

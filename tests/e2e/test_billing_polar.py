@@ -71,7 +71,7 @@ def test_requests_served_while_polar_down_then_delivered_once(polar_gateway, pol
 
     def delivered() -> bool:
         # the retries back off (30 s and more); pretend that time has passed
-        gw.query("UPDATE requests SET next_attempt_at = '' WHERE sync_state = 'pending'")
+        gw.db.retries_due_now()
         return len(polar.events) == 12
 
     wait_until(delivered, timeout=10)
