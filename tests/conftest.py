@@ -24,7 +24,7 @@ from gateway.settings import FileConfig, RateLimitConfig, ReservationConfig, Set
 from gateway.store import Store
 from tests.fakes.polar import FakePolar
 from tests.fakes.upstream import FakeUpstream
-from tests.support_db import Database, Databases, PgServer, open_store
+from tests.support_db import TEST_DATABASE, Database, Databases, PgServer, open_store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,9 +144,16 @@ def databases(tmp_path: Path, pg_server: PgServer) -> Databases:
     return Databases(tmp_path, pg_server)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module marked `both_backends` runs each test taking `db` (or `store`) on SQLite and PostgreSQL."""
+    if "db" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_backends"):
+        metafunc.parametrize("db", ["sqlite", "postgres"], indirect=True)
+
+
 @pytest.fixture
-def db(databases: Databases) -> Database:
-    return databases.new()
+def db(request: pytest.FixtureRequest, databases: Databases) -> Database:
+    """A fresh database on the backend under test (or the one `both_backends` parametrizes)."""
+    return databases.new(backend=getattr(request, "param", TEST_DATABASE))
 
 
 @pytest.fixture
