@@ -160,3 +160,27 @@ async def test_usage_summary_orders_by_user_then_meter_and_counts_images_per_uni
         UsageSummaryRow("b", "gemini_images", 4, 0, 4, 0),
     ]
     assert await store.usage_summary("nobody") == []
+
+
+# `due_only` and `mark_deferred` come with the sync's outage handling; a store without them skips.
+async def test_a_sync_asked_for_now_takes_requests_waiting_out_their_backoff(store: Store) -> None:
+    if not hasattr(store, "mark_deferred"):
+        pytest.skip("this store has no due_only claims yet")
+    await store.finish_request(used("req_w", {"claude_input_tokens": 2}))
+    await store.claim_events("o", 10, 60)
+    await store.mark_retry(["req_w"], "422", datetime.now(UTC) + timedelta(hours=1), max_attempts=3)
+    assert await store.claim_events("o", 10, 60) == []
+    taken = await store.claim_events("o", 10, 60, due_only=False)  # type: ignore[call-arg]
+    assert [(e.request_id, e.attempts) for e in taken] == [("req_w", 1)]
+
+
+async def test_deferred_requests_are_pending_again_without_an_attempt(store: Store) -> None:
+    if not hasattr(store, "mark_deferred"):
+        pytest.skip("this store has no mark_deferred yet")
+    await store.finish_requests([used("req_d", {"claude_input_tokens": 2}), used("req_s", {"claude_input_tokens": 1})])
+    await store.claim_events("o", 10, 60)
+    await store.mark_synced(["req_s"])
+    await store.mark_deferred(["req_d", "req_s"], "Polar server error 503")  # type: ignore[attr-defined]
+    again = await store.claim_events("o", 10, 60)
+    assert [(e.request_id, e.attempts) for e in again] == [("req_d", 0)]  # the synced one stays synced
+    assert [(r.synced, r.pending) for r in await store.usage_summary()] == [(1, 1)]

@@ -8,7 +8,7 @@ claiming at once get disjoint requests without waiting on each other; a claim wh
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -25,8 +25,8 @@ _COUNT_METERS_SQL = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))  # fixed n
 _CLAIM = (
     "WITH picked AS (SELECT id FROM requests"
     "   WHERE (sync_state = 'pending' AND next_attempt_at <= $3)"
-    "      OR (sync_state = 'claimed' AND claimed_until < $3)"
-    "   LIMIT $4 FOR UPDATE SKIP LOCKED)"
+    "      OR (sync_state = 'claimed' AND claimed_until < $4)"
+    "   LIMIT $5 FOR UPDATE SKIP LOCKED)"
     " UPDATE requests AS r SET sync_state = 'claimed', claimed_by = $1, claimed_until = $2"
     " FROM picked WHERE r.id = picked.id"
     f" RETURNING {', '.join('r.' + c for c in _OUTBOX_COLS.split(', '))}"
@@ -44,9 +44,13 @@ def _events(rows: Iterable[Sequence[Any]]) -> list[PendingEvent]:
 
 
 class PostgresOutbox(PostgresBase):
-    async def claim_events(self, owner: str, limit: int, lease_seconds: float) -> list[PendingEvent]:
+    async def claim_events(
+        self, owner: str, limit: int, lease_seconds: float, *, due_only: bool = True
+    ) -> list[PendingEvent]:
         now = utcnow()
-        rows = await self.pool.fetch(_CLAIM, owner, now + timedelta(seconds=lease_seconds), now, limit)
+        # not due_only: a person asked for a sync now, so nothing waits out its backoff
+        due = now if due_only else datetime.max.replace(tzinfo=UTC)
+        rows = await self.pool.fetch(_CLAIM, owner, now + timedelta(seconds=lease_seconds), due, now, limit)
         events = _events(rows)
         events.sort(key=lambda e: (e.timestamp, e.external_id))
         return events
@@ -71,6 +75,16 @@ class PostgresOutbox(PostgresBase):
                 " WHERE id = ANY($4::text[]) AND sync_state IN ('pending', 'claimed', 'failed')",
                 max_attempts,
                 next_attempt_at,
+                error[:500],
+                list(request_ids),
+            )
+
+    async def mark_deferred(self, request_ids: Sequence[str], error: str) -> None:
+        """An outage held these claimed requests back: pending again, no attempt counted."""
+        if request_ids:
+            await self.pool.execute(
+                "UPDATE requests SET sync_state = 'pending', last_error = $1, claimed_by = NULL, claimed_until = NULL"
+                " WHERE id = ANY($2::text[]) AND sync_state = 'claimed'",
                 error[:500],
                 list(request_ids),
             )
