@@ -114,7 +114,7 @@ def load_file_config(path: Path) -> FileConfig:
 class Settings:
     database_url: str = "sqlite:///gateway.db"
     database_pool_size: int = 10  # connections per process (PostgreSQL)
-    journal_dir: str = ""  # requests in flight (gateway/journal.py); "" = beside the database
+    journal_dir: str = ""  # requests in flight (gateway/journal.py); "" = beside an SQLite database
     record_linger_seconds: float = 0.02  # how long finished requests gather before one store commit
     config_path: Path = Path("config/gateway.toml")
     host: str = "127.0.0.1"
