@@ -28,7 +28,7 @@ from gateway.ratelimit_shared import make_limiter
 from gateway.recording import Recorder, recover
 from gateway.services import Services, process_owner_id
 from gateway.settings import Settings
-from gateway.store.sqlite import SqliteStore
+from gateway.store import create_store
 from gateway.sync import Syncer
 from gateway.upstream import create_client
 from gateway.webhooks import make_webhook_endpoint
@@ -38,8 +38,8 @@ log = logging.getLogger("gateway")
 
 def build_services(settings: Settings, *, shared: bool = False) -> Services:
     """`shared`: other processes serve from the same database (more than one worker)."""
-    store = SqliteStore(settings.sqlite_path)
-    shared = shared or settings.database_url.startswith("postgresql://")
+    store = create_store(settings)
+    shared = shared or settings.is_postgres
     polar = PolarBilling.from_settings(settings) if settings.polar_enabled else None
     owner = process_owner_id()
     journal = Journal(settings.journal_path, owner)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from gateway.store.base import CustomerLimits, Store
+from gateway.store.base import CustomerLimits, QuotaStore
 from gateway.timeutil import month_bounds, utcnow
 
 
@@ -55,7 +55,7 @@ class Refusal:
 
 
 class Ledger:
-    def __init__(self, store: Store, plan: Mapping[str, int], clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, store: QuotaStore, plan: Mapping[str, int], clock: Callable[[], datetime] = utcnow) -> None:
         self._store = store
         self._plan = dict(plan)
         self._clock = clock

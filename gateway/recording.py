@@ -19,7 +19,7 @@ from gateway.meters import (
 )
 from gateway.quota import Ledger, UserQuota
 from gateway.services import Services
-from gateway.store.base import RequestRecord, Store
+from gateway.store.base import RecoveryStore, RequestRecord, RequestStore
 from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.recording")
@@ -62,7 +62,7 @@ class Recorder:
 
     def __init__(
         self,
-        store: Store,
+        store: RequestStore,
         journal: Journal,
         on_events: Callable[[int], None] = lambda n: None,
         linger: float = 0.02,
@@ -179,7 +179,7 @@ def estimate_from_reservation(reservation: Mapping[str, int]) -> dict[str, int]:
     return {m: v for m, v in reservation.items() if m not in _NOT_ESTIMATED and v > 0}
 
 
-async def recover(store: Store, journal_dir: Path | None, owner: str) -> int:
+async def recover(store: RecoveryStore, journal_dir: Path | None, owner: str) -> int:
     """At start, before serving: store what dead processes journaled and hand back their sync claims."""
     settled = await recover_journal(store, journal_dir)
     released = await store.release_claims(owner)
@@ -188,7 +188,7 @@ async def recover(store: Store, journal_dir: Path | None, owner: str) -> int:
     return settled
 
 
-async def recover_journal(store: Store, journal_dir: Path | None) -> int:
+async def recover_journal(store: RequestStore, journal_dir: Path | None) -> int:
     """Store what dead processes left in their journals: finished requests exactly, requests that
     were still in flight by estimate (the provider may have billed them). Returns how many were
     estimated. Safe beside a live gateway: its segments are locked and skipped."""

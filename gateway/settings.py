@@ -18,6 +18,8 @@ from typing import Any
 from gateway.meters import ALL_METERS
 from gateway.ratelimit import StoreErrorPolicy
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
 
 class ConfigError(Exception):
     """Bad configuration: the message is one clear line for the operator."""
@@ -121,7 +123,8 @@ def load_file_config(path: Path) -> FileConfig:
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str = "sqlite:///gateway.db"
-    journal_dir: str = ""  # requests in flight (gateway/journal.py); "" = beside the database
+    database_pool_size: int = 10  # connections per process (PostgreSQL)
+    journal_dir: str = ""  # requests in flight (gateway/journal.py); "" = beside an SQLite database
     record_linger_seconds: float = 0.02  # how long finished requests gather before one store commit
     config_path: Path = Path("config/gateway.toml")
     host: str = "127.0.0.1"
@@ -155,6 +158,10 @@ class Settings:
     file: FileConfig = field(default_factory=FileConfig)
 
     @property
+    def is_postgres(self) -> bool:
+        return self.database_url.startswith(POSTGRES_SCHEMES)
+
+    @property
     def sqlite_path(self) -> str:
         return self.database_url.removeprefix("sqlite:///")
 
@@ -163,6 +170,8 @@ class Settings:
         """None for an in-memory database: there is nothing durable to journal for."""
         if self.journal_dir:
             return Path(self.journal_dir)
+        if self.is_postgres:
+            return Path("gateway.journal")  # (in the working directory: the process's own disk)
         db = self.sqlite_path
         return None if db == ":memory:" else Path(db + ".journal")
 
@@ -171,11 +180,12 @@ class Settings:
         return bool(self.polar_access_token)
 
     def __repr__(self) -> str:  # never print secrets
-        return f"Settings(database_url={self.database_url!r}, host={self.host!r}, port={self.port})"
+        return f"Settings(database_url={redact_url(self.database_url)!r}, host={self.host!r}, port={self.port})"
 
 
 _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_DATABASE_URL": ("database_url", str),
+    "GATEWAY_DATABASE_POOL_SIZE": ("database_pool_size", int),
     "GATEWAY_JOURNAL_DIR": ("journal_dir", str),
     "GATEWAY_RECORD_LINGER_SECONDS": ("record_linger_seconds", float),
     "GATEWAY_CONFIG": ("config_path", Path),
@@ -209,6 +219,15 @@ _ENV: dict[str, tuple[str, type]] = {
 }
 
 
+def redact_url(url: str) -> str:
+    """The URL without its password (`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+
+
 def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool = True) -> Settings:
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
@@ -226,10 +245,10 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
     settings = Settings(**values)
     if settings.polar_environment not in ("sandbox", "production"):
         raise ConfigError(f"POLAR_ENVIRONMENT must be 'sandbox' or 'production', got {settings.polar_environment!r}")
-    if not (settings.database_url.startswith("sqlite:///") or settings.database_url.startswith("postgresql://")):
-        raise ConfigError("GATEWAY_DATABASE_URL must look like sqlite:///path/to.db or postgresql://user@host/db")
-    if settings.database_url.startswith("postgresql://"):
-        raise ConfigError("the PostgreSQL store is not available yet; use sqlite:///path/to.db")
+    if not settings.database_url.startswith(("sqlite:///", *POSTGRES_SCHEMES)):
+        raise ConfigError("GATEWAY_DATABASE_URL must look like sqlite:///path/to.db or postgresql://user@host:5432/db")
+    if settings.database_pool_size < 1:
+        raise ConfigError("GATEWAY_DATABASE_POOL_SIZE must be at least 1")
     if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("GATEWAY_REDIS_URL must look like redis://host:6379/0 (or rediss://, unix://)")
     for var in ("GATEWAY_CLIENT_TIMEOUT_SECONDS", "GATEWAY_MAX_CONNECTIONS"):

@@ -10,12 +10,12 @@ import orjson
 
 from gateway.events import event_count, event_quantities
 from gateway.store.base import ApiKey, CustomerLimits, MeterLimit, RequestRecord, UsageEvent
-from gateway.store.sqlite_base import Op, json_text, migrations_dir, opt_datetime
+from gateway.store.sqlite_base import Op, json_text, opt_datetime
 from gateway.store.sqlite_outbox import SqliteOutbox
 from gateway.store.sqlite_ratelimit import SqliteRateWindows
 from gateway.timeutil import iso, parse_iso, utcnow
 
-__all__ = ["SqliteStore", "migrations_dir"]
+__all__ = ["SqliteStore"]
 
 _REQUEST_COLUMNS = (
     "id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
@@ -227,7 +227,7 @@ class SqliteStore(SqliteRateWindows, SqliteOutbox):
 
     async def stale_limit_users(self, older_than: datetime, limit: int) -> list[str]:
         rows = await self.db.execute_fetchall(
-            "SELECT user_id FROM customer_limits WHERE updated_at < ? ORDER BY updated_at LIMIT ?",
+            "SELECT user_id FROM customer_limits WHERE updated_at < ? ORDER BY updated_at, user_id LIMIT ?",
             (iso(older_than), limit),
         )
         return [r[0] for r in rows]
