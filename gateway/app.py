@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.admin import admin_routes
-from gateway.billing import portal_endpoint, status_endpoint
+from gateway.billing.endpoints import portal_endpoint, status_endpoint
 from gateway.journal import Journal
 from gateway.keys import KeyCache
 from gateway.limits import LimitsRefresher
