@@ -34,6 +34,7 @@ log = logging.getLogger("gateway.leases")
 
 _PRUNE_EVERY = 60.0  # seconds between prunes of the invalidation log
 _KEEP_LOG = timedelta(minutes=10)  # far longer than any poll gap
+_LOOKBACK = timedelta(seconds=2)  # re-read window for entries whose insert committed late
 
 
 class LeaseKeeper:
@@ -63,6 +64,7 @@ class LeaseKeeper:
         self.idle = idle
         self.host = host or socket.gethostname()
         self._seq = 0
+        self._seen: dict[int, float] = {}  # recent entries handled: seq -> monotonic time
         self._task: asyncio.Task[None] | None = None
         self._next_beat = 0.0
         self._next_prune = 0.0
@@ -98,8 +100,12 @@ class LeaseKeeper:
                 await asyncio.sleep(self.heartbeat)
 
     async def tick(self) -> None:
-        for inv in await self.store.invalidations_after(self._seq):
-            self._seq = inv.seq
+        now = time.monotonic()
+        for inv in await self.store.invalidations_after(self._seq, utcnow() - _LOOKBACK):
+            if inv.seq in self._seen:
+                continue
+            self._seen[inv.seq] = now
+            self._seq = max(self._seq, inv.seq)
             if inv.kind == InvalidationKind.RECALL:
                 if inv.seq not in self.ledger.my_recalls:
                     await self.ledger.answer_recall(inv.subject, inv.seq)
@@ -108,7 +114,6 @@ class LeaseKeeper:
                 self.ledger.invalidate(inv.subject)
             if self.on_invalidation is not None:
                 self.on_invalidation(inv)
-        now = time.monotonic()
         beat = now >= self._next_beat
         await self.ledger.keep(self.idle, scan=beat)
         if beat:
@@ -119,6 +124,8 @@ class LeaseKeeper:
                 await self.store.register_process(self.owner, self.host, os.getpid(), journal)
                 await self.ledger.reassert()
             await self.settle_dead()
+        if beat:
+            self._seen = {seq: at for seq, at in self._seen.items() if now - at < 2 * _LOOKBACK.total_seconds()}
         if now >= self._next_prune:
             self._next_prune = now + _PRUNE_EVERY
             await self.store.prune_invalidations(utcnow() - _KEEP_LOG)

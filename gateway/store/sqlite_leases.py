@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
 
 from gateway.store.leases_base import Invalidation, LeaseAsk, LeaseGrant, ProcessRow, grant
 from gateway.store.sqlite_base import Op, SqliteBase
@@ -184,9 +183,10 @@ class SqliteLeases(SqliteBase):
             )
         return int(next(iter(rows))[0])
 
-    async def invalidations_after(self, seq: int) -> list[Invalidation]:
+    async def invalidations_after(self, seq: int, since: datetime) -> list[Invalidation]:
         rows = await self.db.execute_fetchall(
-            "SELECT seq, kind, subject FROM invalidations WHERE seq > ? ORDER BY seq", (seq,)
+            "SELECT seq, kind, subject FROM invalidations WHERE seq > ? OR created_at >= ? ORDER BY seq",
+            (seq, iso(since)),
         )
         return [Invalidation(int(r[0]), r[1], r[2]) for r in rows]
 

@@ -27,8 +27,9 @@ CREATE TABLE invalidations (
     seq         bigserial PRIMARY KEY,
     kind        text NOT NULL,
     subject     text NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL
 );
+CREATE INDEX ix_invalidations_created ON invalidations (created_at);
 
 -- A stored request's usage leaves its owner's lease in the same statement, so it is counted once:
 -- in `requests` from now on. The transition table holds only the rows actually inserted, so a

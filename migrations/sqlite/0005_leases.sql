@@ -29,6 +29,7 @@ CREATE TABLE invalidations (
     subject     TEXT NOT NULL,
     created_at  TEXT NOT NULL
 );
+CREATE INDEX ix_invalidations_created ON invalidations (created_at);
 
 -- A stored request's usage leaves its owner's lease in the same transaction, so it is counted
 -- once: in `requests` from now on. A trigger fires only for rows actually inserted, so a replay
