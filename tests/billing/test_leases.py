@@ -41,11 +41,13 @@ async def test_parallel_reservations_over_three_processes_never_pass_on_one_bala
 
 async def test_sequential_reservations_alternating_succeed_until_the_last_that_fits(db: Cluster) -> None:
     procs = [await db.process(f"p{i}", {OUT: 100}) for i in range(3)]
-    results = [await procs[i % 3].ledger.reserve("u", {OUT: 7}) for i in range(15)]
-    assert all(isinstance(r, Reservation) for r in results[:14])
-    # Other processes held idle slices on the way; each was recalled, never a reason to refuse.
-    assert results[14] == Refusal(meter=OUT, needed=7, remaining=2)
-    assert sum((await db.leases("u")).values()) <= 100
+    results = [await procs[i % 3].ledger.reserve("u", {OUT: 10}) for i in range(11)]
+    # Other processes held idle slices on the way (a quarter of what was left each time); each
+    # was recalled when needed, never a reason to refuse: exactly 10 fit.
+    assert all(isinstance(r, Reservation) for r in results[:10])
+    assert results[10] == Refusal(meter=OUT, needed=10, remaining=0)
+    assert sum((await db.leases("u")).values()) == 100
+    assert [p.ledger._users["u"].held[OUT].idle for p in procs] == [0, 0, 0]
 
 
 async def test_settle_and_stored_count_usage_exactly_once(db: Cluster) -> None:
