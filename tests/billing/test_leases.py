@@ -75,7 +75,7 @@ async def test_settle_and_stored_count_usage_exactly_once(db: Cluster) -> None:
 
 
 async def test_a_dead_process_is_released_after_its_journal_is_recovered(db: Cluster) -> None:
-    a = await db.process("a", {OUT: 1000}, journal=True, stale=0.5, heartbeat=0.05)
+    a = await db.process("a", {OUT: 1000}, journal=True, stale=0.5, start=False)  # its keeper run by hand
     d = await db.process("d", {OUT: 1000}, journal=True, stale=0.5, heartbeat=0.05)
     assert d.journal is not None
     res1 = await d.ledger.reserve("u", {OUT: 40})
@@ -89,16 +89,26 @@ async def test_a_dead_process_is_released_after_its_journal_is_recovered(db: Clu
     d.journal.begin(r2)  # still in flight when it dies
     assert await db.leases("u") == {d.owner: 250}
 
-    # Silent but alive (its journal still locked): nobody touches its leases.
+    # Silent but alive (its journal still locked): claimed once its heartbeat is stale, left alone.
     task = d.keeper._task
     assert task is not None
     task.cancel()
-    await asyncio.sleep(0.7)
-    assert await a.keeper.settle_dead() == []
+    beat = await db.query("SELECT heartbeat_at FROM processes WHERE owner = ?", d.owner)
+
+    async def claimed() -> bool:
+        assert await a.keeper.settle_dead() == []
+        return await db.query("SELECT heartbeat_at FROM processes WHERE owner = ?", d.owner) != beat
+
+    await wait_until_async(claimed)
     assert await db.leases("u") == {d.owner: 250}
 
     await d.kill()
-    await wait_until_async(lambda: _released(db, d.owner))
+
+    async def released() -> bool:
+        return await a.keeper.settle_dead() == [d.owner]
+
+    await wait_until_async(released)
+    assert await _released(db, d.owner)
     assert await db.leases("u") == {}
     # Its finished request counted exactly, the one in flight by its reservation; once each.
     rows = await db.query("SELECT id, usage FROM requests ORDER BY id")
