@@ -27,6 +27,8 @@ from pathlib import Path
 
 from gateway.billing.leases import LeasedLedger
 from gateway.journal import held
+from gateway.settings import Settings
+from gateway.store.base import Store
 from gateway.store.leases_base import Invalidation, InvalidationKind, LeaseStore
 from gateway.timeutil import utcnow
 
@@ -144,3 +146,38 @@ class LeaseKeeper:
             log.warning("released %d lease(s) of stopped process %s", rows, p.owner)
             released.append(p.owner)
         return released
+
+
+def shared_quota(
+    settings: Settings,
+    store: Store,
+    leases: LeaseStore,
+    owner: str,
+    *,
+    journal_dir: Path | None,
+    recover: Callable[[Path], Awaitable[object]] | None,
+    on_invalidation: Callable[[Invalidation], None] | None,
+) -> tuple[LeasedLedger, LeaseKeeper]:
+    """The shared ledger and its keeper, configured from the settings."""
+    ledger = LeasedLedger(
+        store,
+        leases,
+        owner,
+        settings.file.plan,
+        fraction=settings.lease_fraction,
+        recall_wait=settings.lease_recall_wait_seconds,
+        poll=settings.keeper_poll_seconds,
+        stale_seconds=settings.heartbeat_stale_seconds,
+    )
+    keeper = LeaseKeeper(
+        ledger,
+        leases,
+        journal_dir=journal_dir,
+        recover=recover,
+        on_invalidation=on_invalidation,
+        poll=settings.keeper_poll_seconds,
+        heartbeat=settings.heartbeat_seconds,
+        stale=settings.heartbeat_stale_seconds,
+        idle=settings.lease_idle_seconds,
+    )
+    return ledger, keeper

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from gateway.billing.protocols import Reservation
@@ -209,3 +210,22 @@ async def _leases_are(db: Cluster, expected: dict[str, int]) -> bool:
 
 async def _has(items: list[Invalidation], want: Invalidation) -> bool:
     return any((i.kind, i.subject) == (want.kind, want.subject) for i in items)
+
+
+async def test_an_invalidation_committed_after_a_later_one_is_still_seen(tmp_path: Path) -> None:
+    # PostgreSQL hands out sequence numbers before commit: entry n can become visible after n + 1.
+    async with cluster("postgres", tmp_path) as db:
+        a = await db.process("a", {})
+        conn = await asyncpg.connect(db.dsn)
+        try:
+            tx = conn.transaction()
+            await tx.start()
+            early = "INSERT INTO invalidations (kind, subject, created_at) VALUES ('key', 'early', $1)"
+            await conn.execute(early, utcnow())
+            await a.store.notify_invalidation(InvalidationKind.KEY, "late")
+            await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "late")), within=1.0)
+            await tx.commit()
+        finally:
+            await conn.close()
+        await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "early")), within=1.0)
+        assert [i.subject for i in a.invalidations] == ["late", "early"]

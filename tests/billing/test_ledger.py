@@ -35,3 +35,23 @@ def test_lease_settings_from_env() -> None:
         settings_from_env({"GATEWAY_LEASE_FRACTION": "1.5"}, load_file=False)
     with pytest.raises(ConfigError, match="at least 3 x GATEWAY_HEARTBEAT_SECONDS"):
         settings_from_env({"GATEWAY_HEARTBEAT_STALE_SECONDS": "2"}, load_file=False)
+
+
+async def test_shared_quota_is_built_from_the_settings(store: SqliteStore) -> None:
+    from dataclasses import replace
+
+    from gateway.billing.keeper import shared_quota
+    from gateway.settings import FileConfig, Settings
+
+    s = replace(Settings(), lease_fraction=0.5, heartbeat_seconds=0.5, file=FileConfig(plan={OUT: 100}))
+    ledger, keeper = shared_quota(s, store, store, "o1", journal_dir=None, recover=None, on_invalidation=None)
+    await keeper.start()
+    try:
+        res = await ledger.reserve("u", {OUT: 10})
+        assert isinstance(res, Reservation)
+        assert await store.lease_totals("u") == {OUT: 50}  # half of the plan's 100
+        assert (keeper.heartbeat, keeper.stale, keeper.idle) == (0.5, 10.0, 5.0)
+        ledger.settle(res, {})  # (a request still in flight at shutdown keeps its reservation leased)
+    finally:
+        await keeper.close()
+    assert await store.lease_totals("u") == {}
