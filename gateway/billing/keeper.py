@@ -5,7 +5,7 @@ recalled) and hands back what recalled users left idle; every `heartbeat` second
 process's registration, returns idle leases of quiet users and settles dead processes.
 
 A dead process (heartbeat older than `stale` seconds) is settled by one live process at a time
-(`claim_dead`). On the same host its journal is visible: if a live process still holds it (flock)
+(`claim_process`). On the same host its journal is visible: if a live process still holds it (flock)
 the owner is only slow and is left alone; otherwise the journal is recovered into the store
 first (which takes the recovered usage off the dead owner's leases), then its leases are
 released. A process on another host is released on heartbeat expiry alone: its own host
@@ -135,13 +135,15 @@ class LeaseKeeper:
     async def settle_dead(self) -> list[str]:
         """Release the leases of dead processes; returns their owner ids."""
         released: list[str] = []
-        for p in await self.store.claim_dead(self.owner, utcnow() - timedelta(seconds=self.stale)):
-            if p.host == self.host and p.journal:
-                journal = Path(p.journal)
-                if held(journal, p.owner):
-                    continue  # alive (its journal is locked), only slow to beat
-                if self.recover is not None:
-                    await self.recover(journal)
+        cutoff = utcnow() - timedelta(seconds=self.stale)
+        for p in await self.store.stale_processes(self.owner, cutoff):
+            local = p.host == self.host and bool(p.journal)
+            if local and held(Path(p.journal), p.owner):
+                continue  # alive (its journal is locked), only slow to beat or about to exit
+            if not await self.store.claim_process(p.owner, cutoff):
+                continue  # it beat again, or another process settles it
+            if local and self.recover is not None:
+                await self.recover(Path(p.journal))
             rows = await self.store.release_owner(p.owner)
             log.warning("released %d lease(s) of stopped process %s", rows, p.owner)
             released.append(p.owner)

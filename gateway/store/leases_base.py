@@ -121,10 +121,14 @@ class ProcessRegistry(Protocol):
         """Renew; False when the row is gone (another process took this one for dead)."""
         ...
 
-    async def claim_dead(self, owner: str, stale_before: datetime) -> list[ProcessRow]:
-        """Processes whose heartbeat is older than `stale_before`, claimed by renewing their
-        heartbeat on their behalf (so one live process at a time settles each; should that one
-        die too, the claim goes stale and another takes it)."""
+    async def stale_processes(self, owner: str, stale_before: datetime) -> list[ProcessRow]:
+        """Other processes whose heartbeat is older than `stale_before`."""
+        ...
+
+    async def claim_process(self, owner: str, stale_before: datetime) -> bool:
+        """Claim a stale process for settling by renewing its heartbeat on its behalf; False when
+        it is not stale (any more). One live process at a time settles each; should that one die
+        too, the claim goes stale and another takes it."""
         ...
 
     async def stop_process(self, owner: str, keep: bool) -> None:

@@ -19,6 +19,8 @@ from gateway.timeutil import utcnow
 _LOCK_SPACE = 0x4C45  # first key of the two-key advisory lock: leases, apart from other users of locks
 _EXPIRED = datetime.fromisoformat("0001-01-02T00:00:00+00:00")  # older than any staleness limit
 
+# Consumed, leases and (with a recall) the live owners yet to answer it, in one statement: one
+# snapshot, so a hand-back committing meanwhile is seen whole (amount and answer) or not at all.
 _TOTALS = (
     "SELECT 'c', u.key, SUM(u.value::bigint), 0::bigint FROM requests AS r"
     " CROSS JOIN LATERAL jsonb_each_text(r.usage) AS u(key, value)"
@@ -26,6 +28,10 @@ _TOTALS = (
     " UNION ALL"
     " SELECT 'l', meter, SUM(amount), SUM(CASE WHEN owner = $4 THEN amount ELSE 0 END)"
     " FROM quota_leases WHERE user_id = $1 GROUP BY meter"
+    " UNION ALL"
+    " SELECT 'a', '', COUNT(DISTINCT l.owner), 0 FROM quota_leases AS l JOIN processes AS p ON p.owner = l.owner"
+    " WHERE $5::bigint > 0 AND l.user_id = $1 AND l.owner <> $4 AND l.amount > 0 AND l.answered < $5"
+    " AND p.heartbeat_at >= $6 AND l.meter = ANY($7::text[])"
 )
 
 
@@ -50,23 +56,19 @@ class PostgresLeases:
             consumed: dict[str, int] = {}
             leased: dict[str, int] = {}
             own: dict[str, int] = {}
-            for kind, meter, total, mine in await conn.fetch(_TOTALS, user_id, start, end, owner):
+            unanswered = 0
+            rows = await conn.fetch(
+                _TOTALS, user_id, start, end, owner, recall_seq, alive_after or utcnow(), [a.meter for a in asks]
+            )
+            for kind, meter, total, mine in rows:
                 if kind == "c":
                     consumed[meter] = int(total)
-                else:
+                elif kind == "l":
                     leased[meter], own[meter] = int(total), int(mine)
+                else:
+                    unanswered = int(total)
             out = grant(asks, consumed, leased, own, fraction)
-            if recall_seq:
-                out.unanswered = await conn.fetchval(
-                    "SELECT COUNT(DISTINCT l.owner) FROM quota_leases AS l JOIN processes AS p ON p.owner = l.owner"
-                    " WHERE l.user_id = $1 AND l.owner <> $2 AND l.amount > 0 AND l.answered < $3"
-                    " AND p.heartbeat_at >= $4 AND l.meter = ANY($5::text[])",
-                    user_id,
-                    owner,
-                    recall_seq,
-                    alive_after or utcnow(),
-                    [a.meter for a in asks],
-                )
+            out.unanswered = unanswered
             if out.granted:
                 await _add(conn, owner, user_id, out.granted)
         return out
@@ -136,15 +138,22 @@ class PostgresLeases:
         status = await self.pool.execute("UPDATE processes SET heartbeat_at = $2 WHERE owner = $1", owner, utcnow())
         return bool(status != "UPDATE 0")
 
-    async def claim_dead(self, owner: str, stale_before: datetime) -> list[ProcessRow]:
+    async def stale_processes(self, owner: str, stale_before: datetime) -> list[ProcessRow]:
         rows = await self.pool.fetch(
-            "UPDATE processes SET heartbeat_at = $3 WHERE heartbeat_at < $1 AND owner <> $2"
-            " RETURNING owner, host, pid, journal, heartbeat_at",
+            "SELECT owner, host, pid, journal, heartbeat_at FROM processes WHERE heartbeat_at < $1 AND owner <> $2",
             stale_before,
             owner,
-            utcnow(),
         )
         return [ProcessRow(r[0], r[1], int(r[2]), r[3], r[4]) for r in rows]
+
+    async def claim_process(self, owner: str, stale_before: datetime) -> bool:
+        status = await self.pool.execute(
+            "UPDATE processes SET heartbeat_at = $3 WHERE owner = $1 AND heartbeat_at < $2",
+            owner,
+            stale_before,
+            utcnow(),
+        )
+        return bool(status != "UPDATE 0")
 
     async def stop_process(self, owner: str, keep: bool) -> None:
         async with self.pool.acquire() as conn, conn.transaction():

@@ -14,7 +14,7 @@ from gateway.store.leases_base import Invalidation, LeaseAsk, LeaseGrant, Proces
 from gateway.store.sqlite_base import Op, SqliteBase
 from gateway.timeutil import iso, parse_iso, utcnow
 
-_EXPIRED = "0000-01-01T00:00:00.000000Z"  # a heartbeat older than any staleness limit
+_EXPIRED = "0001-01-02T00:00:00.000000Z"  # a heartbeat older than any staleness limit
 
 
 class SqliteLeases(SqliteBase):
@@ -155,14 +155,20 @@ class SqliteLeases(SqliteBase):
             cur = await self.db.execute("UPDATE processes SET heartbeat_at = ? WHERE owner = ?", (iso(utcnow()), owner))
             return cur.rowcount > 0
 
-    async def claim_dead(self, owner: str, stale_before: datetime) -> list[ProcessRow]:
-        async with self._lock:
-            rows = await self.db.execute_fetchall(
-                "UPDATE processes SET heartbeat_at = ? WHERE heartbeat_at < ? AND owner != ?"
-                " RETURNING owner, host, pid, journal, heartbeat_at",
-                (iso(utcnow()), iso(stale_before), owner),
-            )
+    async def stale_processes(self, owner: str, stale_before: datetime) -> list[ProcessRow]:
+        rows = await self.db.execute_fetchall(
+            "SELECT owner, host, pid, journal, heartbeat_at FROM processes WHERE heartbeat_at < ? AND owner != ?",
+            (iso(stale_before), owner),
+        )
         return [ProcessRow(r[0], r[1], int(r[2]), r[3], parse_iso(r[4])) for r in rows]
+
+    async def claim_process(self, owner: str, stale_before: datetime) -> bool:
+        async with self._lock:
+            cur = await self.db.execute(
+                "UPDATE processes SET heartbeat_at = ? WHERE owner = ? AND heartbeat_at < ?",
+                (iso(utcnow()), owner, iso(stale_before)),
+            )
+            return cur.rowcount > 0
 
     async def stop_process(self, owner: str, keep: bool) -> None:
         if keep:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -45,7 +46,7 @@ async def test_sequential_reservations_alternating_succeed_until_the_last_that_f
     results = [await procs[i % 3].ledger.reserve("u", {OUT: 10}) for i in range(11)]
     # Other processes held idle slices on the way (a quarter of what was left each time); each
     # was recalled when needed, never a reason to refuse: exactly 10 fit.
-    assert all(isinstance(r, Reservation) for r in results[:10])
+    assert [type(r).__name__ for r in results[:10]] == ["Reservation"] * 10, results
     assert results[10] == Refusal(meter=OUT, needed=10, remaining=0)
     assert sum((await db.leases("u")).values()) == 100
     assert [p.ledger._users["u"].held[OUT].idle for p in procs] == [0, 0, 0]
@@ -90,17 +91,16 @@ async def test_a_dead_process_is_released_after_its_journal_is_recovered(db: Clu
     d.journal.begin(r2)  # still in flight when it dies
     assert await db.leases("u") == {d.owner: 250}
 
-    # Silent but alive (its journal still locked): claimed once its heartbeat is stale, left alone.
+    # Silent but alive (its journal still locked): stale, yet left alone.
     task = d.keeper._task
     assert task is not None
     task.cancel()
-    beat = await db.query("SELECT heartbeat_at FROM processes WHERE owner = ?", d.owner)
 
-    async def claimed() -> bool:
-        assert await a.keeper.settle_dead() == []
-        return await db.query("SELECT heartbeat_at FROM processes WHERE owner = ?", d.owner) != beat
+    async def stale() -> bool:
+        return bool(await a.store.stale_processes(a.owner, utcnow() - timedelta(seconds=0.5)))
 
-    await wait_until_async(claimed)
+    await wait_until_async(stale)
+    assert await a.keeper.settle_dead() == []
     assert await db.leases("u") == {d.owner: 250}
 
     await d.kill()
@@ -132,7 +132,7 @@ async def test_a_dead_process_on_another_host_is_released_on_heartbeat_expiry(db
 
 async def test_shutdown_hands_back_all_but_what_is_not_stored(db: Cluster) -> None:
     a = await db.process("a", {OUT: 1000}, journal=True)
-    b = await db.process("b", {OUT: 1000}, journal=True, heartbeat=0.05)
+    b = await db.process("b", {OUT: 1000}, journal=True, start=False)  # its keeper run by hand
     assert a.journal is not None
     res = await a.ledger.reserve("u", {OUT: 100})
     assert isinstance(res, Reservation)
@@ -142,8 +142,10 @@ async def test_shutdown_hands_back_all_but_what_is_not_stored(db: Cluster) -> No
     a.ledger.settle(res, {OUT: 60})
     await a.keeper.close()  # the 60 never reached the store: its lease stays, the process row expires
     assert await db.leases("u") == {a.owner: 60}
+    assert await b.keeper.settle_dead() == []  # (its journal is still open: alive)
     a.journal.close()  # the process exits; the next one recovers its journal, then releases it
-    await wait_until_async(lambda: _released(db, a.owner))
+    assert await b.keeper.settle_dead() == [a.owner]
+    assert await _released(db, a.owner)
     assert await b.store.consumed("u", *month_bounds(utcnow())) == {OUT: 60}
     assert await db.leases("u") == {}
 
