@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.admin import admin_routes
-from gateway.billing import portal_endpoint, status_endpoint
+from gateway.billing.endpoints import portal_endpoint, status_endpoint
 from gateway.http_api import not_found, server_error
 from gateway.journal import Journal
 from gateway.keys import KeyCache

@@ -110,19 +110,7 @@ class Ledger:
     def _limits_for(
         self, limits: CustomerLimits | None, now: datetime
     ) -> tuple[datetime, datetime, dict[str, int | None], str]:
-        if limits is None:
-            start, end = month_bounds(now)
-            return start, end, dict(self._plan), "plan"
-        if limits.period_start and limits.period_end and limits.period_start <= now < limits.period_end:
-            start, end = limits.period_start, limits.period_end
-        else:
-            start, end = month_bounds(now)
-        if not limits.active:  # subscription revoked: no credits left for any limited meter
-            return start, end, {m: 0 for m in set(self._plan) | set(limits.meters)}, "polar"
-        credited: dict[str, int | None] = dict(self._plan)
-        for name, m in limits.meters.items():
-            credited[name] = m.credited
-        return start, end, credited, "polar"
+        return limits_for(self._plan, limits, now)
 
     def invalidate(self, user_id: str) -> None:
         """Limits changed (webhook, refresh): reload them before the next pre-check."""
@@ -161,6 +149,25 @@ class Ledger:
                 if state is None:
                     state = meters[name] = MeterState(credited=None)
                 state.consumed += amount
+
+
+def limits_for(
+    plan: Mapping[str, int], limits: CustomerLimits | None, now: datetime
+) -> tuple[datetime, datetime, dict[str, int | None], str]:
+    """The period, credited per meter and source of a user's limits (Polar's, else the plan)."""
+    if limits is None:
+        start, end = month_bounds(now)
+        return start, end, dict(plan), "plan"
+    if limits.period_start and limits.period_end and limits.period_start <= now < limits.period_end:
+        start, end = limits.period_start, limits.period_end
+    else:
+        start, end = month_bounds(now)
+    if not limits.active:  # subscription revoked: no credits left for any limited meter
+        return start, end, {m: 0 for m in set(plan) | set(limits.meters)}, "polar"
+    credited: dict[str, int | None] = dict(plan)
+    for name, m in limits.meters.items():
+        credited[name] = m.credited
+    return start, end, credited, "polar"
 
 
 @dataclass(frozen=True, slots=True)

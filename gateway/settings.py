@@ -155,6 +155,13 @@ class Settings:
     sync_backoff_max_seconds: float = 300.0
     sync_batch_size: int = 500
     limits_max_age_seconds: float = 900.0
+    # Several processes on one database (gateway/billing/leases.py, keeper.py)
+    lease_fraction: float = 0.25  # a lease takes this share of what is unleased (at least the request's need)
+    lease_idle_seconds: float = 5.0  # a user quiet this long: the idle part of its leases goes back
+    lease_recall_wait_seconds: float = 1.5  # how long a short process waits for others to hand back idle leases
+    keeper_poll_seconds: float = 0.05  # how often each process reads the invalidation log (recalls, limits, keys)
+    heartbeat_seconds: float = 1.0
+    heartbeat_stale_seconds: float = 10.0  # no heartbeat this long: the process is dead, its leases are released
     file: FileConfig = field(default_factory=FileConfig)
 
     @property
@@ -216,6 +223,12 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_SYNC_BACKOFF_MAX_SECONDS": ("sync_backoff_max_seconds", float),
     "GATEWAY_SYNC_BATCH_SIZE": ("sync_batch_size", int),
     "GATEWAY_LIMITS_MAX_AGE_SECONDS": ("limits_max_age_seconds", float),
+    "GATEWAY_LEASE_FRACTION": ("lease_fraction", float),
+    "GATEWAY_LEASE_IDLE_SECONDS": ("lease_idle_seconds", float),
+    "GATEWAY_LEASE_RECALL_WAIT_SECONDS": ("lease_recall_wait_seconds", float),
+    "GATEWAY_KEEPER_POLL_SECONDS": ("keeper_poll_seconds", float),
+    "GATEWAY_HEARTBEAT_SECONDS": ("heartbeat_seconds", float),
+    "GATEWAY_HEARTBEAT_STALE_SECONDS": ("heartbeat_stale_seconds", float),
 }
 
 
@@ -254,6 +267,10 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
     for var in ("GATEWAY_CLIENT_TIMEOUT_SECONDS", "GATEWAY_MAX_CONNECTIONS"):
         if not 0 < getattr(settings, _ENV[var][0]) < math.inf:
             raise ConfigError(f"{var} must be a positive number, got {env.get(var)!r}")
+    if settings.lease_fraction > 1:
+        raise ConfigError(f"GATEWAY_LEASE_FRACTION must be between 0 and 1, got {settings.lease_fraction}")
+    if settings.heartbeat_stale_seconds < 3 * settings.heartbeat_seconds:
+        raise ConfigError("GATEWAY_HEARTBEAT_STALE_SECONDS must be at least 3 x GATEWAY_HEARTBEAT_SECONDS")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("GATEWAY_LOG_FORMAT must be 'text' or 'json'")
     for name in ("anthropic_upstream", "gemini_upstream"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from importlib import resources
 
 
@@ -18,6 +19,17 @@ def migration_scripts(dialect: str) -> list[tuple[str, str]]:
 
 
 def split_sql(script: str) -> list[str]:
-    """Statements of a migration file (our migrations keep ';' out of literals and comments)."""
+    """Statements of a SQLite migration file (our migrations keep ';' and '--' out of literals). A
+    trigger's body holds ';' of its own: pieces join until SQLite calls the statement complete."""
     lines = [line.split("--", 1)[0] for line in script.splitlines()]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    statements: list[str] = []
+    pending = ""
+    for piece in "\n".join(lines).split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip().removesuffix(";"))
+            pending = ""
+    if pending.strip(" \n;"):
+        statements.append(pending.strip().removesuffix(";"))
+    return statements

@@ -11,6 +11,7 @@ import orjson
 from gateway.events import event_count, event_quantities
 from gateway.store.base import ApiKey, CustomerLimits, MeterLimit, RequestRecord, UsageEvent
 from gateway.store.sqlite_base import Op, json_text, opt_datetime
+from gateway.store.sqlite_leases import SqliteLeases
 from gateway.store.sqlite_outbox import SqliteOutbox
 from gateway.store.sqlite_ratelimit import SqliteRateWindows
 from gateway.timeutil import iso, parse_iso, utcnow
@@ -52,8 +53,8 @@ def _chunked(flat: list[Any]) -> list[Op]:
     return ops
 
 
-class SqliteStore(SqliteRateWindows, SqliteOutbox):
-    """Implements `gateway.store.base.Store` (and `gateway.ratelimit_shared.RateWindowStore`)."""
+class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox):
+    """Implements `gateway.store.base.Store` and `gateway.store.leases_base.LeaseStore`."""
 
     # ------------------------------------------------------------------ keys
     async def create_key(self, key_id: str, user_id: str, name: str, prefix: str, key_hash: bytes) -> ApiKey:
