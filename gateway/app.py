@@ -15,6 +15,8 @@ from starlette.routing import Route
 
 from gateway.admin import admin_routes
 from gateway.billing.endpoints import portal_endpoint, status_endpoint
+from gateway.billing.ledger import InProcessLedger
+from gateway.billing.owner import BillingOwner
 from gateway.http_api import not_found, server_error
 from gateway.journal import Journal
 from gateway.keys import KeyCache
@@ -43,16 +45,20 @@ def build_services(settings: Settings, *, shared: bool = False) -> Services:
     polar = PolarBilling.from_settings(settings) if settings.polar_enabled else None
     owner = process_owner_id()
     journal = Journal(settings.journal_path, owner)
+    ledger = InProcessLedger(Ledger(store, settings.file.plan))
+    limiter = make_limiter(settings, store, shared=shared)
+    recorder = Recorder(store, journal, on_stored=ledger.stored, linger=settings.record_linger_seconds)
     return Services(
         polar=polar,
         settings=settings,
         store=store,
         keys=KeyCache(store),
-        ledger=Ledger(store, settings.file.plan),
-        limiter=make_limiter(settings, store, shared=shared),
+        ledger=ledger,
+        limiter=limiter,
         owner=owner,
         journal=journal,
-        recorder=Recorder(store, journal, linger=settings.record_linger_seconds),
+        recorder=recorder,
+        billing=BillingOwner(ledger, limiter, journal, recorder),
     )
 
 

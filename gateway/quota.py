@@ -62,9 +62,14 @@ class Ledger:
         self._users: dict[str, UserQuota] = {}
         self._loading: dict[str, asyncio.Future[UserQuota]] = {}
 
-    async def get(self, user_id: str) -> UserQuota:
+    def cached(self, user_id: str) -> UserQuota | None:
+        """The user's quota if it is loaded and current: what `get` returns, without a coroutine."""
         uq = self._users.get(user_id)
-        if uq is not None and not uq.stale and self._clock() < uq.period_end:
+        return uq if uq is not None and not uq.stale and self._clock() < uq.period_end else None
+
+    async def get(self, user_id: str) -> UserQuota:
+        uq = self.cached(user_id)
+        if uq is not None:
             return uq
         pending = self._loading.get(user_id)
         if pending is not None:

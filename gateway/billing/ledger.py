@@ -17,7 +17,9 @@ class InProcessLedger:
         self.ledger = ledger
 
     async def reserve(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | Refusal:
-        uq = await self.ledger.get(user_id)
+        uq = self.ledger.cached(user_id)  # the common case, without a second coroutine
+        if uq is None:
+            uq = await self.ledger.get(user_id)
         refusal = Ledger.reserve(uq, amounts)
         return refusal if refusal is not None else Reservation(user_id, amounts, uq)
 

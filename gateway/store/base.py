@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from gateway.outcomes import Outcome
 from gateway.ratelimit import Bucket, RateLimited
 
 
@@ -53,7 +54,7 @@ class RequestRecord:
     started_at: datetime
     reservation: dict[str, int] = field(default_factory=dict)
     status_code: int | None = None
-    outcome: str = "in_flight"  # ok | upstream_error | client_disconnected | upstream_broken | timeout | ...
+    outcome: str = Outcome.IN_FLIGHT.value  # how it ended: an `Outcome` value
     usage: dict[str, int] = field(default_factory=dict)
     usage_raw: Any = None
     estimated: bool = False
