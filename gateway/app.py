@@ -17,6 +17,7 @@ from gateway.admin import admin_routes
 from gateway.billing.endpoints import portal_endpoint, status_endpoint
 from gateway.billing.ledger import InProcessLedger
 from gateway.billing.owner import BillingOwner
+from gateway.dashboard import dashboard_routes
 from gateway.http_api import not_found, server_error
 from gateway.journal import Journal
 from gateway.keys import KeyCache
@@ -170,6 +171,7 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
             methods=["POST"],
         ),
         *admin_routes(s),
+        *dashboard_routes(s),
     ]
     app = Starlette(
         routes=routes,
