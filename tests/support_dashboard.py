@@ -1,12 +1,16 @@
-"""Helpers for the dashboard tests: a signed-in HTTP client and the CSRF token of a page."""
+"""Helpers for the dashboard tests: a signed-in HTTP client, the CSRF token of a page, and the browser."""
 
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
+import pytest
+from playwright.sync_api import Page
 
 from tests.conftest import ADMIN_TOKEN, Gateway
 
@@ -27,3 +31,27 @@ def signed_in(gw: Gateway) -> Iterator[httpx.Client]:
         assert resp.status_code == 303 and resp.headers["location"] == "/admin", resp.text
         assert "gw_admin" in client.cookies
         yield client
+
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def chromium_path() -> str:
+    """Debian's Chromium, driven by Playwright (no browser download)."""
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.fail("the browser tests need Chromium: apt-get install -y chromium")
+    return path
+
+
+def sign_in_browser(page: Page, gw: Gateway) -> None:
+    page.goto(f"{gw.url}/admin")
+    page.wait_for_url(f"{gw.url}/admin/signin")
+    page.fill("input[name=token]", ADMIN_TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{gw.url}/admin")
+
+
+def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)

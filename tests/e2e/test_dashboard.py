@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import anthropic
 import httpx
 import pytest
 
+from gateway.app import create_app
 from gateway.dashboard.auth import SessionSigner
+from gateway.settings import Settings
 from tests.conftest import ADMIN_TOKEN, Gateway, wait_until
 from tests.fakes.polar import FakePolar
 from tests.support_dashboard import csrf_of, signed_in
@@ -224,3 +227,12 @@ def test_dashboard_without_an_admin_token_is_off(make_gateway: Callable[..., Gat
     resp = httpx.post(f"{gw.url}/admin/signin", data={"token": ""})
     assert resp.status_code == 503 and "set-cookie" not in resp.headers
     assert httpx.get(f"{gw.url}/admin").headers["location"] == "/admin/signin"
+
+
+async def test_the_session_cookie_is_secure_over_https(tmp_path: Path) -> None:
+    settings = Settings(database_url=f"sqlite:///{tmp_path}/gw.db", journal_dir=str(tmp_path), admin_token=ADMIN_TOKEN)
+    app = create_app(settings)  # (signing in touches no store: no lifespan needed)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://gw.example") as client:
+        resp = await client.post("/admin/signin", data={"token": ADMIN_TOKEN})
+    assert resp.status_code == 303
+    assert "Secure" in [a.strip() for a in resp.headers["set-cookie"].split(";")]
