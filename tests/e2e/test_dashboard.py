@@ -166,9 +166,14 @@ def test_create_and_revoke_a_key_from_the_dashboard(gateway: Gateway) -> None:
         assert bad.status_code == 400 and "invalid user id" in bad.text
 
 
-def test_requeued_failed_events_reach_polar(make_gateway: Callable[..., Gateway], polar: FakePolar) -> None:
+def test_requeued_failed_events_reach_polar_at_once(make_gateway: Callable[..., Gateway], polar: FakePolar) -> None:
+    # the sync runs when events land (a batch of one) and otherwise not for an hour: the re-queue wakes it
     gw = make_gateway(
-        polar_access_token=polar.token, polar_base_url=polar.url, sync_max_attempts=1, sync_interval_seconds=0.2
+        polar_access_token=polar.token,
+        polar_base_url=polar.url,
+        sync_max_attempts=1,
+        sync_interval_seconds=3600,
+        sync_batch_size=1,
     )
     key = gw.issue_key("dana")
     polar.reject_when(lambda e: "customer dana is unknown")
