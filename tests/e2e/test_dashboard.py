@@ -241,3 +241,17 @@ async def test_the_session_cookie_is_secure_over_https(tmp_path: Path) -> None:
         resp = await client.post("/admin/signin", data={"token": ADMIN_TOKEN})
     assert resp.status_code == 303
     assert "Secure" in [a.strip() for a in resp.headers["set-cookie"].split(";")]
+
+
+def test_overview_says_when_polar_refuses_the_token_or_is_down(
+    make_gateway: Callable[..., Gateway], polar: FakePolar
+) -> None:
+    refused = make_gateway(polar_access_token="polar_oat_WRONG", polar_base_url=polar.url)
+    with signed_in(refused) as client:
+        assert 'class="pill refused">refused<' in client.get("/admin").text
+    polar.down(True)
+    down = make_gateway(polar_access_token=polar.token, polar_base_url=polar.url)
+    with signed_in(down) as client:
+        page = client.get("/admin").text
+        assert 'class="pill unreachable">unreachable<' in page
+        assert polar.token not in page
