@@ -139,6 +139,12 @@ class Gateway:
             assert resp.status_code == 201, resp.text
             return str(resp.json()["key"])
 
+    def status_token(self, user_id: str, ttl_seconds: int = 900) -> str:
+        with self.admin() as client:
+            resp = client.post("/admin/status-tokens", json={"user_id": user_id, "ttl_seconds": ttl_seconds})
+            assert resp.status_code == 201, resp.text
+            return str(resp.json()["token"])
+
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         conn = sqlite3.connect(self.db_path)
         try:

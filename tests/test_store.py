@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from gateway.store.base import RequestRecord
+from gateway.store.base import RequestRecord, SyncBacklog
 from gateway.store.sqlite import SqliteStore
+from gateway.store.sqlite_outbox import BACKLOG_SQL
 
 
 def record(rid: str, **kw: object) -> RequestRecord:
@@ -183,3 +184,28 @@ async def test_upgrade_from_the_first_schema_keeps_requests_and_their_sync_state
         assert [(e.external_id, why) for e, why in await s.failed_events()] == [("req_bad:claude_output_tokens", "422")]
     finally:
         await s.close()
+
+
+async def test_sync_backlog_counts_unsynced_requests_from_its_index(store: SqliteStore) -> None:
+    assert await store.sync_backlog() == SyncBacklog(pending=0, failed=0, oldest_pending_at=None)
+    usage = {"claude_output_tokens": 5}
+    day = lambda d: datetime(2026, 12, d, tzinfo=UTC)  # noqa: E731
+    await store.finish_requests(
+        [
+            record("req_1", outcome="ok", usage=usage, started_at=day(3)),
+            record("req_2", outcome="ok", usage=usage, started_at=day(1)),
+            record("req_3", outcome="ok", usage=usage, started_at=day(2)),
+            record("req_4", outcome="upstream_error", started_at=day(1)),  # no usage: nothing to sync
+        ]
+    )
+    assert await store.sync_backlog() == SyncBacklog(pending=3, failed=0, oldest_pending_at=day(1))
+    claimed = await store.claim_events("o", 1, 60)  # claimed still counts as pending
+    assert await store.sync_backlog() == SyncBacklog(pending=3, failed=0, oldest_pending_at=day(1))
+    await store.mark_retry([claimed[0].request_id], "422", day(1), max_attempts=1)
+    rest = await store.claim_events("o", 10, 60)
+    await store.mark_synced([rest[0].request_id])
+    backlog = await store.sync_backlog()
+    assert (backlog.pending, backlog.failed) == (1, 1)
+    # Cheap to poll: one covering search of the partial index of unsynced requests, no table scan.
+    plan = await store.db.execute_fetchall("EXPLAIN QUERY PLAN " + BACKLOG_SQL)
+    assert [row[3] for row in plan] == ["SEARCH requests USING COVERING INDEX ix_requests_backlog (sync_state=?)"]

@@ -22,6 +22,12 @@ from gateway.timeutil import iso, parse_iso, utcnow
 _OUTBOX_COLS = "id, user_id, model, provider, started_at, usage, attempts"
 _COUNT_METERS_SQL = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))  # fixed names, not input
 
+# The IN term repeats the partial index's condition word for word, so SQLite uses it (covering).
+BACKLOG_SQL = (
+    "SELECT sync_state, COUNT(*), MIN(started_at) FROM requests"
+    " WHERE sync_state IN ('pending', 'claimed', 'failed') GROUP BY sync_state"
+)
+
 
 def _events(rows: Iterable[Any]) -> list[PendingEvent]:
     events: list[PendingEvent] = []
@@ -135,11 +141,7 @@ class SqliteOutbox(SqliteBase):
         return out[:limit]
 
     async def sync_backlog(self) -> SyncBacklog:
-        # The IN term repeats the partial index's condition word for word, so SQLite uses it (covering).
-        rows = await self.db.execute_fetchall(
-            "SELECT sync_state, COUNT(*), MIN(started_at) FROM requests"
-            " WHERE sync_state IN ('pending', 'claimed', 'failed') GROUP BY sync_state"
-        )
+        rows = await self.db.execute_fetchall(BACKLOG_SQL)
         by_state = {state: (int(n), oldest) for state, n, oldest in rows}
         unsynced = [by_state[s] for s in ("pending", "claimed") if s in by_state]
         oldest = min((o for _, o in unsynced), default=None)
