@@ -122,6 +122,8 @@ def status_token_route(tokens: StatusTokens, guard: Callable[[Endpoint], Endpoin
         if not isinstance(data, dict) or not isinstance(data.get("user_id"), str):
             return _body_error()
         ttl = data.get("ttl_seconds", DEFAULT_TTL_SECONDS)
+        if isinstance(ttl, float) and ttl.is_integer():  # JSON has one number type: 60.0 is the integer 60
+            ttl = int(ttl)
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not MIN_TTL_SECONDS <= ttl <= MAX_TTL_SECONDS:
             return api_error(400, f"ttl_seconds must be an integer from {MIN_TTL_SECONDS} to {MAX_TTL_SECONDS}")
         try:
