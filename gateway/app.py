@@ -14,7 +14,9 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Mount, Route, Router
 
 from gateway.admin import Endpoint, admin_routes, guarded
-from gateway.billing import portal_endpoint, status_endpoint
+from gateway.billing.endpoints import portal_endpoint, status_endpoint
+from gateway.billing.ledger import InProcessLedger
+from gateway.billing.owner import BillingOwner
 from gateway.health import healthz_route
 from gateway.healthbar import demo_route, script_route
 from gateway.http_api import not_found, server_error
@@ -32,7 +34,7 @@ from gateway.recording import Recorder, recover
 from gateway.services import Services, process_owner_id
 from gateway.settings import Settings
 from gateway.status_tokens import StatusTokens, signing_key, status_token_route
-from gateway.store.sqlite import SqliteStore
+from gateway.store import create_store
 from gateway.sync import Syncer
 from gateway.upstream import create_client
 from gateway.webhooks import make_webhook_endpoint
@@ -42,21 +44,25 @@ log = logging.getLogger("gateway")
 
 def build_services(settings: Settings, *, shared: bool = False) -> Services:
     """`shared`: other processes serve from the same database (more than one worker)."""
-    store = SqliteStore(settings.sqlite_path)
-    shared = shared or settings.database_url.startswith("postgresql://")
+    store = create_store(settings)
+    shared = shared or settings.is_postgres
     polar = PolarBilling.from_settings(settings) if settings.polar_enabled else None
     owner = process_owner_id()
     journal = Journal(settings.journal_path, owner)
+    ledger = InProcessLedger(Ledger(store, settings.file.plan))
+    limiter = make_limiter(settings, store, shared=shared)
+    recorder = Recorder(store, journal, on_stored=ledger.stored, linger=settings.record_linger_seconds)
     return Services(
         polar=polar,
         settings=settings,
         store=store,
         keys=KeyCache(store),
-        ledger=Ledger(store, settings.file.plan),
-        limiter=make_limiter(settings, store, shared=shared),
+        ledger=ledger,
+        limiter=limiter,
         owner=owner,
         journal=journal,
-        recorder=Recorder(store, journal, linger=settings.record_linger_seconds),
+        recorder=recorder,
+        billing=BillingOwner(ledger, limiter, journal, recorder),
     )
 
 

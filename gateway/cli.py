@@ -15,7 +15,7 @@ from gateway.collector import tune_collector
 from gateway.keys import InvalidUserId, check_user_id, issue_key
 from gateway.recording import recover_journal
 from gateway.settings import ConfigError, Settings, settings_from_env
-from gateway.store.sqlite import SqliteStore
+from gateway.store import Store, create_store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _with_store(settings: Settings, fn: Callable[[SqliteStore], Awaitable[int]]) -> int:
-    store = SqliteStore(settings.sqlite_path)
+async def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
+    store = create_store(settings)
     await store.open()
     try:
         await store.migrate()
@@ -63,12 +63,12 @@ async def _with_store(settings: Settings, fn: Callable[[SqliteStore], Awaitable[
         await store.close()
 
 
-async def _migrate(store: SqliteStore) -> int:
+async def _migrate(store: Store) -> int:
     return 0  # _with_store already migrated
 
 
-def _keys(args: argparse.Namespace, settings: Settings) -> Callable[[SqliteStore], Awaitable[int]]:
-    async def run(store: SqliteStore) -> int:
+def _keys(args: argparse.Namespace, settings: Settings) -> Callable[[Store], Awaitable[int]]:
+    async def run(store: Store) -> int:
         if args.keys_command == "create":
             try:
                 check_user_id(args.user)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         return _serve(args, settings)
-    job: Callable[[SqliteStore], Awaitable[int]]
+    job: Callable[[Store], Awaitable[int]]
     if args.command == "migrate":
         job = _migrate
     elif args.command == "keys":
@@ -148,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "usage":
         from gateway.polar_cli import print_usage
 
-        def job(store: SqliteStore) -> Awaitable[int]:
+        def job(store: Store) -> Awaitable[int]:
             return print_usage(store, args.user, args.json)
     elif args.command == "sync":
         from gateway.polar_cli import run_sync
 
-        def job(store: SqliteStore) -> Awaitable[int]:
+        def job(store: Store) -> Awaitable[int]:
             return run_sync(settings, store, args.retry_failed)
     else:
         from gateway.polar_cli import polar_setup

@@ -231,3 +231,25 @@ def _finish(r: RequestRecord, e: list[object]) -> None:
     r.usage_raw = e[5]
     r.estimated = bool(e[6])
     r.finished_at = parse_iso(str(e[7]))
+
+
+def held(directory: Path, owner: str) -> bool:
+    """Whether a live process holds a segment of `owner`'s journal here (the kernel drops a dead
+    process's flock, so this tells a dead owner from one that is only slow)."""
+    prefix = owner.replace("/", "-").replace(":", "-") + "."
+    if not directory.is_dir():
+        return False
+    for path in directory.iterdir():
+        if not (path.name.startswith(prefix) and path.name.endswith(SUFFIX)):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # (closing drops our lock)
+    return False

@@ -13,7 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from gateway.store.base import ApiKey, Store
+from gateway.store.base import ApiKey, KeyStore
 
 KEY_PREFIX = "pgw_"
 USER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -42,7 +42,7 @@ class IssuedKey:
     record: ApiKey
 
 
-async def issue_key(store: Store, user_id: str, name: str = "") -> IssuedKey:
+async def issue_key(store: KeyStore, user_id: str, name: str = "") -> IssuedKey:
     check_user_id(user_id)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     key_id = "key_" + secrets.token_hex(8)
@@ -63,7 +63,7 @@ class KeyCache:
     process (CLI) is honoured within `ttl` seconds.
     """
 
-    def __init__(self, store: Store, ttl: float = 1.0, max_entries: int = 100_000) -> None:
+    def __init__(self, store: KeyStore, ttl: float = 1.0, max_entries: int = 100_000) -> None:
         self._store = store
         self._ttl = ttl
         self._max = max_entries

@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Protocol
 
 from gateway.polar import PolarBillingError, RetryableError, valid_user_id
-from gateway.store.base import CustomerLimits, Store
+from gateway.store.base import CustomerLimits, LimitsStore
 from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.limits")
@@ -26,7 +26,7 @@ class LimitsSource(Protocol):
 class LimitsRefresher:
     def __init__(
         self,
-        store: Store,
+        store: LimitsStore,
         polar: LimitsSource,
         max_age_seconds: float,
         on_limits_changed: Callable[[str], Awaitable[None]],

@@ -1,4 +1,5 @@
-"""Async bodies of the Polar CLI commands (`gateway sync`, `usage`, `polar-setup`, `polar-customer`).
+"""Async bodies of the Polar CLI commands: `gateway sync`, `gateway usage`, `gateway polar setup`, and
+the Polar customer that `gateway keys create --email` ensures.
 
 Exit codes: 0 ok, 1 something left to do (pending/failed events, a Polar error), 2 not configured.
 """
@@ -13,14 +14,14 @@ from typing import TextIO
 
 from gateway.polar import PolarBilling, PolarBillingError, valid_user_id
 from gateway.settings import ConfigError, Settings
-from gateway.store.base import Store
+from gateway.store.base import Outbox
 from gateway.sync import Syncer, SyncResult
 
 _MORE_PASSES = 100
 NO_TOKEN = "Polar is not configured: set POLAR_ACCESS_TOKEN (and POLAR_ENVIRONMENT=sandbox|production)."
 
 
-async def run_sync(settings: Settings, store: Store, retry_failed: bool, *, out: TextIO | None = None) -> int:
+async def run_sync(settings: Settings, store: Outbox, retry_failed: bool, *, out: TextIO | None = None) -> int:
     """Send everything pending now, backoffs included. Exit 1 if events remain pending or failed, else 0."""
     out = out or sys.stdout
     if not settings.polar_enabled:
@@ -73,7 +74,7 @@ def _add(total: SyncResult, one: SyncResult) -> None:
     total.error = one.error
 
 
-async def print_usage(store: Store, user_id: str | None, as_json: bool, *, out: TextIO | None = None) -> int:
+async def print_usage(store: Outbox, user_id: str | None, as_json: bool, *, out: TextIO | None = None) -> int:
     """Per-user, per-meter totals with synced/pending/failed event counts."""
     out = out or sys.stdout
     rows = await store.usage_summary(user_id)

@@ -1,8 +1,9 @@
 """The hot path: a raw ASGI endpoint per provider.
 
-`ProxyEndpoint.__call__` reads top to bottom: authenticate -> pre-check -> forward ->
-meter -> record. No Starlette Request/Response objects here: the bytes of the upstream
-response are relayed as they arrive, and the meter only observes them.
+`ProxyEndpoint.__call__` reads top to bottom: authenticate -> read and check -> begin billing
+(rate limit, reservation, journal) -> forward and meter -> finish billing. No Starlette
+Request/Response objects here: the bytes of the upstream response are relayed as they arrive,
+and the meter only observes them.
 """
 
 from __future__ import annotations
@@ -11,17 +12,15 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 
-from gateway.journal import Segment
+from gateway.billing.owner import Hold, Refused, Result
 from gateway.metering import ContentDecoder, Usage
+from gateway.outcomes import Outcome
 from gateway.providers.base import DROP_RESPONSE_HEADERS, Call, InvalidModel, Provider, Route, header
-from gateway.quota import Ledger, UserQuota
-from gateway.recording import estimate_from_reservation, finish_and_settle
 from gateway.services import Services
 from gateway.store.base import RequestRecord
 from gateway.timeutil import utcnow
@@ -45,14 +44,6 @@ def new_request_id() -> str:
     """Time-ordered (ms clock, then random): ids and the external ids derived from them append to
     the store's indexes instead of landing on random pages."""
     return f"req_{time.time_ns() // 1_000_000:012x}{random.getrandbits(64):016x}"  # ids are not secrets
-
-
-@dataclass(slots=True)
-class Outcome:
-    status: int
-    outcome: str  # ok | upstream_error | timeout | upstream_unreachable | upstream_broken | client_disconnected
-    usage: Usage | None
-    estimated: bool = False
 
 
 async def read_body(receive: Any, limit: int) -> bytes | None:
@@ -124,9 +115,41 @@ class ProxyEndpoint:
                 return await self._error(send, 400, "invalid_request_error", "the JSON body must be an object", rid)
         call = provider.prepare(route, body, obj) if route.metered else None
 
-        # 3. pre-check: rate limit, then quota (check and reserve in one step)
-        limited, ticket = await s.limiter.acquire(ident.user_id, call.rate_tokens if call else 0)
-        if limited is not None:
+        # 3. begin billing: rate limit, then quota (check and reserve in one step), then the journal
+        if call is None:
+            refused = await s.billing.admit(ident.user_id)
+            if refused is not None:
+                return await self._refuse(send, refused, rid)
+            await self._forward(route, None, body, headers, send, receive, rid)
+            return
+        record = RequestRecord(
+            id=request_id,
+            user_id=ident.user_id,
+            key_id=ident.key_id,
+            provider=provider.name,
+            model=call.model or route.model,
+            operation=route.operation,
+            stream=call.stream,
+            started_at=utcnow(),
+            reservation=call.reservation,
+            owner=s.owner,
+        )
+        hold = await s.billing.begin(record, call.rate_tokens)
+        if not isinstance(hold, Hold):
+            return await self._refuse(send, hold, rid)
+
+        # 4. forward, metering beside the relay
+        # If the relay itself fails, the provider may still have billed: bill the reservation, estimated.
+        result = Result(500, Outcome.GATEWAY_ERROR, None, estimated=True)
+        try:
+            result = await self._forward(route, call, body, headers, send, receive, rid)
+        finally:
+            # 5. finish billing: the final usage journaled, the ledger moved from reserved to consumed
+            hold.finish(result)
+
+    async def _refuse(self, send: Any, refused: Refused, rid: tuple[bytes, bytes]) -> None:
+        """The provider-shaped answer to a request billing would not begin."""
+        if (limited := refused.rate) is not None:
             if limited.reason == "unavailable":
                 message = f"rate limits cannot be checked right now; retry in {limited.retry_after} s"
             else:
@@ -142,13 +165,7 @@ class ProxyEndpoint:
                 rid,
                 extra_headers=[(b"retry-after", str(limited.retry_after).encode())],
             )
-        if call is None:
-            await self._forward(route, None, body, headers, send, receive, rid)
-            return
-        uq = await s.ledger.get(ident.user_id)
-        refusal = Ledger.reserve(uq, call.reservation)
-        if refusal is not None:
-            s.limiter.settle(ident.user_id, ticket, 0)
+        if (refusal := refused.quota) is not None:
             if refusal.remaining <= 0:
                 message = f"quota exhausted for meter {refusal.meter}; manage billing at {PORTAL_PATH}"
             else:
@@ -165,48 +182,7 @@ class ProxyEndpoint:
                 extra={"meter": refusal.meter, "portal_url": PORTAL_PATH},
                 extra_headers=[(b"x-should-retry", b"false")],
             )
-
-        # 4. forward, metering beside the relay; the request is journaled (durable) first
-        record = RequestRecord(
-            id=request_id,
-            user_id=ident.user_id,
-            key_id=ident.key_id,
-            provider=provider.name,
-            model=call.model or route.model,
-            operation=route.operation,
-            stream=call.stream,
-            started_at=utcnow(),
-            reservation=call.reservation,
-            owner=s.owner,
-        )
-        # If the relay itself fails, the provider may still have billed: bill the reservation, estimated.
-        result = Outcome(500, "gateway_error", None, estimated=True)
-        try:
-            begun = s.journal.begin(record)
-        except OSError:
-            log.exception("could not journal request %s", request_id)
-            Ledger.settle(uq, call.reservation, {})
-            s.limiter.settle(ident.user_id, ticket, 0)
-            return await self._error(send, 503, "api_error", "the gateway cannot record usage right now", rid)
-        try:
-            result = await self._forward(route, call, body, headers, send, receive, rid)
-        finally:
-            # 5. record: the final usage journaled, the ledger moved from reserved to consumed
-            self._record(record, result, uq, ticket, begun)
-
-    def _record(
-        self, record: RequestRecord, result: Outcome, uq: UserQuota, ticket: object, begun: Segment | None
-    ) -> None:
-        usage = result.usage
-        record.status_code = result.status
-        record.outcome = result.outcome
-        record.estimated = result.estimated
-        record.usage = {k: v for k, v in usage.meters.items() if v} if usage else {}
-        record.usage_raw = usage.raw if usage else None
-        if result.estimated and not (usage and usage.seen):
-            # The client left and the drain ended before any usage: the provider may still bill it.
-            record.usage = estimate_from_reservation(record.reservation)
-        finish_and_settle(self.s, record, uq, ticket, begun)
+        return await self._error(send, 503, "api_error", "the gateway cannot record usage right now", rid)
 
     async def _forward(
         self,
@@ -217,7 +193,7 @@ class ProxyEndpoint:
         send: Any,
         receive: Any,
         rid: tuple[bytes, bytes],
-    ) -> Outcome:
+    ) -> Result:
         provider, settings = self.provider, self.s.settings
         try:
             resp = await self.s.http.request(
@@ -230,11 +206,11 @@ class ProxyEndpoint:
             )
         except TimeoutError:
             await self._error(send, 504, "timeout_error", "the provider did not answer in time", rid)
-            return Outcome(504, "timeout", None)
+            return Result(504, Outcome.TIMEOUT, None)
         except aiohttp.ClientError as exc:
             log.warning("upstream %s unreachable: %s", provider.name, type(exc).__name__)
             await self._error(send, 502, "api_error", "the provider could not be reached", rid)
-            return Outcome(502, "upstream_unreachable", None)
+            return Result(502, Outcome.UPSTREAM_UNREACHABLE, None)
 
         async with resp:
             status = resp.status
@@ -249,7 +225,7 @@ class ProxyEndpoint:
             whole = bytearray()
             # A JSON body is read to its end anyway; a stream needs its drain bounded when the client leaves.
             watch = _DisconnectWatch(receive, resp, settings.drain_timeout_seconds) if meter is not None else None
-            outcome, drained, ended = "ok" if status < 400 else "upstream_error", 0, False
+            outcome, drained, ended = Outcome.OK if status < 400 else Outcome.UPSTREAM_ERROR, 0, False
             content = resp.content
             try:
                 while chunk := await content.readany():
@@ -266,11 +242,11 @@ class ProxyEndpoint:
                     if drained > settings.drain_max_bytes or (meter is not None and meter.usage().final):
                         break
             except TimeoutError:
-                outcome = "timeout"
+                outcome = Outcome.TIMEOUT
                 await self._stream_error(send, route, 504, "timeout_error", "the provider stalled mid-response")
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
                 if watch is None or not watch.expired:
-                    outcome = "upstream_broken"
+                    outcome = Outcome.UPSTREAM_BROKEN
                     await self._stream_error(
                         send, route, 502, "api_error", "the provider connection broke mid-response"
                     )
@@ -285,25 +261,25 @@ class ProxyEndpoint:
                 usage = meter.usage()
                 if watch is not None and watch.gone:
                     # The client left; whatever the upstream did after, what we billed is what it reported.
-                    outcome = "client_disconnected"
+                    outcome = Outcome.CLIENT_DISCONNECTED
                     estimated = not usage.final
-                elif usage.error is not None and outcome == "ok":
-                    outcome = "upstream_error_midstream"
+                elif usage.error is not None and outcome is Outcome.OK:
+                    outcome = Outcome.UPSTREAM_ERROR_MIDSTREAM
             else:
                 usage = call.body_usage(decoder.decode(bytes(whole))) if whole else None
-            return Outcome(status, outcome, usage, estimated)
+            return Result(status, outcome, usage, estimated)
 
-    async def _relay_plain(self, resp: aiohttp.ClientResponse, send: Any, status: int) -> Outcome:
-        outcome, ended = "ok", False
+    async def _relay_plain(self, resp: aiohttp.ClientResponse, send: Any, status: int) -> Result:
+        outcome, ended = Outcome.OK, False
         try:
             async for chunk in resp.content.iter_any():
                 ended = resp.content.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
         except (TimeoutError, aiohttp.ClientError):
-            outcome = "upstream_broken"
+            outcome = Outcome.UPSTREAM_BROKEN
         if not ended:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return Outcome(status, outcome, None)
+        return Result(status, outcome, None)
 
     async def _stream_error(self, send: Any, route: Route, status: int, kind: str, message: str) -> None:
         event = self.provider.stream_error_event(route, status, kind, message)

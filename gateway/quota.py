@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from gateway.store.base import CustomerLimits, Store
+from gateway.store.base import CustomerLimits, QuotaStore
 from gateway.timeutil import month_bounds, utcnow
 
 
@@ -55,16 +55,21 @@ class Refusal:
 
 
 class Ledger:
-    def __init__(self, store: Store, plan: Mapping[str, int], clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, store: QuotaStore, plan: Mapping[str, int], clock: Callable[[], datetime] = utcnow) -> None:
         self._store = store
         self._plan = dict(plan)
         self._clock = clock
         self._users: dict[str, UserQuota] = {}
         self._loading: dict[str, asyncio.Future[UserQuota]] = {}
 
-    async def get(self, user_id: str) -> UserQuota:
+    def cached(self, user_id: str) -> UserQuota | None:
+        """The user's quota if it is loaded and current: what `get` returns, without a coroutine."""
         uq = self._users.get(user_id)
-        if uq is not None and not uq.stale and self._clock() < uq.period_end:
+        return uq if uq is not None and not uq.stale and self._clock() < uq.period_end else None
+
+    async def get(self, user_id: str) -> UserQuota:
+        uq = self.cached(user_id)
+        if uq is not None:
             return uq
         pending = self._loading.get(user_id)
         if pending is not None:
@@ -110,19 +115,7 @@ class Ledger:
     def _limits_for(
         self, limits: CustomerLimits | None, now: datetime
     ) -> tuple[datetime, datetime, dict[str, int | None], str]:
-        if limits is None:
-            start, end = month_bounds(now)
-            return start, end, dict(self._plan), "plan"
-        if limits.period_start and limits.period_end and limits.period_start <= now < limits.period_end:
-            start, end = limits.period_start, limits.period_end
-        else:
-            start, end = month_bounds(now)
-        if not limits.active:  # subscription revoked: no credits left for any limited meter
-            return start, end, {m: 0 for m in set(self._plan) | set(limits.meters)}, "polar"
-        credited: dict[str, int | None] = dict(self._plan)
-        for name, m in limits.meters.items():
-            credited[name] = m.credited
-        return start, end, credited, "polar"
+        return limits_for(self._plan, limits, now)
 
     def invalidate(self, user_id: str) -> None:
         """Limits changed (webhook, refresh): reload them before the next pre-check."""
@@ -161,6 +154,25 @@ class Ledger:
                 if state is None:
                     state = meters[name] = MeterState(credited=None)
                 state.consumed += amount
+
+
+def limits_for(
+    plan: Mapping[str, int], limits: CustomerLimits | None, now: datetime
+) -> tuple[datetime, datetime, dict[str, int | None], str]:
+    """The period, credited per meter and source of a user's limits (Polar's, else the plan)."""
+    if limits is None:
+        start, end = month_bounds(now)
+        return start, end, dict(plan), "plan"
+    if limits.period_start and limits.period_end and limits.period_start <= now < limits.period_end:
+        start, end = limits.period_start, limits.period_end
+    else:
+        start, end = month_bounds(now)
+    if not limits.active:  # subscription revoked: no credits left for any limited meter
+        return start, end, {m: 0 for m in set(plan) | set(limits.meters)}, "polar"
+    credited: dict[str, int | None] = dict(plan)
+    for name, m in limits.meters.items():
+        credited[name] = m.credited
+    return start, end, credited, "polar"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from gateway.ratelimit import (
     WINDOW,
@@ -26,6 +26,7 @@ from gateway.ratelimit import (
     StoreErrorPolicy,
     check,
 )
+from gateway.store.base import RateWindowStore
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -35,29 +36,7 @@ log = logging.getLogger("gateway.ratelimit")
 SWEEP_EVERY = 10_000  # admissions between deletions of every user's expired buckets
 UNAVAILABLE = RateLimited("unavailable", 1)
 
-Decide = Callable[[list[Bucket], float], RateLimited | None]
 Corrections = dict[tuple[str, int], int]  # (user, second) -> token delta
-
-
-class RateWindowStore(Protocol):
-    """Per-user windows of 1 s buckets (requests, tokens) in a database shared by the processes."""
-
-    async def rate_admit(
-        self, user_id: str, tokens: int, decide: Decide, now: float | None
-    ) -> tuple[RateLimited | None, int]:
-        """In one transaction that excludes every other admitter of `user_id`: read the user's buckets
-        of the last WINDOW seconds (oldest first) at time `now` (None: the database's clock), ask
-        `decide`, and unless it refuses add one request and `tokens` to the bucket of that second.
-        Returns (refusal, that second)."""
-        ...
-
-    async def rate_correct(self, corrections: Sequence[tuple[str, int, int]]) -> None:
-        """Add (user, second, token delta) to buckets that still exist."""
-        ...
-
-    async def rate_sweep(self, now: float | None) -> int:
-        """Delete every bucket out of the window at `now` (None: the database's clock)."""
-        ...
 
 
 class ErrorLog:

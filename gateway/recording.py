@@ -5,43 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.events import event_count
 from gateway.journal import Journal, Segment, orphans
-from gateway.meters import (
-    CLAUDE_CACHE_READ,
-    CLAUDE_CACHE_WRITE,
-    GEMINI_CACHED,
-    GEMINI_IMAGES,
-)
-from gateway.quota import Ledger, UserQuota
-from gateway.services import Services
-from gateway.store.base import RequestRecord, Store
+from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, GEMINI_CACHED
+from gateway.outcomes import Outcome
+from gateway.store.base import RecoveryStore, RequestRecord, RequestStore
 from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.recording")
-
-
-def token_total(usage: Mapping[str, int]) -> int:
-    total = sum(usage.values())  # C-level; images are rare and subtracted
-    return total - usage[GEMINI_IMAGES] if GEMINI_IMAGES in usage else total
-
-
-def finish_and_settle(s: Services, record: RequestRecord, uq: UserQuota, ticket: object, begun: Segment | None) -> None:
-    """Journal the final usage, settle the ledger and the rate limit, and hand the rows to the recorder."""
-    record.finished_at = utcnow()
-    try:
-        finished = s.journal.finish(record)
-    except OSError:
-        # The begin stays in the journal: recovery at the next start settles it by estimate.
-        log.exception("could not journal the end of request %s", record.id)
-        finished = None
-    Ledger.settle(uq, record.reservation, record.usage)
-    s.limiter.settle(record.user_id, ticket, token_total(record.usage))
-    s.recorder.add(record, [begun, finished])
 
 
 @dataclass(slots=True)
@@ -62,9 +37,10 @@ class Recorder:
 
     def __init__(
         self,
-        store: Store,
+        store: RequestStore,
         journal: Journal,
         on_events: Callable[[int], None] = lambda n: None,
+        on_stored: Callable[[Sequence[RequestRecord]], None] = lambda records: None,
         linger: float = 0.02,
         max_batch: int = 2000,
         max_attempts: int = 3,
@@ -73,6 +49,7 @@ class Recorder:
         self.store = store
         self.journal = journal
         self.on_events = on_events
+        self.on_stored = on_stored  # after each commit, with the records it stored
         self.linger = linger
         self.max_batch = max_batch
         self.max_attempts = max_attempts
@@ -120,15 +97,19 @@ class Recorder:
                 *(self.store.finish_request(f.record) for f in batch), return_exceptions=True
             )
         stored: list[Segment | None] = []
+        records: list[RequestRecord] = []
         events = 0
         failed: list[_Finished] = []
         for f, result in zip(batch, results, strict=True):
             if result is None:
                 stored += f.segments
+                records.append(f.record)
                 events += event_count(f.record.usage)
             else:
                 failed.append(f)
         self.journal.stored(stored)
+        if records:
+            self.on_stored(records)
         if events:
             self.on_events(events)
         if not failed:
@@ -179,7 +160,7 @@ def estimate_from_reservation(reservation: Mapping[str, int]) -> dict[str, int]:
     return {m: v for m, v in reservation.items() if m not in _NOT_ESTIMATED and v > 0}
 
 
-async def recover(store: Store, journal_dir: Path | None, owner: str) -> int:
+async def recover(store: RecoveryStore, journal_dir: Path | None, owner: str) -> int:
     """At start, before serving: store what dead processes journaled and hand back their sync claims."""
     settled = await recover_journal(store, journal_dir)
     released = await store.release_claims(owner)
@@ -188,7 +169,7 @@ async def recover(store: Store, journal_dir: Path | None, owner: str) -> int:
     return settled
 
 
-async def recover_journal(store: Store, journal_dir: Path | None) -> int:
+async def recover_journal(store: RequestStore, journal_dir: Path | None) -> int:
     """Store what dead processes left in their journals: finished requests exactly, requests that
     were still in flight by estimate (the provider may have billed them). Returns how many were
     estimated. Safe beside a live gateway: its segments are locked and skipped."""
@@ -201,7 +182,7 @@ async def recover_journal(store: Store, journal_dir: Path | None) -> int:
         if record.id in stored:
             continue
         record.usage = estimate_from_reservation(record.reservation)
-        record.outcome = "crashed"
+        record.outcome = Outcome.CRASHED.value
         record.estimated = True
         record.finished_at = utcnow()
         await store.finish_request(record)

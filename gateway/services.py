@@ -6,20 +6,18 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import aiohttp
 
+from gateway.billing.owner import BillingOwner
+from gateway.billing.protocols import QuotaLedger
 from gateway.journal import Journal
 from gateway.keys import KeyCache
 from gateway.polar import PolarBilling
-from gateway.quota import Ledger
 from gateway.ratelimit import RateLimit
+from gateway.recording import Recorder
 from gateway.settings import Settings
 from gateway.store.base import Store
-
-if TYPE_CHECKING:
-    from gateway.recording import Recorder
 
 
 def process_owner_id() -> str:
@@ -32,11 +30,12 @@ class Services:
     settings: Settings
     store: Store
     keys: KeyCache
-    ledger: Ledger
+    ledger: QuotaLedger
     limiter: RateLimit
     owner: str
     journal: Journal
     recorder: Recorder  # wakes the sync when events land (its `on_events`)
+    billing: BillingOwner  # begins and finishes metered requests over ledger, limiter, journal and recorder
     client: aiohttp.ClientSession | None = None  # created in the lifespan (needs a running loop)
     polar: PolarBilling | None = None  # None when POLAR_ACCESS_TOKEN is not set
 

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 from gateway.meters import ALL_METERS
 from gateway.ratelimit import StoreErrorPolicy
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
 
 class ConfigError(Exception):
     """Bad configuration: the message is one clear line for the operator."""
@@ -122,7 +124,8 @@ def load_file_config(path: Path) -> FileConfig:
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str = "sqlite:///gateway.db"
-    journal_dir: str = ""  # requests in flight (gateway/journal.py); "" = beside the database
+    database_pool_size: int = 10  # connections per process (PostgreSQL)
+    journal_dir: str = ""  # requests in flight (gateway/journal.py); "" = beside an SQLite database
     record_linger_seconds: float = 0.02  # how long finished requests gather before one store commit
     config_path: Path = Path("config/gateway.toml")
     host: str = "127.0.0.1"
@@ -155,7 +158,18 @@ class Settings:
     sync_backoff_max_seconds: float = 300.0
     sync_batch_size: int = 500
     limits_max_age_seconds: float = 900.0
+    # Several processes on one database (gateway/billing/leases.py, keeper.py)
+    lease_fraction: float = 0.25  # a lease takes this share of what is unleased (at least the request's need)
+    lease_idle_seconds: float = 5.0  # a user quiet this long: the idle part of its leases goes back
+    lease_recall_wait_seconds: float = 1.5  # how long a short process waits for others to hand back idle leases
+    keeper_poll_seconds: float = 0.05  # how often each process reads the invalidation log (recalls, limits, keys)
+    heartbeat_seconds: float = 1.0
+    heartbeat_stale_seconds: float = 10.0  # no heartbeat this long: the process is dead, its leases are released
     file: FileConfig = field(default_factory=FileConfig)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.database_url.startswith(POSTGRES_SCHEMES)
 
     @property
     def sqlite_path(self) -> str:
@@ -166,6 +180,8 @@ class Settings:
         """None for an in-memory database: there is nothing durable to journal for."""
         if self.journal_dir:
             return Path(self.journal_dir)
+        if self.is_postgres:
+            return Path("gateway.journal")  # (in the working directory: the process's own disk)
         db = self.sqlite_path
         return None if db == ":memory:" else Path(db + ".journal")
 
@@ -178,11 +194,12 @@ class Settings:
         return bool(self.polar_access_token)
 
     def __repr__(self) -> str:  # never print secrets
-        return f"Settings(database_url={self.database_url!r}, host={self.host!r}, port={self.port})"
+        return f"Settings(database_url={redact_url(self.database_url)!r}, host={self.host!r}, port={self.port})"
 
 
 _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_DATABASE_URL": ("database_url", str),
+    "GATEWAY_DATABASE_POOL_SIZE": ("database_pool_size", int),
     "GATEWAY_JOURNAL_DIR": ("journal_dir", str),
     "GATEWAY_RECORD_LINGER_SECONDS": ("record_linger_seconds", float),
     "GATEWAY_CONFIG": ("config_path", Path),
@@ -215,7 +232,22 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_SYNC_BACKOFF_MAX_SECONDS": ("sync_backoff_max_seconds", float),
     "GATEWAY_SYNC_BATCH_SIZE": ("sync_batch_size", int),
     "GATEWAY_LIMITS_MAX_AGE_SECONDS": ("limits_max_age_seconds", float),
+    "GATEWAY_LEASE_FRACTION": ("lease_fraction", float),
+    "GATEWAY_LEASE_IDLE_SECONDS": ("lease_idle_seconds", float),
+    "GATEWAY_LEASE_RECALL_WAIT_SECONDS": ("lease_recall_wait_seconds", float),
+    "GATEWAY_KEEPER_POLL_SECONDS": ("keeper_poll_seconds", float),
+    "GATEWAY_HEARTBEAT_SECONDS": ("heartbeat_seconds", float),
+    "GATEWAY_HEARTBEAT_STALE_SECONDS": ("heartbeat_stale_seconds", float),
 }
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
 
 
 def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool = True) -> Settings:
@@ -235,10 +267,10 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
     settings = Settings(**values)
     if settings.polar_environment not in ("sandbox", "production"):
         raise ConfigError(f"POLAR_ENVIRONMENT must be 'sandbox' or 'production', got {settings.polar_environment!r}")
-    if not (settings.database_url.startswith("sqlite:///") or settings.database_url.startswith("postgresql://")):
-        raise ConfigError("GATEWAY_DATABASE_URL must look like sqlite:///path/to.db or postgresql://user@host/db")
-    if settings.database_url.startswith("postgresql://"):
-        raise ConfigError("the PostgreSQL store is not available yet; use sqlite:///path/to.db")
+    if not settings.database_url.startswith(("sqlite:///", *POSTGRES_SCHEMES)):
+        raise ConfigError("GATEWAY_DATABASE_URL must look like sqlite:///path/to.db or postgresql://user@host:5432/db")
+    if settings.database_pool_size < 1:
+        raise ConfigError("GATEWAY_DATABASE_POOL_SIZE must be at least 1")
     if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("GATEWAY_REDIS_URL must look like redis://host:6379/0 (or rediss://, unix://)")
     for var in ("GATEWAY_CLIENT_TIMEOUT_SECONDS", "GATEWAY_MAX_CONNECTIONS"):
@@ -248,6 +280,10 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         parts = urlsplit(origin)
         if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query):
             raise ConfigError(f"GATEWAY_CORS_ORIGINS: each origin must be * or http(s)://host[:port], got {origin!r}")
+    if settings.lease_fraction > 1:
+        raise ConfigError(f"GATEWAY_LEASE_FRACTION must be between 0 and 1, got {settings.lease_fraction}")
+    if settings.heartbeat_stale_seconds < 3 * settings.heartbeat_seconds:
+        raise ConfigError("GATEWAY_HEARTBEAT_STALE_SECONDS must be at least 3 x GATEWAY_HEARTBEAT_SECONDS")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("GATEWAY_LOG_FORMAT must be 'text' or 'json'")
     for name in ("anthropic_upstream", "gemini_upstream"):

@@ -21,7 +21,7 @@ from datetime import timedelta
 from typing import Protocol
 
 from gateway.polar import BatchRejected, IngestResult, PolarAuthError, PolarBillingError, event_payload
-from gateway.store.base import PendingEvent, Store
+from gateway.store.base import Outbox, PendingEvent
 from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.sync")
@@ -71,7 +71,7 @@ class Syncer:
 
     def __init__(
         self,
-        store: Store,
+        store: Outbox,
         polar: Ingestor,
         *,
         owner: str,

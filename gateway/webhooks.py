@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.http_api import MAX_BODY_BYTES, BodyRefused, api_error, read_body
 from gateway.polar import PolarBilling, PolarBillingError, limits_from_state, valid_user_id
-from gateway.store.base import CustomerLimits, Store
+from gateway.store.base import CustomerLimits, WebhookStore
 from gateway.timeutil import parse_iso, utcnow
 
 log = logging.getLogger("gateway.webhooks")
@@ -62,7 +62,7 @@ def _field(obj: Any, *path: str) -> Any:
 
 
 def make_webhook_endpoint(
-    store: Store,
+    store: WebhookStore,
     secret: str,
     meter_names_provider: MeterNamesProvider,
     on_limits_changed: LimitsChanged,

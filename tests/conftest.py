@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,10 @@ import uvloop
 from gateway.app import create_app
 from gateway.server import server_config
 from gateway.settings import FileConfig, RateLimitConfig, ReservationConfig, Settings
-from gateway.store.sqlite import SqliteStore
+from gateway.store import Store
 from tests.fakes.polar import FakePolar
 from tests.fakes.upstream import FakeUpstream
+from tests.support_db import TEST_DATABASE, Database, Databases, PgServer, open_store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+async def wait_until_async(predicate: Callable[[], Awaitable[Any]], within: float = 5.0, interval: float = 0.01) -> Any:
+    """`wait_until` for a coroutine predicate (`within` seconds), without blocking the event loop."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within} s")
+        await asyncio.sleep(interval)
 
 
 class BodyCounter:
@@ -122,7 +135,7 @@ class ServerThread:
 class Gateway:
     url: str
     settings: Settings
-    db_path: Path
+    db: Database
     server: ServerThread
     app: Any
 
@@ -145,31 +158,19 @@ class Gateway:
             assert resp.status_code == 201, resp.text
             return str(resp.json()["token"])
 
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file (a test reading it is skipped on PostgreSQL)."""
+        return self.db.path
+
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        conn = sqlite3.connect(self.db_path)
-        try:
-            rows = conn.execute(sql, params).fetchall()
-            conn.commit()
-            return rows
-        finally:
-            conn.close()
+        return self.db.query(sql, *params)
 
     def events(self, user_id: str) -> dict[str, int]:
-        rows = self.query(
-            "SELECT u.key, SUM(u.value) FROM requests AS r, json_each(r.usage) AS u"
-            " WHERE r.user_id = ? AND u.value > 0 GROUP BY u.key",
-            user_id,
-        )
-        return {m: int(v) for m, v in rows}
+        return self.db.usage(user_id)
 
     def requests(self, user_id: str) -> list[dict[str, Any]]:
-        conn = sqlite3.connect(self.db_path)
-        conn.row_factory = sqlite3.Row
-        try:
-            rows = conn.execute("SELECT * FROM requests WHERE user_id = ? ORDER BY started_at", (user_id,))
-            return [dict(r) for r in rows.fetchall()]
-        finally:
-            conn.close()
+        return self.db.dicts("SELECT * FROM requests WHERE user_id = ? ORDER BY started_at", user_id)
 
     def wait_recorded(self, user_id: str, n: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
         """The response reaches the client before its record is stored (the recorder batches): poll for it."""
@@ -188,16 +189,34 @@ def fake() -> Iterator[FakePolar]:
         yield fp
 
 
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "gateway.db"
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    server = PgServer()
+    yield server
+    server.drop()
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(str(db_path))
-    await s.open()
-    await s.migrate()
+def databases(tmp_path: Path, pg_server: PgServer) -> Databases:
+    """Fresh databases on the backend under test (GATEWAY_TEST_DATABASE)."""
+    return Databases(tmp_path, pg_server)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module marked `both_backends` runs each test taking `db` (or `store`) on SQLite and PostgreSQL."""
+    if "db" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_backends"):
+        metafunc.parametrize("db", ["sqlite", "postgres"], indirect=True)
+
+
+@pytest.fixture
+def db(request: pytest.FixtureRequest, databases: Databases) -> Database:
+    """A fresh database on the backend under test (or the one `both_backends` parametrizes)."""
+    return databases.new(backend=getattr(request, "param", TEST_DATABASE))
+
+
+@pytest.fixture
+async def store(db: Database) -> AsyncIterator[Store]:
+    s = await open_store(db.url)
     yield s
     await s.close()
 
@@ -211,7 +230,7 @@ def upstream() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture
-def make_gateway(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Callable[..., Gateway]]:
+def make_gateway(tmp_path: Path, upstream: FakeUpstream, databases: Databases) -> Iterator[Callable[..., Gateway]]:
     upstream.reset()
     started: list[Gateway] = []
 
@@ -222,14 +241,15 @@ def make_gateway(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Callable[..
         shared: bool = False,
         **overrides: Any,
     ) -> Gateway:
-        db_path = tmp_path / f"gateway-{len(started)}.db"
+        db = databases.new(f"gateway-{len(started)}")
         file = FileConfig(
             plan=plan or {},
             rate_limit=rate_limit or RateLimitConfig(requests_per_minute=None, tokens_per_minute=None),
             reservation=reservation or ReservationConfig(),
         )
         values: dict[str, Any] = {
-            "database_url": f"sqlite:///{db_path}",
+            "database_url": db.url,
+            "journal_dir": str(tmp_path / f"gateway-{len(started)}.db.journal"),
             "anthropic_api_key": ANTHROPIC_KEY,
             "gemini_api_key": GEMINI_KEY,
             "anthropic_upstream": upstream.url,
@@ -241,7 +261,8 @@ def make_gateway(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Callable[..
         app = create_app(settings, shared=shared)
         server = ServerThread(app, settings)
         server.start()
-        gw = Gateway(f"http://127.0.0.1:{server.port}", settings, Path(settings.sqlite_path), server, app)
+        # (the database of the settings: a test may point several gateways at one)
+        gw = Gateway(f"http://127.0.0.1:{server.port}", settings, Database(settings.database_url), server, app)
         started.append(gw)
         return gw
 
@@ -261,10 +282,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def process_env(db: Path, upstream: FakeUpstream, **extra: str) -> dict[str, str]:
-    """Environment of a `gateway serve` subprocess on `db` in front of the fake upstream."""
+def process_env(db: Database | Path, upstream: FakeUpstream, **extra: str) -> dict[str, str]:
+    """Environment of a `gateway serve` subprocess on `db` (a SQLite path or a test database) in
+    front of the fake upstream."""
     return {
-        "GATEWAY_DATABASE_URL": f"sqlite:///{db}",
+        "GATEWAY_DATABASE_URL": db.url if isinstance(db, Database) else f"sqlite:///{db}",
         "GATEWAY_ANTHROPIC_UPSTREAM": upstream.url,
         "GATEWAY_GEMINI_UPSTREAM": upstream.url,
         "ANTHROPIC_API_KEY": ANTHROPIC_KEY,

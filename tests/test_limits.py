@@ -12,8 +12,8 @@ import pytest
 from gateway.limits import LimitsRefresher
 from gateway.meters import CLAUDE_INPUT, GEMINI_IMAGES
 from gateway.polar import PolarBilling
+from gateway.store import Store
 from gateway.store.base import CustomerLimits, MeterLimit
-from gateway.store.sqlite import SqliteStore
 from tests.fakes.polar import FakePolar
 
 
@@ -29,7 +29,7 @@ def old_limits(user_id: str, age: timedelta) -> CustomerLimits:
     return CustomerLimits(user_id, {CLAUDE_INPUT: MeterLimit(CLAUDE_INPUT, 1)}, None, None, then, then)
 
 
-async def test_refreshes_stale_and_missing_users_only(store: SqliteStore, polar: PolarBilling, fake: FakePolar) -> None:
+async def test_refreshes_stale_and_missing_users_only(store: Store, polar: PolarBilling, fake: FakePolar) -> None:
     start = datetime(2026, 1, 1, tzinfo=UTC)
     fake.set_state("stale-user", {CLAUDE_INPUT: (1000, 10.0)}, start, start + timedelta(days=31))
     fake.set_state("new-user", {GEMINI_IMAGES: (50, 2.0)}, start, start + timedelta(days=31))
@@ -61,9 +61,7 @@ async def test_refreshes_stale_and_missing_users_only(store: SqliteStore, polar:
     assert await refresher.users_to_refresh() == []
 
 
-async def test_polar_down_is_logged_and_retried_next_round(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar
-) -> None:
+async def test_polar_down_is_logged_and_retried_next_round(store: Store, polar: PolarBilling, fake: FakePolar) -> None:
     fake.set_state("u1", {CLAUDE_INPUT: (7, 0.0)})
     await store.put_limits(old_limits("u1", timedelta(hours=1)))
     refresher = LimitsRefresher(store, polar, 60.0, lambda _u: asyncio.sleep(0))
@@ -77,7 +75,7 @@ async def test_polar_down_is_logged_and_retried_next_round(
     assert limits is not None and limits.meters[CLAUDE_INPUT].credited == 7
 
 
-async def test_run_forever_refreshes_and_stops(store: SqliteStore, polar: PolarBilling, fake: FakePolar) -> None:
+async def test_run_forever_refreshes_and_stops(store: Store, polar: PolarBilling, fake: FakePolar) -> None:
     fake.set_state("u2", {CLAUDE_INPUT: (42, 0.0)})
     await store.put_limits(old_limits("u2", timedelta(hours=1)))
     refreshed = asyncio.Event()

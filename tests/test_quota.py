@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from gateway.quota import Ledger, Refusal, meter_status, overall_status
+from gateway.store import Store
 from gateway.store.base import CustomerLimits, MeterLimit
-from gateway.store.sqlite import SqliteStore
 
 OUT = "claude_output_tokens"
 
 
-async def test_reserve_refuses_when_it_does_not_fit(store: SqliteStore) -> None:
+async def test_reserve_refuses_when_it_does_not_fit(store: Store) -> None:
     ledger = Ledger(store, {OUT: 100})
     uq = await ledger.get("u")
     assert Ledger.reserve(uq, {OUT: 64}) is None
@@ -20,7 +20,7 @@ async def test_reserve_refuses_when_it_does_not_fit(store: SqliteStore) -> None:
     assert (uq.meters[OUT].consumed, uq.meters[OUT].reserved) == (15, 0)
 
 
-async def test_refresh_while_in_flight_keeps_reservations_on_one_object(store: SqliteStore) -> None:
+async def test_refresh_while_in_flight_keeps_reservations_on_one_object(store: Store) -> None:
     ledger = Ledger(store, {OUT: 100})
     uq = await ledger.get("u")
     Ledger.reserve(uq, {OUT: 64})  # request A in flight

@@ -26,6 +26,7 @@ from gateway.ratelimit_redis import RedisRateLimiter
 from gateway.ratelimit_shared import StoreRateLimiter, make_limiter
 from gateway.settings import ConfigError, FileConfig, RateLimitConfig, Settings, parse_file_config, settings_from_env
 from gateway.store.postgres_ratelimit import PostgresRateWindows
+from gateway.store.schema import migration_scripts
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import REDIS_URL, free_port
 
@@ -101,7 +102,7 @@ async def postgres_backend() -> AsyncIterator[Make]:
     pools: list[Any] = []
     try:
         conn = await asyncpg.connect(url)
-        await conn.execute((ROOT / "migrations/postgres/0003_rate_windows.sql").read_text())
+        await conn.execute(dict(migration_scripts("postgres"))["0002_rate_windows"])
         await conn.close()
 
         async def make(

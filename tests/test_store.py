@@ -1,16 +1,28 @@
-"""The SQLite store: a failing write fails alone, idempotent finishes, migrations."""
+"""The store contract: every protocol method, the same answers on SQLite and PostgreSQL.
+
+Marked `both_backends`: each test taking `store` or `db` runs on both (the outbox: test_store_outbox.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 import pytest
 
-from gateway.store.base import RequestRecord, SyncBacklog
+from gateway.store import Store, create_store
+from gateway.store.base import CustomerLimits, MeterLimit, RequestRecord
+from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SqliteStore
-from gateway.store.sqlite_outbox import BACKLOG_SQL
+from gateway.timeutil import parse_iso
+from tests.support_db import Database
+
+YEAR = (datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+
+
+pytestmark = pytest.mark.both_backends
 
 
 def record(rid: str, **kw: object) -> RequestRecord:
@@ -29,7 +41,81 @@ def record(rid: str, **kw: object) -> RequestRecord:
     return RequestRecord(**values)  # type: ignore[arg-type]
 
 
-async def test_concurrent_writes_and_a_bad_one_fails_alone(store: SqliteStore) -> None:
+def used(rid: str, usage: dict[str, int], **kw: object) -> RequestRecord:
+    return record(rid, outcome="ok", status_code=200, usage=usage, **kw)
+
+
+# ---------------------------------------------------------------------- lifecycle
+
+
+def test_create_store_picks_the_backend_by_url(tmp_path: object) -> None:
+    assert isinstance(create_store(f"sqlite:///{tmp_path}/x.db"), SqliteStore)
+    pg = create_store("postgresql://postgres@127.0.0.1:5432/db", pool_size=3)
+    assert isinstance(pg, PostgresStore) and pg.pool_size == 3
+    with pytest.raises(ValueError, match="sqlite:///"):
+        create_store("mysql://x")
+
+
+async def test_migrate_is_idempotent(store: Store) -> None:
+    assert await store.migrate() == []
+
+
+async def test_two_migrators_at_once_on_a_fresh_database_apply_the_schema_once(db: Database) -> None:
+    a, b = create_store(db.url, pool_size=2), create_store(db.url, pool_size=2)
+    await a.open()
+    await b.open()
+    try:
+        first, second = await asyncio.gather(a.migrate(), b.migrate())
+        assert sorted([first, second], key=len)[0] == []
+        applied = max(first, second, key=len)
+        assert applied and applied[0] == "0001_init"
+        assert db.query("SELECT COUNT(*) FROM schema_migrations") == [(len(applied),)]
+        await a.finish_request(used("req_m", {"claude_output_tokens": 1}))
+        assert await b.finished_ids(["req_m"]) == {"req_m"}
+    finally:
+        await a.close()
+        await b.close()
+
+
+# ---------------------------------------------------------------------- keys
+
+
+async def test_keys_create_list_find_revoke(store: Store) -> None:
+    k2 = await store.create_key("key_2", "bob", "laptop", "pgw_bbbbbbbb", b"h2")
+    k1 = await store.create_key("key_1", "alice", "", "pgw_aaaaaaaa", b"h1")
+    k3 = await store.create_key("key_3", "alice", "ci", "pgw_cccccccc", b"h3")
+    assert k1.created_at.tzinfo is UTC and k1.revoked_at is None
+    assert await store.list_keys() == [k2, k1, k3]  # by creation time
+    assert await store.list_keys("alice") == [k1, k3]
+    assert await store.list_keys("nobody") == []
+    assert await store.find_key(b"h1") == (k1, b"h1")
+    assert await store.find_key(b"nope") is None
+    assert await store.revoke_key("key_1") is True
+    assert await store.revoke_key("key_1") is False  # already revoked
+    assert await store.revoke_key("key_x") is False
+    found = await store.find_key(b"h1")
+    assert found is not None and found[0].revoked_at is not None and found[0].revoked_at.tzinfo is UTC
+    assert found[0].revoked_at >= k1.created_at
+    assert await store.known_users() == ["alice", "bob"]
+
+
+async def test_a_duplicate_key_hash_is_refused(store: Store) -> None:
+    await store.create_key("key_1", "a", "", "p", b"same")
+    with pytest.raises(Exception):  # noqa: B017 (the driver's own IntegrityError / UniqueViolationError)
+        await store.create_key("key_2", "b", "", "p", b"same")
+    assert [k.id for k in await store.list_keys()] == ["key_1"]
+
+
+async def test_known_users_sort_bytewise(store: Store) -> None:
+    for i, user in enumerate(["b", "B", "a", "_x", "a"]):
+        await store.create_key(f"key_{i}", user, "", "p", f"h{i}".encode())
+    assert await store.known_users() == sorted({"b", "B", "a", "_x"})  # ["B", "_x", "a", "b"]
+
+
+# ---------------------------------------------------------------------- requests and usage
+
+
+async def test_concurrent_writes_and_a_bad_one_fails_alone(store: Store) -> None:
     good = [record(f"req_{i}", outcome="ok", usage={"claude_output_tokens": 5}) for i in range(10)]
     bad = record("req_bad", outcome="ok", user_id=None)  # NOT NULL violated
     results = await asyncio.gather(
@@ -37,47 +123,86 @@ async def test_concurrent_writes_and_a_bad_one_fails_alone(store: SqliteStore) -
     )
     assert all(r is None for r in results[:10])
     assert isinstance(results[10], Exception)
-    assert await store.consumed("u", datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)) == {
-        "claude_output_tokens": 50
-    }
+    assert await store.consumed("u", *YEAR) == {"claude_output_tokens": 50}
 
 
-async def test_finish_is_idempotent_and_finished_ids_tells_what_is_stored(store: SqliteStore) -> None:
+async def test_a_batch_with_a_bad_record_stores_none_of_it(store: Store) -> None:
+    with pytest.raises(Exception):  # noqa: B017 (the driver's own error)
+        await store.finish_requests([used("req_1", {"claude_output_tokens": 1}), record("req_2", user_id=None)])
+    assert await store.finished_ids(["req_1", "req_2"]) == set()
+    await store.finish_requests([])
+
+
+async def test_finish_is_idempotent_and_finished_ids_tells_what_is_stored(store: Store) -> None:
     r = record("req_a", outcome="ok", usage={"claude_output_tokens": 3, "gemini_images": 2, "claude_input_tokens": 0})
     assert await store.finished_ids(["req_a", "req_b"]) == set()
+    assert await store.finished_ids([]) == set()
     await store.finish_request(r)
     assert await store.finished_ids(["req_a", "req_b"]) == {"req_a"}
     expected = [("req_a:claude_output_tokens", 3), ("req_a:gemini_images:0", 1), ("req_a:gemini_images:1", 1)]
-    assert [(e.external_id, e.value) for e in await store.events_for_request("req_a")] == expected
-    # finishing twice (a crash recovery replayed) records nothing twice
+    events = await store.events_for_request("req_a")
+    assert [(e.external_id, e.value) for e in events] == expected
+    assert {(e.request_id, e.user_id, e.model, e.provider, e.timestamp) for e in events} == {
+        ("req_a", "u", "m", "anthropic", datetime(2026, 12, 1, tzinfo=UTC))
+    }
+    assert await store.events_for_request("req_missing") == []
+    # finishing twice (a crash recovery replayed), alone or in a batch with a new one, records nothing twice
     await store.finish_request(r)
+    await store.finish_requests([r, used("req_c", {"claude_output_tokens": 1})])
     assert [(e.external_id, e.value) for e in await store.events_for_request("req_a")] == expected
+    assert await store.consumed("u", *YEAR) == {"claude_output_tokens": 4, "gemini_images": 2}
     assert [(e.external_id, e.request_id) for e in await store.claim_events("o", 10, 60)] == [
         (x, "req_a") for x, _ in expected
-    ]
+    ] + [("req_c:claude_output_tokens", "req_c")]
 
 
-@pytest.mark.parametrize("n", [1, 3, 70, 341])  # 341 = 256 + 64 + 16 + 4 + 1: every statement size
-async def test_a_batch_of_any_size_goes_in_whole_with_every_column(store: SqliteStore, n: int) -> None:
-    finished = datetime(2026, 12, 1, 0, 0, 1, tzinfo=UTC)
+def _normalized(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A stored row in one shape whatever the backend (text or native timestamps, JSON text or jsonb)."""
+
+    def ts(v: Any) -> datetime:
+        return parse_iso(v) if isinstance(v, str) else v
+
+    def js(v: Any) -> Any:
+        return None if v is None else orjson.loads(v)
+
+    return (
+        row["id"],
+        row["user_id"],
+        row["key_id"],
+        row["provider"],
+        row["model"],
+        row["operation"],
+        int(row["stream"]),
+        ts(row["started_at"]),
+        row["outcome"],
+        js(row["reservation"]),
+        row["owner"],
+        ts(row["finished_at"]),
+        row["status_code"],
+        js(row["usage"]),
+        js(row["usage_raw"]),
+        int(row["estimated"]),
+        row["sync_state"],
+    )
+
+
+@pytest.mark.parametrize("n", [1, 3, 70, 341])  # 341 = 256 + 64 + 16 + 4 + 1: every SQLite statement size
+async def test_a_batch_of_any_size_goes_in_whole_with_every_column(store: Store, db: Database, n: int) -> None:
+    finished = datetime(2026, 12, 1, 0, 0, 1, 500, tzinfo=UTC)
     batch = [
-        record(
+        used(
             f"req_{i:04d}",
-            outcome="ok",
-            status_code=200,
-            usage={"claude_output_tokens": i + 1},
+            {"claude_output_tokens": i + 1},
             usage_raw={"output_tokens": i + 1, "note": "é"},
             finished_at=finished,
+            stream=i % 2 == 1,
         )
         for i in range(n)
     ]
     await store.finish_requests(batch)
     await store.finish_requests(batch[: n // 2 + 1])  # a replay of some: nothing twice
-    rows = await store.db.execute_fetchall(
-        "SELECT id, user_id, key_id, provider, model, operation, stream, started_at, outcome, reservation, owner,"
-        " finished_at, status_code, usage, usage_raw, estimated, sync_state FROM requests ORDER BY id"
-    )
-    assert [tuple(r) for r in rows] == [
+    rows = [_normalized(r) for r in db.dicts("SELECT * FROM requests ORDER BY id")]
+    assert rows == [
         (
             f"req_{i:04d}",
             "u",
@@ -85,60 +210,115 @@ async def test_a_batch_of_any_size_goes_in_whole_with_every_column(store: Sqlite
             "anthropic",
             "m",
             "messages",
-            0,
-            "2026-12-01T00:00:00.000000Z",
+            i % 2,
+            datetime(2026, 12, 1, tzinfo=UTC),
             "ok",
-            '{"claude_output_tokens":10}',
+            {"claude_output_tokens": 10},
             "",
-            "2026-12-01T00:00:01.000000Z",
+            finished,
             200,
-            f'{{"claude_output_tokens":{i + 1}}}',
-            f'{{"output_tokens":{i + 1},"note":"é"}}',
+            {"claude_output_tokens": i + 1},
+            {"output_tokens": i + 1, "note": "é"},
             0,
             "pending",
         )
         for i in range(n)
     ]
-    total = await store.consumed("u", datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
-    assert total == {"claude_output_tokens": n * (n + 1) // 2}
+    assert await store.consumed("u", *YEAR) == {"claude_output_tokens": n * (n + 1) // 2}
 
 
-async def test_a_request_without_usage_has_nothing_to_sync(store: SqliteStore) -> None:
+async def test_consumed_counts_one_user_in_the_period_only(store: Store) -> None:
+    t0 = datetime(2026, 12, 1, tzinfo=UTC)
+    await store.finish_requests(
+        [
+            used("req_1", {"claude_input_tokens": 10, "claude_output_tokens": 0}, started_at=t0),
+            used("req_2", {"claude_input_tokens": 5, "gemini_images": 3}, started_at=t0 + timedelta(days=30)),
+            used("req_3", {"claude_input_tokens": 7}, started_at=t0 - timedelta(microseconds=1)),  # before
+            used("req_4", {"claude_input_tokens": 9}, started_at=t0 + timedelta(days=31)),  # at the end: after
+            used("req_5", {"claude_input_tokens": 100}, user_id="other", started_at=t0),
+            record("req_6", outcome="upstream_error", started_at=t0),
+        ]
+    )
+    end = t0 + timedelta(days=31)
+    assert await store.consumed("u", t0, end) == {"claude_input_tokens": 15, "gemini_images": 3}
+    assert await store.consumed("other", t0, end) == {"claude_input_tokens": 100}
+    assert await store.consumed("nobody", t0, end) == {}
+
+
+async def test_a_request_without_usage_has_nothing_to_sync(store: Store) -> None:
     await store.finish_request(record("req_z", outcome="upstream_error", usage={}))
     assert await store.claim_events("o", 10, 60) == []
     assert await store.usage_summary() == []
 
 
-async def test_migrate_is_idempotent(store: SqliteStore) -> None:
-    assert await store.migrate() == []
+# ---------------------------------------------------------------------- limits and webhooks
 
 
-@pytest.mark.parametrize("n", [1, 3])
-async def test_two_stores_on_one_file_claim_disjoint_events(tmp_path: object, n: int) -> None:
-    path = f"{tmp_path}/two.db"
-    a, b = SqliteStore(path), SqliteStore(path)
-    for s in (a, b):
-        await s.open()
-        await s.migrate()
-    try:
-        r = record("req_x", outcome="ok", usage={m: n for m in ("claude_input_tokens", "claude_output_tokens")})
-        await a.finish_request(r)
-        got_a, got_b = await asyncio.gather(a.claim_events("A", 10, 60), b.claim_events("B", 10, 60))
-        ids = [e.external_id for e in got_a] + [e.external_id for e in got_b]
-        assert sorted(ids) == ["req_x:claude_input_tokens", "req_x:claude_output_tokens"]
-    finally:
-        await a.close()
-        await b.close()
+def limits(user: str, snapshot: datetime, credited: int | None = 1000, **kw: Any) -> CustomerLimits:
+    values: dict[str, Any] = {
+        "user_id": user,
+        "meters": {
+            "claude_output_tokens": MeterLimit("claude_output_tokens", credited, 12.5, None),
+            "claude_input_tokens": MeterLimit("claude_input_tokens", None, 0.0, 3.25),
+        },
+        "period_start": datetime(2026, 12, 1, tzinfo=UTC),
+        "period_end": datetime(2027, 1, 1, tzinfo=UTC),
+        "snapshot_at": snapshot,
+        "updated_at": snapshot + timedelta(microseconds=7),
+        **kw,
+    }
+    return CustomerLimits(**values)
+
+
+async def test_limits_round_trip_and_an_older_snapshot_never_overwrites(store: Store) -> None:
+    t = datetime(2026, 12, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    assert await store.get_limits("u") is None
+    first = limits("u", t)
+    assert await store.put_limits(first) is True
+    got = await store.get_limits("u")
+    assert got == first and list(got.meters) == list(first.meters)
+    assert got.snapshot_at.tzinfo is UTC
+    assert await store.put_limits(limits("u", t - timedelta(seconds=1), credited=5)) is False
+    assert await store.get_limits("u") == first
+    same = limits("u", t, credited=2000, period_start=None, period_end=None, active=False)
+    assert await store.put_limits(same) is True  # an equal snapshot replaces
+    assert await store.get_limits("u") == same
+    empty = limits("w", t, meters={})
+    await store.put_limits(empty)
+    assert await store.get_limits("w") == empty
+
+
+async def test_stale_limit_users_oldest_first(store: Store) -> None:
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    for user, age in [("fresh", 1), ("old", 3600), ("older", 7200), ("mid", 1800)]:
+        await store.put_limits(limits(user, now - timedelta(seconds=age), updated_at=now - timedelta(seconds=age)))
+    cutoff = now - timedelta(seconds=60)
+    assert await store.stale_limit_users(cutoff, 10) == ["older", "old", "mid"]
+    assert await store.stale_limit_users(cutoff, 2) == ["older", "old"]
+    assert await store.stale_limit_users(now - timedelta(days=1), 10) == []
+
+
+async def test_webhook_deliveries_are_recorded_once(store: Store) -> None:
+    assert await store.webhook_recorded("wh_1") is False
+    assert await store.record_webhook("wh_1", "customer.state_changed") is True
+    assert await store.record_webhook("wh_1", "customer.state_changed") is False
+    assert await store.webhook_recorded("wh_1") is True
+    assert await store.webhook_recorded("wh_2") is False
+    results = await asyncio.gather(*(store.record_webhook("wh_3", "x") for _ in range(5)))
+    assert sorted(results) == [False] * 4 + [True]
+
+
+# ---------------------------------------------------------------------- SQLite upgrades
 
 
 async def test_upgrade_from_the_first_schema_keeps_requests_and_their_sync_state(tmp_path: object) -> None:
     import sqlite3
 
-    from gateway.store.sqlite_base import migrations_dir
+    from gateway.store.schema import migration_scripts
 
     path = f"{tmp_path}/old.db"
     with sqlite3.connect(path) as old:
-        old.executescript((migrations_dir("sqlite") / "0001_init.sql").read_text())
+        old.executescript(dict(migration_scripts("sqlite"))["0001_init"])
         old.execute("CREATE TABLE schema_migrations (version TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
         old.execute("INSERT INTO schema_migrations VALUES ('0001_init', '2026-11-30T00:00:00Z')")
         for rid, usage, states in [
@@ -164,7 +344,8 @@ async def test_upgrade_from_the_first_schema_keeps_requests_and_their_sync_state
             "0002_journal",
             "0003_consumed_from_requests",
             "0004_outbox_per_request",
-            "0006_rate_windows",
+            "0005_rate_windows",
+            "0006_leases",
             "0007_sync_backlog",
         ]
         assert await s.finished_ids(["req_old", "req_new"]) == {"req_old"}
@@ -186,26 +367,18 @@ async def test_upgrade_from_the_first_schema_keeps_requests_and_their_sync_state
         await s.close()
 
 
-async def test_sync_backlog_counts_unsynced_requests_from_its_index(store: SqliteStore) -> None:
-    assert await store.sync_backlog() == SyncBacklog(pending=0, failed=0, oldest_pending_at=None)
-    usage = {"claude_output_tokens": 5}
-    day = lambda d: datetime(2026, 12, d, tzinfo=UTC)  # noqa: E731
-    await store.finish_requests(
-        [
-            record("req_1", outcome="ok", usage=usage, started_at=day(3)),
-            record("req_2", outcome="ok", usage=usage, started_at=day(1)),
-            record("req_3", outcome="ok", usage=usage, started_at=day(2)),
-            record("req_4", outcome="upstream_error", started_at=day(1)),  # no usage: nothing to sync
-        ]
+def test_settings_take_a_postgres_url_and_never_show_its_password() -> None:
+    from gateway.settings import ConfigError, settings_from_env
+
+    s = settings_from_env(
+        {"GATEWAY_DATABASE_URL": "postgresql://gw:hunter2@db:5432/gw", "GATEWAY_DATABASE_POOL_SIZE": "3"},
+        load_file=False,
     )
-    assert await store.sync_backlog() == SyncBacklog(pending=3, failed=0, oldest_pending_at=day(1))
-    claimed = await store.claim_events("o", 1, 60)  # claimed still counts as pending
-    assert await store.sync_backlog() == SyncBacklog(pending=3, failed=0, oldest_pending_at=day(1))
-    await store.mark_retry([claimed[0].request_id], "422", day(1), max_attempts=1)
-    rest = await store.claim_events("o", 10, 60)
-    await store.mark_synced([rest[0].request_id])
-    backlog = await store.sync_backlog()
-    assert (backlog.pending, backlog.failed) == (1, 1)
-    # Cheap to poll: one covering search of the partial index of unsynced requests, no table scan.
-    plan = await store.db.execute_fetchall("EXPLAIN QUERY PLAN " + BACKLOG_SQL)
-    assert [row[3] for row in plan] == ["SEARCH requests USING COVERING INDEX ix_requests_backlog (sync_state=?)"]
+    assert (s.is_postgres, s.database_pool_size, str(s.journal_path)) == (True, 3, "gateway.journal")
+    assert "hunter2" not in repr(s) and "gw:***@db:5432/gw" in repr(s)
+    store = create_store(s)
+    assert isinstance(store, PostgresStore) and store.pool_size == 3
+    with pytest.raises(ConfigError, match="must look like sqlite:///"):
+        settings_from_env({"GATEWAY_DATABASE_URL": "mysql://db/gw"}, load_file=False)
+    with pytest.raises(ConfigError, match="at least 1"):
+        settings_from_env({"GATEWAY_DATABASE_POOL_SIZE": "0"}, load_file=False)

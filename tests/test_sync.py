@@ -1,15 +1,13 @@
-"""Outbox sync against FakePolar over loopback, with the real polar-sdk and the real SQLite store."""
+"""Outbox sync against FakePolar over loopback, with the real polar-sdk and the real store."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,11 +17,12 @@ from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT, GEMINI_IMAGES
 from gateway.polar import IngestResult, PolarBilling
 from gateway.polar_cli import print_usage, run_sync
 from gateway.settings import Settings
+from gateway.store import Store
 from gateway.store.base import PendingEvent, RequestRecord
-from gateway.store.sqlite import SqliteStore
 from gateway.sync import Syncer
 from gateway.timeutil import parse_iso
 from tests.fakes.polar import FakePolar
+from tests.support_db import Database, open_store
 
 
 @pytest.fixture
@@ -34,7 +33,7 @@ async def polar(fake: FakePolar) -> AsyncIterator[PolarBilling]:
 
 
 async def add_events(
-    store: SqliteStore, n: int, *, user: str = "user-1", meter: str = CLAUDE_INPUT, start: int = 0, **kw: Any
+    store: Store, n: int, *, user: str = "user-1", meter: str = CLAUDE_INPUT, start: int = 0, **kw: Any
 ) -> dict[str, int]:
     """n requests with one event each; returns external_id -> value."""
     out: dict[str, int] = {}
@@ -59,18 +58,13 @@ async def add_events(
     return out
 
 
-def rows(db_path: Path) -> dict[str, dict[str, Any]]:
+def rows(db: Database) -> dict[str, dict[str, Any]]:
     """Sync state by external id (each event carries its request's state)."""
-    conn = sqlite3.connect(db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        out: dict[str, dict[str, Any]] = {}
-        for r in conn.execute("SELECT * FROM requests WHERE sync_state != 'none'"):
-            for xid, _, _ in event_quantities(r["id"], json.loads(r["usage"])):
-                out[xid] = {**dict(r), "state": r["sync_state"]}
-        return out
-    finally:
-        conn.close()
+    out: dict[str, dict[str, Any]] = {}
+    for r in db.dicts("SELECT * FROM requests WHERE sync_state != 'none'"):
+        for xid, _, _ in event_quantities(r["id"], json.loads(r["usage"])):
+            out[xid] = {**r, "state": r["sync_state"]}
+    return out
 
 
 async def poll(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
@@ -81,7 +75,7 @@ async def poll(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> No
         await asyncio.sleep(0.02)
 
 
-def syncer(store: SqliteStore, polar: Any, **kw: Any) -> Syncer:
+def syncer(store: Store, polar: Any, **kw: Any) -> Syncer:
     kw.setdefault("owner", "test-owner")
     kw.setdefault("backoff_base", 0.01)
     kw.setdefault("backoff_max", 0.05)
@@ -89,7 +83,7 @@ def syncer(store: SqliteStore, polar: Any, **kw: Any) -> Syncer:
 
 
 async def test_delivers_every_event_once_in_count_bounded_batches(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database
 ) -> None:
     events = await add_events(store, 20)
     result = await syncer(store, polar, batch_size=7).run_once()
@@ -99,12 +93,12 @@ async def test_delivers_every_event_once_in_count_bounded_batches(
     assert {x: e["metadata"]["value"] for x, e in fake.events.items()} == events
     assert set(fake.sent.values()) == {1}
     assert fake.total(CLAUDE_INPUT, "user-1") == sum(events.values())
-    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+    assert {r["state"] for r in rows(db).values()} == {"synced"}
     again = await syncer(store, polar, batch_size=7).run_once()
     assert (again.claimed, again.batches) == (0, 0)
 
 
-async def test_batches_are_bounded_by_bytes(store: SqliteStore, polar: PolarBilling, fake: FakePolar) -> None:
+async def test_batches_are_bounded_by_bytes(store: Store, polar: PolarBilling, fake: FakePolar) -> None:
     await add_events(store, 10)
     result = await syncer(store, polar, batch_size=500, max_batch_bytes=700).run_once()
     assert result.synced == 10
@@ -116,7 +110,7 @@ async def test_batches_are_bounded_by_bytes(store: SqliteStore, polar: PolarBill
 
 @pytest.mark.parametrize("refuse", [False, True], ids=["503", "connection-refused"])
 async def test_polar_down_then_back_delivers_each_external_id_once(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path, refuse: bool
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database, refuse: bool
 ) -> None:
     events = await add_events(store, 12)
     s = syncer(store, polar, batch_size=5)
@@ -129,17 +123,15 @@ async def test_polar_down_then_back_delivers_each_external_id_once(
 
     async def all_synced() -> bool:
         await s.run_once()
-        return {r["state"] for r in rows(db_path).values()} == {"synced"}
+        return {r["state"] for r in rows(db).values()} == {"synced"}
 
     await poll(all_synced)
     assert sorted(fake.events) == sorted(events)
     assert fake.total(CLAUDE_INPUT) == sum(events.values())
-    assert all(r["attempts"] == 0 for r in rows(db_path).values())  # an outage counts no attempt
+    assert all(r["attempts"] == 0 for r in rows(db).values())  # an outage counts no attempt
 
 
-async def test_timeout_after_polar_committed_is_deduplicated(
-    store: SqliteStore, fake: FakePolar, db_path: Path
-) -> None:
+async def test_timeout_after_polar_committed_is_deduplicated(store: Store, fake: FakePolar, db: Database) -> None:
     client = PolarBilling(fake.token, base_url=fake.url, ingest_timeout=0.3)
     try:
         events = await add_events(store, 4)
@@ -150,7 +142,7 @@ async def test_timeout_after_polar_committed_is_deduplicated(
         assert len(fake.events) == 4  # Polar stored them, we didn't hear back
 
         async def synced() -> bool:
-            return (await s.run_once()).synced == 4 or {r["state"] for r in rows(db_path).values()} == {"synced"}
+            return (await s.run_once()).synced == 4 or {r["state"] for r in rows(db).values()} == {"synced"}
 
         await poll(synced)
         assert fake.total() == sum(events.values())
@@ -160,7 +152,7 @@ async def test_timeout_after_polar_committed_is_deduplicated(
         await client.close()
 
 
-async def test_429_retry_after_is_honoured(store: SqliteStore, polar: PolarBilling, fake: FakePolar) -> None:
+async def test_429_retry_after_is_honoured(store: Store, polar: PolarBilling, fake: FakePolar) -> None:
     await add_events(store, 3)
     fake.fail_next(1, 429, retry_after=1)
     s = syncer(store, polar, interval=60.0)  # backoff 0.01 s: only Retry-After can hold the retry back
@@ -177,7 +169,7 @@ async def test_429_retry_after_is_honoured(store: SqliteStore, polar: PolarBilli
 
 
 async def test_outage_delay_is_capped_backoff_with_jitter_and_honours_retry_after(
-    store: SqliteStore, polar: PolarBilling
+    store: Store, polar: PolarBilling
 ) -> None:
     s = Syncer(store, polar, owner="o")  # the defaults: 2 s base, 300 s cap
     for outages, low, high in [(1, 1, 2), (2, 2, 4), (3, 4, 8), (9, 150, 300), (40, 150, 300)]:
@@ -192,14 +184,14 @@ async def test_outage_delay_is_capped_backoff_with_jitter_and_honours_retry_afte
 
 @pytest.mark.parametrize("with_index", [True, False], ids=["indexed-422", "bisect"])
 async def test_422_isolates_the_bad_event(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path, with_index: bool
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database, with_index: bool
 ) -> None:
     events = await add_events(store, 9)
     bad = sorted(events)[5]
     fake.reject_when(lambda e: "customer unknown to test" if e["external_id"] == bad else False, with_index=with_index)
     result = await syncer(store, polar, batch_size=100, max_attempts=1).run_once()
     assert (result.claimed, result.synced, result.rejected, result.parked, result.deferred) == (9, 8, 1, 1, 0)
-    state = rows(db_path)
+    state = rows(db)
     assert state[bad]["state"] == "failed"
     assert "customer unknown to test" in state[bad]["last_error"]
     assert {x for x, r in state.items() if r["state"] == "synced"} == set(events) - {bad}
@@ -216,10 +208,10 @@ async def test_422_isolates_the_bad_event(
     again = await syncer(store, polar).run_once()
     assert (again.claimed, again.synced, again.inserted) == (1, 1, 1)
     assert fake.total() == sum(events.values())
-    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+    assert {r["state"] for r in rows(db).values()} == {"synced"}
 
 
-async def request_with(store: SqliteStore, rid: str, usage: dict[str, int]) -> None:
+async def request_with(store: Store, rid: str, usage: dict[str, int]) -> None:
     await store.finish_request(
         RequestRecord(
             id=rid,
@@ -237,7 +229,7 @@ async def request_with(store: SqliteStore, rid: str, usage: dict[str, int]) -> N
 
 
 async def test_a_request_is_synced_only_when_all_its_events_are_and_resent_whole(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database
 ) -> None:
     """The outbox unit is the request: one rejected event parks it, and the resend of its
     accepted events is deduplicated by Polar, so the totals stay exact."""
@@ -247,7 +239,7 @@ async def test_a_request_is_synced_only_when_all_its_events_are_and_resent_whole
     # 2 events per batch: req_a's 5 events are spread over 3 batches
     result = await syncer(store, polar, batch_size=2, max_attempts=1).run_once()
     assert (result.claimed, result.synced, result.rejected, result.parked) == (6, 5, 1, 5)
-    assert {x: r["state"] for x, r in rows(db_path).items()} == {
+    assert {x: r["state"] for x, r in rows(db).items()} == {
         **{x: "failed" for x, _, _ in event_quantities("req_a", {CLAUDE_INPUT: 1, CLAUDE_OUTPUT: 1, GEMINI_IMAGES: 3})},
         "req_b:claude_input_tokens": "synced",
     }
@@ -257,11 +249,11 @@ async def test_a_request_is_synced_only_when_all_its_events_are_and_resent_whole
     again = await syncer(store, polar).run_once()
     assert (again.claimed, again.inserted, again.duplicates) == (5, 1, 4)
     assert (fake.total(CLAUDE_INPUT), fake.total(CLAUDE_OUTPUT), fake.total(GEMINI_IMAGES)) == (11, 20, 3)
-    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+    assert {r["state"] for r in rows(db).values()} == {"synced"}
 
 
 async def test_polar_down_mid_request_defers_the_whole_request(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database
 ) -> None:
     await request_with(store, "req_a", {CLAUDE_INPUT: 10, CLAUDE_OUTPUT: 20, GEMINI_IMAGES: 2})
     # Polar stores the first batch of 2, then hangs past the client's timeout: the request's other
@@ -269,20 +261,20 @@ async def test_polar_down_mid_request_defers_the_whole_request(
     fake.fail_next(1, "timeout", hold=3, commit=True, path="/v1/events/ingest")
     result = await syncer(store, polar, batch_size=2).run_once()
     assert (result.claimed, result.synced, result.deferred, result.batches) == (4, 0, 4, 1)
-    assert {r["state"] for r in rows(db_path).values()} == {"pending"}
+    assert {r["state"] for r in rows(db).values()} == {"pending"}
     assert len(fake.events) == 2
-    await poll(lambda: _synced_after_retry(store, polar, db_path))
+    await poll(lambda: _synced_after_retry(store, polar, db))
     assert (fake.total(CLAUDE_INPUT), fake.total(CLAUDE_OUTPUT), fake.total(GEMINI_IMAGES)) == (10, 20, 2)
     assert len(fake.events) == 4
 
 
-async def _synced_after_retry(store: SqliteStore, polar: PolarBilling, db_path: Path) -> bool:
+async def _synced_after_retry(store: Store, polar: PolarBilling, db: Database) -> bool:
     await syncer(store, polar).run_once()
-    return {r["state"] for r in rows(db_path).values()} == {"synced"}
+    return {r["state"] for r in rows(db).values()} == {"synced"}
 
 
 async def test_future_timestamp_is_clamped_and_empty_strings_dropped(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar
+    store: Store, polar: PolarBilling, fake: FakePolar
 ) -> None:
     future = datetime.now(UTC) + timedelta(hours=1)
     await add_events(store, 1, timestamp=future, model="")
@@ -295,7 +287,7 @@ async def test_future_timestamp_is_clamped_and_empty_strings_dropped(
 
 
 async def test_concurrent_passes_on_one_syncer_do_not_double_send(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar
+    store: Store, polar: PolarBilling, fake: FakePolar
 ) -> None:
     events = await add_events(store, 120)
     s = syncer(store, polar, batch_size=10)
@@ -307,11 +299,10 @@ async def test_concurrent_passes_on_one_syncer_do_not_double_send(
 
 
 async def test_two_syncers_on_the_same_database_file_do_not_double_send(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database
 ) -> None:
     events = await add_events(store, 150)
-    other = SqliteStore(str(db_path))
-    await other.open()
+    other = await open_store(db.url)
     try:
         s1 = syncer(store, polar, owner="gw-1", batch_size=10)
         s2 = syncer(other, polar, owner="gw-2", batch_size=10)
@@ -322,11 +313,11 @@ async def test_two_syncers_on_the_same_database_file_do_not_double_send(
     assert a.claimed + b.claimed == 150
     assert set(fake.sent.values()) == {1} and len(fake.sent) == 150
     assert fake.total() == sum(events.values())
-    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+    assert {r["state"] for r in rows(db).values()} == {"synced"}
 
 
 async def test_a_422_parks_only_that_event_after_max_attempts(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar, db_path: Path
+    store: Store, polar: PolarBilling, fake: FakePolar, db: Database
 ) -> None:
     events = await add_events(store, 5)
     bad = sorted(events)[2]
@@ -335,11 +326,11 @@ async def test_a_422_parks_only_that_event_after_max_attempts(
     for attempt in (1, 2, 3):
         result = await s.run_once()
         assert (result.rejected, result.parked, result.error) == (1, 1 if attempt == 3 else 0, None)
-        assert (rows(db_path)[bad]["attempts"], rows(db_path)[bad]["state"]) == (
+        assert (rows(db)[bad]["attempts"], rows(db)[bad]["state"]) == (
             attempt,
             "failed" if attempt == 3 else "pending",
         )
-    state = rows(db_path)
+    state = rows(db)
     assert "customer unknown to test" in state[bad]["last_error"]
     assert {x for x, r in state.items() if r["state"] == "synced"} == set(events) - {bad}
     assert all(r["attempts"] == 0 for x, r in state.items() if x != bad)
@@ -347,7 +338,7 @@ async def test_a_422_parks_only_that_event_after_max_attempts(
     assert sorted(fake.events) == sorted(set(events) - {bad})
 
 
-async def test_a_rejection_waits_out_its_backoff(store: SqliteStore, polar: PolarBilling, fake: FakePolar) -> None:
+async def test_a_rejection_waits_out_its_backoff(store: Store, polar: PolarBilling, fake: FakePolar) -> None:
     await add_events(store, 1)
     fake.reject_when(lambda e: True)
     s = syncer(store, polar, backoff_base=60.0, backoff_max=60.0)
@@ -358,7 +349,7 @@ async def test_a_rejection_waits_out_its_backoff(store: SqliteStore, polar: Pola
 
 @pytest.mark.parametrize("failure", [500, 503, 429, 401, 403, 400, 404, 409, "timeout"])
 async def test_an_outage_never_counts_attempts_or_parks(
-    store: SqliteStore, fake: FakePolar, db_path: Path, failure: int | str
+    store: Store, fake: FakePolar, db: Database, failure: int | str
 ) -> None:
     client = PolarBilling(fake.token, base_url=fake.url, ingest_timeout=0.3)
     try:
@@ -369,17 +360,17 @@ async def test_an_outage_never_counts_attempts_or_parks(
             result = await s.run_once()
             assert (result.claimed, result.deferred, result.rejected, result.parked) == (3, 3, 0, 0)
             assert result.error is not None and fake.token not in result.error
-            assert {(r["state"], r["attempts"]) for r in rows(db_path).values()} == {("pending", 0)}
+            assert {(r["state"], r["attempts"]) for r in rows(db).values()} == {("pending", 0)}
         assert s.outages == 5
         result = await s.run_once()
         assert (result.synced, s.outages) == (3, 0)
     finally:
         await client.close()
     assert fake.total() == sum(events.values())
-    assert {r["state"] for r in rows(db_path).values()} == {"synced"}
+    assert {r["state"] for r in rows(db).values()} == {"synced"}
 
 
-async def test_bad_token_only_delays(store: SqliteStore, fake: FakePolar, db_path: Path) -> None:
+async def test_bad_token_only_delays(store: Store, fake: FakePolar, db: Database) -> None:
     (xid,) = await add_events(store, 1)
     client = PolarBilling("polar_oat_WRONG", base_url=fake.url)
     try:
@@ -387,7 +378,7 @@ async def test_bad_token_only_delays(store: SqliteStore, fake: FakePolar, db_pat
     finally:
         await client.close()
     assert result.error is not None and "401" in result.error and "WRONG" not in result.error
-    assert (rows(db_path)[xid]["attempts"], rows(db_path)[xid]["state"]) == (0, "pending")
+    assert (rows(db)[xid]["attempts"], rows(db)[xid]["state"]) == (0, "pending")
     fixed = PolarBilling(fake.token, base_url=fake.url)
     try:
         assert (await syncer(store, fixed).run_once()).synced == 1
@@ -395,7 +386,7 @@ async def test_bad_token_only_delays(store: SqliteStore, fake: FakePolar, db_pat
         await fixed.close()
 
 
-async def test_outage_with_default_settings_heals_by_itself(store: SqliteStore, fake: FakePolar, db_path: Path) -> None:
+async def test_outage_with_default_settings_heals_by_itself(store: Store, fake: FakePolar, db: Database) -> None:
     """Polar failing for several backoff rounds (5xx, 429 with Retry-After, refused token): with the
     default settings every event arrives by itself, none parked, no operator action."""
     defaults = Settings()
@@ -423,11 +414,11 @@ async def test_outage_with_default_settings_heals_by_itself(store: SqliteStore, 
         await client.close()
     assert len(fake.ingest_bodies()) == 4
     assert fake.total() == sum(events.values())
-    assert {(r["state"], r["attempts"]) for r in rows(db_path).values()} == {("synced", 0)}
+    assert {(r["state"], r["attempts"]) for r in rows(db).values()} == {("synced", 0)}
 
 
 async def test_run_forever_wakes_on_a_full_batch_and_survives_errors(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar
+    store: Store, polar: PolarBilling, fake: FakePolar
 ) -> None:
     s = syncer(store, polar, batch_size=5, interval=60.0)
     stop = asyncio.Event()
@@ -458,7 +449,7 @@ async def test_run_forever_wakes_on_a_full_batch_and_survives_errors(
     await asyncio.wait_for(task, 5)
 
 
-async def test_cli_sync_and_usage(store: SqliteStore, fake: FakePolar) -> None:
+async def test_cli_sync_and_usage(store: Store, fake: FakePolar) -> None:
     await add_events(store, 2, meter=CLAUDE_OUTPUT, value=10)
     await add_events(store, 1, user="user-2", meter=GEMINI_IMAGES, value=1)
     out = io.StringIO()
@@ -493,7 +484,7 @@ async def test_cli_sync_and_usage(store: SqliteStore, fake: FakePolar) -> None:
 
 
 async def test_last_call_ok_follows_polar_and_backlog_counts_what_is_left(
-    store: SqliteStore, polar: PolarBilling, fake: FakePolar
+    store: Store, polar: PolarBilling, fake: FakePolar
 ) -> None:
     events = await add_events(store, 4)
     s = syncer(store, polar, batch_size=100, max_attempts=1)

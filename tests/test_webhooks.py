@@ -20,8 +20,8 @@ from starlette.routing import Route
 
 from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT
 from gateway.polar import PolarBilling
+from gateway.store import Store
 from gateway.store.base import CustomerLimits, MeterLimit
-from gateway.store.sqlite import SqliteStore
 from gateway.webhooks import make_webhook_endpoint
 from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
 
@@ -39,7 +39,7 @@ LEGACY_SECRET = "polar_whs_" + secrets.token_urlsafe(24)  # legacy endpoints: ke
 @dataclass
 class Hook:
     url: str
-    store: SqliteStore
+    store: Store
     fake: FakePolar
     secret: str
     client: httpx.AsyncClient
@@ -67,7 +67,7 @@ async def serve(app: Starlette) -> tuple[str, uvicorn.Server, asyncio.Task[None]
     return f"http://127.0.0.1:{sock.getsockname()[1]}/webhooks/polar", server, task
 
 
-async def make_hook(store: SqliteStore, fake: FakePolar, secret: str) -> AsyncIterator[Hook]:
+async def make_hook(store: Store, fake: FakePolar, secret: str) -> AsyncIterator[Hook]:
     polar = PolarBilling(fake.token, base_url=fake.url, timeout=2.0)
     changed: list[str] = []
 
@@ -84,7 +84,7 @@ async def make_hook(store: SqliteStore, fake: FakePolar, secret: str) -> AsyncIt
 
 
 @pytest.fixture
-async def hook(store: SqliteStore, fake: FakePolar) -> AsyncIterator[Hook]:
+async def hook(store: Store, fake: FakePolar) -> AsyncIterator[Hook]:
     async for h in make_hook(store, fake, STANDARD_SECRET):
         yield h
 
@@ -113,7 +113,7 @@ def view(limits: CustomerLimits | None) -> dict[str, Any] | None:
 
 
 @pytest.mark.parametrize("encoding", ["standard", "legacy"])
-async def test_signed_state_changed_updates_limits(store: SqliteStore, fake: FakePolar, encoding: str) -> None:
+async def test_signed_state_changed_updates_limits(store: Store, fake: FakePolar, encoding: str) -> None:
     secret = STANDARD_SECRET if encoding == "standard" else LEGACY_SECRET
     async for hook in make_hook(store, fake, secret):
         ts = datetime(2026, 1, 15, 12, 0, 1, tzinfo=UTC)
@@ -167,7 +167,7 @@ async def test_older_snapshot_never_overwrites_newer(hook: Hook) -> None:
     assert hook.changed == ["user-123"]
 
 
-async def test_unknown_type_is_202_and_no_secret_is_503(hook: Hook, store: SqliteStore) -> None:
+async def test_unknown_type_is_202_and_no_secret_is_503(hook: Hook, store: Store) -> None:
     resp = await hook.send({"type": "meter.exploded", "timestamp": "2026-01-15T12:00:00Z", "data": {}})
     assert (resp.status_code, resp.json()) == (202, {"status": "ignored"})
     async for unconfigured in make_hook(store, hook.fake, ""):

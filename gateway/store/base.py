@@ -1,15 +1,19 @@
 """The store interface: every durable read and write the gateway makes.
 
-Handlers, the ledger, the sync and the webhooks only see these dataclasses and the
-`Store` protocol; SQL lives in the implementations (`sqlite.py`, later `postgres.py`).
+Handlers, the ledger, the sync and the webhooks only see these dataclasses and the narrow
+protocols below (`Store` is all of them); SQL lives in the implementations (`sqlite*.py`,
+`postgres*.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
+
+from gateway.outcomes import Outcome
+from gateway.ratelimit import Bucket, RateLimited
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +54,7 @@ class RequestRecord:
     started_at: datetime
     reservation: dict[str, int] = field(default_factory=dict)
     status_code: int | None = None
-    outcome: str = "in_flight"  # ok | upstream_error | client_disconnected | upstream_broken | timeout | ...
+    outcome: str = Outcome.IN_FLIGHT.value  # how it ended: an `Outcome` value
     usage: dict[str, int] = field(default_factory=dict)
     usage_raw: Any = None
     estimated: bool = False
@@ -111,19 +115,24 @@ class CustomerLimits:
     active: bool = True  # False after subscription.revoked: no credits
 
 
-class Store(Protocol):
-    # lifecycle
+class Lifecycle(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def migrate(self) -> list[str]: ...
+    async def migrate(self) -> list[str]:
+        """Apply the migrations not applied yet (safe when several processes start at once); their names."""
+        ...
 
-    # keys
+
+class KeyStore(Protocol):
     async def create_key(self, key_id: str, user_id: str, name: str, prefix: str, key_hash: bytes) -> ApiKey: ...
     async def list_keys(self, user_id: str | None = None) -> list[ApiKey]: ...
     async def revoke_key(self, key_id: str) -> bool: ...
     async def find_key(self, key_hash: bytes) -> tuple[ApiKey, bytes] | None: ...
 
-    # requests and usage (the hot path)
+
+class RequestStore(Protocol):
+    """Finished requests and their usage (the hot path)."""
+
     async def finish_request(self, record: RequestRecord) -> None: ...
     async def finish_requests(self, records: Sequence[RequestRecord]) -> None:
         """Many at once, in one transaction: one fails, all fail (callers then go one by one).
@@ -137,7 +146,10 @@ class Store(Protocol):
     async def consumed(self, user_id: str, start: datetime, end: datetime) -> dict[str, int]: ...
     async def events_for_request(self, request_id: str) -> list[UsageEvent]: ...
 
-    # sync outbox: the unit is a request; events come out expanded, outcomes go in by request id
+
+class Outbox(Protocol):
+    """The Polar outbox: the unit is a request; events come out expanded, outcomes go in by request id."""
+
     async def claim_events(
         self, owner: str, limit: int, lease_seconds: float, *, due_only: bool = True
     ) -> list[PendingEvent]:
@@ -170,13 +182,63 @@ class Store(Protocol):
         """Cheap enough to poll every second: read from an index of the unsynced requests only."""
         ...
 
-    # limits cache and webhooks
+
+class LimitsStore(Protocol):
+    """Limits cached from Polar."""
+
     async def get_limits(self, user_id: str) -> CustomerLimits | None: ...
-    async def put_limits(self, limits: CustomerLimits) -> bool: ...
+    async def put_limits(self, limits: CustomerLimits) -> bool:
+        """Store unless a newer snapshot is stored; False when it was older."""
+        ...
+
     async def stale_limit_users(self, older_than: datetime, limit: int) -> list[str]: ...
     async def known_users(self) -> list[str]: ...
+
+
+class WebhookLog(Protocol):
     async def record_webhook(self, webhook_id: str, event_type: str) -> bool:
         """Remember a processed delivery; False when this webhook id was recorded before."""
         ...
 
     async def webhook_recorded(self, webhook_id: str) -> bool: ...
+
+
+Decide = Callable[[list[Bucket], float], RateLimited | None]
+
+
+class RateWindowStore(Protocol):
+    """Per-user windows of 1 s buckets (requests, tokens) in a database shared by the processes."""
+
+    async def rate_admit(
+        self, user_id: str, tokens: int, decide: Decide, now: float | None
+    ) -> tuple[RateLimited | None, int]:
+        """In one transaction that excludes every other admitter of `user_id`: read the user's buckets
+        of the last WINDOW seconds (oldest first) at time `now` (None: the database's clock), ask
+        `decide`, and unless it refuses add one request and `tokens` to the bucket of that second.
+        Returns (refusal, that second)."""
+        ...
+
+    async def rate_correct(self, corrections: Sequence[tuple[str, int, int]]) -> None:
+        """Add (user, second, token delta) to buckets that still exist."""
+        ...
+
+    async def rate_sweep(self, now: float | None) -> int:
+        """Delete every bucket out of the window at `now` (None: the database's clock)."""
+        ...
+
+
+class Store(Lifecycle, KeyStore, RequestStore, Outbox, LimitsStore, WebhookLog, RateWindowStore, Protocol):
+    """Everything: what `gateway.store.create_store` returns. Users annotate the narrow protocol they need."""
+
+
+# Users needing two of the protocols (Python has no intersection types).
+class QuotaStore(RequestStore, LimitsStore, Protocol):
+    """What the quota ledger reads: consumed usage and cached limits."""
+
+
+class WebhookStore(WebhookLog, LimitsStore, Protocol):
+    """What the Polar webhook endpoint writes: delivery ids and limits."""
+
+
+class RecoveryStore(RequestStore, Outbox, Protocol):
+    """What start-up recovery writes: journaled requests, and stale sync claims handed back."""

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.ratelimit import WINDOW, RateLimited
-from gateway.ratelimit_shared import Decide
+from gateway.store.base import Decide
 
 _LOCK_SPACE = 0x524C  # advisory-lock namespace of the rate limiter (first key of the pair)
 _LOCK_AND_NOW = (

@@ -10,12 +10,13 @@ import orjson
 
 from gateway.events import event_count, event_quantities
 from gateway.store.base import ApiKey, CustomerLimits, MeterLimit, RequestRecord, UsageEvent
-from gateway.store.sqlite_base import Op, json_text, migrations_dir, opt_datetime
+from gateway.store.sqlite_base import Op, json_text, opt_datetime
+from gateway.store.sqlite_leases import SqliteLeases
 from gateway.store.sqlite_outbox import SqliteOutbox
 from gateway.store.sqlite_ratelimit import SqliteRateWindows
 from gateway.timeutil import iso, parse_iso, utcnow
 
-__all__ = ["SqliteStore", "migrations_dir"]
+__all__ = ["SqliteStore"]
 
 _REQUEST_COLUMNS = (
     "id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
@@ -52,8 +53,8 @@ def _chunked(flat: list[Any]) -> list[Op]:
     return ops
 
 
-class SqliteStore(SqliteRateWindows, SqliteOutbox):
-    """Implements `gateway.store.base.Store` (and `gateway.ratelimit_shared.RateWindowStore`)."""
+class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox):
+    """Implements `gateway.store.base.Store` and `gateway.store.leases_base.LeaseStore`."""
 
     # ------------------------------------------------------------------ keys
     async def create_key(self, key_id: str, user_id: str, name: str, prefix: str, key_hash: bytes) -> ApiKey:
@@ -227,7 +228,7 @@ class SqliteStore(SqliteRateWindows, SqliteOutbox):
 
     async def stale_limit_users(self, older_than: datetime, limit: int) -> list[str]:
         rows = await self.db.execute_fetchall(
-            "SELECT user_id FROM customer_limits WHERE updated_at < ? ORDER BY updated_at LIMIT ?",
+            "SELECT user_id FROM customer_limits WHERE updated_at < ? ORDER BY updated_at, user_id LIMIT ?",
             (iso(older_than), limit),
         )
         return [r[0] for r in rows]

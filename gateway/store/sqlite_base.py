@@ -22,18 +22,10 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from gateway.store.schema import migration_scripts, split_sql
 from gateway.timeutil import iso, parse_iso, utcnow
 
 log = logging.getLogger("gateway.store")
-
-
-def migrations_dir(dialect: str) -> Path:
-    """`migrations/<dialect>` of the source tree, or of the working directory (installed package)."""
-    for root in (Path(__file__).resolve().parent.parent.parent, Path.cwd()):
-        candidate = root / "migrations" / dialect
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"migrations/{dialect} not found next to the package or in the working directory")
 
 
 Op = tuple[str, Sequence[Any] | list[Sequence[Any]], bool]  # sql, params, many
@@ -157,16 +149,16 @@ class SqliteBase:
                     "CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
                 )
                 done = {row[0] for row in await self.db.execute_fetchall("SELECT version FROM schema_migrations")}
-                for path in sorted(migrations_dir("sqlite").glob("*.sql")):
-                    if path.stem in done:
+                for version, script in migration_scripts("sqlite"):
+                    if version in done:
                         continue
-                    for statement in _split_sql(path.read_text()):
+                    for statement in split_sql(script):
                         await self.db.execute(statement)
                     await self.db.execute(
                         "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                        (path.stem, iso(utcnow())),
+                        (version, iso(utcnow())),
                     )
-                    applied.append(path.stem)
+                    applied.append(version)
                 await self.db.execute("COMMIT")
             except BaseException:
                 await self.db.execute("ROLLBACK")
@@ -190,9 +182,3 @@ class SqliteBase:
     async def _update_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         if params:
             await self._transaction([(sql, list(params), True)])
-
-
-def _split_sql(script: str) -> list[str]:
-    """Statements of a migration file (our migrations keep ';' out of literals and comments)."""
-    lines = [line.split("--", 1)[0] for line in script.splitlines()]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

@@ -132,7 +132,8 @@ class SqliteOutbox(SqliteBase):
 
     async def failed_events(self, limit: int = 100) -> list[tuple[PendingEvent, str]]:
         rows = await self.db.execute_fetchall(
-            f"SELECT {_OUTBOX_COLS}, last_error FROM requests WHERE sync_state = 'failed' ORDER BY started_at LIMIT ?",
+            f"SELECT {_OUTBOX_COLS}, last_error FROM requests WHERE sync_state = 'failed'"
+            " ORDER BY started_at, id LIMIT ?",
             (limit,),
         )
         out: list[tuple[PendingEvent, str]] = []

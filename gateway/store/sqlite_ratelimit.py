@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from gateway.ratelimit import WINDOW, RateLimited
-from gateway.ratelimit_shared import Decide
+from gateway.store.base import Decide
 
 T = TypeVar("T")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +14,9 @@ import httpx
 from gateway.settings import RateLimitConfig
 from tests.conftest import Gateway, GatewayProcess, process_env, wait_until
 from tests.fakes.upstream import FakeUpstream, Reply
+from tests.support_db import Databases
 
 MSG = [{"role": "user", "content": "Hello"}]
-
-USAGE = "SELECT u.key, u.value FROM requests, json_each(requests.usage) AS u"  # {meter: quantity} of one request
 
 
 async def _burst(gw: Gateway, key: str, n: int, max_tokens: int) -> list[int]:
@@ -55,9 +53,10 @@ async def test_parallel_requests_rate_limit_exact(make_gateway, upstream: FakeUp
     assert len(upstream.requests) - before == 10
 
 
-def test_kill_9_mid_stream_is_settled_on_restart(tmp_path: Path, upstream: FakeUpstream) -> None:
-    db = tmp_path / "crash.db"
-    env = process_env(db, upstream)
+def test_kill_9_mid_stream_is_settled_on_restart(tmp_path: Path, upstream: FakeUpstream, databases: Databases) -> None:
+    db = databases.new("crash")
+    journal = tmp_path / "crash.db.journal"
+    env = process_env(db, upstream, GATEWAY_JOURNAL_DIR=str(journal))
     gw = GatewayProcess(env).start()
     try:
         key = gw.issue_key("crash")
@@ -68,44 +67,41 @@ def test_kill_9_mid_stream_is_settled_on_restart(tmp_path: Path, upstream: FakeU
             gw.kill()
 
         def rows(table: str, cols: str) -> list[tuple[str, ...]]:
-            with sqlite3.connect(db) as conn:
-                return conn.execute(f"SELECT {cols} FROM {table}").fetchall()
+            return db.query(f"SELECT {cols} FROM {table}")
 
-        journal = tmp_path / "crash.db.journal"
         (segment,) = journal.iterdir()  # the request is journaled, not yet stored
         assert segment.read_bytes().count(b'["B","req_') == 1 and rows("requests", "id") == []
         gw = GatewayProcess(env, gw.port).start()  # recovery runs at start
         wait_until(lambda: rows("requests", "outcome, estimated") == [("crashed", 1)])
         assert not segment.exists()
-        with sqlite3.connect(db) as conn:
-            events = dict(
-                conn.execute("SELECT u.key, u.value FROM requests, json_each(requests.usage) AS u").fetchall()
-            )
+        events = db.usage()
         reserved = httpx.Request("POST", "http://x", json=body).content
         assert events == {"claude_input_tokens": len(reserved) // 2 + 16, "claude_output_tokens": 100}
         # a second restart settles nothing twice
         gw.stop()
         gw = GatewayProcess(env, gw.port).start()
-        with sqlite3.connect(db) as conn:
-            assert conn.execute("SELECT COUNT(*), MIN(sync_state) FROM requests").fetchone() == (1, "pending")
+        assert db.query("SELECT COUNT(*), MIN(sync_state) FROM requests") == [(1, "pending")]
     finally:
         gw.stop()
 
 
-def test_kill_9_after_the_answer_keeps_exact_usage(tmp_path: Path, upstream: FakeUpstream) -> None:
+def test_kill_9_after_the_answer_keeps_exact_usage(
+    tmp_path: Path, upstream: FakeUpstream, databases: Databases
+) -> None:
     """A finished request the store has not taken yet is in the journal; the next start stores it exactly."""
-    db = tmp_path / "late.db"
-    env = process_env(db, upstream, GATEWAY_RECORD_LINGER_SECONDS="600")  # the store takes it 10 min later
+    db = databases.new("late")
+    journal = tmp_path / "late.db.journal"
+    env = process_env(
+        db, upstream, GATEWAY_JOURNAL_DIR=str(journal), GATEWAY_RECORD_LINGER_SECONDS="600"
+    )  # the store takes it 10 min later
     gw = GatewayProcess(env).start()
     try:
         key = gw.issue_key("late")
         c = anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
         msg = c.messages.create(model="claude-sonnet-4-6", max_tokens=64, messages=MSG)  # type: ignore[arg-type]
-        journal = tmp_path / "late.db.journal"
         wait_until(lambda: b'["F","req_' in b"".join(p.read_bytes() for p in journal.iterdir()))
         gw.kill()
-        with sqlite3.connect(db) as conn:
-            assert conn.execute("SELECT COUNT(*) FROM requests").fetchone() == (0,)
+        assert db.query("SELECT COUNT(*) FROM requests") == [(0,)]
         # `gateway usage` (like every CLI command) stores what the dead process journaled first
         cli = subprocess.run(
             [sys.executable, "-m", "gateway", "usage", "--json"], env=gw.env, capture_output=True, text=True, check=True
@@ -113,11 +109,8 @@ def test_kill_9_after_the_answer_keeps_exact_usage(tmp_path: Path, upstream: Fak
         shown = {row["meter"]: row["total"] for row in json.loads(cli.stdout)}
         assert shown == {"claude_input_tokens": msg.usage.input_tokens, "claude_output_tokens": msg.usage.output_tokens}
         gw = GatewayProcess(env, gw.port).start()  # and the restart finds nothing left to do
-        with sqlite3.connect(db) as conn:
-            rows = conn.execute("SELECT outcome, estimated FROM requests").fetchall()
-            events = dict(
-                conn.execute("SELECT u.key, u.value FROM requests, json_each(requests.usage) AS u").fetchall()
-            )
+        rows = db.query("SELECT outcome, estimated FROM requests")
+        events = db.usage()
         assert rows == [("ok", 0)]
         assert events == {
             "claude_input_tokens": msg.usage.input_tokens,
@@ -128,14 +121,15 @@ def test_kill_9_after_the_answer_keeps_exact_usage(tmp_path: Path, upstream: Fak
         gw.stop()
 
 
-def test_sync_claims_survive_kill_9(tmp_path: Path, upstream: FakeUpstream) -> None:
+def test_sync_claims_survive_kill_9(tmp_path: Path, upstream: FakeUpstream, databases: Databases) -> None:
     from tests.fakes.polar import FakePolar
 
-    db = tmp_path / "sync-crash.db"
+    db = databases.new("sync-crash")
     with FakePolar() as polar:
         env = process_env(
             db,
             upstream,
+            GATEWAY_JOURNAL_DIR=str(tmp_path / "sync-crash.db.journal"),
             POLAR_ACCESS_TOKEN=polar.token,
             POLAR_BASE_URL=polar.url,
             GATEWAY_SYNC_INTERVAL_SECONDS="0.2",
@@ -149,8 +143,7 @@ def test_sync_claims_survive_kill_9(tmp_path: Path, upstream: FakeUpstream) -> N
             c.messages.create(model="claude-sonnet-4-6", max_tokens=16, messages=MSG)  # type: ignore[arg-type]
 
             def states() -> list[str]:
-                with sqlite3.connect(db) as conn:
-                    return [r[0] for r in conn.execute("SELECT sync_state FROM requests")]
+                return [r[0] for r in db.query("SELECT sync_state FROM requests")]
 
             wait_until(lambda: len(polar.events) == 2 and states() == ["claimed"], timeout=10)
             gw.kill()

@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import ADMIN_TOKEN, FIXTURES, Gateway
 from tests.conftest import run_cli as _cli
+from tests.support_db import Databases
 
 MSG = [{"role": "user", "content": "Hello"}]
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,8 +53,12 @@ def test_key_hash_not_key_in_database(gateway: Gateway) -> None:
     assert key.encode() not in raw
 
 
-def test_cli_keys(tmp_path: Path) -> None:
-    env = {"GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/cli.db"}
+def _db_env(tmp_path: Path, databases: Databases, name: str) -> dict[str, str]:
+    return {"GATEWAY_DATABASE_URL": databases.new(name).url, "GATEWAY_JOURNAL_DIR": str(tmp_path / f"{name}.journal")}
+
+
+def test_cli_keys(tmp_path: Path, databases: Databases) -> None:
+    env = _db_env(tmp_path, databases, "cli")
     out = _cli(env, "keys", "create", "--user", "alice")
     assert out.returncode == 0, out.stderr
     key = out.stdout.strip().splitlines()[-1]
@@ -132,12 +137,14 @@ def test_admin_token_is_needed_for_admin(make_gateway) -> None:  # type: ignore[
     assert resp.status_code == 503
 
 
-def test_cli_polar_setup_sync_usage_and_customer(tmp_path: Path) -> None:
+def test_cli_polar_setup_sync_usage_and_customer(tmp_path: Path, databases: Databases) -> None:
     from tests.fakes.polar import FakePolar
 
+    db = databases.new("p")
     with FakePolar() as polar:
         env = {
-            "GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/p.db",
+            "GATEWAY_DATABASE_URL": db.url,
+            "GATEWAY_JOURNAL_DIR": str(tmp_path / "p.journal"),
             "POLAR_ACCESS_TOKEN": polar.token,
             "POLAR_BASE_URL": polar.url,
         }
@@ -151,14 +158,11 @@ def test_cli_polar_setup_sync_usage_and_customer(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         assert polar.customers["alice"]["email"] == "alice@example.com"
         # one recorded event, synced by the CLI
-        import sqlite3
-
-        with sqlite3.connect(tmp_path / "p.db") as conn:
-            conn.execute(
-                "INSERT INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
-                " usage, sync_state) VALUES ('req_1', 'alice', 'k', 'anthropic', 'm', 'messages', 0,"
-                " '2026-01-01T00:00:00.000000Z', 'ok', '{\"claude_input_tokens\": 7}', 'pending')"
-            )
+        db.query(
+            "INSERT INTO requests (id, user_id, key_id, provider, model, operation, stream, started_at, outcome,"
+            " usage, sync_state) VALUES ('req_1', 'alice', 'k', 'anthropic', 'm', 'messages', FALSE,"
+            " '2026-01-01T00:00:00.000000Z', 'ok', '{\"claude_input_tokens\": 7}', 'pending')"
+        )
         polar.fail_next(1, 500, path="/v1/events/ingest")
         failed = _cli({**env, "GATEWAY_SYNC_MAX_ATTEMPTS": "1"}, "sync")
         assert failed.returncode == 1 and "stopped early: Polar server error 500" in failed.stdout
@@ -169,5 +173,5 @@ def test_cli_polar_setup_sync_usage_and_customer(tmp_path: Path) -> None:
         ok = _cli(env, "sync")
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert polar.total("claude_input_tokens", "alice") == 7
-    no_polar = _cli({"GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/q.db"}, "sync")
+    no_polar = _cli(_db_env(tmp_path, databases, "q"), "sync")
     assert no_polar.returncode == 2 and "POLAR_ACCESS_TOKEN" in no_polar.stdout + no_polar.stderr

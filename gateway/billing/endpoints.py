@@ -50,7 +50,7 @@ def status_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Aw
         ident = await authenticate(s, request, tokens)
         if ident is None:
             return unauthorized(request)
-        uq = await s.ledger.get(ident.user_id)
+        uq = await s.ledger.snapshot(ident.user_id)
         cfg = s.settings.file.status
         meters = [meter_status(name, uq.meter(name), cfg.warning, cfg.critical) for name in ALL_METERS]
         return JSONResponse(

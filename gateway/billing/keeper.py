@@ -1,0 +1,185 @@
+"""The lease keeper: one background task per process beside a `LeasedLedger`.
+
+Every `poll` seconds it reads the invalidation log (limits changed, key revoked, balance
+recalled) and hands back what recalled users left idle; every `heartbeat` seconds it renews this
+process's registration, returns idle leases of quiet users and settles dead processes.
+
+A dead process (heartbeat older than `stale` seconds) is settled by one live process at a time
+(`claim_process`). On the same host its journal is visible: if a live process still holds it (flock)
+the owner is only slow and is left alone; otherwise the journal is recovered into the store
+first (which takes the recovered usage off the dead owner's leases), then its leases are
+released. A process on another host is released on heartbeat expiry alone: its own host
+recovers its journal at its next start, and what was in flight there may be granted twice
+meanwhile (and is lost for good with that disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+
+from gateway.billing.leases import LeasedLedger
+from gateway.journal import held
+from gateway.settings import Settings
+from gateway.store.base import Store
+from gateway.store.leases_base import Invalidation, InvalidationKind, LeaseStore
+from gateway.timeutil import utcnow
+
+log = logging.getLogger("gateway.leases")
+
+_PRUNE_EVERY = 60.0  # seconds between prunes of the invalidation log
+_KEEP_LOG = timedelta(minutes=10)  # far longer than any poll gap
+_LOOKBACK = timedelta(seconds=2)  # re-read window for entries whose insert committed late
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        ledger: LeasedLedger,
+        store: LeaseStore,
+        *,
+        journal_dir: Path | None,
+        recover: Callable[[Path], Awaitable[object]] | None = None,
+        on_invalidation: Callable[[Invalidation], None] | None = None,
+        poll: float = 0.05,
+        heartbeat: float = 1.0,
+        stale: float = 10.0,
+        idle: float = 1.0,
+        host: str | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.store = store
+        self.owner = ledger.owner
+        self.journal_dir = journal_dir
+        self.recover = recover  # stores the orphans of a journal directory (`recording.recover_journal`)
+        self.on_invalidation = on_invalidation  # limits/key entries, after the ledger's own invalidate
+        self.poll = poll
+        self.heartbeat = heartbeat
+        self.stale = stale
+        self.idle = idle
+        self.host = host or socket.gethostname()
+        self._seq = 0
+        self._seen: dict[int, float] = {}  # recent entries handled: seq -> monotonic time
+        self._task: asyncio.Task[None] | None = None
+        self._next_beat = 0.0
+        self._next_prune = 0.0
+
+    async def start(self) -> None:
+        """Register and settle dead processes once, then keep in the background. Call after the
+        journal is open (a live process is told from a dead one by its journal's lock)."""
+        journal = str(self.journal_dir.resolve()) if self.journal_dir is not None else ""
+        await self.store.register_process(self.owner, self.host, os.getpid(), journal)
+        self._seq = await self.store.last_invalidation()
+        await self.settle_dead()
+        self._next_beat = time.monotonic() + self.heartbeat
+        self._task = asyncio.create_task(self._run(), name="lease-keeper")
+
+    async def close(self) -> None:
+        """At shutdown, after the recorder has stored what it could: leases go back, except what
+        covers requests left to the journal (the next process recovers them, then releases)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        kept = await self.ledger.release_all()
+        await self.store.stop_process(self.owner, keep=kept > 0)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll)
+            try:
+                await self.tick()
+            except Exception:  # the store is down or locked: the next round tries again
+                log.exception("lease keeper round failed")
+                await asyncio.sleep(self.heartbeat)
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        for inv in await self.store.invalidations_after(self._seq, utcnow() - _LOOKBACK):
+            if inv.seq in self._seen:
+                continue
+            self._seen[inv.seq] = now
+            self._seq = max(self._seq, inv.seq)
+            if inv.kind == InvalidationKind.RECALL:
+                if inv.seq not in self.ledger.my_recalls:
+                    await self.ledger.answer_recall(inv.subject, inv.seq)
+                continue
+            if inv.kind == InvalidationKind.LIMITS:
+                self.ledger.invalidate(inv.subject)
+            if self.on_invalidation is not None:
+                self.on_invalidation(inv)
+        beat = now >= self._next_beat
+        await self.ledger.keep(self.idle, scan=beat)
+        if beat:
+            self._next_beat = now + self.heartbeat
+            if not await self.store.heartbeat(self.owner):
+                log.error("this process was taken for dead (no heartbeat for %.0f s); re-registering", self.stale)
+                journal = str(self.journal_dir.resolve()) if self.journal_dir is not None else ""
+                await self.store.register_process(self.owner, self.host, os.getpid(), journal)
+                await self.ledger.reassert()
+            await self.settle_dead()
+        if beat:
+            self._seen = {seq: at for seq, at in self._seen.items() if now - at < 2 * _LOOKBACK.total_seconds()}
+        if now >= self._next_prune:
+            self._next_prune = now + _PRUNE_EVERY
+            await self.store.prune_invalidations(utcnow() - _KEEP_LOG)
+
+    async def settle_dead(self) -> list[str]:
+        """Release the leases of dead processes; returns their owner ids."""
+        released: list[str] = []
+        cutoff = utcnow() - timedelta(seconds=self.stale)
+        for p in await self.store.stale_processes(self.owner, cutoff):
+            local = p.host == self.host and bool(p.journal)
+            if local and held(Path(p.journal), p.owner):
+                continue  # alive (its journal is locked), only slow to beat or about to exit
+            if not await self.store.claim_process(p.owner, cutoff):
+                continue  # it beat again, or another process settles it
+            if local and self.recover is not None:
+                await self.recover(Path(p.journal))
+            rows = await self.store.release_owner(p.owner)
+            log.warning("released %d lease(s) of stopped process %s", rows, p.owner)
+            released.append(p.owner)
+        return released
+
+
+def shared_quota(
+    settings: Settings,
+    store: Store,
+    leases: LeaseStore,
+    owner: str,
+    *,
+    journal_dir: Path | None,
+    recover: Callable[[Path], Awaitable[object]] | None,
+    on_invalidation: Callable[[Invalidation], None] | None,
+) -> tuple[LeasedLedger, LeaseKeeper]:
+    """The shared ledger and its keeper, configured from the settings."""
+    ledger = LeasedLedger(
+        store,
+        leases,
+        owner,
+        settings.file.plan,
+        fraction=settings.lease_fraction,
+        recall_wait=settings.lease_recall_wait_seconds,
+        poll=settings.keeper_poll_seconds,
+        stale_seconds=settings.heartbeat_stale_seconds,
+    )
+    keeper = LeaseKeeper(
+        ledger,
+        leases,
+        journal_dir=journal_dir,
+        recover=recover,
+        on_invalidation=on_invalidation,
+        poll=settings.keeper_poll_seconds,
+        heartbeat=settings.heartbeat_seconds,
+        stale=settings.heartbeat_stale_seconds,
+        idle=settings.lease_idle_seconds,
+    )
+    return ledger, keeper

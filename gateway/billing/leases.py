@@ -1,0 +1,334 @@
+"""The shared `QuotaLedger`: several processes on one database, by quota leases.
+
+A process takes a slice of a user's remaining balance from the store in one atomic conditional
+statement (`LeaseStore.take_lease`) and reserves requests from it in memory, so the common case
+costs no database round trip. A lease covers the owner's reservations in flight, its finished
+requests not yet stored and an idle part; a stored request leaves the lease in the same
+transaction that stores it (migration trigger), so usage counts once. Idle parts go back when a
+user goes quiet, when another process recalls them (it is short and they would cover it) and at
+shutdown; a dead process's leases are released by a live one (`keeper.LeaseKeeper`).
+
+Mirror rule: this process's idea of its lease moves down *before* the store is told (a return)
+and up only *after* the store granted (a take), so a failed or slow statement can only make it
+hold less than the store says, never more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from gateway.billing.protocols import Reservation
+from gateway.quota import MeterState, Refusal, UserQuota, limits_for
+from gateway.store.base import RequestRecord, Store
+from gateway.store.leases_base import InvalidationKind, LeaseAsk, LeaseGrant, LeaseStore
+from gateway.timeutil import utcnow
+
+log = logging.getLogger("gateway.leases")
+
+
+@dataclass(slots=True)
+class _Held:
+    """One user's meter at this process."""
+
+    lease: int = 0  # what this owner's lease row holds, as far as this process knows
+    reserved: int = 0
+    unstored: int = 0  # settled here, not yet stored
+    row: bool = False  # the row exists (a stored request is taken off it)
+
+    @property
+    def idle(self) -> int:
+        return self.lease - self.reserved - self.unstored
+
+
+@dataclass(slots=True, eq=False)
+class _User:
+    quota: UserQuota  # the limits view (credited, period); reserved/consumed mirror this process's
+    held: dict[str, _Held] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one take at a time per user here
+    used_at: float = 0.0  # monotonic time of the last reservation
+    tight_until: float = 0.0  # another process recalled: lease exact needs, hand back leftovers
+    recall: tuple[int, float] = (0, 0.0)  # our last recall for this user: seq, monotonic time
+
+
+class LeasedLedger:
+    """Implements `gateway.billing.protocols.QuotaLedger` on a `LeaseStore` shared by processes."""
+
+    def __init__(
+        self,
+        store: Store,
+        leases: LeaseStore,
+        owner: str,
+        plan: Mapping[str, int],
+        *,
+        fraction: float = 0.25,
+        recall_wait: float = 1.5,
+        poll: float = 0.05,
+        stale_seconds: float = 10.0,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.leases = leases
+        self.owner = owner
+        self._plan = dict(plan)
+        self.fraction = fraction
+        self.recall_wait = recall_wait
+        self.poll = poll
+        self.stale_seconds = stale_seconds
+        self._clock = clock
+        self._users: dict[str, _User] = {}
+        self._loading: dict[str, asyncio.Future[_User]] = {}
+        self._tight: dict[str, float] = {}  # recalled users we held nothing of yet
+        self.my_recalls: set[int] = set()
+        self._recalled: list[_User] = []  # users another process recalled lately
+
+    # ------------------------------------------------------------------ QuotaLedger
+    async def reserve(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | Refusal:
+        u = self._users.get(user_id)
+        if u is None or u.quota.stale or self._clock() >= u.quota.period_end:
+            u = await self._user(user_id)
+        return self._reserve_local(u, amounts) or await self._reserve_leasing(u, amounts)
+
+    def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> None:
+        u = self._users.get(reservation.user_id)
+        if u is None:
+            return
+        meters = u.quota.meters
+        for name, amount in reservation.amounts.items():
+            h = u.held.get(name)
+            if h is not None:
+                h.reserved -= amount
+                meters[name].reserved -= amount
+        for name, amount in actual.items():
+            if amount > 0 and ((h := u.held.get(name)) is not None or u.quota.meter(name).credited is not None):
+                if h is None:
+                    h = u.held[name] = _Held()
+                h.unstored += amount
+                meters[name].consumed += amount
+
+    def stored(self, records: Sequence[RequestRecord]) -> None:
+        for r in records:
+            if r.owner != self.owner or (u := self._users.get(r.user_id)) is None:
+                continue
+            for name, amount in r.usage.items():
+                if amount > 0 and (h := u.held.get(name)) is not None:
+                    h.unstored -= amount
+                    u.quota.meter(name).consumed -= amount
+                    if h.row:  # the store took it off the row in the same transaction
+                        h.lease -= amount
+
+    async def snapshot(self, user_id: str) -> UserQuota:
+        u = await self._user(user_id)
+        q = u.quota
+        consumed = await self.store.consumed(user_id, q.period_start, q.period_end)
+        out = UserQuota(user_id, q.period_start, q.period_end, {}, q.source, q.limits_updated_at)
+        for name, st in q.meters.items():
+            h = u.held.get(name)
+            out.meters[name] = MeterState(st.credited, h.unstored if h else 0, h.reserved if h else 0)
+        for name, value in consumed.items():
+            out.meter(name).consumed += value
+        return out
+
+    def invalidate(self, user_id: str) -> None:
+        u = self._users.get(user_id)
+        if u is not None:
+            u.quota.stale = True
+
+    # ------------------------------------------------------------------ reserving
+    def _reserve_local(self, u: _User, amounts: Mapping[str, int]) -> Reservation | None:
+        """From the idle part of our leases, in one synchronous step (atomic within the event loop)."""
+        meters, held = u.quota.meters, u.held
+        for name, amount in amounts.items():
+            st = meters.get(name)
+            if st is None or st.credited is None:
+                continue
+            h = held.get(name)
+            # As in `quota.Ledger`: an exhausted meter refuses even a request that reserves 0 of it.
+            if h is None or h.idle < max(amount, 1):
+                return None
+        for name, amount in amounts.items():
+            if (h := held.get(name)) is not None and meters[name].credited is not None:
+                h.reserved += amount
+                meters[name].reserved += amount
+        u.used_at = time.monotonic()
+        return Reservation(u.quota.user_id, amounts, u.quota)
+
+    async def _reserve_leasing(self, u: _User, amounts: Mapping[str, int]) -> Reservation | Refusal:
+        user_id = u.quota.user_id
+        async with u.lock:
+            seq, issued = u.recall
+            recall_seq = seq if time.monotonic() - issued < self.recall_wait else 0
+            deadline = time.monotonic() + self.recall_wait
+            fresh = False  # whether recall_seq was issued for this reservation
+            while True:
+                got = self._reserve_local(u, amounts)
+                if got is not None:
+                    return got
+                asks = self._asks(u, amounts)
+                for a in asks:  # (mirror rule: a row may exist before we know the grant)
+                    u.held.setdefault(a.meter, _Held()).row = True
+                tight = bool(recall_seq) or time.monotonic() < max(u.tight_until, self._tight.get(user_id, 0.0))
+                alive_after = utcnow() - timedelta(seconds=self.stale_seconds)
+                out = await self.leases.take_lease(
+                    self.owner,
+                    user_id,
+                    u.quota.period_start,
+                    u.quota.period_end,
+                    asks,
+                    0.0 if tight else self.fraction,
+                    recall_seq,
+                    alive_after,
+                )
+                if out.granted:
+                    for name, amount in out.granted.items():
+                        u.held[name].lease += amount
+                    continue
+                short = [a for a in asks if out.available[a.meter] < a.need]
+                if not out.unanswered and recall_seq:
+                    return self._refusal(u, amounts, short, out)
+                if not fresh:
+                    if not all(out.available[a.meter] + out.others[a.meter] >= a.need for a in short):
+                        return self._refusal(u, amounts, short, out)  # even every other lease would not cover it
+                    recall_seq = await self.leases.notify_invalidation(InvalidationKind.RECALL, user_id)
+                    self.my_recalls.add(recall_seq)
+                    u.recall = (recall_seq, time.monotonic())
+                    deadline, fresh = time.monotonic() + self.recall_wait, True
+                elif time.monotonic() >= deadline:
+                    return self._refusal(u, amounts, short, out)
+                await asyncio.sleep(self.poll)
+
+    def _asks(self, u: _User, amounts: Mapping[str, int]) -> list[LeaseAsk]:
+        asks: list[LeaseAsk] = []
+        for name, amount in amounts.items():
+            credited = u.quota.meter(name).credited
+            if credited is None:
+                continue
+            h = u.held.get(name)
+            need = max(amount, 1) - (h.idle if h else 0)
+            if need > 0:
+                asks.append(LeaseAsk(name, credited, need))
+        return asks
+
+    @staticmethod
+    def _refusal(u: _User, amounts: Mapping[str, int], short: list[LeaseAsk], out: LeaseGrant) -> Refusal:
+        name = short[0].meter
+        h = u.held.get(name)
+        remaining = out.available[name] + max(h.idle if h else 0, 0)
+        return Refusal(meter=name, needed=amounts[name], remaining=max(remaining, 0))
+
+    # ------------------------------------------------------------------ limits view
+    async def _user(self, user_id: str) -> _User:
+        u = self._users.get(user_id)
+        if u is not None and not u.quota.stale and self._clock() < u.quota.period_end:
+            return u
+        pending = self._loading.get(user_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[_User] = asyncio.get_running_loop().create_future()
+        self._loading[user_id] = fut
+        try:
+            u = await self._load(user_id, u)
+            fut.set_result(u)
+            return u
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._loading[user_id]
+
+    async def _load(self, user_id: str, u: _User | None) -> _User:
+        """Load or refresh a user's limits in place (reservations in flight settle on this object).
+        When the period or a credit changed, the idle part goes back: it was sized on the old one."""
+        if u is not None:
+            u.quota.stale = False
+        limits = await self.store.get_limits(user_id)
+        start, end, credited, source = limits_for(self._plan, limits, self._clock())
+        if u is None:
+            u = self._users[user_id] = _User(UserQuota(user_id, start, end, {}, source))
+        q = u.quota
+        before = (q.period_start, q.period_end, {n: s.credited for n, s in q.meters.items()})
+        for state in q.meters.values():
+            state.credited = None
+        for name, amount in credited.items():
+            q.meter(name).credited = amount
+        q.period_start, q.period_end, q.source = start, end, source
+        q.limits_updated_at = limits.updated_at if limits else None
+        if before != (start, end, {n: s.credited for n, s in q.meters.items()}):
+            await self.return_idle(u)
+        return u
+
+    # ------------------------------------------------------------------ for the keeper
+    def users(self) -> list[_User]:
+        return list(self._users.values())
+
+    async def return_idle(self, u: _User, answered: int = 0) -> None:
+        """Hand the idle part of the user's leases back (and cover any usage above reservations)."""
+        back: dict[str, int] = {}
+        cover: dict[str, int] = {}
+        for name, h in u.held.items():
+            idle = h.idle
+            if idle > 0 and h.row:
+                h.lease -= idle  # mirror rule: down before the store is told
+                back[name] = idle
+            elif idle < 0:
+                cover[name] = -idle
+        if back or answered:
+            await self.leases.return_lease(self.owner, u.quota.user_id, back, answered)
+        if cover:
+            for name in cover:
+                u.held[name].row = True
+            await self.leases.cover_lease(self.owner, u.quota.user_id, cover)
+            for name, amount in cover.items():
+                u.held[name].lease += amount
+
+    async def answer_recall(self, user_id: str, seq: int) -> None:
+        until = time.monotonic() + 2 * self.recall_wait
+        u = self._users.get(user_id)
+        if u is None:
+            self._tight[user_id] = until
+            return
+        u.tight_until = until
+        if u not in self._recalled:
+            self._recalled.append(u)
+        await self.return_idle(u, answered=seq)
+
+    async def keep(self, idle_seconds: float, scan: bool) -> None:
+        """One keeper round: the leftovers of recalled users go back; with `scan`, also the idle
+        parts of quiet or reloaded users, and usage above reservations gets covered."""
+        now = time.monotonic()
+        for key, until in list(self._tight.items()):
+            if until < now:
+                del self._tight[key]
+        for u in list(self._users.values()) if scan else [u for u in self._recalled if u.tight_until > now]:
+            if now - u.used_at >= idle_seconds or u.tight_until > now or u.quota.stale:
+                if any(h.idle for h in u.held.values()):
+                    await self.return_idle(u)
+            elif any(h.idle < 0 for h in u.held.values()):
+                await self.return_idle(u)
+        self._recalled = [u for u in self._recalled if u.tight_until > now]
+
+    async def reassert(self) -> None:
+        """Our registration was taken for dead and our leases released: put back what covers our
+        reservations and unstored usage (the idle part is gone)."""
+        for u in list(self._users.values()):
+            amounts = {}
+            for name, h in u.held.items():
+                h.lease = h.reserved + h.unstored
+                h.row = True
+                amounts[name] = h.lease
+            if amounts:
+                await self.leases.set_leases(self.owner, u.quota.user_id, amounts)
+
+    async def release_all(self) -> int:
+        """At shutdown, after the recorder: everything but what covers requests not stored (and
+        any still in flight) goes back. Returns what stays leased."""
+        kept = 0
+        for u in list(self._users.values()):
+            await self.return_idle(u)
+            kept += sum(h.reserved + h.unstored for h in u.held.values())
+        return kept

@@ -1,0 +1,36 @@
+"""The in-process `QuotaLedger`: today's `quota.Ledger` behind the billing protocol (one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from gateway.billing.protocols import Reservation
+from gateway.quota import Ledger, Refusal, UserQuota
+from gateway.store.base import RequestRecord
+
+
+class InProcessLedger:
+    """Implements `gateway.billing.protocols.QuotaLedger` for one gateway process: the whole
+    balance lives in this process's memory, so `stored` has nothing to do."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def reserve(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | Refusal:
+        uq = self.ledger.cached(user_id)  # the common case, without a second coroutine
+        if uq is None:
+            uq = await self.ledger.get(user_id)
+        refusal = Ledger.reserve(uq, amounts)
+        return refusal if refusal is not None else Reservation(user_id, amounts, uq)
+
+    def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> None:
+        Ledger.settle(reservation.quota, reservation.amounts, actual)
+
+    def stored(self, records: Sequence[RequestRecord]) -> None:
+        pass  # `consumed` moved forward at settle already
+
+    async def snapshot(self, user_id: str) -> UserQuota:
+        return await self.ledger.get(user_id)
+
+    def invalidate(self, user_id: str) -> None:
+        self.ledger.invalidate(user_id)

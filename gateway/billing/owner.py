@@ -1,0 +1,151 @@
+"""The one owner of a metered request's billing: `begin` takes everything, `Hold.finish` settles it.
+
+Begin admits the request on the rate limit, reserves its most possible usage on the quota ledger
+and journals it (durable before anything is forwarded); a refusal at any step releases what the
+earlier steps took. Finish journals the final usage, settles ledger and limiter and hands the record
+to the recorder. Nothing here knows about HTTP: a background poller settling a provider batch
+begins and finishes the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from gateway.billing.protocols import QuotaLedger, RateLimit, Reservation
+from gateway.journal import Segment
+from gateway.metering import Usage
+from gateway.meters import GEMINI_IMAGES
+from gateway.outcomes import Outcome
+from gateway.quota import Refusal
+from gateway.ratelimit import RateLimited
+from gateway.recording import estimate_from_reservation
+from gateway.store.base import RequestRecord
+from gateway.timeutil import utcnow
+
+log = logging.getLogger("gateway.billing")
+
+
+class RequestJournal(Protocol):
+    def begin(self, record: RequestRecord) -> Segment | None:
+        """Durable before forwarding; raises OSError when the disk refuses."""
+        ...
+
+    def finish(self, record: RequestRecord) -> Segment | None: ...
+
+
+class RecordSink(Protocol):
+    def add(self, record: RequestRecord, segments: list[Segment | None]) -> None: ...
+
+
+class RefusalKind(StrEnum):
+    RATE_LIMITED = "rate_limited"
+    QUOTA = "quota"
+    UNRECORDABLE = "unrecordable"  # the journal refused the request: it could not be billed
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    kind: RefusalKind
+    rate: RateLimited | None = None  # set when rate limited
+    quota: Refusal | None = None  # set when the quota refused
+
+
+@dataclass(slots=True)
+class Result:
+    """How a begun request ended."""
+
+    status: int | None
+    outcome: Outcome
+    usage: Usage | None
+    estimated: bool = False  # the usage may fall short; with none seen at all, the reservation is billed
+
+
+def token_total(usage: Mapping[str, int]) -> int:
+    total = sum(usage.values())  # C-level; images are rare and subtracted
+    return total - usage[GEMINI_IMAGES] if GEMINI_IMAGES in usage else total
+
+
+class BillingOwner:
+    def __init__(self, ledger: QuotaLedger, limiter: RateLimit, journal: RequestJournal, recorder: RecordSink) -> None:
+        self.ledger = ledger
+        self.limiter = limiter
+        self.journal = journal
+        self.recorder = recorder
+
+    async def admit(self, user_id: str) -> Refused | None:
+        """An unmetered request: counted against requests per minute only, nothing to settle."""
+        limited, _ = await self.limiter.acquire(user_id, 0)
+        return None if limited is None else Refused(RefusalKind.RATE_LIMITED, rate=limited)
+
+    async def begin(self, record: RequestRecord, rate_tokens: int) -> Hold | Refused:
+        """Take what `record` (its user, key and `reservation`) needs before it runs, or refuse.
+
+        `rate_tokens` counts against tokens per minute until finish corrects it to the actual total.
+        """
+        user_id = record.user_id
+        limited, ticket = await self.limiter.acquire(user_id, rate_tokens)
+        if limited is not None:
+            return Refused(RefusalKind.RATE_LIMITED, rate=limited)
+        reservation = await self.ledger.reserve(user_id, record.reservation)
+        if isinstance(reservation, Refusal):
+            self.limiter.settle(user_id, ticket, 0)
+            return Refused(RefusalKind.QUOTA, quota=reservation)
+        try:
+            begun = self.journal.begin(record)
+        except OSError:
+            log.exception("could not journal request %s", record.id)
+            self.ledger.settle(reservation, {})
+            self.limiter.settle(user_id, ticket, 0)
+            return Refused(RefusalKind.UNRECORDABLE)
+        return Hold(self, record, reservation, ticket, begun)
+
+
+class Hold:
+    """What a begun request holds until it finishes: its reservation, rate ticket and journal entry."""
+
+    __slots__ = ("_owner", "begun", "record", "reservation", "settled", "ticket")
+
+    def __init__(
+        self,
+        owner: BillingOwner,
+        record: RequestRecord,
+        reservation: Reservation,
+        ticket: object | None,
+        begun: Segment | None,
+    ) -> None:
+        self._owner = owner
+        self.record = record
+        self.reservation = reservation
+        self.ticket = ticket
+        self.begun = begun
+        self.settled = False
+
+    def finish(self, result: Result) -> None:
+        """Bill `result`: journal the final usage, settle ledger and limiter, hand the record to the
+        recorder. Settles once; a second call changes nothing."""
+        if self.settled:
+            return
+        self.settled = True
+        owner, record, usage = self._owner, self.record, result.usage
+        record.status_code = result.status
+        record.outcome = result.outcome.value  # a plain str: the store binds it without adapting
+        record.estimated = result.estimated
+        record.usage = {k: v for k, v in usage.meters.items() if v} if usage else {}
+        record.usage_raw = usage.raw if usage else None
+        if result.estimated and not (usage and usage.seen):
+            # The client left and the drain ended before any usage: the provider may still bill it.
+            record.usage = estimate_from_reservation(record.reservation)
+        record.finished_at = utcnow()
+        try:
+            finished = owner.journal.finish(record)
+        except OSError:
+            # The begin stays in the journal: recovery at the next start settles it by estimate.
+            log.exception("could not journal the end of request %s", record.id)
+            finished = None
+        owner.ledger.settle(self.reservation, record.usage)
+        owner.limiter.settle(record.user_id, self.ticket, token_total(record.usage))
+        owner.recorder.add(record, [self.begun, finished])

@@ -1,0 +1,199 @@
+"""Quota leases, the process registry and the invalidation log in PostgreSQL (see `leases_base`).
+
+A lease is taken in a transaction holding an advisory lock on the user (takes for one user run one
+at a time, across machines); the consumed sum and every lease are read in ONE statement, so they
+come from one snapshot even while stores commit beside it (READ COMMITTED takes a snapshot per
+statement). A stored request leaves its owner's lease through the trigger of migration 0002.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+import asyncpg
+
+from gateway.store.leases_base import Invalidation, LeaseAsk, LeaseGrant, ProcessRow, grant
+from gateway.timeutil import utcnow
+
+_LOCK_SPACE = 0x4C45  # first key of the two-key advisory lock: leases, apart from other users of locks
+_EXPIRED = datetime.fromisoformat("0001-01-02T00:00:00+00:00")  # older than any staleness limit
+
+# Consumed, leases and (with a recall) the live owners yet to answer it, in one statement: one
+# snapshot, so a hand-back committing meanwhile is seen whole (amount and answer) or not at all.
+_TOTALS = (
+    "SELECT 'c', u.key, SUM(u.value::bigint), 0::bigint FROM requests AS r"
+    " CROSS JOIN LATERAL jsonb_each_text(r.usage) AS u(key, value)"
+    " WHERE r.user_id = $1 AND r.started_at >= $2 AND r.started_at < $3 AND u.value::bigint > 0 GROUP BY u.key"
+    " UNION ALL"
+    " SELECT 'l', meter, SUM(amount), SUM(CASE WHEN owner = $4 THEN amount ELSE 0 END)"
+    " FROM quota_leases WHERE user_id = $1 GROUP BY meter"
+    " UNION ALL"
+    " SELECT 'a', '', COUNT(DISTINCT l.owner), 0 FROM quota_leases AS l JOIN processes AS p ON p.owner = l.owner"
+    " WHERE $5::bigint > 0 AND l.user_id = $1 AND l.owner <> $4 AND l.amount > 0 AND l.answered < $5"
+    " AND p.heartbeat_at >= $6 AND l.meter = ANY($7::text[])"
+)
+
+
+class PostgresLeases:
+    """Implements `gateway.store.leases_base.LeaseStore`; mixed into the PostgreSQL store."""
+
+    pool: asyncpg.Pool
+
+    async def take_lease(
+        self,
+        owner: str,
+        user_id: str,
+        start: datetime,
+        end: datetime,
+        asks: Sequence[LeaseAsk],
+        fraction: float,
+        recall_seq: int = 0,
+        alive_after: datetime | None = None,
+    ) -> LeaseGrant:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_SPACE, user_id)
+            consumed: dict[str, int] = {}
+            leased: dict[str, int] = {}
+            own: dict[str, int] = {}
+            unanswered = 0
+            rows = await conn.fetch(
+                _TOTALS, user_id, start, end, owner, recall_seq, alive_after or utcnow(), [a.meter for a in asks]
+            )
+            for kind, meter, total, mine in rows:
+                if kind == "c":
+                    consumed[meter] = int(total)
+                elif kind == "l":
+                    leased[meter], own[meter] = int(total), int(mine)
+                else:
+                    unanswered = int(total)
+            out = grant(asks, consumed, leased, own, fraction)
+            out.unanswered = unanswered
+            if out.granted:
+                await _add(conn, owner, user_id, out.granted)
+        return out
+
+    async def return_lease(self, owner: str, user_id: str, amounts: Mapping[str, int], answered: int = 0) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            if amounts:
+                await conn.execute(
+                    "UPDATE quota_leases AS l SET amount = l.amount - a.amount"
+                    " FROM unnest($3::text[], $4::bigint[]) AS a(meter, amount)"
+                    " WHERE l.owner = $1 AND l.user_id = $2 AND l.meter = a.meter",
+                    owner,
+                    user_id,
+                    list(amounts),
+                    list(amounts.values()),
+                )
+            if answered:
+                await conn.execute(
+                    "UPDATE quota_leases SET answered = $3 WHERE owner = $1 AND user_id = $2 AND answered < $3",
+                    owner,
+                    user_id,
+                    answered,
+                )
+
+    async def cover_lease(self, owner: str, user_id: str, amounts: Mapping[str, int]) -> None:
+        async with self.pool.acquire() as conn:
+            await _add(conn, owner, user_id, amounts)
+
+    async def set_leases(self, owner: str, user_id: str, amounts: Mapping[str, int]) -> None:
+        await self.pool.execute(
+            "INSERT INTO quota_leases (owner, user_id, meter, amount)"
+            " SELECT $1, $2, a.meter, a.amount FROM unnest($3::text[], $4::bigint[]) AS a(meter, amount)"
+            " ON CONFLICT (owner, user_id, meter) DO UPDATE SET amount = excluded.amount",
+            owner,
+            user_id,
+            list(amounts),
+            list(amounts.values()),
+        )
+
+    async def lease_totals(self, user_id: str) -> dict[str, int]:
+        rows = await self.pool.fetch(
+            "SELECT meter, SUM(amount) FROM quota_leases WHERE user_id = $1 GROUP BY meter", user_id
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def release_owner(self, owner: str) -> int:
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.execute("DELETE FROM quota_leases WHERE owner = $1", owner)
+            await conn.execute("DELETE FROM processes WHERE owner = $1", owner)
+        return int(status.split()[-1])
+
+    # ------------------------------------------------------------------ process registry
+    async def register_process(self, owner: str, host: str, pid: int, journal: str) -> None:
+        now = utcnow()
+        await self.pool.execute(
+            "INSERT INTO processes (owner, host, pid, journal, started_at, heartbeat_at)"
+            " VALUES ($1, $2, $3, $4, $5, $5)"
+            " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            owner,
+            host,
+            pid,
+            journal,
+            now,
+        )
+
+    async def heartbeat(self, owner: str) -> bool:
+        status = await self.pool.execute("UPDATE processes SET heartbeat_at = $2 WHERE owner = $1", owner, utcnow())
+        return bool(status != "UPDATE 0")
+
+    async def stale_processes(self, owner: str, stale_before: datetime) -> list[ProcessRow]:
+        rows = await self.pool.fetch(
+            "SELECT owner, host, pid, journal, heartbeat_at FROM processes WHERE heartbeat_at < $1 AND owner <> $2",
+            stale_before,
+            owner,
+        )
+        return [ProcessRow(r[0], r[1], int(r[2]), r[3], r[4]) for r in rows]
+
+    async def claim_process(self, owner: str, stale_before: datetime) -> bool:
+        status = await self.pool.execute(
+            "UPDATE processes SET heartbeat_at = $3 WHERE owner = $1 AND heartbeat_at < $2",
+            owner,
+            stale_before,
+            utcnow(),
+        )
+        return bool(status != "UPDATE 0")
+
+    async def stop_process(self, owner: str, keep: bool) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            if keep:
+                await conn.execute("UPDATE processes SET heartbeat_at = $2 WHERE owner = $1", owner, _EXPIRED)
+            else:
+                await conn.execute("DELETE FROM processes WHERE owner = $1", owner)
+                await conn.execute("DELETE FROM quota_leases WHERE owner = $1", owner)
+
+    # ------------------------------------------------------------------ invalidation log
+    async def notify_invalidation(self, kind: str, subject: str) -> int:
+        seq = await self.pool.fetchval(
+            "INSERT INTO invalidations (kind, subject, created_at) VALUES ($1, $2, $3) RETURNING seq",
+            kind,
+            subject,
+            utcnow(),
+        )
+        return int(seq)
+
+    async def invalidations_after(self, seq: int, since: datetime) -> list[Invalidation]:
+        rows = await self.pool.fetch(
+            "SELECT seq, kind, subject FROM invalidations WHERE seq > $1 OR created_at >= $2 ORDER BY seq", seq, since
+        )
+        return [Invalidation(int(r[0]), r[1], r[2]) for r in rows]
+
+    async def last_invalidation(self) -> int:
+        return int(await self.pool.fetchval("SELECT COALESCE(MAX(seq), 0) FROM invalidations"))
+
+    async def prune_invalidations(self, before: datetime) -> int:
+        status = await self.pool.execute("DELETE FROM invalidations WHERE created_at < $1", before)
+        return int(status.split()[-1])
+
+
+async def _add(conn: asyncpg.Connection, owner: str, user_id: str, amounts: Mapping[str, int]) -> None:
+    await conn.execute(
+        "INSERT INTO quota_leases (owner, user_id, meter, amount)"
+        " SELECT $1, $2, a.meter, a.amount FROM unnest($3::text[], $4::bigint[]) AS a(meter, amount)"
+        " ON CONFLICT (owner, user_id, meter) DO UPDATE SET amount = quota_leases.amount + excluded.amount",
+        owner,
+        user_id,
+        list(amounts),
+        list(amounts.values()),
+    )

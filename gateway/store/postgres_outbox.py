@@ -1,0 +1,151 @@
+"""The Polar outbox in PostgreSQL: the `requests` rows with usage, claimed with a lease.
+
+Same semantics as `sqlite_outbox.py`. Claims take rows `FOR UPDATE SKIP LOCKED`, so replicas
+claiming at once get disjoint requests without waiting on each other; a claim whose lease ran out
+(its process stopped) is taken over by the next claimer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from gateway.events import event_count, event_quantities
+from gateway.meters import COUNT_METERS
+from gateway.store.base import PendingEvent, SyncBacklog, UsageSummaryRow
+from gateway.store.postgres_base import PostgresBase, affected
+from gateway.timeutil import utcnow
+
+_OUTBOX_COLS = "id, user_id, model, provider, started_at, usage, attempts"
+_COUNT_METERS_SQL = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))  # fixed names, not input
+
+_CLAIM = (
+    "WITH picked AS (SELECT id FROM requests"
+    "   WHERE (sync_state = 'pending' AND next_attempt_at <= $3)"
+    "      OR (sync_state = 'claimed' AND claimed_until < $4)"
+    "   LIMIT $5 FOR UPDATE SKIP LOCKED)"
+    " UPDATE requests AS r SET sync_state = 'claimed', claimed_by = $1, claimed_until = $2"
+    " FROM picked WHERE r.id = picked.id"
+    f" RETURNING {', '.join('r.' + c for c in _OUTBOX_COLS.split(', '))}"
+)
+
+
+def _events(rows: Iterable[Sequence[Any]]) -> list[PendingEvent]:
+    events: list[PendingEvent] = []
+    for rid, user_id, model, provider, started_at, usage, attempts in rows:
+        events.extend(
+            PendingEvent(xid, rid, user_id, meter, value, model, provider, started_at, attempts)
+            for xid, meter, value in event_quantities(rid, orjson.loads(usage))
+        )
+    return events
+
+
+class PostgresOutbox(PostgresBase):
+    async def claim_events(
+        self, owner: str, limit: int, lease_seconds: float, *, due_only: bool = True
+    ) -> list[PendingEvent]:
+        now = utcnow()
+        # not due_only: a person asked for a sync now, so nothing waits out its backoff
+        due = now if due_only else datetime.max.replace(tzinfo=UTC)
+        rows = await self.pool.fetch(_CLAIM, owner, now + timedelta(seconds=lease_seconds), due, now, limit)
+        events = _events(rows)
+        events.sort(key=lambda e: (e.timestamp, e.external_id))
+        return events
+
+    async def mark_synced(self, request_ids: Sequence[str]) -> None:
+        if request_ids:
+            await self.pool.execute(
+                "UPDATE requests SET sync_state = 'synced', synced_at = $1, claimed_by = NULL, claimed_until = NULL,"
+                " last_error = NULL WHERE id = ANY($2::text[]) AND sync_state != 'synced'",
+                utcnow(),
+                list(request_ids),
+            )
+
+    async def mark_retry(
+        self, request_ids: Sequence[str], error: str, next_attempt_at: datetime, max_attempts: int
+    ) -> None:
+        if request_ids:
+            await self.pool.execute(
+                "UPDATE requests SET attempts = attempts + 1,"
+                " sync_state = CASE WHEN attempts + 1 >= $1 THEN 'failed' ELSE 'pending' END,"
+                " next_attempt_at = $2, last_error = $3, claimed_by = NULL, claimed_until = NULL"
+                " WHERE id = ANY($4::text[]) AND sync_state IN ('pending', 'claimed', 'failed')",
+                max_attempts,
+                next_attempt_at,
+                error[:500],
+                list(request_ids),
+            )
+
+    async def mark_deferred(self, request_ids: Sequence[str], error: str) -> None:
+        """An outage held these claimed requests back: pending again, no attempt counted."""
+        if request_ids:
+            await self.pool.execute(
+                "UPDATE requests SET sync_state = 'pending', last_error = $1, claimed_by = NULL, claimed_until = NULL"
+                " WHERE id = ANY($2::text[]) AND sync_state = 'claimed'",
+                error[:500],
+                list(request_ids),
+            )
+
+    async def requeue_failed(self, user_id: str | None = None) -> int:
+        sql = (
+            "UPDATE requests SET sync_state = 'pending', attempts = 0, next_attempt_at = '-infinity'"
+            " WHERE sync_state = 'failed'"
+        )
+        args: tuple[Any, ...] = ()
+        if user_id is not None:
+            sql += " AND user_id = $1"
+            args = (user_id,)
+        rows = await self.pool.fetch(sql + " RETURNING usage", *args)
+        return sum(event_count(orjson.loads(r[0])) for r in rows)
+
+    async def release_claims(self, keep_owner: str) -> int:
+        """Hand back claims of stopped processes now instead of after their lease."""
+        status = await self.pool.execute(
+            "UPDATE requests SET sync_state = 'pending', claimed_by = NULL, claimed_until = NULL"
+            " WHERE sync_state = 'claimed' AND claimed_by != $1",
+            keep_owner,
+        )
+        return affected(status)
+
+    async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]:
+        """Totals and event counts by sync state, per user and meter (an image is one event each)."""
+        where, args = ("AND r.user_id = $1", (user_id,)) if user_id else ("", ())
+        n = f"(CASE WHEN u.key IN ({_COUNT_METERS_SQL}) THEN u.value::bigint ELSE 1 END)"
+        rows = await self.pool.fetch(
+            f"SELECT r.user_id, u.key, SUM(u.value::bigint),"
+            f" SUM(CASE WHEN r.sync_state = 'synced' THEN {n} ELSE 0 END),"
+            f" SUM(CASE WHEN r.sync_state IN ('pending', 'claimed') THEN {n} ELSE 0 END),"
+            f" SUM(CASE WHEN r.sync_state = 'failed' THEN {n} ELSE 0 END)"
+            " FROM requests AS r CROSS JOIN LATERAL jsonb_each_text(r.usage) AS u(key, value)"
+            f" WHERE r.sync_state != 'none' AND u.value::bigint > 0 {where}"
+            ' GROUP BY r.user_id, u.key ORDER BY r.user_id, u.key COLLATE "C"',
+            *args,
+        )
+        return [UsageSummaryRow(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
+
+    async def failed_events(self, limit: int = 100) -> list[tuple[PendingEvent, str]]:
+        rows = await self.pool.fetch(
+            f"SELECT {_OUTBOX_COLS}, last_error FROM requests WHERE sync_state = 'failed'"
+            " ORDER BY started_at, id LIMIT $1",
+            limit,
+        )
+        out: list[tuple[PendingEvent, str]] = []
+        for row in rows:
+            out.extend((e, row[7] or "") for e in _events([tuple(row)[:7]]))
+        return out[:limit]
+
+    async def sync_backlog(self) -> SyncBacklog:
+        rows = await self.pool.fetch(
+            "SELECT sync_state, COUNT(*), MIN(started_at) FROM requests"
+            " WHERE sync_state IN ('pending', 'claimed', 'failed') GROUP BY sync_state"
+        )
+        by_state = {r[0]: (int(r[1]), r[2]) for r in rows}
+        unsynced = [by_state[s] for s in ("pending", "claimed") if s in by_state]
+        return SyncBacklog(
+            pending=sum(n for n, _ in unsynced),
+            failed=by_state.get("failed", (0, None))[0],
+            oldest_pending_at=min((o for _, o in unsynced), default=None),
+        )

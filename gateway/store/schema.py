@@ -1,0 +1,35 @@
+"""Migration scripts, shipped inside the package (`gateway/store/migrations/<dialect>/NNNN_name.sql`)."""
+
+from __future__ import annotations
+
+import sqlite3
+from importlib import resources
+
+
+def migration_scripts(dialect: str) -> list[tuple[str, str]]:
+    """(version, SQL text) of every migration of `dialect`, in order; read from the installed package."""
+    folder = resources.files("gateway.store").joinpath("migrations", dialect)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no migrations for {dialect!r} in the gateway package")
+    return sorted(
+        (f.name.removesuffix(".sql"), f.read_text(encoding="utf-8"))
+        for f in folder.iterdir()
+        if f.name.endswith(".sql")
+    )
+
+
+def split_sql(script: str) -> list[str]:
+    """Statements of a SQLite migration file (our migrations keep ';' and '--' out of literals). A
+    trigger's body holds ';' of its own: pieces join until SQLite calls the statement complete."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    statements: list[str] = []
+    pending = ""
+    for piece in "\n".join(lines).split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip().removesuffix(";"))
+            pending = ""
+    if pending.strip(" \n;"):
+        statements.append(pending.strip().removesuffix(";"))
+    return statements

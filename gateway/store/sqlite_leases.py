@@ -1,0 +1,206 @@
+"""Quota leases, the process registry and the invalidation log in SQLite (see `leases_base`).
+
+A lease is taken in one `BEGIN IMMEDIATE` transaction (one writer at a time on the file, across
+processes), so the consumed sum, the other leases and the new lease are one consistent step.
+A stored request leaves its owner's lease through the trigger of migration 0005.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+from gateway.store.leases_base import Invalidation, LeaseAsk, LeaseGrant, ProcessRow, grant
+from gateway.store.sqlite_base import Op, SqliteBase
+from gateway.timeutil import iso, parse_iso, utcnow
+
+_EXPIRED = "0001-01-02T00:00:00.000000Z"  # a heartbeat older than any staleness limit
+
+
+class SqliteLeases(SqliteBase):
+    """Implements `gateway.store.leases_base.LeaseStore`."""
+
+    async def take_lease(
+        self,
+        owner: str,
+        user_id: str,
+        start: datetime,
+        end: datetime,
+        asks: Sequence[LeaseAsk],
+        fraction: float,
+        recall_seq: int = 0,
+        alive_after: datetime | None = None,
+    ) -> LeaseGrant:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = await self.db.execute_fetchall(
+                    "SELECT u.key, SUM(u.value) FROM requests AS r, json_each(r.usage) AS u"
+                    " WHERE r.user_id = ? AND r.started_at >= ? AND r.started_at < ? AND u.value > 0 GROUP BY u.key",
+                    (user_id, iso(start), iso(end)),
+                )
+                consumed = {r[0]: int(r[1]) for r in rows}
+                rows = await self.db.execute_fetchall(
+                    "SELECT meter, SUM(amount), SUM(CASE WHEN owner = ? THEN amount ELSE 0 END)"
+                    " FROM quota_leases WHERE user_id = ? GROUP BY meter",
+                    (owner, user_id),
+                )
+                leased = {r[0]: int(r[1]) for r in rows}
+                own = {r[0]: int(r[2]) for r in rows}
+                out = grant(asks, consumed, leased, own, fraction)
+                if recall_seq:
+                    meters = [a.meter for a in asks]
+                    found = list(
+                        await self.db.execute_fetchall(
+                            "SELECT COUNT(DISTINCT l.owner) FROM quota_leases AS l JOIN processes AS p"
+                            " ON p.owner = l.owner WHERE l.user_id = ? AND l.owner != ? AND l.amount > 0"
+                            " AND l.answered < ? AND p.heartbeat_at >= ?"
+                            f" AND l.meter IN ({','.join('?' * len(meters))})",
+                            (user_id, owner, recall_seq, iso(alive_after or utcnow()), *meters),
+                        )
+                    )
+                    out.unanswered = int(found[0][0])
+                if out.granted:
+                    await self.db.executemany(
+                        "INSERT INTO quota_leases (owner, user_id, meter, amount) VALUES (?,?,?,?)"
+                        " ON CONFLICT(owner, user_id, meter) DO UPDATE SET amount = amount + excluded.amount",
+                        [(owner, user_id, meter, amount) for meter, amount in out.granted.items()],
+                    )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return out
+
+    async def return_lease(self, owner: str, user_id: str, amounts: Mapping[str, int], answered: int = 0) -> None:
+        ops: list[Op] = []
+        if amounts:
+            ops.append(
+                (
+                    "UPDATE quota_leases SET amount = amount - ? WHERE owner = ? AND user_id = ? AND meter = ?",
+                    [(amount, owner, user_id, meter) for meter, amount in amounts.items()],
+                    True,
+                )
+            )
+        if answered:
+            ops.append(
+                (
+                    "UPDATE quota_leases SET answered = ? WHERE owner = ? AND user_id = ? AND answered < ?",
+                    (answered, owner, user_id, answered),
+                    False,
+                )
+            )
+        if ops:
+            await self._transaction(ops)
+
+    async def cover_lease(self, owner: str, user_id: str, amounts: Mapping[str, int]) -> None:
+        await self._transaction(
+            [
+                (
+                    "INSERT INTO quota_leases (owner, user_id, meter, amount) VALUES (?,?,?,?)"
+                    " ON CONFLICT(owner, user_id, meter) DO UPDATE SET amount = amount + excluded.amount",
+                    [(owner, user_id, meter, amount) for meter, amount in amounts.items()],
+                    True,
+                )
+            ]
+        )
+
+    async def set_leases(self, owner: str, user_id: str, amounts: Mapping[str, int]) -> None:
+        await self._transaction(
+            [
+                (
+                    "INSERT INTO quota_leases (owner, user_id, meter, amount) VALUES (?,?,?,?)"
+                    " ON CONFLICT(owner, user_id, meter) DO UPDATE SET amount = excluded.amount",
+                    [(owner, user_id, meter, amount) for meter, amount in amounts.items()],
+                    True,
+                )
+            ]
+        )
+
+    async def lease_totals(self, user_id: str) -> dict[str, int]:
+        rows = await self.db.execute_fetchall(
+            "SELECT meter, SUM(amount) FROM quota_leases WHERE user_id = ? GROUP BY meter", (user_id,)
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def release_owner(self, owner: str) -> int:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await self.db.execute("DELETE FROM quota_leases WHERE owner = ?", (owner,))
+                released = cur.rowcount
+                await self.db.execute("DELETE FROM processes WHERE owner = ?", (owner,))
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return released
+
+    # ------------------------------------------------------------------ process registry
+    async def register_process(self, owner: str, host: str, pid: int, journal: str) -> None:
+        now = iso(utcnow())
+        await self._transaction(
+            [
+                (
+                    "INSERT INTO processes (owner, host, pid, journal, started_at, heartbeat_at) VALUES (?,?,?,?,?,?)"
+                    " ON CONFLICT(owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                    (owner, host, pid, journal, now, now),
+                    False,
+                )
+            ]
+        )
+
+    async def heartbeat(self, owner: str) -> bool:
+        async with self._lock:
+            cur = await self.db.execute("UPDATE processes SET heartbeat_at = ? WHERE owner = ?", (iso(utcnow()), owner))
+            return cur.rowcount > 0
+
+    async def stale_processes(self, owner: str, stale_before: datetime) -> list[ProcessRow]:
+        rows = await self.db.execute_fetchall(
+            "SELECT owner, host, pid, journal, heartbeat_at FROM processes WHERE heartbeat_at < ? AND owner != ?",
+            (iso(stale_before), owner),
+        )
+        return [ProcessRow(r[0], r[1], int(r[2]), r[3], parse_iso(r[4])) for r in rows]
+
+    async def claim_process(self, owner: str, stale_before: datetime) -> bool:
+        async with self._lock:
+            cur = await self.db.execute(
+                "UPDATE processes SET heartbeat_at = ? WHERE owner = ? AND heartbeat_at < ?",
+                (iso(utcnow()), owner, iso(stale_before)),
+            )
+            return cur.rowcount > 0
+
+    async def stop_process(self, owner: str, keep: bool) -> None:
+        if keep:
+            ops: list[Op] = [("UPDATE processes SET heartbeat_at = ? WHERE owner = ?", (_EXPIRED, owner), False)]
+        else:
+            ops = [
+                ("DELETE FROM processes WHERE owner = ?", (owner,), False),
+                ("DELETE FROM quota_leases WHERE owner = ?", (owner,), False),
+            ]
+        await self._transaction(ops)
+
+    # ------------------------------------------------------------------ invalidation log
+    async def notify_invalidation(self, kind: str, subject: str) -> int:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                "INSERT INTO invalidations (kind, subject, created_at) VALUES (?,?,?) RETURNING seq",
+                (kind, subject, iso(utcnow())),
+            )
+        return int(next(iter(rows))[0])
+
+    async def invalidations_after(self, seq: int, since: datetime) -> list[Invalidation]:
+        rows = await self.db.execute_fetchall(
+            "SELECT seq, kind, subject FROM invalidations WHERE seq > ? OR created_at >= ? ORDER BY seq",
+            (seq, iso(since)),
+        )
+        return [Invalidation(int(r[0]), r[1], r[2]) for r in rows]
+
+    async def last_invalidation(self) -> int:
+        rows = list(await self.db.execute_fetchall("SELECT COALESCE(MAX(seq), 0) FROM invalidations"))
+        return int(rows[0][0])
+
+    async def prune_invalidations(self, before: datetime) -> int:
+        async with self._lock:
+            cur = await self.db.execute("DELETE FROM invalidations WHERE created_at < ?", (iso(before),))
+            return cur.rowcount

@@ -1,0 +1,233 @@
+"""The shared quota ledger: several processes (ledgers with their own owner ids and store
+connections) on one SQLite file or PostgreSQL database."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from gateway.billing.protocols import Reservation
+from gateway.quota import Refusal
+from gateway.store.leases_base import Invalidation, InvalidationKind
+from gateway.timeutil import month_bounds, utcnow
+from tests.conftest import wait_until_async
+from tests.support_leases import Cluster, cluster, record
+
+OUT = "claude_output_tokens"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with cluster(request.param, tmp_path) as c:
+        yield c
+
+
+async def test_parallel_reservations_over_three_processes_never_pass_on_one_balance(db: Cluster) -> None:
+    procs = [await db.process(f"p{i}", {OUT: 300}) for i in range(3)]
+    results = await asyncio.gather(*(procs[i % 3].ledger.reserve("u", {OUT: 7}) for i in range(100)))
+    granted = [r for r in results if isinstance(r, Reservation)]
+    refused = [r for r in results if isinstance(r, Refusal)]
+    # 300 // 7 = 42 fit: no more (one balance spent twice) and no fewer (a false refusal).
+    assert (len(granted), len(refused)) == (42, 58)
+    assert {(r.meter, r.needed) for r in refused} == {(OUT, 7)}
+    leases = await db.leases("u")
+    assert sum(leases.values()) <= 300
+    assert sum(p.ledger._users["u"].held[OUT].reserved for p in procs) == 294
+
+
+async def test_sequential_reservations_alternating_succeed_until_the_last_that_fits(db: Cluster) -> None:
+    procs = [await db.process(f"p{i}", {OUT: 100}) for i in range(3)]
+    results = [await procs[i % 3].ledger.reserve("u", {OUT: 10}) for i in range(11)]
+    # Other processes held idle slices on the way (a quarter of what was left each time); each
+    # was recalled when needed, never a reason to refuse: exactly 10 fit.
+    assert [type(r).__name__ for r in results[:10]] == ["Reservation"] * 10, results
+    assert results[10] == Refusal(meter=OUT, needed=10, remaining=0)
+    assert sum((await db.leases("u")).values()) == 100
+    assert [p.ledger._users["u"].held[OUT].idle for p in procs] == [0, 0, 0]
+
+
+async def test_settle_and_stored_count_usage_exactly_once(db: Cluster) -> None:
+    a = await db.process("a", {OUT: 1000})
+    b = await db.process("b", {OUT: 1000})
+    res = await a.ledger.reserve("u", {OUT: 100})
+    assert isinstance(res, Reservation)
+    assert await db.leases("u") == {a.owner: 250}  # a quarter of the 1000 available, at least the 100 needed
+    a.ledger.settle(res, {OUT: 60})
+    rec = record("r1", "u", a.owner, {OUT: 100}, {OUT: 60})
+    await a.store.finish_requests([rec])
+    assert await db.leases("u") == {a.owner: 190}  # the stored 60 left the lease in the same transaction
+    a.ledger.stored([rec])
+    await a.store.finish_requests([rec])  # a replay (journal recovery) takes nothing off twice
+    assert await db.leases("u") == {a.owner: 190}
+    snap = await a.ledger.snapshot("u")
+    assert (snap.meter(OUT).credited, snap.meter(OUT).consumed, snap.meter(OUT).reserved) == (1000, 60, 0)
+
+    # b gets exactly the rest: 750 unleased, then a's idle 190 by recall, then nothing.
+    assert isinstance(await b.ledger.reserve("u", {OUT: 750}), Reservation)
+    assert isinstance(await b.ledger.reserve("u", {OUT: 189}), Reservation)
+    assert isinstance(await b.ledger.reserve("u", {OUT: 1}), Reservation)
+    assert await b.ledger.reserve("u", {OUT: 1}) == Refusal(meter=OUT, needed=1, remaining=0)
+    assert await db.leases("u") == {a.owner: 0, b.owner: 940}
+
+
+async def test_a_dead_process_is_released_after_its_journal_is_recovered(db: Cluster) -> None:
+    a = await db.process("a", {OUT: 1000}, journal=True, stale=0.5, start=False)  # its keeper run by hand
+    d = await db.process("d", {OUT: 1000}, journal=True, stale=0.5, heartbeat=0.05)
+    assert d.journal is not None
+    res1 = await d.ledger.reserve("u", {OUT: 40})
+    res2 = await d.ledger.reserve("u", {OUT: 10})
+    assert isinstance(res1, Reservation) and isinstance(res2, Reservation)
+    r1 = record("r1", "u", d.owner, {OUT: 40}, {OUT: 25})
+    r2 = record("r2", "u", d.owner, {OUT: 10}, {})
+    d.journal.begin(r1)
+    d.journal.finish(r1)
+    d.ledger.settle(res1, {OUT: 25})
+    d.journal.begin(r2)  # still in flight when it dies
+    assert await db.leases("u") == {d.owner: 250}
+
+    # Silent but alive (its journal still locked): stale, yet left alone.
+    task = d.keeper._task
+    assert task is not None
+    task.cancel()
+
+    async def stale() -> bool:
+        return bool(await a.store.stale_processes(a.owner, utcnow() - timedelta(seconds=0.5)))
+
+    await wait_until_async(stale)
+    assert await a.keeper.settle_dead() == []
+    assert await db.leases("u") == {d.owner: 250}
+
+    await d.kill()
+
+    async def released() -> bool:
+        return await a.keeper.settle_dead() == [d.owner]
+
+    await wait_until_async(released)
+    assert await _released(db, d.owner)
+    assert await db.leases("u") == {}
+    # Its finished request counted exactly, the one in flight by its reservation; once each.
+    rows = await db.query("SELECT id, usage FROM requests ORDER BY id")
+    assert [r[0] for r in rows] == ["r1", "r2"]
+    assert await a.store.consumed("u", *month_bounds(utcnow())) == {OUT: 35}
+    assert isinstance(await a.ledger.reserve("u", {OUT: 965}), Reservation)
+    assert await a.ledger.reserve("u", {OUT: 1}) == Refusal(meter=OUT, needed=1, remaining=0)
+
+
+async def test_a_dead_process_on_another_host_is_released_on_heartbeat_expiry(db: Cluster) -> None:
+    a = await db.process("a", {OUT: 100}, stale=0.5, heartbeat=0.05)
+    r = await db.process("r", {OUT: 100}, host="elsewhere", stale=0.5, heartbeat=0.05)
+    assert isinstance(await r.ledger.reserve("u", {OUT: 30}), Reservation)
+    assert await db.leases("u") == {r.owner: 30}  # close to the limit: a quarter is less than the need
+    await r.kill()
+    await wait_until_async(lambda: _released(db, r.owner))
+    assert await db.leases("u") == {}
+    assert isinstance(await a.ledger.reserve("u", {OUT: 100}), Reservation)
+
+
+async def test_shutdown_hands_back_all_but_what_is_not_stored(db: Cluster) -> None:
+    a = await db.process("a", {OUT: 1000}, journal=True)
+    b = await db.process("b", {OUT: 1000}, journal=True, start=False)  # its keeper run by hand
+    assert a.journal is not None
+    res = await a.ledger.reserve("u", {OUT: 100})
+    assert isinstance(res, Reservation)
+    ra = record("ra", "u", a.owner, {OUT: 100}, {OUT: 60})
+    a.journal.begin(ra)
+    a.journal.finish(ra)
+    a.ledger.settle(res, {OUT: 60})
+    await a.keeper.close()  # the 60 never reached the store: its lease stays, the process row expires
+    assert await db.leases("u") == {a.owner: 60}
+    assert await b.keeper.settle_dead() == []  # (its journal is still open: alive)
+    a.journal.close()  # the process exits; the next one recovers its journal, then releases it
+    assert await b.keeper.settle_dead() == [a.owner]
+    assert await _released(db, a.owner)
+    assert await b.store.consumed("u", *month_bounds(utcnow())) == {OUT: 60}
+    assert await db.leases("u") == {}
+
+    res_b = await b.ledger.reserve("u", {OUT: 10})
+    assert isinstance(res_b, Reservation)
+    b.ledger.settle(res_b, {OUT: 10})
+    rec = record("rb", "u", b.owner, {OUT: 10}, {OUT: 10})
+    await b.store.finish_requests([rec])
+    b.ledger.stored([rec])
+    await b.keeper.close()  # everything stored: nothing stays
+    assert await db.leases("u") == {}
+    assert await db.query("SELECT owner FROM processes") == []
+
+
+async def test_a_process_taken_for_dead_puts_back_what_covers_its_requests(db: Cluster) -> None:
+    a = await db.process("a", {OUT: 1000}, heartbeat=0.05)
+    b = await db.process("b", {OUT: 1000})
+    assert isinstance(await a.ledger.reserve("u", {OUT: 40}), Reservation)
+    assert await db.leases("u") == {a.owner: 250}
+    await b.store.release_owner(a.owner)
+    await wait_until_async(lambda: _leases_are(db, {a.owner: 40}))
+    assert len(await db.query("SELECT owner FROM processes WHERE owner = ?", a.owner)) == 1
+
+
+async def test_invalidations_reach_every_process_within_a_second(db: Cluster) -> None:
+    await db.put_credit("u", {OUT: 100})
+    a = await db.process("a", {})
+    b = await db.process("b", {})
+    assert isinstance(await a.ledger.reserve("u", {OUT: 10}), Reservation)
+    await db.put_credit("u", {OUT: 5})
+    t0 = time.monotonic()
+    await b.store.notify_invalidation(InvalidationKind.LIMITS, "u")
+    await b.store.notify_invalidation(InvalidationKind.KEY, "key-1")
+
+    async def seen() -> bool:
+        return (await a.ledger.snapshot("u")).meter(OUT).credited == 5
+
+    await wait_until_async(seen, within=1.0)
+    await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "key-1")), within=1.0)
+    assert time.monotonic() - t0 < 1.0
+    # The new credit holds at once: a's idle slice, sized on 100, went back on the reload.
+    assert await a.ledger.reserve("u", {OUT: 1}) == Refusal(meter=OUT, needed=1, remaining=0)
+    assert await db.leases("u") == {a.owner: 10}
+
+
+async def test_unlimited_meters_take_no_lease(db: Cluster) -> None:
+    a = await db.process("a", {OUT: 10})
+    res = await a.ledger.reserve("u", {OUT: 5, "claude_input_tokens": 1_000_000})
+    assert isinstance(res, Reservation)
+    assert await db.leases("u") == {a.owner: 5}
+    a.ledger.settle(res, {OUT: 3, "claude_input_tokens": 900})
+    assert (await a.ledger.snapshot("u")).meter(OUT).consumed == 3
+
+
+async def _released(db: Cluster, owner: str) -> bool:
+    procs = await db.query("SELECT owner FROM processes WHERE owner = ?", owner)
+    leases = await db.query("SELECT owner FROM quota_leases WHERE owner = ?", owner)
+    return not procs and not leases
+
+
+async def _leases_are(db: Cluster, expected: dict[str, int]) -> bool:
+    return await db.leases("u") == expected
+
+
+async def _has(items: list[Invalidation], want: Invalidation) -> bool:
+    return any((i.kind, i.subject) == (want.kind, want.subject) for i in items)
+
+
+async def test_an_invalidation_committed_after_a_later_one_is_still_seen(tmp_path: Path) -> None:
+    # PostgreSQL hands out sequence numbers before commit: entry n can become visible after n + 1.
+    async with cluster("postgres", tmp_path) as db:
+        a = await db.process("a", {})
+        conn = await asyncpg.connect(db.dsn)
+        try:
+            tx = conn.transaction()
+            await tx.start()
+            early = "INSERT INTO invalidations (kind, subject, created_at) VALUES ('key', 'early', $1)"
+            await conn.execute(early, utcnow())
+            await a.store.notify_invalidation(InvalidationKind.KEY, "late")
+            await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "late")), within=1.0)
+            await tx.commit()
+        finally:
+            await conn.close()
+        await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "early")), within=1.0)
+        assert [i.subject for i in a.invalidations] == ["late", "early"]
