@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import pytest
 from playwright.sync_api import Page
 
 from tests.conftest import ADMIN_TOKEN, Gateway
@@ -34,14 +33,7 @@ def signed_in(gw: Gateway) -> Iterator[httpx.Client]:
 
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-
-
-def chromium_path() -> str:
-    """Debian's Chromium, driven by Playwright (no browser download)."""
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.fail("the browser tests need Chromium: apt-get install -y chromium")
-    return path
+CHROMIUM = shutil.which("chromium")  # Debian's, driven by Playwright (no browser download)
 
 
 def sign_in_browser(page: Page, gw: Gateway) -> None:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from gateway.store import Store
-from gateway.store.dashboard_base import OutboxState, RequestRow, Step, TrafficRow, UserRow, id_floor
+from gateway.store.dashboard_base import RequestRow, Step, TrafficRow, UserRow, id_floor
 from tests.test_store import record, used
 
 pytestmark = pytest.mark.both_backends
@@ -108,17 +108,17 @@ async def test_search_users_by_part_of_the_id(store: Store) -> None:
     assert await store.search_users("%") == []  # no wildcards
 
 
-async def test_outbox_state(store: Store) -> None:
-    assert await store.outbox_state(T0) == OutboxState(0, 0, None)
-    ids = [rid(T0, i) for i in range(4)]
+async def test_last_synced_at_among_requests_started_since(store: Store) -> None:
+    assert await store.last_synced_at(T0) is None
+    ids = [rid(T0, i) for i in range(3)]
     await store.finish_requests([used(x, {"claude_input_tokens": 1}, started_at=T0) for x in ids])
-    await store.finish_request(record(rid(T0, 9), started_at=T0))  # no usage: not in the outbox
     assert await store.claim_events("A", 10, 60)
-    await store.mark_synced(ids[:1])
     await store.mark_retry(ids[1:2], "rejected", T0, max_attempts=1)
     await store.mark_deferred(ids[2:], "outage")
-    state = await store.outbox_state(T0 - timedelta(hours=1))
-    assert (state.backlog, state.failed) == (2, 1)
-    assert state.last_synced_at is not None and datetime.now(UTC) - state.last_synced_at < timedelta(minutes=1)
+    assert await store.last_synced_at(T0 - timedelta(hours=1)) is None  # nothing delivered yet
+    before = datetime.now(UTC)
+    await store.mark_synced(ids[:1])
+    last = await store.last_synced_at(T0 - timedelta(hours=1))
+    assert last is not None and before - timedelta(seconds=1) <= last <= datetime.now(UTC)
     # only deliveries of requests started since the asked time count
-    assert (await store.outbox_state(T0 + timedelta(seconds=1))).last_synced_at is None
+    assert await store.last_synced_at(T0 + timedelta(seconds=1)) is None

@@ -92,6 +92,22 @@ class SessionSigner:
 
         return guarded
 
+    def session_or(self, guard: Callable[[Endpoint], Endpoint]) -> Callable[[Endpoint], Endpoint]:
+        """A guard that lets signed-in admins through and leaves everyone else to `guard` (for pages
+        that the admin API's bearer token opens too)."""
+
+        def wrap(endpoint: Endpoint) -> Endpoint:
+            otherwise = guard(endpoint)
+
+            async def guarded(request: Request) -> Response:
+                if self.session_of(request) is not None:
+                    return await endpoint(request)
+                return await otherwise(request)
+
+            return guarded
+
+        return wrap
+
 
 def to_signin() -> Response:
     return RedirectResponse(SIGNIN_PATH, 303)

@@ -1,5 +1,5 @@
 """What the admin dashboard reads from the store (`gateway/dashboard/`): traffic over time, a user's
-recent requests, users by id, and the state of the Polar outbox. SQL lives in
+recent requests, users by id, and the last delivery to Polar (the backlog is `Outbox.sync_backlog`). SQL lives in
 `sqlite_dashboard.py` and `postgres_dashboard.py`; both return the same rows in the same order.
 """
 
@@ -47,13 +47,6 @@ class UserRow:
     last_request_at: datetime | None
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxState:
-    backlog: int  # requests whose events wait to be sent (pending or claimed)
-    failed: int  # requests parked after their last attempt
-    last_synced_at: datetime | None  # the latest delivery among requests started since the asked time
-
-
 def id_floor(since: datetime) -> str:
     """The least request id of a request started at `since` or later. Request ids begin with
     their millisecond clock in hex (`gateway.proxy.new_request_id`), so a range on the primary
@@ -78,4 +71,6 @@ class DashboardReads(Protocol):
         by id."""
         ...
 
-    async def outbox_state(self, since: datetime) -> OutboxState: ...
+    async def last_synced_at(self, since: datetime) -> datetime | None:
+        """The latest delivery to Polar of a request started at `since` or later."""
+        ...

@@ -7,7 +7,7 @@ from datetime import datetime
 import orjson
 
 from gateway.meters import COUNT_METERS
-from gateway.store.dashboard_base import OutboxState, RequestRow, Step, TrafficRow, UserRow, id_floor
+from gateway.store.dashboard_base import RequestRow, Step, TrafficRow, UserRow, id_floor
 from gateway.store.postgres_base import PostgresBase
 
 _NOT_TOKENS = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))  # fixed names, not input
@@ -49,13 +49,10 @@ class PostgresDashboard(PostgresBase):
         )
         return [UserRow(r[0], int(r[1]), int(r[2]), r[3]) for r in rows]
 
-    async def outbox_state(self, since: datetime) -> OutboxState:
-        row = await self.pool.fetchrow(
-            "SELECT (SELECT COUNT(*) FROM requests WHERE sync_state IN ('pending', 'claimed')),"
-            " (SELECT COUNT(*) FROM requests WHERE sync_state = 'failed'),"
-            " (SELECT MAX(synced_at) FROM requests WHERE id >= $1 AND started_at >= $2 AND sync_state = 'synced')",
+    async def last_synced_at(self, since: datetime) -> datetime | None:
+        value: datetime | None = await self.pool.fetchval(
+            "SELECT MAX(synced_at) FROM requests WHERE id >= $1 AND started_at >= $2 AND sync_state = 'synced'",
             id_floor(since),
             since,
         )
-        assert row is not None
-        return OutboxState(int(row[0]), int(row[1]), row[2])
+        return value

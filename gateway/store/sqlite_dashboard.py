@@ -7,7 +7,7 @@ from datetime import datetime
 import orjson
 
 from gateway.meters import COUNT_METERS
-from gateway.store.dashboard_base import OutboxState, RequestRow, Step, TrafficRow, UserRow, id_floor
+from gateway.store.dashboard_base import RequestRow, Step, TrafficRow, UserRow, id_floor
 from gateway.store.sqlite_base import SqliteBase, opt_datetime
 from gateway.timeutil import iso, parse_iso
 
@@ -53,14 +53,11 @@ class SqliteDashboard(SqliteBase):
         )
         return [UserRow(r[0], int(r[1]), int(r[2]), opt_datetime(r[3])) for r in rows]
 
-    async def outbox_state(self, since: datetime) -> OutboxState:
+    async def last_synced_at(self, since: datetime) -> datetime | None:
         rows = list(
             await self.db.execute_fetchall(
-                "SELECT (SELECT COUNT(*) FROM requests WHERE sync_state IN ('pending', 'claimed')),"
-                " (SELECT COUNT(*) FROM requests WHERE sync_state = 'failed'),"
-                " (SELECT MAX(synced_at) FROM requests WHERE id >= ? AND started_at >= ? AND sync_state = 'synced')",
+                "SELECT MAX(synced_at) FROM requests WHERE id >= ? AND started_at >= ? AND sync_state = 'synced'",
                 (id_floor(since), iso(since)),
             )
         )
-        backlog, failed, last = rows[0]
-        return OutboxState(int(backlog), int(failed), opt_datetime(last))
+        return opt_datetime(rows[0][0])

@@ -255,3 +255,17 @@ def test_overview_says_when_polar_refuses_the_token_or_is_down(
         page = client.get("/admin").text
         assert 'class="pill unreachable">unreachable<' in page
         assert polar.token not in page
+
+
+def test_a_dashboard_session_opens_the_healthbar_demo(gateway: Gateway) -> None:
+    user_key = gateway.issue_key("ivy")
+    url = f"{gateway.url}/admin/healthbar-demo?user_id=ivy"
+    with signed_in(gateway) as client:
+        assert 'href="/admin/healthbar-demo?user_id=ivy"' in client.get("/admin/users/ivy").text
+        resp = client.get(url)
+        assert resp.status_code == 200 and "<gateway-healthbar" in resp.text
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"authorization": f"Bearer {user_key}"}).status_code == 401
+    assert httpx.get(url, cookies={"gw_admin": user_key}).status_code == 401
+    with gateway.admin() as admin:  # the admin API's token still opens it
+        assert admin.get(url).status_code == 200

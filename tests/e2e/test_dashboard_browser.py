@@ -12,8 +12,9 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.conftest import Gateway, wait_until
 from tests.fakes.polar import FakePolar
-from tests.support_dashboard import chromium_path, screenshot, sign_in_browser
+from tests.support_dashboard import CHROMIUM, screenshot, sign_in_browser
 
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: apt-get install -y chromium")
 MSG = [{"role": "user", "content": "Hello"}]
 
 
@@ -25,7 +26,7 @@ def ask(gw: Gateway, key: str) -> None:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium_path())
+        b = p.chromium.launch(executable_path=CHROMIUM)
         yield b
         b.close()
 
