@@ -15,7 +15,7 @@ from gateway.dashboard.charts import traffic_charts
 from gateway.dashboard.polar_state import PolarProbe
 from gateway.dashboard.render import page
 from gateway.keys import USER_ID_RE
-from gateway.meters import ALL_METERS, COUNT_METERS
+from gateway.meters import ALL_METERS
 from gateway.quota import MeterStatus, meter_status, overall_status
 from gateway.services import Services
 from gateway.store.dashboard_base import Step, TrafficRow
@@ -110,7 +110,8 @@ class Pages:
     async def user(self, request: Request, new_key: str | None = None, status: int = 200) -> Response:
         user_id = request.path_params["user_id"]
         if not USER_ID_RE.fullmatch(user_id):
-            return page("message.html", 404, nav="users", csrf="", title="No such user", message="Invalid user id.")
+            csrf = self._session(request).csrf
+            return page("message.html", 404, nav="users", csrf=csrf, title="No such user", message="Invalid user id.")
         quota = await self.s.ledger.snapshot(user_id)
         cfg = self.s.settings.file.status
         meters = [meter_status(name, quota.meter(name), cfg.warning, cfg.critical) for name in ALL_METERS]
@@ -125,7 +126,6 @@ class Pages:
             quota=quota,
             keys=await self.s.store.list_keys(user_id),
             requests=await self.s.store.recent_requests(user_id, RECENT_REQUESTS),
-            count_meters=COUNT_METERS,
             new_key=new_key,
             revoked=request.query_params.get("revoked", ""),
         )

@@ -164,6 +164,7 @@ def test_create_and_revoke_a_key_from_the_dashboard(gateway: Gateway) -> None:
         ask(gateway, other)
         bad = client.post("/admin/users/bad%20id/keys", data={"csrf": csrf_of(page.text)})
         assert bad.status_code == 400 and "invalid user id" in bad.text
+        assert client.get("/admin/users/bad%20id").status_code == 404
 
 
 def test_requeued_failed_events_reach_polar_at_once(make_gateway: Callable[..., Gateway], polar: FakePolar) -> None:
