@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.admin import admin_routes
+from gateway.admin import admin_routes, guarded
 from gateway.billing.endpoints import portal_endpoint, status_endpoint
 from gateway.billing.ledger import InProcessLedger
 from gateway.billing.owner import BillingOwner
@@ -21,6 +21,7 @@ from gateway.http_api import not_found, server_error
 from gateway.journal import Journal
 from gateway.keys import KeyCache
 from gateway.limits import LimitsRefresher
+from gateway.metrics import NO_METRICS, Metrics, metrics_endpoint
 from gateway.polar import PolarBilling
 from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.gemini import GeminiProvider
@@ -47,7 +48,8 @@ def build_services(settings: Settings, *, shared: bool = False) -> Services:
     journal = Journal(settings.journal_path, owner)
     ledger = InProcessLedger(Ledger(store, settings.file.plan))
     limiter = make_limiter(settings, store, shared=shared)
-    recorder = Recorder(store, journal, on_stored=ledger.stored, linger=settings.record_linger_seconds)
+    metrics = NO_METRICS if settings.metrics == "off" else Metrics()
+    recorder = Recorder(store, journal, on_stored=ledger.stored, linger=settings.record_linger_seconds, metrics=metrics)
     return Services(
         polar=polar,
         settings=settings,
@@ -58,7 +60,8 @@ def build_services(settings: Settings, *, shared: bool = False) -> Services:
         owner=owner,
         journal=journal,
         recorder=recorder,
-        billing=BillingOwner(ledger, limiter, journal, recorder),
+        billing=BillingOwner(ledger, limiter, journal, recorder, metrics),
+        metrics=metrics,
     )
 
 
@@ -127,6 +130,7 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
                 max_attempts=settings.sync_max_attempts,
                 backoff_base=settings.sync_backoff_seconds,
                 backoff_max=settings.sync_backoff_max_seconds,
+                metrics=s.metrics,
             )
             s.recorder.on_events = syncer.notify
             refresher = LimitsRefresher(s.store, s.polar, settings.limits_max_age_seconds, s.limits_changed)
@@ -152,6 +156,7 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
             await s.limiter.close()  # its last token corrections may go to the store
             s.journal.close()
             await s.store.close()
+            s.metrics.close()
 
     async def healthz(request: Request) -> Response:
         # `unstored`: finished requests the store has not taken yet (journaled, so not lost); it only
@@ -165,12 +170,20 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
         Route(
             "/webhooks/polar",
             make_webhook_endpoint(
-                s.store, settings.polar_webhook_secret, _meter_names(s), s.limits_changed, polar=s.polar
+                s.store,
+                settings.polar_webhook_secret,
+                _meter_names(s),
+                s.limits_changed,
+                polar=s.polar,
+                metrics=s.metrics,
             ),
             methods=["POST"],
         ),
         *admin_routes(s),
     ]
+    if settings.metrics != "off":
+        scrape = metrics_endpoint(s.metrics, s.store.sync_backlog)
+        routes.append(Route("/metrics", scrape if settings.metrics == "open" else guarded(s, scrape)))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,

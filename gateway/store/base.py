@@ -169,6 +169,9 @@ class Outbox(Protocol):
 
     async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]: ...
     async def failed_events(self, limit: int = 100) -> list[tuple[PendingEvent, str]]: ...
+    async def sync_backlog(self) -> tuple[int, int, datetime | None]:
+        """(requests pending or claimed, requests failed, when the oldest pending one started)"""
+        ...
 
 
 class LimitsStore(Protocol):

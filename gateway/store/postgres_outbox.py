@@ -126,6 +126,17 @@ class PostgresOutbox(PostgresBase):
         )
         return [UsageSummaryRow(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
 
+    async def sync_backlog(self) -> tuple[int, int, datetime | None]:
+        """Requests waiting to sync (pending or claimed), requests parked as failed, and when the
+        oldest waiting one started."""
+        row = await self.pool.fetchrow(
+            "SELECT (SELECT COUNT(*) FROM requests WHERE sync_state IN ('pending', 'claimed')),"
+            " (SELECT COUNT(*) FROM requests WHERE sync_state = 'failed'),"
+            " (SELECT MIN(started_at) FROM requests WHERE sync_state IN ('pending', 'claimed'))"
+        )
+        assert row is not None
+        return int(row[0]), int(row[1]), row[2]
+
     async def failed_events(self, limit: int = 100) -> list[tuple[PendingEvent, str]]:
         rows = await self.pool.fetch(
             f"SELECT {_OUTBOX_COLS}, last_error FROM requests WHERE sync_state = 'failed'"

@@ -124,6 +124,16 @@ class SqliteOutbox(SqliteBase):
         )
         return [UsageSummaryRow(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
 
+    async def sync_backlog(self) -> tuple[int, int, datetime | None]:
+        """Requests waiting to sync (pending or claimed), requests parked as failed, and when the
+        oldest waiting one started."""
+        rows = await self.db.execute_fetchall(
+            "SELECT COUNT(*), MIN(started_at) FROM requests WHERE sync_state IN ('pending', 'claimed')"
+        )
+        failed = await self.db.execute_fetchall("SELECT COUNT(*) FROM requests WHERE sync_state = 'failed'")
+        pending, oldest = next(iter(rows))
+        return int(pending), int(next(iter(failed))[0]), parse_iso(oldest) if oldest else None
+
     async def failed_events(self, limit: int = 100) -> list[tuple[PendingEvent, str]]:
         rows = await self.db.execute_fetchall(
             f"SELECT {_OUTBOX_COLS}, last_error FROM requests WHERE sync_state = 'failed'"

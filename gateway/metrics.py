@@ -1,0 +1,270 @@
+"""Prometheus metrics: one `Metrics` object owns every metric; the code that counts gets it passed in.
+
+Labels are bounded by construction: providers, route operations, HTTP statuses, meter names,
+refusal reasons, sync causes and known webhook types. Nothing per user, nothing secret.
+
+With `PROMETHEUS_MULTIPROC_DIR` set (`prepare_multiprocess` sets it for `gateway serve --workers N`),
+prometheus-client keeps each process's values in files in that directory and a scrape, answered by
+any worker, sums them all. The sync backlog is read from the store at scrape time instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import Response
+
+log = logging.getLogger("gateway.metrics")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+OTHER = "other"  # the label value for anything outside a known set
+
+SyncBacklog = Callable[[], Awaitable[tuple[int, int, datetime | None]]]
+
+# What the gateway adds before the provider sees a request: microseconds to milliseconds.
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_TTFB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def prepare_multiprocess(workers: int) -> str | None:
+    """Before starting `workers` > 1 processes: a directory for their metric files (a fresh temporary
+    one unless PROMETHEUS_MULTIPROC_DIR names one), emptied of an earlier run's values. Returns it."""
+    if workers <= 1:
+        return None
+    path = multiprocess_dir() or tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    for stale in Path(path).glob("*.db"):
+        stale.unlink(missing_ok=True)
+    # prometheus-client picks its value class when first imported; metrics made from now on use files.
+    values.ValueClass = values.get_value_class()
+    return path
+
+
+def worker_exited(pid: int) -> None:
+    """A worker process ended: its live gauges (reservations in flight) stop counting."""
+    if multiprocess_dir():
+        multiprocess.mark_process_dead(pid)
+
+
+class ProviderMetrics:
+    """One provider's per-request metrics, with the labelled children cached: the hot path looks up a dict."""
+
+    __slots__ = ("_m", "_overhead", "_provider", "_requests", "_ttfb")
+
+    def __init__(self, m: Metrics, provider: str) -> None:
+        self._m = m
+        self._provider = provider
+        self._overhead = m.overhead.labels(provider)
+        self._ttfb = m.ttfb.labels(provider)
+        self._requests: dict[tuple[str, int], Counter] = {}
+
+    def request(self, route: str, status: int) -> None:
+        child = self._requests.get((route, status))
+        if child is None:
+            child = self._requests[(route, status)] = self._m.requests.labels(self._provider, route, str(status))
+        child.inc()
+
+    def forwarded(self, overhead: float, ttfb: float) -> None:
+        self._overhead.observe(overhead)
+        self._ttfb.observe(ttfb)
+
+
+class Metrics:
+    """Every metric the gateway exports, in its own registry (tests run several gateways in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "gateway_requests", "Provider requests answered, by route operation and HTTP status",
+            ["provider", "route", "status"], registry=r,
+        )  # fmt: skip
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "Time from a request's arrival to forwarding it upstream (authentication, checks, billing)",
+            ["provider"], buckets=_OVERHEAD_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttfb = Histogram(
+            "gateway_upstream_ttfb_seconds", "Time from forwarding a request to the provider's response headers",
+            ["provider"], buckets=_TTFB_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.usage = Counter("gateway_usage", "Billed usage (tokens or images) by meter", ["meter"], registry=r)
+        self.refusals = Counter(
+            "gateway_refusals", "Requests refused before forwarding, by HTTP status and reason",
+            ["status", "reason"], registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "gateway_reservations_in_flight", "Quota reservations held by requests under way",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.sync_attempts = Counter("gateway_sync_attempts", "Usage batches sent to Polar", registry=r)
+        self.sync_failures = Counter(
+            "gateway_sync_failures", "Usage batches Polar did not take, by cause", ["cause"], registry=r
+        )
+        self.webhooks = Counter(
+            "gateway_webhooks", "Polar webhook deliveries by event type and outcome", ["type", "outcome"], registry=r
+        )
+        self.store_errors = Counter(
+            "gateway_store_errors", "Store operations that failed, by operation", ["operation"], registry=r
+        )
+        self._usage: dict[str, Counter] = {}
+        self._refusals: dict[tuple[int, str], Counter] = {}
+
+    def for_provider(self, provider: str) -> ProviderMetrics:
+        return ProviderMetrics(self, provider)
+
+    # ------------------------------------------------------------------ billing
+    def refused(self, status: int, reason: str) -> None:
+        child = self._refusals.get((status, reason))
+        if child is None:
+            child = self._refusals[(status, reason)] = self.refusals.labels(str(status), reason)
+        child.inc()
+
+    def reservation_taken(self) -> None:
+        self.in_flight.inc()
+
+    def reservation_settled(self, usage: Mapping[str, int]) -> None:
+        self.in_flight.dec()
+        for meter, value in usage.items():
+            child = self._usage.get(meter)
+            if child is None:
+                child = self._usage[meter] = self.usage.labels(meter)
+            child.inc(value)
+
+    # ------------------------------------------------------------------ background work
+    def sync_attempt(self) -> None:
+        self.sync_attempts.inc()
+
+    def sync_failed(self, cause: str) -> None:
+        self.sync_failures.labels(cause).inc()
+
+    def webhook(self, event_type: str, outcome: str) -> None:
+        self.webhooks.labels(event_type, outcome).inc()
+
+    def store_error(self, operation: str, n: int = 1) -> None:
+        self.store_errors.labels(operation).inc(n)
+
+    # ------------------------------------------------------------------ exposition
+    async def render(self, backlog: SyncBacklog | None) -> bytes:
+        """The text exposition: every process's metrics, then the sync backlog read from the store now."""
+        families: list[Metric] = []
+        if backlog is not None:
+            try:
+                pending, failed, oldest = await backlog()
+            except Exception as exc:
+                log.warning("metrics: could not read the sync backlog (%s)", type(exc).__name__)
+                self.store_error("sync_backlog")
+            else:
+                families = _backlog_families(pending, failed, oldest)
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = self.registry
+        text = generate_latest(registry)
+        if families:
+            extra = CollectorRegistry(auto_describe=False)
+            extra.register(_Fixed(families))
+            text += generate_latest(extra)
+        return text
+
+    def close(self) -> None:
+        """This process is stopping: its live gauges stop counting (multi-process mode)."""
+        worker_exited(os.getpid())
+
+
+class NullMetrics(Metrics):
+    """GATEWAY_METRICS=off, and the default where nothing is measured: every hook does nothing."""
+
+    def __init__(self) -> None:
+        pass
+
+    def for_provider(self, provider: str) -> ProviderMetrics:
+        return _NULL_PROVIDER
+
+    def refused(self, status: int, reason: str) -> None:
+        pass
+
+    def reservation_taken(self) -> None:
+        pass
+
+    def reservation_settled(self, usage: Mapping[str, int]) -> None:
+        pass
+
+    def sync_attempt(self) -> None:
+        pass
+
+    def sync_failed(self, cause: str) -> None:
+        pass
+
+    def webhook(self, event_type: str, outcome: str) -> None:
+        pass
+
+    def store_error(self, operation: str, n: int = 1) -> None:
+        pass
+
+    async def render(self, backlog: SyncBacklog | None) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class _NullProvider(ProviderMetrics):
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        pass
+
+    def request(self, route: str, status: int) -> None:
+        pass
+
+    def forwarded(self, overhead: float, ttfb: float) -> None:
+        pass
+
+
+_NULL_PROVIDER = _NullProvider()
+NO_METRICS = NullMetrics()
+
+
+def _backlog_families(pending: int, failed: int, oldest: datetime | None) -> list[Metric]:
+    backlog = GaugeMetricFamily(
+        "gateway_sync_backlog_requests", "Requests whose usage is not in Polar yet, by state", labels=["state"]
+    )
+    backlog.add_metric(["pending"], pending)
+    backlog.add_metric(["failed"], failed)
+    age = GaugeMetricFamily(
+        "gateway_sync_oldest_pending_age_seconds", "Age of the oldest request waiting to sync (0 when none)"
+    )
+    age.add_metric([], max(0.0, time.time() - oldest.timestamp()) if oldest else 0.0)
+    return [backlog, age]
+
+
+class _Fixed:
+    """A collector yielding families already built."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def metrics_endpoint(metrics: Metrics, backlog: SyncBacklog | None) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return Response(await metrics.render(backlog), media_type=CONTENT_TYPE_LATEST)
+
+    return endpoint
