@@ -16,7 +16,7 @@ from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics as gateway_metrics
-from gateway.settings import RateLimitConfig
+from gateway.settings import ConfigError, RateLimitConfig, settings_from_env
 from tests.conftest import ADMIN_TOKEN, Gateway, GatewayProcess, process_env, wait_until
 from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
 from tests.fakes.upstream import FakeUpstream
@@ -223,3 +223,10 @@ def test_multiprocess_mode_serves_every_process_metrics(
     finally:
         gw.stop()
     assert not list(directory.glob("gauge_livesum_*.db"))  # a stopped process's live gauges are gone
+
+
+def test_metrics_setting_is_checked() -> None:
+    assert settings_from_env({}, load_file=False).metrics == "admin"
+    assert settings_from_env({"GATEWAY_METRICS": "open"}, load_file=False).metrics == "open"
+    with pytest.raises(ConfigError, match="GATEWAY_METRICS must be one of open, admin, off, got 'public'"):
+        settings_from_env({"GATEWAY_METRICS": "public"}, load_file=False)
