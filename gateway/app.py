@@ -21,7 +21,7 @@ from gateway.http_api import not_found, server_error
 from gateway.journal import Journal
 from gateway.keys import KeyCache
 from gateway.limits import LimitsRefresher
-from gateway.metrics import NO_METRICS, Metrics, metrics_endpoint
+from gateway.metrics import NO_METRICS, Metrics, metrics_endpoint, multiprocess_dir
 from gateway.polar import PolarBilling
 from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.gemini import GeminiProvider
@@ -139,6 +139,8 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
                 asyncio.create_task(refresher.run_forever(stop), name="polar-limits"),
             ]
             log.info("Polar %s: syncing usage every %.0f s", settings.polar_environment, settings.sync_interval_seconds)
+        if multiprocess_dir():
+            background.append(asyncio.create_task(s.metrics.flush_every(stop), name="metrics-flush"))
         try:
             yield
         finally:

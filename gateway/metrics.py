@@ -3,6 +3,11 @@
 Labels are bounded by construction: providers, route operations, HTTP statuses, meter names,
 refusal reasons, sync causes and known webhook types. Nothing per user, nothing secret.
 
+The hot path only adds to plain tallies (a dict entry, a bucket found by bisection); they move into
+prometheus-client's objects when scraped (and every second with several processes): its own
+updates take a lock each, and at a few per request they cost more than the rest of the request's
+bookkeeping together.
+
 With `PROMETHEUS_MULTIPROC_DIR` set (`prepare_multiprocess` sets it for `gateway serve --workers N`),
 prometheus-client keeps each process's values in files in that directory and a scrape, answered by
 any worker, sums them all. The sync backlog is read from the store at scrape time instead.
@@ -10,10 +15,14 @@ any worker, sums them all. The sync backlog is read from the store at scrape tim
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import tempfile
 import time
+from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -60,27 +69,57 @@ def worker_exited(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
+class _Tally:
+    """Histogram observations not yet in prometheus-client: a count per bucket (the last is +Inf) and the sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with value <= its bound
+        self.total += value
+
+    def move_to(self, histogram: Histogram) -> None:
+        counts, self.counts, total, self.total = self.counts, [0] * len(self.counts), self.total, 0.0
+        if not any(counts):
+            return
+        # (prometheus-client has no public call adding many observations at once)
+        for bucket, n in zip(histogram._buckets, counts, strict=True):
+            if n:
+                bucket.inc(n)
+        histogram._sum.inc(total)
+
+
 class ProviderMetrics:
-    """One provider's per-request metrics, with the labelled children cached: the hot path looks up a dict."""
+    """One provider's per-request metrics, tallied; `Metrics.flush` moves them into the exported ones."""
 
     __slots__ = ("_m", "_overhead", "_provider", "_requests", "_ttfb")
 
     def __init__(self, m: Metrics, provider: str) -> None:
         self._m = m
         self._provider = provider
-        self._overhead = m.overhead.labels(provider)
-        self._ttfb = m.ttfb.labels(provider)
-        self._requests: dict[tuple[str, int], Counter] = {}
+        self._overhead = _Tally(_OVERHEAD_BUCKETS)
+        self._ttfb = _Tally(_TTFB_BUCKETS)
+        self._requests: defaultdict[tuple[str, int], int] = defaultdict(int)
 
     def request(self, route: str, status: int) -> None:
-        child = self._requests.get((route, status))
-        if child is None:
-            child = self._requests[(route, status)] = self._m.requests.labels(self._provider, route, str(status))
-        child.inc()
+        self._requests[(route, status)] += 1
 
     def forwarded(self, overhead: float, ttfb: float) -> None:
-        self._overhead.observe(overhead)
-        self._ttfb.observe(ttfb)
+        self._overhead.add(overhead)
+        self._ttfb.add(ttfb)
+
+    def flush(self) -> None:
+        m, provider = self._m, self._provider
+        requests, self._requests = self._requests, defaultdict(int)
+        for (route, status), n in requests.items():
+            m.requests.labels(provider, route, str(status)).inc(n)
+        self._overhead.move_to(m.overhead.labels(provider))
+        self._ttfb.move_to(m.ttfb.labels(provider))
 
 
 class Metrics:
@@ -120,29 +159,43 @@ class Metrics:
         self.store_errors = Counter(
             "gateway_store_errors", "Store operations that failed, by operation", ["operation"], registry=r
         )
-        self._usage: dict[str, Counter] = {}
-        self._refusals: dict[tuple[int, str], Counter] = {}
+        self._providers: list[ProviderMetrics] = []
+        self._usage: defaultdict[str, int] = defaultdict(int)
+        self._in_flight = 0
 
     def for_provider(self, provider: str) -> ProviderMetrics:
-        return ProviderMetrics(self, provider)
+        tally = ProviderMetrics(self, provider)
+        self._providers.append(tally)
+        return tally
+
+    def flush(self) -> None:
+        """Move the hot path's tallies into the exported metrics."""
+        for provider in self._providers:
+            provider.flush()
+        usage, self._usage = self._usage, defaultdict(int)
+        for meter, n in usage.items():
+            self.usage.labels(meter).inc(n)
+        self.in_flight.set(self._in_flight)
+
+    async def flush_every(self, stop: asyncio.Event, seconds: float = 1.0) -> None:
+        """Several processes: each flushes on its own, since a scrape is answered by only one."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), seconds)
+            self.flush()
 
     # ------------------------------------------------------------------ billing
     def refused(self, status: int, reason: str) -> None:
-        child = self._refusals.get((status, reason))
-        if child is None:
-            child = self._refusals[(status, reason)] = self.refusals.labels(str(status), reason)
-        child.inc()
+        self.refusals.labels(str(status), reason).inc()
 
     def reservation_taken(self) -> None:
-        self.in_flight.inc()
+        self._in_flight += 1
 
     def reservation_settled(self, usage: Mapping[str, int]) -> None:
-        self.in_flight.dec()
+        self._in_flight -= 1
+        tally = self._usage
         for meter, value in usage.items():
-            child = self._usage.get(meter)
-            if child is None:
-                child = self._usage[meter] = self.usage.labels(meter)
-            child.inc(value)
+            tally[meter] += value
 
     # ------------------------------------------------------------------ background work
     def sync_attempt(self) -> None:
@@ -169,6 +222,7 @@ class Metrics:
                 self.store_error("sync_backlog")
             else:
                 families = _backlog_families(pending, failed, oldest)
+        self.flush()
         if multiprocess_dir():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
@@ -182,7 +236,8 @@ class Metrics:
         return text
 
     def close(self) -> None:
-        """This process is stopping: its live gauges stop counting (multi-process mode)."""
+        """This process is stopping: what it counted stays (multi-process mode), its live gauges go."""
+        self.flush()
         worker_exited(os.getpid())
 
 
@@ -194,6 +249,12 @@ class NullMetrics(Metrics):
 
     def for_provider(self, provider: str) -> ProviderMetrics:
         return _NULL_PROVIDER
+
+    def flush(self) -> None:
+        pass
+
+    async def flush_every(self, stop: asyncio.Event, seconds: float = 1.0) -> None:
+        pass
 
     def refused(self, status: int, reason: str) -> None:
         pass
@@ -233,6 +294,9 @@ class _NullProvider(ProviderMetrics):
         pass
 
     def forwarded(self, overhead: float, ttfb: float) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
 
