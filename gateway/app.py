@@ -24,6 +24,7 @@ from gateway.http_api import not_found, server_error
 from gateway.journal import Journal
 from gateway.keys import KeyCache
 from gateway.limits import LimitsRefresher
+from gateway.metrics import NO_METRICS, Metrics, metrics_endpoint, multiprocess_dir
 from gateway.openapi import openapi_route
 from gateway.polar import PolarBilling
 from gateway.providers.anthropic import AnthropicProvider
@@ -52,7 +53,8 @@ def build_services(settings: Settings, *, shared: bool = False) -> Services:
     journal = Journal(settings.journal_path, owner)
     ledger = InProcessLedger(Ledger(store, settings.file.plan))
     limiter = make_limiter(settings, store, shared=shared)
-    recorder = Recorder(store, journal, on_stored=ledger.stored, linger=settings.record_linger_seconds)
+    metrics = NO_METRICS if settings.metrics == "off" else Metrics()
+    recorder = Recorder(store, journal, on_stored=ledger.stored, linger=settings.record_linger_seconds, metrics=metrics)
     return Services(
         polar=polar,
         settings=settings,
@@ -63,7 +65,8 @@ def build_services(settings: Settings, *, shared: bool = False) -> Services:
         owner=owner,
         journal=journal,
         recorder=recorder,
-        billing=BillingOwner(ledger, limiter, journal, recorder),
+        billing=BillingOwner(ledger, limiter, journal, recorder, metrics),
+        metrics=metrics,
     )
 
 
@@ -151,6 +154,7 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
                 max_attempts=settings.sync_max_attempts,
                 backoff_base=settings.sync_backoff_seconds,
                 backoff_max=settings.sync_backoff_max_seconds,
+                metrics=s.metrics,
             )
             s.recorder.on_events = syncer.notify
             refresher = LimitsRefresher(s.store, s.polar, settings.limits_max_age_seconds, s.limits_changed)
@@ -159,6 +163,8 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
                 asyncio.create_task(refresher.run_forever(stop), name="polar-limits"),
             ]
             log.info("Polar %s: syncing usage every %.0f s", settings.polar_environment, settings.sync_interval_seconds)
+        if multiprocess_dir():
+            background.append(asyncio.create_task(s.metrics.flush_every(stop), name="metrics-flush"))
         try:
             yield
         finally:
@@ -176,6 +182,7 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
             await s.limiter.close()  # its last token corrections may go to the store
             s.journal.close()
             await s.store.close()
+            s.metrics.close()
 
     def polar_ok() -> bool | None:
         return syncer.last_call_ok if syncer is not None else None
@@ -197,7 +204,12 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
         Route(
             "/webhooks/polar",
             make_webhook_endpoint(
-                s.store, settings.polar_webhook_secret, _meter_names(s), s.limits_changed, polar=s.polar
+                s.store,
+                settings.polar_webhook_secret,
+                _meter_names(s),
+                s.limits_changed,
+                polar=s.polar,
+                metrics=s.metrics,
             ),
             methods=["POST"],
         ),
@@ -207,6 +219,9 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
         openapi_route(),
         *dashboard_routes(s),
     ]
+    if settings.metrics != "off":
+        scrape = metrics_endpoint(s.metrics, s.store.sync_backlog)
+        routes.append(Route("/metrics", scrape if settings.metrics == "open" else guarded(s, scrape)))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,

@@ -13,6 +13,7 @@ from gateway.billing.owner import BillingOwner
 from gateway.billing.protocols import QuotaLedger
 from gateway.journal import Journal
 from gateway.keys import KeyCache
+from gateway.metrics import NO_METRICS, Metrics
 from gateway.polar import PolarBilling
 from gateway.ratelimit import RateLimit
 from gateway.recording import Recorder
@@ -38,6 +39,7 @@ class Services:
     billing: BillingOwner  # begins and finishes metered requests over ledger, limiter, journal and recorder
     client: aiohttp.ClientSession | None = None  # created in the lifespan (needs a running loop)
     polar: PolarBilling | None = None  # None when POLAR_ACCESS_TOKEN is not set
+    metrics: Metrics = NO_METRICS  # GATEWAY_METRICS=off: hooks that do nothing
 
     async def limits_changed(self, user_id: str) -> None:
         """Polar changed a customer's limits (webhook or refresh): the next pre-check reloads them."""

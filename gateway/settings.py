@@ -20,6 +20,7 @@ from gateway.meters import ALL_METERS
 from gateway.ratelimit import StoreErrorPolicy
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+METRICS_MODES = ("open", "admin", "off")
 
 
 class ConfigError(Exception):
@@ -143,6 +144,7 @@ class Settings:
     drain_timeout_seconds: float = 120.0
     drain_max_bytes: int = 8 * 1024 * 1024
     log_format: str = "text"
+    metrics: str = "admin"  # GET /metrics: "open", "admin" (behind the admin token) or "off"
     redis_url: str = ""  # shared rate limits in Redis; "" = in the database when shared, else in memory
     client_timeout_seconds: float = 30.0  # to receive a request's headers, and again its body
     max_connections: int = 4096  # open client connections; past it new ones get a 503
@@ -218,6 +220,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_DRAIN_TIMEOUT_SECONDS": ("drain_timeout_seconds", float),
     "GATEWAY_DRAIN_MAX_BYTES": ("drain_max_bytes", int),
     "GATEWAY_LOG_FORMAT": ("log_format", str),
+    "GATEWAY_METRICS": ("metrics", str),
     "GATEWAY_REDIS_URL": ("redis_url", str),
     "GATEWAY_CLIENT_TIMEOUT_SECONDS": ("client_timeout_seconds", float),
     "GATEWAY_MAX_CONNECTIONS": ("max_connections", int),
@@ -286,6 +289,8 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         raise ConfigError("GATEWAY_HEARTBEAT_STALE_SECONDS must be at least 3 x GATEWAY_HEARTBEAT_SECONDS")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("GATEWAY_LOG_FORMAT must be 'text' or 'json'")
+    if settings.metrics not in METRICS_MODES:
+        raise ConfigError(f"GATEWAY_METRICS must be one of {', '.join(METRICS_MODES)}, got {settings.metrics!r}")
     for name in ("anthropic_upstream", "gemini_upstream"):
         url = getattr(settings, name)
         if not url.startswith(("http://", "https://")):
