@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from gateway.outcomes import Outcome
 from gateway.ratelimit import Bucket, RateLimited
+from gateway.store.leases_base import LeaseStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +186,12 @@ class LimitsStore(Protocol):
 
 class WebhookLog(Protocol):
     async def record_webhook(self, webhook_id: str, event_type: str) -> bool:
-        """Remember a processed delivery; False when this webhook id was recorded before."""
+        """Claim a delivery (insert if absent, atomic across processes); False when this webhook id
+        was recorded before."""
+        ...
+
+    async def forget_webhook(self, webhook_id: str) -> None:
+        """Drop a claimed delivery whose processing failed, so the sender's retry is processed."""
         ...
 
     async def webhook_recorded(self, webhook_id: str) -> bool: ...
@@ -215,7 +221,7 @@ class RateWindowStore(Protocol):
         ...
 
 
-class Store(Lifecycle, KeyStore, RequestStore, Outbox, LimitsStore, WebhookLog, RateWindowStore, Protocol):
+class Store(Lifecycle, KeyStore, RequestStore, Outbox, LimitsStore, WebhookLog, RateWindowStore, LeaseStore, Protocol):
     """Everything: what `gateway.store.create_store` returns. Users annotate the narrow protocol they need."""
 
 
