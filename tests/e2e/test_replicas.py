@@ -186,6 +186,14 @@ def test_a_key_revoked_through_one_is_refused_by_all_within_a_second(make_cluste
     wait_until(lambda: set(_round(c, key)) == {401}, timeout=2)
     assert time.monotonic() - revoked < 1.0
     assert set(_round(c, key) + _round(c, key)) == {401}
+    # the same through the CLI, a process of its own
+    key_id, key = c.issue_key("revoke")
+    assert set(_round(c, key)) == {200}
+    done = run_cli(c.procs[0].env, "keys", "revoke", key_id)
+    assert done.returncode == 0, done.stderr
+    revoked = time.monotonic()
+    wait_until(lambda: set(_round(c, key)) == {401}, timeout=2)
+    assert time.monotonic() - revoked < 1.0
 
 
 @pytest.mark.parametrize("kind", KINDS)
