@@ -71,6 +71,7 @@ def build_services(settings: Settings, *, shared: bool = False) -> Services:
             journal_dir=journal.directory,
             recover=recover_dead,
             on_invalidation=invalidated,
+            on_dead=store.release_owner_claims,  # its sync claims now rather than after their lease
         )
         ledger = leased
     else:
@@ -139,8 +140,8 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
         if s.keeper is None:
             await recover(s.store, s.journal.directory, s.owner)
         else:
-            # Only what dead processes left: live ones hold their journal segments (flock) and
-            # their sync claims, which return after the claim's lease should they die.
+            # Only what dead processes left: live ones hold their journal segments (flock). The
+            # keeper hands back a dead process's sync claims once it is taken for dead.
             await recover_journal(s.store, s.journal.directory)
         s.journal.open()
         if s.keeper is not None:
