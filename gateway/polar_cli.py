@@ -1,4 +1,5 @@
-"""Async bodies of the Polar CLI commands (`gateway sync`, `usage`, `polar-setup`, `polar-customer`).
+"""Async bodies of the Polar CLI commands: `gateway sync`, `gateway usage`, `gateway polar setup`, and
+the Polar customer that `gateway keys create --email` ensures.
 
 Exit codes: 0 ok, 1 something left to do (pending/failed events, a Polar error), 2 not configured.
 """

@@ -1,6 +1,6 @@
 """Usage extraction for Anthropic /v1/messages (non-streaming bodies and SSE streams).
 
-Billing rules (providers.md §2-3): `output_tokens` already includes thinking, so
+Billing rules (Anthropic's usage object): `output_tokens` already includes thinking, so
 `output_tokens_details.thinking_tokens` is never added; `input_tokens` excludes cache
 reads/writes, which have their own meters; stream usage fields are cumulative, so
 `message_delta` values overwrite and are never summed.

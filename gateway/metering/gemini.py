@@ -1,6 +1,6 @@
 """Usage extraction for the Gemini API: generateContent, streamGenerateContent, Imagen predict.
 
-Billing rules (providers.md §7-9):
+Billing rules (Gemini's usageMetadata):
 - `promptTokenCount` includes `cachedContentTokenCount`, so fresh input is prompt - cached,
   plus `toolUsePromptTokenCount` (tool results fed back in are input).
 - `thoughtsTokenCount` is separate from `candidatesTokenCount` and billed as output.

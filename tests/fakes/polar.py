@@ -1,6 +1,6 @@
 """FakePolar: a loopback Polar API speaking the wire format polar-sdk 1.0.2 expects.
 
-Shapes follow docs/polar.md §10-11: exact paths (trailing slashes included), every key the
+Shapes follow Polar's API as polar-sdk 1.0.2 reads it: exact paths (trailing slashes included), every key the
 SDK's strict loader requires, 404 bodies with "error", 422 with detail[].loc, 429 with an
 int Retry-After. Ingest dedups on external_id (first write wins) and validates the whole
 batch like Polar (future/naive timestamps, empty metadata strings). Failure injection:

@@ -1,5 +1,5 @@
 """Polar wire shapes for FakePolar: JSON builders with every key polar-sdk 1.0.2's strict loader
-requires (docs/polar.md §11), Polar's per-event ingest validation, and webhook signing."""
+requires, Polar's per-event ingest validation, and webhook signing."""
 
 from __future__ import annotations
 

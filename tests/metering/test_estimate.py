@@ -14,7 +14,7 @@ def test_estimate_input_tokens() -> None:
 
 
 def test_estimate_is_an_upper_bound_for_fixture_requests() -> None:
-    # providers.md §2: message.json answers a short prompt with input_tokens=12.
+    # message.json answers a short prompt with input_tokens=12.
     body = b'{"model":"claude-sonnet-4-6","max_tokens":1024,"messages":[{"role":"user","content":"Hello"}]}'
     assert estimate_input_tokens(body) >= 12
 
