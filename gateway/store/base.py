@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from gateway.outcomes import Outcome
 from gateway.ratelimit import Bucket, RateLimited
+from gateway.store.dashboard_base import DashboardReads
 from gateway.store.leases_base import LeaseStore
 
 
@@ -237,7 +238,18 @@ class RateWindowStore(Protocol):
         ...
 
 
-class Store(Lifecycle, KeyStore, RequestStore, Outbox, LimitsStore, WebhookLog, RateWindowStore, LeaseStore, Protocol):
+class Store(
+    Lifecycle,
+    KeyStore,
+    RequestStore,
+    Outbox,
+    LimitsStore,
+    WebhookLog,
+    RateWindowStore,
+    LeaseStore,
+    DashboardReads,
+    Protocol,
+):
     """Everything: what `gateway.store.create_store` returns. Users annotate the narrow protocol they need."""
 
 
