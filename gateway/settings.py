@@ -167,11 +167,17 @@ class Settings:
     keeper_poll_seconds: float = 0.05  # how often each process reads the invalidation log (recalls, limits, keys)
     heartbeat_seconds: float = 1.0
     heartbeat_stale_seconds: float = 10.0  # no heartbeat this long: the process is dead, its leases are released
+    shared: bool = False  # other processes serve from this database (set for `--workers`; implied by PostgreSQL)
     file: FileConfig = field(default_factory=FileConfig)
 
     @property
     def is_postgres(self) -> bool:
         return self.database_url.startswith(POSTGRES_SCHEMES)
+
+    @property
+    def is_shared(self) -> bool:
+        """Whether other processes may serve from the same database (quota, limits and keys go through it)."""
+        return self.shared or self.is_postgres
 
     @property
     def sqlite_path(self) -> str:
@@ -241,7 +247,10 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_KEEPER_POLL_SECONDS": ("keeper_poll_seconds", float),
     "GATEWAY_HEARTBEAT_SECONDS": ("heartbeat_seconds", float),
     "GATEWAY_HEARTBEAT_STALE_SECONDS": ("heartbeat_stale_seconds", float),
+    "GATEWAY_SHARED": ("shared", bool),
 }
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def redact_url(url: str) -> str:
@@ -253,6 +262,14 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
 
 
+def _parse_bool(var: str, raw: str) -> bool:
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ConfigError(f"{var} must be 1 or 0 (true or false), got {raw!r}")
+
+
 def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool = True) -> Settings:
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
@@ -261,7 +278,7 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         if raw is None or raw == "":
             continue
         try:
-            value = kind(raw)
+            value = _parse_bool(var, raw) if kind is bool else kind(raw)
         except ValueError:
             raise ConfigError(f"{var} must be {kind.__name__}, got {raw!r}") from None
         if kind in (int, float) and value < 0:

@@ -2,8 +2,10 @@
 
 Signatures are checked by polar-sdk's `validate_event` (polar.webhooks) on the raw body (it accepts both the
 legacy and the Standard Webhooks secret encodings). Deliveries are deduplicated on
-`webhook-id`; snapshots are ordered by the payload timestamp (the store refuses older ones),
-so retries and out-of-order deliveries can't roll limits back. Answers fast: Polar gives 2 s.
+`webhook-id`, claimed before processing so that a delivery reaching several replicas is applied
+once (a failed one is forgotten again, for Polar's retry); snapshots are ordered by the payload
+timestamp (the store refuses older ones), so retries and out-of-order deliveries can't roll limits
+back. Answers fast: Polar gives 2 s.
 """
 
 from __future__ import annotations
@@ -117,14 +119,15 @@ def make_webhook_endpoint(
             return OTHER, "invalid_payload", api_error(400, "invalid payload")
         event_type: str = raw["type"]
         webhook_id = headers.get("webhook-id", "")
-        if await store.webhook_recorded(webhook_id):
+        # Claim the delivery first: of replicas receiving it at once, one processes it.
+        if not await store.record_webhook(webhook_id, event_type):
             return event_type, "duplicate", JSONResponse({"status": "duplicate"}, status_code=200)
         try:
             status = await _handle(event_type, typed, raw)
         except Exception:
             log.exception("processing Polar webhook %s failed", event_type)
-            return event_type, "failed", api_error(500, "processing failed")  # Polar will retry
-        await store.record_webhook(webhook_id, event_type)
+            await store.forget_webhook(webhook_id)  # so that Polar's retry is processed
+            return event_type, "failed", api_error(500, "processing failed")
         return event_type, status, JSONResponse({"status": status}, status_code=200)
 
     async def _handle(event_type: str, typed: Any, raw: dict[str, Any]) -> str:
