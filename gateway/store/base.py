@@ -211,8 +211,6 @@ class WebhookLog(Protocol):
         """Drop a claimed delivery whose processing failed, so the sender's retry is processed."""
         ...
 
-    async def webhook_recorded(self, webhook_id: str) -> bool: ...
-
 
 Decide = Callable[[list[Bucket], float], RateLimited | None]
 
