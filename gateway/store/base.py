@@ -117,6 +117,17 @@ class CustomerLimits:
     active: bool = True  # False after subscription.revoked: no credits
 
 
+def meters_doc(meters: dict[str, MeterLimit]) -> dict[str, dict[str, Any]]:
+    """`CustomerLimits.meters` as the JSON document both stores keep in customer_limits.meters."""
+    return {name: {"credited": m.credited, "consumed": m.consumed, "balance": m.balance} for name, m in meters.items()}
+
+
+def meters_from_doc(doc: dict[str, dict[str, Any]]) -> dict[str, MeterLimit]:
+    return {
+        name: MeterLimit(name, m.get("credited"), m.get("consumed", 0.0), m.get("balance")) for name, m in doc.items()
+    }
+
+
 class Lifecycle(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
