@@ -26,7 +26,7 @@ from gateway.billing.protocols import Reservation
 from gateway.quota import MeterState, Refusal, UserQuota, limits_for
 from gateway.singleflight import SingleFlight
 from gateway.store.base import RequestRecord, Store
-from gateway.store.leases_base import InvalidationKind, LeaseAsk, LeaseGrant, LeaseStore
+from gateway.store.leases_base import InvalidationKind, LeaseAsk, LeaseGrant, LeaseStore, LeaseTake
 from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.leases")
@@ -175,14 +175,16 @@ class LeasedLedger:
                 tight = bool(recall_seq) or time.monotonic() < max(u.tight_until, self._tight.get(user_id, 0.0))
                 alive_after = utcnow() - timedelta(seconds=self.stale_seconds)
                 out = await self.leases.take_lease(
-                    self.owner,
-                    user_id,
-                    u.quota.period_start,
-                    u.quota.period_end,
-                    asks,
-                    0.0 if tight else self.fraction,
-                    recall_seq,
-                    alive_after,
+                    LeaseTake(
+                        self.owner,
+                        user_id,
+                        u.quota.period_start,
+                        u.quota.period_end,
+                        asks,
+                        0.0 if tight else self.fraction,
+                        recall_seq,
+                        alive_after,
+                    )
                 )
                 if out.granted:
                     for name, amount in out.granted.items():
