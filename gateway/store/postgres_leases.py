@@ -3,7 +3,7 @@
 A lease is taken in a transaction holding an advisory lock on the user (takes for one user run one
 at a time, across machines); the consumed sum and every lease are read in ONE statement, so they
 come from one snapshot even while stores commit beside it (READ COMMITTED takes a snapshot per
-statement). A stored request leaves its owner's lease through the trigger of migration 0002.
+statement). A stored request leaves its owner's lease through the trigger of migration 0003_leases.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A lease is taken in one `BEGIN IMMEDIATE` transaction (one writer at a time on the file, across
 processes), so the consumed sum, the other leases and the new lease are one consistent step.
-A stored request leaves its owner's lease through the trigger of migration 0005.
+A stored request leaves its owner's lease through the trigger of migration 0006_leases.
 """
 
 from __future__ import annotations
