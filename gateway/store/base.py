@@ -7,11 +7,14 @@ protocols below (`Store` is all of them); SQL lives in the implementations (`sql
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+import orjson
+
+from gateway.events import event_quantities
 from gateway.outcomes import Outcome
 from gateway.ratelimit import Bucket, RateLimited
 from gateway.store.dashboard_base import DashboardReads
@@ -75,6 +78,21 @@ class PendingEvent:
     provider: str
     timestamp: datetime
     attempts: int
+
+
+def pending_events(
+    rows: Iterable[Sequence[Any]], timestamp: Callable[[Any], datetime] | None = None
+) -> list[PendingEvent]:
+    """Outbox rows (request id, user id, model, provider, started_at, usage JSON, attempts) as
+    their events; `timestamp` converts a started_at the driver does not return as a datetime."""
+    events: list[PendingEvent] = []
+    for rid, user_id, model, provider, started_at, usage, attempts in rows:
+        ts = timestamp(started_at) if timestamp else started_at
+        events.extend(
+            PendingEvent(xid, rid, user_id, meter, value, model, provider, ts, attempts)
+            for xid, meter, value in event_quantities(rid, orjson.loads(usage))
+        )
+    return events
 
 
 @dataclass(frozen=True, slots=True)

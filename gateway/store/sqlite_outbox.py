@@ -7,15 +7,15 @@ events were partly accepted before costs nothing but a `duplicates` count.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 
-from gateway.events import event_count, event_quantities
+from gateway.events import event_count
 from gateway.meters import COUNT_METERS
-from gateway.store.base import PendingEvent, SyncBacklog, UsageSummaryRow
+from gateway.store.base import PendingEvent, SyncBacklog, UsageSummaryRow, pending_events
 from gateway.store.sqlite_base import SqliteBase
 from gateway.timeutil import iso, parse_iso, utcnow
 
@@ -27,17 +27,6 @@ BACKLOG_SQL = (
     "SELECT sync_state, COUNT(*), MIN(started_at) FROM requests"
     " WHERE sync_state IN ('pending', 'claimed', 'failed') GROUP BY sync_state"
 )
-
-
-def _events(rows: Iterable[Any]) -> list[PendingEvent]:
-    events: list[PendingEvent] = []
-    for rid, user_id, model, provider, started_at, usage, attempts in rows:
-        ts = parse_iso(started_at)
-        events.extend(
-            PendingEvent(xid, rid, user_id, meter, value, model, provider, ts, attempts)
-            for xid, meter, value in event_quantities(rid, orjson.loads(usage))
-        )
-    return events
 
 
 class SqliteOutbox(SqliteBase):
@@ -63,7 +52,7 @@ class SqliteOutbox(SqliteBase):
             except BaseException:
                 await self.db.execute("ROLLBACK")
                 raise
-        events = _events(rows)
+        events = pending_events(rows, parse_iso)
         events.sort(key=lambda e: (e.timestamp, e.external_id))
         return events
 
@@ -148,7 +137,7 @@ class SqliteOutbox(SqliteBase):
         )
         out: list[tuple[PendingEvent, str]] = []
         for row in rows:
-            out.extend((e, row[7] or "") for e in _events([row[:7]]))
+            out.extend((e, row[7] or "") for e in pending_events([row[:7]], parse_iso))
         return out[:limit]
 
     async def sync_backlog(self) -> SyncBacklog:
