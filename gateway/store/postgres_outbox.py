@@ -14,13 +14,12 @@ from typing import Any
 import orjson
 
 from gateway.events import event_count
-from gateway.meters import COUNT_METERS
 from gateway.store.base import PendingEvent, SyncBacklog, UsageSummaryRow, pending_events
 from gateway.store.postgres_base import PostgresBase, affected
+from gateway.store.schema import COUNT_METERS_SQL
 from gateway.timeutil import utcnow
 
 _OUTBOX_COLS = "id, user_id, model, provider, started_at, usage, attempts"
-_COUNT_METERS_SQL = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))  # fixed names, not input
 
 _CLAIM = (
     "WITH picked AS (SELECT id FROM requests"
@@ -112,7 +111,7 @@ class PostgresOutbox(PostgresBase):
     async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]:
         """Totals and event counts by sync state, per user and meter (an image is one event each)."""
         where, args = ("AND r.user_id = $1", (user_id,)) if user_id else ("", ())
-        n = f"(CASE WHEN u.key IN ({_COUNT_METERS_SQL}) THEN u.value::bigint ELSE 1 END)"
+        n = f"(CASE WHEN u.key IN ({COUNT_METERS_SQL}) THEN u.value::bigint ELSE 1 END)"
         rows = await self.pool.fetch(
             f"SELECT r.user_id, u.key, SUM(u.value::bigint),"
             f" SUM(CASE WHEN r.sync_state = 'synced' THEN {n} ELSE 0 END),"

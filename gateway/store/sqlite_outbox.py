@@ -14,13 +14,12 @@ from typing import Any
 import orjson
 
 from gateway.events import event_count
-from gateway.meters import COUNT_METERS
 from gateway.store.base import PendingEvent, SyncBacklog, UsageSummaryRow, pending_events
+from gateway.store.schema import COUNT_METERS_SQL
 from gateway.store.sqlite_base import SqliteBase
 from gateway.timeutil import iso, parse_iso, utcnow
 
 _OUTBOX_COLS = "id, user_id, model, provider, started_at, usage, attempts"
-_COUNT_METERS_SQL = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))  # fixed names, not input
 
 # The IN term repeats the partial index's condition word for word, so SQLite uses it (covering).
 BACKLOG_SQL = (
@@ -117,7 +116,7 @@ class SqliteOutbox(SqliteBase):
     async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]:
         """Totals and event counts by sync state, per user and meter (an image is one event each)."""
         where, params = ("AND r.user_id = ?", (user_id,)) if user_id else ("", ())
-        n = f"(CASE WHEN u.key IN ({_COUNT_METERS_SQL}) THEN u.value ELSE 1 END)"
+        n = f"(CASE WHEN u.key IN ({COUNT_METERS_SQL}) THEN u.value ELSE 1 END)"
         rows = await self.db.execute_fetchall(
             f"SELECT r.user_id, u.key, SUM(u.value), SUM(CASE WHEN r.sync_state = 'synced' THEN {n} ELSE 0 END),"
             f" SUM(CASE WHEN r.sync_state IN ('pending', 'claimed') THEN {n} ELSE 0 END),"
