@@ -9,7 +9,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY config ./config
-RUN pip install --no-cache-dir ".[postgres]" && useradd --system --uid 10001 gateway && mkdir /data && chown gateway /data
+RUN pip install --no-cache-dir . && useradd --system --uid 10001 gateway && mkdir /data && chown gateway /data
 
 USER gateway
 VOLUME ["/data"]

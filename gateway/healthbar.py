@@ -54,7 +54,8 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 def demo_route(tokens: StatusTokens, guard: Callable[[Endpoint], Endpoint]) -> Route:
     """`GET /admin/healthbar-demo?user_id=...[&ttl_seconds=900][&refresh=30]`: the widget for one user.
 
-    `guard` decides who may see it (today the admin token); the page mints a status token itself."""
+    `guard` decides who may see it (the app: a dashboard session or the admin token); the page
+    mints a status token itself."""
 
     async def demo(request: Request) -> Response:
         if not tokens.enabled:

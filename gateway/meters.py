@@ -17,4 +17,3 @@ ALL_METERS = CLAUDE_METERS + GEMINI_METERS
 
 # gemini_images is a COUNT meter in Polar: one event per image, each with value 1.
 COUNT_METERS = frozenset({GEMINI_IMAGES})
-TOKEN_METERS = tuple(m for m in ALL_METERS if m not in COUNT_METERS)

@@ -8,11 +8,11 @@ the store and then moved forward by `settle` after each request's records are du
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from gateway.singleflight import SingleFlight
 from gateway.store.base import CustomerLimits, QuotaStore
 from gateway.timeutil import month_bounds, utcnow
 
@@ -60,7 +60,7 @@ class Ledger:
         self._plan = dict(plan)
         self._clock = clock
         self._users: dict[str, UserQuota] = {}
-        self._loading: dict[str, asyncio.Future[UserQuota]] = {}
+        self._loading: SingleFlight[str, UserQuota] = SingleFlight()
 
     def cached(self, user_id: str) -> UserQuota | None:
         """The user's quota if it is loaded and current: what `get` returns, without a coroutine."""
@@ -71,22 +71,11 @@ class Ledger:
         uq = self.cached(user_id)
         if uq is not None:
             return uq
-        pending = self._loading.get(user_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[UserQuota] = asyncio.get_running_loop().create_future()
-        self._loading[user_id] = fut
-        try:
-            uq = await self._load(user_id, self._users.get(user_id))
-            self._users[user_id] = uq
-            fut.set_result(uq)
-            return uq
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        finally:
-            del self._loading[user_id]
+        return await self._loading.run(user_id, lambda: self._load_into_cache(user_id))
+
+    async def _load_into_cache(self, user_id: str) -> UserQuota:
+        uq = self._users[user_id] = await self._load(user_id, self._users.get(user_id))
+        return uq
 
     async def _load(self, user_id: str, old: UserQuota | None) -> UserQuota:
         """Load or refresh a user's quota. An existing object is updated in place: requests in

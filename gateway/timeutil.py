@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 from datetime import UTC, datetime
 
-_FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)

@@ -50,7 +50,7 @@ KNOWN_EVENT_TYPES = frozenset(
 
 def _load_payload(data: dict[str, Any]) -> Any:
     """Typed-load only the payload we read fields from. The SDK's own loader builds adaptix loaders
-    for all 42 payload types on first use (~3 s of CPU blocking the event loop)."""
+    for every payload type on first use, seconds of CPU that would block the event loop."""
     if data.get("type") == "customer.state_changed":
         return deserialize(data, sdk_webhooks.WebhookCustomerStateChangedPayload)
     return None

@@ -158,6 +158,17 @@ class Gateway:
             assert resp.status_code == 201, resp.text
             return str(resp.json()["token"])
 
+    def assert_portal(self, polar: FakePolar, credential: str, return_url: str) -> None:
+        """The portal link for a bearer `credential` is the customer session the fake Polar made."""
+        resp = httpx.get(
+            f"{self.url}/api/billing/portal",
+            params={"return_url": return_url},
+            headers={"authorization": f"Bearer {credential}"},
+        )
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"url": polar.sessions[-1]["customer_portal_url"]}
+        assert polar.sessions[-1]["return_url"] == return_url
+
     @property
     def db_path(self) -> Path:
         """The SQLite file (a test reading it is skipped on PostgreSQL)."""

@@ -148,11 +148,6 @@ class Database:
         )
         return {m: int(v) for m, v in rows}
 
-    def retries_due_now(self) -> None:
-        """Pretend the sync's backoff has passed."""
-        earliest = "'-infinity'" if self.is_postgres else "''"
-        self.query(f"UPDATE requests SET next_attempt_at = {earliest} WHERE sync_state = 'pending'")
-
 
 class Databases:
     """Makes a fresh database per call; `backend` defaults to GATEWAY_TEST_DATABASE."""

@@ -133,7 +133,7 @@ async def test_forged_or_tampered_signature_is_403_and_changes_nothing(hook: Hoo
     resp = await hook.client.post(hook.url, content=body, headers={"content-type": "application/json"})
     assert resp.status_code == 403
     assert await hook.store.get_limits("user-123") is None
-    assert not await hook.store.webhook_recorded("wh_tamper")
+    assert await hook.store.record_webhook("wh_tamper", "x")  # never claimed
     assert hook.changed == []
 
 
@@ -211,7 +211,7 @@ async def test_valid_signature_on_garbage_is_400(hook: Hook) -> None:
     headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(ts.timestamp())), "webhook-signature": signature}
     resp = await hook.client.post(hook.url, content=body, headers=headers)
     assert (resp.status_code, resp.json()) == (400, INVALID_PAYLOAD)
-    assert not await hook.store.webhook_recorded(msg_id)
+    assert await hook.store.record_webhook(msg_id, "x")  # never claimed
 
 
 async def test_valid_signature_on_deep_nesting_is_400(hook: Hook) -> None:
@@ -222,4 +222,4 @@ async def test_valid_signature_on_deep_nesting_is_400(hook: Hook) -> None:
     headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(ts.timestamp())), "webhook-signature": signature}
     resp = await hook.client.post(hook.url, content=body, headers=headers)
     assert (resp.status_code, resp.json()) == (400, INVALID_PAYLOAD)
-    assert not await hook.store.webhook_recorded(msg_id)
+    assert await hook.store.record_webhook(msg_id, "x")  # never claimed

@@ -24,8 +24,9 @@ from datetime import datetime, timedelta
 
 from gateway.billing.protocols import Reservation
 from gateway.quota import MeterState, Refusal, UserQuota, limits_for
+from gateway.singleflight import SingleFlight
 from gateway.store.base import RequestRecord, Store
-from gateway.store.leases_base import InvalidationKind, LeaseAsk, LeaseGrant, LeaseStore
+from gateway.store.leases_base import InvalidationKind, LeaseAsk, LeaseGrant, LeaseStore, LeaseTake
 from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.leases")
@@ -81,7 +82,7 @@ class LeasedLedger:
         self.stale_seconds = stale_seconds
         self._clock = clock
         self._users: dict[str, _User] = {}
-        self._loading: dict[str, asyncio.Future[_User]] = {}
+        self._loading: SingleFlight[str, _User] = SingleFlight()
         self._tight: dict[str, float] = {}  # recalled users we held nothing of yet
         self.my_recalls: set[int] = set()
         self._recalled: list[_User] = []  # users another process recalled lately
@@ -174,14 +175,16 @@ class LeasedLedger:
                 tight = bool(recall_seq) or time.monotonic() < max(u.tight_until, self._tight.get(user_id, 0.0))
                 alive_after = utcnow() - timedelta(seconds=self.stale_seconds)
                 out = await self.leases.take_lease(
-                    self.owner,
-                    user_id,
-                    u.quota.period_start,
-                    u.quota.period_end,
-                    asks,
-                    0.0 if tight else self.fraction,
-                    recall_seq,
-                    alive_after,
+                    LeaseTake(
+                        self.owner,
+                        user_id,
+                        u.quota.period_start,
+                        u.quota.period_end,
+                        asks,
+                        0.0 if tight else self.fraction,
+                        recall_seq,
+                        alive_after,
+                    )
                 )
                 if out.granted:
                     for name, amount in out.granted.items():
@@ -225,21 +228,7 @@ class LeasedLedger:
         u = self._users.get(user_id)
         if u is not None and not u.quota.stale and self._clock() < u.quota.period_end:
             return u
-        pending = self._loading.get(user_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[_User] = asyncio.get_running_loop().create_future()
-        self._loading[user_id] = fut
-        try:
-            u = await self._load(user_id, u)
-            fut.set_result(u)
-            return u
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        finally:
-            del self._loading[user_id]
+        return await self._loading.run(user_id, lambda: self._load(user_id, u))
 
     async def _load(self, user_id: str, u: _User | None) -> _User:
         """Load or refresh a user's limits in place (reservations in flight settle on this object).

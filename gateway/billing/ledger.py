@@ -1,4 +1,4 @@
-"""The in-process `QuotaLedger`: today's `quota.Ledger` behind the billing protocol (one process)."""
+"""The in-process `QuotaLedger`: `quota.Ledger` behind the billing protocol (one process)."""
 
 from __future__ import annotations
 

@@ -7,11 +7,14 @@ protocols below (`Store` is all of them); SQL lives in the implementations (`sql
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+import orjson
+
+from gateway.events import event_quantities
 from gateway.outcomes import Outcome
 from gateway.ratelimit import Bucket, RateLimited
 from gateway.store.dashboard_base import DashboardReads
@@ -77,6 +80,21 @@ class PendingEvent:
     attempts: int
 
 
+def pending_events(
+    rows: Iterable[Sequence[Any]], timestamp: Callable[[Any], datetime] | None = None
+) -> list[PendingEvent]:
+    """Outbox rows (request id, user id, model, provider, started_at, usage JSON, attempts) as
+    their events; `timestamp` converts a started_at the driver does not return as a datetime."""
+    events: list[PendingEvent] = []
+    for rid, user_id, model, provider, started_at, usage, attempts in rows:
+        ts = timestamp(started_at) if timestamp else started_at
+        events.extend(
+            PendingEvent(xid, rid, user_id, meter, value, model, provider, ts, attempts)
+            for xid, meter, value in event_quantities(rid, orjson.loads(usage))
+        )
+    return events
+
+
 @dataclass(frozen=True, slots=True)
 class UsageSummaryRow:
     user_id: str
@@ -115,6 +133,17 @@ class CustomerLimits:
     snapshot_at: datetime  # Polar's timestamp of the snapshot; older never overwrites newer
     updated_at: datetime  # when we stored it
     active: bool = True  # False after subscription.revoked: no credits
+
+
+def meters_doc(meters: dict[str, MeterLimit]) -> dict[str, dict[str, Any]]:
+    """`CustomerLimits.meters` as the JSON document both stores keep in customer_limits.meters."""
+    return {name: {"credited": m.credited, "consumed": m.consumed, "balance": m.balance} for name, m in meters.items()}
+
+
+def meters_from_doc(doc: dict[str, dict[str, Any]]) -> dict[str, MeterLimit]:
+    return {
+        name: MeterLimit(name, m.get("credited"), m.get("consumed", 0.0), m.get("balance")) for name, m in doc.items()
+    }
 
 
 class Lifecycle(Protocol):
@@ -210,8 +239,6 @@ class WebhookLog(Protocol):
     async def forget_webhook(self, webhook_id: str) -> None:
         """Drop a claimed delivery whose processing failed, so the sender's retry is processed."""
         ...
-
-    async def webhook_recorded(self, webhook_id: str) -> bool: ...
 
 
 Decide = Callable[[list[Bucket], float], RateLimited | None]

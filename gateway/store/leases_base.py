@@ -25,6 +25,20 @@ class LeaseAsk:
     need: int  # the least that helps: granted in full or not at all
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseTake:
+    """What `take_lease` is asked: slices of `owner`'s share of the user's balance in [start, end)."""
+
+    owner: str
+    user_id: str
+    start: datetime
+    end: datetime
+    asks: Sequence[LeaseAsk]
+    fraction: float  # of what is available, per slice (see `slice_size`)
+    recall_seq: int = 0  # a recall in progress: count the live owners yet to answer it
+    alive_after: datetime | None = None  # an owner is live when its heartbeat is after this
+
+
 @dataclass(slots=True)
 class LeaseGrant:
     """The answer to `take_lease`: all asks granted (`granted`) or none (empty)."""
@@ -58,34 +72,20 @@ def slice_size(available: int, need: int, fraction: float) -> int:
 
 
 def grant(
-    asks: Sequence[LeaseAsk],
-    consumed: Mapping[str, int],
-    leased: Mapping[str, int],
-    own: Mapping[str, int],
-    fraction: float,
+    take: LeaseTake, consumed: Mapping[str, int], leased: Mapping[str, int], own: Mapping[str, int]
 ) -> LeaseGrant:
     """The decision inside `take_lease`'s transaction, the same for every store."""
     out = LeaseGrant()
-    for ask in asks:
+    for ask in take.asks:
         out.available[ask.meter] = ask.credited - consumed.get(ask.meter, 0) - leased.get(ask.meter, 0)
         out.others[ask.meter] = leased.get(ask.meter, 0) - own.get(ask.meter, 0)
-    if all(out.available[a.meter] >= a.need for a in asks):
-        out.granted = {a.meter: slice_size(out.available[a.meter], a.need, fraction) for a in asks}
+    if all(out.available[a.meter] >= a.need for a in take.asks):
+        out.granted = {a.meter: slice_size(out.available[a.meter], a.need, take.fraction) for a in take.asks}
     return out
 
 
 class QuotaLeaseStore(Protocol):
-    async def take_lease(
-        self,
-        owner: str,
-        user_id: str,
-        start: datetime,
-        end: datetime,
-        asks: Sequence[LeaseAsk],
-        fraction: float,
-        recall_seq: int = 0,
-        alive_after: datetime | None = None,
-    ) -> LeaseGrant:
+    async def take_lease(self, take: LeaseTake) -> LeaseGrant:
         """In one atomic step: available = credited - consumed in [start, end) - all leases; when
         every ask's need fits, add the slices to `owner`'s leases. With `recall_seq`, also count
         the live owners (heartbeat after `alive_after`) still holding a lease that did not answer it."""

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from gateway.events import event_count, event_quantities
-from gateway.store.base import ApiKey, CustomerLimits, MeterLimit, RequestRecord, UsageEvent
+from gateway.store.base import ApiKey, CustomerLimits, RequestRecord, UsageEvent, meters_doc, meters_from_doc
 from gateway.store.postgres_base import affected
 from gateway.store.postgres_dashboard import PostgresDashboard
 from gateway.store.postgres_leases import PostgresLeases
@@ -154,18 +154,9 @@ class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox, Postgre
         )
         if r is None:
             return None
-        meters = {
-            name: MeterLimit(
-                meter=name,
-                credited=m.get("credited"),
-                consumed=m.get("consumed", 0.0),
-                balance=m.get("balance"),
-            )
-            for name, m in orjson.loads(r[1]).items()
-        }
         return CustomerLimits(
             user_id=r[0],
-            meters=meters,
+            meters=meters_from_doc(orjson.loads(r[1])),
             period_start=r[2],
             period_end=r[3],
             snapshot_at=r[4],
@@ -174,10 +165,7 @@ class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox, Postgre
         )
 
     async def put_limits(self, limits: CustomerLimits) -> bool:
-        meters = {
-            name: {"credited": m.credited, "consumed": m.consumed, "balance": m.balance}
-            for name, m in limits.meters.items()
-        }
+        meters = meters_doc(limits.meters)
         status = await self.pool.execute(
             "INSERT INTO customer_limits (user_id, meters, period_start, period_end, snapshot_at, updated_at, active)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (user_id) DO UPDATE SET meters = excluded.meters,"
@@ -218,6 +206,3 @@ class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox, Postgre
 
     async def forget_webhook(self, webhook_id: str) -> None:
         await self.pool.execute("DELETE FROM webhook_deliveries WHERE webhook_id = $1", webhook_id)
-
-    async def webhook_recorded(self, webhook_id: str) -> bool:
-        return bool(await self.pool.fetchval("SELECT 1 FROM webhook_deliveries WHERE webhook_id = $1", webhook_id))

@@ -6,11 +6,9 @@ from datetime import datetime
 
 import orjson
 
-from gateway.meters import COUNT_METERS
 from gateway.store.dashboard_base import RequestRow, Step, TrafficRow, UserRow, id_floor
 from gateway.store.postgres_base import PostgresBase
-
-_NOT_TOKENS = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))  # fixed names, not input
+from gateway.store.schema import COUNT_METERS_SQL
 
 
 class PostgresDashboard(PostgresBase):
@@ -21,7 +19,7 @@ class PostgresDashboard(PostgresBase):
         rows = await self.pool.fetch(
             f"SELECT date_trunc('{unit}', r.started_at) AS b, r.outcome, COUNT(*),"
             " SUM((SELECT COALESCE(SUM(u.value::bigint), 0) FROM jsonb_each_text(r.usage) AS u(key, value)"
-            f"      WHERE u.key NOT IN ({_NOT_TOKENS})))"
+            f"      WHERE u.key NOT IN ({COUNT_METERS_SQL})))"
             " FROM requests AS r WHERE r.id >= $1 AND r.started_at >= $2"
             ' GROUP BY b, r.outcome ORDER BY b, r.outcome COLLATE "C"',
             id_floor(since),

@@ -3,17 +3,17 @@
 A lease is taken in a transaction holding an advisory lock on the user (takes for one user run one
 at a time, across machines); the consumed sum and every lease are read in ONE statement, so they
 come from one snapshot even while stores commit beside it (READ COMMITTED takes a snapshot per
-statement). A stored request leaves its owner's lease through the trigger of migration 0002.
+statement). A stored request leaves its owner's lease through the trigger of migration 0003_leases.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime
 
 import asyncpg
 
-from gateway.store.leases_base import Invalidation, LeaseAsk, LeaseGrant, ProcessRow, grant
+from gateway.store.leases_base import Invalidation, LeaseGrant, LeaseTake, ProcessRow, grant
 from gateway.timeutil import utcnow
 
 _LOCK_SPACE = 0x4C45  # first key of the two-key advisory lock: leases, apart from other users of locks
@@ -40,25 +40,22 @@ class PostgresLeases:
 
     pool: asyncpg.Pool
 
-    async def take_lease(
-        self,
-        owner: str,
-        user_id: str,
-        start: datetime,
-        end: datetime,
-        asks: Sequence[LeaseAsk],
-        fraction: float,
-        recall_seq: int = 0,
-        alive_after: datetime | None = None,
-    ) -> LeaseGrant:
+    async def take_lease(self, take: LeaseTake) -> LeaseGrant:
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_SPACE, user_id)
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_SPACE, take.user_id)
             consumed: dict[str, int] = {}
             leased: dict[str, int] = {}
             own: dict[str, int] = {}
             unanswered = 0
             rows = await conn.fetch(
-                _TOTALS, user_id, start, end, owner, recall_seq, alive_after or utcnow(), [a.meter for a in asks]
+                _TOTALS,
+                take.user_id,
+                take.start,
+                take.end,
+                take.owner,
+                take.recall_seq,
+                take.alive_after or utcnow(),
+                [a.meter for a in take.asks],
             )
             for kind, meter, total, mine in rows:
                 if kind == "c":
@@ -67,10 +64,10 @@ class PostgresLeases:
                     leased[meter], own[meter] = int(total), int(mine)
                 else:
                     unanswered = int(total)
-            out = grant(asks, consumed, leased, own, fraction)
+            out = grant(take, consumed, leased, own)
             out.unanswered = unanswered
             if out.granted:
-                await _add(conn, owner, user_id, out.granted)
+                await _add(conn, take.owner, take.user_id, out.granted)
         return out
 
     async def return_lease(self, owner: str, user_id: str, amounts: Mapping[str, int], answered: int = 0) -> None:

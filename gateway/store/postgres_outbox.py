@@ -7,20 +7,19 @@ claiming at once get disjoint requests without waiting on each other; a claim wh
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
-from gateway.events import event_count, event_quantities
-from gateway.meters import COUNT_METERS
-from gateway.store.base import PendingEvent, SyncBacklog, UsageSummaryRow
+from gateway.events import event_count
+from gateway.store.base import PendingEvent, SyncBacklog, UsageSummaryRow, pending_events
 from gateway.store.postgres_base import PostgresBase, affected
+from gateway.store.schema import COUNT_METERS_SQL
 from gateway.timeutil import utcnow
 
 _OUTBOX_COLS = "id, user_id, model, provider, started_at, usage, attempts"
-_COUNT_METERS_SQL = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))  # fixed names, not input
 
 _CLAIM = (
     "WITH picked AS (SELECT id FROM requests"
@@ -33,16 +32,6 @@ _CLAIM = (
 )
 
 
-def _events(rows: Iterable[Sequence[Any]]) -> list[PendingEvent]:
-    events: list[PendingEvent] = []
-    for rid, user_id, model, provider, started_at, usage, attempts in rows:
-        events.extend(
-            PendingEvent(xid, rid, user_id, meter, value, model, provider, started_at, attempts)
-            for xid, meter, value in event_quantities(rid, orjson.loads(usage))
-        )
-    return events
-
-
 class PostgresOutbox(PostgresBase):
     async def claim_events(
         self, owner: str, limit: int, lease_seconds: float, *, due_only: bool = True
@@ -51,7 +40,7 @@ class PostgresOutbox(PostgresBase):
         # not due_only: a person asked for a sync now, so nothing waits out its backoff
         due = now if due_only else datetime.max.replace(tzinfo=UTC)
         rows = await self.pool.fetch(_CLAIM, owner, now + timedelta(seconds=lease_seconds), due, now, limit)
-        events = _events(rows)
+        events = pending_events(rows)
         events.sort(key=lambda e: (e.timestamp, e.external_id))
         return events
 
@@ -122,7 +111,7 @@ class PostgresOutbox(PostgresBase):
     async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]:
         """Totals and event counts by sync state, per user and meter (an image is one event each)."""
         where, args = ("AND r.user_id = $1", (user_id,)) if user_id else ("", ())
-        n = f"(CASE WHEN u.key IN ({_COUNT_METERS_SQL}) THEN u.value::bigint ELSE 1 END)"
+        n = f"(CASE WHEN u.key IN ({COUNT_METERS_SQL}) THEN u.value::bigint ELSE 1 END)"
         rows = await self.pool.fetch(
             f"SELECT r.user_id, u.key, SUM(u.value::bigint),"
             f" SUM(CASE WHEN r.sync_state = 'synced' THEN {n} ELSE 0 END),"
@@ -143,7 +132,7 @@ class PostgresOutbox(PostgresBase):
         )
         out: list[tuple[PendingEvent, str]] = []
         for row in rows:
-            out.extend((e, row[7] or "") for e in _events([tuple(row)[:7]]))
+            out.extend((e, row[7] or "") for e in pending_events([tuple(row)[:7]]))
         return out[:limit]
 
     async def sync_backlog(self) -> SyncBacklog:

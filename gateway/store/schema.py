@@ -1,9 +1,16 @@
-"""Migration scripts, shipped inside the package (`gateway/store/migrations/<dialect>/NNNN_name.sql`)."""
+"""SQL both dialects share: the migration scripts, shipped inside the package
+(`gateway/store/migrations/<dialect>/NNNN_name.sql`), and fixed literals.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 from importlib import resources
+
+from gateway.meters import COUNT_METERS
+
+# The COUNT meters as an SQL list, for `IN (...)`: fixed names, not input.
+COUNT_METERS_SQL = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))
 
 
 def migration_scripts(dialect: str) -> list[tuple[str, str]]:

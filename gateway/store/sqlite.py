@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from gateway.events import event_count, event_quantities
-from gateway.store.base import ApiKey, CustomerLimits, MeterLimit, RequestRecord, UsageEvent
+from gateway.store.base import ApiKey, CustomerLimits, RequestRecord, UsageEvent, meters_doc, meters_from_doc
 from gateway.store.sqlite_base import Op, json_text, opt_datetime
 from gateway.store.sqlite_dashboard import SqliteDashboard
 from gateway.store.sqlite_leases import SqliteLeases
@@ -184,18 +184,9 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
         if not rows:
             return None
         r = rows[0]
-        meters = {
-            name: MeterLimit(
-                meter=name,
-                credited=m.get("credited"),
-                consumed=m.get("consumed", 0.0),
-                balance=m.get("balance"),
-            )
-            for name, m in orjson.loads(r[1]).items()
-        }
         return CustomerLimits(
             user_id=r[0],
-            meters=meters,
+            meters=meters_from_doc(orjson.loads(r[1])),
             period_start=opt_datetime(r[2]),
             period_end=opt_datetime(r[3]),
             snapshot_at=parse_iso(r[4]),
@@ -204,10 +195,7 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
         )
 
     async def put_limits(self, limits: CustomerLimits) -> bool:
-        meters = {
-            name: {"credited": m.credited, "consumed": m.consumed, "balance": m.balance}
-            for name, m in limits.meters.items()
-        }
+        meters = meters_doc(limits.meters)
         async with self._lock:
             cur = await self.db.execute(
                 "INSERT INTO customer_limits (user_id, meters, period_start, period_end, snapshot_at, updated_at,"
@@ -249,9 +237,3 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
     async def forget_webhook(self, webhook_id: str) -> None:
         async with self._lock:
             await self.db.execute("DELETE FROM webhook_deliveries WHERE webhook_id = ?", (webhook_id,))
-
-    async def webhook_recorded(self, webhook_id: str) -> bool:
-        rows = list(
-            await self.db.execute_fetchall("SELECT 1 FROM webhook_deliveries WHERE webhook_id = ?", (webhook_id,))
-        )
-        return bool(rows)

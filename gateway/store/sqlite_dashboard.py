@@ -6,12 +6,11 @@ from datetime import datetime
 
 import orjson
 
-from gateway.meters import COUNT_METERS
 from gateway.store.dashboard_base import RequestRow, Step, TrafficRow, UserRow, id_floor
+from gateway.store.schema import COUNT_METERS_SQL
 from gateway.store.sqlite_base import SqliteBase, opt_datetime
 from gateway.timeutil import iso, parse_iso
 
-_NOT_TOKENS = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))  # fixed names, not input
 # The bucket's start as a prefix of the stored ISO text, and what completes it to a timestamp.
 _PREFIX = {Step.HOUR: (13, ":00:00Z"), Step.DAY: (10, "T00:00:00Z")}
 
@@ -24,7 +23,7 @@ class SqliteDashboard(SqliteBase):
         rows = await self.db.execute_fetchall(
             f"SELECT substr(r.started_at, 1, {width}) AS b, r.outcome, COUNT(*),"
             " SUM((SELECT COALESCE(SUM(u.value), 0) FROM json_each(r.usage) AS u"
-            f"      WHERE u.key NOT IN ({_NOT_TOKENS})))"
+            f"      WHERE u.key NOT IN ({COUNT_METERS_SQL})))"
             " FROM requests AS r WHERE r.id >= ? AND r.started_at >= ?"
             " GROUP BY b, r.outcome ORDER BY b, r.outcome",
             (id_floor(since), iso(since)),

@@ -2,15 +2,15 @@
 
 A lease is taken in one `BEGIN IMMEDIATE` transaction (one writer at a time on the file, across
 processes), so the consumed sum, the other leases and the new lease are one consistent step.
-A stored request leaves its owner's lease through the trigger of migration 0005.
+A stored request leaves its owner's lease through the trigger of migration 0006_leases.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime
 
-from gateway.store.leases_base import Invalidation, LeaseAsk, LeaseGrant, ProcessRow, grant
+from gateway.store.leases_base import Invalidation, LeaseGrant, LeaseTake, ProcessRow, grant
 from gateway.store.sqlite_base import Op, SqliteBase
 from gateway.timeutil import iso, parse_iso, utcnow
 
@@ -20,43 +20,33 @@ _EXPIRED = "0001-01-02T00:00:00.000000Z"  # a heartbeat older than any staleness
 class SqliteLeases(SqliteBase):
     """Implements `gateway.store.leases_base.LeaseStore`."""
 
-    async def take_lease(
-        self,
-        owner: str,
-        user_id: str,
-        start: datetime,
-        end: datetime,
-        asks: Sequence[LeaseAsk],
-        fraction: float,
-        recall_seq: int = 0,
-        alive_after: datetime | None = None,
-    ) -> LeaseGrant:
+    async def take_lease(self, take: LeaseTake) -> LeaseGrant:
         async with self._lock:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
                 rows = await self.db.execute_fetchall(
                     "SELECT u.key, SUM(u.value) FROM requests AS r, json_each(r.usage) AS u"
                     " WHERE r.user_id = ? AND r.started_at >= ? AND r.started_at < ? AND u.value > 0 GROUP BY u.key",
-                    (user_id, iso(start), iso(end)),
+                    (take.user_id, iso(take.start), iso(take.end)),
                 )
                 consumed = {r[0]: int(r[1]) for r in rows}
                 rows = await self.db.execute_fetchall(
                     "SELECT meter, SUM(amount), SUM(CASE WHEN owner = ? THEN amount ELSE 0 END)"
                     " FROM quota_leases WHERE user_id = ? GROUP BY meter",
-                    (owner, user_id),
+                    (take.owner, take.user_id),
                 )
                 leased = {r[0]: int(r[1]) for r in rows}
                 own = {r[0]: int(r[2]) for r in rows}
-                out = grant(asks, consumed, leased, own, fraction)
-                if recall_seq:
-                    meters = [a.meter for a in asks]
+                out = grant(take, consumed, leased, own)
+                if take.recall_seq:
+                    meters = [a.meter for a in take.asks]
                     found = list(
                         await self.db.execute_fetchall(
                             "SELECT COUNT(DISTINCT l.owner) FROM quota_leases AS l JOIN processes AS p"
                             " ON p.owner = l.owner WHERE l.user_id = ? AND l.owner != ? AND l.amount > 0"
                             " AND l.answered < ? AND p.heartbeat_at >= ?"
                             f" AND l.meter IN ({','.join('?' * len(meters))})",
-                            (user_id, owner, recall_seq, iso(alive_after or utcnow()), *meters),
+                            (take.user_id, take.owner, take.recall_seq, iso(take.alive_after or utcnow()), *meters),
                         )
                     )
                     out.unanswered = int(found[0][0])
@@ -64,7 +54,7 @@ class SqliteLeases(SqliteBase):
                     await self.db.executemany(
                         "INSERT INTO quota_leases (owner, user_id, meter, amount) VALUES (?,?,?,?)"
                         " ON CONFLICT(owner, user_id, meter) DO UPDATE SET amount = amount + excluded.amount",
-                        [(owner, user_id, meter, amount) for meter, amount in out.granted.items()],
+                        [(take.owner, take.user_id, meter, amount) for meter, amount in out.granted.items()],
                     )
                 await self.db.execute("COMMIT")
             except BaseException:

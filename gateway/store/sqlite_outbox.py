@@ -7,37 +7,25 @@ events were partly accepted before costs nothing but a `duplicates` count.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 
-from gateway.events import event_count, event_quantities
-from gateway.meters import COUNT_METERS
-from gateway.store.base import PendingEvent, SyncBacklog, UsageSummaryRow
+from gateway.events import event_count
+from gateway.store.base import PendingEvent, SyncBacklog, UsageSummaryRow, pending_events
+from gateway.store.schema import COUNT_METERS_SQL
 from gateway.store.sqlite_base import SqliteBase
 from gateway.timeutil import iso, parse_iso, utcnow
 
 _OUTBOX_COLS = "id, user_id, model, provider, started_at, usage, attempts"
-_COUNT_METERS_SQL = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))  # fixed names, not input
 
 # The IN term repeats the partial index's condition word for word, so SQLite uses it (covering).
 BACKLOG_SQL = (
     "SELECT sync_state, COUNT(*), MIN(started_at) FROM requests"
     " WHERE sync_state IN ('pending', 'claimed', 'failed') GROUP BY sync_state"
 )
-
-
-def _events(rows: Iterable[Any]) -> list[PendingEvent]:
-    events: list[PendingEvent] = []
-    for rid, user_id, model, provider, started_at, usage, attempts in rows:
-        ts = parse_iso(started_at)
-        events.extend(
-            PendingEvent(xid, rid, user_id, meter, value, model, provider, ts, attempts)
-            for xid, meter, value in event_quantities(rid, orjson.loads(usage))
-        )
-    return events
 
 
 class SqliteOutbox(SqliteBase):
@@ -63,7 +51,7 @@ class SqliteOutbox(SqliteBase):
             except BaseException:
                 await self.db.execute("ROLLBACK")
                 raise
-        events = _events(rows)
+        events = pending_events(rows, parse_iso)
         events.sort(key=lambda e: (e.timestamp, e.external_id))
         return events
 
@@ -128,7 +116,7 @@ class SqliteOutbox(SqliteBase):
     async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]:
         """Totals and event counts by sync state, per user and meter (an image is one event each)."""
         where, params = ("AND r.user_id = ?", (user_id,)) if user_id else ("", ())
-        n = f"(CASE WHEN u.key IN ({_COUNT_METERS_SQL}) THEN u.value ELSE 1 END)"
+        n = f"(CASE WHEN u.key IN ({COUNT_METERS_SQL}) THEN u.value ELSE 1 END)"
         rows = await self.db.execute_fetchall(
             f"SELECT r.user_id, u.key, SUM(u.value), SUM(CASE WHEN r.sync_state = 'synced' THEN {n} ELSE 0 END),"
             f" SUM(CASE WHEN r.sync_state IN ('pending', 'claimed') THEN {n} ELSE 0 END),"
@@ -148,7 +136,7 @@ class SqliteOutbox(SqliteBase):
         )
         out: list[tuple[PendingEvent, str]] = []
         for row in rows:
-            out.extend((e, row[7] or "") for e in _events([row[:7]]))
+            out.extend((e, row[7] or "") for e in pending_events([row[:7]], parse_iso))
         return out[:limit]
 
     async def sync_backlog(self) -> SyncBacklog:

@@ -108,14 +108,7 @@ def test_portal_url_from_customer_session(polar_gateway, polar: FakePolar) -> No
     gw: Gateway = polar_gateway()
     key = gw.issue_key("dave")
     polar.add_customer("dave")
-    resp = httpx.get(
-        f"{gw.url}/api/billing/portal",
-        params={"return_url": "https://app.example.com/billing"},
-        headers={"authorization": f"Bearer {key}"},
-    )
-    assert resp.status_code == 200
-    assert resp.json() == {"url": polar.sessions[-1]["customer_portal_url"]}
-    assert polar.sessions[-1]["return_url"] == "https://app.example.com/billing"
+    gw.assert_portal(polar, key, "https://app.example.com/billing")
     assert httpx.get(f"{gw.url}/api/billing/portal").status_code == 401
 
 

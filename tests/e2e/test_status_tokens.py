@@ -70,14 +70,7 @@ def test_token_reads_status_and_portal_like_the_key(
     assert by_key["userId"] == "alice"
 
     fake.add_customer("alice")
-    resp = httpx.get(
-        f"{gw.url}/api/billing/portal",
-        params={"return_url": "https://app.example.com/"},
-        headers={"authorization": f"Bearer {token}"},
-    )
-    assert resp.status_code == 200
-    assert resp.json() == {"url": fake.sessions[-1]["customer_portal_url"]}
-    assert fake.sessions[-1]["return_url"] == "https://app.example.com/"
+    gw.assert_portal(fake, token, "https://app.example.com/")
     # Only as a bearer token: the api-key headers take gateway keys alone.
     assert httpx.get(f"{gw.url}/api/billing/status", headers={"x-api-key": token}).status_code == 401
 

@@ -250,7 +250,6 @@ GEMINI_MODELS: list[dict[str, Any]] = [
     },
 ]
 
-_GEMINI_VERSIONS = ("v1", "v1beta", "v1alpha")
 _GEMINI_CALL_RE = re.compile(r"^/(v1|v1beta|v1alpha)/(models|tunedModels)/([^/:]+):([A-Za-z]+)$")
 _GEMINI_LIST_RE = re.compile(r"^/(v1|v1beta|v1alpha)/models/?$")
 _GEMINI_GET_RE = re.compile(r"^/(v1|v1beta|v1alpha)/(models|tunedModels)/([^/:]+)$")
