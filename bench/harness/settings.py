@@ -16,8 +16,15 @@ APT_PACKAGES = ("nginx", "libnginx-mod-http-echo", "libnginx-mod-http-lua", "wrk
 CONTENDER_CPU = "0"
 LOAD_CPU = "1"
 
-CONTENDERS = ("direct", "bare-starlette", "bare-raw", "gateway")
+CONTENDERS = ("direct", "bare-starlette", "bare-raw", "gateway", "gateway-pg", "gateway-w2")
 BARE = ("bare-starlette", "bare-raw")
+# The gateway variants: (PostgreSQL store, workers). `gateway` is one worker on SQLite, the reference.
+GATEWAYS = {"gateway": (False, 1), "gateway-pg": (True, 1), "gateway-w2": (False, 2)}
+# Two workers get both CPUs (the kernel spreads them); wrk and the upstream stay on LOAD_CPU and share it.
+BOTH_CPUS = "0,1"
+
+# gateway-pg: a fresh database on the local PostgreSQL server, dropped after the run.
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 # Slow-upstream mode: JSON after 250 ms; streams of 31 events 20 ms apart.
 SLOW_JSON_DELAY = 0.25
@@ -31,6 +38,9 @@ TARGET_P99_MS = 30.0
 TARGET_MAX_MS = 200.0  # max latency at 16 connections
 TARGET_RSS_MB = 120.0
 TARGET_SLOW = 0.95
+# From the scaling issue: two workers over one, PostgreSQL over SQLite (both on the same CPU budget).
+TARGET_WORKERS = 1.6
+TARGET_PG = 0.75
 
 # A cell is flagged when other processes (or the hypervisor) took more than this share of a CPU.
 FOREIGN_LIMIT = 0.05
