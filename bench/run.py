@@ -39,6 +39,7 @@ from harness.settings import (
     BENCH,
     CANCEL_CONTENDERS,
     CONTENDERS,
+    DEFAULT_CONTENDERS,
     GATEWAYS,
     LOAD_CPU,
     TTFB_CONTENDERS,
@@ -63,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slow", action="store_true", help="slow-upstream mode: 250 ms JSON, 31x20 ms streams, 256 conns")
     p.add_argument("--out", type=Path, help="markdown output (default bench/results.md, --slow bench/results_slow.md)")
     p.add_argument(
-        "--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}"
+        "--contenders", default=",".join(DEFAULT_CONTENDERS), help=f"comma-separated, of {','.join(CONTENDERS)}"
     )
     p.add_argument("--cells", default="", help="comma-separated subset of cell names, e.g. anthropic_json@16")
     p.add_argument("--retries", type=int, default=1, help="measure a cell again when other load disturbed it")

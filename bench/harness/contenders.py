@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from pathlib import Path
 from .fixtures import Cell, Fixture
 from .pgdb import PgDatabase
 from .processes import Proc, free_port, spawn, wait_port
-from .settings import BENCH, BOTH_CPUS, CONTENDER_CPU, GATEWAYS, LOAD_CPU, ROOT
+from .settings import BENCH, BOTH_CPUS, CONTENDER_CPU, GATEWAYS, LOAD_CPU, REDIS_URL, ROOT
 from .upstream import Nginx
 
 # --- contenders ----------------------------------------------------------------------------
@@ -172,12 +173,15 @@ def start_gateway(
     name: str = "gateway",
 ) -> Contender:
     """The gateway with one user (and key) per cell, plus one per `extra` tag (keys[tag], users[tag]).
-    `name` is one of GATEWAYS: its store (SQLite, or a fresh PostgreSQL database) and its workers."""
-    postgres, workers = GATEWAYS[name]
+    `name` is one of GATEWAYS: its store (SQLite, or a fresh PostgreSQL database), its workers and
+    whether its rate limits live in Redis."""
+    postgres, workers, redis = GATEWAYS[name]
     port = free_port()
     pg = PgDatabase() if postgres else None
     try:
         env = gateway_env(workdir, port, upstream, name, pg.url if pg else "")
+        if redis:
+            env["GATEWAY_REDIS_URL"] = REDIS_URL
         contender = _start_gateway(env, port, workdir, cells, extra, wrap, name, workers)
     except BaseException:
         if pg:
@@ -200,7 +204,9 @@ def _start_gateway(
     gateway_cli(env, "migrate")
     keys: dict[str, str] = {}
     users: dict[str, str] = {}
-    names = [(cell.name, f"bench-user-{i}") for i, cell in enumerate(cells)] + [(t, f"bench-{t}") for t in extra]
+    # Redis is shared with other users of this machine: user ids of our own there.
+    user = f"bench-{secrets.token_hex(3)}-" if "GATEWAY_REDIS_URL" in env else "bench-"
+    names = [(cell.name, f"{user}user-{i}") for i, cell in enumerate(cells)] + [(t, f"{user}{t}") for t in extra]
     for tag, user in names:
         created = last_json(gateway_cli(env, "keys", "create", "--user", user, "--json"))
         assert isinstance(created, dict), created

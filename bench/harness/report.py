@@ -174,19 +174,21 @@ def render_report(
 
 def variants_text(ran: list[str]) -> list[str]:
     out = []
-    if "gateway-pg" in ran:
+    if "gateway-pg" in ran or "gateway-pg-redis" in ran:
         out.append(
             f"`gateway-pg`: one worker on CPU {CONTENDER_CPU} like `gateway`, with the PostgreSQL store (a fresh "
             "database on the local server, dropped after the run); the server's backends for that database are "
             f"pinned to CPU {LOAD_CPU} with the load, and their CPU per request is shown after the gateway's "
             "(`gateway + pg`), as a database on its own machine would carry it."
         )
-    if "gateway-w2" in ran:
+    if "gateway-w2" in ran or "gateway-w2-redis" in ran:
         out.append(
             f"`gateway-w2`: `gateway serve --workers 2` on SQLite, on CPUs {BOTH_CPUS}: the two workers share "
             f"CPU {LOAD_CPU} with wrk and the upstream, so they get less than two whole CPUs; `Contender CPU` "
             "is the workers' CPU in CPUs (200 % = both)."
         )
+    if any(name.endswith("-redis") for name in ran):
+        out.append("`-redis`: the same with `GATEWAY_REDIS_URL` (rate limits in the local Redis, unpinned).")
     return [*out, ""] if out else []
 
 
@@ -200,7 +202,9 @@ def scaling_targets(by: dict[tuple[str, str], Result], cells: list[Cell]) -> lis
     out: list[str] = []
     for name, target, what in (
         ("gateway-w2", TARGET_WORKERS, "two workers / one"),
+        ("gateway-w2-redis", TARGET_WORKERS, "two workers, rate limits in Redis / one"),
         ("gateway-pg", TARGET_PG, "PostgreSQL / SQLite"),
+        ("gateway-pg-redis", TARGET_PG, "PostgreSQL, rate limits in Redis / SQLite"),
     ):
         for cell in cells:
             one, other = by.get(("gateway", cell.name)), by.get((name, cell.name))

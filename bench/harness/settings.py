@@ -16,10 +16,19 @@ APT_PACKAGES = ("nginx", "libnginx-mod-http-echo", "libnginx-mod-http-lua", "wrk
 CONTENDER_CPU = "0"
 LOAD_CPU = "1"
 
-CONTENDERS = ("direct", "bare-starlette", "bare-raw", "gateway", "gateway-pg", "gateway-w2")
 BARE = ("bare-starlette", "bare-raw")
-# The gateway variants: (PostgreSQL store, workers). `gateway` is one worker on SQLite, the reference.
-GATEWAYS = {"gateway": (False, 1), "gateway-pg": (True, 1), "gateway-w2": (False, 2)}
+# The gateway variants: (PostgreSQL store, workers, Redis for the rate limits). `gateway` is one
+# worker on SQLite, the reference; the -redis ones are opt-in (--contenders).
+GATEWAYS = {
+    "gateway": (False, 1, False),
+    "gateway-pg": (True, 1, False),
+    "gateway-w2": (False, 2, False),
+    "gateway-pg-redis": (True, 1, True),
+    "gateway-w2-redis": (False, 2, True),
+}
+CONTENDERS = ("direct", *BARE, *GATEWAYS)
+DEFAULT_CONTENDERS = ("direct", *BARE, "gateway", "gateway-pg", "gateway-w2")
+REDIS_URL = "redis://127.0.0.1:6379/0"
 # Two workers get both CPUs (the kernel spreads them); wrk and the upstream stay on LOAD_CPU and share it.
 BOTH_CPUS = "0,1"
 
