@@ -72,8 +72,11 @@ def admin_routes(s: Services) -> list[Route]:
         s.keys.evict_key_id(key_id)
         return JSONResponse({"id": key_id, "revoked": True})
 
+    async def keys(request: Request) -> Response:
+        # One route for both methods, so a 405 lists both in its Allow header.
+        return await (create if request.method == "POST" else list_keys)(request)
+
     return [
-        Route("/admin/keys", guarded(s, create), methods=["POST"]),
-        Route("/admin/keys", guarded(s, list_keys), methods=["GET"]),
+        Route("/admin/keys", guarded(s, keys), methods=["GET", "POST"]),
         Route("/admin/keys/{key_id}", guarded(s, revoke), methods=["DELETE"]),
     ]

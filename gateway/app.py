@@ -9,18 +9,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute, Mount, Route, Router
 
-from gateway.admin import admin_routes
+from gateway.admin import Endpoint, admin_routes, guarded
 from gateway.billing.endpoints import portal_endpoint, status_endpoint
 from gateway.billing.ledger import InProcessLedger
 from gateway.billing.owner import BillingOwner
+from gateway.health import healthz_route
+from gateway.healthbar import demo_route, script_route
 from gateway.http_api import not_found, server_error
 from gateway.journal import Journal
 from gateway.keys import KeyCache
 from gateway.limits import LimitsRefresher
+from gateway.openapi import openapi_route
 from gateway.polar import PolarBilling
 from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.gemini import GeminiProvider
@@ -30,6 +33,7 @@ from gateway.ratelimit_shared import make_limiter
 from gateway.recording import Recorder, recover
 from gateway.services import Services, process_owner_id
 from gateway.settings import Settings
+from gateway.status_tokens import StatusTokens, signing_key, status_token_route
 from gateway.store import create_store
 from gateway.sync import Syncer
 from gateway.upstream import create_client
@@ -69,6 +73,22 @@ def _meter_names(s: Services) -> Callable[[], Awaitable[Mapping[str, str]]]:
     return names
 
 
+def _browser_routes(settings: Settings, prefix: str, routes: list[BaseRoute]) -> Mount:
+    """Routes a browser on another origin may call (the billing routes, the widget): CORS for
+    GATEWAY_CORS_ORIGINS only, and only under `prefix`, so the provider hot path never sees it."""
+    origins = settings.cors_origin_list
+    cors = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "HEAD"],
+            allow_headers=["authorization"],
+            max_age=600,
+        )
+    ]
+    return Mount(prefix, app=Router(routes, redirect_slashes=False), middleware=cors if origins else None)
+
+
 class GatewayApp:
     """Sends provider paths straight to their raw ASGI endpoints; everything else to Starlette."""
 
@@ -100,8 +120,11 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
         reservation.images_per_request,
     )
 
+    syncer: Syncer | None = None  # set in the lifespan when Polar is configured
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal syncer
         await s.store.open()
         applied = await s.store.migrate()
         if applied:
@@ -153,15 +176,23 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
             s.journal.close()
             await s.store.close()
 
-    async def healthz(request: Request) -> Response:
-        # `unstored`: finished requests the store has not taken yet (journaled, so not lost); it only
-        # grows while the database refuses writes.
-        return JSONResponse({"status": "ok", "unstored": s.recorder.backlog})
+    def polar_ok() -> bool | None:
+        return syncer.last_call_ok if syncer is not None else None
 
-    routes = [
-        Route("/healthz", healthz),
-        Route("/api/billing/status", status_endpoint(s)),
-        Route("/api/billing/portal", portal_endpoint(s)),
+    tokens = StatusTokens(signing_key(settings.status_token_secret, settings.admin_token))
+
+    def admin_only(endpoint: Endpoint) -> Endpoint:
+        return guarded(s, endpoint)
+
+    routes: list[BaseRoute] = [
+        # `unstored` only grows while the database refuses writes.
+        healthz_route(s.store, lambda: s.recorder.backlog, polar_ok),
+        _browser_routes(
+            settings,
+            "/api/billing",
+            [Route("/status", status_endpoint(s, tokens)), Route("/portal", portal_endpoint(s, tokens))],
+        ),
+        _browser_routes(settings, "/static", [script_route("/healthbar.js")]),
         Route(
             "/webhooks/polar",
             make_webhook_endpoint(
@@ -170,6 +201,9 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
             methods=["POST"],
         ),
         *admin_routes(s),
+        status_token_route(tokens, admin_only),
+        demo_route(tokens, admin_only),  # the one guard to swap for a dashboard session
+        openapi_route(),
     ]
     app = Starlette(
         routes=routes,

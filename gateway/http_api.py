@@ -78,8 +78,9 @@ async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
 
 async def not_found(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 404
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else None  # a 405 says what is allowed
     what = "method not allowed" if status == 405 else "not found"
-    return api_error(status, f"{request.method} {request.url.path}: {what}")
+    return api_error(status, f"{request.method} {request.url.path}: {what}", headers)
 
 
 async def server_error(request: Request, exc: Exception) -> Response:

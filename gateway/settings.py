@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.meters import ALL_METERS
 from gateway.ratelimit import StoreErrorPolicy
@@ -134,6 +135,8 @@ class Settings:
     anthropic_upstream: str = "https://api.anthropic.com"
     gemini_upstream: str = "https://generativelanguage.googleapis.com"
     admin_token: str = ""
+    status_token_secret: str = ""  # signs status tokens; "" = a key derived from admin_token
+    cors_origins: str = ""  # comma-separated origins allowed to call the billing routes and the widget
     upstream_timeout_seconds: float = 600.0
     connect_timeout_seconds: float = 10.0
     max_body_bytes: int = 32 * 1024 * 1024
@@ -183,6 +186,10 @@ class Settings:
         return None if db == ":memory:" else Path(db + ".journal")
 
     @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
     def polar_enabled(self) -> bool:
         return bool(self.polar_access_token)
 
@@ -203,6 +210,8 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_ANTHROPIC_UPSTREAM": ("anthropic_upstream", str),
     "GATEWAY_GEMINI_UPSTREAM": ("gemini_upstream", str),
     "GATEWAY_ADMIN_TOKEN": ("admin_token", str),
+    "GATEWAY_STATUS_TOKEN_SECRET": ("status_token_secret", str),
+    "GATEWAY_CORS_ORIGINS": ("cors_origins", str),
     "GATEWAY_UPSTREAM_TIMEOUT_SECONDS": ("upstream_timeout_seconds", float),
     "GATEWAY_CONNECT_TIMEOUT_SECONDS": ("connect_timeout_seconds", float),
     "GATEWAY_MAX_BODY_BYTES": ("max_body_bytes", int),
@@ -267,6 +276,10 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
     for var in ("GATEWAY_CLIENT_TIMEOUT_SECONDS", "GATEWAY_MAX_CONNECTIONS"):
         if not 0 < getattr(settings, _ENV[var][0]) < math.inf:
             raise ConfigError(f"{var} must be a positive number, got {env.get(var)!r}")
+    for origin in settings.cors_origin_list:
+        parts = urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query):
+            raise ConfigError(f"GATEWAY_CORS_ORIGINS: each origin must be * or http(s)://host[:port], got {origin!r}")
     if settings.lease_fraction > 1:
         raise ConfigError(f"GATEWAY_LEASE_FRACTION must be between 0 and 1, got {settings.lease_fraction}")
     if settings.heartbeat_stale_seconds < 3 * settings.heartbeat_seconds:

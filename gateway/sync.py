@@ -96,6 +96,9 @@ class Syncer:
         self.backoff_max = backoff_max
         self.max_batches_per_pass = max_batches_per_pass
         self.outages = 0  # consecutive passes ended by an outage
+        # Did the last ingest call reach a working Polar? None until the first call. A rejection (422)
+        # is Polar working; an outage (unreachable, timeout, 429, 5xx, refused token) is not.
+        self.last_call_ok: bool | None = None
         self._wake = asyncio.Event()
         self._new_events = 0
 
@@ -207,9 +210,12 @@ class Syncer:
         try:
             outcome = await self.polar.ingest(chunk)
         except BatchRejected as exc:
+            self.last_call_ok = True
             return await self._split(chunk, exc, claim, result)
         except PolarBillingError as exc:  # RetryableError, PolarAuthError, anything else from Polar
+            self.last_call_ok = False
             return exc, chunk
+        self.last_call_ok = True
         result.synced += len(chunk)
         result.inserted += outcome.inserted
         result.duplicates += outcome.duplicates

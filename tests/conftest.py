@@ -152,6 +152,12 @@ class Gateway:
             assert resp.status_code == 201, resp.text
             return str(resp.json()["key"])
 
+    def status_token(self, user_id: str, ttl_seconds: int = 900) -> str:
+        with self.admin() as client:
+            resp = client.post("/admin/status-tokens", json={"user_id": user_id, "ttl_seconds": ttl_seconds})
+            assert resp.status_code == 201, resp.text
+            return str(resp.json()["token"])
+
     @property
     def db_path(self) -> Path:
         """The SQLite file (a test reading it is skipped on PostgreSQL)."""

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from gateway.store import Store
-from gateway.store.base import UsageSummaryRow
+from gateway.store.base import SyncBacklog, UsageSummaryRow
+from gateway.store.sqlite_outbox import BACKLOG_SQL
 from tests.support_db import Database, open_store
 from tests.test_store import record, used
 
@@ -178,3 +179,30 @@ async def test_deferred_requests_are_pending_again_without_an_attempt(store: Sto
     again = await store.claim_events("o", 10, 60)
     assert [(e.request_id, e.attempts) for e in again] == [("req_d", 0)]  # the synced one stays synced
     assert [(r.synced, r.pending) for r in await store.usage_summary()] == [(1, 1)]
+
+
+async def test_sync_backlog_counts_unsynced_requests_from_its_index(store: Store, db: Database) -> None:
+    assert await store.sync_backlog() == SyncBacklog(pending=0, failed=0, oldest_pending_at=None)
+    day = lambda d: datetime(2026, 12, d, tzinfo=UTC)  # noqa: E731
+    out = {"claude_output_tokens": 5}
+    await store.finish_requests(
+        [
+            used("req_1", out, started_at=day(3)),
+            used("req_2", out, started_at=day(1)),
+            used("req_3", out, started_at=day(2)),
+            record("req_4", outcome="upstream_error", started_at=day(1)),  # no usage: nothing to sync
+        ]
+    )
+    assert await store.sync_backlog() == SyncBacklog(pending=3, failed=0, oldest_pending_at=day(1))
+    claimed = await store.claim_events("o", 1, 60)  # claimed still counts as pending
+    assert await store.sync_backlog() == SyncBacklog(pending=3, failed=0, oldest_pending_at=day(1))
+    await store.mark_retry([claimed[0].request_id], "422", day(1), max_attempts=1)
+    rest = await store.claim_events("o", 10, 60)
+    await store.mark_synced([rest[0].request_id])
+    backlog = await store.sync_backlog()
+    assert (backlog.pending, backlog.failed) == (1, 1)
+    assert backlog.oldest_pending_at == min(e.timestamp for e in rest[1:])
+    if not db.is_postgres:
+        # Cheap to poll: one covering search of the partial index of unsynced requests, no table scan.
+        plan = db.query("EXPLAIN QUERY PLAN " + BACKLOG_SQL)
+        assert [row[3] for row in plan] == ["SEARCH requests USING COVERING INDEX ix_requests_backlog (sync_state=?)"]

@@ -481,3 +481,23 @@ async def test_cli_sync_and_usage(store: Store, fake: FakePolar) -> None:
         "USER    METER                 TOTAL  SYNCED  PENDING  FAILED",
         "user-1  claude_output_tokens     20       2        0       0",
     ]
+
+
+async def test_last_call_ok_follows_polar_and_backlog_counts_what_is_left(
+    store: Store, polar: PolarBilling, fake: FakePolar
+) -> None:
+    events = await add_events(store, 4)
+    s = syncer(store, polar, batch_size=100, max_attempts=1)
+    assert s.last_call_ok is None  # not called yet
+    fake.down(True)
+    await s.run_once()
+    assert s.last_call_ok is False
+    backlog = await store.sync_backlog()
+    assert (backlog.pending, backlog.failed) == (4, 0) and backlog.oldest_pending_at is not None
+    fake.down(False)
+    bad = sorted(events)[0]
+    fake.reject_when(lambda e: "bad event" if e["external_id"] == bad else False, with_index=True)
+    await s.run_once()
+    assert s.last_call_ok is True  # a rejection is Polar answering
+    backlog = await store.sync_backlog()
+    assert (backlog.pending, backlog.failed, backlog.oldest_pending_at) == (0, 1, None)

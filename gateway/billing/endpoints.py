@@ -14,31 +14,42 @@ from gateway.meters import ALL_METERS
 from gateway.polar import CustomerNotFound, PolarBillingError
 from gateway.quota import meter_status, overall_status
 from gateway.services import Services
+from gateway.status_tokens import TOKEN_PREFIX, StatusTokens
 from gateway.timeutil import iso
 
 log = logging.getLogger("gateway.billing")
 
 
-def bearer_or_api_key(request: Request) -> str | None:
+def bearer(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return request.headers.get("x-api-key") or request.headers.get("x-goog-api-key")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
 
 
-async def authenticate(s: Services, request: Request) -> Identity | None:
+def bearer_or_api_key(request: Request) -> str | None:
+    return bearer(request) or request.headers.get("x-api-key") or request.headers.get("x-goog-api-key")
+
+
+async def authenticate(s: Services, request: Request, tokens: StatusTokens) -> Identity | None:
+    """A gateway key, or a status token (`Authorization: Bearer pgs_...` only: these routes alone take one)."""
+    token = bearer(request)
+    if token is not None and token.startswith(TOKEN_PREFIX):
+        user_id = tokens.verify(token)
+        return Identity(key_id="", user_id=user_id) if user_id is not None else None
     return await s.keys.authenticate(bearer_or_api_key(request))
 
 
-def unauthorized() -> JSONResponse:
+def unauthorized(request: Request) -> JSONResponse:
+    token = bearer(request)
+    if token is not None and token.startswith(TOKEN_PREFIX):
+        return api_error(401, "invalid or expired status token")
     return api_error(401, "invalid or revoked gateway key")
 
 
-def status_endpoint(s: Services) -> Callable[[Request], Awaitable[JSONResponse]]:
+def status_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Awaitable[JSONResponse]]:
     async def billing_status(request: Request) -> JSONResponse:
-        ident = await authenticate(s, request)
+        ident = await authenticate(s, request, tokens)
         if ident is None:
-            return unauthorized()
+            return unauthorized(request)
         uq = await s.ledger.snapshot(ident.user_id)
         cfg = s.settings.file.status
         meters = [meter_status(name, uq.meter(name), cfg.warning, cfg.critical) for name in ALL_METERS]
@@ -69,11 +80,11 @@ def status_endpoint(s: Services) -> Callable[[Request], Awaitable[JSONResponse]]
     return billing_status
 
 
-def portal_endpoint(s: Services) -> Callable[[Request], Awaitable[JSONResponse]]:
+def portal_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Awaitable[JSONResponse]]:
     async def billing_portal(request: Request) -> JSONResponse:
-        ident = await authenticate(s, request)
+        ident = await authenticate(s, request, tokens)
         if ident is None:
-            return unauthorized()
+            return unauthorized(request)
         if s.polar is None:
             return api_error(503, "billing portal unavailable: Polar is not configured")
         return_url = request.query_params.get("return_url")

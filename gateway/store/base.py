@@ -86,6 +86,15 @@ class UsageSummaryRow:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncBacklog:
+    """Requests not yet in Polar (each carries one event per meter it used)."""
+
+    pending: int  # waiting or being sent (claimed)
+    failed: int  # parked after Polar rejected them max_attempts times
+    oldest_pending_at: datetime | None  # start of the oldest pending request
+
+
+@dataclass(frozen=True, slots=True)
 class MeterLimit:
     meter: str
     credited: int | None  # None: unlimited
@@ -169,6 +178,9 @@ class Outbox(Protocol):
 
     async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]: ...
     async def failed_events(self, limit: int = 100) -> list[tuple[PendingEvent, str]]: ...
+    async def sync_backlog(self) -> SyncBacklog:
+        """Cheap enough to poll every second: read from an index of the unsynced requests only."""
+        ...
 
 
 class LimitsStore(Protocol):

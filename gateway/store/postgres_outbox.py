@@ -15,7 +15,7 @@ import orjson
 
 from gateway.events import event_count, event_quantities
 from gateway.meters import COUNT_METERS
-from gateway.store.base import PendingEvent, UsageSummaryRow
+from gateway.store.base import PendingEvent, SyncBacklog, UsageSummaryRow
 from gateway.store.postgres_base import PostgresBase, affected
 from gateway.timeutil import utcnow
 
@@ -136,3 +136,16 @@ class PostgresOutbox(PostgresBase):
         for row in rows:
             out.extend((e, row[7] or "") for e in _events([tuple(row)[:7]]))
         return out[:limit]
+
+    async def sync_backlog(self) -> SyncBacklog:
+        rows = await self.pool.fetch(
+            "SELECT sync_state, COUNT(*), MIN(started_at) FROM requests"
+            " WHERE sync_state IN ('pending', 'claimed', 'failed') GROUP BY sync_state"
+        )
+        by_state = {r[0]: (int(r[1]), r[2]) for r in rows}
+        unsynced = [by_state[s] for s in ("pending", "claimed") if s in by_state]
+        return SyncBacklog(
+            pending=sum(n for n, _ in unsynced),
+            failed=by_state.get("failed", (0, None))[0],
+            oldest_pending_at=min((o for _, o in unsynced), default=None),
+        )

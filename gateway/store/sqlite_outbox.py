@@ -15,12 +15,18 @@ import orjson
 
 from gateway.events import event_count, event_quantities
 from gateway.meters import COUNT_METERS
-from gateway.store.base import PendingEvent, UsageSummaryRow
+from gateway.store.base import PendingEvent, SyncBacklog, UsageSummaryRow
 from gateway.store.sqlite_base import SqliteBase
 from gateway.timeutil import iso, parse_iso, utcnow
 
 _OUTBOX_COLS = "id, user_id, model, provider, started_at, usage, attempts"
 _COUNT_METERS_SQL = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))  # fixed names, not input
+
+# The IN term repeats the partial index's condition word for word, so SQLite uses it (covering).
+BACKLOG_SQL = (
+    "SELECT sync_state, COUNT(*), MIN(started_at) FROM requests"
+    " WHERE sync_state IN ('pending', 'claimed', 'failed') GROUP BY sync_state"
+)
 
 
 def _events(rows: Iterable[Any]) -> list[PendingEvent]:
@@ -134,3 +140,14 @@ class SqliteOutbox(SqliteBase):
         for row in rows:
             out.extend((e, row[7] or "") for e in _events([row[:7]]))
         return out[:limit]
+
+    async def sync_backlog(self) -> SyncBacklog:
+        rows = await self.db.execute_fetchall(BACKLOG_SQL)
+        by_state = {state: (int(n), oldest) for state, n, oldest in rows}
+        unsynced = [by_state[s] for s in ("pending", "claimed") if s in by_state]
+        oldest = min((o for _, o in unsynced), default=None)
+        return SyncBacklog(
+            pending=sum(n for n, _ in unsynced),
+            failed=by_state.get("failed", (0, None))[0],
+            oldest_pending_at=parse_iso(oldest) if oldest else None,
+        )

@@ -88,7 +88,11 @@ def test_gateway_routes_answer_json_errors(gateway: Gateway) -> None:
     }
     resp = httpx.get(f"{gateway.url}/api/billing/status", headers={"authorization": "Bearer nope"})
     assert resp.json() == {"error": {"type": "authentication_error", "message": "invalid or revoked gateway key"}}
-    assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok", "unstored": 0}
+    assert httpx.get(f"{gateway.url}/healthz").json() == {
+        "status": "ok",
+        "unstored": 0,
+        "sync": {"pending": 0, "failed": 0, "oldest_pending_age_seconds": None, "polar_ok": None},
+    }
 
 
 def test_model_name_cannot_rewrite_the_upstream_url(gateway: Gateway, upstream: FakeUpstream) -> None:
