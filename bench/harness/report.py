@@ -215,9 +215,16 @@ def scaling_targets(by: dict[tuple[str, str], Result], cells: list[Cell]) -> lis
             if len(one.rounds) > 1:
                 each = " (rounds: " + ", ".join(f"{x:.2f}" for x in round_ratios(other, one)) + ")"
             flag = "PASS" if ratio >= target else "FAIL"
+            # CPU per request moves far less than RPS on a shared machine: its inverse is the throughput
+            # per core (PostgreSQL: the gateway's own, and with the database backends' added).
+            per_core = one.cpu_us_per_request / other.cpu_us_per_request if other.cpu_us_per_request else 0.0
+            cpu = f"{one.cpu_us_per_request:.0f} -> {other.cpu_us_per_request:.0f} µs"
+            if other.service_cpu_s:
+                total = other.cpu_us_per_request + other.service_us_per_request
+                cpu += f" (+ pg {other.service_us_per_request:.0f} = {one.cpu_us_per_request / total:.2f}x)"
             out.append(
                 f"- {cell.label} @{cell.connections}: {what} ({name} / gateway) {ratio:.2f}x{each}, "
-                f"target >= {target}x: {flag}"
+                f"target >= {target}x: {flag}; CPU per request {cpu}, throughput per core {per_core:.2f}x"
             )
     return out
 
