@@ -47,6 +47,7 @@ class Result:
     contender_cpu_s: float = 0.0  # CPU seconds the contender used in the window
     service_cpu_s: float = 0.0  # ... and the PostgreSQL backends working for it (gateway-pg)
     wall_s: float = 0.0  # the CPU window's length
+    load_cpu_s: float = 0.0  # CPU wrk and the upstream used in the window
     rounds: list[float] = field(default_factory=list)  # RPS of each round (merge_rounds), in round order
 
     @property
@@ -182,6 +183,7 @@ def run_cell(
             cpu.service_seconds,
             cpu.wall,
         )
+        result.load_cpu_s = cpu.load_seconds
         if not result.disturbed or attempt == args.retries:
             break
         extra_ok += int(raw["ok"])

@@ -145,6 +145,7 @@ class CpuWindow:
     wall: float = 0.0
     contender_seconds: float = 0.0  # CPU the contender's processes used in the window
     service_seconds: float = 0.0  # CPU the service processes used in the window
+    load_seconds: float = 0.0  # CPU wrk and the upstream used in the window
 
     def _used(self) -> dict[str, float]:
         services = sum(tree_cpu_seconds(p) for p in self.service_pids)
@@ -177,6 +178,7 @@ class CpuWindow:
         self.busy = {cpu: busy[cpu] / self.wall for cpu in cpus}
         self.contender_seconds = used["contender"]
         self.service_seconds = used["services"]
+        self.load_seconds = used["load"] - used["services"]
 
 
 def wait_quiet(timeout: float) -> None:

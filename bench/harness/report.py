@@ -127,7 +127,7 @@ def render_report(
             if r.preflight:
                 errors += f" ({r.preflight[:60]})"
             ratio = ""
-            if gw and not gw.skipped and name != "gateway" and (x := paired_ratio(gw, r)):
+            if gw and not gw.skipped and name not in GATEWAYS and (x := paired_ratio(gw, r)):
                 ratio = f"{x:.2f}x"
             row = (
                 f"| {cell.label} | {cell.connections} | {name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
@@ -222,9 +222,13 @@ def scaling_targets(by: dict[tuple[str, str], Result], cells: list[Cell]) -> lis
             if other.service_cpu_s:
                 total = other.cpu_us_per_request + other.service_us_per_request
                 cpu += f" (+ pg {other.service_us_per_request:.0f} = {one.cpu_us_per_request / total:.2f}x)"
+            shares = ""
+            if other.contender_share > 1 and other.wall_s:
+                load = other.load_cpu_s / other.wall_s
+                shares = f"; CPU used: the workers {other.contender_share:.0%}, wrk + upstream {load:.0%}"
             out.append(
                 f"- {cell.label} @{cell.connections}: {what} ({name} / gateway) {ratio:.2f}x{each}, "
-                f"target >= {target}x: {flag}; CPU per request {cpu}, throughput per core {per_core:.2f}x"
+                f"target >= {target}x: {flag}; CPU per request {cpu}, throughput per core {per_core:.2f}x{shares}"
             )
     return out
 
