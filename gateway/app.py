@@ -17,6 +17,7 @@ from gateway.admin import Endpoint, admin_routes, guarded
 from gateway.billing.endpoints import portal_endpoint, status_endpoint
 from gateway.billing.ledger import InProcessLedger
 from gateway.billing.owner import BillingOwner
+from gateway.dashboard import SessionSigner, dashboard_routes
 from gateway.health import healthz_route
 from gateway.healthbar import demo_route, script_route
 from gateway.http_api import not_found, server_error
@@ -202,8 +203,9 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
         ),
         *admin_routes(s),
         status_token_route(tokens, admin_only),
-        demo_route(tokens, admin_only),  # the one guard to swap for a dashboard session
+        demo_route(tokens, SessionSigner(settings.admin_token).session_or(admin_only)),
         openapi_route(),
+        *dashboard_routes(s),
     ]
     app = Starlette(
         routes=routes,

@@ -286,6 +286,11 @@ class PolarBilling:
 
         return await self._call(fetch)
 
+    async def probe(self) -> None:
+        """One cheap authenticated call (the meter list): raises `PolarBillingError` when Polar is
+        unreachable or refuses the token."""
+        await self._list_meters()
+
     async def meter_names(self, *, refresh: bool = False) -> dict[str, str]:
         """Polar meter id -> our meter name, cached (state payloads only carry meter ids)."""
         if refresh or time.monotonic() - self._meters_at > self._meters_ttl:

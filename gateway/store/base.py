@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from gateway.outcomes import Outcome
 from gateway.ratelimit import Bucket, RateLimited
+from gateway.store.dashboard_base import DashboardReads
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +228,9 @@ class RateWindowStore(Protocol):
         ...
 
 
-class Store(Lifecycle, KeyStore, RequestStore, Outbox, LimitsStore, WebhookLog, RateWindowStore, Protocol):
+class Store(
+    Lifecycle, KeyStore, RequestStore, Outbox, LimitsStore, WebhookLog, RateWindowStore, DashboardReads, Protocol
+):
     """Everything: what `gateway.store.create_store` returns. Users annotate the narrow protocol they need."""
 
 

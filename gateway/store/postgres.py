@@ -16,6 +16,7 @@ import orjson
 from gateway.events import event_count, event_quantities
 from gateway.store.base import ApiKey, CustomerLimits, MeterLimit, RequestRecord, UsageEvent
 from gateway.store.postgres_base import affected
+from gateway.store.postgres_dashboard import PostgresDashboard
 from gateway.store.postgres_leases import PostgresLeases
 from gateway.store.postgres_outbox import PostgresOutbox
 from gateway.store.postgres_ratelimit import PostgresRateWindows
@@ -44,7 +45,7 @@ def _key(row: Sequence[Any]) -> ApiKey:
     return ApiKey(id=row[0], user_id=row[1], name=row[2], prefix=row[3], created_at=row[4], revoked_at=row[5])
 
 
-class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox):
+class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox, PostgresDashboard):
     """Implements `gateway.store.base.Store`."""
 
     # ------------------------------------------------------------------ keys

@@ -11,6 +11,7 @@ import orjson
 from gateway.events import event_count, event_quantities
 from gateway.store.base import ApiKey, CustomerLimits, MeterLimit, RequestRecord, UsageEvent
 from gateway.store.sqlite_base import Op, json_text, opt_datetime
+from gateway.store.sqlite_dashboard import SqliteDashboard
 from gateway.store.sqlite_leases import SqliteLeases
 from gateway.store.sqlite_outbox import SqliteOutbox
 from gateway.store.sqlite_ratelimit import SqliteRateWindows
@@ -53,7 +54,7 @@ def _chunked(flat: list[Any]) -> list[Op]:
     return ops
 
 
-class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox):
+class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard):
     """Implements `gateway.store.base.Store` and `gateway.store.leases_base.LeaseStore`."""
 
     # ------------------------------------------------------------------ keys

@@ -1,0 +1,123 @@
+"""The dashboard's forms (POST): sign in and out, create and revoke keys, re-queue failed events.
+
+Every form but the sign-in needs a valid session and its CSRF token; a request without them
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from gateway.dashboard.auth import (
+    FormRefused,
+    SessionSigner,
+    csrf_matches,
+    is_https,
+    read_form,
+    session_cookie,
+    to_signin,
+)
+from gateway.dashboard.pages import Pages
+from gateway.dashboard.render import SECURITY_HEADERS, page
+from gateway.keys import USER_ID_RE, InvalidUserId, issue_key
+from gateway.services import Services
+from gateway.store.leases_base import InvalidationKind, InvalidationLog
+
+log = logging.getLogger("gateway.dashboard")
+
+
+def _see(path: str) -> Response:
+    return RedirectResponse(path, 303, headers=SECURITY_HEADERS)
+
+
+def _refused(message: str, status: int = 403) -> Response:
+    return page("message.html", status, nav="", csrf="", title="Refused", message=message)
+
+
+class Actions:
+    def __init__(self, s: Services, signer: SessionSigner, pages: Pages) -> None:
+        self.s = s
+        self.signer = signer
+        self.pages = pages
+
+    async def signin_form(self, request: Request) -> Response:
+        if self.signer.session_of(request) is not None:
+            return _see("/admin")
+        return self._signin_page()
+
+    def _signin_page(self, error: str = "", status: int = 200) -> Response:
+        if not self.signer.enabled:
+            error, status = "The dashboard is disabled: set GATEWAY_ADMIN_TOKEN.", 503
+        return page("signin.html", status, nav="", csrf="", error=error)
+
+    async def signin(self, request: Request) -> Response:
+        try:
+            form = await read_form(request)
+        except FormRefused:
+            return self._signin_page("Send the sign-in form.", 400)
+        if not self.signer.token_matches(form.get("token", "")):
+            log.warning("dashboard sign-in refused from %s", request.client.host if request.client else "?")
+            return self._signin_page("Wrong admin token.", 401)
+        response = _see("/admin")
+        response.headers.append("set-cookie", session_cookie(self.signer.issue(), secure=is_https(request)))
+        return response
+
+    async def _checked_form(self, request: Request) -> dict[str, str] | Response:
+        """The form of a state-changing request, or the response refusing it."""
+        session = self.signer.session_of(request)
+        if session is None:
+            return to_signin()
+        try:
+            form = await read_form(request)
+        except FormRefused:
+            form = {}  # no CSRF token either
+        if not csrf_matches(session, form):
+            return _refused("This form is out of date or did not come from the dashboard: reload the page and retry.")
+        return form
+
+    async def signout(self, request: Request) -> Response:
+        form = await self._checked_form(request)
+        if isinstance(form, Response):
+            return form
+        response = _see("/admin/signin")
+        response.headers.append("set-cookie", session_cookie("", secure=is_https(request), max_age=0))
+        return response
+
+    async def create_key(self, request: Request) -> Response:
+        form = await self._checked_form(request)
+        if isinstance(form, Response):
+            return form
+        user_id = request.path_params["user_id"]
+        try:
+            issued = await issue_key(self.s.store, user_id, form.get("name", "").strip()[:100])
+        except InvalidUserId as exc:
+            return _refused(str(exc), 400)
+        # The key is shown in this answer only (never in a URL or a log).
+        return await self.pages.user(request, new_key=issued.key, status=201)
+
+    async def revoke_key(self, request: Request) -> Response:
+        form = await self._checked_form(request)
+        if isinstance(form, Response):
+            return form
+        user_id, key_id = request.path_params["user_id"], request.path_params["key_id"]
+        if not USER_ID_RE.fullmatch(user_id) or all(k.id != key_id for k in await self.s.store.list_keys(user_id)):
+            return _refused(f"{user_id} has no key {key_id}.", 404)
+        if await self.s.store.revoke_key(key_id):
+            self.s.keys.evict_key_id(key_id)
+            # Other processes forget the key through the invalidation log (both stores keep one).
+            await cast(InvalidationLog, self.s.store).notify_invalidation(InvalidationKind.KEY, key_id)
+        return _see(f"/admin/users/{user_id}?revoked={key_id}")
+
+    async def requeue(self, request: Request) -> Response:
+        form = await self._checked_form(request)
+        if isinstance(form, Response):
+            return form
+        n = await self.s.store.requeue_failed()
+        if n:
+            # wakes the sync loop now, instead of at its next interval
+            self.s.recorder.on_events(max(n, self.s.settings.sync_batch_size))
+        return _see(f"/admin/sync?requeued={n}")

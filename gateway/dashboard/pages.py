@@ -1,0 +1,145 @@
+"""The dashboard's pages (GET): overview, users, one user, sync. Only signed-in admins get here
+(`auth.SessionSigner.guard`)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import timedelta
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.dashboard.auth import Session, SessionSigner
+from gateway.dashboard.charts import traffic_charts
+from gateway.dashboard.polar_state import PolarProbe
+from gateway.dashboard.render import page
+from gateway.keys import USER_ID_RE
+from gateway.meters import ALL_METERS
+from gateway.quota import MeterStatus, meter_status, overall_status
+from gateway.services import Services
+from gateway.store.dashboard_base import Step, TrafficRow
+from gateway.timeutil import utcnow
+
+DAY_SPAN = timedelta(hours=24)
+WEEKS_SPAN = timedelta(days=14)
+RECENT_REQUESTS = 50
+FAILED_SHOWN = 200
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeTotal:
+    outcome: str
+    requests: int
+    tokens: int
+
+
+def _totals(rows: list[TrafficRow]) -> list[OutcomeTotal]:
+    requests: dict[str, int] = defaultdict(int)
+    tokens: dict[str, int] = defaultdict(int)
+    for r in rows:
+        requests[r.outcome] += r.requests
+        tokens[r.outcome] += r.tokens
+    return [OutcomeTotal(o, requests[o], tokens[o]) for o in sorted(requests, key=lambda o: (o != "ok", o))]
+
+
+@dataclass(frozen=True, slots=True)
+class MeterBar:
+    """A meter of the current period as the user page draws it (percentages of the credit)."""
+
+    status: MeterStatus
+    consumed_pct: float
+    reserved_pct: float
+
+
+def _bar(m: MeterStatus) -> MeterBar:
+    if not m.credited:
+        return MeterBar(m, 100.0 if m.credited == 0 and m.consumed else 0.0, 0.0)
+    consumed = min(100.0, 100.0 * m.consumed / m.credited)
+    return MeterBar(m, round(consumed, 2), round(min(100.0 - consumed, 100.0 * m.reserved / m.credited), 2))
+
+
+def _int_param(request: Request, name: str) -> int | None:
+    value = request.query_params.get(name, "")
+    return int(value) if value.isdigit() and len(value) < 12 else None
+
+
+class Pages:
+    def __init__(self, s: Services, signer: SessionSigner, probe: PolarProbe) -> None:
+        self.s = s
+        self.signer = signer
+        self.probe = probe
+
+    def _session(self, request: Request) -> Session:
+        session = self.signer.session_of(request)
+        assert session is not None  # (the guard let the request in)
+        return session
+
+    async def overview(self, request: Request) -> Response:
+        now = utcnow()
+        day_since, weeks_since = now - DAY_SPAN, now - WEEKS_SPAN
+        hourly = await self.s.store.traffic(day_since, Step.HOUR)
+        daily = await self.s.store.traffic(weeks_since, Step.DAY)
+        return page(
+            "overview.html",
+            nav="overview",
+            csrf=self._session(request).csrf,
+            now=now,
+            day_charts=traffic_charts(hourly, day_since, now, Step.HOUR),
+            weeks_charts=traffic_charts(daily, weeks_since, now, Step.DAY),
+            day_totals=_totals(hourly),
+            weeks_totals=_totals(daily),
+            backlog=await self.s.store.sync_backlog(),
+            last_synced_at=await self.s.store.last_synced_at(weeks_since),
+            unstored=self.s.recorder.backlog,
+            polar=await self.probe.state(),
+        )
+
+    async def users(self, request: Request) -> Response:
+        text = request.query_params.get("q", "").strip()[:128]
+        found = await self.s.store.search_users(text, limit=100)
+        return page(
+            "users.html",
+            nav="users",
+            csrf=self._session(request).csrf,
+            q=text,
+            users=found,
+            can_open=bool(USER_ID_RE.fullmatch(text)) and all(u.user_id != text for u in found),
+        )
+
+    async def user(self, request: Request, new_key: str | None = None, status: int = 200) -> Response:
+        user_id = request.path_params["user_id"]
+        if not USER_ID_RE.fullmatch(user_id):
+            csrf = self._session(request).csrf
+            return page("message.html", 404, nav="users", csrf=csrf, title="No such user", message="Invalid user id.")
+        quota = await self.s.ledger.snapshot(user_id)
+        cfg = self.s.settings.file.status
+        meters = [meter_status(name, quota.meter(name), cfg.warning, cfg.critical) for name in ALL_METERS]
+        return page(
+            "user.html",
+            status,
+            nav="users",
+            csrf=self._session(request).csrf,
+            user_id=user_id,
+            overall=overall_status(meters),
+            bars=[_bar(m) for m in meters],
+            quota=quota,
+            keys=await self.s.store.list_keys(user_id),
+            requests=await self.s.store.recent_requests(user_id, RECENT_REQUESTS),
+            new_key=new_key,
+            revoked=request.query_params.get("revoked", ""),
+        )
+
+    async def sync(self, request: Request) -> Response:
+        now = utcnow()
+        return page(
+            "sync.html",
+            nav="sync",
+            csrf=self._session(request).csrf,
+            backlog=await self.s.store.sync_backlog(),
+            last_synced_at=await self.s.store.last_synced_at(now - WEEKS_SPAN),
+            failed=await self.s.store.failed_events(FAILED_SHOWN),
+            shown=FAILED_SHOWN,
+            requeued=_int_param(request, "requeued"),
+            polar_on=self.s.polar is not None,
+        )
