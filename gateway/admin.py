@@ -69,7 +69,7 @@ def admin_routes(s: Services) -> list[Route]:
         key_id = request.path_params["key_id"]
         if not await s.store.revoke_key(key_id):
             return api_error(404, f"no active key {key_id}")
-        s.keys.evict_key_id(key_id)
+        await s.key_revoked(key_id)
         return JSONResponse({"id": key_id, "revoked": True})
 
     async def keys(request: Request) -> Response:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -15,8 +16,10 @@ from starlette.routing import BaseRoute, Mount, Route, Router
 
 from gateway.admin import Endpoint, admin_routes, guarded
 from gateway.billing.endpoints import portal_endpoint, status_endpoint
+from gateway.billing.keeper import LeaseKeeper, shared_quota
 from gateway.billing.ledger import InProcessLedger
 from gateway.billing.owner import BillingOwner
+from gateway.billing.protocols import QuotaLedger
 from gateway.dashboard import SessionSigner, dashboard_routes
 from gateway.health import healthz_route
 from gateway.healthbar import demo_route, script_route
@@ -24,6 +27,7 @@ from gateway.http_api import not_found, server_error
 from gateway.journal import Journal
 from gateway.keys import KeyCache
 from gateway.limits import LimitsRefresher
+from gateway.metrics import NO_METRICS, Metrics, metrics_endpoint, multiprocess_dir
 from gateway.openapi import openapi_route
 from gateway.polar import PolarBilling
 from gateway.providers.anthropic import AnthropicProvider
@@ -31,11 +35,12 @@ from gateway.providers.gemini import GeminiProvider
 from gateway.proxy import ProxyEndpoint
 from gateway.quota import Ledger
 from gateway.ratelimit_shared import make_limiter
-from gateway.recording import Recorder, recover
+from gateway.recording import Recorder, recover, recover_journal
 from gateway.services import Services, process_owner_id
-from gateway.settings import Settings
+from gateway.settings import Settings, settings_from_env
 from gateway.status_tokens import StatusTokens, signing_key, status_token_route
 from gateway.store import create_store
+from gateway.store.leases_base import Invalidation, InvalidationKind
 from gateway.sync import Syncer
 from gateway.upstream import create_client
 from gateway.webhooks import make_webhook_endpoint
@@ -44,26 +49,55 @@ log = logging.getLogger("gateway")
 
 
 def build_services(settings: Settings, *, shared: bool = False) -> Services:
-    """`shared`: other processes serve from the same database (more than one worker)."""
+    """`shared`: other processes serve from the same database (workers, replicas); implied by
+    PostgreSQL and GATEWAY_SHARED. Then quota goes through leases, rate limits through Redis or the
+    database, and key revocations and limit changes reach every process through the store."""
     store = create_store(settings)
-    shared = shared or settings.is_postgres
+    shared = shared or settings.is_shared
     polar = PolarBilling.from_settings(settings) if settings.polar_enabled else None
     owner = process_owner_id()
     journal = Journal(settings.journal_path, owner)
-    ledger = InProcessLedger(Ledger(store, settings.file.plan))
+    keys = KeyCache(store)
+    ledger: QuotaLedger
+    keeper: LeaseKeeper | None = None
+    if shared:
+
+        def invalidated(inv: Invalidation) -> None:
+            if inv.kind == InvalidationKind.KEY:
+                keys.evict_key_id(inv.subject)
+
+        async def recover_dead(directory: Path) -> object:
+            return await recover_journal(store, directory)
+
+        leased, keeper = shared_quota(
+            settings,
+            store,
+            store,
+            owner,
+            journal_dir=journal.directory,
+            recover=recover_dead,
+            on_invalidation=invalidated,
+            on_dead=store.release_owner_claims,  # its sync claims now rather than after their lease
+        )
+        ledger = leased
+    else:
+        ledger = InProcessLedger(Ledger(store, settings.file.plan))
     limiter = make_limiter(settings, store, shared=shared)
-    recorder = Recorder(store, journal, on_stored=ledger.stored, linger=settings.record_linger_seconds)
+    metrics = NO_METRICS if settings.metrics == "off" else Metrics()
+    recorder = Recorder(store, journal, on_stored=ledger.stored, linger=settings.record_linger_seconds, metrics=metrics)
     return Services(
         polar=polar,
         settings=settings,
         store=store,
-        keys=KeyCache(store),
+        keys=keys,
         ledger=ledger,
         limiter=limiter,
         owner=owner,
         journal=journal,
         recorder=recorder,
-        billing=BillingOwner(ledger, limiter, journal, recorder),
+        billing=BillingOwner(ledger, limiter, journal, recorder, metrics),
+        metrics=metrics,
+        keeper=keeper,
     )
 
 
@@ -130,8 +164,15 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
         applied = await s.store.migrate()
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-        await recover(s.store, s.journal.directory, s.owner)
+        if s.keeper is None:
+            await recover(s.store, s.journal.directory, s.owner)
+        else:
+            # Only what dead processes left: live ones hold their journal segments (flock). The
+            # keeper hands back a dead process's sync claims once it is taken for dead.
+            await recover_journal(s.store, s.journal.directory)
         s.journal.open()
+        if s.keeper is not None:
+            await s.keeper.start()  # after the journal: its lock tells the others this process is alive
         s.client = create_client(settings.connect_timeout_seconds)
         if not settings.anthropic_api_key:
             log.warning("ANTHROPIC_API_KEY is not set: Claude requests will be refused by the provider")
@@ -151,6 +192,7 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
                 max_attempts=settings.sync_max_attempts,
                 backoff_base=settings.sync_backoff_seconds,
                 backoff_max=settings.sync_backoff_max_seconds,
+                metrics=s.metrics,
             )
             s.recorder.on_events = syncer.notify
             refresher = LimitsRefresher(s.store, s.polar, settings.limits_max_age_seconds, s.limits_changed)
@@ -159,6 +201,8 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
                 asyncio.create_task(refresher.run_forever(stop), name="polar-limits"),
             ]
             log.info("Polar %s: syncing usage every %.0f s", settings.polar_environment, settings.sync_interval_seconds)
+        if multiprocess_dir():
+            background.append(asyncio.create_task(s.metrics.flush_every(stop), name="metrics-flush"))
         try:
             yield
         finally:
@@ -175,7 +219,10 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
             await s.recorder.close()
             await s.limiter.close()  # its last token corrections may go to the store
             s.journal.close()
+            if s.keeper is not None:
+                await s.keeper.close()  # leases back, but for what covers requests left to the journal
             await s.store.close()
+            s.metrics.close()
 
     def polar_ok() -> bool | None:
         return syncer.last_call_ok if syncer is not None else None
@@ -197,7 +244,12 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
         Route(
             "/webhooks/polar",
             make_webhook_endpoint(
-                s.store, settings.polar_webhook_secret, _meter_names(s), s.limits_changed, polar=s.polar
+                s.store,
+                settings.polar_webhook_secret,
+                _meter_names(s),
+                s.limits_changed,
+                polar=s.polar,
+                metrics=s.metrics,
             ),
             methods=["POST"],
         ),
@@ -207,6 +259,9 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
         openapi_route(),
         *dashboard_routes(s),
     ]
+    if settings.metrics != "off":
+        scrape = metrics_endpoint(s.metrics, s.store.sync_backlog)
+        routes.append(Route("/metrics", scrape if settings.metrics == "open" else guarded(s, scrape)))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -223,3 +278,17 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
             "/gemini": ProxyEndpoint(gemini, s, "/gemini"),
         },
     )
+
+
+def app_from_env() -> GatewayApp:
+    """The app of one `gateway serve --workers N` worker (uvicorn's factory, called in each spawned
+    process): settings from the environment the parent set, GATEWAY_SHARED among them."""
+    from gateway.collector import tune_collector
+    from gateway.logs import configure_logging
+    from gateway.server import ensure_fd_headroom
+
+    settings = settings_from_env()
+    configure_logging(settings.log_format)
+    tune_collector()
+    ensure_fd_headroom(settings.max_connections)
+    return create_app(settings)

@@ -10,12 +10,15 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from uvicorn.supervisors import Multiprocess
+
 from gateway.admin import key_json
 from gateway.collector import tune_collector
 from gateway.keys import InvalidUserId, check_user_id, issue_key
 from gateway.recording import recover_journal
 from gateway.settings import ConfigError, Settings, settings_from_env
 from gateway.store import Store, create_store
+from gateway.store.leases_base import InvalidationKind
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway (applies migrations first)")
     serve.add_argument("--host", help="overrides GATEWAY_HOST")
     serve.add_argument("--port", type=int, help="overrides GATEWAY_PORT")
-    serve.add_argument("--workers", type=int, default=1, help="processes (SQLite supports 1)")
+    serve.add_argument("--workers", type=int, default=1, help="processes on this machine's cores (default 1)")
     sub.add_parser("migrate", help="apply database migrations")
 
     keys = sub.add_parser("keys", help="manage user keys").add_subparsers(dest="keys_command", required=True)
@@ -100,6 +103,7 @@ def _keys(args: argparse.Namespace, settings: Settings) -> Callable[[Store], Awa
                 print(f"{k.id}  {k.user_id}  {k.prefix}...  {state}  {k.name}")
             return 0
         if await store.revoke_key(args.key_id):
+            await store.notify_invalidation(InvalidationKind.KEY, args.key_id)
             print(f"revoked {args.key_id} (running gateways refuse it within 1 s)")
             return 0
         print(f"error: no active key {args.key_id}", file=sys.stderr)
@@ -111,14 +115,17 @@ def _keys(args: argparse.Namespace, settings: Settings) -> Callable[[Store], Awa
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from gateway.app import create_app
     from gateway.logs import configure_logging
     from gateway.server import ensure_fd_headroom, server_config
 
-    if args.workers != 1:
-        print("error: --workers > 1 needs the PostgreSQL store; SQLite runs one process", file=sys.stderr)
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
         return 2
     configure_logging(settings.log_format)
+    if args.workers > 1:
+        return _serve_workers(args, settings)
+    from gateway.app import create_app
+
     app = create_app(settings)
     tune_collector()
     ensure_fd_headroom(settings.max_connections)
@@ -128,6 +135,46 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down on
         pass
     return 0 if server.started else 1
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor, telling the metrics which worker died (its live gauges stop counting)."""
+
+    def keep_subprocess_alive(self) -> None:
+        before = [p.pid for p in self.processes]
+        super().keep_subprocess_alive()
+        from gateway.metrics import worker_exited
+
+        for old, new in zip(before, [p.pid for p in self.processes], strict=True):
+            if old is not None and old != new:
+                worker_exited(old)
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """N worker processes on one listening socket, restarted by uvicorn's supervisor when one dies.
+    Migrations and the recovery of what a previous run left run once, here, before any worker starts;
+    every worker is a process of its own on the shared database (own id, journal segments, heartbeat)."""
+    import os
+
+    from gateway.server import server_config
+
+    try:
+        asyncio.run(_with_store(settings, _migrate))
+    except Exception as exc:
+        print(f"error: the database is not ready: {exc}", file=sys.stderr)
+        return 1
+    os.environ["GATEWAY_SHARED"] = "1"  # the workers' environment: they share the database
+    if settings.metrics != "off":
+        from gateway.metrics import prepare_multiprocess
+
+        prepare_multiprocess(args.workers)
+    config = server_config("gateway.app:app_from_env", settings, args.host, args.port, workers=args.workers)
+    sock = config.bind_socket()
+    try:
+        _Supervisor(config, sockets=[sock]).run()
+    finally:
+        sock.close()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,8 +59,9 @@ class Identity:
 class KeyCache:
     """Authenticates keys with a short positive cache.
 
-    A revocation through this process (admin API) evicts at once; one made by another
-    process (CLI) is honoured within `ttl` seconds.
+    A revocation evicts at once: made through this process (admin API), directly; through another
+    process or the CLI, when the invalidation log reports it (`LeaseKeeper`), and within `ttl`
+    seconds at the latest should that report fail.
     """
 
     def __init__(self, store: KeyStore, ttl: float = 1.0, max_entries: int = 100_000) -> None:
@@ -68,6 +69,7 @@ class KeyCache:
         self._ttl = ttl
         self._max = max_entries
         self._cache: dict[bytes, tuple[Identity, float]] = {}
+        self._evictions = 0  # a lookup that overlapped an eviction does not cache what it read
 
     async def authenticate(self, key: str | None) -> Identity | None:
         if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
@@ -77,6 +79,7 @@ class KeyCache:
         now = time.monotonic()
         if hit is not None and hit[1] > now:
             return hit[0]
+        evictions = self._evictions
         found = await self._store.find_key(digest)
         if found is None:
             self._cache.pop(digest, None)
@@ -86,12 +89,14 @@ class KeyCache:
             self._cache.pop(digest, None)
             return None
         ident = Identity(key_id=record.id, user_id=record.user_id)
-        if len(self._cache) >= self._max:
-            self._cache.clear()
-        self._cache[digest] = (ident, now + self._ttl)
+        if evictions == self._evictions:
+            if len(self._cache) >= self._max:
+                self._cache.clear()
+            self._cache[digest] = (ident, now + self._ttl)
         return ident
 
     def evict_key_id(self, key_id: str) -> None:
+        self._evictions += 1
         for digest, (ident, _) in list(self._cache.items()):
             if ident.key_id == key_id:
                 del self._cache[digest]

@@ -12,12 +12,14 @@ import asyncio
 import logging
 import random
 import time
+from time import perf_counter
 from typing import Any
 
 import aiohttp
 import orjson
 
 from gateway.billing.owner import Hold, Refused, Result
+from gateway.logs import REQUEST_ID
 from gateway.metering import ContentDecoder, Usage
 from gateway.outcomes import Outcome
 from gateway.providers.base import DROP_RESPONSE_HEADERS, Call, InvalidModel, Provider, Route, header
@@ -37,6 +39,8 @@ class ClientGone(Exception):
 
 # Without it the server keeps reading (and discarding) the rest of an oversized upload.
 _CLOSE = [(b"connection", b"close")]
+# Route labels of requests no provider route matched (the raw path would make a label per path).
+UNMATCHED, INVALID = "unmatched", "invalid"
 WATCH_AFTER_SECONDS = 0.25  # a stream watches for its client leaving once it has run this long
 
 
@@ -68,6 +72,7 @@ class ProxyEndpoint:
         self.provider = provider
         self.s = services
         self.prefix = prefix
+        self._metrics = services.metrics.for_provider(provider.name)
         settings = services.settings
         self._timeout = aiohttp.ClientTimeout(
             total=None,  # streams may run for any length of time; silence is what is bounded
@@ -76,8 +81,18 @@ class ProxyEndpoint:
         )
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        provider, s = self.provider, self.s
+        arrived = perf_counter()
         request_id = new_request_id()
+        REQUEST_ID.set(request_id)  # (this task serves only this request)
+        answered = await self._handle(scope, receive, send, request_id, arrived)
+        if answered is not None:
+            self._metrics.request(*answered)
+
+    async def _handle(
+        self, scope: Scope, receive: Any, send: Any, request_id: str, arrived: float
+    ) -> tuple[str, int] | None:
+        """Serve one request; returns its route operation and the status answered (None: the client left)."""
+        provider, s = self.provider, self.s
         rid = (b"x-gateway-request-id", request_id.encode())
         method, query, headers = scope["method"], scope["query_string"], scope["headers"]
         path = scope["path"][len(self.prefix) :]
@@ -85,43 +100,47 @@ class ProxyEndpoint:
         try:
             route = provider.match(method, path, query)
         except InvalidModel as exc:
-            return await self._error(send, 400, "invalid_request_error", str(exc), rid)
+            return INVALID, await self._error(send, 400, "invalid_request_error", str(exc), rid)
         if route is None:
-            return await self._error(send, 404, "not_found", f"{method} {path} is not served by the gateway", rid)
+            message = f"{method} {path} is not served by the gateway"
+            return UNMATCHED, await self._error(send, 404, "not_found", message, rid)
+        op = route.operation
 
         # 1. authenticate
         ident = await s.keys.authenticate(provider.extract_key(headers, query))
         if ident is None:
-            return await self._error(send, 401, "authentication_error", "invalid or revoked gateway key", rid)
+            s.metrics.refused(401, "invalid_key")
+            return op, await self._error(send, 401, "authentication_error", "invalid or revoked gateway key", rid)
 
         # 2. read and check the request
         body, obj = b"", None
         if route.has_body:
             length = header(headers, b"content-length")
             if length is not None and length.isdigit() and int(length) > s.settings.max_body_bytes:
-                return await self._error(send, 413, "request_too_large", self._too_large(), rid, extra_headers=_CLOSE)
+                return op, await self._too_large(send, rid)
             try:
                 maybe = await read_body(receive, s.settings.max_body_bytes)
             except ClientGone:
-                return
+                return None
             if maybe is None:
-                return await self._error(send, 413, "request_too_large", self._too_large(), rid, extra_headers=_CLOSE)
+                return op, await self._too_large(send, rid)
             body = maybe
             try:
                 obj = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
-                return await self._error(send, 400, "invalid_request_error", f"malformed JSON body: {exc}", rid)
+                return op, await self._error(send, 400, "invalid_request_error", f"malformed JSON body: {exc}", rid)
             if not isinstance(obj, dict):
-                return await self._error(send, 400, "invalid_request_error", "the JSON body must be an object", rid)
+                message = "the JSON body must be an object"
+                return op, await self._error(send, 400, "invalid_request_error", message, rid)
         call = provider.prepare(route, body, obj) if route.metered else None
 
         # 3. begin billing: rate limit, then quota (check and reserve in one step), then the journal
         if call is None:
             refused = await s.billing.admit(ident.user_id)
             if refused is not None:
-                return await self._refuse(send, refused, rid)
-            await self._forward(route, None, body, headers, send, receive, rid)
-            return
+                return op, await self._refuse(send, refused, rid)
+            plain = await self._forward(route, None, body, headers, send, receive, rid, arrived)
+            return op, plain.status or 0
         record = RequestRecord(
             id=request_id,
             user_id=ident.user_id,
@@ -136,18 +155,19 @@ class ProxyEndpoint:
         )
         hold = await s.billing.begin(record, call.rate_tokens)
         if not isinstance(hold, Hold):
-            return await self._refuse(send, hold, rid)
+            return op, await self._refuse(send, hold, rid)
 
         # 4. forward, metering beside the relay
         # If the relay itself fails, the provider may still have billed: bill the reservation, estimated.
         result = Result(500, Outcome.GATEWAY_ERROR, None, estimated=True)
         try:
-            result = await self._forward(route, call, body, headers, send, receive, rid)
+            result = await self._forward(route, call, body, headers, send, receive, rid, arrived)
         finally:
             # 5. finish billing: the final usage journaled, the ledger moved from reserved to consumed
             hold.finish(result)
+        return op, result.status or 0
 
-    async def _refuse(self, send: Any, refused: Refused, rid: tuple[bytes, bytes]) -> None:
+    async def _refuse(self, send: Any, refused: Refused, rid: tuple[bytes, bytes]) -> int:
         """The provider-shaped answer to a request billing would not begin."""
         if (limited := refused.rate) is not None:
             if limited.reason == "unavailable":
@@ -193,8 +213,10 @@ class ProxyEndpoint:
         send: Any,
         receive: Any,
         rid: tuple[bytes, bytes],
+        arrived: float,
     ) -> Result:
         provider, settings = self.provider, self.s.settings
+        forwarded = perf_counter()
         try:
             resp = await self.s.http.request(
                 "POST" if route.has_body else "GET",
@@ -212,6 +234,7 @@ class ProxyEndpoint:
             await self._error(send, 502, "api_error", "the provider could not be reached", rid)
             return Result(502, Outcome.UPSTREAM_UNREACHABLE, None)
 
+        self._metrics.forwarded(forwarded - arrived, perf_counter() - forwarded)
         async with resp:
             status = resp.status
             out_headers = [(lk, v) for k, v in resp.raw_headers if (lk := k.lower()) not in DROP_RESPONSE_HEADERS]
@@ -295,7 +318,8 @@ class ProxyEndpoint:
         rid: tuple[bytes, bytes],
         extra: dict[str, Any] | None = None,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
+    ) -> int:
+        """Answer with the provider-shaped error; returns `status`."""
         body = self.provider.error_body(status, kind, message, extra)
         headers = [
             (b"content-type", b"application/json"),
@@ -305,9 +329,11 @@ class ProxyEndpoint:
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+        return status
 
-    def _too_large(self) -> str:
-        return f"request body exceeds the gateway limit of {self.s.settings.max_body_bytes} bytes"
+    async def _too_large(self, send: Any, rid: tuple[bytes, bytes]) -> int:
+        message = f"request body exceeds the gateway limit of {self.s.settings.max_body_bytes} bytes"
+        return await self._error(send, 413, "request_too_large", message, rid, extra_headers=_CLOSE)
 
 
 class _DisconnectWatch:

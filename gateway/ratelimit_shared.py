@@ -12,6 +12,7 @@ with Retry-After 1 ("closed"), and says so in the log at most once a minute.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -84,12 +85,17 @@ class Settler:
         key = (user_id, second)
         self._pending[key] = self._pending.get(key, 0) + delta
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="ratelimit-settle")
+            # (a context of its own: what it logs belongs to no one request's id)
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="ratelimit-settle", context=contextvars.Context()
+            )
 
     def kick(self) -> None:
         """Run the sender even with nothing to correct (it has other background work)."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="ratelimit-settle")
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="ratelimit-settle", context=contextvars.Context()
+            )
 
     async def _run(self) -> None:
         try:

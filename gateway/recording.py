@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 from gateway.events import event_count
 from gateway.journal import Journal, Segment, orphans
 from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, GEMINI_CACHED
+from gateway.metrics import NO_METRICS, Metrics
 from gateway.outcomes import Outcome
 from gateway.store.base import RecoveryStore, RequestRecord, RequestStore
 from gateway.timeutil import utcnow
@@ -45,7 +47,9 @@ class Recorder:
         max_batch: int = 2000,
         max_attempts: int = 3,
         retry_seconds: float = 0.5,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.journal = journal
         self.on_events = on_events
@@ -70,7 +74,8 @@ class Recorder:
         if len(self._queue) >= self.max_batch:
             self._full.set()
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="recorder")
+            # A context of its own: the task outlives the request that happened to start it (its log request id).
+            self._task = asyncio.create_task(self._run(), name="recorder", context=contextvars.Context())
 
     async def _run(self) -> None:
         while self._queue:
@@ -92,6 +97,7 @@ class Recorder:
             await self.store.finish_requests([f.record for f in batch])
             results: list[BaseException | None] = [None] * len(batch)
         except Exception:
+            self.metrics.store_error("finish_requests")
             # One bad record must not hold back the others: go one by one.
             results = await asyncio.gather(
                 *(self.store.finish_request(f.record) for f in batch), return_exceptions=True
@@ -115,6 +121,7 @@ class Recorder:
         if not failed:
             self._backoff = 0.0
             return 0.0
+        self.metrics.store_error("finish_request", len(failed))
         if len(failed) == len(batch):
             # Nothing went in: the store is down or locked, not these records. Keep them all and wait.
             self._backoff = min(max(2 * self._backoff, self.retry_seconds), 60 * self.retry_seconds)

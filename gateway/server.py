@@ -160,14 +160,35 @@ def protocol_class(settings: Settings) -> type[BoundedProtocol]:
     )
 
 
-def server_config(app: Any, settings: Settings, host: str | None = None, port: int | None = None) -> uvicorn.Config:
-    """The uvicorn configuration `gateway serve` runs (and the tests serve the app with)."""
+_worker_protocol: type[BoundedProtocol] | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """`WorkerProtocol`: the protocol class of a spawned worker, by import string (a class made at
+    run time cannot be pickled to it), sized from the settings in the worker's environment."""
+    global _worker_protocol
+    if name != "WorkerProtocol":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _worker_protocol is None:
+        from gateway.settings import settings_from_env
+
+        _worker_protocol = protocol_class(settings_from_env(load_file=False))
+    return _worker_protocol
+
+
+def server_config(
+    app: Any, settings: Settings, host: str | None = None, port: int | None = None, *, workers: int = 1
+) -> uvicorn.Config:
+    """The uvicorn configuration `gateway serve` runs (and the tests serve the app with). With
+    `workers` > 1, `app` is the import string of a factory each spawned worker calls."""
     return uvicorn.Config(
         app,
         host=host or settings.host,
         port=port or settings.port,
+        workers=workers,
+        factory=workers > 1,
         loop="uvloop",
-        http=protocol_class(settings),
+        http="gateway.server:WorkerProtocol" if workers > 1 else protocol_class(settings),
         ws="none",  # no WebSocket routes: an upgrade must not hand the connection to another protocol
         lifespan="on",
         access_log=False,

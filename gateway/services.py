@@ -9,15 +9,18 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from gateway.billing.keeper import LeaseKeeper
 from gateway.billing.owner import BillingOwner
 from gateway.billing.protocols import QuotaLedger
 from gateway.journal import Journal
 from gateway.keys import KeyCache
+from gateway.metrics import NO_METRICS, Metrics
 from gateway.polar import PolarBilling
 from gateway.ratelimit import RateLimit
 from gateway.recording import Recorder
 from gateway.settings import Settings
 from gateway.store.base import Store
+from gateway.store.leases_base import InvalidationKind
 
 
 def process_owner_id() -> str:
@@ -38,10 +41,21 @@ class Services:
     billing: BillingOwner  # begins and finishes metered requests over ledger, limiter, journal and recorder
     client: aiohttp.ClientSession | None = None  # created in the lifespan (needs a running loop)
     polar: PolarBilling | None = None  # None when POLAR_ACCESS_TOKEN is not set
+    metrics: Metrics = NO_METRICS  # GATEWAY_METRICS=off: hooks that do nothing
+    keeper: LeaseKeeper | None = None  # shared: the leased ledger's keeper; tells this process what others changed
 
     async def limits_changed(self, user_id: str) -> None:
-        """Polar changed a customer's limits (webhook or refresh): the next pre-check reloads them."""
+        """Polar changed a customer's limits (webhook or refresh): the next pre-check reloads them,
+        here and (shared) in every other process."""
         self.ledger.invalidate(user_id)
+        if self.keeper is not None:
+            await self.store.notify_invalidation(InvalidationKind.LIMITS, user_id)
+
+    async def key_revoked(self, key_id: str) -> None:
+        """Refuse the key at once, here and (shared) in every other process."""
+        self.keys.evict_key_id(key_id)
+        if self.keeper is not None:
+            await self.store.notify_invalidation(InvalidationKind.KEY, key_id)
 
     @property
     def http(self) -> aiohttp.ClientSession:

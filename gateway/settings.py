@@ -20,6 +20,7 @@ from gateway.meters import ALL_METERS
 from gateway.ratelimit import StoreErrorPolicy
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+METRICS_MODES = ("open", "admin", "off")
 
 
 class ConfigError(Exception):
@@ -143,6 +144,7 @@ class Settings:
     drain_timeout_seconds: float = 120.0
     drain_max_bytes: int = 8 * 1024 * 1024
     log_format: str = "text"
+    metrics: str = "admin"  # GET /metrics: "open", "admin" (behind the admin token) or "off"
     redis_url: str = ""  # shared rate limits in Redis; "" = in the database when shared, else in memory
     client_timeout_seconds: float = 30.0  # to receive a request's headers, and again its body
     max_connections: int = 4096  # open client connections; past it new ones get a 503
@@ -165,11 +167,17 @@ class Settings:
     keeper_poll_seconds: float = 0.05  # how often each process reads the invalidation log (recalls, limits, keys)
     heartbeat_seconds: float = 1.0
     heartbeat_stale_seconds: float = 10.0  # no heartbeat this long: the process is dead, its leases are released
+    shared: bool = False  # other processes serve from this database (set for `--workers`; implied by PostgreSQL)
     file: FileConfig = field(default_factory=FileConfig)
 
     @property
     def is_postgres(self) -> bool:
         return self.database_url.startswith(POSTGRES_SCHEMES)
+
+    @property
+    def is_shared(self) -> bool:
+        """Whether other processes may serve from the same database (quota, limits and keys go through it)."""
+        return self.shared or self.is_postgres
 
     @property
     def sqlite_path(self) -> str:
@@ -218,6 +226,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_DRAIN_TIMEOUT_SECONDS": ("drain_timeout_seconds", float),
     "GATEWAY_DRAIN_MAX_BYTES": ("drain_max_bytes", int),
     "GATEWAY_LOG_FORMAT": ("log_format", str),
+    "GATEWAY_METRICS": ("metrics", str),
     "GATEWAY_REDIS_URL": ("redis_url", str),
     "GATEWAY_CLIENT_TIMEOUT_SECONDS": ("client_timeout_seconds", float),
     "GATEWAY_MAX_CONNECTIONS": ("max_connections", int),
@@ -238,7 +247,10 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_KEEPER_POLL_SECONDS": ("keeper_poll_seconds", float),
     "GATEWAY_HEARTBEAT_SECONDS": ("heartbeat_seconds", float),
     "GATEWAY_HEARTBEAT_STALE_SECONDS": ("heartbeat_stale_seconds", float),
+    "GATEWAY_SHARED": ("shared", bool),
 }
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def redact_url(url: str) -> str:
@@ -250,6 +262,14 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
 
 
+def _parse_bool(var: str, raw: str) -> bool:
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ConfigError(f"{var} must be 1 or 0 (true or false), got {raw!r}")
+
+
 def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool = True) -> Settings:
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
@@ -258,7 +278,7 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         if raw is None or raw == "":
             continue
         try:
-            value = kind(raw)
+            value = _parse_bool(var, raw) if kind is bool else kind(raw)
         except ValueError:
             raise ConfigError(f"{var} must be {kind.__name__}, got {raw!r}") from None
         if kind in (int, float) and value < 0:
@@ -286,6 +306,8 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         raise ConfigError("GATEWAY_HEARTBEAT_STALE_SECONDS must be at least 3 x GATEWAY_HEARTBEAT_SECONDS")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("GATEWAY_LOG_FORMAT must be 'text' or 'json'")
+    if settings.metrics not in METRICS_MODES:
+        raise ConfigError(f"GATEWAY_METRICS must be one of {', '.join(METRICS_MODES)}, got {settings.metrics!r}")
     for name in ("anthropic_upstream", "gemini_upstream"):
         url = getattr(settings, name)
         if not url.startswith(("http://", "https://")):

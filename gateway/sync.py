@@ -18,15 +18,39 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from enum import StrEnum
 from typing import Protocol
 
-from gateway.polar import BatchRejected, IngestResult, PolarAuthError, PolarBillingError, event_payload
+from gateway.metrics import NO_METRICS, Metrics
+from gateway.polar import (
+    BatchRejected,
+    IngestResult,
+    PolarAuthError,
+    PolarBillingError,
+    RetryableError,
+    event_payload,
+)
 from gateway.store.base import Outbox, PendingEvent
 from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.sync")
 
 _MAX_RETRY_AFTER = 3600.0
+
+
+class SyncFailure(StrEnum):
+    """Why a batch did not go in (the `cause` label of the sync failures metric)."""
+
+    REJECTED = "rejected"  # Polar refused events in it (422): they count attempts
+    UNAVAILABLE = "unavailable"  # network, timeout, 429 or 5xx: the batch waits
+    AUTH = "auth"  # the token or its scopes are wrong
+    ERROR = "error"  # anything else, the store included
+
+
+def _cause(exc: PolarBillingError) -> SyncFailure:
+    if isinstance(exc, RetryableError):
+        return SyncFailure.UNAVAILABLE
+    return SyncFailure.AUTH if isinstance(exc, PolarAuthError) else SyncFailure.ERROR
 
 
 class Ingestor(Protocol):
@@ -83,7 +107,9 @@ class Syncer:
         backoff_base: float = 2.0,
         backoff_max: float = 300.0,
         max_batches_per_pass: int = 100,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.polar = polar
         self.owner = owner
@@ -136,6 +162,7 @@ class Syncer:
                     delay = self.outage_delay(result.retry_after)
                     log.warning("Polar unavailable (%s); next sync in %.1f s", result.error, delay)
             except Exception:
+                self.metrics.sync_failed(SyncFailure.ERROR)
                 self.outages += 1
                 delay = self.outage_delay()
                 log.exception("sync pass failed; next sync in %.1f s", delay)
@@ -207,13 +234,16 @@ class Syncer:
         if not chunk:
             return None, []
         result.batches += 1
+        self.metrics.sync_attempt()
         try:
             outcome = await self.polar.ingest(chunk)
         except BatchRejected as exc:
             self.last_call_ok = True
+            self.metrics.sync_failed(SyncFailure.REJECTED)
             return await self._split(chunk, exc, claim, result)
         except PolarBillingError as exc:  # RetryableError, PolarAuthError, anything else from Polar
             self.last_call_ok = False
+            self.metrics.sync_failed(_cause(exc))
             return exc, chunk
         self.last_call_ok = True
         result.synced += len(chunk)

@@ -2,8 +2,10 @@
 
 Signatures are checked by polar-sdk's `validate_event` (polar.webhooks) on the raw body (it accepts both the
 legacy and the Standard Webhooks secret encodings). Deliveries are deduplicated on
-`webhook-id`; snapshots are ordered by the payload timestamp (the store refuses older ones),
-so retries and out-of-order deliveries can't roll limits back. Answers fast: Polar gives 2 s.
+`webhook-id`, claimed before processing so that a delivery reaching several replicas is applied
+once (a failed one is forgotten again, for Polar's retry); snapshots are ordered by the payload
+timestamp (the store refuses older ones), so retries and out-of-order deliveries can't roll limits
+back. Answers fast: Polar gives 2 s.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.http_api import MAX_BODY_BYTES, BodyRefused, api_error, read_body
+from gateway.metrics import NO_METRICS, OTHER, Metrics
 from gateway.polar import PolarBilling, PolarBillingError, limits_from_state, valid_user_id
 from gateway.store.base import CustomerLimits, WebhookStore
 from gateway.timeutil import parse_iso, utcnow
@@ -69,33 +72,41 @@ def make_webhook_endpoint(
     *,
     polar: PolarBilling | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    metrics: Metrics = NO_METRICS,
 ) -> Endpoint:
     """The Starlette endpoint. `polar` (optional) lets benefit_grant.* refresh the customer's state."""
     refreshing: set[asyncio.Task[None]] = set()
 
     async def endpoint(request: Request) -> Response:
+        event_type, outcome, response = await _receive(request)
+        # An unverified body or an unknown type is "other": a label value is never what a sender chose.
+        metrics.webhook(event_type if event_type in KNOWN_EVENT_TYPES else OTHER, outcome)
+        return response
+
+    async def _receive(request: Request) -> tuple[str, str, Response]:
+        """(event type, outcome, the answer)"""
         if not secret:
-            return api_error(503, "webhooks are not configured")
+            return OTHER, "unconfigured", api_error(503, "webhooks are not configured")
         try:
             body = await read_body(request, max_body_bytes)
         except BodyRefused as exc:
-            return exc.response
+            return OTHER, "invalid_payload", exc.response
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
-            return api_error(400, "invalid payload")
+            return OTHER, "invalid_payload", api_error(400, "invalid payload")
         headers = dict(request.headers)
         typed: Any = None
         try:
             typed = validate_event(text, headers, secret, KNOWN_EVENT_TYPES, _load_payload)
         except PolarWebhookVerificationError:
-            return api_error(403, "invalid signature")
+            return OTHER, "invalid_signature", api_error(403, "invalid signature")
         except RecursionError:
             # The SDK parses the verified body with the json module, which gives up on deep nesting this way.
-            return api_error(400, "invalid payload")
+            return OTHER, "invalid_payload", api_error(400, "invalid payload")
         except PolarWebhookUnknownTypeError as exc:
             log.info("ignoring unknown Polar webhook type %r", exc.event_type)
-            return JSONResponse({"status": "ignored"}, status_code=202)
+            return OTHER, "ignored", JSONResponse({"status": "ignored"}, status_code=202)
         except PolarWebhookError:
             # The signature is verified (it is checked first; the body is valid UTF-8), but this SDK
             # version could not load the payload model. Fall back to the raw JSON for what we need.
@@ -103,20 +114,21 @@ def make_webhook_endpoint(
         try:
             raw = orjson.loads(body)
         except orjson.JSONDecodeError:
-            return api_error(400, "invalid payload")
+            return OTHER, "invalid_payload", api_error(400, "invalid payload")
         if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
-            return api_error(400, "invalid payload")
+            return OTHER, "invalid_payload", api_error(400, "invalid payload")
         event_type: str = raw["type"]
         webhook_id = headers.get("webhook-id", "")
-        if await store.webhook_recorded(webhook_id):
-            return JSONResponse({"status": "duplicate"}, status_code=200)
+        # Claim the delivery first: of replicas receiving it at once, one processes it.
+        if not await store.record_webhook(webhook_id, event_type):
+            return event_type, "duplicate", JSONResponse({"status": "duplicate"}, status_code=200)
         try:
             status = await _handle(event_type, typed, raw)
         except Exception:
             log.exception("processing Polar webhook %s failed", event_type)
-            return api_error(500, "processing failed")  # Polar will retry
-        await store.record_webhook(webhook_id, event_type)
-        return JSONResponse({"status": status}, status_code=200)
+            await store.forget_webhook(webhook_id)  # so that Polar's retry is processed
+            return event_type, "failed", api_error(500, "processing failed")
+        return event_type, status, JSONResponse({"status": status}, status_code=200)
 
     async def _handle(event_type: str, typed: Any, raw: dict[str, Any]) -> str:
         data = typed.data if typed is not None else raw.get("data")

@@ -306,20 +306,28 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
 class GatewayProcess:
     """`python -m gateway serve` as a real process, for kill -9 and restart tests."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None) -> None:
+    def __init__(self, env: dict[str, str], port: int | None = None, args: tuple[str, ...] = ()) -> None:
+        self.args = args  # after `serve`, e.g. ("--workers", "3")
         self.port = port or free_port()
         self.env = {**os.environ, **env, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(self.port)}
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> GatewayProcess:
+        return self.launch().wait_healthy()
+
+    def launch(self) -> GatewayProcess:
+        """Start the process without waiting (start several at once, then `wait_healthy` each)."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve"],
+            [sys.executable, "-m", "gateway", "serve", *self.args],
             env=self.env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+        return self
+
+    def wait_healthy(self) -> GatewayProcess:
 
         def healthy() -> bool:
             if self.proc is not None and self.proc.poll() is not None:

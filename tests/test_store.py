@@ -308,6 +308,14 @@ async def test_webhook_deliveries_are_recorded_once(store: Store) -> None:
     assert sorted(results) == [False] * 4 + [True]
 
 
+async def test_a_forgotten_webhook_delivery_can_be_claimed_again(store: Store) -> None:
+    assert await store.record_webhook("wh_f", "customer.state_changed") is True
+    await store.forget_webhook("wh_f")  # its processing failed: the retry must be processed
+    assert await store.webhook_recorded("wh_f") is False
+    assert await store.record_webhook("wh_f", "customer.state_changed") is True
+    await store.forget_webhook("wh_unknown")  # nothing to forget: no error
+
+
 # ---------------------------------------------------------------------- SQLite upgrades
 
 
@@ -382,3 +390,15 @@ def test_settings_take_a_postgres_url_and_never_show_its_password() -> None:
         settings_from_env({"GATEWAY_DATABASE_URL": "mysql://db/gw"}, load_file=False)
     with pytest.raises(ConfigError, match="at least 1"):
         settings_from_env({"GATEWAY_DATABASE_POOL_SIZE": "0"}, load_file=False)
+
+
+def test_shared_is_set_by_gateway_shared_or_implied_by_postgres() -> None:
+    from gateway.settings import ConfigError, settings_from_env
+
+    assert settings_from_env({}, load_file=False).is_shared is False
+    assert settings_from_env({"GATEWAY_SHARED": "1"}, load_file=False).is_shared is True
+    assert settings_from_env({"GATEWAY_SHARED": "false"}, load_file=False).is_shared is False
+    pg = {"GATEWAY_DATABASE_URL": "postgresql://gw@db/gw", "GATEWAY_SHARED": "0"}
+    assert settings_from_env(pg, load_file=False).is_shared is True
+    with pytest.raises(ConfigError, match="GATEWAY_SHARED must be 1 or 0"):
+        settings_from_env({"GATEWAY_SHARED": "maybe"}, load_file=False)

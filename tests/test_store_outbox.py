@@ -144,6 +144,16 @@ async def test_release_claims_hands_back_other_owners_claims(store: Store) -> No
     assert len(await store.claim_events("other", 10, 600)) == 4  # 3 handed back + 1 never claimed; mine kept
 
 
+async def test_release_owner_claims_hands_back_one_dead_owners_claims(store: Store) -> None:
+    await store.finish_requests([used(f"req_{i}", {"claude_input_tokens": 1}) for i in range(4)])
+    await store.claim_events("dead", 2, 600)
+    await store.claim_events("alive", 1, 600)
+    assert await store.release_owner_claims("dead") == 2
+    assert await store.release_owner_claims("dead") == 0
+    # the dead owner's 2 and the one never claimed; the live owner's claim is kept
+    assert len(await store.claim_events("other", 10, 600)) == 3
+
+
 async def test_usage_summary_orders_by_user_then_meter_and_counts_images_per_unit(store: Store) -> None:
     await store.finish_requests(
         [

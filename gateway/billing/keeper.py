@@ -48,6 +48,7 @@ class LeaseKeeper:
         journal_dir: Path | None,
         recover: Callable[[Path], Awaitable[object]] | None = None,
         on_invalidation: Callable[[Invalidation], None] | None = None,
+        on_dead: Callable[[str], Awaitable[object]] | None = None,
         poll: float = 0.05,
         heartbeat: float = 1.0,
         stale: float = 10.0,
@@ -60,6 +61,7 @@ class LeaseKeeper:
         self.journal_dir = journal_dir
         self.recover = recover  # stores the orphans of a journal directory (`recording.recover_journal`)
         self.on_invalidation = on_invalidation  # limits/key entries, after the ledger's own invalidate
+        self.on_dead = on_dead  # with a dead process's owner id, after its leases went (its sync claims)
         self.poll = poll
         self.heartbeat = heartbeat
         self.stale = stale
@@ -145,6 +147,8 @@ class LeaseKeeper:
             if local and self.recover is not None:
                 await self.recover(Path(p.journal))
             rows = await self.store.release_owner(p.owner)
+            if self.on_dead is not None:
+                await self.on_dead(p.owner)
             log.warning("released %d lease(s) of stopped process %s", rows, p.owner)
             released.append(p.owner)
         return released
@@ -159,6 +163,7 @@ def shared_quota(
     journal_dir: Path | None,
     recover: Callable[[Path], Awaitable[object]] | None,
     on_invalidation: Callable[[Invalidation], None] | None,
+    on_dead: Callable[[str], Awaitable[object]] | None = None,
 ) -> tuple[LeasedLedger, LeaseKeeper]:
     """The shared ledger and its keeper, configured from the settings."""
     ledger = LeasedLedger(
@@ -177,6 +182,7 @@ def shared_quota(
         journal_dir=journal_dir,
         recover=recover,
         on_invalidation=on_invalidation,
+        on_dead=on_dead,
         poll=settings.keeper_poll_seconds,
         heartbeat=settings.heartbeat_seconds,
         stale=settings.heartbeat_stale_seconds,

@@ -19,6 +19,7 @@ from gateway.billing.protocols import QuotaLedger, RateLimit, Reservation
 from gateway.journal import Segment
 from gateway.metering import Usage
 from gateway.meters import GEMINI_IMAGES
+from gateway.metrics import NO_METRICS, Metrics
 from gateway.outcomes import Outcome
 from gateway.quota import Refusal
 from gateway.ratelimit import RateLimited
@@ -70,16 +71,33 @@ def token_total(usage: Mapping[str, int]) -> int:
 
 
 class BillingOwner:
-    def __init__(self, ledger: QuotaLedger, limiter: RateLimit, journal: RequestJournal, recorder: RecordSink) -> None:
+    def __init__(
+        self,
+        ledger: QuotaLedger,
+        limiter: RateLimit,
+        journal: RequestJournal,
+        recorder: RecordSink,
+        metrics: Metrics = NO_METRICS,
+    ) -> None:
         self.ledger = ledger
         self.limiter = limiter
         self.journal = journal
         self.recorder = recorder
+        self.metrics = metrics
+
+    def _refused(self, refused: Refused) -> Refused:
+        if refused.rate is not None:
+            self.metrics.refused(429, refused.rate.reason)
+        elif refused.kind is RefusalKind.QUOTA:
+            self.metrics.refused(402, RefusalKind.QUOTA.value)
+        else:
+            self.metrics.refused(503, refused.kind.value)
+        return refused
 
     async def admit(self, user_id: str) -> Refused | None:
         """An unmetered request: counted against requests per minute only, nothing to settle."""
         limited, _ = await self.limiter.acquire(user_id, 0)
-        return None if limited is None else Refused(RefusalKind.RATE_LIMITED, rate=limited)
+        return None if limited is None else self._refused(Refused(RefusalKind.RATE_LIMITED, rate=limited))
 
     async def begin(self, record: RequestRecord, rate_tokens: int) -> Hold | Refused:
         """Take what `record` (its user, key and `reservation`) needs before it runs, or refuse.
@@ -89,18 +107,19 @@ class BillingOwner:
         user_id = record.user_id
         limited, ticket = await self.limiter.acquire(user_id, rate_tokens)
         if limited is not None:
-            return Refused(RefusalKind.RATE_LIMITED, rate=limited)
+            return self._refused(Refused(RefusalKind.RATE_LIMITED, rate=limited))
         reservation = await self.ledger.reserve(user_id, record.reservation)
         if isinstance(reservation, Refusal):
             self.limiter.settle(user_id, ticket, 0)
-            return Refused(RefusalKind.QUOTA, quota=reservation)
+            return self._refused(Refused(RefusalKind.QUOTA, quota=reservation))
         try:
             begun = self.journal.begin(record)
         except OSError:
             log.exception("could not journal request %s", record.id)
             self.ledger.settle(reservation, {})
             self.limiter.settle(user_id, ticket, 0)
-            return Refused(RefusalKind.UNRECORDABLE)
+            return self._refused(Refused(RefusalKind.UNRECORDABLE))
+        self.metrics.reservation_taken()
         return Hold(self, record, reservation, ticket, begun)
 
 
@@ -149,3 +168,4 @@ class Hold:
         owner.ledger.settle(self.reservation, record.usage)
         owner.limiter.settle(record.user_id, self.ticket, token_total(record.usage))
         owner.recorder.add(record, [self.begun, finished])
+        owner.metrics.reservation_settled(record.usage)

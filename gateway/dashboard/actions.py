@@ -7,7 +7,6 @@ changes nothing.
 from __future__ import annotations
 
 import logging
-from typing import cast
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -25,7 +24,6 @@ from gateway.dashboard.pages import Pages
 from gateway.dashboard.render import SECURITY_HEADERS, page
 from gateway.keys import USER_ID_RE, InvalidUserId, issue_key
 from gateway.services import Services
-from gateway.store.leases_base import InvalidationKind, InvalidationLog
 
 log = logging.getLogger("gateway.dashboard")
 
@@ -107,9 +105,7 @@ class Actions:
         if not USER_ID_RE.fullmatch(user_id) or all(k.id != key_id for k in await self.s.store.list_keys(user_id)):
             return _refused(f"{user_id} has no key {key_id}.", 404)
         if await self.s.store.revoke_key(key_id):
-            self.s.keys.evict_key_id(key_id)
-            # Other processes forget the key through the invalidation log (both stores keep one).
-            await cast(InvalidationLog, self.s.store).notify_invalidation(InvalidationKind.KEY, key_id)
+            await self.s.key_revoked(key_id)  # here at once; other processes through the invalidation log
         return _see(f"/admin/users/{user_id}?revoked={key_id}")
 
     async def requeue(self, request: Request) -> Response:

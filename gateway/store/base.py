@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from gateway.outcomes import Outcome
 from gateway.ratelimit import Bucket, RateLimited
 from gateway.store.dashboard_base import DashboardReads
+from gateway.store.leases_base import LeaseStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +178,10 @@ class Outbox(Protocol):
         """Claims of other (stopped) owners back to pending; returns how many requests."""
         ...
 
+    async def release_owner_claims(self, owner: str) -> int:
+        """Claims of one stopped owner back to pending (processes sharing the database); how many requests."""
+        ...
+
     async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]: ...
     async def failed_events(self, limit: int = 100) -> list[tuple[PendingEvent, str]]: ...
     async def sync_backlog(self) -> SyncBacklog:
@@ -198,7 +203,12 @@ class LimitsStore(Protocol):
 
 class WebhookLog(Protocol):
     async def record_webhook(self, webhook_id: str, event_type: str) -> bool:
-        """Remember a processed delivery; False when this webhook id was recorded before."""
+        """Claim a delivery (insert if absent, atomic across processes); False when this webhook id
+        was recorded before."""
+        ...
+
+    async def forget_webhook(self, webhook_id: str) -> None:
+        """Drop a claimed delivery whose processing failed, so the sender's retry is processed."""
         ...
 
     async def webhook_recorded(self, webhook_id: str) -> bool: ...
@@ -229,7 +239,16 @@ class RateWindowStore(Protocol):
 
 
 class Store(
-    Lifecycle, KeyStore, RequestStore, Outbox, LimitsStore, WebhookLog, RateWindowStore, DashboardReads, Protocol
+    Lifecycle,
+    KeyStore,
+    RequestStore,
+    Outbox,
+    LimitsStore,
+    WebhookLog,
+    RateWindowStore,
+    LeaseStore,
+    DashboardReads,
+    Protocol,
 ):
     """Everything: what `gateway.store.create_store` returns. Users annotate the narrow protocol they need."""
 

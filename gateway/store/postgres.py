@@ -216,5 +216,8 @@ class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox, Postgre
         )
         return affected(status) > 0
 
+    async def forget_webhook(self, webhook_id: str) -> None:
+        await self.pool.execute("DELETE FROM webhook_deliveries WHERE webhook_id = $1", webhook_id)
+
     async def webhook_recorded(self, webhook_id: str) -> bool:
         return bool(await self.pool.fetchval("SELECT 1 FROM webhook_deliveries WHERE webhook_id = $1", webhook_id))

@@ -110,6 +110,15 @@ class PostgresOutbox(PostgresBase):
         )
         return affected(status)
 
+    async def release_owner_claims(self, owner: str) -> int:
+        """Hand back the claims of one stopped process (another one shares the database)."""
+        status = await self.pool.execute(
+            "UPDATE requests SET sync_state = 'pending', claimed_by = NULL, claimed_until = NULL"
+            " WHERE sync_state = 'claimed' AND claimed_by = $1",
+            owner,
+        )
+        return affected(status)
+
     async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]:
         """Totals and event counts by sync state, per user and meter (an image is one event each)."""
         where, args = ("AND r.user_id = $1", (user_id,)) if user_id else ("", ())

@@ -246,6 +246,10 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
             )
             return cur.rowcount > 0
 
+    async def forget_webhook(self, webhook_id: str) -> None:
+        async with self._lock:
+            await self.db.execute("DELETE FROM webhook_deliveries WHERE webhook_id = ?", (webhook_id,))
+
     async def webhook_recorded(self, webhook_id: str) -> bool:
         rows = list(
             await self.db.execute_fetchall("SELECT 1 FROM webhook_deliveries WHERE webhook_id = ?", (webhook_id,))

@@ -115,6 +115,16 @@ class SqliteOutbox(SqliteBase):
             )
             return cur.rowcount
 
+    async def release_owner_claims(self, owner: str) -> int:
+        """Hand back the claims of one stopped process (another one shares the database)."""
+        async with self._lock:
+            cur = await self.db.execute(
+                "UPDATE requests SET sync_state = 'pending', claimed_by = NULL, claimed_until = NULL"
+                " WHERE sync_state = 'claimed' AND claimed_by = ?",
+                (owner,),
+            )
+            return cur.rowcount
+
     async def usage_summary(self, user_id: str | None = None) -> list[UsageSummaryRow]:
         """Totals and event counts by sync state, per user and meter (an image is one event each)."""
         where, params = ("AND r.user_id = ?", (user_id,)) if user_id else ("", ())

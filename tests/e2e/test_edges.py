@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import gzip
+import io
+import logging
 import os
 import socket
 
 import anthropic
 import httpx
+import orjson
 import pytest
 
+from gateway.logs import JsonFormatter
 from tests.conftest import Gateway, fixture_bytes, wait_until
 from tests.fakes.upstream import FakeUpstream, Reply
 
 BODY = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}
 STREAM_BODY = {**BODY, "stream": True}
+PROMPT = "a confidential prompt that no log line may hold"
 
 
 def post(gw: Gateway, key: str, path: str = "/anthropic/v1/messages", **kw: object) -> httpx.Response:
@@ -245,24 +250,41 @@ def test_no_secret_in_logs_or_errors(make_gateway, upstream: FakeUpstream, caplo
     from tests.conftest import ANTHROPIC_KEY, GEMINI_KEY
 
     caplog.set_level("DEBUG")
+    # The JSON lines GATEWAY_LOG_FORMAT=json writes, formatted as they are logged (in the request's context).
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger().addHandler(handler)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     gw: Gateway = make_gateway(anthropic_upstream=dead, upstream_timeout_seconds=0.5)
     key = gw.issue_key("sec")
-    bodies = [
-        post(gw, key, json=BODY).text,  # unreachable provider
-        post(gw, "pgw_wrong", json=BODY).text,  # bad key
-        post(gw, key, path="/gemini/v1/models/m:generateContent?key=" + key, content=b"{bad").text,
-    ]
-    upstream.enqueue(Reply.fixture("gemini/generate_content.json", delay_before=30))
-    bodies.append(
-        post(gw, key, path="/gemini/v1/models/m:generateContent", json={}, headers={"x-goog-api-key": key}).text
-    )
+    prompt = {**BODY, "messages": [{"role": "user", "content": PROMPT}]}
+    try:
+        unreachable = post(gw, key, json=prompt)
+        bodies = [
+            unreachable.text,  # unreachable provider
+            post(gw, "pgw_wrong", json=prompt).text,  # bad key
+            post(gw, key, path="/gemini/v1/models/m:generateContent?key=" + key, content=b"{bad").text,
+        ]
+        upstream.enqueue(Reply.fixture("gemini/generate_content.json", delay_before=30))
+        bodies.append(
+            post(gw, key, path="/gemini/v1/models/m:generateContent", json={}, headers={"x-goog-api-key": key}).text
+        )
+    finally:
+        logging.getLogger().removeHandler(handler)
     server_logs = [r.getMessage() for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
+    json_lines = [orjson.loads(line) for line in lines.getvalue().splitlines()]
+    json_logs = [line for line in json_lines if not line["logger"].startswith(("httpx", "httpcore"))]
     text = "\n".join(server_logs) + "".join(bodies)  # (the test's own client logs its URLs)
-    for secret in (ANTHROPIC_KEY, GEMINI_KEY, key):
+    text += "\n".join(orjson.dumps(line).decode() for line in json_logs)
+    for secret in (ANTHROPIC_KEY, GEMINI_KEY, key, PROMPT):
         assert secret not in text
+    # The line about the failed request carries its id, the one its client got.
+    (line,) = [line for line in json_logs if line["message"].startswith("upstream anthropic unreachable")]
+    assert line["request_id"] == unreachable.headers["x-gateway-request-id"]
+    assert line["level"] == "warning" and line["logger"] == "gateway.proxy"
 
 
 def test_full_disk_refuses_with_503_before_forwarding_and_releases_the_reservation(

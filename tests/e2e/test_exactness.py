@@ -133,6 +133,9 @@ def test_sync_claims_survive_kill_9(tmp_path: Path, upstream: FakeUpstream, data
             POLAR_ACCESS_TOKEN=polar.token,
             POLAR_BASE_URL=polar.url,
             GATEWAY_SYNC_INTERVAL_SECONDS="0.2",
+            # (PostgreSQL: processes share the database; the dead one's claims return once it is taken for dead)
+            GATEWAY_HEARTBEAT_SECONDS="0.5",
+            GATEWAY_HEARTBEAT_STALE_SECONDS="2",
         )
         # Polar stores the batch, then hangs: the gateway dies before it learns the batch landed.
         polar.fail_next(1, "timeout", hold=60, commit=True, path="/v1/events/ingest")
