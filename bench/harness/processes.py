@@ -146,9 +146,14 @@ class CpuWindow:
     contender_seconds: float = 0.0  # CPU the contender's processes used in the window
     service_seconds: float = 0.0  # CPU the service processes used in the window
     load_seconds: float = 0.0  # CPU wrk and the upstream used in the window
+    service_start: dict[int, float] = field(default_factory=dict)
 
     def _used(self) -> dict[str, float]:
-        services = sum(tree_cpu_seconds(p) for p in self.service_pids)
+        # Per pid against its own start: a backend that exits in the window must not count negative.
+        now = {p: tree_cpu_seconds(p) for p in self.service_pids}
+        if not self.ours:
+            self.service_start = now
+        services = sum(max(0.0, v - self.service_start.get(p, v)) for p, v in now.items() if v)
         return {
             "contender": tree_cpu_seconds(self.contender_pid),
             "load": sum(tree_cpu_seconds(p) for p in self.load_pids) + children_cpu_seconds() + services,
@@ -164,7 +169,9 @@ class CpuWindow:
     def __exit__(self, *exc: object) -> None:
         end = cpu_times()
         self.wall = time.monotonic() - self.wall
-        used = {k: v - self.ours[k] for k, v in self._used().items()}
+        after = self._used()
+        used = {k: v - self.ours[k] for k, v in after.items() if k != "services"}
+        used["services"] = after["services"]
         cpus = (CONTENDER_CPU, LOAD_CPU)
         busy = {cpu: end[cpu][0] - self.start[cpu][0] for cpu in cpus}
         if LOAD_CPU in self.contender_cpus.split(","):
