@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import gc
 import random
+import secrets
 import shutil
 import sys
 import tempfile
@@ -38,18 +39,41 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tests.fakes
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the harness package
 
-from harness.accuracy_accounting import account, failures_of, ledger_snapshot, wait_synced, wait_until
+from harness.accuracy_accounting import (
+    Db,
+    PostgresDb,
+    SqliteDb,
+    account,
+    failures_of,
+    ledger_snapshot,
+    wait_synced,
+    wait_until,
+)
 from harness.accuracy_drive import Clients, GatewayProcess, drive, issue_key, make_plan, write_config
 from harness.accuracy_fakes import ADMIN_TOKEN, POLAR_TOKEN, BenchPolar, BenchUpstream
+from harness.accuracy_multi import drive_multi, replicas
 from harness.accuracy_report import render
+from harness.pgdb import PgDatabase
 from harness.processes import free_port
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 # ---------------------------------------------------------------------------------------------- main
-def all_stored(url: str, keys: dict[str, str]) -> bool:
-    """Nothing in flight (no reservation held) and nothing finished but not yet in the store."""
-    held = any(m["reserved"] for meters in ledger_snapshot(url, keys).values() for m in meters.values())
-    return not held and httpx.get(f"{url}/healthz", timeout=5).json()["unstored"] == 0
+def all_stored(urls: list[str], keys: dict[str, str]) -> bool:
+    """Nothing in flight (no reservation held) and nothing finished but not yet in the store, on every replica."""
+    for url in urls:
+        if any(m["reserved"] for meters in ledger_snapshot(url, keys).values() for m in meters.values()):
+            return False
+        if httpx.get(f"{url}/healthz", timeout=5).json()["unstored"] != 0:
+            return False
+    return True
+
+
+def kept(pg: PgDatabase | None, keep: bool) -> str:
+    if pg is None:
+        return "gateway.log, acc.db"
+    return f"gateway-N.log; database {pg.name} {'kept' if keep else 'dropped'}"
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -70,10 +94,11 @@ async def main_async(args: argparse.Namespace) -> int:
     polar = BenchPolar(POLAR_TOKEN)
     upstream.start()
     polar.start()
-    db = tmp / "acc.db"
+    pg = await asyncio.to_thread(PgDatabase, "accuracy") if args.multi else None
+    db: Db = PostgresDb(pg.url) if pg else SqliteDb(tmp / "acc.db")
     write_config(tmp / "gateway.toml")
     env = {
-        "GATEWAY_DATABASE_URL": f"sqlite:///{db}",
+        "GATEWAY_DATABASE_URL": pg.url if pg else f"sqlite:///{tmp / 'acc.db'}",
         "GATEWAY_CONFIG": str(tmp / "gateway.toml"),
         "GATEWAY_ANTHROPIC_UPSTREAM": upstream.url,
         "GATEWAY_GEMINI_UPSTREAM": upstream.url,
@@ -84,33 +109,51 @@ async def main_async(args: argparse.Namespace) -> int:
         "POLAR_BASE_URL": polar.url,
         "GATEWAY_SYNC_INTERVAL_SECONDS": "0.5",
         "GATEWAY_SYNC_MAX_ATTEMPTS": "1000",  # nothing parks: Polar being down must only delay delivery
+        # The sync loop backs off after an outage (doubling up to 5 min by default): cap it so that the
+        # run ends seconds, not minutes, after Polar's last failure.
+        "GATEWAY_SYNC_BACKOFF_SECONDS": "0.5",
+        "GATEWAY_SYNC_BACKOFF_MAX_SECONDS": "2",
         "GATEWAY_DRAIN_TIMEOUT_SECONDS": "5",
         "GATEWAY_LIMITS_MAX_AGE_SECONDS": str(args.limits_max_age),
     }
-    gw = GatewayProcess(env, free_port(), tmp / "gateway.log")
-    clients: Clients | None = None
+    if args.multi:
+        # Redis for the rate limits; a dead replica's leases return after 3 s without its heartbeat.
+        env.update(GATEWAY_REDIS_URL=REDIS_URL, GATEWAY_HEARTBEAT_SECONDS="1", GATEWAY_HEARTBEAT_STALE_SECONDS="3")
+        gws = replicas(env, args.multi, tmp)
+    else:
+        gws = [GatewayProcess(env, free_port(), tmp / "gateway.log")]
+    urls = [gw.url for gw in gws]
+    clients: list[Clients] = []
     try:
-        await asyncio.to_thread(gw.start)
-        users = [f"user{i:03d}" for i in range(args.users)]
+        await asyncio.gather(*(asyncio.to_thread(gw.start) for gw in gws))
+        # --multi: user ids of their own, as Redis is shared with whoever else uses it.
+        prefix = f"acc{secrets.token_hex(3)}-" if args.multi else ""
+        users = [f"{prefix}user{i:03d}" for i in range(args.users)]
         heavy = users[: max(1, args.users // 5)]
-        keys = {u: issue_key(gw.url, u) for u in users}
+        keys = {u: issue_key(gws[0].url, u) for u in users}
         plan = make_plan(users, heavy, args.requests, rng)
-        clients = Clients.create(gw.url, keys)
-        tl = await drive(plan, clients, gw, upstream, polar, args.concurrency)
-        await asyncio.to_thread(wait_until, lambda: all_stored(gw.url, keys), 30, "every request to be stored")
+        clients = [Clients.create(url, keys) for url in urls]
+        if args.multi:
+            tl = await drive_multi(plan, clients, gws, upstream, polar, args.concurrency)
+        else:
+            tl = await drive(plan, clients[0], gws[0], upstream, polar, args.concurrency)
+        await asyncio.to_thread(wait_until, lambda: all_stored(urls, keys), 30, "every request to be stored")
         nudged = await asyncio.to_thread(wait_synced, db, polar, args.sync_timeout)
-        ledger = await asyncio.to_thread(ledger_snapshot, gw.url, keys)
-        await asyncio.to_thread(gw.stop)
-        acc = account(db, upstream, polar, users, ledger)
+        ledgers = [await asyncio.to_thread(ledger_snapshot, url, keys) for url in urls]
+        await asyncio.gather(*(asyncio.to_thread(gw.stop) for gw in gws))
+        acc = await asyncio.to_thread(account, db, upstream, polar, users, ledgers)
     except BaseException:
-        print(f"kept {tmp} (gateway.log, acc.db)", file=sys.stderr)
+        print(f"kept {tmp} ({kept(pg, args.keep)})", file=sys.stderr)
         raise
     finally:
-        if clients is not None:
-            await clients.close()
-        gw.stop()
+        for c in clients:
+            await c.close()
+        for gw in gws:
+            gw.stop()
         upstream.stop()
         polar.stop()
+        if pg and not args.keep:  # (a shared server: the database goes, the logs stay on failure)
+            await asyncio.to_thread(pg.drop)
     gc.collect()  # let google-genai's abandoned stream generators go now, so their warnings are counted
     await asyncio.sleep(0.1)
     tl.unreleased_connections = unreleased
@@ -121,7 +164,7 @@ async def main_async(args: argparse.Namespace) -> int:
         await asyncio.to_thread(Path(args.out).write_text, text)
         print(f"written to {args.out}")
     if args.keep or failures:
-        print(f"kept {tmp} (gateway.log, acc.db)")
+        print(f"kept {tmp} ({kept(pg, args.keep)})")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
     return 1 if failures else 0
@@ -144,9 +187,22 @@ def main() -> int:
     )
     ap.add_argument("--sync-timeout", type=float, default=60.0)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (gateway log, database)")
+    ap.add_argument(
+        "--multi",
+        type=int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="N",
+        help="N replicas (default 3) on one PostgreSQL database + Redis; one is killed and restarted, Polar flaps",
+    )
     args = ap.parse_args()
     if args.users < 2 or args.requests < 20:
         ap.error("need at least 2 users and 20 requests")
+    if args.multi == 1:
+        ap.error("--multi needs at least 2 replicas")
+    if args.multi and args.out == "bench/accuracy.md":
+        args.out = "bench/accuracy_multi.md"
     return asyncio.run(main_async(args))
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness.cancel import CancelResult, print_cancel, run_cancel
-from harness.contenders import Contender, gateway_available, gateway_env, start_bare, start_direct, start_gateway
+from harness.contenders import Contender, gateway_available, start_bare, start_direct, start_gateway
 from harness.fixtures import FIXTURE_LIST, Cell, fast_cells, slow_cells
 from harness.load import Result, merge_rounds, print_result, run_cell
 from harness.meters import MeterRow, check_meters, print_meters
@@ -38,8 +38,9 @@ from harness.settings import (
     BARE,
     BENCH,
     CANCEL_CONTENDERS,
-    CONTENDER_CPU,
     CONTENDERS,
+    DEFAULT_CONTENDERS,
+    GATEWAYS,
     LOAD_CPU,
     TTFB_CONTENDERS,
     TTFB_REQUESTS,
@@ -63,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slow", action="store_true", help="slow-upstream mode: 250 ms JSON, 31x20 ms streams, 256 conns")
     p.add_argument("--out", type=Path, help="markdown output (default bench/results.md, --slow bench/results_slow.md)")
     p.add_argument(
-        "--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}"
+        "--contenders", default=",".join(DEFAULT_CONTENDERS), help=f"comma-separated, of {','.join(CONTENDERS)}"
     )
     p.add_argument("--cells", default="", help="comma-separated subset of cell names, e.g. anthropic_json@16")
     p.add_argument("--retries", type=int, default=1, help="measure a cell again when other load disturbed it")
@@ -113,9 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Every contender runs from the start, idle but for its cell: each cell is measured for all
             # of them back to back, so the ratios compare runs seconds apart, not minutes.
             for name in args.contender_list:
-                why = gateway_available() if name == "gateway" else None
+                why = gateway_available() if name in GATEWAYS else None
                 if why:
-                    notes.append(f"gateway skipped: {why}")
+                    notes.append(f"{name} skipped: {why}")
                     print(notes[-1], flush=True)
                     continue
                 try:
@@ -124,13 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     elif name in BARE:
                         contenders[name] = start_bare(name.removeprefix("bare-"), upstream, tmp)
                     else:
-                        contenders[name] = start_gateway(upstream, tmp, cells, extra=("ttfb", "cancel"))
+                        extra = ("ttfb", "cancel") if name == "gateway" else ()
+                        contenders[name] = start_gateway(upstream, tmp, cells, extra=extra, name=name)
                 except RuntimeError as exc:
                     notes.append(f"{name} failed to start: {str(exc).splitlines()[0]}")
                     print(notes[-1], flush=True)
                     continue
                 c = contenders[name]
-                print(f"{name} on :{c.port} (pid {c.pid}, CPU {CONTENDER_CPU})", flush=True)
+                print(f"{name} on :{c.port} (pid {c.pid}, CPU {c.cpus})", flush=True)
                 results[name] = []
             for cell in cells:
                 # Rounds: every contender once per round, the order rotated each round; a row is the
@@ -146,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         except RuntimeError as exc:
                             notes.append(f"{name} failed: {str(exc).splitlines()[0]}")
                             print(notes[-1], flush=True)
-                            contenders.pop(name).stop()
+                            failed = contenders.pop(name)
+                            failed.stop()
+                            failed.cleanup()
                             continue
                         tag = f"{name} r{rnd + 1}" if args.rounds > 1 else name
                         print(f"{tag:<15}", end="", flush=True)
@@ -167,11 +171,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             for contender in contenders.values():
                 contender.stop()
-            gateway = contenders.get("gateway")
-            if gateway and "gateway" in results:
-                env = gateway_env(tmp, gateway.port, upstream)
-                meter_rows, meter_note = check_meters(gateway, results["gateway"], env)
-                print_meters(meter_rows, meter_note)
+            notes_meter = []
+            for name, contender in contenders.items():
+                if name in GATEWAYS and name in results:
+                    rows, note = check_meters(contender, results[name])
+                    print_meters(rows, note)
+                    meter_rows += rows
+                    notes_meter += [f"{name}: {note}"] if note else []
+                contender.cleanup()
+            meter_note = "; ".join(notes_meter)
             upstream.stop()
         report = render_report(results, cells, args, meter_rows, meter_note, notes, ttfb, cancel)
     args.out.parent.mkdir(parents=True, exist_ok=True)

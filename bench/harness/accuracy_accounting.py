@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -9,8 +10,9 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import asyncpg
 import httpx
 
 from gateway.events import event_quantities
@@ -19,20 +21,58 @@ from .accuracy_fakes import FIXTURE_USAGE, PLAN, TAG_RE, TOKEN_METERS, Attempt, 
 
 
 # ---------------------------------------------------------------------------------------------- settling
-def db_query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(db, timeout=30)
-    try:
-        rows = conn.execute(sql, params).fetchall()
-        conn.commit()
-        return rows
-    finally:
-        conn.close()
+class Db(Protocol):
+    """The gateway's database as the harness reads it (SQLite file or PostgreSQL database)."""
+
+    nudge_sql: str  # sets next_attempt_at to "due now" on pending rows, RETURNING id
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]: ...
 
 
-def local_events(db: Path) -> list[tuple[str, str, str, str, int, str]]:
+class SqliteDb:
+    nudge_sql = (
+        "UPDATE requests SET next_attempt_at = '' WHERE sync_state = 'pending' AND next_attempt_at != '' RETURNING id"
+    )
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            rows = conn.execute(sql).fetchall()
+            conn.commit()
+            return rows
+        finally:
+            conn.close()
+
+
+class PostgresDb:
+    """Each query on a connection of its own, in an event loop of its own: call it from a thread."""
+
+    nudge_sql = (
+        "UPDATE requests SET next_attempt_at = '-infinity' WHERE sync_state = 'pending'"
+        " AND next_attempt_at != '-infinity' RETURNING id"
+    )
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        async def run() -> list[tuple[Any, ...]]:
+            conn = await asyncpg.connect(self.url, timeout=10)
+            try:
+                return [tuple(r) for r in await conn.fetch(sql)]
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+
+
+def local_events(db: Db) -> list[tuple[str, str, str, str, int, str]]:
     """(external_id, request_id, user_id, meter, value, sync state) of every stored event: the
     store keeps one row per request and derives its events, as the sync does."""
-    rows = db_query(db, "SELECT id, user_id, usage, sync_state FROM requests WHERE sync_state != 'none'")
+    rows = db.query("SELECT id, user_id, usage, sync_state FROM requests WHERE sync_state != 'none'")
     return [
         (xid, rid, user, meter, value, state)
         for rid, user, usage, state in rows
@@ -48,7 +88,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
         time.sleep(interval)
 
 
-def wait_synced(db: Path, polar: BenchPolar, timeout: float) -> int:
+def wait_synced(db: Db, polar: BenchPolar, timeout: float) -> int:
     """Poll until every local event is synced and in Polar; returns how many backoffs were cut short.
 
     Events that failed while Polar was down back off 30 s x 2^attempts (with jitter); instead of waiting
@@ -57,11 +97,7 @@ def wait_synced(db: Path, polar: BenchPolar, timeout: float) -> int:
 
     def done() -> bool:
         nonlocal nudged
-        rows = db_query(
-            db,
-            "UPDATE requests SET next_attempt_at = '' WHERE sync_state = 'pending' AND next_attempt_at != ''"
-            " RETURNING id",
-        )
+        rows = db.query(db.nudge_sql)
         nudged += len(rows)
         events = local_events(db)
         left = sum(1 for e in events if e[5] != "synced")
@@ -141,17 +177,19 @@ class Accounting:
 
 
 def account(
-    db: Path,
+    db: Db,
     upstream: BenchUpstream,
     polar: BenchPolar,
     users: list[str],
-    ledger: dict[str, dict[str, dict[str, Any]]],
+    ledgers: list[dict[str, dict[str, dict[str, Any]]]],
 ) -> Accounting:
+    """`ledgers`: each replica's billing status per user (reservations summed over them; each one's
+    `consumed` must equal the events)."""
     """Pair each upstream attempt with the gateway's record of it (per tag, in order) and compare usage."""
     acc = Accounting()
     recs_by_tag: dict[str, list[Record]] = defaultdict(list)
-    for rid, provider, model, outcome, estimated in db_query(
-        db, "SELECT id, provider, model, outcome, estimated FROM requests ORDER BY started_at, id"
+    for rid, provider, model, outcome, estimated in db.query(
+        "SELECT id, provider, model, outcome, estimated FROM requests ORDER BY started_at, id"
     ):
         m = TAG_RE.search(model)
         if m is None:
@@ -221,12 +259,14 @@ def account(
     for meter, credited in PLAN.items():
         worst = max(users, key=lambda u: consumed[u][meter])
         acc.overshoot[meter] = (consumed[worst][meter] - credited, worst)
-    for user, meters in ledger.items():
-        for meter, st in meters.items():
-            if st["reserved"]:
-                acc.leaked_reservations[(user, meter)] = int(st["reserved"])
-            if st["consumed"] != consumed[user][meter]:
-                acc.ledger_drift[(user, meter)] = int(st["consumed"]) - consumed[user][meter]
+    for ledger in ledgers:
+        for user, meters in ledger.items():
+            for meter, st in meters.items():
+                if st["reserved"]:
+                    held = acc.leaked_reservations.get((user, meter), 0)
+                    acc.leaked_reservations[(user, meter)] = held + int(st["reserved"])
+                if st["consumed"] != consumed[user][meter]:
+                    acc.ledger_drift.setdefault((user, meter), int(st["consumed"]) - consumed[user][meter])
     return acc
 
 

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -108,6 +108,7 @@ class Planned:
     stream: bool
     cut: bool  # the client leaves after the first chunk
     phase: str = ""  # before_kill | after_restart
+    replica: int = 0  # which gateway process it was sent to (--multi)
     result: str = ""  # ok | cut | 402 | 429 | connection | other: ...
 
 
@@ -224,6 +225,9 @@ class Timeline:
     restart_seconds: float = 0.0
     drive_seconds: float = 0.0
     unreleased_connections: int = 0  # aiohttp's 'Unclosed connection' warnings, counted
+    replicas: int = 1  # --multi: gateway processes on one PostgreSQL database
+    killed_replica: int = 0
+    flaps: list[tuple[int, str]] = field(default_factory=list)  # (request index, "down" | "up") of Polar
 
 
 async def drive(

@@ -16,6 +16,28 @@ def _n(n: int) -> str:
     return f"{n:,}"
 
 
+def scenario_single(tl: Timeline) -> str:
+    return (
+        f"Polar answered 503 from request {tl.polar_down_at} to {tl.polar_up_at}, then failed 3 ingests with"
+        f" 500 and 2 with 429. At request {tl.kill_at} the gateway was killed (SIGKILL) with"
+        f" {tl.streams_in_flight_at_kill} upstream streams in flight and restarted on the same port and"
+        f" database ({tl.restart_seconds:.1f} s)."
+    )
+
+
+def scenario_multi(tl: Timeline) -> str:
+    downs = ", ".join(str(i) for i, what in tl.flaps if what == "down")
+    ups = ", ".join(str(i) for i, what in tl.flaps if what == "up")
+    return (
+        f"{tl.replicas} replicas (`gateway serve` processes, each with its own port and journal) on one"
+        " PostgreSQL database, rate limits in Redis; requests go round-robin over them, as a load balancer"
+        f" would send them. Polar flapped: down at requests {downs}, back at {ups}, then failed 3 ingests"
+        f" with 500 and 2 with 429. At request {tl.kill_at} replica {tl.killed_replica} was killed (SIGKILL)"
+        f" with {tl.streams_in_flight_at_kill} of its streams in flight; its share went to the others until"
+        f" it was restarted on the same port and journal ({tl.restart_seconds:.1f} s)."
+    )
+
+
 def render(
     args: argparse.Namespace, plan: list[Planned], heavy: list[str], tl: Timeline, acc: Accounting, nudged: int
 ) -> list[str]:
@@ -27,6 +49,9 @@ def render(
             disconnected[prov] += c
     conn_at_kill = sum(1 for p in plan if p.result == "connection" and p.phase == "before_kill")
     conn_after = sum(1 for p in plan if p.result == "connection" and p.phase == "after_restart")
+    conn_after_killed = sum(
+        1 for p in plan if p.result == "connection" and p.phase == "after_restart" and p.replica == tl.killed_replica
+    )
     other = sum(c for k, c in results.items() if k not in ("ok", "cut", "402", "429", "connection"))
     blocked = {p.user for p in plan if p.result == "402"}
     by_outcome: Counter[str] = Counter()
@@ -34,19 +59,19 @@ def render(
         by_outcome[f"{o}{' (estimated)' if e else ''}"] += c
     failures = failures_of(acc)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    multi = f" --multi {tl.replicas}" if tl.replicas > 1 else ""
     lines = [
-        "# Accuracy benchmark",
+        "# Accuracy benchmark" + (f": {tl.replicas} replicas" if multi else ""),
         "",
-        f"`python bench/accuracy.py --users {args.users} --requests {args.requests} --seed {args.seed}`"
+        f"`python bench/accuracy.py --users {args.users} --requests {args.requests} --seed {args.seed}{multi}`"
         f" ({args.concurrency} concurrent) — {when}, {tl.drive_seconds:.1f} s of traffic.",
         "",
         f"{args.users} users ({len(heavy)} heavy ones send half of the requests), official SDKs (anthropic"
         " AsyncAnthropic, google-genai aio; no client retries), JSON and streams, both providers. Plan for"
-        " every user: " + ", ".join(f"`{k}` = {v}" for k, v in PLAN.items()) + " (other meters unlimited)."
-        f" Polar answered 503 from request {tl.polar_down_at} to {tl.polar_up_at}, then failed 3 ingests with"
-        f" 500 and 2 with 429. At request {tl.kill_at} the gateway was killed (SIGKILL) with"
-        f" {tl.streams_in_flight_at_kill} upstream streams in flight and restarted on the same port and"
-        f" database ({tl.restart_seconds:.1f} s).",
+        " every user: "
+        + ", ".join(f"`{k}` = {v}" for k, v in PLAN.items())
+        + " (other meters unlimited). "
+        + (scenario_multi(tl) if multi else scenario_single(tl)),
         "",
         "## Requests",
         "",
@@ -60,7 +85,10 @@ def render(
         f"| refused 402 (quota); users blocked | {results['402']}; {len(blocked)} |",
         f"| refused 429 | {results['429']} |",
         f"| failed: connection error, in flight at the kill | {conn_at_kill} |",
-        f"| failed: connection error after the restart | {conn_after} |",
+        f"| failed: connection error after the restart | {conn_after} |"
+        if tl.replicas == 1
+        else f"| failed: connection error after the kill (sent to the killed replica / to others) |"
+        f" {conn_after_killed} / {conn_after - conn_after_killed} |",
         f"| failed: other | {other} |",
         f"| upstream: requests received / responses written to the end | {acc.attempts} / {acc.attempts_served} |",
         "| gateway records by outcome | " + ", ".join(f"{k}: {v}" for k, v in sorted(by_outcome.items())) + " |",

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .fixtures import Cell, Fixture
+from .pgdb import PgDatabase
 from .processes import Proc, free_port, spawn, wait_port
-from .settings import BENCH, CONTENDER_CPU, ROOT
+from .settings import BENCH, BOTH_CPUS, CONTENDER_CPU, GATEWAYS, LOAD_CPU, REDIS_URL, ROOT
 from .upstream import Nginx
 
 # --- contenders ----------------------------------------------------------------------------
@@ -29,6 +31,19 @@ class Contender:
     keys: dict[str, str] = field(default_factory=dict)  # cell name -> gateway key
     users: dict[str, str] = field(default_factory=dict)  # cell name -> gateway user id
     nginx: Nginx | None = None
+    cpus: str = CONTENDER_CPU  # taskset list of the CPUs it runs on
+    env: dict[str, str] = field(default_factory=dict)  # the gateway's environment (for its CLI)
+    pg: PgDatabase | None = None  # gateway-pg's database (dropped by `cleanup`)
+
+    def service_pids(self) -> list[int]:
+        """Server processes working for this contender outside its own tree: the PostgreSQL backends
+        of its database, pinned to the load's CPU (so the contender's core carries only the gateway)."""
+        return self.pg.pin_backends(LOAD_CPU) if self.pg else []
+
+    def cleanup(self) -> None:
+        if self.pg:
+            self.pg.drop()
+            self.pg = None
 
     @property
     def pid(self) -> int:
@@ -94,14 +109,16 @@ tokens_per_minute = 100000000000
 """
 
 
-def gateway_env(workdir: Path, port: int, upstream: Nginx) -> dict[str, str]:
-    gwdir = workdir / "gateway"
+def gateway_env(
+    workdir: Path, port: int, upstream: Nginx, name: str = "gateway", database_url: str = ""
+) -> dict[str, str]:
+    gwdir = workdir / name
     gwdir.mkdir(exist_ok=True)
     config = gwdir / "gateway.toml"
     config.write_text(GATEWAY_TOML)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "POLAR_"))}
     env.update(
-        GATEWAY_DATABASE_URL=f"sqlite:///{gwdir / 'bench.db'}",
+        GATEWAY_DATABASE_URL=database_url or f"sqlite:///{gwdir / 'bench.db'}",
         GATEWAY_CONFIG=str(config),
         GATEWAY_HOST="127.0.0.1",
         GATEWAY_PORT=str(port),
@@ -111,6 +128,8 @@ def gateway_env(workdir: Path, port: int, upstream: Nginx) -> dict[str, str]:
         GEMINI_API_KEY="bench",
         GATEWAY_ADMIN_TOKEN="bench",
     )
+    if database_url:  # (PostgreSQL: the journal would go to the working directory, the repository)
+        env["GATEWAY_JOURNAL_DIR"] = str(gwdir / "journal")
     return env
 
 
@@ -146,23 +165,58 @@ def last_json(text: str) -> object:
 
 
 def start_gateway(
-    upstream: Nginx, workdir: Path, cells: Sequence[Cell], extra: Sequence[str] = (), wrap: Sequence[str] = ()
+    upstream: Nginx,
+    workdir: Path,
+    cells: Sequence[Cell],
+    extra: Sequence[str] = (),
+    wrap: Sequence[str] = (),
+    name: str = "gateway",
 ) -> Contender:
-    """The gateway with one user (and key) per cell, plus one per `extra` tag (keys[tag], users[tag])."""
+    """The gateway with one user (and key) per cell, plus one per `extra` tag (keys[tag], users[tag]).
+    `name` is one of GATEWAYS: its store (SQLite, or a fresh PostgreSQL database), its workers and
+    whether its rate limits live in Redis."""
+    postgres, workers, redis = GATEWAYS[name]
     port = free_port()
-    env = gateway_env(workdir, port, upstream)
+    pg = PgDatabase() if postgres else None
+    try:
+        env = gateway_env(workdir, port, upstream, name, pg.url if pg else "")
+        if redis:
+            env["GATEWAY_REDIS_URL"] = REDIS_URL
+        contender = _start_gateway(env, port, workdir, cells, extra, wrap, name, workers)
+    except BaseException:
+        if pg:
+            pg.drop()
+        raise
+    contender.pg = pg
+    return contender
+
+
+def _start_gateway(
+    env: dict[str, str],
+    port: int,
+    workdir: Path,
+    cells: Sequence[Cell],
+    extra: Sequence[str],
+    wrap: Sequence[str],
+    name: str,
+    workers: int,
+) -> Contender:
     gateway_cli(env, "migrate")
     keys: dict[str, str] = {}
     users: dict[str, str] = {}
-    names = [(cell.name, f"bench-user-{i}") for i, cell in enumerate(cells)] + [(t, f"bench-{t}") for t in extra]
-    for name, user in names:
+    # Redis is shared with other users of this machine: user ids of our own there.
+    user = f"bench-{secrets.token_hex(3)}-" if "GATEWAY_REDIS_URL" in env else "bench-"
+    names = [(cell.name, f"{user}user-{i}") for i, cell in enumerate(cells)] + [(t, f"{user}{t}") for t in extra]
+    for tag, user in names:
         created = last_json(gateway_cli(env, "keys", "create", "--user", user, "--json"))
         assert isinstance(created, dict), created
-        keys[name] = str(created["key"])
-        users[name] = str(created.get("user_id", user))
-    proc = spawn("gateway", [*wrap, sys.executable, "-m", "gateway", "serve"], workdir, CONTENDER_CPU, env)
+        keys[tag] = str(created["key"])
+        users[tag] = str(created.get("user_id", user))
+    argv = [*wrap, sys.executable, "-m", "gateway", "serve"] + (["--workers", str(workers)] if workers > 1 else [])
+    cpus = CONTENDER_CPU if workers == 1 else BOTH_CPUS
+    proc = spawn(name, argv, workdir, cpus, env)
     wait_port(proc, port, timeout=180 if wrap else 60)
-    return Contender("gateway", port, proc, prefixed=True, keys=keys, users=users)
+    return Contender(name, port, proc, prefixed=True, keys=keys, users=users, cpus=cpus, env=env)
 
 
 def start_direct(workdir: Path, slow: bool) -> Contender:

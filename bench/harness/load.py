@@ -45,12 +45,24 @@ class Result:
     steal: dict[str, float] = field(default_factory=dict)  # CPU -> share stolen by the hypervisor
     busy: dict[str, float] = field(default_factory=dict)  # CPU -> user+system share (all processes)
     contender_cpu_s: float = 0.0  # CPU seconds the contender used in the window
+    service_cpu_s: float = 0.0  # ... and the PostgreSQL backends working for it (gateway-pg)
+    wall_s: float = 0.0  # the CPU window's length
+    load_cpu_s: float = 0.0  # CPU wrk and the upstream used in the window
     rounds: list[float] = field(default_factory=list)  # RPS of each round (merge_rounds), in round order
 
     @property
     def cpu_us_per_request(self) -> float:
         """The contender's CPU per completed request: steadier than RPS on a shared machine."""
         return 1e6 * self.contender_cpu_s / self.requests if self.requests else 0.0
+
+    @property
+    def service_us_per_request(self) -> float:
+        return 1e6 * self.service_cpu_s / self.requests if self.requests else 0.0
+
+    @property
+    def contender_share(self) -> float:
+        """The contender's CPU in the window, in CPUs (2 workers can reach 2.0)."""
+        return self.contender_cpu_s / self.wall_s if self.wall_s else 0.0
 
     @property
     def disturbed(self) -> str:
@@ -162,10 +174,16 @@ def run_cell(
         wait_quiet(args.quiet_timeout)
         if args.warmup > 0:
             extra_ok += int(run_wrk(contender, cell, args.warmup, expect, logdir)["ok"])
-        with CpuWindow(contender.pid, [upstream.proc.pid]) as cpu:
+        services = contender.service_pids()
+        with CpuWindow(contender.pid, [upstream.proc.pid], contender.cpus, services) as cpu:
             raw = run_wrk(contender, cell, args.duration, expect, logdir)
         result.foreign, result.steal, result.busy = cpu.foreign, cpu.steal, cpu.busy
-        result.contender_cpu_s = cpu.contender_seconds
+        result.contender_cpu_s, result.service_cpu_s, result.wall_s = (
+            cpu.contender_seconds,
+            cpu.service_seconds,
+            cpu.wall,
+        )
+        result.load_cpu_s = cpu.load_seconds
         if not result.disturbed or attempt == args.retries:
             break
         extra_ok += int(raw["ok"])
@@ -228,7 +246,9 @@ def print_result(r: Result, slow: bool) -> None:
     extra = f"  steady {steady_rate(r):.0f} rps = {ideal_share(r):.1%} of ideal" if slow else ""
     errors = f"  errors {r.errors}" if r.errors else ""
     note = f"  WARNING preflight: {r.preflight}" if r.preflight else ""
-    cpu = "  cpu " + " ".join(f"{c}:{v:.0%}" for c, v in sorted(r.busy.items()))
+    cpu = "  cpu " + " ".join(f"{c}:{v:.0%}" for c, v in sorted(r.busy.items())) + f" own:{r.contender_share:.0%}"
+    if r.service_cpu_s:
+        cpu += f" pg:{r.service_us_per_request:.0f}us/req"
     if r.disturbed:
         note += f"  DISTURBED ({r.disturbed})"
     print(

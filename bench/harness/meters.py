@@ -12,6 +12,7 @@ from .load import Result
 
 @dataclass
 class MeterRow:
+    contender: str
     cell: str
     meter: str
     served: int  # complete 200s the upstream served for this cell's key
@@ -24,9 +25,10 @@ class MeterRow:
         return self.expected == self.recorded
 
 
-def check_meters(contender: Contender, results: list[Result], env: dict[str, str]) -> tuple[list[MeterRow], str]:
+def check_meters(contender: Contender, results: list[Result]) -> tuple[list[MeterRow], str]:
+    """Run after the contender stopped (its graceful shutdown stores what was in flight)."""
     try:
-        usage = last_json(gateway_cli(env, "usage", "--json"))
+        usage = last_json(gateway_cli(contender.env, "usage", "--json"))
     except (RuntimeError, ValueError) as exc:
         return [], f"skipped: `python -m gateway usage --json` is not usable yet ({str(exc).strip()[:300]})"
     assert isinstance(usage, list), usage
@@ -45,19 +47,20 @@ def check_meters(contender: Contender, results: list[Result], env: dict[str, str
         for meter in sorted(meters):
             per_request = fx.usage.get(meter, 0)
             recorded = totals.get((user, meter), 0)
-            rows.append(MeterRow(r.cell.name, meter, served, r.ok + r.warm_ok, served * per_request, recorded))
+            client = r.ok + r.warm_ok
+            rows.append(MeterRow(contender.name, r.cell.name, meter, served, client, served * per_request, recorded))
     return rows, ""
 
 
 def print_meters(rows: list[MeterRow], note: str) -> None:
     if note:
-        print(f"meter check {note}", flush=True)
+        print(f"meter check: {note}", flush=True)
         return
     bad = [m for m in rows if not m.ok]
     print(f"meter check: {len(rows) - len(bad)}/{len(rows)} meter totals match", flush=True)
     for m in bad:
         print(
-            f"  MISMATCH {m.cell} {m.meter}: recorded {m.recorded}, expected {m.expected} "
+            f"  MISMATCH {m.contender} {m.cell} {m.meter}: recorded {m.recorded}, expected {m.expected} "
             f"({m.served} upstream-served, {m.client_ok} client-seen)",
             flush=True,
         )

@@ -128,34 +128,64 @@ def tree_cpu_seconds(pid: int) -> float:
 
 @dataclass
 class CpuWindow:
-    """CPU used during a cell by processes that are not ours (other work on the machine) and steal."""
+    """CPU used during a cell by processes that are not ours (other work on the machine) and steal.
+
+    A contender pinned to CONTENDER_CPU is accounted per CPU; one spread over both CPUs (several
+    workers) shares LOAD_CPU with the load, so its foreign share is taken over the two CPUs together
+    (key "0+1"). `service_pids` (PostgreSQL backends, pinned to LOAD_CPU) count as ours, and their CPU
+    is reported apart (`service_seconds`).
+    """
 
     contender_pid: int
     load_pids: list[int]
+    contender_cpus: str = CONTENDER_CPU
+    service_pids: list[int] = field(default_factory=list)
     start: dict[str, tuple[float, float]] = field(default_factory=dict)
     ours: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
     contender_seconds: float = 0.0  # CPU the contender's processes used in the window
+    service_seconds: float = 0.0  # CPU the service processes used in the window
+    load_seconds: float = 0.0  # CPU wrk and the upstream used in the window
+    service_start: dict[int, float] = field(default_factory=dict)
+
+    def _used(self) -> dict[str, float]:
+        # Per pid against its own start: a backend that exits in the window must not count negative.
+        now = {p: tree_cpu_seconds(p) for p in self.service_pids}
+        if not self.ours:
+            self.service_start = now
+        services = sum(max(0.0, v - self.service_start.get(p, v)) for p, v in now.items() if v)
+        return {
+            "contender": tree_cpu_seconds(self.contender_pid),
+            "load": sum(tree_cpu_seconds(p) for p in self.load_pids) + children_cpu_seconds() + services,
+            "services": services,
+        }
 
     def __enter__(self) -> CpuWindow:
         self.start = cpu_times()
-        self.ours = {CONTENDER_CPU: tree_cpu_seconds(self.contender_pid)}
-        self.ours[LOAD_CPU] = sum(tree_cpu_seconds(p) for p in self.load_pids) + children_cpu_seconds()
+        self.ours = self._used()
         self.wall = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
         end = cpu_times()
         self.wall = time.monotonic() - self.wall
-        used = {CONTENDER_CPU: tree_cpu_seconds(self.contender_pid)}
-        used[LOAD_CPU] = sum(tree_cpu_seconds(p) for p in self.load_pids) + children_cpu_seconds()
-        self.foreign = {
-            cpu: max(0.0, (end[cpu][0] - self.start[cpu][0]) - (used[cpu] - self.ours[cpu])) / self.wall
-            for cpu in (CONTENDER_CPU, LOAD_CPU)
-        }
-        self.steal = {cpu: (end[cpu][1] - self.start[cpu][1]) / self.wall for cpu in (CONTENDER_CPU, LOAD_CPU)}
-        self.busy = {cpu: (end[cpu][0] - self.start[cpu][0]) / self.wall for cpu in (CONTENDER_CPU, LOAD_CPU)}
-        self.contender_seconds = used[CONTENDER_CPU] - self.ours[CONTENDER_CPU]
+        after = self._used()
+        used = {k: v - self.ours[k] for k, v in after.items() if k != "services"}
+        used["services"] = after["services"]
+        cpus = (CONTENDER_CPU, LOAD_CPU)
+        busy = {cpu: end[cpu][0] - self.start[cpu][0] for cpu in cpus}
+        if LOAD_CPU in self.contender_cpus.split(","):
+            self.foreign = {"0+1": max(0.0, sum(busy.values()) - used["contender"] - used["load"]) / self.wall}
+        else:
+            self.foreign = {
+                CONTENDER_CPU: max(0.0, busy[CONTENDER_CPU] - used["contender"]) / self.wall,
+                LOAD_CPU: max(0.0, busy[LOAD_CPU] - used["load"]) / self.wall,
+            }
+        self.steal = {cpu: (end[cpu][1] - self.start[cpu][1]) / self.wall for cpu in cpus}
+        self.busy = {cpu: busy[cpu] / self.wall for cpu in cpus}
+        self.contender_seconds = used["contender"]
+        self.service_seconds = used["services"]
+        self.load_seconds = used["load"] - used["services"]
 
 
 def wait_quiet(timeout: float) -> None:

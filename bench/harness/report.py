@@ -18,8 +18,10 @@ from .meters import MeterRow
 from .settings import (
     BARE,
     BENCH,
+    BOTH_CPUS,
     CONTENDER_CPU,
     CONTENDERS,
+    GATEWAYS,
     LOAD_CPU,
     ROOT,
     SLOW_CONNECTIONS,
@@ -28,9 +30,11 @@ from .settings import (
     SLOW_JSON_DELAY,
     TARGET_MAX_MS,
     TARGET_P99_MS,
+    TARGET_PG,
     TARGET_RATIO,
     TARGET_RSS_MB,
     TARGET_SLOW,
+    TARGET_WORKERS,
     TTFB_WARMUP,
 )
 from .ttfb import TtfbResult, render_ttfb
@@ -94,6 +98,7 @@ def render_report(
         "byte-identical to the fixture; peak RSS is VmHWM (cumulative over the contender's cells).",
         "",
     ]
+    lines += variants_text(ran)
     if args.slow:
         lines += [
             f"JSON answers after {SLOW_JSON_DELAY * 1000:.0f} ms, streams have {SLOW_EVENTS} events "
@@ -103,8 +108,8 @@ def render_report(
             "",
         ]
     head = (
-        "| Cell | Conns | Contender | RPS | p50 ms | p99 ms | max ms | Peak RSS MB | CPU 0 busy | CPU µs/req | Errors"
-        " | gateway / this |"
+        "| Cell | Conns | Contender | RPS | p50 ms | p99 ms | max ms | Peak RSS MB | Contender CPU | CPU µs/req"
+        " | Errors | gateway / this |"
     )
     if args.slow:
         head += " steady RPS | % of ideal |"
@@ -122,12 +127,12 @@ def render_report(
             if r.preflight:
                 errors += f" ({r.preflight[:60]})"
             ratio = ""
-            if gw and not gw.skipped and name != "gateway" and (x := paired_ratio(gw, r)):
+            if gw and not gw.skipped and name not in GATEWAYS and (x := paired_ratio(gw, r)):
                 ratio = f"{x:.2f}x"
             row = (
                 f"| {cell.label} | {cell.connections} | {name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
                 f"| {r.max_ms:.1f} "
-                f"| {r.rss_mb:.1f} | {r.busy.get(CONTENDER_CPU, 0.0):.0%} | {r.cpu_us_per_request:.0f} "
+                f"| {r.rss_mb:.1f} | {r.contender_share:.0%} | {cpu_text(r)} "
                 f"| {errors} | {ratio} |"
             )
             if args.slow:
@@ -135,9 +140,11 @@ def render_report(
             lines.append(row)
     lines += ["", "## Targets", ""]
     lines += targets(by, cells, ran, args.slow)
+    if not args.slow:
+        lines += scaling_targets(by, cells)
     lines += render_ttfb(ttfb or [], args.ttfb_requests, TTFB_WARMUP)
     lines += render_cancel(cancel or [], args.warmup, args.settle)
-    if "gateway" in results:
+    if any(name in GATEWAYS for name in results):
         lines += ["", "## Meter check", ""]
         if meter_note:
             lines.append(meter_note)
@@ -147,13 +154,13 @@ def render_report(
                 "(preflight + warm-up + measured; the gateway drains what wrk abandons at the end). "
                 "Expected = upstream-served x the fixture's usage.",
                 "",
-                "| Cell | Meter | Upstream-served | Client-seen OK | Expected | Recorded | OK |",
-                "|---|---|---|---|---|---|---|",
+                "| Contender | Cell | Meter | Upstream-served | Client-seen OK | Expected | Recorded | OK |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for m in meter_rows:
                 lines.append(
-                    f"| {m.cell} | {m.meter} | {m.served} | {m.client_ok} | {m.expected} | {m.recorded} "
-                    f"| {'yes' if m.ok else '**NO**'} |"
+                    f"| {m.contender} | {m.cell} | {m.meter} | {m.served} | {m.client_ok} | {m.expected} "
+                    f"| {m.recorded} | {'yes' if m.ok else '**NO**'} |"
                 )
     notes = list(notes)
     for name in ran:
@@ -163,6 +170,67 @@ def render_report(
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def variants_text(ran: list[str]) -> list[str]:
+    out = []
+    if "gateway-pg" in ran or "gateway-pg-redis" in ran:
+        out.append(
+            f"`gateway-pg`: one worker on CPU {CONTENDER_CPU} like `gateway`, with the PostgreSQL store (a fresh "
+            "database on the local server, dropped after the run); the server's backends for that database are "
+            f"pinned to CPU {LOAD_CPU} with the load, and their CPU per request is shown after the gateway's "
+            "(`gateway + pg`), as a database on its own machine would carry it."
+        )
+    if "gateway-w2" in ran or "gateway-w2-redis" in ran:
+        out.append(
+            f"`gateway-w2`: `gateway serve --workers 2` on SQLite, on CPUs {BOTH_CPUS}: the two workers share "
+            f"CPU {LOAD_CPU} with wrk and the upstream, so they get less than two whole CPUs; `Contender CPU` "
+            "is the workers' CPU in CPUs (200 % = both)."
+        )
+    if any(name.endswith("-redis") for name in ran):
+        out.append("`-redis`: the same with `GATEWAY_REDIS_URL` (rate limits in the local Redis, unpinned).")
+    return [*out, ""] if out else []
+
+
+def cpu_text(r: Result) -> str:
+    text = f"{r.cpu_us_per_request:.0f}"
+    return text + f" + pg {r.service_us_per_request:.0f}" if r.service_cpu_s else text
+
+
+def scaling_targets(by: dict[tuple[str, str], Result], cells: list[Cell]) -> list[str]:
+    """Two workers over one, PostgreSQL over SQLite: paired per round like the other ratios."""
+    out: list[str] = []
+    for name, target, what in (
+        ("gateway-w2", TARGET_WORKERS, "two workers / one"),
+        ("gateway-w2-redis", TARGET_WORKERS, "two workers, rate limits in Redis / one"),
+        ("gateway-pg", TARGET_PG, "PostgreSQL / SQLite"),
+        ("gateway-pg-redis", TARGET_PG, "PostgreSQL, rate limits in Redis / SQLite"),
+    ):
+        for cell in cells:
+            one, other = by.get(("gateway", cell.name)), by.get((name, cell.name))
+            if not one or not other or one.skipped or other.skipped:
+                continue
+            ratio = paired_ratio(other, one)
+            each = ""
+            if len(one.rounds) > 1:
+                each = " (rounds: " + ", ".join(f"{x:.2f}" for x in round_ratios(other, one)) + ")"
+            flag = "PASS" if ratio >= target else "FAIL"
+            # CPU per request moves far less than RPS on a shared machine: its inverse is the throughput
+            # per core (PostgreSQL: the gateway's own, and with the database backends' added).
+            per_core = one.cpu_us_per_request / other.cpu_us_per_request if other.cpu_us_per_request else 0.0
+            cpu = f"{one.cpu_us_per_request:.0f} -> {other.cpu_us_per_request:.0f} µs"
+            if other.service_cpu_s:
+                total = other.cpu_us_per_request + other.service_us_per_request
+                cpu += f" (+ pg {other.service_us_per_request:.0f} = {one.cpu_us_per_request / total:.2f}x)"
+            shares = ""
+            if other.contender_share > 1 and other.wall_s:
+                load = other.load_cpu_s / other.wall_s
+                shares = f"; CPU used: the workers {other.contender_share:.0%}, wrk + upstream {load:.0%}"
+            out.append(
+                f"- {cell.label} @{cell.connections}: {what} ({name} / gateway) {ratio:.2f}x{each}, "
+                f"target >= {target}x: {flag}; CPU per request {cpu}, throughput per core {per_core:.2f}x{shares}"
+            )
+    return out
 
 
 def rounds_text(args: argparse.Namespace) -> str:

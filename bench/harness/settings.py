@@ -16,8 +16,24 @@ APT_PACKAGES = ("nginx", "libnginx-mod-http-echo", "libnginx-mod-http-lua", "wrk
 CONTENDER_CPU = "0"
 LOAD_CPU = "1"
 
-CONTENDERS = ("direct", "bare-starlette", "bare-raw", "gateway")
 BARE = ("bare-starlette", "bare-raw")
+# The gateway variants: (PostgreSQL store, workers, Redis for the rate limits). `gateway` is one
+# worker on SQLite, the reference; the -redis ones are opt-in (--contenders).
+GATEWAYS = {
+    "gateway": (False, 1, False),
+    "gateway-pg": (True, 1, False),
+    "gateway-w2": (False, 2, False),
+    "gateway-pg-redis": (True, 1, True),
+    "gateway-w2-redis": (False, 2, True),
+}
+CONTENDERS = ("direct", *BARE, *GATEWAYS)
+DEFAULT_CONTENDERS = ("direct", *BARE, "gateway", "gateway-pg", "gateway-w2")
+REDIS_URL = "redis://127.0.0.1:6379/0"
+# Two workers get both CPUs (the kernel spreads them); wrk and the upstream stay on LOAD_CPU and share it.
+BOTH_CPUS = "0,1"
+
+# gateway-pg: a fresh database on the local PostgreSQL server, dropped after the run.
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 # Slow-upstream mode: JSON after 250 ms; streams of 31 events 20 ms apart.
 SLOW_JSON_DELAY = 0.25
@@ -31,6 +47,9 @@ TARGET_P99_MS = 30.0
 TARGET_MAX_MS = 200.0  # max latency at 16 connections
 TARGET_RSS_MB = 120.0
 TARGET_SLOW = 0.95
+# From the scaling issue: two workers over one, PostgreSQL over SQLite (both on the same CPU budget).
+TARGET_WORKERS = 1.6
+TARGET_PG = 0.75
 
 # A cell is flagged when other processes (or the hypervisor) took more than this share of a CPU.
 FOREIGN_LIMIT = 0.05
