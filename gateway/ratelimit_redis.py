@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.ratelimit import WINDOW, RateLimited, StoreErrorPolicy
-from gateway.ratelimit_shared import UNAVAILABLE, Corrections, ErrorLog, Settler
+from gateway.ratelimit_shared import Corrections, ErrorLog, Settler, on_store_error
 
 log = logging.getLogger("gateway.ratelimit")
 
@@ -135,7 +135,7 @@ class RedisRateLimiter:
             )
         except Exception as exc:  # never fail the request: the policy decides
             self._errors.failed(exc)
-            return (None, None) if self._policy is StoreErrorPolicy.OPEN else (UNAVAILABLE, None)
+            return on_store_error(self._policy)
         if self._errors.failing:
             self._errors.recovered()
         if code:

@@ -70,6 +70,11 @@ class ErrorLog:
         log.warning("%s works again", self.what)
 
 
+def on_store_error(policy: StoreErrorPolicy) -> tuple[RateLimited | None, None]:
+    """What a limiter answers when its store failed: admit (open) or refuse for a second (closed)."""
+    return (None, None) if policy is StoreErrorPolicy.OPEN else (UNAVAILABLE, None)
+
+
 class Settler:
     """Gathers token corrections and sends them in the background, one batch at a time."""
 
@@ -84,15 +89,12 @@ class Settler:
             return
         key = (user_id, second)
         self._pending[key] = self._pending.get(key, 0) + delta
-        if self._task is None:
-            # (a context of its own: what it logs belongs to no one request's id)
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="ratelimit-settle", context=contextvars.Context()
-            )
+        self.kick()
 
     def kick(self) -> None:
-        """Run the sender even with nothing to correct (it has other background work)."""
+        """Run the sender unless it runs already (also with nothing to correct: it has other background work)."""
         if self._task is None:
+            # (a context of its own: what it logs belongs to no one request's id)
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="ratelimit-settle", context=contextvars.Context()
             )
@@ -151,7 +153,7 @@ class StoreRateLimiter:
             )
         except Exception as exc:
             self._errors.failed(exc)
-            return (None, None) if self._policy is StoreErrorPolicy.OPEN else (UNAVAILABLE, None)
+            return on_store_error(self._policy)
         if self._errors.failing:
             self._errors.recovered()
         if refusal is not None:
