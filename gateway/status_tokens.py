@@ -10,10 +10,8 @@ under its own label (so the admin token itself never signs anything).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
-import hmac
 import math
 import time
 from collections.abc import Callable
@@ -27,6 +25,7 @@ from starlette.routing import Route
 from gateway.admin import Endpoint
 from gateway.http_api import BodyRefused, api_error, read_json
 from gateway.keys import InvalidUserId, check_user_id
+from gateway.signing import b64, derive_key, sign, signed, unb64
 from gateway.timeutil import iso
 
 TOKEN_PREFIX = "pgs_"
@@ -37,20 +36,12 @@ _DERIVE_LABEL = b"polar-gateway/status-token/v1"
 _MAX_TOKEN_CHARS = 400  # a 128-character user id makes a token of about 240
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def signing_key(secret: str, admin_token: str) -> bytes | None:
     """The HMAC key: the dedicated secret, else one derived from the admin token; None when neither is set."""
     if secret:
         return hashlib.sha256(_DERIVE_LABEL + b"\0" + secret.encode()).digest()
     if admin_token:
-        return hmac.new(admin_token.encode(), _DERIVE_LABEL, hashlib.sha256).digest()
+        return derive_key(admin_token, _DERIVE_LABEL)
     return None
 
 
@@ -72,10 +63,6 @@ class StatusTokens:
     def enabled(self) -> bool:
         return self._key is not None
 
-    def _mac(self, payload: str) -> str:
-        assert self._key is not None
-        return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
-
     def issue(self, user_id: str, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> StatusToken:
         if self._key is None:
             raise RuntimeError("status tokens are disabled: no signing secret")
@@ -83,9 +70,9 @@ class StatusTokens:
         if not MIN_TTL_SECONDS <= ttl_seconds <= MAX_TTL_SECONDS:
             raise ValueError(f"ttl_seconds must be {MIN_TTL_SECONDS}..{MAX_TTL_SECONDS}")
         expires = math.ceil(self._clock() + ttl_seconds)
-        payload = _b64(f"{expires}:{user_id}".encode())
+        payload = b64(f"{expires}:{user_id}".encode())
         return StatusToken(
-            f"{TOKEN_PREFIX}{payload}.{self._mac(payload)}", user_id, datetime.fromtimestamp(expires, UTC)
+            f"{TOKEN_PREFIX}{payload}.{sign(self._key, payload)}", user_id, datetime.fromtimestamp(expires, UTC)
         )
 
     def verify(self, token: str | None) -> str | None:
@@ -94,10 +81,10 @@ class StatusTokens:
             return None
         payload, dot, mac = token[len(TOKEN_PREFIX) :].rpartition(".")
         # The mac covers the payload's text, so no other spelling of the same bytes passes.
-        if not dot or not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
+        if not dot or not signed(self._key, payload, mac):
             return None
         try:
-            expires_text, _, user_id = _unb64(payload).decode().partition(":")
+            expires_text, _, user_id = unb64(payload).decode().partition(":")
             expires = int(expires_text)
             check_user_id(user_id)
         except (binascii.Error, UnicodeDecodeError, ValueError):

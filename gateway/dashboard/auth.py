@@ -8,8 +8,6 @@ in a hidden field (and the cookie is SameSite=Strict besides).
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 import secrets
 import time
@@ -21,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from gateway.http_api import BodyRefused, read_body
+from gateway.signing import derive_key, sign, signed
 
 COOKIE = "gw_admin"
 COOKIE_PATH = "/admin"
@@ -34,8 +33,7 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def _mac(key: bytes, label: str, payload: str) -> str:
-    digest = hmac.new(key, f"{label}:{payload}".encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    return sign(key, f"{label}:{payload}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +47,7 @@ class SessionSigner:
 
     def __init__(self, admin_token: str) -> None:
         self._token = admin_token.encode()
-        self._key = hmac.new(self._token, _KEY_LABEL, hashlib.sha256).digest() if admin_token else b""
+        self._key = derive_key(admin_token, _KEY_LABEL) if admin_token else b""
 
     @property
     def enabled(self) -> bool:
@@ -72,7 +70,7 @@ class SessionSigner:
         expires, _, rest = value.partition(".")
         nonce, _, mac = rest.partition(".")
         payload = f"{expires}.{nonce}"
-        if not hmac.compare_digest(mac.encode(), _mac(self._key, "session", payload).encode()):
+        if not signed(self._key, f"session:{payload}", mac):
             return None
         if not expires.isdigit() or int(expires) <= (time.time() if now is None else now):
             return None
