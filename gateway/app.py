@@ -36,6 +36,7 @@ from gateway.proxy import ProxyEndpoint
 from gateway.quota import Ledger
 from gateway.ratelimit_shared import make_limiter
 from gateway.recording import Recorder, recover, recover_journal
+from gateway.refusals import RefusalCounter
 from gateway.services import Services, process_owner_id
 from gateway.settings import Settings, settings_from_env
 from gateway.status_tokens import StatusTokens, signing_key, status_token_route
@@ -85,6 +86,7 @@ def build_services(settings: Settings, *, shared: bool = False) -> Services:
     limiter = make_limiter(settings, store, shared=shared)
     metrics = NO_METRICS if settings.metrics == "off" else Metrics()
     recorder = Recorder(store, journal, on_stored=ledger.stored, linger=settings.record_linger_seconds, metrics=metrics)
+    refusals = RefusalCounter(store, interval=settings.refusals_flush_seconds, metrics=metrics)
     return Services(
         polar=polar,
         settings=settings,
@@ -95,7 +97,8 @@ def build_services(settings: Settings, *, shared: bool = False) -> Services:
         owner=owner,
         journal=journal,
         recorder=recorder,
-        billing=BillingOwner(ledger, limiter, journal, recorder, metrics),
+        billing=BillingOwner(ledger, limiter, journal, recorder, metrics, refusals),
+        refusals=refusals,
         metrics=metrics,
         keeper=keeper,
     )
@@ -179,7 +182,7 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
         if not settings.gemini_api_key:
             log.warning("GEMINI_API_KEY is not set: Gemini requests will be refused by the provider")
         stop = asyncio.Event()
-        background: list[asyncio.Task[None]] = []
+        background = [asyncio.create_task(s.refusals.run_forever(stop), name="refusals-flush")]
         if s.polar is None:
             log.warning("POLAR_ACCESS_TOKEN is not set: running with config-file limits only, no sync to Polar")
         else:
@@ -207,17 +210,17 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
             yield
         finally:
             stop.set()
-            if background:
-                # An interrupted ingest is harmless: its claimed events return after the lease, deduplicated.
-                _, pending = await asyncio.wait(background, timeout=5)
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+            # An interrupted ingest is harmless: its claimed events return after the lease, deduplicated.
+            _, pending = await asyncio.wait(background, timeout=5)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
             await s.client.close()
             if s.polar is not None:
                 await s.polar.close()
             await s.recorder.close()
             await s.limiter.close()  # its last token corrections may go to the store
+            await s.refusals.close()  # the last counts (the server answers no more requests by now)
             s.journal.close()
             if s.keeper is not None:
                 await s.keeper.close()  # leases back, but for what covers requests left to the journal

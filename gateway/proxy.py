@@ -110,6 +110,7 @@ class ProxyEndpoint:
         ident = await s.keys.authenticate(provider.extract_key(headers, query))
         if ident is None:
             s.metrics.refused(401, "invalid_key")
+            s.refusals.count(401, "invalid_key")
             return op, await self._error(send, 401, "authentication_error", "invalid or revoked gateway key", rid)
 
         # 2. read and check the request

@@ -18,6 +18,7 @@ from gateway.metrics import NO_METRICS, Metrics
 from gateway.polar import PolarBilling
 from gateway.ratelimit import RateLimit
 from gateway.recording import Recorder
+from gateway.refusals import RefusalCounter
 from gateway.settings import Settings
 from gateway.store.base import Store
 from gateway.store.leases_base import InvalidationKind
@@ -39,6 +40,7 @@ class Services:
     journal: Journal
     recorder: Recorder  # wakes the sync when events land (its `on_events`)
     billing: BillingOwner  # begins and finishes metered requests over ledger, limiter, journal and recorder
+    refusals: RefusalCounter  # refusals per hour for the dashboard, added to the store in the background
     client: aiohttp.ClientSession | None = None  # created in the lifespan (needs a running loop)
     polar: PolarBilling | None = None  # None when POLAR_ACCESS_TOKEN is not set
     metrics: Metrics = NO_METRICS  # GATEWAY_METRICS=off: hooks that do nothing

@@ -128,6 +128,7 @@ class Settings:
     database_pool_size: int = 10  # connections per process (PostgreSQL)
     journal_dir: str = ""  # requests in flight (gateway/journal.py); "" = beside an SQLite database
     record_linger_seconds: float = 0.02  # how long finished requests gather before one store commit
+    refusals_flush_seconds: float = 5.0  # how often refusals counted in memory are added to the store
     config_path: Path = Path("config/gateway.toml")
     host: str = "127.0.0.1"
     port: int = 8080
@@ -210,6 +211,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_DATABASE_POOL_SIZE": ("database_pool_size", int),
     "GATEWAY_JOURNAL_DIR": ("journal_dir", str),
     "GATEWAY_RECORD_LINGER_SECONDS": ("record_linger_seconds", float),
+    "GATEWAY_REFUSALS_FLUSH_SECONDS": ("refusals_flush_seconds", float),
     "GATEWAY_CONFIG": ("config_path", Path),
     "GATEWAY_HOST": ("host", str),
     "GATEWAY_PORT": ("port", int),

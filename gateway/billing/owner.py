@@ -24,6 +24,7 @@ from gateway.outcomes import Outcome
 from gateway.quota import Refusal
 from gateway.ratelimit import RateLimited
 from gateway.recording import estimate_from_reservation
+from gateway.refusals import NO_REFUSALS, RefusalSink
 from gateway.store.base import RequestRecord
 from gateway.timeutil import utcnow
 
@@ -78,20 +79,24 @@ class BillingOwner:
         journal: RequestJournal,
         recorder: RecordSink,
         metrics: Metrics = NO_METRICS,
+        refusals: RefusalSink = NO_REFUSALS,
     ) -> None:
         self.ledger = ledger
         self.limiter = limiter
         self.journal = journal
         self.recorder = recorder
         self.metrics = metrics
+        self.refusals = refusals
 
     def _refused(self, refused: Refused) -> Refused:
         if refused.rate is not None:
-            self.metrics.refused(429, refused.rate.reason)
+            status, reason = 429, refused.rate.reason
         elif refused.kind is RefusalKind.QUOTA:
-            self.metrics.refused(402, RefusalKind.QUOTA.value)
+            status, reason = 402, RefusalKind.QUOTA.value
         else:
-            self.metrics.refused(503, refused.kind.value)
+            status, reason = 503, refused.kind.value
+        self.metrics.refused(status, reason)
+        self.refusals.count(status, reason)
         return refused
 
     async def admit(self, user_id: str) -> Refused | None:

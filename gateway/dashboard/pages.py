@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.dashboard.auth import Session, SessionSigner
-from gateway.dashboard.charts import traffic_charts
+from gateway.dashboard.charts import refusal_chart, traffic_charts
 from gateway.dashboard.polar_state import PolarProbe
 from gateway.dashboard.render import page
 from gateway.keys import USER_ID_RE
@@ -19,6 +19,7 @@ from gateway.meters import ALL_METERS
 from gateway.quota import MeterStatus, meter_status, overall_status
 from gateway.services import Services
 from gateway.store.dashboard_base import Step, TrafficRow
+from gateway.store.refusals_base import RefusalCount
 from gateway.timeutil import utcnow
 
 DAY_SPAN = timedelta(hours=24)
@@ -41,6 +42,32 @@ def _totals(rows: list[TrafficRow]) -> list[OutcomeTotal]:
         requests[r.outcome] += r.requests
         tokens[r.outcome] += r.tokens
     return [OutcomeTotal(o, requests[o], tokens[o]) for o in sorted(requests, key=lambda o: (o != "ok", o))]
+
+
+# What each refusal reason means (`BillingOwner._refused`, the proxy's 401, `RateLimited.reason`).
+REFUSAL_REASONS = {
+    "invalid_key": "invalid or revoked gateway key",
+    "quota": "over the quota of a meter",
+    "requests": "too many requests per minute",
+    "tokens": "too many tokens per minute",
+    "unavailable": "rate limits could not be checked",
+    "unrecordable": "the journal could not record the request",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalTotal:
+    status: int
+    reason: str
+    meaning: str
+    count: int
+
+
+def _refusal_totals(rows: list[RefusalCount]) -> list[RefusalTotal]:
+    counts: dict[tuple[int, str], int] = defaultdict(int)
+    for r in rows:
+        counts[r.status, r.reason] += r.count
+    return [RefusalTotal(st, why, REFUSAL_REASONS.get(why, ""), n) for (st, why), n in sorted(counts.items())]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +107,8 @@ class Pages:
         day_since, weeks_since = now - DAY_SPAN, now - WEEKS_SPAN
         hourly = await self.s.store.traffic(day_since, Step.HOUR)
         daily = await self.s.store.traffic(weeks_since, Step.DAY)
+        refused_hourly = await self.s.store.refusals(day_since, Step.HOUR)
+        refused_daily = await self.s.store.refusals(weeks_since, Step.DAY)
         return page(
             "overview.html",
             nav="overview",
@@ -89,6 +118,10 @@ class Pages:
             weeks_charts=traffic_charts(daily, weeks_since, now, Step.DAY),
             day_totals=_totals(hourly),
             weeks_totals=_totals(daily),
+            day_refusals=refusal_chart(refused_hourly, day_since, now, Step.HOUR),
+            weeks_refusals=refusal_chart(refused_daily, weeks_since, now, Step.DAY),
+            day_refusal_totals=_refusal_totals(refused_hourly),
+            refusals_unstored=self.s.refusals.pending,
             backlog=await self.s.store.sync_backlog(),
             last_synced_at=await self.s.store.last_synced_at(weeks_since),
             unstored=self.s.recorder.backlog,

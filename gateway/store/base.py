@@ -19,6 +19,7 @@ from gateway.outcomes import Outcome
 from gateway.ratelimit import Bucket, RateLimited
 from gateway.store.dashboard_base import DashboardReads
 from gateway.store.leases_base import LeaseStore
+from gateway.store.refusals_base import RefusalStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +276,7 @@ class Store(
     RateWindowStore,
     LeaseStore,
     DashboardReads,
+    RefusalStore,
     Protocol,
 ):
     """Everything: what `gateway.store.create_store` returns. Users annotate the narrow protocol they need."""

@@ -20,6 +20,7 @@ from gateway.store.postgres_dashboard import PostgresDashboard
 from gateway.store.postgres_leases import PostgresLeases
 from gateway.store.postgres_outbox import PostgresOutbox
 from gateway.store.postgres_ratelimit import PostgresRateWindows
+from gateway.store.postgres_refusals import PostgresRefusals
 from gateway.timeutil import utcnow
 
 __all__ = ["PostgresStore"]
@@ -45,7 +46,7 @@ def _key(row: Sequence[Any]) -> ApiKey:
     return ApiKey(id=row[0], user_id=row[1], name=row[2], prefix=row[3], created_at=row[4], revoked_at=row[5])
 
 
-class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox, PostgresDashboard):
+class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox, PostgresDashboard, PostgresRefusals):
     """Implements `gateway.store.base.Store`."""
 
     # ------------------------------------------------------------------ keys

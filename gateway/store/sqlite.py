@@ -15,6 +15,7 @@ from gateway.store.sqlite_dashboard import SqliteDashboard
 from gateway.store.sqlite_leases import SqliteLeases
 from gateway.store.sqlite_outbox import SqliteOutbox
 from gateway.store.sqlite_ratelimit import SqliteRateWindows
+from gateway.store.sqlite_refusals import SqliteRefusals
 from gateway.timeutil import iso, parse_iso, utcnow
 
 __all__ = ["SqliteStore"]
@@ -54,7 +55,7 @@ def _chunked(flat: list[Any]) -> list[Op]:
     return ops
 
 
-class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard):
+class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard, SqliteRefusals):
     """Implements `gateway.store.base.Store` and `gateway.store.leases_base.LeaseStore`."""
 
     # ------------------------------------------------------------------ keys

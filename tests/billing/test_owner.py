@@ -100,12 +100,24 @@ class FakeSink:
         self.added.append((r, segments))
 
 
+class FakeRefusals:
+    def __init__(self) -> None:
+        self.counted: list[tuple[int, str]] = []
+
+    def count(self, status: int, reason: str) -> None:
+        self.counted.append((status, reason))
+
+
 def owner(
-    limiter: FakeLimiter | None = None, ledger: FakeLedger | None = None, journal: FakeJournal | None = None
+    limiter: FakeLimiter | None = None,
+    ledger: FakeLedger | None = None,
+    journal: FakeJournal | None = None,
+    refusals: FakeRefusals | None = None,
 ) -> tuple[BillingOwner, FakeLimiter, FakeLedger, FakeJournal, FakeSink]:
     limiter, ledger, journal = limiter or FakeLimiter(), ledger or FakeLedger(), journal or FakeJournal()
     sink = FakeSink()
-    return BillingOwner(ledger, limiter, journal, sink), limiter, ledger, journal, sink
+    billing = BillingOwner(ledger, limiter, journal, sink, refusals=refusals or FakeRefusals())
+    return billing, limiter, ledger, journal, sink
 
 
 async def test_a_rate_limited_request_takes_nothing() -> None:
@@ -132,6 +144,25 @@ async def test_a_journal_failure_gives_back_the_reservation_and_the_ticket() -> 
     assert ledger.held == [] and [actual for _, actual in ledger.settled] == [{}]
     assert limiter.settled == [("u", limiter.acquired[0][2], 0)]
     assert sink.added == []
+
+
+async def test_each_refusal_is_counted_by_status_and_reason() -> None:
+    refusals = FakeRefusals()
+    billing, limiter, ledger, journal, _ = owner(refusals=refusals)
+    limiter.refuse = RateLimited("tokens", 7)
+    await billing.begin(record("req_a"), 100)
+    limiter.refuse = RateLimited("requests", 2)
+    await billing.admit("u")
+    limiter.refuse = None
+    ledger.refuse = Refusal(OUT, needed=10, remaining=3)
+    await billing.begin(record("req_b", reservation={OUT: 10}), 40)
+    ledger.refuse = None
+    journal.fail_begin = True
+    await billing.begin(record("req_c"), 1)
+    journal.fail_begin = False
+    assert isinstance(await billing.begin(record("req_d"), 1), Hold)  # admitted: not counted
+    assert await billing.admit("u") is None
+    assert refusals.counted == [(429, "tokens"), (429, "requests"), (402, "quota"), (503, "unrecordable")]
 
 
 async def test_finish_settles_exactly_once() -> None:

@@ -39,7 +39,7 @@ def page(browser: Browser) -> Iterator[Page]:
 
 
 def test_sign_in_and_see_a_users_bars_move(page: Page, make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway(plan={"claude_output_tokens": 36})
+    gw = make_gateway(plan={"claude_output_tokens": 36}, refusals_flush_seconds=0.05)
     key = gw.issue_key("fay")
     page.goto(f"{gw.url}/admin/users/fay")
     page.wait_for_url(f"{gw.url}/admin/signin")  # no session: sent to sign in
@@ -80,9 +80,29 @@ def test_sign_in_and_see_a_users_bars_move(page: Page, make_gateway: Callable[..
     expect(page.locator("#requests tr")).to_have_count(4)  # the header and three requests
     screenshot(page, "user")
 
+    # refused: over quota (9 left, up to 16 asked), then a wrong key
+    with pytest.raises(anthropic.PaymentRequiredError):
+        anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0).messages.create(
+            model="claude-sonnet-4-6",
+            max_tokens=16,
+            messages=MSG,  # type: ignore[arg-type]
+        )
+    with pytest.raises(anthropic.AuthenticationError):
+        ask(gw, "pgw_wrong")
+    wait_until(lambda: gw.query("SELECT status, count FROM refusals ORDER BY status") == [(401, 1), (402, 1)])
+
     page.click("text=Overview")
     expect(page.locator("#totals-24h")).to_contain_text("ok")
     expect(page.locator("#chart-requests-hourly rect.ok")).to_have_count(1)
+    for chart in ("#chart-refusals-hourly", "#chart-refusals-daily"):
+        expect(page.locator(f"{chart} rect.s401")).to_have_count(1)
+        expect(page.locator(f"{chart} rect.s402")).to_have_count(1)
+        expect(page.locator(f"{chart} rect.s429")).to_have_count(0)
+        expect(page.locator(f"{chart} rect.s402 title")).to_have_text(re.compile(r": 1 refused with 402$"))
+    box = page.locator("#chart-refusals-hourly rect.s402").bounding_box()
+    assert box is not None and box["width"] > 0 and box["height"] > 0  # drawn, not just in the markup
+    expect(page.locator("#refusals-24h tr")).to_have_count(3)  # the header, 401 and 402
+    expect(page.locator("#refusals-24h")).to_contain_text("quota")
     screenshot(page, "overview")
     page.click("text=Sign out")
     page.wait_for_url(f"{gw.url}/admin/signin")
