@@ -348,7 +348,7 @@ class GatewayProcess:
             except httpx.HTTPError:
                 return False
 
-        wait_until(healthy, timeout=20, interval=0.05)
+        wait_until(healthy, timeout=60, interval=0.05)
         return self
 
     def issue_key(self, user_id: str) -> str:
