@@ -36,6 +36,7 @@ from harness.processes import ensure_tools, workdir
 from harness.report import render_report, update_readme
 from harness.settings import (
     BARE,
+    BARE_W2,
     BENCH,
     CANCEL_CONTENDERS,
     CONTENDERS,
@@ -129,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         contenders[name] = start_direct(tmp, args.slow)
                     elif name in BARE:
                         contenders[name] = start_bare(name.removeprefix("bare-"), upstream, tmp)
+                    elif name == BARE_W2:
+                        contenders[name] = start_bare("raw", upstream, tmp, workers=2)
                     else:
                         extra = ("ttfb", "cancel") if name == "gateway" else ()
                         contenders[name] = start_gateway(

@@ -91,14 +91,19 @@ def uvicorn_flags(port: int) -> list[str]:
     ]
 
 
-def start_bare(mode: str, upstream: Nginx, workdir: Path, wrap: Sequence[str] = ()) -> Contender:
-    """`wrap`: a command the contender runs under (bench/instructions.py: valgrind)."""
+def start_bare(mode: str, upstream: Nginx, workdir: Path, wrap: Sequence[str] = (), workers: int = 1) -> Contender:
+    """`wrap`: a command the contender runs under (bench/instructions.py: valgrind). `workers` > 1:
+    uvicorn's own supervisor on both CPUs, as `gateway-w2` runs."""
     port = free_port()
     env = dict(os.environ, BARE_MODE=mode, BARE_UPSTREAM=upstream.url)
     argv = [*wrap, sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH), "--factory", "bare:create_app"]
-    proc = spawn(f"bare-{mode}", argv + uvicorn_flags(port), workdir, CONTENDER_CPU, env)
+    name, cpus = f"bare-{mode}", CONTENDER_CPU
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+        name, cpus = f"bare-{mode}-w{workers}", BOTH_CPUS
+    proc = spawn(name, argv + uvicorn_flags(port), workdir, cpus, env)
     wait_port(proc, port, timeout=120 if wrap else 30)
-    return Contender(f"bare-{mode}", port, proc, prefixed=True)
+    return Contender(name, port, proc, prefixed=True, cpus=cpus)
 
 
 GATEWAY_TOML = """\

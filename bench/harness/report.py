@@ -17,6 +17,7 @@ from .load import Result, ideal_share, paired_ratio, round_ratios, steady_rate
 from .meters import MeterRow
 from .settings import (
     BARE,
+    BARE_W2,
     BENCH,
     BOTH_CPUS,
     CONTENDER_CPU,
@@ -127,7 +128,7 @@ def render_report(
             if r.preflight:
                 errors += f" ({r.preflight[:60]})"
             ratio = ""
-            if gw and not gw.skipped and name not in GATEWAYS and (x := paired_ratio(gw, r)):
+            if gw and not gw.skipped and name not in (*GATEWAYS, BARE_W2) and (x := paired_ratio(gw, r)):
                 ratio = f"{x:.2f}x"
             row = (
                 f"| {cell.label} | {cell.connections} | {name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
@@ -230,6 +231,16 @@ def scaling_targets(by: dict[tuple[str, str], Result], cells: list[Cell]) -> lis
                 f"- {cell.label} @{cell.connections}: {what} ({name} / gateway) {ratio:.2f}x{each}, "
                 f"target >= {target}x: {flag}; CPU per request {cpu}, throughput per core {per_core:.2f}x{shares}"
             )
+    for cell in cells:
+        one, two = by.get(("bare-raw", cell.name)), by.get((BARE_W2, cell.name))
+        if not one or not two or one.skipped or two.skipped:
+            continue
+        gw = by.get(("gateway-w2", cell.name))
+        vs = f"; gateway-w2 / bare-raw-w2 {paired_ratio(gw, two):.2f}x" if gw and not gw.skipped else ""
+        out.append(
+            f"- {cell.label} @{cell.connections}: reference, the bare pass-through's two workers / one "
+            f"({BARE_W2} / bare-raw) {paired_ratio(two, one):.2f}x on the same CPUs{vs}"
+        )
     return out
 
 

@@ -26,8 +26,11 @@ GATEWAYS = {
     "gateway-pg-redis": (True, 1, True),
     "gateway-w2-redis": (False, 2, True),
 }
-CONTENDERS = ("direct", *BARE, *GATEWAYS)
-DEFAULT_CONTENDERS = ("direct", *BARE, "gateway", "gateway-pg", "gateway-w2")
+# bare-raw with `--workers 2` on both CPUs: what a second core buys a pass-through with no billing at
+# all on this machine, the ceiling against which the gateway's two workers / one is read.
+BARE_W2 = "bare-raw-w2"
+CONTENDERS = ("direct", *BARE, BARE_W2, *GATEWAYS)
+DEFAULT_CONTENDERS = ("direct", *BARE, BARE_W2, "gateway", "gateway-pg", "gateway-w2")
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # Two workers get both CPUs (the kernel spreads them); wrk and the upstream stay on LOAD_CPU and share it.
 BOTH_CPUS = "0,1"
