@@ -17,7 +17,7 @@ instructions in the gateway (SQLite, orjson, the interpreter loop, ...).
 Any gateway variant of `run.py` can be measured (`--contenders gateway,gateway-pg,gateway-w2`): a
 PostgreSQL contender counts the gateway process only (the database's backends are not under
 valgrind), and `--workers 2` counts every process of the tree (valgrind follows the spawned workers).
-`--memory-limiter` keeps rate limits in each process's memory (see harness/memory_limiter) to see
+`--memory-limiter` keeps rate limits in each process's memory (see harness/site) to see
 shared mode's other costs alone. Work done on timers (the lease keeper's polls, heartbeats) runs at
 its wall-clock rate while valgrind serves ~50x fewer requests, so its share per request shows ~50x
 too large here: `--idle S` counts the contender idle for S seconds and prints that rate apart.

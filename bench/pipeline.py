@@ -21,7 +21,7 @@ out to see what that part costs).
 
 `--store shared` runs the gateway as one of several processes on its SQLite file would (leased
 quota, lease keeper), `--store postgres` on a fresh PostgreSQL database (the server's own CPU is
-not counted); `--memory-limiter` keeps their rate limits in memory (see harness/memory_limiter), so
+not counted); `--memory-limiter` keeps their rate limits in memory (see harness/site), so
 what differs from `--store sqlite` is shared mode's other work. `--no-timers` stretches the keeper's
 poll and heartbeat to an hour: under callgrind timers fire at wall-clock rate while requests run
 ~50x slower, so their share per request would show ~50x too large (bench/instructions.py --idle
@@ -62,7 +62,7 @@ from gateway.settings import Settings, load_file_config
 
 CONCURRENCY = 16
 TOML = "[plan]\n[rate_limit]\nrequests_per_minute = 100000000\ntokens_per_minute = 100000000000\n"
-MEMORY_LIMITER = Path(__file__).resolve().parent / "harness" / "memory_limiter" / "sitecustomize.py"
+SITE_PATCHES = Path(__file__).resolve().parent / "harness" / "site" / "sitecustomize.py"
 STORES = ("sqlite", "shared", "postgres")
 
 
@@ -288,7 +288,8 @@ def main() -> int:
     logging.getLogger("gateway").setLevel(logging.ERROR)  # "Polar is not configured" and the like
     check = not args.no_meter_check
     if args.memory_limiter:
-        runpy.run_path(str(MEMORY_LIMITER))
+        os.environ["BENCH_MEMORY_LIMITER"] = "1"
+        runpy.run_path(str(SITE_PATCHES))
     for name in args.cells.split(","):
         pg = PgDatabase("pipeline") if args.store == "postgres" else None
         try:

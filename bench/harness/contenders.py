@@ -19,7 +19,7 @@ from .processes import Proc, free_port, spawn, wait_port
 from .settings import BENCH, BOTH_CPUS, CONTENDER_CPU, GATEWAYS, LOAD_CPU, REDIS_URL, ROOT
 from .upstream import Nginx
 
-MEMORY_LIMITER = Path(__file__).resolve().parent / "memory_limiter"
+SITE = Path(__file__).resolve().parent / "site"  # measurement patches (see its sitecustomize.py)
 
 # --- contenders ----------------------------------------------------------------------------
 
@@ -183,7 +183,7 @@ def start_gateway(
     """The gateway with one user (and key) per cell, plus one per `extra` tag (keys[tag], users[tag]).
     `name` is one of GATEWAYS: its store (SQLite, or a fresh PostgreSQL database), its workers and
     whether its rate limits live in Redis. `memory_limiter`: rate limits in each process's memory
-    even when shared (see `memory_limiter/sitecustomize.py`)."""
+    even when shared (see `site/sitecustomize.py`)."""
     postgres, workers, redis = GATEWAYS[name]
     port = free_port()
     pg = PgDatabase() if postgres else None
@@ -191,8 +191,10 @@ def start_gateway(
         env = gateway_env(workdir, port, upstream, name, pg.url if pg else "")
         if redis:
             env["GATEWAY_REDIS_URL"] = REDIS_URL
-        if memory_limiter:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MEMORY_LIMITER), env.get("PYTHONPATH")]))
+        patches = {"BENCH_MEMORY_LIMITER": memory_limiter, "BENCH_SLOW_WORKERS": bool(wrap) and workers > 1}
+        if any(patches.values()):
+            env.update({k: "1" for k, on in patches.items() if on})
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), env.get("PYTHONPATH")]))
         contender = _start_gateway(env, port, workdir, cells, extra, wrap, name, workers)
     except BaseException:
         if pg:
