@@ -88,6 +88,8 @@ def main() -> int:
             print(f"{cell.name}: {result}")
             print_thread_cpu(before, after, result.get("requests", 0))
             report(raw, args.top)
+            if os.environ.get("HOTSPOTS_KEEP_RAW"):
+                shutil.copy(raw, os.environ["HOTSPOTS_KEEP_RAW"])
         finally:
             gateway.proc.stop()
             upstream.stop()

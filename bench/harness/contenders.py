@@ -191,7 +191,7 @@ def start_gateway(
         env = gateway_env(workdir, port, upstream, name, pg.url if pg else "")
         if redis:
             env["GATEWAY_REDIS_URL"] = REDIS_URL
-        patches = {"BENCH_MEMORY_LIMITER": memory_limiter, "BENCH_SLOW_WORKERS": bool(wrap) and workers > 1}
+        patches = {"BENCH_MEMORY_LIMITER": memory_limiter, "BENCH_SLOW_WORKERS": "valgrind" in wrap and workers > 1}
         if any(patches.values()):
             env.update({k: "1" for k, on in patches.items() if on})
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), env.get("PYTHONPATH")]))
