@@ -13,6 +13,7 @@ on every poll (a read through aiosqlite is a thread round trip; the file is one 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Mapping
 from datetime import datetime
@@ -20,6 +21,8 @@ from datetime import datetime
 from gateway.store.leases_base import Invalidation, InvalidationWatch, LeaseGrant, LeaseTake, ProcessRow, grant
 from gateway.store.sqlite_base import Op, SqliteBase
 from gateway.timeutil import iso, parse_iso, utcnow
+
+log = logging.getLogger("gateway.store")
 
 _EXPIRED = "0001-01-02T00:00:00.000000Z"  # a heartbeat older than any staleness limit
 _SIGNAL_SUFFIX = "-invalidations"
@@ -51,7 +54,7 @@ class SignalFileWatch:
 
 
 class _Blind:
-    """An in-memory database has no file beside it (and no other process): always read the log."""
+    """No signal file (an in-memory database, or none could be made): always read the log."""
 
     def mark(self) -> object | None:
         return None
@@ -232,7 +235,13 @@ class SqliteLeases(SqliteBase):
         return seq
 
     async def watch_invalidations(self) -> InvalidationWatch:
-        return _Blind() if self.path == ":memory:" else SignalFileWatch(_signal_path(self.path))
+        if self.path == ":memory:":
+            return _Blind()
+        try:
+            return SignalFileWatch(_signal_path(self.path))
+        except OSError as exc:  # (a directory we may not write to: the log is read every poll, as before)
+            log.warning("cannot watch invalidations through %s (%s)", _signal_path(self.path), exc)
+            return _Blind()
 
     async def invalidations_after(self, seq: int, since: datetime) -> list[Invalidation]:
         rows = await self.db.execute_fetchall(

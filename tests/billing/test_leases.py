@@ -236,6 +236,15 @@ async def test_a_watch_moves_once_an_entry_is_notified(db: Cluster) -> None:
         await store.close()
 
 
+async def test_without_a_signal_file_the_keeper_reads_the_log_every_poll(tmp_path: Path) -> None:
+    async with cluster("sqlite", tmp_path) as db:
+        (tmp_path / "gateway.db-invalidations").mkdir()  # (in the signal file's way)
+        a = await db.process("a", {}, heartbeat=3600.0)  # no heartbeat read to fall back on
+        b = await db.process("b", {})
+        await b.store.notify_invalidation(InvalidationKind.KEY, "key-1")
+        await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "key-1")), within=1.0)
+
+
 async def test_a_lost_listen_connection_falls_back_to_reading_the_log_and_listens_again(tmp_path: Path) -> None:
     async with cluster("postgres", tmp_path) as db:
         a = await db.process("a", {}, heartbeat=3600.0)  # only the watch tells a to read
