@@ -41,6 +41,7 @@ def main() -> int:
     ap.add_argument("--bare", action="store_true", help="profile bare-raw instead of the gateway")
     ap.add_argument("--contender", default="gateway", choices=list(GATEWAYS), help="the gateway variant")
     ap.add_argument("--memory-limiter", action="store_true", help="rate limits in memory, shared or not")
+    ap.add_argument("--raw", type=Path, help="also keep py-spy's raw stacks here (one line per stack, its count)")
     args = ap.parse_args()
     cells = {c.name: c for c in fast_cells()}
     cell = cells[args.cell]
@@ -88,8 +89,8 @@ def main() -> int:
             print(f"{cell.name}: {result}")
             print_thread_cpu(before, after, result.get("requests", 0))
             report(raw, args.top)
-            if os.environ.get("HOTSPOTS_KEEP_RAW"):
-                shutil.copy(raw, os.environ["HOTSPOTS_KEEP_RAW"])
+            if args.raw:
+                shutil.copy(raw, args.raw)
         finally:
             gateway.proc.stop()
             upstream.stop()
