@@ -159,6 +159,7 @@ async def measure(
         anthropic_api_key="sk-bench",
         gemini_api_key="bench",
         shared=store == "shared",
+        metrics=os.environ.get("GATEWAY_METRICS", "admin"),  # GATEWAY_METRICS=off: what the metrics cost
     )
     if not timers:
         settings = dataclasses.replace(
