@@ -19,8 +19,6 @@ from .processes import Proc, free_port, spawn, wait_port
 from .settings import BENCH, BOTH_CPUS, CONTENDER_CPU, GATEWAYS, LOAD_CPU, REDIS_URL, ROOT
 from .upstream import Nginx
 
-SITE = Path(__file__).resolve().parent / "site"  # measurement patches (see its sitecustomize.py)
-
 # --- contenders ----------------------------------------------------------------------------
 
 
@@ -178,12 +176,10 @@ def start_gateway(
     extra: Sequence[str] = (),
     wrap: Sequence[str] = (),
     name: str = "gateway",
-    memory_limiter: bool = False,
 ) -> Contender:
     """The gateway with one user (and key) per cell, plus one per `extra` tag (keys[tag], users[tag]).
     `name` is one of GATEWAYS: its store (SQLite, or a fresh PostgreSQL database), its workers and
-    whether its rate limits live in Redis. `memory_limiter`: rate limits in each process's memory
-    even when shared (see `site/sitecustomize.py`)."""
+    whether its rate limits live in Redis."""
     postgres, workers, redis = GATEWAYS[name]
     port = free_port()
     pg = PgDatabase() if postgres else None
@@ -191,10 +187,6 @@ def start_gateway(
         env = gateway_env(workdir, port, upstream, name, pg.url if pg else "")
         if redis:
             env["GATEWAY_REDIS_URL"] = REDIS_URL
-        patches = {"BENCH_MEMORY_LIMITER": memory_limiter, "BENCH_SLOW_WORKERS": "valgrind" in wrap and workers > 1}
-        if any(patches.values()):
-            env.update({k: "1" for k, on in patches.items() if on})
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), env.get("PYTHONPATH")]))
         contender = _start_gateway(env, port, workdir, cells, extra, wrap, name, workers)
     except BaseException:
         if pg:
@@ -228,11 +220,7 @@ def _start_gateway(
     argv = [*wrap, sys.executable, "-m", "gateway", "serve"] + (["--workers", str(workers)] if workers > 1 else [])
     cpus = CONTENDER_CPU if workers == 1 else BOTH_CPUS
     proc = spawn(name, argv, workdir, cpus, env)
-    try:
-        wait_port(proc, port, timeout=600 if wrap else 60)  # (valgrind on a machine shared with others: slow)
-    except BaseException:
-        proc.stop()
-        raise
+    wait_port(proc, port, timeout=180 if wrap else 60)
     return Contender(name, port, proc, prefixed=True, keys=keys, users=users, cpus=cpus, env=env)
 
 
