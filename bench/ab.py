@@ -4,6 +4,7 @@
     python bench/ab.py --variant base= --variant nojournal=env:GATEWAY_JOURNAL_DIR=/dev/shm/j \\
         --variant head=tree:../other-worktree [--cell anthropic_json@16] [--rounds 6] [--duration 5]
     python bench/ab.py --slow --cell gemini_sse@256 --variant gw= --variant bare=bare:raw   # slow upstream
+    python bench/ab.py --contender gateway-w2 --memory-limiter --variant a= --variant b=tree:../other
 
 A variant is `name=` (this checkout as it is), `name=env:K=V[,K=V]` (extra environment),
 `name=tree:PATH` (the gateway package of another checkout, e.g. a `git worktree` of another
@@ -30,6 +31,7 @@ from harness.contenders import Contender, start_bare, start_gateway
 from harness.fixtures import fast_cells, slow_cells
 from harness.load import Result, ideal_share, run_cell
 from harness.processes import ensure_tools, tree_user_system_seconds, workdir
+from harness.settings import GATEWAYS
 from harness.upstream import Nginx
 
 
@@ -70,6 +72,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, help="seconds per round (default 5, --slow 10)")
     ap.add_argument("--slow", action="store_true", help="slow upstream, 256 connections (cells end in @256)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--contender", default="gateway", choices=list(GATEWAYS), help="the gateway variant of run.py")
+    ap.add_argument("--memory-limiter", action="store_true", help="rate limits in memory, shared or not")
     args = ap.parse_args()
     cells = {c.name: c for c in (slow_cells() if args.slow else fast_cells())}
     args.cell = args.cell or ("anthropic_json@256" if args.slow else "anthropic_json@16")
@@ -96,7 +100,10 @@ def main() -> int:
                 if v.bare:
                     started.append((v, start_bare(v.bare, upstream, vdir)))
                 else:
-                    started.append((v, start_gateway(upstream, vdir, [cell], wrap=v.wrap)))
+                    gateway = start_gateway(
+                        upstream, vdir, [cell], wrap=v.wrap, name=args.contender, memory_limiter=args.memory_limiter
+                    )
+                    started.append((v, gateway))
             results: dict[str, list[Result]] = {v.name: [] for v in variants}
             sys_share: dict[str, list[float]] = {v.name: [] for v in variants}
             for n in range(args.rounds):

@@ -1,12 +1,15 @@
 """Profile the gateway's hot path under load: py-spy samples it while wrk drives one cell.
 
     python bench/hotspots.py [--cell anthropic_json@16] [--duration 10] [--top 25] [--bare]
+    python bench/hotspots.py --contender gateway-w2 --memory-limiter   # shared mode (gateway-pg too)
 
 Prints the functions with the most samples, by own time and by inclusive time, so the
 billing path's cost can be read off (the closing notes of the performance work quote it).
 Uses the same nginx upstream, wrk scripts and pinning as `bench/run.py`. Also prints the
 CPU time per request of each thread. `--bare` profiles the bare pass-through (bare-raw)
-instead, to see what the gateway adds.
+instead, to see what the gateway adds. `--contender` profiles another gateway variant of `run.py`
+(with `--workers 2`, every worker: py-spy follows subprocesses, and the CPU per request is per
+process and thread); `--memory-limiter` keeps rate limits in memory (see harness/site).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.contenders import start_bare, start_gateway
 from harness.fixtures import fast_cells
 from harness.load import run_wrk
-from harness.processes import ensure_tools, workdir
-from harness.settings import LOAD_CPU
+from harness.processes import ensure_tools, process_tree, workdir
+from harness.settings import GATEWAYS, LOAD_CPU
 from harness.upstream import Nginx
 
 
@@ -36,13 +39,20 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--bare", action="store_true", help="profile bare-raw instead of the gateway")
+    ap.add_argument("--contender", default="gateway", choices=list(GATEWAYS), help="the gateway variant")
+    ap.add_argument("--memory-limiter", action="store_true", help="rate limits in memory, shared or not")
+    ap.add_argument("--raw", type=Path, help="also keep py-spy's raw stacks here (one line per stack, its count)")
     args = ap.parse_args()
     cells = {c.name: c for c in fast_cells()}
     cell = cells[args.cell]
     ensure_tools()
     with workdir(keep=False) as work:
         upstream = Nginx("upstream", work, slow=False, cpu=LOAD_CPU, access_log=False)
-        gateway = start_bare("raw", upstream, work) if args.bare else start_gateway(upstream, work, [cell])
+        gateway = (
+            start_bare("raw", upstream, work)
+            if args.bare
+            else start_gateway(upstream, work, [cell], name=args.contender, memory_limiter=args.memory_limiter)
+        )
         try:
             expect = work / "expect.bin"
             expect.write_bytes(cell.fixture.served(False))
@@ -64,6 +74,7 @@ def main() -> int:
                     str(raw),
                     "--nonblocking",
                     "--gil",  # only samples holding the GIL: waiting for it (journal writes) is not work
+                    *(["--subprocesses"] if GATEWAYS.get(args.contender, (0, 1))[1] > 1 and not args.bare else []),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
@@ -78,26 +89,34 @@ def main() -> int:
             print(f"{cell.name}: {result}")
             print_thread_cpu(before, after, result.get("requests", 0))
             report(raw, args.top)
+            if args.raw:
+                shutil.copy(raw, args.raw)
         finally:
             gateway.proc.stop()
             upstream.stop()
     return 0
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) per thread, from /proc: unlike py-spy's samples, a thread
-    waiting for the GIL costs nothing here. Python does not name OS threads, so the event
-    loop's is told apart by its id (the process id) and the others by theirs."""
+def thread_cpu(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) per thread of the process and its children, from /proc: unlike
+    py-spy's samples, a thread waiting for the GIL costs nothing here. Python does not name OS
+    threads, so an event loop's is told apart by its id (the process id) and the others by theirs."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for pid in process_tree(root):
+        where = "" if pid == root else f"process {pid}: "
         try:
-            stat = (task / "stat").read_text()
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
         except OSError:
-            continue  # the thread ended
-        name = "event loop (main thread)" if task.name == str(pid) else f"thread {task.name}"
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            continue  # the process ended
+        for task in tasks:
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue  # the thread ended
+            name = where + ("event loop (main thread)" if task.name == str(pid) else f"thread {task.name}")
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 
 

@@ -2,6 +2,7 @@
 
     python bench/instructions.py [--cell anthropic_json@16] [--duration 30] [--top 30]
     python bench/instructions.py --cell all --top 0 --out bench/instructions.md   # every @16 cell, a table
+    python bench/instructions.py --contenders gateway,gateway-pg,gateway-w2 --memory-limiter   # shared mode
 
 Wall-clock and CPU-time figures on this shared VM move 10-40 % between runs, so a change worth
 10 us per request cannot be told from noise by `run.py`. Instruction counts do not depend on what
@@ -12,6 +13,14 @@ warm-up the counters are zeroed, wrk runs, and the counters are dumped and divid
 requests served. It prints instructions per request for each contender, their ratio (the
 instruction-count analogue of `run.py`'s CPU ratio), and the C functions with the most own
 instructions in the gateway (SQLite, orjson, the interpreter loop, ...).
+
+Any gateway variant of `run.py` can be measured (`--contenders gateway,gateway-pg,gateway-w2`): a
+PostgreSQL contender counts the gateway process only (the database's backends are not under
+valgrind), and `--workers 2` counts every process of the tree (valgrind follows the spawned workers).
+`--memory-limiter` keeps rate limits in each process's memory (see harness/site) to see
+shared mode's other costs alone. Work done on timers (the lease keeper's polls, heartbeats) runs at
+its wall-clock rate while valgrind serves ~50x fewer requests, so its share per request shows ~50x
+too large here: `--idle S` counts the contender idle for S seconds and prints that rate apart.
 
 Needs valgrind (Debian's package). Not a substitute for `run.py`: instructions are not cycles
 (cache misses and syscalls' kernel time are not counted), but a change that removes work shows here.
@@ -24,6 +33,7 @@ import collections
 import re
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.contenders import Contender, start_bare, start_gateway
 from harness.fixtures import Cell, fast_cells
 from harness.load import run_wrk
-from harness.processes import ensure_tools, workdir
+from harness.processes import ensure_tools, process_tree, workdir
 from harness.report import git_rev
-from harness.settings import LOAD_CPU
+from harness.settings import GATEWAYS, LOAD_CPU
 from harness.upstream import Nginx
 
 
@@ -45,7 +55,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=8.0)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--linger", type=float, default=2.0, help="the gateway's record linger under valgrind")
-    ap.add_argument("--contenders", default="bare-raw,gateway")
+    ap.add_argument("--contenders", default="bare-raw,gateway", help=f"of bare-raw, {', '.join(GATEWAYS)}")
+    ap.add_argument("--memory-limiter", action="store_true", help="rate limits in each process's memory, shared or not")
+    ap.add_argument("--idle", type=float, default=0.0, help="also count S seconds idle: timer work per second")
     ap.add_argument("--out", type=Path, help="also write a markdown table of instructions per request here")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (callgrind dumps for kcachegrind)")
     args = ap.parse_args()
@@ -77,6 +89,7 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, float]:
         try:
             for name in args.contenders.split(","):
                 out = work / f"callgrind.{name}"
+                workers = GATEWAYS[name][1] if name in GATEWAYS else 1
                 wrap = [
                     # valgrind runs ~50x slower: a 20 ms linger would commit ~1 request per batch, where
                     # under real load a batch holds ~70. Scale it so the store's cost per request is the real one.
@@ -84,22 +97,27 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, float]:
                     f"GATEWAY_RECORD_LINGER_SECONDS={args.linger}",
                     "valgrind",
                     "--tool=callgrind",
-                    f"--callgrind-out-file={out}",
+                    # (the spawned workers of --workers N too, each in a file of its own)
+                    *(["--trace-children=yes", f"--callgrind-out-file={out}.%p"] if workers > 1 else []),
+                    *([] if workers > 1 else [f"--callgrind-out-file={out}"]),
                     "--dump-instr=no",
                     "--compress-strings=no",
                 ]
                 contender = (
-                    start_gateway(upstream, work, [cell], wrap=wrap)
-                    if name == "gateway"
+                    start_gateway(upstream, work, [cell], wrap=wrap, name=name, memory_limiter=args.memory_limiter)
+                    if name in GATEWAYS
                     else start_bare(name.removeprefix("bare-"), upstream, work, wrap=wrap)
                 )
                 try:
-                    ir, requests, dump = measure(contender, cell, args, work, out)
+                    ir, requests, dumps = measure(contender, cell, args, work, out)
+                    if args.idle:
+                        idle = count_idle(contender, args.idle, work, out)
+                        print(f"{name:>10}: {idle:12,.0f} instructions/second idle (timers: keeper, heartbeats, ...)")
                 finally:
                     assert contender.proc is not None
                     contender.proc.stop(timeout=120)
                 counts[name] = ir / requests
-                functions[name] = own_instructions(dump, requests)
+                functions[name] = sum((own_instructions(d, requests) for d in dumps), collections.Counter())
                 print(f"{name:>10}: {ir / requests:12,.0f} instructions/request ({requests} requests)", flush=True)
                 if args.top:
                     print_top("C functions by own instructions per request", functions[name], args.top)
@@ -133,29 +151,51 @@ def render(table: dict[str, dict[str, float]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure(contender: Contender, cell: Cell, args: argparse.Namespace, work: Path, out: Path) -> tuple[int, int, Path]:
+def measure(
+    contender: Contender, cell: Cell, args: argparse.Namespace, work: Path, out: Path
+) -> tuple[int, int, list[Path]]:
+    """Instructions of the contender's processes while wrk ran, requests served, the dumps."""
     expect = work / "expect.bin"
     expect.write_bytes(cell.fixture.served(False))
     run_wrk(contender, cell, args.warmup, expect, work)
     control(contender, "-z")
     result = run_wrk(contender, cell, args.duration, expect, work)
+    ir, dumps = dump_totals(contender, work, out)
+    done, good = int(result["requests"]), int(result["ok"])
+    if not done or good != done:
+        raise RuntimeError(f"bad responses under valgrind: {result}")
+    return ir, done, dumps
+
+
+def count_idle(contender: Contender, seconds: float, work: Path, out: Path) -> float:
+    """Instructions per second of the contender with no load (what its timers cost)."""
+    time.sleep(1.0)  # the last requests' records reach the store first
+    control(contender, "-z")
+    start = time.monotonic()
+    time.sleep(seconds)
+    ir, _ = dump_totals(contender, work, out)
+    return ir / (time.monotonic() - start)
+
+
+def dump_totals(contender: Contender, work: Path, out: Path) -> tuple[int, list[Path]]:
+    """Dump every process of the contender; the sum of their totals and the new dump files."""
     before = set(work.glob(f"{out.name}*"))
     control(contender, "-d")
     dumps = sorted(set(work.glob(f"{out.name}*")) - before)
     if not dumps:
         raise RuntimeError("callgrind wrote no dump")
-    dump = dumps[-1]
-    totals = re.search(r"^(?:totals|summary): (\d+)", dump.read_text(errors="replace"), re.M)
-    if not totals:
-        raise RuntimeError(f"no totals in {dump}")
-    done, good = int(result["requests"]), int(result["ok"])
-    if not done or good != done:
-        raise RuntimeError(f"bad responses under valgrind: {result}")
-    return int(totals.group(1)), done, dump
+    ir = 0
+    for dump in dumps:
+        totals = re.search(r"^(?:totals|summary): (\d+)", dump.read_text(errors="replace"), re.M)
+        if not totals:
+            raise RuntimeError(f"no totals in {dump}")
+        ir += int(totals.group(1))
+    return ir, dumps
 
 
 def control(contender: Contender, flag: str) -> None:
-    subprocess.run(["callgrind_control", flag, str(contender.pid)], check=True, capture_output=True, timeout=120)
+    for pid in process_tree(contender.pid):  # (--workers N: the supervisor and each worker)
+        subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True, timeout=120)
 
 
 def own_instructions(dump: Path, requests: int) -> collections.Counter[str]:

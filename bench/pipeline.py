@@ -3,6 +3,7 @@
     python bench/pipeline.py [--cells anthropic_json@16,...] [--requests 12000] [--rounds 3] [--profile]
     python bench/pipeline.py --instructions [--tree ../other-checkout]   # under callgrind: deterministic
     python bench/pipeline.py --events 31   # streams stretched to 31 events (the fixtures are short)
+    python bench/pipeline.py --store shared --memory-limiter   # shared mode on SQLite (postgres: PostgreSQL)
 
 `bench/run.py` measures the whole stack, where uvicorn, aiohttp and the kernel's loopback are most
 of the cost and a shared machine moves the numbers by +-20 %. This drives `create_app(settings)`
@@ -17,6 +18,14 @@ prints the difference per request (start-up and warm-up cancel out), which repea
 hundred instructions, so a change worth 1 % shows. `--tree PATH` measures the gateway package of
 another checkout (a `git worktree` of another commit, or one with a part of the billing work cut
 out to see what that part costs).
+
+`--store shared` runs the gateway as one of several processes on its SQLite file would (leased
+quota, lease keeper), `--store postgres` on a fresh PostgreSQL database (the server's own CPU is
+not counted); `--memory-limiter` keeps their rate limits in memory (see harness/site), so
+what differs from `--store sqlite` is shared mode's other work. `--no-timers` stretches the keeper's
+poll and heartbeat to an hour: under callgrind timers fire at wall-clock rate while requests run
+~50x slower, so their share per request would show ~50x too large (bench/instructions.py --idle
+counts them apart).
 """
 
 from __future__ import annotations
@@ -24,10 +33,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import dataclasses
 import logging
 import os
 import pstats
 import re
+import runpy
 import sqlite3
 import subprocess
 import sys
@@ -40,8 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The gateway package measured: this checkout's, or --tree's (set for the child processes).
 sys.path.insert(0, os.environ.get("PIPELINE_GATEWAY_ROOT") or str(Path(__file__).resolve().parent.parent))
 
+import asyncpg
 import uvloop
 from harness.fixtures import Cell, fast_cells, stretch_events
+from harness.pgdb import PgDatabase
 
 from gateway.app import create_app
 from gateway.keys import issue_key
@@ -49,6 +62,8 @@ from gateway.settings import Settings, load_file_config
 
 CONCURRENCY = 16
 TOML = "[plan]\n[rate_limit]\nrequests_per_minute = 100000000\ntokens_per_minute = 100000000000\n"
+SITE_PATCHES = Path(__file__).resolve().parent / "harness" / "site" / "sitecustomize.py"
+STORES = ("sqlite", "shared", "postgres")
 
 
 class _Content:
@@ -122,19 +137,34 @@ def request_for(cell: Cell, key: str) -> tuple[dict[str, Any], bytes]:
 
 
 async def measure(
-    cell: Cell, requests: int, rounds: int, profile: bool, check: bool = True, events: int = 0
+    cell: Cell,
+    requests: int,
+    rounds: int,
+    profile: bool,
+    check: bool = True,
+    events: int = 0,
+    store: str = "sqlite",
+    pg_url: str = "",
+    timers: bool = True,
 ) -> list[float]:
     work = Path(tempfile.mkdtemp(prefix="polar-pipeline-"))
     config = work / "gateway.toml"
     config.write_text(TOML)
-    db = f"sqlite:///{work / 'bench.db'}"
+    db = pg_url if store == "postgres" else f"sqlite:///{work / 'bench.db'}"
     settings = Settings(
         database_url=db,
+        journal_dir=str(work / "journal"),
         config_path=config,
         file=load_file_config(config),
         anthropic_api_key="sk-bench",
         gemini_api_key="bench",
+        shared=store == "shared",
+        metrics=os.environ.get("GATEWAY_METRICS", "admin"),  # GATEWAY_METRICS=off: what the metrics cost
     )
+    if not timers:
+        settings = dataclasses.replace(
+            settings, keeper_poll_seconds=3600.0, heartbeat_seconds=3600.0, heartbeat_stale_seconds=3 * 3600.0
+        )
     app = create_app(settings)
     s = app.services
     lifespan: asyncio.Queue[dict[str, str]] = asyncio.Queue()
@@ -196,19 +226,35 @@ async def measure(
     await lifespan.put({"type": "lifespan.shutdown"})
     await life
     if check:
-        check_meters(work / "bench.db", cell, served)
+        recorded = await pg_meters(pg_url) if store == "postgres" else sqlite_meters(work / "bench.db")
+        check_meters(recorded, cell, served)
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(45)
     return results
 
 
-def check_meters(db: Path, cell: Cell, served: int) -> None:
+def sqlite_meters(db: Path) -> dict[str, int]:
     with sqlite3.connect(db) as conn:
-        recorded = dict(
+        return dict(
             conn.execute(
                 "SELECT u.key, SUM(u.value) FROM requests, json_each(requests.usage) AS u GROUP BY u.key"
             ).fetchall()
         )
+
+
+async def pg_meters(url: str) -> dict[str, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT u.key, SUM(u.value::bigint) FROM requests"
+            " CROSS JOIN LATERAL jsonb_each_text(usage) AS u GROUP BY u.key"
+        )
+    finally:
+        await conn.close()
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def check_meters(recorded: dict[str, int], cell: Cell, served: int) -> None:
     expected = {m: v * served for m, v in cell.fixture.usage.items() if v}
     if recorded != expected:
         raise SystemExit(f"{cell.name}: recorded {recorded} != expected {expected} ({served} requests)")
@@ -228,6 +274,9 @@ def main() -> int:
     ap.add_argument(
         "--no-meter-check", action="store_true", help="for a --tree that cuts recording out (to see what it costs)"
     )
+    ap.add_argument("--store", choices=STORES, default="sqlite", help="shared: SQLite as one of several processes")
+    ap.add_argument("--memory-limiter", action="store_true", help="rate limits in memory, shared or not")
+    ap.add_argument("--no-timers", action="store_true", help="keeper poll and heartbeat once an hour")
     args = ap.parse_args()
     if args.tree is not None and not (args.tree / "gateway" / "__init__.py").exists():
         ap.error(f"--tree: {args.tree} holds no gateway package")
@@ -239,8 +288,28 @@ def main() -> int:
         return run_children(args)
     logging.getLogger("gateway").setLevel(logging.ERROR)  # "Polar is not configured" and the like
     check = not args.no_meter_check
+    if args.memory_limiter:
+        os.environ["BENCH_MEMORY_LIMITER"] = "1"
+        runpy.run_path(str(SITE_PATCHES))
     for name in args.cells.split(","):
-        us = uvloop.run(measure(cells[name], args.requests, args.rounds, args.profile, check, args.events))
+        pg = PgDatabase("pipeline") if args.store == "postgres" else None
+        try:
+            us = uvloop.run(
+                measure(
+                    cells[name],
+                    args.requests,
+                    args.rounds,
+                    args.profile,
+                    check,
+                    args.events,
+                    args.store,
+                    pg.url if pg else "",
+                    not args.no_timers,
+                )
+            )
+        finally:
+            if pg:
+                pg.drop()
         rounds = ", ".join(f"{u:.1f}" for u in us)
         checked = "meters exact" if check else "meters not checked"
         print(f"{name:<18} min {min(us):6.1f} us CPU/request  (rounds: {rounds}); {checked}", flush=True)
@@ -252,8 +321,10 @@ def run_children(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.tree is not None:
         env["PIPELINE_GATEWAY_ROOT"] = str(args.tree.resolve())
-    me = [sys.executable, str(Path(__file__).resolve()), "--events", str(args.events)]
+    me = [sys.executable, str(Path(__file__).resolve()), "--events", str(args.events), "--store", args.store]
     me += ["--no-meter-check"] if args.no_meter_check else []
+    me += ["--memory-limiter"] if args.memory_limiter else []
+    me += ["--no-timers"] if args.no_timers else []
     if not args.instructions:
         argv = [*me, "--cells", args.cells, "--requests", str(args.requests), "--rounds", str(args.rounds)]
         return subprocess.run(argv + (["--profile"] if args.profile else []), env=env).returncode

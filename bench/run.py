@@ -72,6 +72,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet-timeout", type=float, default=15, help="max seconds to wait for a quiet machine per cell")
     p.add_argument("--update-readme", action="store_true", help="paste the report into bench/README.md")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, nginx config, gateway db)")
+    p.add_argument(
+        "--memory-limiter",
+        action="store_true",
+        help="rate limits in each gateway process's memory, shared or not: shared mode's other costs alone",
+    )
     args = p.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 10.0 if args.slow else 5.0)
     args.rounds = max(1, args.rounds or (1 if args.quick or args.slow else 3))
@@ -129,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         contenders[name] = start_bare("raw", upstream, tmp, workers=2)
                     else:
                         extra = ("ttfb", "cancel") if name == "gateway" else ()
-                        contenders[name] = start_gateway(upstream, tmp, cells, extra=extra, name=name)
+                        contenders[name] = start_gateway(
+                            upstream, tmp, cells, extra=extra, name=name, memory_limiter=args.memory_limiter
+                        )
                 except RuntimeError as exc:
                     notes.append(f"{name} failed to start: {str(exc).splitlines()[0]}")
                     print(notes[-1], flush=True)

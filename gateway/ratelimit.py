@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -75,32 +75,6 @@ class RateLimit(Protocol):
     async def close(self) -> None:
         """Finish pending corrections and release connections."""
         ...
-
-
-Bucket = tuple[int, int, int]  # second, requests, tokens
-
-
-def check(buckets: Sequence[Bucket], now: float, rpm: int | None, tpm: int | None, tokens: int) -> RateLimited | None:
-    """The refusal for one more request of `tokens` on a window's live buckets (oldest first), or None.
-
-    The same rules as `RateLimiter.acquire`, for the shared limiters that read the window from a store.
-    """
-    if not buckets:
-        return None
-    requests = sum(b[1] for b in buckets)
-    if rpm is not None and requests >= rpm:
-        return RateLimited("requests", retry_after(buckets[0][0], now))
-    if tpm is not None:
-        total = sum(b[2] for b in buckets)
-        if total + tokens > tpm:
-            need, freed, at = total + tokens - tpm, 0, buckets[0][0]
-            for second, _, spent in buckets:
-                freed += spent
-                at = second
-                if freed >= need:
-                    break
-            return RateLimited("tokens", retry_after(at, now))
-    return None
 
 
 def retry_after(oldest: int, now: float) -> int:

@@ -1,15 +1,17 @@
-"""Rate limits in Redis: the in-memory limiter's rules, exact across processes and machines.
+"""Rate limits in Redis: leases of the per-minute budget (gateway/ratelimit_lease.py), exact across
+processes and machines.
 
-One Lua script per admission (EVALSHA) reads the user's hash of 1 s buckets (fields `r<second>`
-requests, `t<second>` tokens), drops the buckets out of the window, decides and counts, atomically,
-on the Redis server's clock (TIME), so the processes' clocks do not matter. The key expires after
-`ttl_seconds` without admissions, so idle users vanish. Token corrections go in the background.
+A take is one Lua script (EVALSHA): it reads the user's hash of 1 s buckets (fields `r<second>`
+requests, `t<second>` tokens), drops the buckets out of the window, sizes the slice as
+`gateway.ratelimit_budget.slice_of` does (the script is its copy: keep the two alike) and books it,
+atomically, on the Redis server's clock (TIME), so the processes' clocks do not matter. The key
+expires after `ttl_seconds` without takes, so idle users vanish. Corrections go in the background.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -17,23 +19,31 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.ratelimit import WINDOW, RateLimited, StoreErrorPolicy
-from gateway.ratelimit_shared import Corrections, ErrorLog, Settler, on_store_error
+from gateway.ratelimit_budget import SLICE, Correction, Grant, Want
+from gateway.ratelimit_lease import LeasedRateLimiter
 
 log = logging.getLogger("gateway.ratelimit")
 
-# ARGV: rpm (-1: none), tpm (-1: none), tokens, ttl ms, now ("" : the server's TIME)
-# Returns {0, second} admitted, {1, retry_after} too many requests, {2, retry_after} too many tokens.
-_ACQUIRE = f"""
+# ARGV: rpm (-1: none), tpm (-1: none), requests, tokens, need, ttl ms, now ("": the server's TIME),
+# then a lease's rest handed back first: its second ("": none), requests delta, tokens delta.
+# Returns {0, second, now in microseconds, requests, tokens, room} a slice booked,
+# {1, retry_after} too many requests, {2, retry_after} too many tokens.
+_TAKE = f"""
 local now
-if ARGV[5] ~= '' then
-  now = tonumber(ARGV[5])
+if ARGV[7] ~= '' then
+  now = tonumber(ARGV[7])
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local window = {WINDOW}
+if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[1], 'r' .. ARGV[8]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'r' .. ARGV[8], ARGV[9])
+  redis.call('HINCRBY', KEYS[1], 't' .. ARGV[8], ARGV[10])
+end
+local window, slice = {WINDOW}, {SLICE}
 local second = math.floor(now)
-local rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+local want_r, want_t, need = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local flat = redis.call('HGETALL', KEYS[1])
 local secs, reqs, toks, stale = {{}}, {{}}, {{}}, {{}}
 for i = 1, #flat, 2 do
@@ -51,38 +61,44 @@ for i = 1, #flat, 2 do
   end
 end
 if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
-if #secs > 0 then
-  table.sort(secs)
-  local requests, total = 0, 0
-  for _, s in ipairs(secs) do
-    requests = requests + reqs[s]
-    total = total + toks[s]
-  end
-  local function retry(oldest)
-    return math.max(1, math.ceil(oldest + window - now))
-  end
-  if rpm >= 0 and requests >= rpm then return {{1, retry(secs[1])}} end
-  if tpm >= 0 and total + tokens > tpm then
-    local need, freed, at = total + tokens - tpm, 0, secs[1]
-    for _, s in ipairs(secs) do
-      freed = freed + toks[s]
-      at = s
-      if freed >= need then break end
-    end
-    return {{2, retry(at)}}
-  end
+table.sort(secs)
+local used, spent = 0, 0
+for _, s in ipairs(secs) do
+  used = used + reqs[s]
+  spent = spent + toks[s]
 end
-redis.call('HINCRBY', KEYS[1], 'r' .. string.format('%d', second), 1)
-redis.call('HINCRBY', KEYS[1], 't' .. string.format('%d', second), tokens)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {{0, second}}
+local function freed_at(column, need_freed)
+  local freed, at = 0, secs[1] or second
+  for _, s in ipairs(secs) do
+    freed = freed + column[s]
+    at = s
+    if freed >= need_freed then break end
+  end
+  return math.max(1, math.ceil(at + window - now))
+end
+if rpm >= 0 and used >= rpm then return {{1, freed_at(reqs, used + 1 - rpm)}} end
+if tpm >= 0 and used > 0 and spent + need > tpm then return {{2, freed_at(toks, spent + need - tpm)}} end
+local r, t, room = want_r, want_t, 0
+if rpm >= 0 then r = math.max(1, math.min(want_r, math.floor((rpm - used) / slice))) end
+if tpm >= 0 then
+  room = tpm - spent
+  t = math.max(need, math.min(want_t, math.floor(room / slice)))
+end
+local sec = string.format('%d', second)
+redis.call('HINCRBY', KEYS[1], 'r' .. sec, string.format('%d', r))
+redis.call('HINCRBY', KEYS[1], 't' .. sec, string.format('%d', t))
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return {{0, second, math.floor(now * 1000000), r, t, room}}
 """
 
-# ARGV: second, delta, second, delta, ... (a bucket already gone is left alone)
-_SETTLE = """
-for i = 1, #ARGV, 2 do
-  local field = 't' .. ARGV[i]
-  if redis.call('HEXISTS', KEYS[1], field) == 1 then redis.call('HINCRBY', KEYS[1], field, ARGV[i + 1]) end
+# ARGV: second, requests delta, tokens delta, ... (a bucket already gone is left alone)
+_CORRECT = """
+for i = 1, #ARGV, 3 do
+  local sec = ARGV[i]
+  if redis.call('HEXISTS', KEYS[1], 'r' .. sec) == 1 then
+    redis.call('HINCRBY', KEYS[1], 'r' .. sec, ARGV[i + 1])
+    redis.call('HINCRBY', KEYS[1], 't' .. sec, ARGV[i + 2])
+  end
 end
 return 0
 """
@@ -90,8 +106,47 @@ return 0
 _REASONS = {1: "requests", 2: "tokens"}
 
 
-class RedisRateLimiter:
-    """`RateLimit` in Redis. `close()` sends the pending corrections and closes the connections."""
+class RedisBudget:
+    """`RateBudget` in Redis: a hash per user under `prefix`."""
+
+    def __init__(self, redis: Redis, prefix: str, ttl_seconds: int) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self._ttl_ms = str(int(ttl_seconds * 1000))
+        self._take = redis.register_script(_TAKE)
+        self._correct = redis.register_script(_CORRECT)
+
+    async def rate_take(
+        self, user_id: str, want: Want, now: float | None, back: Correction | None
+    ) -> Grant | RateLimited:
+        rpm, tpm = -1 if want.rpm is None else want.rpm, -1 if want.tpm is None else want.tpm
+        now_arg = "" if now is None else repr(now)
+        args: list[int | str] = [rpm, tpm, want.requests, want.tokens, want.need, self._ttl_ms, now_arg]
+        args += ["", 0, 0] if back is None else back
+        reply = await self._take(keys=[self.prefix + user_id], args=args)
+        code = int(reply[0])
+        if code:
+            return RateLimited(_REASONS[code], int(reply[1]))
+        second, micros, requests, tokens, room = (int(v) for v in reply[1:])
+        return Grant(second, micros / 1e6, requests, tokens, room)
+
+    async def rate_correct(self, corrections: Sequence[tuple[str, int, int, int]]) -> None:
+        by_user: dict[str, list[int]] = {}
+        for user_id, second, requests, tokens in corrections:
+            by_user.setdefault(user_id, []).extend((second, requests, tokens))
+        if not by_user:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user_id, args in by_user.items():
+                await self._correct(keys=[self.prefix + user_id], args=args, client=pipe)
+            await pipe.execute()
+
+    async def rate_sweep(self, now: float | None) -> int:
+        return 0  # the take drops a user's old buckets, and idle users' keys expire
+
+
+class RedisRateLimiter(LeasedRateLimiter):
+    """`RateLimit` in Redis. `close()` hands back the leases and closes the connections."""
 
     def __init__(
         self,
@@ -105,13 +160,7 @@ class RedisRateLimiter:
         timeout_seconds: float = 1.0,  # connect and per command: a stuck Redis delays a request this long at most
         clock: Callable[[], float] | None = None,  # None: the server's TIME (tests inject one)
     ) -> None:
-        self.rpm = requests_per_minute
-        self.tpm = tokens_per_minute
-        self.prefix = key_prefix
-        self._ttl_ms = str(int(ttl_seconds * 1000))
-        self._policy = on_store_error
-        self._clock = clock
-        self.redis = Redis.from_url(
+        redis = Redis.from_url(
             url,
             socket_connect_timeout=timeout_seconds,
             socket_timeout=timeout_seconds,
@@ -119,49 +168,19 @@ class RedisRateLimiter:
             # without backoff: a request waits at most about one timeout before the policy decides.
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
-        self._acquire = self.redis.register_script(_ACQUIRE)
-        self._settle = self.redis.register_script(_SETTLE)
-        self._limits = (str(-1 if self.rpm is None else self.rpm), str(-1 if self.tpm is None else self.tpm))
-        self._errors = ErrorLog("rate-limit Redis")
-        self._settler = Settler(self._send, self._errors)
+        self.redis_budget = RedisBudget(redis, key_prefix, ttl_seconds)
+        super().__init__(
+            self.redis_budget, requests_per_minute, tokens_per_minute, on_store_error, clock, "rate-limit Redis"
+        )
 
-    async def acquire(self, user_id: str, tokens: int) -> tuple[RateLimited | None, object | None]:
-        if self.rpm is None and self.tpm is None:
-            return None, None
-        now = "" if self._clock is None else repr(self._clock())
-        try:
-            code, value = await self._acquire(
-                keys=[self.prefix + user_id], args=[*self._limits, tokens, self._ttl_ms, now]
-            )
-        except Exception as exc:  # never fail the request: the policy decides
-            self._errors.failed(exc)
-            return on_store_error(self._policy)
-        if self._errors.failing:
-            self._errors.recovered()
-        if code:
-            return RateLimited(_REASONS[int(code)], int(value)), None
-        return None, (int(value), tokens)
+    @property
+    def redis(self) -> Redis:
+        return self.redis_budget.redis
 
-    def settle(self, user_id: str, ticket: object | None, actual_tokens: int) -> None:
-        if isinstance(ticket, tuple):
-            second, reserved = ticket
-            self._settler.add(user_id, second, actual_tokens - reserved)
-
-    async def _send(self, batch: Corrections) -> None:
-        by_user: dict[str, list[int]] = {}
-        for (user_id, second), delta in batch.items():
-            by_user.setdefault(user_id, []).extend((second, delta))
-        if not by_user:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for user_id, args in by_user.items():
-                await self._settle(keys=[self.prefix + user_id], args=args, client=pipe)
-            await pipe.execute()
-
-    async def flush(self) -> None:
-        """Wait until the corrections settled so far reached Redis."""
-        await self._settler.flush()
+    @property
+    def prefix(self) -> str:
+        return self.redis_budget.prefix
 
     async def close(self) -> None:
-        await self._settler.flush()
+        await super().close()
         await self.redis.aclose()

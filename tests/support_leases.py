@@ -12,6 +12,7 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -102,13 +103,14 @@ class Cluster:
     ) -> Proc:
         store = await self.store()
         owner = f"{name}-{secrets.token_hex(3)}"
+        poll = kwargs.get("poll", 0.02)
         ledger = LeasedLedger(
             store,
             store,
             owner,
             plan,
             fraction=kwargs.get("fraction", 0.25),
-            poll=0.02,
+            poll=poll,
             stale_seconds=kwargs.get("stale", 10.0),
             recall_wait=kwargs.get("recall_wait", 1.5),
         )
@@ -127,7 +129,7 @@ class Cluster:
             journal_dir=jdir,
             recover=recover,
             on_invalidation=proc.invalidations.append,
-            poll=0.02,
+            poll=poll,
             heartbeat=kwargs.get("heartbeat", 0.1),
             stale=kwargs.get("stale", 10.0),
             idle=kwargs.get("idle", 30.0),
@@ -169,6 +171,27 @@ class Cluster:
         """owner -> amount of the user's leases (one meter in these tests)."""
         rows = await self.query("SELECT owner, amount FROM quota_leases WHERE user_id = ? ORDER BY owner", user_id)
         return {r[0]: int(r[1]) for r in rows}
+
+
+class LogReads:
+    """A process's store as its keeper sees it, counting the reads of the invalidation log."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.count = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def invalidations_after(self, seq: int, since: datetime) -> list[Invalidation]:
+        self.count += 1
+        return list(await self._store.invalidations_after(seq, since))
+
+
+def count_log_reads(keeper: LeaseKeeper) -> LogReads:
+    reads = LogReads(keeper.store)
+    keeper.store = reads  # type: ignore[assignment]
+    return reads
 
 
 @contextlib.asynccontextmanager

@@ -1,7 +1,8 @@
 """Shared rate limits on real backends: Redis, SQLite (one file, several processes), PostgreSQL.
 
 Each limiter instance stands for a process; three share one backend. Time is injected (the
-limiters' test hook) except where the backend's own clock is the point.
+limiters' test hook) except where the backend's own clock is the point. The leases' own tests are
+in test_ratelimit_lease.py.
 """
 
 from __future__ import annotations
@@ -12,130 +13,38 @@ import multiprocessing
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from gateway import ratelimit_shared
-from gateway.ratelimit import RateLimit, RateLimited, RateLimiter, StoreErrorPolicy
-from gateway.ratelimit_redis import RedisRateLimiter
+from gateway.ratelimit import RateLimited, RateLimiter, StoreErrorPolicy
+from gateway.ratelimit_redis import RedisBudget, RedisRateLimiter
 from gateway.ratelimit_shared import StoreRateLimiter, make_limiter
 from gateway.settings import ConfigError, FileConfig, RateLimitConfig, Settings, parse_file_config, settings_from_env
-from gateway.store.postgres_ratelimit import PostgresRateWindows
-from gateway.store.schema import migration_scripts
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import REDIS_URL, free_port
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support_ratelimit import KINDS, Clock, Counting, Make, admitted, shared_backend
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class PgHost(PostgresRateWindows):
-    """The PostgreSQL store as far as rate windows go: its pool."""
-
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-
-
-Make = Callable[..., Awaitable[Any]]  # (rpm, tpm, clock=None, policy=OPEN) -> a limiter on the shared backend
-
-
-@pytest.fixture
-async def redis_backend() -> AsyncIterator[Make]:
-    prefix = f"test:rl:{secrets.token_hex(6)}:"
-    made: list[RedisRateLimiter] = []
-
-    async def make(
-        rpm: int | None, tpm: int | None, clock: Clock | None = None, policy: StoreErrorPolicy = StoreErrorPolicy.OPEN
-    ) -> RedisRateLimiter:
-        rl = RedisRateLimiter(REDIS_URL, rpm, tpm, on_store_error=policy, key_prefix=prefix, clock=clock)
-        made.append(rl)
-        return rl
-
-    yield make
-    for rl in made:
-        await rl.close()
-    r = Redis.from_url(REDIS_URL)
-    keys = [k async for k in r.scan_iter(match=prefix + "*")]
-    if keys:
-        await r.delete(*keys)
-    await r.aclose()
-
-
-@pytest.fixture
-async def sqlite_backend(tmp_path: Path) -> AsyncIterator[Make]:
-    db = str(tmp_path / "shared.db")
-    stores: list[SqliteStore] = []
-
-    async def make(
-        rpm: int | None, tpm: int | None, clock: Clock | None = None, policy: StoreErrorPolicy = StoreErrorPolicy.OPEN
-    ) -> StoreRateLimiter:
-        store = SqliteStore(db)  # a process of its own: own connections
-        await store.open()
-        await store.migrate()
-        stores.append(store)
-        return StoreRateLimiter(store, rpm, tpm, policy, clock)
-
-    yield make
-    for store in stores:
-        await store.close()
-
-
-@pytest.fixture
-async def postgres_backend() -> AsyncIterator[Make]:
-    name = f"gw_rl_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(PG_ADMIN)
-    await admin.execute(f"CREATE DATABASE {name}")
-    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
-    pools: list[Any] = []
-    try:
-        conn = await asyncpg.connect(url)
-        await conn.execute(dict(migration_scripts("postgres"))["0002_rate_windows"])
-        await conn.close()
-
-        async def make(
-            rpm: int | None,
-            tpm: int | None,
-            clock: Clock | None = None,
-            policy: StoreErrorPolicy = StoreErrorPolicy.OPEN,
-        ) -> StoreRateLimiter:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=10)
-            pools.append(pool)
-            return StoreRateLimiter(PgHost(pool), rpm, tpm, policy, clock)
-
+@pytest.fixture(params=KINDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Make]:
+    async with shared_backend(request.param, tmp_path) as make:
         yield make
-    finally:
-        for pool in pools:
-            await pool.close()
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await admin.close()
-
-
-@pytest.fixture(params=["redis", "sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest) -> Make:
-    return request.getfixturevalue(f"{request.param}_backend")  # type: ignore[no-any-return]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def store_backend(request: pytest.FixtureRequest) -> Make:
-    return request.getfixturevalue(f"{request.param}_backend")  # type: ignore[no-any-return]
+async def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Make]:
+    async with shared_backend(request.param, tmp_path) as make:
+        yield make
 
 
-async def admitted(rl: RateLimit, user: str = "u", tokens: int = 0) -> bool:
-    refusal, _ = await rl.acquire(user, tokens)
-    return refusal is None
+@pytest.fixture
+async def redis_backend(tmp_path: Path) -> AsyncIterator[Make]:
+    async with shared_backend("redis", tmp_path) as make:
+        yield make
 
 
 async def test_thirty_parallel_acquires_over_three_processes_admit_exactly_ten(backend: Make) -> None:
@@ -201,19 +110,22 @@ async def test_redis_keys_expire_with_their_user(redis_backend: Make) -> None:
     assert 110_000 < ttl <= 120_000
 
 
-async def test_every_nth_admission_sweeps_every_users_buckets_out_of_the_window(
-    store_backend: Make, monkeypatch: pytest.MonkeyPatch
+async def test_a_take_a_minute_after_the_last_sweeps_every_users_buckets_out_of_the_window(
+    store_backend: Make,
 ) -> None:
-    monkeypatch.setattr(ratelimit_shared, "SWEEP_EVERY", 3)
     clock = Clock()
     rl: StoreRateLimiter = await store_backend(10, None, clock)
-    assert await admitted(rl, "idle") and await admitted(rl, "u")
+    rl.budget = store = Counting(rl.budget)
+    assert await admitted(rl, "idle") and await admitted(rl, "u")  # the first take sweeps (nothing)
+    clock.now = 1059.0
+    assert await admitted(rl, "u")
     clock.now = 1061.0
-    assert await admitted(rl, "u")  # the third admission sweeps, in the background
+    assert await admitted(rl, "u")  # a minute after the first: sweeps, in the background
     await rl.flush()
-    store = rl._store
+    assert store.sweeps == 2
     assert await store.rate_sweep(1061.0) == 0  # second 1000 (both users) is gone already
-    assert await store.rate_sweep(1121.0) == 1  # second 1061 leaves at 1121
+    assert await store.rate_sweep(1120.0) == 1  # second 1059 leaves at 1119
+    assert await store.rate_sweep(1121.0) == 1  # second 1061 at 1121
 
 
 @pytest.mark.parametrize("policy", [StoreErrorPolicy.OPEN, StoreErrorPolicy.CLOSED])
@@ -275,8 +187,8 @@ async def test_redis_recovering_is_logged(caplog: pytest.LogCaptureFixture) -> N
     try:
         assert await admitted(rl) and await admitted(rl)  # down: open
         await rl.redis.aclose()
-        rl.redis = Redis.from_url(REDIS_URL)  # the same limiter, Redis back
-        rl._acquire = rl.redis.register_script(rl._acquire.script)
+        # The same limiter, Redis back:
+        rl.budget = rl.redis_budget = RedisBudget(Redis.from_url(REDIS_URL), prefix, 120)
         assert await admitted(rl)
         assert not await admitted(rl)
         assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]

@@ -77,6 +77,30 @@ async def test_two_migrators_at_once_on_a_fresh_database_apply_the_schema_once(d
         await b.close()
 
 
+async def test_postgres_pool_hands_connections_back_without_a_reset_round_trip(db: Database) -> None:
+    if not db.is_postgres:
+        pytest.skip("the PostgreSQL pool")
+    store = create_store(db.url, pool_size=1)
+    await store.open()
+    try:
+        await store.migrate()
+        assert isinstance(store, PostgresStore)
+        await store.finish_requests([used("req_w", {"claude_output_tokens": 2})])  # asyncpg learns the types
+        sent: list[str] = []
+        async with store.pool.acquire() as conn:  # the pool's one connection
+            conn.add_query_logger(lambda q: sent.append(q.query))
+        await store.finish_requests([used("req_r", {"claude_output_tokens": 2})])
+        assert await store.finished_ids(["req_r"]) == {"req_r"}
+        assert [q.split()[0] for q in sent] == ["INSERT", "SELECT"], sent  # no RESET ALL after each
+        # A connection released inside a transaction is still rolled back before its next use.
+        async with store.pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("DELETE FROM requests")
+        assert await store.finished_ids(["req_r"]) == {"req_r"}
+    finally:
+        await store.close()
+
+
 # ---------------------------------------------------------------------- keys
 
 

@@ -19,6 +19,8 @@ from .processes import Proc, free_port, spawn, wait_port
 from .settings import BENCH, BOTH_CPUS, CONTENDER_CPU, GATEWAYS, LOAD_CPU, REDIS_URL, ROOT
 from .upstream import Nginx
 
+SITE = Path(__file__).resolve().parent / "site"  # measurement patches (see its sitecustomize.py)
+
 # --- contenders ----------------------------------------------------------------------------
 
 
@@ -176,10 +178,12 @@ def start_gateway(
     extra: Sequence[str] = (),
     wrap: Sequence[str] = (),
     name: str = "gateway",
+    memory_limiter: bool = False,
 ) -> Contender:
     """The gateway with one user (and key) per cell, plus one per `extra` tag (keys[tag], users[tag]).
     `name` is one of GATEWAYS: its store (SQLite, or a fresh PostgreSQL database), its workers and
-    whether its rate limits live in Redis."""
+    whether its rate limits live in Redis. `memory_limiter`: rate limits in each process's memory
+    even when shared (see `site/sitecustomize.py`)."""
     postgres, workers, redis = GATEWAYS[name]
     port = free_port()
     pg = PgDatabase() if postgres else None
@@ -187,6 +191,10 @@ def start_gateway(
         env = gateway_env(workdir, port, upstream, name, pg.url if pg else "")
         if redis:
             env["GATEWAY_REDIS_URL"] = REDIS_URL
+        patches = {"BENCH_MEMORY_LIMITER": memory_limiter, "BENCH_SLOW_WORKERS": "valgrind" in wrap and workers > 1}
+        if any(patches.values()):
+            env.update({k: "1" for k, on in patches.items() if on})
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), env.get("PYTHONPATH")]))
         contender = _start_gateway(env, port, workdir, cells, extra, wrap, name, workers)
     except BaseException:
         if pg:
@@ -220,7 +228,11 @@ def _start_gateway(
     argv = [*wrap, sys.executable, "-m", "gateway", "serve"] + (["--workers", str(workers)] if workers > 1 else [])
     cpus = CONTENDER_CPU if workers == 1 else BOTH_CPUS
     proc = spawn(name, argv, workdir, cpus, env)
-    wait_port(proc, port, timeout=180 if wrap else 60)
+    try:
+        wait_port(proc, port, timeout=600 if wrap else 60)  # (valgrind on a machine shared with others: slow)
+    except BaseException:
+        proc.stop()
+        raise
     return Contender(name, port, proc, prefixed=True, keys=keys, users=users, cpus=cpus, env=env)
 
 

@@ -16,7 +16,7 @@ import orjson
 
 from gateway.events import event_quantities
 from gateway.outcomes import Outcome
-from gateway.ratelimit import Bucket, RateLimited
+from gateway.ratelimit_budget import RateBudget
 from gateway.store.dashboard_base import DashboardReads
 from gateway.store.leases_base import LeaseStore
 from gateway.store.refusals_base import RefusalStore
@@ -242,30 +242,6 @@ class WebhookLog(Protocol):
         ...
 
 
-Decide = Callable[[list[Bucket], float], RateLimited | None]
-
-
-class RateWindowStore(Protocol):
-    """Per-user windows of 1 s buckets (requests, tokens) in a database shared by the processes."""
-
-    async def rate_admit(
-        self, user_id: str, tokens: int, decide: Decide, now: float | None
-    ) -> tuple[RateLimited | None, int]:
-        """In one transaction that excludes every other admitter of `user_id`: read the user's buckets
-        of the last WINDOW seconds (oldest first) at time `now` (None: the database's clock), ask
-        `decide`, and unless it refuses add one request and `tokens` to the bucket of that second.
-        Returns (refusal, that second)."""
-        ...
-
-    async def rate_correct(self, corrections: Sequence[tuple[str, int, int]]) -> None:
-        """Add (user, second, token delta) to buckets that still exist."""
-        ...
-
-    async def rate_sweep(self, now: float | None) -> int:
-        """Delete every bucket out of the window at `now` (None: the database's clock)."""
-        ...
-
-
 class Store(
     Lifecycle,
     KeyStore,
@@ -273,7 +249,7 @@ class Store(
     Outbox,
     LimitsStore,
     WebhookLog,
-    RateWindowStore,
+    RateBudget,
     LeaseStore,
     DashboardReads,
     RefusalStore,

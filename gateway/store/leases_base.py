@@ -137,9 +137,26 @@ class ProcessRegistry(Protocol):
         ...
 
 
+class InvalidationWatch(Protocol):
+    """Tells, without a round trip to the store, whether the invalidation log may have moved."""
+
+    def mark(self) -> object | None:
+        """A value that changes whenever an entry may have been added since it was last taken (by
+        any process), or None when the watch cannot tell (the log must be read). Take it before
+        reading the log: an entry added during the read changes the next one."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class InvalidationLog(Protocol):
     async def notify_invalidation(self, kind: str, subject: str) -> int:
-        """Tell every process; returns the entry's sequence number."""
+        """Tell every process; returns the entry's sequence number. Moves every watch's mark once
+        the entry is visible."""
+        ...
+
+    async def watch_invalidations(self) -> InvalidationWatch:
+        """Start watching the log for new entries (each process's keeper holds one)."""
         ...
 
     async def invalidations_after(self, seq: int, since: datetime) -> list[Invalidation]:

@@ -4,20 +4,33 @@ A lease is taken in a transaction holding an advisory lock on the user (takes fo
 at a time, across machines); the consumed sum and every lease are read in ONE statement, so they
 come from one snapshot even while stores commit beside it (READ COMMITTED takes a snapshot per
 statement). A stored request leaves its owner's lease through the trigger of migration 0003_leases.
+
+Every process watches the invalidation log by LISTENing on a connection of its own: an entry's
+insert NOTIFYs in the same statement (delivered when it commits), so a keeper reads the log when
+told rather than on every poll.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import Mapping
 from datetime import datetime
 
 import asyncpg
 
-from gateway.store.leases_base import Invalidation, LeaseGrant, LeaseTake, ProcessRow, grant
+from gateway.store.leases_base import Invalidation, InvalidationWatch, LeaseGrant, LeaseTake, ProcessRow, grant
 from gateway.timeutil import utcnow
+
+log = logging.getLogger("gateway.store")
 
 _LOCK_SPACE = 0x4C45  # first key of the two-key advisory lock: leases, apart from other users of locks
 _EXPIRED = datetime.fromisoformat("0001-01-02T00:00:00+00:00")  # older than any staleness limit
+_CHANNEL = "gateway_invalidations"
+_RELISTEN_SECONDS = 1.0  # between attempts to listen again after the connection was lost
+_CANNOT_LISTEN = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 # Consumed, leases and (with a recall) the live owners yet to answer it, in one statement: one
 # snapshot, so a hand-back committing meanwhile is seen whole (amount and answer) or not at all.
@@ -35,10 +48,62 @@ _TOTALS = (
 )
 
 
+class ListenWatch:
+    """`InvalidationWatch` by LISTEN: the mark counts notifications; None while not listening (the
+    connection was lost: it listens again in the background, and the log is read meanwhile)."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: asyncpg.Connection | None = None
+        self._heard = 0
+        self._listens = 0  # a new LISTEN is a new mark: what was notified before it is read once
+        self._task: asyncio.Task[None] | None = None
+        self._next_try = 0.0
+
+    async def listen(self) -> None:
+        conn = await asyncpg.connect(self._dsn)
+        try:
+            await conn.add_listener(_CHANNEL, self._notified)
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+        self._listens += 1
+
+    def _notified(self, *_: object) -> None:
+        self._heard += 1
+
+    def mark(self) -> object | None:
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            return (self._listens, self._heard)
+        if (self._task is None or self._task.done()) and time.monotonic() >= self._next_try:
+            self._next_try = time.monotonic() + _RELISTEN_SECONDS
+            self._task = asyncio.create_task(self._relisten(), name="invalidation-listen")
+        return None
+
+    async def _relisten(self) -> None:
+        try:
+            await self.listen()
+        except _CANNOT_LISTEN as exc:
+            log.warning("cannot listen for invalidations (%s); reading the log every poll", exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(OSError, asyncpg.PostgresError):
+                await conn.close()
+
+
 class PostgresLeases:
     """Implements `gateway.store.leases_base.LeaseStore`; mixed into the PostgreSQL store."""
 
     pool: asyncpg.Pool
+    dsn: str
 
     async def take_lease(self, take: LeaseTake) -> LeaseGrant:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -163,12 +228,21 @@ class PostgresLeases:
     # ------------------------------------------------------------------ invalidation log
     async def notify_invalidation(self, kind: str, subject: str) -> int:
         seq = await self.pool.fetchval(
-            "INSERT INTO invalidations (kind, subject, created_at) VALUES ($1, $2, $3) RETURNING seq",
+            "WITH entry AS (INSERT INTO invalidations (kind, subject, created_at) VALUES ($1, $2, $3) RETURNING seq)"
+            f" SELECT seq FROM entry, pg_notify('{_CHANNEL}', '') AS notified",
             kind,
             subject,
             utcnow(),
         )
         return int(seq)
+
+    async def watch_invalidations(self) -> InvalidationWatch:
+        watch = ListenWatch(self.dsn)
+        try:
+            await watch.listen()
+        except _CANNOT_LISTEN as exc:  # (it listens again when asked for a mark)
+            log.warning("cannot listen for invalidations (%s); reading the log every poll", exc)
+        return watch
 
     async def invalidations_after(self, seq: int, since: datetime) -> list[Invalidation]:
         rows = await self.pool.fetch(

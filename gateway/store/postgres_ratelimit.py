@@ -1,9 +1,11 @@
-"""Rate-limit windows in PostgreSQL (`RateWindowStore`), for replicas sharing one database.
+"""Rate-limit windows in PostgreSQL (`RateBudget`), for replicas sharing one database.
 
-An admission is one transaction holding a transaction-scoped advisory lock on the user (other
-users are not blocked): lock and read the database's clock, read the user's buckets, count. The
-buckets are read in a statement after the lock's, so they include every admission committed
-before it (READ COMMITTED takes a snapshot per statement).
+A take (a lease of a user's budget, gateway/ratelimit_lease.py) is one transaction holding a
+transaction-scoped advisory lock on the user (other users are not blocked): lock and read the
+database's clock, hand back the rest of the process's last lease, read the user's buckets, book
+the slice. The buckets are read in a statement
+after the lock's, so they include every take committed before it (READ COMMITTED takes a snapshot
+per statement).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.ratelimit import WINDOW, RateLimited
-from gateway.store.base import Decide
+from gateway.ratelimit_budget import Correction, Grant, Want, slice_of
 
 _LOCK_SPACE = 0x524C  # advisory-lock namespace of the rate limiter (first key of the pair)
 _LOCK_AND_NOW = (
@@ -21,11 +23,11 @@ _LOCK_AND_NOW = (
 )
 _BUCKETS = "SELECT second, requests, tokens FROM rate_windows WHERE user_id = $1 AND second > $2 ORDER BY second"
 _UPSERT = (
-    "INSERT INTO rate_windows (user_id, second, requests, tokens) VALUES ($1, $2, 1, $3)"
+    "INSERT INTO rate_windows (user_id, second, requests, tokens) VALUES ($1, $2, $3, $4)"
     " ON CONFLICT (user_id, second) DO UPDATE"
-    " SET requests = rate_windows.requests + 1, tokens = rate_windows.tokens + excluded.tokens"
+    " SET requests = rate_windows.requests + excluded.requests, tokens = rate_windows.tokens + excluded.tokens"
 )
-
+_CORRECT = "UPDATE rate_windows SET requests = requests + $1, tokens = tokens + $2 WHERE user_id = $3 AND second = $4"
 _SWEEP = (
     "DELETE FROM rate_windows WHERE second <="
     f" floor(coalesce($1::float8, extract(epoch FROM clock_timestamp())))::bigint - {WINDOW}"
@@ -37,24 +39,23 @@ class PostgresRateWindows:
 
     pool: Any  # asyncpg.Pool
 
-    async def rate_admit(
-        self, user_id: str, tokens: int, decide: Decide, now: float | None
-    ) -> tuple[RateLimited | None, int]:
+    async def rate_take(
+        self, user_id: str, want: Want, now: float | None, back: Correction | None
+    ) -> Grant | RateLimited:
         async with self.pool.acquire() as conn, conn.transaction():
             t = float(await conn.fetchval(_LOCK_AND_NOW, user_id, now))
-            second = int(t)
-            rows = await conn.fetch(_BUCKETS, user_id, second - WINDOW)
-            refusal = decide([(r[0], r[1], r[2]) for r in rows], t)
-            if refusal is None:
-                await conn.execute(_UPSERT, user_id, second, tokens)
-        return refusal, second
+            if back is not None:
+                await conn.execute(_CORRECT, back[1], back[2], user_id, back[0])
+            rows = await conn.fetch(_BUCKETS, user_id, int(t) - WINDOW)
+            got = slice_of([(r[0], r[1], r[2]) for r in rows], t, want)
+            if isinstance(got, Grant):
+                await conn.execute(_UPSERT, user_id, got.second, got.requests, got.tokens)
+        return got
 
-    async def rate_correct(self, corrections: Sequence[tuple[str, int, int]]) -> None:
-        rows = [(delta, user_id, second) for user_id, second, delta in corrections]
+    async def rate_correct(self, corrections: Sequence[tuple[str, int, int, int]]) -> None:
+        rows = [(requests, tokens, user_id, second) for user_id, second, requests, tokens in corrections]
         async with self.pool.acquire() as conn:
-            await conn.executemany(
-                "UPDATE rate_windows SET tokens = tokens + $1 WHERE user_id = $2 AND second = $3", rows
-            )
+            await conn.executemany(_CORRECT, rows)
 
     async def rate_sweep(self, now: float | None) -> int:
         async with self.pool.acquire() as conn:

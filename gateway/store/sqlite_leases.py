@@ -3,18 +3,64 @@
 A lease is taken in one `BEGIN IMMEDIATE` transaction (one writer at a time on the file, across
 processes), so the consumed sum, the other leases and the new lease are one consistent step.
 A stored request leaves its owner's lease through the trigger of migration 0006_leases.
+
+Every process on the file watches the invalidation log through a signal file beside the database
+(`<database>-invalidations`, like its -wal and -shm): a new entry's sequence number is written there
+after its insert commits, so a keeper reads the log when the file's content changed rather than
+on every poll (a read through aiosqlite is a thread round trip; the file is one `pread`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 from collections.abc import Mapping
 from datetime import datetime
 
-from gateway.store.leases_base import Invalidation, LeaseGrant, LeaseTake, ProcessRow, grant
+from gateway.store.leases_base import Invalidation, InvalidationWatch, LeaseGrant, LeaseTake, ProcessRow, grant
 from gateway.store.sqlite_base import Op, SqliteBase
 from gateway.timeutil import iso, parse_iso, utcnow
 
+log = logging.getLogger("gateway.store")
+
 _EXPIRED = "0001-01-02T00:00:00.000000Z"  # a heartbeat older than any staleness limit
+_SIGNAL_SUFFIX = "-invalidations"
+
+
+def _signal_path(db: str) -> str:
+    # Beside the file itself, as SQLite puts its -wal: processes naming it through a symlink meet there.
+    return os.path.realpath(db) + _SIGNAL_SUFFIX
+
+
+class SignalFileWatch:
+    """`InvalidationWatch` on the signal file: its content is the last entry notified."""
+
+    def __init__(self, path: str) -> None:
+        self._fd: int | None = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def mark(self) -> object | None:
+        if self._fd is None:
+            return None
+        try:
+            return os.pread(self._fd, 32, 0)
+        except OSError:
+            return None
+
+    async def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class _Blind:
+    """No signal file (an in-memory database, or none could be made): always read the log."""
+
+    def mark(self) -> object | None:
+        return None
+
+    async def close(self) -> None:
+        pass
 
 
 class SqliteLeases(SqliteBase):
@@ -177,7 +223,25 @@ class SqliteLeases(SqliteBase):
                 "INSERT INTO invalidations (kind, subject, created_at) VALUES (?,?,?) RETURNING seq",
                 (kind, subject, iso(utcnow())),
             )
-        return int(next(iter(rows))[0])
+        seq = int(next(iter(rows))[0])
+        if self.path != ":memory:":  # (committed: autocommit)
+            # A lost signal (a crash right here) only delays the entry to the keepers' next heartbeat.
+            with contextlib.suppress(OSError):
+                fd = os.open(_signal_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    os.pwrite(fd, b"%020d" % seq, 0)
+                finally:
+                    os.close(fd)
+        return seq
+
+    async def watch_invalidations(self) -> InvalidationWatch:
+        if self.path == ":memory:":
+            return _Blind()
+        try:
+            return SignalFileWatch(_signal_path(self.path))
+        except OSError as exc:  # (a directory we may not write to: the log is read every poll, as before)
+            log.warning("cannot watch invalidations through %s (%s)", _signal_path(self.path), exc)
+            return _Blind()
 
     async def invalidations_after(self, seq: int, since: datetime) -> list[Invalidation]:
         rows = await self.db.execute_fetchall(

@@ -1,9 +1,11 @@
-"""Rate-limit windows in SQLite (`RateWindowStore`), for several worker processes on one file.
+"""Rate-limit windows in SQLite (`RateBudget`), for several worker processes on one file.
 
-An admission is one `BEGIN IMMEDIATE` transaction (read the user's buckets, decide, count), so
-the processes take turns on the file's write lock. It runs on a thread and connection of its own:
-one call per admission instead of an event-loop round trip per statement, and never queued behind
-the recorder's batch commits in this process (other processes' commits still hold the lock).
+A take (a lease of a user's budget, gateway/ratelimit_lease.py) is one `BEGIN IMMEDIATE`
+transaction (read the user's buckets, size the slice, book it), so the processes take turns on the
+file's write lock. It runs on a thread and connection of its own: one call per take instead of an
+event-loop round trip per statement, and never queued behind the recorder's batch commits in this
+process (other processes' commits still hold the lock). The clock is the machine's, which the
+processes share.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from gateway.ratelimit import WINDOW, RateLimited
-from gateway.store.base import Decide
+from gateway.ratelimit_budget import Correction, Grant, Want, slice_of
 
 T = TypeVar("T")
 
 _PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=10000")
+_CORRECT = "UPDATE rate_windows SET requests = requests + ?, tokens = tokens + ? WHERE user_id = ? AND second = ?"
 _UPSERT = (
-    "INSERT INTO rate_windows (user_id, second, requests, tokens) VALUES (?, ?, 1, ?)"
-    " ON CONFLICT (user_id, second) DO UPDATE SET requests = requests + 1, tokens = tokens + excluded.tokens"
+    "INSERT INTO rate_windows (user_id, second, requests, tokens) VALUES (?, ?, ?, ?) ON CONFLICT (user_id, second)"
+    " DO UPDATE SET requests = requests + excluded.requests, tokens = tokens + excluded.tokens"
 )
 
 
@@ -51,13 +54,13 @@ class SqliteRateWindows:
             self._rate_conn = conn
         return fn(self._rate_conn, *args)
 
-    async def rate_admit(
-        self, user_id: str, tokens: int, decide: Decide, now: float | None
-    ) -> tuple[RateLimited | None, int]:
-        return await self._rate_run(_admit, user_id, tokens, decide, now)
+    async def rate_take(
+        self, user_id: str, want: Want, now: float | None, back: Correction | None
+    ) -> Grant | RateLimited:
+        return await self._rate_run(_take, user_id, want, now, back)
 
-    async def rate_correct(self, corrections: Sequence[tuple[str, int, int]]) -> None:
-        rows = [(delta, user_id, second) for user_id, second, delta in corrections]
+    async def rate_correct(self, corrections: Sequence[tuple[str, int, int, int]]) -> None:
+        rows = [(requests, tokens, user_id, second) for user_id, second, requests, tokens in corrections]
         await self._rate_run(_correct, rows)
 
     async def rate_sweep(self, now: float | None) -> int:
@@ -73,31 +76,32 @@ class SqliteRateWindows:
         await super().close()  # type: ignore[misc]
 
 
-def _admit(
-    conn: sqlite3.Connection, user_id: str, tokens: int, decide: Decide, now: float | None
-) -> tuple[RateLimited | None, int]:
-    t = time.time() if now is None else now  # the processes share the machine's clock
-    second = int(t)
+def _take(
+    conn: sqlite3.Connection, user_id: str, want: Want, now: float | None, back: Correction | None
+) -> Grant | RateLimited:
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if back is not None:
+            conn.execute(_CORRECT, (back[1], back[2], user_id, back[0]))
+        t = time.time() if now is None else now  # under the lock: no take of a later second commits first
         buckets = conn.execute(
             "SELECT second, requests, tokens FROM rate_windows WHERE user_id = ? AND second > ? ORDER BY second",
-            (user_id, second - WINDOW),
+            (user_id, int(t) - WINDOW),
         ).fetchall()
-        refusal = decide(buckets, t)
-        if refusal is None:
-            conn.execute(_UPSERT, (user_id, second, tokens))
+        got = slice_of(buckets, t, want)
+        if isinstance(got, Grant):
+            conn.execute(_UPSERT, (user_id, got.second, got.requests, got.tokens))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return refusal, second
+    return got
 
 
-def _correct(conn: sqlite3.Connection, rows: list[tuple[int, str, int]]) -> None:
+def _correct(conn: sqlite3.Connection, rows: list[tuple[int, int, str, int]]) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.executemany("UPDATE rate_windows SET tokens = tokens + ? WHERE user_id = ? AND second = ?", rows)
+        conn.executemany(_CORRECT, rows)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

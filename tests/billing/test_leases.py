@@ -15,9 +15,9 @@ import pytest
 from gateway.billing.protocols import Reservation
 from gateway.quota import Refusal
 from gateway.store.leases_base import Invalidation, InvalidationKind
-from gateway.timeutil import month_bounds, utcnow
+from gateway.timeutil import iso, month_bounds, utcnow
 from tests.conftest import wait_until_async
-from tests.support_leases import Cluster, cluster, record
+from tests.support_leases import Cluster, cluster, count_log_reads, record
 
 OUT = "claude_output_tokens"
 
@@ -191,6 +191,78 @@ async def test_invalidations_reach_every_process_within_a_second(db: Cluster) ->
     assert await db.leases("u") == {a.owner: 10}
 
 
+async def test_the_keeper_reads_the_log_only_when_its_watch_moves(db: Cluster) -> None:
+    a = await db.process("a", {}, poll=3600.0, heartbeat=3600.0)  # ticked by hand below
+    b = await db.process("b", {})
+    reads = count_log_reads(a.keeper)
+    for _ in range(5):
+        await a.keeper.tick()
+    assert reads.count == 0
+    await b.store.notify_invalidation(InvalidationKind.KEY, "key-1")
+
+    async def told() -> bool:
+        await a.keeper.tick()
+        return await _has(a.invalidations, Invalidation(0, "key", "key-1"))
+
+    await wait_until_async(told, within=1.0)
+    assert reads.count == 1
+    await a.keeper.tick()
+    assert reads.count == 1
+
+
+async def test_an_entry_whose_signal_was_lost_is_read_at_the_next_heartbeat(db: Cluster) -> None:
+    a = await db.process("a", {}, heartbeat=0.1)
+    reads = count_log_reads(a.keeper)
+    await wait_until_async(lambda: _at_least(reads.count, 2))  # heartbeats read, with nothing notified
+    insert = "INSERT INTO invalidations (kind, subject, created_at) VALUES ('key', 'unsignalled', ?)"
+    await db.query(insert, utcnow() if db.kind == "postgres" else iso(utcnow()))
+    await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "unsignalled")), within=1.0)
+
+
+async def test_a_watch_moves_once_an_entry_is_notified(db: Cluster) -> None:
+    store = await db.store()
+    watch = await store.watch_invalidations()
+    try:
+        before = watch.mark()
+        assert before is not None and watch.mark() == before
+
+        async def moved() -> bool:
+            return watch.mark() not in (before, None)
+
+        await store.notify_invalidation(InvalidationKind.KEY, "key-1")
+        await wait_until_async(moved, within=1.0)
+    finally:
+        await watch.close()
+        await store.close()
+
+
+async def test_without_a_signal_file_the_keeper_reads_the_log_every_poll(tmp_path: Path) -> None:
+    async with cluster("sqlite", tmp_path) as db:
+        (tmp_path / "gateway.db-invalidations").mkdir()  # (in the signal file's way)
+        a = await db.process("a", {}, heartbeat=3600.0)  # no heartbeat read to fall back on
+        b = await db.process("b", {})
+        await b.store.notify_invalidation(InvalidationKind.KEY, "key-1")
+        await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "key-1")), within=1.0)
+
+
+async def test_a_lost_listen_connection_falls_back_to_reading_the_log_and_listens_again(tmp_path: Path) -> None:
+    async with cluster("postgres", tmp_path) as db:
+        a = await db.process("a", {}, heartbeat=3600.0)  # only the watch tells a to read
+        b = await db.process("b", {})
+        listeners = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+        assert len(await db.query(listeners)) == 2
+        await db.query(f"SELECT pg_terminate_backend(pid) FROM ({listeners}) AS l")
+        await b.store.notify_invalidation(InvalidationKind.KEY, "while-deaf")
+        await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "while-deaf")), within=1.0)
+
+        async def listening_again() -> bool:
+            return len(await db.query(listeners)) == 2
+
+        await wait_until_async(listening_again, within=5.0)
+        await b.store.notify_invalidation(InvalidationKind.KEY, "heard")
+        await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "heard")), within=1.0)
+
+
 async def test_unlimited_meters_take_no_lease(db: Cluster) -> None:
     a = await db.process("a", {OUT: 10})
     res = await a.ledger.reserve("u", {OUT: 5, "claude_input_tokens": 1_000_000})
@@ -208,6 +280,10 @@ async def _released(db: Cluster, owner: str) -> bool:
 
 async def _leases_are(db: Cluster, expected: dict[str, int]) -> bool:
     return await db.leases("u") == expected
+
+
+async def _at_least(value: int, least: int) -> bool:
+    return value >= least
 
 
 async def _has(items: list[Invalidation], want: Invalidation) -> bool:
