@@ -26,6 +26,7 @@ _TYPES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "request_too_large",
+    429: "rate_limit_error",
     500: "internal_error",
     503: "unavailable",
 }

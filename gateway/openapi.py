@@ -38,6 +38,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         404: "Not found",
         405: "Method not allowed",
         413: "The body is too large",
+        429: "Too many wrong admin tokens from this address; `Retry-After` says when to try again",
         500: "Internal error",
         503: "The feature is not configured, or a dependency is unavailable",
     }
@@ -312,6 +313,12 @@ _PATHS: dict[str, Any] = {
         }
     },
 }
+
+# Every admin operation may be refused for the address's wrong tokens (gateway.admin_attempts).
+for _ops in _PATHS.values():
+    for _op in _ops.values():
+        if _op.get("security") is _ADMIN:
+            _op["responses"].update(_errors(429))
 
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
+from gateway.admin_attempts import AdminAttempts
 from gateway.billing.keeper import LeaseKeeper
 from gateway.billing.owner import BillingOwner
 from gateway.billing.protocols import QuotaLedger
@@ -45,6 +46,7 @@ class Services:
     polar: PolarBilling | None = None  # None when POLAR_ACCESS_TOKEN is not set
     metrics: Metrics = NO_METRICS  # GATEWAY_METRICS=off: hooks that do nothing
     keeper: LeaseKeeper | None = None  # shared: the leased ledger's keeper; tells this process what others changed
+    admin_attempts: AdminAttempts = field(default_factory=AdminAttempts)  # failed admin-token checks by address
 
     async def limits_changed(self, user_id: str) -> None:
         """Polar changed a customer's limits (webhook or refresh): the next pre-check reloads them,

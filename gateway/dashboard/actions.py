@@ -11,6 +11,7 @@ import logging
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from gateway.admin_attempts import client_address
 from gateway.dashboard.auth import (
     FormRefused,
     SessionSigner,
@@ -57,9 +58,21 @@ class Actions:
             form = await read_form(request)
         except FormRefused:
             return self._signin_page("Send the sign-in form.", 400)
-        if not self.signer.token_matches(form.get("token", "")):
-            log.warning("dashboard sign-in refused from %s", request.client.host if request.client else "?")
+        given = form.get("token", "")
+        if not given:
+            return self._signin_page("Wrong admin token.", 401)  # no guess made: nothing to count
+        address = client_address(request.client)
+        attempts = self.s.admin_attempts
+        wait = attempts.retry_after(address)
+        if wait is not None:
+            response = self._signin_page(f"Too many wrong admin tokens: try again in {wait} s.", 429)
+            response.headers["retry-after"] = str(wait)
+            return response
+        if not self.signer.token_matches(given):
+            attempts.failed(address)
+            log.warning("dashboard sign-in refused from %s", address)
             return self._signin_page("Wrong admin token.", 401)
+        attempts.succeeded(address)
         response = _see("/admin")
         response.headers.append("set-cookie", session_cookie(self.signer.issue(), secure=is_https(request)))
         return response

@@ -70,6 +70,22 @@ def test_wrong_token_gets_the_signin_page_with_an_error_and_no_cookie(gateway: G
     assert resp.status_code == 400 and "set-cookie" not in resp.headers
 
 
+def test_ten_wrong_tokens_refuse_the_address_even_the_right_token(gateway: Gateway) -> None:
+    for _ in range(10):
+        assert httpx.post(f"{gateway.url}/admin/signin", data={"token": "guess"}).status_code == 401
+    resp = httpx.post(f"{gateway.url}/admin/signin", data={"token": ADMIN_TOKEN})
+    assert resp.status_code == 429 and "set-cookie" not in resp.headers
+    wait = int(resp.headers["retry-after"])
+    assert 590 <= wait <= 600
+    assert f"Too many wrong admin tokens: try again in {wait} s." in resp.text
+    # the admin API counts the same failures: this address is refused there too
+    refused = httpx.get(f"{gateway.url}/admin/keys", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert refused.status_code == 429 and 590 <= int(refused.headers["retry-after"]) <= 600
+    assert refused.json() == {
+        "error": {"type": "rate_limit_error", "message": "too many wrong admin tokens from this address"}
+    }
+
+
 def test_missing_bad_expired_or_forged_sessions_and_user_keys_are_sent_to_signin(gateway: Gateway) -> None:
     user_key = gateway.issue_key("alice")
     good = SessionSigner(ADMIN_TOKEN).issue()

@@ -23,6 +23,18 @@ def test_admin_api_requires_token(gateway: Gateway) -> None:
     assert httpx.get(f"{gateway.url}/admin/keys", headers=bad).status_code == 401
 
 
+def test_wrong_admin_tokens_are_refused_per_address_after_ten(gateway: Gateway) -> None:
+    good = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    for n in range(9):
+        assert httpx.get(f"{gateway.url}/admin/keys", headers={"authorization": f"Bearer guess{n}"}).status_code == 401
+    assert httpx.get(f"{gateway.url}/admin/keys", headers=good).status_code == 200  # a success forgets them
+    for n in range(10):
+        assert httpx.get(f"{gateway.url}/admin/keys", headers={"authorization": f"Bearer guess{n}"}).status_code == 401
+    refused = httpx.post(f"{gateway.url}/admin/keys", json={"user_id": "a"}, headers=good)
+    assert refused.status_code == 429 and 590 <= int(refused.headers["retry-after"]) <= 600
+    assert gateway.query("SELECT COUNT(*) FROM api_keys") == [(0,)]  # nothing was created
+
+
 def test_admin_create_list_revoke(gateway: Gateway) -> None:
     with gateway.admin() as admin:
         created = admin.post("/admin/keys", json={"user_id": "zoe", "name": "web"})

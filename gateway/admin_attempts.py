@@ -1,0 +1,68 @@
+"""Failed admin-token checks, counted per client address, so the token cannot be guessed at speed.
+
+Every check of the admin token (the admin API's bearer, `/metrics` behind it, the dashboard's
+sign-in form) counts a failure against the client's address. After `limit` failures within
+`window` seconds the address is refused (429, `Retry-After`) until its oldest failure leaves the
+window, even with the right token: otherwise a guess made while refused would still tell right
+from wrong. Counted per process, so N workers give an address N x `limit` tries per window:
+nothing against a random token, and no store round trip on a path an attacker drives.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+
+LIMIT = 10
+WINDOW_SECONDS = 600.0
+MAX_ADDRESSES = 10_000  # a flood from many addresses forgets the oldest, it does not grow memory
+
+
+class AdminAttempts:
+    def __init__(
+        self,
+        limit: int = LIMIT,
+        window: float = WINDOW_SECONDS,
+        *,
+        max_addresses: int = MAX_ADDRESSES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_addresses = max_addresses
+        self._clock = clock
+        self._failures: dict[str, deque[float]] = {}  # oldest address first (insertion order)
+
+    def retry_after(self, address: str) -> int | None:
+        """Whole seconds until `address` may try again, or None when it may try now."""
+        failures = self._failures.get(address)
+        if failures is None:
+            return None
+        horizon = self._clock() - self.window
+        while failures and failures[0] <= horizon:
+            failures.popleft()
+        if not failures:
+            del self._failures[address]
+            return None
+        if len(failures) < self.limit:
+            return None
+        return max(1, math.ceil(failures[0] - horizon))
+
+    def failed(self, address: str) -> None:
+        failures = self._failures.pop(address, None)
+        if failures is None:
+            failures = deque(maxlen=self.limit)
+            while len(self._failures) >= self.max_addresses:
+                del self._failures[next(iter(self._failures))]
+        failures.append(self._clock())
+        self._failures[address] = failures  # re-inserted: most recently failing last
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+
+def client_address(scope_client: tuple[str, int] | None) -> str:
+    """The peer's address (behind a proxy, run uvicorn with --proxy-headers to get the client's)."""
+    return scope_client[0] if scope_client else "?"
