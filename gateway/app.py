@@ -292,6 +292,7 @@ def app_from_env() -> GatewayApp:
 
     settings = settings_from_env()
     configure_logging(settings.log_format)
-    tune_collector()
+    app = create_app(settings)
+    tune_collector()  # after the build, as `gateway serve` does: the app's objects are frozen too
     ensure_fd_headroom(settings.max_connections)
-    return create_app(settings)
+    return app

@@ -4,7 +4,7 @@ A process takes a slice of a user's remaining balance from the store in one atom
 statement (`LeaseStore.take_lease`) and reserves requests from it in memory, so the common case
 costs no database round trip. A lease covers the owner's reservations in flight, its finished
 requests not yet stored and an idle part; a stored request leaves the lease in the same
-transaction that stores it (migration trigger), so usage counts once. Idle parts go back when a
+transaction that stores it (the store sees to it), so usage counts once. Idle parts go back when a
 user goes quiet, when another process recalls them (it is short and they would cover it) and at
 shutdown; a dead process's leases are released by a live one (`keeper.LeaseKeeper`).
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -10,7 +11,7 @@ import orjson
 
 from gateway.events import event_count, event_quantities
 from gateway.store.base import ApiKey, CustomerLimits, RequestRecord, UsageEvent, meters_doc, meters_from_doc
-from gateway.store.sqlite_base import Op, json_text, opt_datetime
+from gateway.store.sqlite_base import Job, Op, json_text, opt_datetime
 from gateway.store.sqlite_dashboard import SqliteDashboard
 from gateway.store.sqlite_leases import SqliteLeases
 from gateway.store.sqlite_outbox import SqliteOutbox
@@ -53,6 +54,39 @@ def _chunked(flat: list[Any]) -> list[Op]:
             ops.append((_INSERTS[size], flat[done * _WIDTH : (done + size) * _WIDTH], False))
             done += size
     return ops
+
+
+_SETTLE_LEASES = "UPDATE quota_leases SET amount = amount - ? WHERE owner = ? AND user_id = ? AND meter = ?"
+Usage = Mapping[str, tuple[str, str, Mapping[str, int]]]  # request id -> owner, user id, usage
+
+
+def _store_requests(ops: list[Op], rows: int, usage: Usage) -> Job:
+    """The INSERTs, then the inserted rows' usage off their owners' leases, summed per owner, user
+    and meter (a row with no lease matches nothing): a stored request counts once, in `requests`.
+    When some rows were in the table already (a replay), the INSERTs run again with RETURNING to
+    learn which were new; not always, as each returned row is a step that gives up the GIL."""
+
+    def job(conn: sqlite3.Connection) -> None:
+        conn.execute("SAVEPOINT batch")
+        if sum(conn.execute(sql, params).rowcount for sql, params, _ in ops) == rows:
+            conn.execute("RELEASE batch")
+            new: Iterable[str] = usage
+        else:
+            conn.execute("ROLLBACK TO batch")
+            conn.execute("RELEASE batch")
+            new = [rid for sql, params, _ in ops for (rid,) in conn.execute(sql + " RETURNING id", params)]
+        taken: dict[tuple[str, str, str], int] = {}
+        for rid in new:
+            if (row := usage.get(rid)) is None:
+                continue
+            owner, user_id, used = row
+            for meter, amount in used.items():
+                if amount > 0:
+                    taken[owner, user_id, meter] = taken.get((owner, user_id, meter), 0) + amount
+        if taken:
+            conn.executemany(_SETTLE_LEASES, [(amount, *key) for key, amount in taken.items()])
+
+    return job
 
 
 class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard, SqliteRefusals):
@@ -117,7 +151,10 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
 
     async def finish_requests(self, records: Sequence[RequestRecord]) -> None:
         flat: list[Any] = []
+        usage: dict[str, tuple[str, str, Mapping[str, int]]] = {}
         for r in records:
+            if r.owner:
+                usage.setdefault(r.id, (r.owner, r.user_id, r.usage))
             flat += (
                 r.id,
                 r.user_id,
@@ -137,7 +174,7 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
                 int(r.estimated),
                 "pending" if event_count(r.usage) else "none",  # events to send, or none
             )
-        await self._commit(_chunked(flat))
+        await self._commit(_store_requests(_chunked(flat), len(records), usage))
 
     async def finished_ids(self, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()

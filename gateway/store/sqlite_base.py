@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ log = logging.getLogger("gateway.store")
 
 
 Op = tuple[str, Sequence[Any] | list[Sequence[Any]], bool]  # sql, params, many
+Job = Callable[[sqlite3.Connection], None]  # statements run in one transaction, on the writer thread
 
 
 def json_text(value: Any) -> str:
@@ -88,25 +89,29 @@ class SqliteBase:
         return conn
 
     @staticmethod
-    def _commit_sync(conn: sqlite3.Connection, ops: list[Op]) -> None:
+    def _commit_sync(conn: sqlite3.Connection, ops: list[Op] | Job) -> None:
         """One transaction, on the writer thread."""
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for sql, params, many in ops:
-                if many:
-                    conn.executemany(sql, params)
-                else:
-                    conn.execute(sql, params)
+            if callable(ops):
+                ops(conn)
+            else:
+                for sql, params, many in ops:
+                    if many:
+                        conn.executemany(sql, params)
+                    else:
+                        conn.execute(sql, params)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
 
-    async def _commit(self, ops: list[Op]) -> None:
+    async def _commit(self, ops: list[Op] | Job) -> None:
         """One transaction on the writer thread. A cancelled caller does not cancel the write, and
         `close` runs after every write submitted before it (the thread takes jobs in order)."""
-        if self._writer is None:
-            await self._transaction(ops)
+        if self._writer is None:  # in memory: on aiosqlite's thread, its one connection
+            async with self._lock:
+                await self.db._execute(self._commit_sync, self.db._conn, ops)
             return
         job = asyncio.get_running_loop().run_in_executor(self._writer_thread, self._commit_sync, self._writer, ops)
         await asyncio.shield(job)

@@ -2,7 +2,7 @@
 
 A lease is taken in one `BEGIN IMMEDIATE` transaction (one writer at a time on the file, across
 processes), so the consumed sum, the other leases and the new lease are one consistent step.
-A stored request leaves its owner's lease through the trigger of migration 0006_leases.
+A stored request leaves its owner's lease in the transaction that stores it (`SqliteStore.finish_requests`).
 
 Every process on the file watches the invalidation log through a signal file beside the database
 (`<database>-invalidations`, like its -wal and -shm): a new entry's sequence number is written there

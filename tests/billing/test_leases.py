@@ -41,6 +41,17 @@ async def test_parallel_reservations_over_three_processes_never_pass_on_one_bala
     assert sum(p.ledger._users["u"].held[OUT].reserved for p in procs) == 294
 
 
+async def test_a_batch_with_replays_takes_only_its_new_rows_off_the_lease(db: Cluster) -> None:
+    a = await db.process("a", {OUT: 1000})
+    assert isinstance(await a.ledger.reserve("u", {OUT: 100}), Reservation)
+    assert await db.leases("u") == {a.owner: 250}
+    r1, r2, r3 = (record(f"r{i}", "u", a.owner, {OUT: 10}, {OUT: 10 * i}) for i in (1, 2, 3))
+    await a.store.finish_requests([r1])
+    assert await db.leases("u") == {a.owner: 240}
+    await a.store.finish_requests([r1, r2, r3])  # r1 again (journal recovery): only r2 and r3 are new
+    assert await db.leases("u") == {a.owner: 190}
+
+
 async def test_sequential_reservations_alternating_succeed_until_the_last_that_fits(db: Cluster) -> None:
     procs = [await db.process(f"p{i}", {OUT: 100}) for i in range(3)]
     results = [await procs[i % 3].ledger.reserve("u", {OUT: 10}) for i in range(11)]
