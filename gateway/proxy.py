@@ -257,7 +257,8 @@ class ProxyEndpoint:
             decoder = ContentDecoder.for_encoding(resp.headers.get("content-encoding"))
             streamed = call.stream and status == 200 and call.meter_factory is not None
             meter = call.meter_factory() if streamed and call.meter_factory else None
-            whole = bytearray()
+            decode = None if decoder.identity else decoder.decode  # (a call per chunk saved)
+            parts: list[bytes] = []  # a JSON body's chunks, joined once (one chunk: no copy)
             # A JSON body is read to its end anyway; a stream needs its drain bounded when the client leaves.
             watch = _DisconnectWatch(receive, resp, settings.drain_timeout_seconds) if meter is not None else None
             outcome, drained, ended = Outcome.OK if status < 400 else Outcome.UPSTREAM_ERROR, 0, False
@@ -265,9 +266,9 @@ class ProxyEndpoint:
             try:
                 while chunk := await content.readany():
                     if meter is not None:
-                        meter.feed(decoder.decode(chunk))
+                        meter.feed(chunk if decode is None else decode(chunk))
                     else:
-                        whole += chunk
+                        parts.append(chunk)
                     if watch is None or not watch.gone:
                         # The last chunk carries the end of the body: one send (and write) fewer.
                         ended = content.at_eof()
@@ -301,7 +302,7 @@ class ProxyEndpoint:
                 elif usage.error is not None and outcome is Outcome.OK:
                     outcome = Outcome.UPSTREAM_ERROR_MIDSTREAM
             else:
-                usage = call.body_usage(decoder.decode(bytes(whole))) if whole else None
+                usage = call.body_usage(decoder.decode(b"".join(parts))) if parts else None
             return Result(status, outcome, usage, estimated)
 
     async def _relay_plain(self, resp: aiohttp.ClientResponse, send: Any, status: int) -> Result:
