@@ -103,7 +103,8 @@ class ProxyEndpoint:
         op = route.operation
 
         # 1. authenticate
-        ident = await s.keys.authenticate(provider.extract_key(headers, query))
+        key = provider.extract_key(headers, query)
+        ident = s.keys.cached(key) or await s.keys.authenticate(key)
         if ident is None:
             s.metrics.refused(401, "invalid_key")
             s.refusals.count(401, "invalid_key")
@@ -154,7 +155,7 @@ class ProxyEndpoint:
             reservation=call.reservation,
             owner=s.owner,
         )
-        hold = await s.billing.begin(record, call.rate_tokens)
+        hold = s.billing.begin_now(record, call.rate_tokens) or await s.billing.begin(record, call.rate_tokens)
         if not isinstance(hold, Hold):
             return count(op, await self._refuse(send, hold, rid))
 
