@@ -181,7 +181,8 @@ class Hold:
         self.settled = True
         owner, record, usage = self._owner, self.record, result.usage
         record.status_code = result.status
-        record.outcome = result.outcome.value  # a plain str: the store binds it without adapting
+        # A plain str: the store binds it without adapting (`_value_`: `.value` is a Python-level property).
+        record.outcome = result.outcome._value_
         record.estimated = result.estimated
         record.usage = {k: v for k, v in usage.meters.items() if v} if usage else {}
         record.usage_raw = usage.raw if usage else None
