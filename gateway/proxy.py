@@ -163,13 +163,14 @@ class ProxyEndpoint:
             return count(op, await self._refuse(send, hold, rid))
 
         # 4. forward, metering beside the relay
-        # If the relay itself fails, the provider may still have billed: bill the reservation, estimated.
-        result = Result(500, _GATEWAY_ERROR, None, estimated=True)
         try:
             result = await self._forward(route, call, body, headers, send, receive, rid, arrived)
-        finally:
-            # 5. finish billing: the final usage journaled, the ledger moved from reserved to consumed
-            hold.finish(result)
+        except BaseException:
+            # The relay itself failed: the provider may still have billed, so bill the reservation, estimated.
+            hold.finish(Result(500, _GATEWAY_ERROR, None, estimated=True))
+            raise
+        # 5. finish billing: the final usage journaled, the ledger moved from reserved to consumed
+        hold.finish(result)
         count(op, result.status or 0)
 
     def _match(self, method: str, path: str, query: bytes) -> Route | None:
