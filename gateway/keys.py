@@ -71,6 +71,14 @@ class KeyCache:
         self._cache: dict[bytes, tuple[Identity, float]] = {}
         self._evictions = 0  # a lookup that overlapped an eviction does not cache what it read
 
+    def cached(self, key: str | None) -> Identity | None:
+        """The identity `authenticate` would return from the cache, without a coroutine; None when
+        it would have to ask the store (or the key is malformed)."""
+        if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
+            return None
+        hit = self._cache.get(hash_key(key))
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
     async def authenticate(self, key: str | None) -> Identity | None:
         if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
             return None

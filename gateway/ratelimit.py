@@ -100,6 +100,10 @@ class RateLimiter:
 
         Returns (refusal, ticket); pass the ticket to `settle` with the actual tokens.
         """
+        return self.acquire_now(user_id, tokens)
+
+    def acquire_now(self, user_id: str, tokens: int) -> tuple[RateLimited | None, object | None]:
+        """`acquire` without a coroutine: this limiter never waits."""
         if self.rpm is None and self.tpm is None:
             return None, None
         now = self._clock()

@@ -20,6 +20,11 @@ class InProcessLedger:
         uq = self.ledger.cached(user_id)  # the common case, without a second coroutine
         if uq is None:
             uq = await self.ledger.get(user_id)
+        return self.reserve_loaded(user_id, amounts, uq)
+
+    @staticmethod
+    def reserve_loaded(user_id: str, amounts: Mapping[str, int], uq: UserQuota) -> Reservation | Refusal:
+        """`reserve` on the user's quota already loaded (`Ledger.cached`)."""
         refusal = Ledger.reserve(uq, amounts)
         return refusal if refusal is not None else Reservation(user_id, amounts, uq)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
+from gateway.billing.ledger import InProcessLedger
 from gateway.billing.protocols import QuotaLedger, RateLimit, Reservation
 from gateway.journal import Segment
 from gateway.metering import Usage
@@ -22,7 +23,7 @@ from gateway.meters import GEMINI_IMAGES
 from gateway.metrics import NO_METRICS, Metrics
 from gateway.outcomes import Outcome
 from gateway.quota import Refusal
-from gateway.ratelimit import RateLimited
+from gateway.ratelimit import RateLimited, RateLimiter
 from gateway.recording import estimate_from_reservation
 from gateway.refusals import NO_REFUSALS, RefusalSink
 from gateway.store.base import RequestRecord
@@ -87,6 +88,10 @@ class BillingOwner:
         self.recorder = recorder
         self.metrics = metrics
         self.refusals = refusals
+        # The single-process limiter and ledger can begin a request without waiting (`begin_now`).
+        self._now = (
+            (limiter, ledger) if isinstance(limiter, RateLimiter) and isinstance(ledger, InProcessLedger) else None
+        )
 
     def _refused(self, refused: Refused) -> Refused:
         if refused.rate is not None:
@@ -114,6 +119,26 @@ class BillingOwner:
         if limited is not None:
             return self._refused(Refused(RefusalKind.RATE_LIMITED, rate=limited))
         reservation = await self.ledger.reserve(user_id, record.reservation)
+        return self._hold(record, reservation, ticket)
+
+    def begin_now(self, record: RequestRecord, rate_tokens: int) -> Hold | Refused | None:
+        """`begin` without a coroutine when nothing has to be waited for (the single-process limiter
+        and ledger, the user's quota loaded); None otherwise, having taken nothing."""
+        if self._now is None:
+            return None
+        limiter, ledger = self._now
+        user_id = record.user_id
+        uq = ledger.ledger.cached(user_id)
+        if uq is None:
+            return None
+        limited, ticket = limiter.acquire_now(user_id, rate_tokens)
+        if limited is not None:
+            return self._refused(Refused(RefusalKind.RATE_LIMITED, rate=limited))
+        return self._hold(record, ledger.reserve_loaded(user_id, record.reservation, uq), ticket)
+
+    def _hold(self, record: RequestRecord, reservation: Reservation | Refusal, ticket: object | None) -> Hold | Refused:
+        """After the rate limit admitted the request: the reservation's refusal, or the journal entry and the hold."""
+        user_id = record.user_id
         if isinstance(reservation, Refusal):
             self.limiter.settle(user_id, ticket, 0)
             return self._refused(Refused(RefusalKind.QUOTA, quota=reservation))
@@ -156,7 +181,8 @@ class Hold:
         self.settled = True
         owner, record, usage = self._owner, self.record, result.usage
         record.status_code = result.status
-        record.outcome = result.outcome.value  # a plain str: the store binds it without adapting
+        # A plain str: the store binds it without adapting (`_value_`: `.value` is a Python-level property).
+        record.outcome = result.outcome._value_
         record.estimated = result.estimated
         record.usage = {k: v for k, v in usage.meters.items() if v} if usage else {}
         record.usage_raw = usage.raw if usage else None

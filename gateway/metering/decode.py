@@ -23,11 +23,12 @@ def _looks_zlib(head: bytes) -> bool:
 class ContentDecoder:
     """Decodes one response body incrementally; build it with `for_encoding`."""
 
-    __slots__ = ("_head", "_mode", "_obj", "_replay", "failed", "supported")
+    __slots__ = ("_head", "_mode", "_obj", "_replay", "failed", "identity", "supported")
 
     def __init__(self, mode: str) -> None:
         self._mode = mode  # "identity", "gzip", "deflate" or "unsupported"
         self.supported = mode != "unsupported"
+        self.identity = mode == "identity"  # `decode` returns its chunk: a caller may skip the call
         self.failed = False
         self._obj: zlib._Decompress | None = None
         self._head = b""  # deflate: first bytes, held until the wrapper can be sniffed

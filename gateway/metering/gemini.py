@@ -210,6 +210,19 @@ class GeminiSSEMeter:
         self._acc = _Accumulator()
 
     def feed(self, chunk: bytes) -> None:
+        # What Gemini writes per read: one `data:` line framed by CRLF CRLF. From an idle parser
+        # that is one event and leaves the parser idle, as `SSEParser.feed` would find.
+        end = len(chunk) - 4
+        if (
+            self._sse.idle
+            and chunk.find(b"\r") == end
+            and chunk.find(b"\n") == end + 1
+            and chunk.endswith(b"\r\n\r\n")
+            and chunk.startswith(b"data: ")
+        ):
+            if end > 6:
+                self._acc.observe_chunk(chunk[6:end])
+            return
         for _, data in self._sse.feed(chunk):
             if data:
                 self._acc.observe_chunk(data)
