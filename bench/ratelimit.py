@@ -41,6 +41,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 from harness.pgdb import PgDatabase
 from harness.settings import REDIS_URL
 
+from tests.support_ratelimit import drop_redis_keys
+
 CONCURRENCY = 16  # tasks per limiter
 LIMITERS = 2
 RPM, TPM = 100_000_000, 100_000_000_000  # bench/run.py's: never hit
@@ -74,13 +76,7 @@ async def limiters(backend: str, url: str, clock: VirtualClock) -> AsyncIterator
         finally:
             for rl in made:
                 await rl.close()
-            from redis.asyncio import Redis
-
-            r = Redis.from_url(REDIS_URL)
-            keys = [k async for k in r.scan_iter(match=prefix + "*")]
-            if keys:
-                await r.delete(*keys)
-            await r.aclose()
+            await drop_redis_keys(REDIS_URL, prefix)
         return
     stores = []
     try:

@@ -109,11 +109,16 @@ async def _redis() -> AsyncIterator[Make]:
     finally:
         for rl in made:
             await rl.close()
-        r = Redis.from_url(REDIS_URL)
-        keys = [k async for k in r.scan_iter(match=prefix + "*")]
-        if keys:
-            await r.delete(*keys)
-        await r.aclose()
+        await drop_redis_keys(REDIS_URL, prefix)
+
+
+async def drop_redis_keys(url: str, prefix: str) -> None:
+    """Delete what limiters under `prefix` left in Redis (tests and bench/ratelimit.py)."""
+    r = Redis.from_url(url)
+    keys = [k async for k in r.scan_iter(match=prefix + "*")]
+    if keys:
+        await r.delete(*keys)
+    await r.aclose()
 
 
 @asynccontextmanager
