@@ -14,12 +14,13 @@ rounds move by a few percent. Divide by the gateway's instructions per request
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from time import perf_counter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness.callgrind import instructions
 
 USAGE = {"input_tokens": 12, "output_tokens": 30, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
 FLUSH_EVERY = 3000  # requests between flushes: once a second at ~3,000 requests per second
@@ -42,16 +43,7 @@ def drive(n: int, on: bool) -> None:
 
 
 def count(n: int, on: bool) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg", sys.executable, __file__,
-             "--drive", str(n), "--on" if on else "--off"],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-    found = re.search(r"Collected : (\d+)", out.stderr)
-    if found is None:
-        raise SystemExit(f"no callgrind total in:\n{out.stderr}")
-    return int(found.group(1))
+    return instructions([sys.executable, __file__, "--drive", str(n), "--on" if on else "--off"], "metrics")
 
 
 def main() -> int:

@@ -37,7 +37,6 @@ import dataclasses
 import logging
 import os
 import pstats
-import re
 import runpy
 import sqlite3
 import subprocess
@@ -53,6 +52,7 @@ sys.path.insert(0, os.environ.get("PIPELINE_GATEWAY_ROOT") or str(Path(__file__)
 
 import asyncpg
 import uvloop
+from harness.callgrind import instructions
 from harness.fixtures import Cell, fast_cells, stretch_events
 from harness.pgdb import PgDatabase
 
@@ -330,18 +330,8 @@ def run_children(args: argparse.Namespace) -> int:
         return subprocess.run(argv + (["--profile"] if args.profile else []), env=env).returncode
     small, large = 800, 2400
     for name in args.cells.split(","):
-        counts = []
-        for n in (small, large):
-            with tempfile.NamedTemporaryFile(prefix="callgrind.") as out:
-                argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out.name}"]
-                argv += [*me, "--cells", name, "--requests", str(n), "--rounds", "1"]
-                run = subprocess.run(argv, env=env, capture_output=True, text=True)
-                if run.returncode != 0:
-                    sys.exit(f"{name}: the measurement failed under valgrind:\n{run.stdout}{run.stderr[-2000:]}")
-                match = re.search(rb"^(?:summary|totals): (\d+)", Path(out.name).read_bytes(), re.M)
-                if match is None:
-                    sys.exit(f"{name}: no instruction total in the callgrind output")
-                counts.append(int(match.group(1)))
+        runs = ([*me, "--cells", name, "--requests", str(n), "--rounds", "1"] for n in (small, large))
+        counts = [instructions(argv, name, env) for argv in runs]
         per_request = (counts[1] - counts[0]) / ((large - small) // CONCURRENCY * CONCURRENCY)
         where = args.tree or "this checkout"
         print(f"{name:<18} {per_request:10,.0f} instructions/request (gateway of {where})", flush=True)

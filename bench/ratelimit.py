@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import secrets
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import uvloop
 sys.path.insert(0, os.environ.get("RL_BENCH_GATEWAY_ROOT") or str(Path(__file__).resolve().parent.parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
+from harness.callgrind import instructions
 from harness.pgdb import PgDatabase
 from harness.settings import REDIS_URL
 
@@ -138,18 +138,11 @@ def run_children(args: argparse.Namespace) -> int:
         return subprocess.run(argv, env=env).returncode
     small, large = 2048, 8192
     for backend in args.backends.split(","):
-        counts = []
-        for n in (small, large):
-            with tempfile.NamedTemporaryFile(prefix="callgrind.") as out:
-                argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out.name}"]
-                argv += [*me, "--backends", backend, "--requests", str(n), "--rounds", "1", "--rate", str(args.rate)]
-                run = subprocess.run(argv, env=env, capture_output=True, text=True)
-                if run.returncode != 0:
-                    sys.exit(f"{backend}: the measurement failed under valgrind:\n{run.stdout}{run.stderr[-2000:]}")
-                match = re.search(rb"^(?:summary|totals): (\d+)", Path(out.name).read_bytes(), re.M)
-                if match is None:
-                    sys.exit(f"{backend}: no instruction total in the callgrind output")
-                counts.append(int(match.group(1)))
+        runs = (
+            [*me, "--backends", backend, "--requests", str(n), "--rounds", "1", "--rate", str(args.rate)]
+            for n in (small, large)
+        )
+        counts = [instructions(argv, backend, env) for argv in runs]
         per_request = (counts[1] - counts[0]) / (large - small)
         where = args.tree or "this checkout"
         print(f"{backend:<9} {per_request:10,.0f} instructions/request (gateway of {where})", flush=True)
