@@ -1,8 +1,9 @@
 """PostgreSQL store (asyncpg, pooled): for several gateway processes on one database.
 
 Returns exactly what `SqliteStore` returns (the same dataclasses, aware UTC datetimes, the same
-order); tests/test_store.py runs one contract suite on both. Its SQL lives here and in
-`postgres_outbox.py`.
+order); tests/test_store.py runs one contract suite on both. Keys, requests and limits here; the
+rest in the `postgres_*.py` modules it is assembled from (outbox, leases, rate windows, dashboard,
+refusals).
 """
 
 from __future__ import annotations

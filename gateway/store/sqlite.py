@@ -1,4 +1,5 @@
-"""SQLite store (aiosqlite, WAL): the embedded default. Its SQL lives here and in `sqlite_outbox.py`."""
+"""SQLite store (aiosqlite, WAL): the embedded default. Keys, requests and limits here; the rest in the
+`sqlite_*.py` modules it is assembled from (outbox, leases, rate windows, dashboard, refusals)."""
 
 from __future__ import annotations
 
