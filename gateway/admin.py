@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -10,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.admin_attempts import client_address
+from gateway.admin_attempts import TokenCheck, client_address
 from gateway.http_api import BodyRefused, api_error, read_json
 from gateway.keys import InvalidUserId, issue_key
 from gateway.services import Services
@@ -38,16 +37,12 @@ def guarded(s: Services, endpoint: Endpoint) -> Endpoint:
             return api_error(503, "the admin API is disabled: set GATEWAY_ADMIN_TOKEN")
         auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if not given:
-            return api_error(401, "admin token required")  # no guess made: nothing to count
-        address = client_address(request.client)
-        wait = s.admin_attempts.retry_after(address)
-        if wait is not None:
-            return api_error(429, "too many wrong admin tokens from this address", {"retry-after": str(wait)})
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            s.admin_attempts.failed(address)
+        checked = s.admin_attempts.check(token, given, client_address(request.client))
+        if checked.result is TokenCheck.TOO_MANY:
+            headers = {"retry-after": str(checked.retry_after)}
+            return api_error(429, "too many wrong admin tokens from this address", headers)
+        if checked.result is not TokenCheck.OK:
             return api_error(401, "admin token required")
-        s.admin_attempts.succeeded(address)
         return await endpoint(request)
 
     return wrapper

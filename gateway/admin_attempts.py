@@ -1,4 +1,5 @@
-"""Failed admin-token checks, counted per client address, so the token cannot be guessed at speed.
+"""The one check of the admin token, with failures counted per client address so it cannot be guessed
+at speed.
 
 Every check of the admin token (the admin API's bearer, `/metrics` behind it, the dashboard's
 sign-in form) counts a failure against the client's address. After `limit` failures within
@@ -10,14 +11,30 @@ nothing against a random token, and no store round trip on a path an attacker dr
 
 from __future__ import annotations
 
+import hmac
 import math
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 
 LIMIT = 10
 WINDOW_SECONDS = 600.0
 MAX_ADDRESSES = 10_000  # a flood from many addresses forgets the oldest, it does not grow memory
+
+
+class TokenCheck(StrEnum):
+    OK = "ok"
+    MISSING = "missing"  # no token given: not a guess, not counted
+    WRONG = "wrong"
+    TOO_MANY = "too_many"  # this address guessed wrong too often: `retry_after` says when to try again
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    result: TokenCheck
+    retry_after: int = 0
 
 
 class AdminAttempts:
@@ -34,6 +51,20 @@ class AdminAttempts:
         self.max_addresses = max_addresses
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}  # oldest address first (insertion order)
+
+    def check(self, token: str, given: str, address: str) -> Checked:
+        """Whether `given` is the admin token `token` (compared in constant time; an empty `token`, the
+        admin API and dashboard being off, matches nothing), counting a wrong one against `address`."""
+        if not given:
+            return Checked(TokenCheck.MISSING)
+        wait = self.retry_after(address)
+        if wait is not None:
+            return Checked(TokenCheck.TOO_MANY, wait)
+        if not token or not hmac.compare_digest(given.encode(), token.encode()):
+            self.failed(address)
+            return Checked(TokenCheck.WRONG)
+        self.succeeded(address)
+        return Checked(TokenCheck.OK)
 
     def retry_after(self, address: str) -> int | None:
         """Whole seconds until `address` may try again, or None when it may try now."""

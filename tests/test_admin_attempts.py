@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.admin_attempts import AdminAttempts
+from gateway.admin_attempts import AdminAttempts, Checked, TokenCheck
 
 
 class Clock:
@@ -47,3 +47,14 @@ def test_memory_is_bounded_by_forgetting_the_least_recently_failing() -> None:
     a.failed("c")
     assert a.retry_after("b") is None
     assert a.retry_after("a") == 60 and a.retry_after("c") == 60
+
+
+def test_check_compares_counts_and_refuses() -> None:
+    a = AdminAttempts(limit=2, window=60.0, clock=Clock())
+    assert a.check("secret", "", "x") == Checked(TokenCheck.MISSING)  # no guess: not counted
+    assert a.check("secret", "secret", "x") == Checked(TokenCheck.OK)
+    assert a.check("", "", "x") == Checked(TokenCheck.MISSING)
+    assert a.check("", "anything", "x") == Checked(TokenCheck.WRONG)  # no admin token: nothing matches
+    assert a.check("secret", "guess", "x") == Checked(TokenCheck.WRONG)
+    assert a.check("secret", "secret", "x") == Checked(TokenCheck.TOO_MANY, 60)  # even the right one
+    assert a.check("secret", "secret", "y") == Checked(TokenCheck.OK)

@@ -11,7 +11,7 @@ import logging
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from gateway.admin_attempts import client_address
+from gateway.admin_attempts import TokenCheck, client_address
 from gateway.dashboard.auth import (
     FormRefused,
     SessionSigner,
@@ -58,21 +58,17 @@ class Actions:
             form = await read_form(request)
         except FormRefused:
             return self._signin_page("Send the sign-in form.", 400)
-        given = form.get("token", "")
-        if not given:
-            return self._signin_page("Wrong admin token.", 401)  # no guess made: nothing to count
         address = client_address(request.client)
-        attempts = self.s.admin_attempts
-        wait = attempts.retry_after(address)
-        if wait is not None:
+        checked = self.s.admin_attempts.check(self.s.settings.admin_token, form.get("token", ""), address)
+        if checked.result is TokenCheck.TOO_MANY:
+            wait = checked.retry_after
             response = self._signin_page(f"Too many wrong admin tokens: try again in {wait} s.", 429)
             response.headers["retry-after"] = str(wait)
             return response
-        if not self.signer.token_matches(given):
-            attempts.failed(address)
-            log.warning("dashboard sign-in refused from %s", address)
+        if checked.result is not TokenCheck.OK:
+            if checked.result is TokenCheck.WRONG:
+                log.warning("dashboard sign-in refused from %s", address)
             return self._signin_page("Wrong admin token.", 401)
-        attempts.succeeded(address)
         response = _see("/admin")
         response.headers.append("set-cookie", session_cookie(self.signer.issue(), secure=is_https(request)))
         return response

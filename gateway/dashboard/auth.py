@@ -46,15 +46,11 @@ class SessionSigner:
     """Issues and checks session cookies and CSRF tokens; disabled without an admin token."""
 
     def __init__(self, admin_token: str) -> None:
-        self._token = admin_token.encode()
         self._key = derive_key(admin_token, _KEY_LABEL) if admin_token else b""
 
     @property
     def enabled(self) -> bool:
         return bool(self._key)
-
-    def token_matches(self, given: str) -> bool:
-        return self.enabled and hmac.compare_digest(given.encode(), self._token)
 
     def issue(self, now: float | None = None, ttl: int = SESSION_SECONDS) -> str:
         """A cookie value: `<expiry>.<nonce>.<mac>`."""
