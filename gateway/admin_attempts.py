@@ -95,5 +95,6 @@ class AdminAttempts:
 
 
 def client_address(scope_client: tuple[str, int] | None) -> str:
-    """The peer's address (behind a proxy, run uvicorn with --proxy-headers to get the client's)."""
+    """The TCP peer's address: the server reads no proxy headers, so behind a reverse proxy every
+    client is the proxy (README, "Admin dashboard")."""
     return scope_client[0] if scope_client else "?"

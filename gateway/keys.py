@@ -71,18 +71,24 @@ class KeyCache:
         self._cache: dict[bytes, tuple[Identity, float]] = {}
         self._evictions = 0  # a lookup that overlapped an eviction does not cache what it read
 
+    @staticmethod
+    def _digest(key: str | None) -> bytes | None:
+        """The hash a well-formed key is stored under; None for a key that cannot be one."""
+        if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
+            return None
+        return hash_key(key)
+
     def cached(self, key: str | None) -> Identity | None:
         """The identity `authenticate` would return from the cache, without a coroutine; None when
         it would have to ask the store (or the key is malformed)."""
-        if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
-            return None
-        hit = self._cache.get(hash_key(key))
+        digest = self._digest(key)
+        hit = self._cache.get(digest) if digest is not None else None
         return hit[0] if hit is not None and hit[1] > time.monotonic() else None
 
     async def authenticate(self, key: str | None) -> Identity | None:
-        if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
+        digest = self._digest(key)
+        if digest is None:
             return None
-        digest = hash_key(key)
         hit = self._cache.get(digest)
         now = time.monotonic()
         if hit is not None and hit[1] > now:
