@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.journal import Journal, orphans
+import pytest
+
+from gateway.journal import Journal, entries, orphans
 from gateway.recording import Recorder, recover
 from gateway.store.base import RequestRecord
 from gateway.store.sqlite import SqliteStore
@@ -18,6 +20,7 @@ from tests.test_store import record
 def crash(journal: Journal) -> None:
     """What kill -9 leaves: the files, unlocked, nothing deleted."""
     for seg in journal._segments:
+        seg.map.close()  # (the mapping holds the file's lock as the descriptor does)
         os.close(seg.fd)
     journal._segments.clear()
 
@@ -85,8 +88,10 @@ def test_torn_last_line_is_skipped(tmp_path: Path) -> None:
     j = Journal(tmp_path, "p")
     j.open()
     j.begin(record("req_ok"))
-    assert j._current is not None
-    os.write(j._current.fd, b'["B","req_torn","u"')  # the write the crash cut
+    seg = j._current
+    assert seg is not None
+    torn = b'["B","req_torn","u"'  # the copy the crash cut
+    seg.map[seg.size : seg.size + len(torn)] = torn
     crash(j)
     found = orphans(tmp_path)
     assert [r.id for r in found.unfinished] == ["req_ok"]
@@ -106,6 +111,39 @@ def test_segments_roll_and_go_once_everything_in_them_is_stored(tmp_path: Path) 
     assert len(list(tmp_path.iterdir())) == 1  # only the one being written
     j.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sealed_segment_holds_its_lines_only_and_a_long_line_gets_a_segment_of_its_own(tmp_path: Path) -> None:
+    j = Journal(tmp_path, "p", segment_bytes=4096)
+    j.open()
+    first = j.begin(record("req_a"))
+    long = record("req_long", reservation={f"meter_{i}": i for i in range(400)})  # a line over 4096 bytes
+    second = j.begin(long)
+    assert first is not None and second is not None and first is not second
+    assert first.sealed and first.path.stat().st_size == first.size  # the unused tail cut
+    assert second.capacity == second.size > 4096
+    third = j.begin(record("req_c"))  # the long line filled its segment: the next rolls again
+    assert third is not None and third is not second and third.capacity == 4096
+    assert third.path.stat().st_size == 4096  # its blocks are reserved up front; the tail reads as NULs
+    assert [e[1] for e in entries(third.path)] == ["req_c"]
+    assert [e[1] for p in sorted(tmp_path.iterdir()) for e in entries(p)] == ["req_a", "req_long", "req_c"]
+    j.close()
+
+
+def test_a_segment_that_cannot_be_made_refuses_the_line_and_changes_nothing(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j", "p", segment_bytes=200)
+    j.open()
+    current = j._current
+    assert current is not None and j.begin(record("req_a")) is current
+    j.directory = tmp_path / "not-a-dir"
+    j.directory.write_bytes(b"")  # a new segment cannot be created there (as on a full disk: OSError)
+    with pytest.raises(OSError):
+        j.begin(record("req_b"))  # no room left for it in a 200-byte segment: it needs a new one
+    assert j._current is current and not current.sealed and current.pending == 1
+    j.directory = tmp_path / "j"
+    assert j.begin(record("req_c")) is not current  # it can again
+    assert [e[1] for p in sorted((tmp_path / "j").iterdir()) for e in entries(p)] == ["req_a", "req_c"]
+    j.close()
 
 
 class FlakyStore(SqliteStore):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import gzip
 import io
 import logging
-import os
 import socket
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -290,13 +290,18 @@ def test_no_secret_in_logs_or_errors(make_gateway, upstream: FakeUpstream, caplo
 def test_full_disk_refuses_with_503_before_forwarding_and_releases_the_reservation(
     make_gateway,  # type: ignore[no-untyped-def]
     upstream: FakeUpstream,
+    tmp_path: Path,
 ) -> None:
     gw: Gateway = make_gateway(plan={"claude_output_tokens": 64})
     key = gw.issue_key("full")
-    segment = gw.services.journal._current
-    saved = os.dup(segment.fd)
-    full = os.open("/dev/full", os.O_WRONLY)
-    os.dup2(full, segment.fd)  # every journal write now fails with ENOSPC
+    journal = gw.services.journal
+    segment, directory = journal._current, journal.directory
+    assert segment is not None and directory is not None
+    # The current segment has no room left and no new one can be made (on a full disk the new
+    # segment's fallocate fails; here its directory is a file): every journal line fails with OSError.
+    journal.directory = tmp_path / "full"
+    journal.directory.write_bytes(b"")
+    segment.size = segment.capacity
     try:
         before = len(upstream.requests)
         c = anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
@@ -306,9 +311,7 @@ def test_full_disk_refuses_with_503_before_forwarding_and_releases_the_reservati
         assert err.value.body["error"]["message"] == "the gateway cannot record usage right now"  # type: ignore[index]
         assert len(upstream.requests) == before  # never forwarded: nothing to bill
     finally:
-        os.dup2(saved, segment.fd)
-        os.close(saved)
-        os.close(full)
+        journal.directory = directory
     # the refused request held no quota: the whole allowance is still there
     c.messages.create(**BODY)  # type: ignore[arg-type]
     gw.wait_recorded("full", 1)

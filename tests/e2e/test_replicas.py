@@ -19,10 +19,10 @@ from typing import Any
 
 import anthropic
 import httpx
-import orjson
 import pytest
 from redis.asyncio import Redis
 
+from gateway.journal import entries
 from tests.conftest import REDIS_URL, GatewayProcess, process_env, run_cli, wait_until
 from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
 from tests.fakes.upstream import FakeUpstream, Reply
@@ -228,8 +228,7 @@ def _in_flight_owner(journals: list[Path], user_id: str) -> str:
     """The owner id (host:pid:tag) of the process that journaled `user_id`'s request in flight."""
     for d in journals:
         for seg in d.glob("*.journal"):
-            for line in seg.read_bytes().splitlines():
-                entry = orjson.loads(line)
+            for entry in entries(seg):
                 if entry[0] == "B" and entry[2] == user_id:
                     return str(entry[-1])
     return ""
