@@ -57,6 +57,7 @@ from harness.fixtures import Cell, fast_cells, stretch_events
 from harness.pgdb import PgDatabase
 
 from gateway.app import create_app
+from gateway.collector import tune_collector
 from gateway.keys import issue_key
 from gateway.settings import Settings, load_file_config
 
@@ -146,6 +147,7 @@ async def measure(
     store: str = "sqlite",
     pg_url: str = "",
     timers: bool = True,
+    linger: float = 0.02,
 ) -> list[float]:
     work = Path(tempfile.mkdtemp(prefix="polar-pipeline-"))
     config = work / "gateway.toml"
@@ -160,12 +162,14 @@ async def measure(
         gemini_api_key="bench",
         shared=store == "shared",
         metrics=os.environ.get("GATEWAY_METRICS", "admin"),  # GATEWAY_METRICS=off: what the metrics cost
+        record_linger_seconds=linger,
     )
     if not timers:
         settings = dataclasses.replace(
             settings, keeper_poll_seconds=3600.0, heartbeat_seconds=3600.0, heartbeat_stale_seconds=3 * 3600.0
         )
     app = create_app(settings)
+    tune_collector()  # as `gateway serve` does once the app is built
     s = app.services
     lifespan: asyncio.Queue[dict[str, str]] = asyncio.Queue()
     started = asyncio.Event()
@@ -277,6 +281,9 @@ def main() -> int:
     ap.add_argument("--store", choices=STORES, default="sqlite", help="shared: SQLite as one of several processes")
     ap.add_argument("--memory-limiter", action="store_true", help="rate limits in memory, shared or not")
     ap.add_argument("--no-timers", action="store_true", help="keeper poll and heartbeat once an hour")
+    ap.add_argument(
+        "--linger", type=float, default=0.02, help="the recorder's linger (--instructions: 3600, batches by size)"
+    )
     args = ap.parse_args()
     if args.tree is not None and not (args.tree / "gateway" / "__init__.py").exists():
         ap.error(f"--tree: {args.tree} holds no gateway package")
@@ -305,6 +312,7 @@ def main() -> int:
                     args.store,
                     pg.url if pg else "",
                     not args.no_timers,
+                    args.linger,
                 )
             )
         finally:
@@ -326,11 +334,16 @@ def run_children(args: argparse.Namespace) -> int:
     me += ["--memory-limiter"] if args.memory_limiter else []
     me += ["--no-timers"] if args.no_timers else []
     if not args.instructions:
+        me += ["--linger", str(args.linger)]
         argv = [*me, "--cells", args.cells, "--requests", str(args.requests), "--rounds", str(args.rounds)]
         return subprocess.run(argv + (["--profile"] if args.profile else []), env=env).returncode
     small, large = 800, 2400
     for name in args.cells.split(","):
-        runs = ([*me, "--cells", name, "--requests", str(n), "--rounds", "1"] for n in (small, large))
+        # Batches by size only (2,000) and not by time: a slower run (valgrind on a busy machine)
+        # would otherwise make smaller batches and count more per request.
+        runs = (
+            [*me, "--linger", "3600", "--cells", name, "--requests", str(n), "--rounds", "1"] for n in (small, large)
+        )
         counts = [instructions(argv, name, env) for argv in runs]
         per_request = (counts[1] - counts[0]) / ((large - small) // CONCURRENCY * CONCURRENCY)
         where = args.tree or "this checkout"

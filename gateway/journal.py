@@ -9,8 +9,9 @@ large batches, off the request path (`recording.Recorder`). Durability is the sa
 WAL with synchronous=NORMAL: the mapped pages are the file's page cache, so what was copied
 survives a killed process (the kernel writes it back), not a power cut.
 
-A segment's blocks are reserved (`posix_fallocate`) before it is mapped: a full disk refuses the
-new segment with an OSError, where a store to an unbacked page would kill the process (SIGBUS).
+A segment's blocks are reserved (`posix_fallocate`) and written with zeros before it is mapped: a
+full disk refuses the new segment with an OSError, where a store to an unbacked page would kill
+the process (SIGBUS).
 The unused tail reads as NUL bytes, which recovery ignores; a sealed segment is truncated to its
 lines. A process owns its segments through an exclusive `flock`, which the kernel drops when the
 process dies (kill -9 included); the next start recovers every segment it can lock. A segment
@@ -20,6 +21,7 @@ is deleted once every request it mentions is in the store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import mmap
@@ -66,6 +68,10 @@ def _new_segment(path: Path, capacity: int) -> Segment:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.posix_fallocate(fd, 0, capacity)
+        # Written, not only reserved: the first store to a page of a reserved-but-unwritten extent
+        # takes a fault in which the filesystem maps the block, several times a page fault's cost.
+        if os.pwrite(fd, bytes(capacity), 0) != capacity:
+            raise OSError(errno.ENOSPC, "journal segment cut short", str(path))
         return Segment(path, fd, mmap.mmap(fd, capacity), capacity)
     except BaseException:
         _close_and_unlink(path, fd)  # (a failed fallocate may still hold blocks)
