@@ -38,6 +38,7 @@ from gateway.timeutil import iso, parse_iso
 log = logging.getLogger("gateway.journal")
 
 SUFFIX = ".journal"
+_ZEROS = bytes(1 << 16)  # a new segment is zeroed in pieces of this size (not a segment-sized buffer)
 
 
 @dataclass(slots=True, eq=False)
@@ -70,8 +71,10 @@ def _new_segment(path: Path, capacity: int) -> Segment:
         os.posix_fallocate(fd, 0, capacity)
         # Written, not only reserved: the first store to a page of a reserved-but-unwritten extent
         # takes a fault in which the filesystem maps the block, several times a page fault's cost.
-        if os.pwrite(fd, bytes(capacity), 0) != capacity:
-            raise OSError(errno.ENOSPC, "journal segment cut short", str(path))
+        for at in range(0, capacity, len(_ZEROS)):
+            n = min(len(_ZEROS), capacity - at)
+            if os.pwrite(fd, _ZEROS[:n] if n < len(_ZEROS) else _ZEROS, at) != n:
+                raise OSError(errno.ENOSPC, "journal segment cut short", str(path))
         return Segment(path, fd, mmap.mmap(fd, capacity), capacity)
     except BaseException:
         _close_and_unlink(path, fd)  # (a failed fallocate may still hold blocks)
