@@ -11,11 +11,10 @@ survives a killed process (the kernel writes it back), not a power cut.
 
 A segment's blocks are reserved (`posix_fallocate`) and written with zeros before it is mapped: a
 full disk refuses the new segment with an OSError, where a store to an unbacked page would kill
-the process (SIGBUS).
-The unused tail reads as NUL bytes, which recovery ignores; a sealed segment is truncated to its
-lines. A process owns its segments through an exclusive `flock`, which the kernel drops when the
-process dies (kill -9 included); the next start recovers every segment it can lock. A segment
-is deleted once every request it mentions is in the store.
+the process (SIGBUS). The unused tail reads as NUL bytes, which recovery ignores; a sealed segment
+is truncated to its lines. A process owns its segments through an exclusive `flock`, which the
+kernel drops when the process dies (kill -9 included); the next start recovers every segment it
+can lock. A segment is deleted once every request it mentions is in the store.
 """
 
 from __future__ import annotations
@@ -65,19 +64,22 @@ class Segment:
 
 
 def _new_segment(path: Path, capacity: int) -> Segment:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """A new segment file, locked, its blocks taken and mapped. FileExistsError when `path` is
+    taken (never another file's lines overwritten); other OSErrors when the disk cannot take it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.posix_fallocate(fd, 0, capacity)
         # Written, not only reserved: the first store to a page of a reserved-but-unwritten extent
         # takes a fault in which the filesystem maps the block, several times a page fault's cost.
-        for at in range(0, capacity, len(_ZEROS)):
-            n = min(len(_ZEROS), capacity - at)
-            if os.pwrite(fd, _ZEROS[:n] if n < len(_ZEROS) else _ZEROS, at) != n:
+        zeros = memoryview(_ZEROS)
+        for at in range(0, capacity, len(zeros)):
+            piece = zeros[: capacity - at]
+            if os.pwrite(fd, piece, at) != len(piece):
                 raise OSError(errno.ENOSPC, "journal segment cut short", str(path))
         return Segment(path, fd, mmap.mmap(fd, capacity), capacity)
     except BaseException:
-        _close_and_unlink(path, fd)  # (a failed fallocate may still hold blocks)
+        _close_and_unlink(path, fd)  # ours (O_EXCL); a failed fallocate may still hold blocks
         raise
 
 
@@ -101,9 +103,14 @@ class Journal:
         """Start the next segment (big enough for a `need`-byte line), then seal the current one.
         Raises OSError, changing nothing, when the disk cannot take a new segment."""
         assert self.directory is not None
-        path = self.directory / f"{self.owner}.{self._seq + 1:06d}{SUFFIX}"
-        seg = _new_segment(path, max(self.segment_bytes, need))
-        self._seq += 1
+        while True:
+            self._seq += 1  # (a number that failed is not reused: its file may be someone's)
+            path = self.directory / f"{self.owner}.{self._seq:06d}{SUFFIX}"
+            try:
+                seg = _new_segment(path, max(self.segment_bytes, need))
+                break
+            except FileExistsError:
+                continue  # a file of a predecessor with the same owner id: left for recovery
         if self._current is not None:
             self._current.seal()
             self._release_idle()

@@ -146,6 +146,17 @@ def test_a_segment_that_cannot_be_made_refuses_the_line_and_changes_nothing(tmp_
     j.close()
 
 
+def test_a_segment_name_taken_by_a_predecessor_is_skipped_not_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "p.000002.journal").write_bytes(b'["B","req_old"]\n')  # a dead process with the same owner id
+    j = Journal(tmp_path, "p", segment_bytes=200)
+    j.open()
+    j.begin(record("req_a"))
+    seg = j.begin(record("req_b"))  # needs a second segment: number 2 is taken, so 3
+    assert seg is not None and seg.path.name == "p.000003.journal"
+    assert (tmp_path / "p.000002.journal").read_bytes() == b'["B","req_old"]\n'
+    j.close()
+
+
 class FlakyStore(SqliteStore):
     """Fails the first `n` finishes: a locked or full database."""
 
