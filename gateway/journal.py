@@ -96,13 +96,18 @@ class Journal:
 
     def open(self) -> None:
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._roll()
+            try:
+                self._roll()
+            except OSError as exc:  # a full disk at start: serve, refusing billed requests until it frees
+                log.error(
+                    "journal %s: cannot start a segment (%s); billed requests get 503 until it can", self.directory, exc
+                )
 
     def _roll(self, need: int = 0) -> Segment:
         """Start the next segment (big enough for a `need`-byte line), then seal the current one.
         Raises OSError, changing nothing, when the disk cannot take a new segment."""
         assert self.directory is not None
+        self.directory.mkdir(parents=True, exist_ok=True)
         while True:
             self._seq += 1  # (a number that failed is not reused: its file may be someone's)
             path = self.directory / f"{self.owner}.{self._seq:06d}{SUFFIX}"
@@ -121,7 +126,9 @@ class Journal:
     def _append(self, line: bytes) -> Segment | None:
         seg = self._current
         if seg is None:
-            return None
+            if self.directory is None:
+                return None  # nothing durable to journal for (an in-memory database)
+            seg = self._roll(len(line))  # none could be made at start
         start = seg.size
         end = start + len(line)
         if end > seg.capacity:

@@ -146,6 +146,19 @@ def test_a_segment_that_cannot_be_made_refuses_the_line_and_changes_nothing(tmp_
     j.close()
 
 
+def test_a_journal_that_cannot_start_refuses_lines_until_it_can(tmp_path: Path) -> None:
+    blocker = tmp_path / "disk"
+    blocker.write_bytes(b"")  # its directory cannot be made (as on a full disk: OSError)
+    j = Journal(blocker / "j", "p")
+    j.open()  # logs, does not raise: the gateway starts and refuses billed requests
+    with pytest.raises(OSError):
+        j.begin(record("req_a"))
+    blocker.unlink()  # space again
+    seg = j.begin(record("req_b"))
+    assert seg is not None and [e[1] for e in entries(seg.path)] == ["req_b"]
+    j.close()
+
+
 def test_a_segment_name_taken_by_a_predecessor_is_skipped_not_overwritten(tmp_path: Path) -> None:
     (tmp_path / "p.000002.journal").write_bytes(b'["B","req_old"]\n')  # a dead process with the same owner id
     j = Journal(tmp_path, "p", segment_bytes=200)
