@@ -10,8 +10,6 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from uvicorn.supervisors import Multiprocess
-
 from gateway.admin import key_json
 from gateway.collector import tune_collector
 from gateway.keys import InvalidUserId, check_user_id, issue_key
@@ -137,26 +135,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if server.started else 1
 
 
-class _Supervisor(Multiprocess):
-    """uvicorn's supervisor, telling the metrics which worker died (its live gauges stop counting)."""
-
-    def keep_subprocess_alive(self) -> None:
-        before = [p.pid for p in self.processes]
-        super().keep_subprocess_alive()
-        from gateway.metrics import worker_exited
-
-        for old, new in zip(before, [p.pid for p in self.processes], strict=True):
-            if old is not None and old != new:
-                worker_exited(old)
-
-
 def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
-    """N worker processes on one listening socket, restarted by uvicorn's supervisor when one dies.
+    """N worker processes, each on a listening socket of its own, restarted when one dies (`Supervisor`).
     Migrations and the recovery of what a previous run left run once, here, before any worker starts;
     every worker is a process of its own on the shared database (own id, journal segments, heartbeat)."""
     import os
 
+    from gateway.metrics import worker_exited
     from gateway.server import server_config
+    from gateway.workers import Supervisor, reserve
 
     try:
         asyncio.run(_with_store(settings, _migrate))
@@ -169,9 +156,15 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
 
         prepare_multiprocess(args.workers)
     config = server_config("gateway.app:app_from_env", settings, args.host, args.port, workers=args.workers)
-    sock = config.bind_socket()
     try:
-        _Supervisor(config, sockets=[sock]).run()
+        sock = reserve(config.host, config.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 1
+    host, port = sock.getsockname()[:2]
+    logging.getLogger("gateway").info("running on http://%s:%d with %d workers", host, port, args.workers)
+    try:
+        Supervisor(config, sock, on_exit=worker_exited).run()
     finally:
         sock.close()
     return 0

@@ -1,0 +1,123 @@
+"""`gateway serve --workers N`: each worker listens on a socket of its own, so the kernel spreads
+connections over the workers, also after a worker is replaced (read from Linux's /proc)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GatewayProcess, process_env, wait_until
+from tests.fakes.upstream import FakeUpstream
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balances on Linux only")
+
+LISTEN, ESTABLISHED = "0A", "01"
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def socket_inodes(pid: int) -> set[int]:
+    inodes: set[int] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes  # exited (a zombie until its parent reaps it)
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def tcp_sockets(port: int, state: str) -> set[int]:
+    """Inodes of the TCP sockets on local `port` in `state`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+                found.add(int(fields[9]))
+    return found
+
+
+def owners(pids: list[int], inodes: set[int]) -> dict[int, int]:
+    """How many of `inodes` each of `pids` holds."""
+    return {pid: len(socket_inodes(pid) & inodes) for pid in pids}
+
+
+def listeners(gw: GatewayProcess) -> dict[int, int]:
+    """Listening sockets on the gateway's port per process of its tree (the supervisor first)."""
+    assert gw.proc is not None
+    return owners([gw.proc.pid, *children(gw.proc.pid)], tcp_sockets(gw.port, LISTEN))
+
+
+@pytest.fixture
+def workers(tmp_path: Path, upstream: FakeUpstream) -> Iterator[GatewayProcess]:
+    env = process_env(tmp_path / "gateway.db", upstream, GATEWAY_JOURNAL_DIR=str(tmp_path / "journal"))
+    gw = GatewayProcess(env, args=("--workers", "3")).start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+def worker_pids(gw: GatewayProcess) -> list[int]:
+    """The supervisor's children that listen (multiprocessing may start a helper that does not)."""
+    return sorted(pid for pid, n in listeners(gw).items() if n and gw.proc is not None and pid != gw.proc.pid)
+
+
+def test_each_worker_listens_on_its_own_socket(workers: GatewayProcess) -> None:
+    assert workers.proc is not None
+    wait_until(lambda: len(worker_pids(workers)) == 3, timeout=30)
+    held = listeners(workers)
+    assert held[workers.proc.pid] == 0  # the supervisor holds the port but never accepts
+    assert sorted(held[p] for p in worker_pids(workers)) == [1, 1, 1]
+    assert len(tcp_sockets(workers.port, LISTEN)) == 3
+
+
+def test_connections_spread_over_the_workers(workers: GatewayProcess) -> None:
+    """30 keep-alive connections opened at once: on one shared socket, the worker that wakes first
+    may accept them all; with a socket each, every worker gets some (all on one: p < 1e-4)."""
+    wait_until(lambda: len(worker_pids(workers)) == 3, timeout=30)
+    conns = [socket.create_connection(("127.0.0.1", workers.port)) for _ in range(30)]
+    try:
+        for c in conns:
+            c.sendall(b"GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n")
+        for c in conns:
+            assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
+        held = owners(worker_pids(workers), tcp_sockets(workers.port, ESTABLISHED))
+        assert sum(held.values()) == 30, held
+        assert all(n > 0 for n in held.values()), held
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_a_replaced_worker_listens_on_a_new_socket_of_its_own(workers: GatewayProcess) -> None:
+    assert workers.proc is not None
+    wait_until(lambda: len(worker_pids(workers)) == 3, timeout=30)
+    before = worker_pids(workers)
+    supervisor_sockets = len(socket_inodes(workers.proc.pid))
+    os.kill(before[0], signal.SIGKILL)
+
+    def replaced() -> list[int] | None:
+        pids = worker_pids(workers)  # one reading: the killed worker may still listen a moment
+        return pids if len(pids) == 3 and before[0] not in pids else None
+
+    after = wait_until(replaced, timeout=60)
+    assert len(set(after) - set(before)) == 1
+    assert sorted(listeners(workers)[p] for p in after) == [1, 1, 1]
+    assert len(tcp_sockets(workers.port, LISTEN)) == 3  # the dead worker's socket is gone with it
+    assert len(socket_inodes(workers.proc.pid)) == supervisor_sockets  # the parent kept no copy
+    workers.wait_healthy()
