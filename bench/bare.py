@@ -23,7 +23,9 @@ Run (what ``bench/run.py`` does)::
       uvicorn --app-dir bench --factory bare:create_app --loop uvloop --http httptools \\
       --no-access-log --no-proxy-headers --log-level warning --port 8001
 
-or ``python bench/bare.py --mode raw --upstream http://127.0.0.1:9000 --port 8001``.
+or ``python bench/bare.py --mode raw --upstream http://127.0.0.1:9000 --port 8001``; with ``--workers 2``
+it runs the gateway's supervisor (``gateway.workers``: a listening socket per worker), as
+``gateway serve --workers 2`` does, so both spread connections over their workers alike.
 """
 
 from __future__ import annotations
@@ -213,7 +215,12 @@ def main() -> None:
     parser.add_argument("--upstream", default=os.environ.get("BARE_UPSTREAM", "http://127.0.0.1:9000"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    help_workers = "> 1: processes each on a socket of its own, as `gateway serve --workers`"
+    parser.add_argument("--workers", type=int, default=1, help=help_workers)
     args = parser.parse_args()
+    if args.workers > 1:
+        _serve_workers(args)
+        return
     app = MODES[args.mode](args.upstream)
     tune_collector()  # as `gateway serve`: the comparison measures billing work, not a default
     uvicorn.run(
@@ -226,6 +233,32 @@ def main() -> None:
         proxy_headers=False,
         log_level="warning",
     )
+
+
+def _serve_workers(args: argparse.Namespace) -> None:
+    """The gateway's own supervisor (`gateway.workers`): the same spread of connections over workers."""
+    import uvicorn
+
+    from gateway.workers import Supervisor, reserve
+
+    os.environ.update(BARE_MODE=args.mode, BARE_UPSTREAM=args.upstream)  # the workers' create_app reads them
+    config = uvicorn.Config(
+        "bare:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        proxy_headers=False,
+        log_level="warning",
+    )
+    sock = reserve(args.host, args.port)
+    try:
+        Supervisor(config, sock, on_exit=lambda pid: None).run()
+    finally:
+        sock.close()
 
 
 if __name__ == "__main__":

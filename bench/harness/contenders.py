@@ -93,15 +93,18 @@ def uvicorn_flags(port: int) -> list[str]:
 
 def start_bare(mode: str, upstream: Nginx, workdir: Path, wrap: Sequence[str] = (), workers: int = 1) -> Contender:
     """`wrap`: a command the contender runs under (bench/instructions.py: valgrind). `workers` > 1:
-    uvicorn's own supervisor on both CPUs, as `gateway-w2` runs."""
+    the gateway's supervisor (a listening socket per worker) on both CPUs, as `gateway-w2` runs."""
     port = free_port()
     env = dict(os.environ, BARE_MODE=mode, BARE_UPSTREAM=upstream.url)
-    argv = [*wrap, sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH), "--factory", "bare:create_app"]
     name, cpus = f"bare-{mode}", CONTENDER_CPU
     if workers > 1:
-        argv += ["--workers", str(workers)]
+        argv = [*wrap, sys.executable, str(BENCH / "bare.py"), "--mode", mode, "--upstream", upstream.url]
+        argv += ["--port", str(port), "--workers", str(workers)]
         name, cpus = f"bare-{mode}-w{workers}", BOTH_CPUS
-    proc = spawn(name, argv + uvicorn_flags(port), workdir, cpus, env)
+    else:
+        argv = [*wrap, sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH), "--factory", "bare:create_app"]
+        argv += uvicorn_flags(port)
+    proc = spawn(name, argv, workdir, cpus, env)
     wait_port(proc, port, timeout=120 if wrap else 30)
     return Contender(name, port, proc, prefixed=True, cpus=cpus)
 
