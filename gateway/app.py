@@ -44,6 +44,7 @@ from gateway.store import create_store
 from gateway.store.leases_base import Invalidation, InvalidationKind
 from gateway.sync import Syncer
 from gateway.upstream import create_client
+from gateway.watchdog import LoopWatchdog
 from gateway.webhooks import make_webhook_endpoint
 
 log = logging.getLogger("gateway")
@@ -145,7 +146,10 @@ class GatewayApp:
         await self.app(scope, receive, send)
 
 
-def create_app(settings: Settings, services: Services | None = None, *, shared: bool = False) -> GatewayApp:
+def create_app(
+    settings: Settings, services: Services | None = None, *, shared: bool = False, watchdog: bool = False
+) -> GatewayApp:
+    """`watchdog`: end the process when its event loop is stuck for `watchdog_seconds` (a supervised worker)."""
     s = services or build_services(settings, shared=shared)
     reservation = settings.file.reservation
     anthropic = AnthropicProvider(
@@ -182,6 +186,9 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
         if not settings.gemini_api_key:
             log.warning("GEMINI_API_KEY is not set: Gemini requests will be refused by the provider")
         stop = asyncio.Event()
+        stuck = LoopWatchdog(settings.watchdog_seconds) if watchdog and settings.watchdog_seconds > 0 else None
+        if stuck is not None:
+            stuck.start()
         background = [asyncio.create_task(s.refusals.run_forever(stop), name="refusals-flush")]
         if s.polar is None:
             log.warning("POLAR_ACCESS_TOKEN is not set: running with config-file limits only, no sync to Polar")
@@ -226,6 +233,8 @@ def create_app(settings: Settings, services: Services | None = None, *, shared: 
                 await s.keeper.close()  # leases back, but for what covers requests left to the journal
             await s.store.close()
             s.metrics.close()
+            if stuck is not None:
+                stuck.stop()
 
     def polar_ok() -> bool | None:
         return syncer.last_call_ok if syncer is not None else None
@@ -292,7 +301,7 @@ def app_from_env() -> GatewayApp:
 
     settings = settings_from_env()
     configure_logging(settings.log_format)
-    app = create_app(settings)
+    app = create_app(settings, watchdog=True)  # the supervisor replaces a worker that ends
     tune_collector()  # after the build, as `gateway serve` does: the app's objects are frozen too
     ensure_fd_headroom(settings.max_connections)
     return app

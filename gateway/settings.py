@@ -169,6 +169,7 @@ class Settings:
     heartbeat_seconds: float = 1.0
     heartbeat_stale_seconds: float = 10.0  # no heartbeat this long: the process is dead, its leases are released
     shared: bool = False  # other processes serve from this database (set for `--workers`; implied by PostgreSQL)
+    watchdog_seconds: float = 30.0  # a `--workers` worker whose event loop is stuck this long is replaced (0: never)
     file: FileConfig = field(default_factory=FileConfig)
 
     @property
@@ -250,6 +251,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_HEARTBEAT_SECONDS": ("heartbeat_seconds", float),
     "GATEWAY_HEARTBEAT_STALE_SECONDS": ("heartbeat_stale_seconds", float),
     "GATEWAY_SHARED": ("shared", bool),
+    "GATEWAY_WATCHDOG_SECONDS": ("watchdog_seconds", float),
 }
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -306,6 +308,8 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         raise ConfigError(f"GATEWAY_LEASE_FRACTION must be between 0 and 1, got {settings.lease_fraction}")
     if settings.heartbeat_stale_seconds < 3 * settings.heartbeat_seconds:
         raise ConfigError("GATEWAY_HEARTBEAT_STALE_SECONDS must be at least 3 x GATEWAY_HEARTBEAT_SECONDS")
+    if not 0 <= settings.watchdog_seconds < math.inf:
+        raise ConfigError(f"GATEWAY_WATCHDOG_SECONDS must be 0 (off) or seconds, got {settings.watchdog_seconds}")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("GATEWAY_LOG_FORMAT must be 'text' or 'json'")
     if settings.metrics not in METRICS_MODES:

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,7 +65,12 @@ def listeners(gw: GatewayProcess) -> dict[int, int]:
 
 @pytest.fixture
 def workers(tmp_path: Path, upstream: FakeUpstream) -> Iterator[GatewayProcess]:
-    env = process_env(tmp_path / "gateway.db", upstream, GATEWAY_JOURNAL_DIR=str(tmp_path / "journal"))
+    env = process_env(
+        tmp_path / "gateway.db",
+        upstream,
+        GATEWAY_JOURNAL_DIR=str(tmp_path / "journal"),
+        GATEWAY_WATCHDOG_SECONDS="2",  # (the default is 30)
+    )
     gw = GatewayProcess(env, args=("--workers", "3")).start()
     try:
         yield gw
@@ -120,4 +126,19 @@ def test_a_replaced_worker_listens_on_a_new_socket_of_its_own(workers: GatewayPr
     assert sorted(listeners(workers)[p] for p in after) == [1, 1, 1]
     assert len(tcp_sockets(workers.port, LISTEN)) == 3  # the dead worker's socket is gone with it
     assert len(socket_inodes(workers.proc.pid)) == supervisor_sockets  # the parent kept no copy
+    workers.wait_healthy()
+
+
+def test_a_worker_stopped_and_resumed_is_not_taken_for_stuck(workers: GatewayProcess) -> None:
+    """SIGSTOP for longer than the watchdog's 2 s (as a paused container), then SIGCONT: the loop
+    turns again at once, so the worker keeps running (a stuck loop would end it)."""
+    wait_until(lambda: len(worker_pids(workers)) == 3, timeout=30)
+    paused = worker_pids(workers)[0]
+    os.kill(paused, signal.SIGSTOP)
+    try:
+        time.sleep(3)  # the scenario: a process that does not run for 3 s
+    finally:
+        os.kill(paused, signal.SIGCONT)
+    time.sleep(2)  # longer than the watchdog's look and its moment of grace
+    assert paused in worker_pids(workers)
     workers.wait_healthy()
