@@ -207,6 +207,12 @@ def create_app() -> Starlette:
     return app
 
 
+# uvicorn's settings for both ways of serving (as `gateway serve` runs: see the module docstring)
+SERVER: dict[str, Any] = dict(
+    loop="uvloop", http="httptools", access_log=False, proxy_headers=False, log_level="warning"
+)
+
+
 def main() -> None:
     import uvicorn
 
@@ -223,16 +229,7 @@ def main() -> None:
         return
     app = MODES[args.mode](args.upstream)
     tune_collector()  # as `gateway serve`: the comparison measures billing work, not a default
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        proxy_headers=False,
-        log_level="warning",
-    )
+    uvicorn.run(app, host=args.host, port=args.port, **SERVER)
 
 
 def _serve_workers(args: argparse.Namespace) -> None:
@@ -243,16 +240,7 @@ def _serve_workers(args: argparse.Namespace) -> None:
 
     os.environ.update(BARE_MODE=args.mode, BARE_UPSTREAM=args.upstream)  # the workers' create_app reads them
     config = uvicorn.Config(
-        "bare:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        proxy_headers=False,
-        log_level="warning",
+        "bare:create_app", factory=True, host=args.host, port=args.port, workers=args.workers, **SERVER
     )
     sock = reserve(args.host, args.port)
     try:
