@@ -162,7 +162,8 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 1
     host, port = sock.getsockname()[:2]
-    logging.getLogger("gateway").info("running on http://%s:%d with %d workers", host, port, args.workers)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    logging.getLogger("gateway").info("running on http://%s with %d workers", where, args.workers)
     try:
         Supervisor(config, sock, on_exit=worker_exited).run()
     finally:
