@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GatewayProcess, process_env, wait_until
+from tests.conftest import GatewayProcess, process_env, run_cli, wait_until
 from tests.fakes.upstream import FakeUpstream
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balances on Linux only")
@@ -142,3 +142,14 @@ def test_a_worker_stopped_and_resumed_is_not_taken_for_stuck(workers: GatewayPro
     time.sleep(2)  # longer than the watchdog's look and its moment of grace
     assert paused in worker_pids(workers)
     workers.wait_healthy()
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path, upstream: FakeUpstream) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = process_env(tmp_path / "gateway.db", upstream, GATEWAY_HOST="127.0.0.1")
+        done = run_cli(env, "serve", "--workers", "2", "--port", str(port))
+    assert done.returncode == 1
+    assert f"error: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use" in done.stderr
