@@ -55,9 +55,10 @@ def listener_for(reserved: socket.socket) -> socket.socket:
 class Supervisor(Multiprocess):
     """Starts N workers and restarts one that dies (uvicorn's), each worker on a socket of its own.
 
-    uvicorn reads `sockets` once for each worker it starts; here that read makes the worker's
-    socket. The parent closes its copies once the workers have them. `on_exit(pid)` is told which
-    worker died.
+    uvicorn reads `sockets` once for each worker it starts, and starts it at once; here that read
+    makes the worker's socket. The parent closes its copy once the worker has started: at the next
+    read, or at the supervisor's next round (every 0.5 s, after the signals it handles: SIGHUP
+    restarts every worker, SIGTTIN adds one). `on_exit(pid)` is told which worker died.
     """
 
     def __init__(self, config: uvicorn.Config, reserved: socket.socket, on_exit: Callable[[int], None]) -> None:
@@ -70,6 +71,7 @@ class Supervisor(Multiprocess):
     def sockets(self) -> list[socket.socket]:
         if not BALANCED:
             return [self._reserved]
+        self._close_handed()  # the worker the last one was made for has started: uvicorn starts each at once
         sock = listener_for(self._reserved)
         self._handed.append(sock)
         return [sock]
@@ -79,17 +81,13 @@ class Supervisor(Multiprocess):
         pass  # (uvicorn's __init__ assigns the list it was given; `sockets` is made per worker)
 
     def _close_handed(self) -> None:
-        # A started worker holds its own descriptor (multiprocessing passed it a duplicate).
+        # A started worker holds its own descriptor of the socket (inherited when it was spawned).
         for sock in self._handed:
             sock.close()
         self._handed.clear()
 
     def init_processes(self) -> None:
         super().init_processes()
-        self._close_handed()
-
-    def restart_all(self) -> None:
-        super().restart_all()
         self._close_handed()
 
     def keep_subprocess_alive(self) -> None:

@@ -153,3 +153,42 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path, upstream: FakeUpstream) 
         done = run_cli(env, "serve", "--workers", "2", "--port", str(port))
     assert done.returncode == 1
     assert f"error: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use" in done.stderr
+
+
+def test_sighup_replaces_every_worker_each_on_a_new_socket(workers: GatewayProcess) -> None:
+    """uvicorn's rolling restart: each new worker is ready before the old one stops."""
+    assert workers.proc is not None
+    wait_until(lambda: len(worker_pids(workers)) == 3, timeout=30)
+    before = set(worker_pids(workers))
+    supervisor = workers.proc.pid
+    supervisor_sockets = len(socket_inodes(supervisor))
+    workers.proc.send_signal(signal.SIGHUP)
+
+    def replaced() -> list[int] | None:
+        pids = worker_pids(workers)
+        return pids if len(pids) == 3 and not before & set(pids) else None
+
+    after = wait_until(replaced, timeout=60)
+    assert sorted(listeners(workers)[p] for p in after) == [1, 1, 1]
+    assert len(tcp_sockets(workers.port, LISTEN)) == 3
+    # the supervisor keeps no copy once the restart is done (the last old worker may still be stopping)
+    wait_until(lambda: len(socket_inodes(supervisor)) == supervisor_sockets, timeout=30)
+    workers.wait_healthy()
+
+
+def test_sigttin_adds_a_worker_on_a_socket_of_its_own(workers: GatewayProcess) -> None:
+    assert workers.proc is not None
+    wait_until(lambda: len(worker_pids(workers)) == 3, timeout=30)
+    supervisor = workers.proc.pid
+    supervisor_sockets = len(socket_inodes(supervisor))
+    workers.proc.send_signal(signal.SIGTTIN)
+
+    def four() -> list[int] | None:
+        pids = worker_pids(workers)
+        return pids if len(pids) == 4 else None
+
+    added = wait_until(four, timeout=60)
+    assert sorted(listeners(workers)[p] for p in added) == [1, 1, 1, 1]
+    assert len(tcp_sockets(workers.port, LISTEN)) == 4
+    # the new worker's health-check pipe (two ends) and no copy of its listening socket
+    wait_until(lambda: len(socket_inodes(supervisor)) == supervisor_sockets + 2, timeout=30)
