@@ -25,6 +25,12 @@ BALANCED = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
 def reserve(host: str, port: int) -> socket.socket:
     """A socket bound to `host:port` and never listening (with `BALANCED`, others can join its port)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if BALANCED and port:
+        # With SO_REUSEPORT the bind would also succeed beside another gateway of this user that
+        # already serves the port, and the two would share its connections: bind once without it.
+        with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -307,10 +307,16 @@ def process_env(db: Database | Path, upstream: FakeUpstream, **extra: str) -> di
     }
 
 
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m gateway ARGS` as a real process, with `env` over this one's."""
+def run_cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m gateway ARGS` as a real process, with `env` over this one's (one that does not end
+    within `timeout` seconds fails the test instead of hanging it)."""
     return subprocess.run(
-        [sys.executable, "-m", "gateway", *args], env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "gateway", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
     )
 
 

@@ -192,3 +192,13 @@ def test_sigttin_adds_a_worker_on_a_socket_of_its_own(workers: GatewayProcess) -
     assert len(tcp_sockets(workers.port, LISTEN)) == 4
     # the new worker's health-check pipe (two ends) and no copy of its listening socket
     wait_until(lambda: len(socket_inodes(supervisor)) == supervisor_sockets + 2, timeout=30)
+
+
+def test_a_second_gateway_on_the_same_port_is_refused(workers: GatewayProcess, tmp_path: Path) -> None:
+    """SO_REUSEPORT would let a second `serve --workers` join the port and take half its connections."""
+    env = {k: v for k, v in workers.env.items() if k.startswith(("GATEWAY_", "ANTHROPIC_", "GEMINI_"))}
+    env["GATEWAY_DATABASE_URL"] = f"sqlite:///{tmp_path / 'other.db'}"
+    done = run_cli(env, "serve", "--workers", "2", timeout=30)  # (serving would not end)
+    assert done.returncode == 1
+    assert f"error: cannot listen on 127.0.0.1:{workers.port}: [Errno 98] Address already in use" in done.stderr
+    assert len(tcp_sockets(workers.port, LISTEN)) == 3
