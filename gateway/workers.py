@@ -92,10 +92,6 @@ class Supervisor(Multiprocess):
             sock.close()
         self._handed.clear()
 
-    def init_processes(self) -> None:
-        super().init_processes()
-        self._close_handed()
-
     def keep_subprocess_alive(self) -> None:
         before = [p.pid for p in self.processes]
         super().keep_subprocess_alive()

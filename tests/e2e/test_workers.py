@@ -73,6 +73,7 @@ def workers(tmp_path: Path, upstream: FakeUpstream) -> Iterator[GatewayProcess]:
     )
     gw = GatewayProcess(env, args=("--workers", "3")).start()
     try:
+        wait_until(lambda: len(worker_pids(gw)) == 3, timeout=30)  # every worker listening
         yield gw
     finally:
         gw.stop()
@@ -80,12 +81,12 @@ def workers(tmp_path: Path, upstream: FakeUpstream) -> Iterator[GatewayProcess]:
 
 def worker_pids(gw: GatewayProcess) -> list[int]:
     """The supervisor's children that listen (multiprocessing may start a helper that does not)."""
-    return sorted(pid for pid, n in listeners(gw).items() if n and gw.proc is not None and pid != gw.proc.pid)
+    assert gw.proc is not None
+    return sorted(pid for pid, n in listeners(gw).items() if n and pid != gw.proc.pid)
 
 
 def test_each_worker_listens_on_its_own_socket(workers: GatewayProcess) -> None:
     assert workers.proc is not None
-    wait_until(lambda: len(worker_pids(workers)) == 3, timeout=30)
     held = listeners(workers)
     assert held[workers.proc.pid] == 0  # the supervisor holds the port but never accepts
     assert sorted(held[p] for p in worker_pids(workers)) == [1, 1, 1]
@@ -95,7 +96,6 @@ def test_each_worker_listens_on_its_own_socket(workers: GatewayProcess) -> None:
 def test_connections_spread_over_the_workers(workers: GatewayProcess) -> None:
     """30 keep-alive connections opened at once: on one shared socket, the worker that wakes first
     may accept them all; with a socket each, every worker gets some (all on one: p < 1e-4)."""
-    wait_until(lambda: len(worker_pids(workers)) == 3, timeout=30)
     conns = [socket.create_connection(("127.0.0.1", workers.port)) for _ in range(30)]
     try:
         for c in conns:
@@ -112,7 +112,6 @@ def test_connections_spread_over_the_workers(workers: GatewayProcess) -> None:
 
 def test_a_replaced_worker_listens_on_a_new_socket_of_its_own(workers: GatewayProcess) -> None:
     assert workers.proc is not None
-    wait_until(lambda: len(worker_pids(workers)) == 3, timeout=30)
     before = worker_pids(workers)
     supervisor_sockets = len(socket_inodes(workers.proc.pid))
     os.kill(before[0], signal.SIGKILL)
@@ -132,7 +131,6 @@ def test_a_replaced_worker_listens_on_a_new_socket_of_its_own(workers: GatewayPr
 def test_a_worker_stopped_and_resumed_is_not_taken_for_stuck(workers: GatewayProcess) -> None:
     """SIGSTOP for longer than the watchdog's 2 s (as a paused container), then SIGCONT: the loop
     turns again at once, so the worker keeps running (a stuck loop would end it)."""
-    wait_until(lambda: len(worker_pids(workers)) == 3, timeout=30)
     paused = worker_pids(workers)[0]
     os.kill(paused, signal.SIGSTOP)
     try:
@@ -158,7 +156,6 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path, upstream: FakeUpstream) 
 def test_sighup_replaces_every_worker_each_on_a_new_socket(workers: GatewayProcess) -> None:
     """uvicorn's rolling restart: each new worker is ready before the old one stops."""
     assert workers.proc is not None
-    wait_until(lambda: len(worker_pids(workers)) == 3, timeout=30)
     before = set(worker_pids(workers))
     supervisor = workers.proc.pid
     supervisor_sockets = len(socket_inodes(supervisor))
@@ -178,7 +175,6 @@ def test_sighup_replaces_every_worker_each_on_a_new_socket(workers: GatewayProce
 
 def test_sigttin_adds_a_worker_on_a_socket_of_its_own(workers: GatewayProcess) -> None:
     assert workers.proc is not None
-    wait_until(lambda: len(worker_pids(workers)) == 3, timeout=30)
     supervisor = workers.proc.pid
     supervisor_sockets = len(socket_inodes(supervisor))
     workers.proc.send_signal(signal.SIGTTIN)
