@@ -140,7 +140,8 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    async def put_credit(self, user_id: str, meters: dict[str, int]) -> None:
+    async def put_credit(self, user_id: str, meters: dict[str, int | None]) -> None:
+        """Polar's limits for `user_id`: credited per meter (None: unlimited)."""
         now = utcnow()
         s = await self.store()
         try:

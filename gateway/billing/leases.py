@@ -151,12 +151,14 @@ class LeasedLedger:
             # As in `quota.Ledger`: an exhausted meter refuses even a request that reserves 0 of it.
             if h is None or h.idle < max(amount, 1):
                 return None
+        taken: dict[str, int] = {}  # what settle gives back: only what was reserved here
         for name, amount in amounts.items():
             if (h := held.get(name)) is not None and meters[name].credited is not None:
                 h.reserved += amount
                 meters[name].reserved += amount
+                taken[name] = amount
         u.used_at = time.monotonic()
-        return Reservation(u.quota.user_id, amounts, u.quota)
+        return Reservation(u.quota.user_id, taken, u.quota)
 
     async def _reserve_leasing(self, u: _User, amounts: Mapping[str, int]) -> Reservation | Refusal:
         user_id = u.quota.user_id
@@ -191,7 +193,7 @@ class LeasedLedger:
                         u.held[name].lease += amount
                     continue
                 short = [a for a in asks if out.available[a.meter] < a.need]
-                if not out.unanswered and recall_seq:
+                if not out.unanswered and fresh:
                     return self._refusal(u, amounts, short, out)
                 if not fresh:
                     if not all(out.available[a.meter] + out.others[a.meter] >= a.need for a in short):

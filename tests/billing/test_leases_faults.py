@@ -1,0 +1,75 @@
+"""The shared quota ledger when limits change under a request or a recall is reused: consumed never
+exceeds credited and no refusal is false."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.billing.protocols import Reservation
+from gateway.quota import Refusal
+from tests.support_leases import Cluster, Proc, cluster
+
+OUT = "claude_output_tokens"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with cluster(request.param, tmp_path) as c:
+        yield c
+
+
+async def test_a_request_begun_while_its_meter_was_unlimited_frees_no_lease_when_it_settles(db: Cluster) -> None:
+    # Limits change by webhook while a request is in flight: limited -> unlimited -> limited again.
+    # Its reservation took nothing from a lease, so its settle must give nothing back.
+    await db.put_credit("u", {OUT: 100})
+    a = await db.process("a", {})
+    b = await db.process("b", {})
+    first = await a.ledger.reserve("u", {OUT: 10})
+    assert isinstance(first, Reservation)
+    a.ledger.settle(first, {})
+    await db.put_credit("u", {OUT: None})
+    a.ledger.invalidate("u")
+    during = await a.ledger.reserve("u", {OUT: 50})
+    assert isinstance(during, Reservation)
+    await db.put_credit("u", {OUT: 100})
+    a.ledger.invalidate("u")
+    small = await a.ledger.reserve("u", {OUT: 1})
+    assert isinstance(small, Reservation)
+    a.ledger.settle(during, {})
+    granted = 1  # `small`, still in flight
+    for p in (a, b, a, b):
+        while isinstance(await p.ledger.reserve("u", {OUT: 10}), Reservation):
+            granted += 10
+    assert granted == 91  # 1 + 9 x 10 of the 100 credited; it was 141 when `during` gave back 50
+
+
+async def _reserve_while_b_answers(a: Proc, b: Proc, amount: int) -> Reservation | Refusal:
+    """a reserves; once it has issued a recall, b's keeper answers it (b ticks by hand)."""
+    recalls = set(a.ledger.my_recalls)
+    task = asyncio.ensure_future(a.ledger.reserve("u", {OUT: amount}))
+    deadline = time.monotonic() + 10
+    while not task.done() and a.ledger.my_recalls == recalls:
+        assert time.monotonic() < deadline, "no recall issued"
+        await asyncio.sleep(0.005)
+    if not task.done():
+        await b.keeper.tick()
+    return await task
+
+
+async def test_a_recall_reused_after_everyone_answered_it_is_issued_again(db: Cluster) -> None:
+    a = await db.process("a", {OUT: 100})
+    b = await db.process("b", {OUT: 100}, poll=3600.0, heartbeat=3600.0)
+    held = await b.ledger.reserve("u", {OUT: 50})
+    assert isinstance(held, Reservation)
+    # b's 50 are reserved: it answers the recall with nothing, and 60 do not fit. Right.
+    assert await _reserve_while_b_answers(a, b, 60) == Refusal(meter=OUT, needed=60, remaining=50)
+    b.ledger.settle(held, {})  # b's request used nothing: its 50 are idle now, after it answered
+    # Within the first recall's wait: reusing it (everyone answered) refused at once, with b's idle
+    # 50 never asked for.
+    second = await _reserve_while_b_answers(a, b, 60)
+    assert isinstance(second, Reservation), (second, await db.leases("u"))
