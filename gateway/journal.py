@@ -223,6 +223,12 @@ class Orphans:
             _close_and_unlink(path, fd)
         self.files.clear()
 
+    def release(self) -> None:
+        """The store did not take them: unlock the files, kept for the next recovery."""
+        for _, fd in self.files:
+            os.close(fd)
+        self.files.clear()
+
 
 def orphans(directory: Path | None) -> Orphans:
     """Read the segments no live process holds (each stays locked by us until `discard`)."""
@@ -230,14 +236,30 @@ def orphans(directory: Path | None) -> Orphans:
     if directory is None or not directory.is_dir():
         return found
     begun: dict[str, RequestRecord] = {}
+    # A request's begin and finish may sit in two segments of its owner: take all of an owner's
+    # segments or none (one locked by someone else, even for a moment, skips the owner).
+    by_owner: dict[str, list[Path]] = {}
     for path in sorted(directory.glob(f"*{SUFFIX}")):
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)  # a live process writes it
+        by_owner.setdefault(path.name.rsplit(".", 2)[0], []).append(path)
+    for paths in by_owner.values():
+        locked: list[tuple[Path, int]] = []
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                break  # its owner (live) or another recovery deleted it since the listing
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # a live process writes it
+                break
+            locked.append((path, fd))
+        else:
+            found.files += locked
             continue
-        found.files.append((path, fd))
+        for _, fd in locked:
+            os.close(fd)
+    for path, _ in found.files:
         for entry in entries(path):
             if entry[0] == "B":
                 begun[str(entry[1])] = _begun(entry)

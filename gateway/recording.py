@@ -181,19 +181,23 @@ async def recover_journal(store: RequestStore, journal_dir: Path | None) -> int:
     were still in flight by estimate (the provider may have billed them). Returns how many were
     estimated. Safe beside a live gateway: its segments are locked and skipped."""
     found = orphans(journal_dir)
-    for record in found.finished:
-        await store.finish_request(record)  # idempotent: stored ones are kept as they are
-    stored = await store.finished_ids([r.id for r in found.unfinished])
-    settled = 0
-    for record in found.unfinished:
-        if record.id in stored:
-            continue
-        record.usage = estimate_from_reservation(record.reservation)
-        record.outcome = Outcome.CRASHED.value
-        record.estimated = True
-        record.finished_at = utcnow()
-        await store.finish_request(record)
-        settled += 1
+    try:
+        for record in found.finished:
+            await store.finish_request(record)  # idempotent: stored ones are kept as they are
+        stored = await store.finished_ids([r.id for r in found.unfinished])
+        settled = 0
+        for record in found.unfinished:
+            if record.id in stored:
+                continue
+            record.usage = estimate_from_reservation(record.reservation)
+            record.outcome = Outcome.CRASHED.value
+            record.estimated = True
+            record.finished_at = utcnow()
+            await store.finish_request(record)
+            settled += 1
+    except BaseException:
+        found.release()  # (our locks would make the next recovery, and `held`, take them for live)
+        raise
     found.discard()
     if found.finished:
         log.warning("stored %d finished request(s) a stopped process had journaled", len(found.finished))
