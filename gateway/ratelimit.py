@@ -113,7 +113,7 @@ class RateLimiter:
             win = self._windows[user_id] = _Window()
         win.expire(second)
         if self.rpm is not None and win.requests >= self.rpm:
-            return RateLimited("requests", retry_after(win.buckets[0][0], now)), None
+            return RateLimited("requests", retry_after(win.buckets[0][0] if win.buckets else second, now)), None
         if self.tpm is not None and win.requests and win.tokens + tokens > self.tpm:
             # Free the oldest buckets until it would fit; a lone over-sized request is let through.
             need, freed, at = win.tokens + tokens - self.tpm, 0, win.buckets[0][0]

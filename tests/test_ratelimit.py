@@ -70,3 +70,9 @@ async def test_no_limits_no_state() -> None:
     rl = RateLimiter(None, None)
     assert await rl.acquire("u", 10) == (None, None)
     assert rl._windows == {}
+
+
+async def test_zero_requests_per_minute_refuses_everything() -> None:
+    # (a user whose window has no bucket yet: it crashed with an IndexError)
+    rl = RateLimiter(0, None, Clock(1000.0))
+    assert await rl.acquire("u", 0) == (ratelimit.RateLimited("requests", 60), None)

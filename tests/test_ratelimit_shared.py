@@ -270,3 +270,8 @@ def test_redis_url_comes_from_the_environment_and_is_checked() -> None:
     with pytest.raises(ConfigError) as err:
         settings_from_env({"GATEWAY_REDIS_URL": "http://:s3cret@cache:6379"}, load_file=False)
     assert "GATEWAY_REDIS_URL must look like redis://" in str(err.value) and "s3cret" not in str(err.value)
+
+
+async def test_zero_requests_per_minute_refuses_everything_shared(backend: Make) -> None:
+    rl = await backend(0, None, Clock(1000.0))
+    assert await rl.acquire("u", 0) == (RateLimited("requests", 60), None)

@@ -118,7 +118,11 @@ class BillingOwner:
         limited, ticket = await self.limiter.acquire(user_id, rate_tokens)
         if limited is not None:
             return self._refused(Refused(RefusalKind.RATE_LIMITED, rate=limited))
-        reservation = await self.ledger.reserve(user_id, record.reservation)
+        try:
+            reservation = await self.ledger.reserve(user_id, record.reservation)
+        except BaseException:
+            self.limiter.settle(user_id, ticket, 0)
+            raise
         return self._hold(record, reservation, ticket)
 
     def begin_now(self, record: RequestRecord, rate_tokens: int) -> Hold | Refused | None:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from gateway.billing.ledger import InProcessLedger
 from gateway.billing.owner import BillingOwner, Hold, RefusalKind, Refused, Result
 from gateway.billing.protocols import Reservation
@@ -44,15 +46,19 @@ class FakeLimiter:
 
 
 class FakeLedger:
-    """Reserves on a throwaway quota unless told to refuse; remembers what is held and settled."""
+    """Reserves on a throwaway quota unless told to refuse (or to fail: the store down); remembers
+    what is held and settled."""
 
-    def __init__(self, refuse: Refusal | None = None) -> None:
+    def __init__(self, refuse: Refusal | None = None, fail: BaseException | None = None) -> None:
         self.refuse = refuse
+        self.fail = fail
         self.held: list[Reservation] = []
         self.settled: list[tuple[Reservation, dict[str, int]]] = []
         self.stored_ids: list[str] = []
 
     async def reserve(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | Refusal:
+        if self.fail is not None:
+            raise self.fail
         if self.refuse is not None:
             return self.refuse
         reservation = Reservation(user_id, amounts, UserQuota(user_id, NOW, NOW, {}, "plan"))
@@ -125,6 +131,17 @@ async def test_a_rate_limited_request_takes_nothing() -> None:
     refused = await billing.begin(record("req_a"), 100)
     assert refused == Refused(RefusalKind.RATE_LIMITED, rate=RateLimited("tokens", 7))
     assert (limiter.acquired, ledger.held, ledger.settled, journal.begun, sink.added) == ([], [], [], [], [])
+
+
+async def test_a_reservation_that_fails_gives_back_the_rate_ticket() -> None:
+    # The quota store down (or the request cancelled) while reserving: nothing ran, so the tokens
+    # estimated on the rate limit must not stay counted for the rest of the minute.
+    billing, limiter, ledger, journal, sink = owner(ledger=FakeLedger(fail=ConnectionError("store down")))
+    with pytest.raises(ConnectionError):
+        await billing.begin(record("req_a"), 100)
+    [(user, tokens, ticket)] = limiter.acquired
+    assert (user, tokens) == ("u", 100) and limiter.settled == [(user, ticket, 0)]
+    assert (ledger.held, journal.begun, sink.added) == ([], [], [])
 
 
 async def test_a_quota_refusal_gives_back_the_rate_ticket() -> None:
