@@ -114,7 +114,7 @@ class RateLimiter:
         win.expire(second)
         if self.rpm is not None and win.requests >= self.rpm:
             return RateLimited("requests", retry_after(win.buckets[0][0] if win.buckets else second, now)), None
-        if self.tpm is not None and win.requests and win.tokens + tokens > self.tpm:
+        if self.tpm is not None and tokens and win.requests and win.tokens + tokens > self.tpm:
             # Free the oldest buckets until it would fit; a lone over-sized request is let through.
             need, freed, at = win.tokens + tokens - self.tpm, 0, win.buckets[0][0]
             for bucket in win.buckets:

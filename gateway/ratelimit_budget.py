@@ -65,15 +65,16 @@ def slice_of(buckets: Sequence[Bucket], now: float, want: Want) -> Grant | RateL
     """The refusal, or the slice to book, for `want` on a window's live buckets (oldest first) at `now`.
 
     The in-memory limiter's rules: refuse when the requests are used up, or when the tokens would
-    not fit (unless the window holds no request: a lone over-sized request passes); Retry-After is
-    when enough of the oldest buckets have left.
+    not fit (unless the window holds no request: a lone over-sized request passes; or it needs none:
+    an unmetered request counts against requests only); Retry-After is when enough of the oldest
+    buckets have left.
     """
     used = sum(b[1] for b in buckets)
     spent = sum(b[2] for b in buckets)
     rpm, tpm = want.rpm, want.tpm
     if rpm is not None and used >= rpm:
         return RateLimited("requests", _freed_at(buckets, 1, used + 1 - rpm, now))
-    if tpm is not None and used and spent + want.need > tpm:
+    if tpm is not None and want.need and used and spent + want.need > tpm:
         return RateLimited("tokens", _freed_at(buckets, 2, spent + want.need - tpm, now))
     requests = want.requests if rpm is None else max(1, min(want.requests, (rpm - used) // SLICE))
     room = 0 if tpm is None else tpm - spent

@@ -77,7 +77,7 @@ local function freed_at(column, need_freed)
   return math.max(1, math.ceil(at + window - now))
 end
 if rpm >= 0 and used >= rpm then return {{1, freed_at(reqs, used + 1 - rpm)}} end
-if tpm >= 0 and used > 0 and spent + need > tpm then return {{2, freed_at(toks, spent + need - tpm)}} end
+if tpm >= 0 and need > 0 and used > 0 and spent + need > tpm then return {{2, freed_at(toks, spent + need - tpm)}} end
 local r, t, room = want_r, want_t, 0
 if rpm >= 0 then r = math.max(1, math.min(want_r, math.floor((rpm - used) / slice))) end
 if tpm >= 0 then

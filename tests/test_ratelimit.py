@@ -76,3 +76,11 @@ async def test_zero_requests_per_minute_refuses_everything() -> None:
     # (a user whose window has no bucket yet: it crashed with an IndexError)
     rl = RateLimiter(0, None, Clock(1000.0))
     assert await rl.acquire("u", 0) == (ratelimit.RateLimited("requests", 60), None)
+
+
+async def test_a_request_that_needs_no_tokens_is_not_refused_for_tokens() -> None:
+    # Unmetered requests (models, count_tokens) count against requests per minute only.
+    rl = RateLimiter(60, 100, Clock(1000.0))
+    assert (await rl.acquire("u", 500))[0] is None  # a lone over-sized request passes
+    assert (await rl.acquire("u", 0))[0] is None
+    assert await rl.acquire("u", 1) == (ratelimit.RateLimited("tokens", 60), None)

@@ -275,3 +275,10 @@ def test_redis_url_comes_from_the_environment_and_is_checked() -> None:
 async def test_zero_requests_per_minute_refuses_everything_shared(backend: Make) -> None:
     rl = await backend(0, None, Clock(1000.0))
     assert await rl.acquire("u", 0) == (RateLimited("requests", 60), None)
+
+
+async def test_a_request_that_needs_no_tokens_is_not_refused_for_tokens_shared(backend: Make) -> None:
+    rl = await backend(60, 100, Clock(1000.0))
+    assert (await rl.acquire("u", 500))[0] is None  # a lone over-sized request passes
+    assert (await rl.acquire("u", 0))[0] is None
+    assert await rl.acquire("u", 1) == (RateLimited("tokens", 60), None)
