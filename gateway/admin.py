@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from gateway.admin_attempts import TokenCheck, client_address
 from gateway.http_api import BodyRefused, api_error, read_json
-from gateway.keys import InvalidUserId, issue_key
+from gateway.keys import USER_ID_RE, InvalidUserId, issue_key
 from gateway.services import Services
 from gateway.store.base import ApiKey
 from gateway.timeutil import iso
@@ -57,7 +57,7 @@ def admin_routes(s: Services) -> list[Route]:
         if not isinstance(data, dict) or not isinstance(data.get("user_id"), str):
             return api_error(400, 'body must be {"user_id": "...", "name": "..."}')
         name = data.get("name", "")
-        if not isinstance(name, str):
+        if not isinstance(name, str) or "\x00" in name:
             return api_error(400, "name must be a string")
         try:
             issued = await issue_key(s.store, data["user_id"], name)
@@ -66,12 +66,15 @@ def admin_routes(s: Services) -> list[Route]:
         return JSONResponse({**key_json(issued.record), "key": issued.key}, 201)
 
     async def list_keys(request: Request) -> Response:
-        keys = await s.store.list_keys(request.query_params.get("user_id"))
+        user_id = request.query_params.get("user_id")
+        if user_id is not None and not USER_ID_RE.fullmatch(user_id):
+            return JSONResponse({"data": []})  # no key has such a user id (and PostgreSQL refuses NUL)
+        keys = await s.store.list_keys(user_id)
         return JSONResponse({"data": [key_json(k) for k in keys]})
 
     async def revoke(request: Request) -> Response:
         key_id = request.path_params["key_id"]
-        if not await s.store.revoke_key(key_id):
+        if "\x00" in key_id or not await s.store.revoke_key(key_id):
             return api_error(404, f"no active key {key_id}")
         await s.key_revoked(key_id)
         return JSONResponse({"id": key_id, "revoked": True})

@@ -25,7 +25,7 @@ class InvalidUserId(ValueError):
 
 def check_user_id(user_id: str) -> str:
     """User ids become Polar external customer ids and URL path segments: keep them URL-safe."""
-    if not USER_ID_RE.fullmatch(user_id):
+    if not USER_ID_RE.fullmatch(user_id) or user_id in (".", ".."):
         raise InvalidUserId(
             f"invalid user id {user_id!r}: use 1-128 characters from A-Z a-z 0-9 _ . - (it is the Polar external id)"
         )

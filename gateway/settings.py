@@ -114,8 +114,10 @@ def load_file_config(path: Path) -> FileConfig:
             raw = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path} (set GATEWAY_CONFIG)") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file unreadable: {path}: {exc.strerror or exc}") from None
     try:
         return parse_file_config(raw)
     except ConfigError as exc:
@@ -293,6 +295,8 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         raise ConfigError(f"POLAR_ENVIRONMENT must be 'sandbox' or 'production', got {settings.polar_environment!r}")
     if not settings.database_url.startswith(("sqlite:///", *POSTGRES_SCHEMES)):
         raise ConfigError("GATEWAY_DATABASE_URL must look like sqlite:///path/to.db or postgresql://user@host:5432/db")
+    if settings.port > 65535:
+        raise ConfigError(f"GATEWAY_PORT must be 0-65535, got {settings.port}")
     if settings.database_pool_size < 1:
         raise ConfigError("GATEWAY_DATABASE_POOL_SIZE must be at least 1")
     if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -310,13 +314,16 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         raise ConfigError("GATEWAY_HEARTBEAT_STALE_SECONDS must be at least 3 x GATEWAY_HEARTBEAT_SECONDS")
     if not 0 <= settings.watchdog_seconds < math.inf:
         raise ConfigError(f"GATEWAY_WATCHDOG_SECONDS must be 0 (off) or seconds, got {settings.watchdog_seconds}")
+    for var, (attr, kind) in _ENV.items():
+        if kind is float and not math.isfinite(getattr(settings, attr)):
+            raise ConfigError(f"{var} must be a finite number, got {env.get(var)!r}")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("GATEWAY_LOG_FORMAT must be 'text' or 'json'")
     if settings.metrics not in METRICS_MODES:
         raise ConfigError(f"GATEWAY_METRICS must be one of {', '.join(METRICS_MODES)}, got {settings.metrics!r}")
     for name in ("anthropic_upstream", "gemini_upstream"):
         url = getattr(settings, name)
-        if not url.startswith(("http://", "https://")):
+        if not url.startswith(("http://", "https://")) or not urlsplit(url).hostname:
             raise ConfigError(f"GATEWAY_{name.upper()} must be an http(s) URL, got {url!r}")
     if load_file:
         from dataclasses import replace

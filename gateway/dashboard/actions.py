@@ -100,7 +100,7 @@ class Actions:
             return form
         user_id = request.path_params["user_id"]
         try:
-            issued = await issue_key(self.s.store, user_id, form.get("name", "").strip()[:100])
+            issued = await issue_key(self.s.store, user_id, form.get("name", "").replace("\x00", "").strip()[:100])
         except InvalidUserId as exc:
             return _refused(str(exc), 400)
         # The key is shown in this answer only (never in a URL or a log).

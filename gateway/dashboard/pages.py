@@ -88,7 +88,7 @@ def _bar(m: MeterStatus) -> MeterBar:
 
 def _int_param(request: Request, name: str) -> int | None:
     value = request.query_params.get(name, "")
-    return int(value) if value.isdigit() and len(value) < 12 else None
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 12 else None
 
 
 class Pages:
@@ -129,7 +129,7 @@ class Pages:
         )
 
     async def users(self, request: Request) -> Response:
-        text = request.query_params.get("q", "").strip()[:128]
+        text = request.query_params.get("q", "").replace("\x00", "").strip()[:128]
         found = await self.s.store.search_users(text, limit=100)
         return page(
             "users.html",
