@@ -41,6 +41,7 @@ class LimitsRefresher:
         # Polar allows 100 req/min in sandbox: a bounded number of users per round.
         self.interval = interval if interval is not None else max(1.0, min(60.0, max_age_seconds / 4))
         self.per_round = per_round
+        self._untold: set[str] = set()  # limits stored, the change not announced yet
 
     async def users_to_refresh(self) -> list[str]:
         """Users whose cached limits are older than max_age, then known users with none cached yet."""
@@ -57,7 +58,11 @@ class LimitsRefresher:
     async def refresh_once(self) -> int:
         """One round; returns how many users' limits were stored. Stops early if Polar is unavailable."""
         stored = 0
+        for user_id in list(self._untold):  # stored by an earlier round, but telling them failed
+            await self.on_limits_changed(user_id)
+            self._untold.discard(user_id)
         for user_id in await self.users_to_refresh():
+            asked_at = utcnow()
             try:
                 limits = await self.polar.customer_limits(user_id)
             except RetryableError as exc:
@@ -69,11 +74,13 @@ class LimitsRefresher:
             if limits is None:
                 # Not a Polar customer (yet): cache "no Polar limits" so the plan applies and we
                 # don't ask again before max_age.
-                now = utcnow()
-                limits = CustomerLimits(user_id, {}, None, None, snapshot_at=now, updated_at=now)
+                # (snapshot as of the question: a change made while it was answered is newer)
+                limits = CustomerLimits(user_id, {}, None, None, snapshot_at=asked_at, updated_at=utcnow())
             if await self.store.put_limits(limits):
                 stored += 1
+                self._untold.add(user_id)
                 await self.on_limits_changed(user_id)
+                self._untold.discard(user_id)
         return stored
 
     async def run_forever(self, stop: asyncio.Event) -> None:

@@ -8,9 +8,10 @@ the store and then moved forward by `settle` after each request's records are du
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Generic, TypeVar
 
 from gateway.singleflight import SingleFlight
 from gateway.store.base import CustomerLimits, QuotaStore
@@ -54,13 +55,54 @@ class Refusal:
     remaining: int
 
 
+T = TypeVar("T")
+
+
+class LimitLoads(Generic[T]):
+    """A ledger's loads of users' limits, one per user at a time, that lose no invalidation.
+
+    A ledger marks a cached user stale when their limits change; a load clears the mark before it
+    reads. Two changes would be lost to that: one arriving while a user's first load reads (nothing
+    is cached yet to mark), and one whose reload fails (the mark was cleared). Both leave the user
+    stale here, so the next pre-check loads again.
+    """
+
+    def __init__(self, quota: Callable[[T], UserQuota]) -> None:
+        self._quota = quota  # the UserQuota of what a load returns
+        self._flight: SingleFlight[str, T] = SingleFlight()
+        self._first: dict[str, bool] = {}  # users loading for the first time: invalidated meanwhile
+
+    def invalidated(self, user_id: str) -> None:
+        if user_id in self._first:
+            self._first[user_id] = True
+
+    async def run(self, user_id: str, old: UserQuota | None, load: Callable[[], Awaitable[T]]) -> T:
+        """`load()` (or the one running for `user_id`); `old`: the user's cached quota, if any."""
+        return await self._flight.run(user_id, lambda: self._guarded(user_id, old, load))
+
+    async def _guarded(self, user_id: str, old: UserQuota | None, load: Callable[[], Awaitable[T]]) -> T:
+        if old is None:
+            self._first[user_id] = False
+        try:
+            loaded = await load()
+        except BaseException:
+            if old is not None:
+                old.stale = True  # not reloaded: the change still stands
+            raise
+        finally:
+            missed = self._first.pop(user_id, False) if old is None else False
+        if missed:
+            self._quota(loaded).stale = True  # it read the limits from before the change
+        return loaded
+
+
 class Ledger:
     def __init__(self, store: QuotaStore, plan: Mapping[str, int], clock: Callable[[], datetime] = utcnow) -> None:
         self._store = store
         self._plan = dict(plan)
         self._clock = clock
         self._users: dict[str, UserQuota] = {}
-        self._loading: SingleFlight[str, UserQuota] = SingleFlight()
+        self._loading: LimitLoads[UserQuota] = LimitLoads(lambda uq: uq)
 
     def cached(self, user_id: str) -> UserQuota | None:
         """The user's quota if it is loaded and current: what `get` returns, without a coroutine."""
@@ -71,7 +113,7 @@ class Ledger:
         uq = self.cached(user_id)
         if uq is not None:
             return uq
-        return await self._loading.run(user_id, lambda: self._load_into_cache(user_id))
+        return await self._loading.run(user_id, self._users.get(user_id), lambda: self._load_into_cache(user_id))
 
     async def _load_into_cache(self, user_id: str) -> UserQuota:
         uq = self._users[user_id] = await self._load(user_id, self._users.get(user_id))
@@ -111,6 +153,7 @@ class Ledger:
         uq = self._users.get(user_id)
         if uq is not None:
             uq.stale = True
+        self._loading.invalidated(user_id)
 
     @staticmethod
     def reserve(uq: UserQuota, amounts: Mapping[str, int]) -> Refusal | None:

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from gateway.billing.protocols import Reservation
-from gateway.quota import MeterState, Refusal, UserQuota, limits_for
-from gateway.singleflight import SingleFlight
+from gateway.quota import LimitLoads, MeterState, Refusal, UserQuota, limits_for
 from gateway.store.base import RequestRecord, Store
 from gateway.store.leases_base import InvalidationKind, LeaseAsk, LeaseGrant, LeaseStore, LeaseTake
 from gateway.timeutil import utcnow
@@ -82,7 +81,7 @@ class LeasedLedger:
         self.stale_seconds = stale_seconds
         self._clock = clock
         self._users: dict[str, _User] = {}
-        self._loading: SingleFlight[str, _User] = SingleFlight()
+        self._loading: LimitLoads[_User] = LimitLoads(lambda u: u.quota)
         self._tight: dict[str, float] = {}  # recalled users we held nothing of yet
         self.my_recalls: set[int] = set()
         self._recalled: list[_User] = []  # users another process recalled lately
@@ -138,6 +137,7 @@ class LeasedLedger:
         u = self._users.get(user_id)
         if u is not None:
             u.quota.stale = True
+        self._loading.invalidated(user_id)
 
     # ------------------------------------------------------------------ reserving
     def _reserve_local(self, u: _User, amounts: Mapping[str, int]) -> Reservation | None:
@@ -230,7 +230,7 @@ class LeasedLedger:
         u = self._users.get(user_id)
         if u is not None and not u.quota.stale and self._clock() < u.quota.period_end:
             return u
-        return await self._loading.run(user_id, lambda: self._load(user_id, u))
+        return await self._loading.run(user_id, u.quota if u else None, lambda: self._load(user_id, u))
 
     async def _load(self, user_id: str, u: _User | None) -> _User:
         """Load or refresh a user's limits in place (reservations in flight settle on this object).
