@@ -284,13 +284,19 @@ class ProxyEndpoint:
                         break
             except TimeoutError:
                 outcome = Outcome.TIMEOUT
-                await self._stream_error(send, route, 504, "timeout_error", "the provider stalled mid-response")
+                if meter is not None:
+                    await self._stream_error(send, route, 504, "timeout_error", "the provider stalled mid-response")
+                else:
+                    ended = True  # a JSON body takes no error event: left cut, the server closes the connection
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
                 if watch is None or not watch.expired:
                     outcome = Outcome.UPSTREAM_BROKEN
-                    await self._stream_error(
-                        send, route, 502, "api_error", "the provider connection broke mid-response"
-                    )
+                    if meter is not None:
+                        await self._stream_error(
+                            send, route, 502, "api_error", "the provider connection broke mid-response"
+                        )
+                    else:
+                        ended = True  # (as above)
             finally:
                 if watch is not None:
                     watch.stop()
@@ -303,7 +309,8 @@ class ProxyEndpoint:
                 if watch is not None and watch.gone:
                     # The client left; whatever the upstream did after, what we billed is what it reported.
                     outcome = Outcome.CLIENT_DISCONNECTED
-                    estimated = not usage.final
+                    # Estimated only when the drain bound cut it: a stream the provider ended is what it reported.
+                    estimated = not usage.final and (watch.expired or drained > settings.drain_max_bytes)
                 elif usage.error is not None and outcome is _OK:
                     outcome = Outcome.UPSTREAM_ERROR_MIDSTREAM
             else:
@@ -318,6 +325,7 @@ class ProxyEndpoint:
                 await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
         except (TimeoutError, aiohttp.ClientError):
             outcome = Outcome.UPSTREAM_BROKEN
+            ended = True  # left cut: the server closes the connection, as the provider did
         if not ended:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         return Result(status, outcome, None)
