@@ -85,6 +85,7 @@ class LeasedLedger:
         self._tight: dict[str, float] = {}  # recalled users we held nothing of yet
         self.my_recalls: set[int] = set()
         self._recalled: list[_User] = []  # users another process recalled lately
+        self._unsynced: list[_User] = []  # users whose hand-back failed: the store may hold more than we do
 
     # ------------------------------------------------------------------ QuotaLedger
     async def reserve(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | Refusal:
@@ -269,7 +270,14 @@ class LeasedLedger:
             elif idle < 0:
                 cover[name] = -idle
         if back or answered:
-            await self.leases.return_lease(self.owner, u.quota.user_id, back, answered)
+            try:
+                await self.leases.return_lease(self.owner, u.quota.user_id, back, answered)
+            except Exception:
+                # Whether it went back is unknown: ours stays down (never more than the store says), and
+                # the next keeper round sets the store to ours, so nothing stays stranded there.
+                if back and u not in self._unsynced:
+                    self._unsynced.append(u)
+                raise
         if cover:
             for name in cover:
                 u.held[name].row = True
@@ -291,6 +299,9 @@ class LeasedLedger:
     async def keep(self, idle_seconds: float, scan: bool) -> None:
         """One keeper round: the leftovers of recalled users go back; with `scan`, also the idle
         parts of quiet or reloaded users, and usage above reservations gets covered."""
+        while self._unsynced:
+            await self._resync(self._unsynced[0])
+            del self._unsynced[0]
         now = time.monotonic()
         for key, until in list(self._tight.items()):
             if until < now:
@@ -302,6 +313,13 @@ class LeasedLedger:
             elif any(h.idle < 0 for h in u.held.values()):
                 await self.return_idle(u)
         self._recalled = [u for u in self._recalled if u.tight_until > now]
+
+    async def _resync(self, u: _User) -> None:
+        """Set the store's leases of `u` to what this process holds (under its lock: no take between)."""
+        async with u.lock:
+            amounts = {name: h.lease for name, h in u.held.items() if h.row}
+            if amounts:
+                await self.leases.set_leases(self.owner, u.quota.user_id, amounts)
 
     async def reassert(self) -> None:
         """Our registration was taken for dead and our leases released: put back what covers our

@@ -1,5 +1,5 @@
-"""The shared quota ledger when limits change under a request or a recall is reused: consumed never
-exceeds credited and no refusal is false."""
+"""The shared quota ledger when limits change under a request, a hand-back fails, or a recall is
+reused: consumed never exceeds credited and no refusal is false."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,32 @@ async def test_a_request_begun_while_its_meter_was_unlimited_frees_no_lease_when
         while isinstance(await p.ledger.reserve("u", {OUT: 10}), Reservation):
             granted += 10
     assert granted == 91  # 1 + 9 x 10 of the 100 credited; it was 141 when `during` gave back 50
+
+
+async def test_a_hand_back_the_store_failed_is_set_right_at_the_next_round(db: Cluster) -> None:
+    a = await db.process("a", {OUT: 100})
+    b = await db.process("b", {OUT: 100})
+    res = await a.ledger.reserve("u", {OUT: 10})
+    assert isinstance(res, Reservation)
+    a.ledger.settle(res, {})  # nothing used: a holds an idle slice
+    real = a.store.return_lease
+    calls = 0
+
+    async def fails_once(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("store unreachable for a moment")
+        await real(*args, **kwargs)
+
+    a.store.return_lease = fails_once  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await a.ledger.return_idle(a.ledger._users["u"])  # the keeper's idle round, failing once
+    assert a.ledger._users["u"].held[OUT].lease == 0  # never more than the store may say
+    # Nothing is reserved or consumed anywhere: once a's keeper sets its row to what it holds (0),
+    # b gets the whole credit. Before, the slice stayed in a's row until a stopped: a false 402.
+    got = await b.ledger.reserve("u", {OUT: 100})
+    assert isinstance(got, Reservation), (got, await db.leases("u"))
 
 
 async def _reserve_while_b_answers(a: Proc, b: Proc, amount: int) -> Reservation | Refusal:
