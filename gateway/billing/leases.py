@@ -125,11 +125,16 @@ class LeasedLedger:
     async def snapshot(self, user_id: str) -> UserQuota:
         u = await self._user(user_id)
         q = u.quota
+        # This process's part before the store is read: a request stored meanwhile is counted by the
+        # store's consumed or by the leases read, never by neither.
+        own = {name: (h.unstored, h.reserved, h.lease) for name, h in u.held.items()}
+        leased = await self.leases.lease_totals(user_id)  # every process's, as the pre-check counts them
         consumed = await self.store.consumed(user_id, q.period_start, q.period_end)
         out = UserQuota(user_id, q.period_start, q.period_end, {}, q.source, q.limits_updated_at)
         for name, st in q.meters.items():
-            h = u.held.get(name)
-            out.meters[name] = MeterState(st.credited, h.unstored if h else 0, h.reserved if h else 0)
+            unstored, reserved, lease = own.get(name, (0, 0, 0))
+            others = max(leased.get(name, 0) - lease, 0)  # other processes' in flight and unstored
+            out.meters[name] = MeterState(st.credited, unstored, reserved + others)
         for name, value in consumed.items():
             out.meter(name).consumed += value
         return out

@@ -26,10 +26,13 @@ class InProcessLedger:
     def reserve_loaded(user_id: str, amounts: Mapping[str, int], uq: UserQuota) -> Reservation | Refusal:
         """`reserve` on the user's quota already loaded (`Ledger.cached`)."""
         refusal = Ledger.reserve(uq, amounts)
-        return refusal if refusal is not None else Reservation(user_id, amounts, uq)
+        return refusal if refusal is not None else Reservation(user_id, amounts, uq, uq.period_end)
 
     def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> None:
-        Ledger.settle(reservation.quota, reservation.amounts, actual)
+        uq = reservation.quota
+        if reservation.period_end is not None and reservation.period_end <= uq.period_start:
+            actual = {}  # reserved in a period that has ended since: the store counts it there, by its start
+        Ledger.settle(uq, reservation.amounts, actual)
 
     def stored(self, records: Sequence[RequestRecord]) -> None:
         pass  # `consumed` moved forward at settle already

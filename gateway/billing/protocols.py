@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from gateway.quota import Refusal, UserQuota
@@ -22,6 +23,7 @@ class Reservation:
     user_id: str
     amounts: Mapping[str, int]
     quota: UserQuota  # the in-memory view it was reserved on; settled on the same object
+    period_end: datetime | None = None  # the end of the period it was reserved in (in-process ledger)
 
 
 class QuotaLedger(Protocol):
