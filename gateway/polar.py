@@ -371,6 +371,12 @@ class PolarBilling:
             body["return_url"] = return_url
         try:
             session = await self._call(lambda: self._client.customer_sessions.create(**body))
-        except (HTTPValidationError, ResourceNotFound):
+        except ResourceNotFound:
             raise CustomerNotFound("no Polar customer for this user") from None
+        except HTTPValidationError as exc:
+            details = exc.error.detail or []
+            if not details or any(list(d.loc)[-1:] == ["external_customer_id"] for d in details):
+                raise CustomerNotFound("no Polar customer for this user") from None
+            msgs = "; ".join(f"{'.'.join(str(p) for p in d.loc)}: {d.msg}" for d in details)
+            raise PolarBillingError(f"Polar refused the customer session (422): {msgs}") from None
         return session.customer_portal_url

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from aiohttp import web
 
 from gateway.meters import ALL_METERS, CLAUDE_INPUT, CLAUDE_OUTPUT, GEMINI_IMAGES, GEMINI_INPUT
 from gateway.polar import (
@@ -15,6 +16,7 @@ from gateway.polar import (
     IngestResult,
     PolarAuthError,
     PolarBilling,
+    PolarBillingError,
     RetryableError,
     event_payload,
     limits_from_state,
@@ -229,3 +231,30 @@ async def test_polar_setup_cli(fake: FakePolar) -> None:
     out = io.StringIO()
     assert await polar_setup(Settings(polar_access_token=fake.token, polar_base_url=fake.url), out=out) == 0
     assert sum(line.startswith("exists") for line in out.getvalue().splitlines()) == len(ALL_METERS)
+
+
+class StrictUrlPolar(FakePolar):
+    """Polar validates return_url as a pydantic HttpUrl: a URL without a host is a 422 on return_url."""
+
+    async def _create_session(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        url = body.get("return_url")
+        if url is not None and url.split("://", 1)[-1] in ("", "/"):
+            msg = "Input should be a valid URL, empty host"
+            return self._invalid([{"loc": ["body", "return_url"], "msg": msg, "type": "url_parsing"}])
+        return await super()._create_session(request)
+
+
+async def test_portal_bad_return_url_is_not_reported_as_an_unknown_customer() -> None:
+    with StrictUrlPolar() as fake:
+        fake.add_customer("user-1")
+        client = PolarBilling(fake.token, base_url=fake.url, timeout=2.0)
+        try:
+            assert (await client.portal_url("user-1", "https://app.example.com/b")).startswith("https://")
+            with pytest.raises(PolarBillingError) as err:
+                await client.portal_url("user-1", "https://")  # passes the endpoint's prefix check
+            assert not isinstance(err.value, CustomerNotFound), str(err.value)
+            with pytest.raises(CustomerNotFound):
+                await client.portal_url("nobody")
+        finally:
+            await client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -88,7 +89,9 @@ def portal_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Aw
         if s.polar is None:
             return api_error(503, "billing portal unavailable: Polar is not configured")
         return_url = request.query_params.get("return_url")
-        if return_url is not None and not return_url.startswith(("https://", "http://")):
+        if return_url is not None and (
+            not return_url.startswith(("https://", "http://")) or not urlsplit(return_url).hostname
+        ):
             return api_error(400, "return_url must be an http(s) URL")
         try:
             url = await s.polar.portal_url(ident.user_id, return_url)

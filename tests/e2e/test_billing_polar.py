@@ -110,6 +110,8 @@ def test_portal_url_from_customer_session(polar_gateway, polar: FakePolar) -> No
     polar.add_customer("dave")
     gw.assert_portal(polar, key, "https://app.example.com/billing")
     assert httpx.get(f"{gw.url}/api/billing/portal").status_code == 401
+    bad = httpx.get(f"{gw.url}/api/billing/portal", params={"return_url": "https://"}, headers={"x-api-key": key})
+    assert (bad.status_code, bad.json()["error"]["message"]) == (400, "return_url must be an http(s) URL")
 
 
 def test_portal_without_polar_is_503(make_gateway) -> None:  # type: ignore[no-untyped-def]
