@@ -94,6 +94,20 @@ def raw_request(url: str, head: bytes, timeout: float = 10.0) -> bytes:
         return data
 
 
+def stream_and_leave(url: str, key: str, body: object) -> bytes:
+    """POST a streaming Anthropic request over a raw socket, read the first bytes and close: a client
+    that leaves mid-stream. Returns what it read."""
+    payload = httpx.Request("POST", f"{url}/anthropic/v1/messages", json=body).content
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /anthropic/v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"x-api-key: {key}\r\ncontent-length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        return sock.recv(65536)
+
+
 def _length(data: bytes) -> int:
     for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")

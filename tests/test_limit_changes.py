@@ -57,17 +57,24 @@ async def credited(kind: str, ledger: Any, user: str) -> int | None:
     return uq.meter(CLAUDE_INPUT).credited
 
 
+T1 = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC)
+
+
+async def _credited_1000(store: Store, kind: str) -> tuple[Gated, Any]:
+    """u1 credited 1000 since T1, and a ledger of `kind` on the gated store (nothing loaded yet)."""
+    await store.put_limits(limits("u1", 1000, T1))
+    gated = Gated(store)
+    return gated, make_ledger(kind, gated)
+
+
 @pytest.mark.parametrize("kind", ["in_process", "leased"])
 async def test_invalidation_during_first_load_is_not_lost(store: Store, kind: str) -> None:
-    t1 = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC)
-    await store.put_limits(limits("u1", 1000, t1))
-    gated = Gated(store)
-    ledger = make_ledger(kind, gated)
+    gated, ledger = await _credited_1000(store, kind)
     gated.pause = True
     first = asyncio.create_task(credited(kind, ledger, "u1"))
     await asyncio.wait_for(gated.read.wait(), 5)  # the first load has read the old limits
     # meanwhile a webhook stores new limits and invalidates (Services.limits_changed / the keeper)
-    assert await store.put_limits(limits("u1", 0, t1 + timedelta(seconds=1)))
+    assert await store.put_limits(limits("u1", 0, T1 + timedelta(seconds=1)))
     ledger.invalidate("u1")
     gated.pause = False
     gated.release.set()
@@ -77,12 +84,9 @@ async def test_invalidation_during_first_load_is_not_lost(store: Store, kind: st
 
 @pytest.mark.parametrize("kind", ["in_process", "leased"])
 async def test_invalidation_survives_a_failed_reload(store: Store, kind: str) -> None:
-    t1 = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC)
-    await store.put_limits(limits("u1", 1000, t1))
-    gated = Gated(store)
-    ledger = make_ledger(kind, gated)
+    gated, ledger = await _credited_1000(store, kind)
     assert await credited(kind, ledger, "u1") == 1000
-    assert await store.put_limits(limits("u1", 0, t1 + timedelta(seconds=1)))
+    assert await store.put_limits(limits("u1", 0, T1 + timedelta(seconds=1)))
     ledger.invalidate("u1")
     gated.fail = True  # the reload fails once (store busy)
     with pytest.raises(OSError):

@@ -43,15 +43,20 @@ async def test_a_segment_locked_for_a_moment_does_not_turn_an_exact_finish_into_
     assert await stored_usage(store, "req_x") == {"claude_input_tokens": 3, "claude_output_tokens": 4}
 
 
-async def test_a_segment_a_live_process_deletes_during_recovery_does_not_fail_it(
-    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    dead = Journal(tmp_path, "dead")
+def _dead_with_one_finished(directory: Path) -> None:
+    """What a killed process left: one request finished (5 output tokens), not stored."""
+    dead = Journal(directory, "dead")
     dead.open()
     r = record("req_dead")
     dead.begin(r)
     dead.finish(finished(r, {"claude_output_tokens": 5}))
     crash(dead)
+
+
+async def test_a_segment_a_live_process_deletes_during_recovery_does_not_fail_it(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _dead_with_one_finished(tmp_path)
     live = Journal(tmp_path, "live", segment_bytes=1)
     live.open()
     gone = live.begin(record("req_live"))
@@ -76,12 +81,7 @@ async def test_a_segment_a_live_process_deletes_during_recovery_does_not_fail_it
 async def test_a_recovery_the_store_fails_leaves_the_files_for_the_next_one(tmp_path: Path, store: Store) -> None:
     # The keeper recovers a dead process's journal inside a live process; the store fails once
     # (down, locked): the next round must be able to recover it (nothing may stay locked by us).
-    dead = Journal(tmp_path, "dead")
-    dead.open()
-    r = record("req_dead")
-    dead.begin(r)
-    dead.finish(finished(r, {"claude_output_tokens": 5}))
-    crash(dead)
+    _dead_with_one_finished(tmp_path)
 
     class Down:
         async def finish_request(self, record: object) -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from gateway.billing.protocols import Reservation
 from gateway.quota import Refusal
@@ -22,60 +20,54 @@ from tests.support_leases import Cluster, cluster, count_log_reads, record
 OUT = "claude_output_tokens"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with cluster(request.param, tmp_path) as c:
-        yield c
-
-
-async def test_parallel_reservations_over_three_processes_never_pass_on_one_balance(db: Cluster) -> None:
-    procs = [await db.process(f"p{i}", {OUT: 300}) for i in range(3)]
+async def test_parallel_reservations_over_three_processes_never_pass_on_one_balance(shared: Cluster) -> None:
+    procs = [await shared.process(f"p{i}", {OUT: 300}) for i in range(3)]
     results = await asyncio.gather(*(procs[i % 3].ledger.reserve("u", {OUT: 7}) for i in range(100)))
     granted = [r for r in results if isinstance(r, Reservation)]
     refused = [r for r in results if isinstance(r, Refusal)]
     # 300 // 7 = 42 fit: no more (one balance spent twice) and no fewer (a false refusal).
     assert (len(granted), len(refused)) == (42, 58)
     assert {(r.meter, r.needed) for r in refused} == {(OUT, 7)}
-    leases = await db.leases("u")
+    leases = await shared.leases("u")
     assert sum(leases.values()) <= 300
     assert sum(p.ledger._users["u"].held[OUT].reserved for p in procs) == 294
 
 
-async def test_a_batch_with_replays_takes_only_its_new_rows_off_the_lease(db: Cluster) -> None:
-    a = await db.process("a", {OUT: 1000})
+async def test_a_batch_with_replays_takes_only_its_new_rows_off_the_lease(shared: Cluster) -> None:
+    a = await shared.process("a", {OUT: 1000})
     assert isinstance(await a.ledger.reserve("u", {OUT: 100}), Reservation)
-    assert await db.leases("u") == {a.owner: 250}
+    assert await shared.leases("u") == {a.owner: 250}
     r1, r2, r3 = (record(f"r{i}", "u", a.owner, {OUT: 10}, {OUT: 10 * i}) for i in (1, 2, 3))
     await a.store.finish_requests([r1])
-    assert await db.leases("u") == {a.owner: 240}
+    assert await shared.leases("u") == {a.owner: 240}
     await a.store.finish_requests([r1, r2, r3])  # r1 again (journal recovery): only r2 and r3 are new
-    assert await db.leases("u") == {a.owner: 190}
+    assert await shared.leases("u") == {a.owner: 190}
 
 
-async def test_sequential_reservations_alternating_succeed_until_the_last_that_fits(db: Cluster) -> None:
-    procs = [await db.process(f"p{i}", {OUT: 100}) for i in range(3)]
+async def test_sequential_reservations_alternating_succeed_until_the_last_that_fits(shared: Cluster) -> None:
+    procs = [await shared.process(f"p{i}", {OUT: 100}) for i in range(3)]
     results = [await procs[i % 3].ledger.reserve("u", {OUT: 10}) for i in range(11)]
     # Other processes held idle slices on the way (a quarter of what was left each time); each
     # was recalled when needed, never a reason to refuse: exactly 10 fit.
     assert [type(r).__name__ for r in results[:10]] == ["Reservation"] * 10, results
     assert results[10] == Refusal(meter=OUT, needed=10, remaining=0)
-    assert sum((await db.leases("u")).values()) == 100
+    assert sum((await shared.leases("u")).values()) == 100
     assert [p.ledger._users["u"].held[OUT].idle for p in procs] == [0, 0, 0]
 
 
-async def test_settle_and_stored_count_usage_exactly_once(db: Cluster) -> None:
-    a = await db.process("a", {OUT: 1000})
-    b = await db.process("b", {OUT: 1000})
+async def test_settle_and_stored_count_usage_exactly_once(shared: Cluster) -> None:
+    a = await shared.process("a", {OUT: 1000})
+    b = await shared.process("b", {OUT: 1000})
     res = await a.ledger.reserve("u", {OUT: 100})
     assert isinstance(res, Reservation)
-    assert await db.leases("u") == {a.owner: 250}  # a quarter of the 1000 available, at least the 100 needed
+    assert await shared.leases("u") == {a.owner: 250}  # a quarter of the 1000 available, at least the 100 needed
     a.ledger.settle(res, {OUT: 60})
     rec = record("r1", "u", a.owner, {OUT: 100}, {OUT: 60})
     await a.store.finish_requests([rec])
-    assert await db.leases("u") == {a.owner: 190}  # the stored 60 left the lease in the same transaction
+    assert await shared.leases("u") == {a.owner: 190}  # the stored 60 left the lease in the same transaction
     a.ledger.stored([rec])
     await a.store.finish_requests([rec])  # a replay (journal recovery) takes nothing off twice
-    assert await db.leases("u") == {a.owner: 190}
+    assert await shared.leases("u") == {a.owner: 190}
     snap = await a.ledger.snapshot("u")
     assert (snap.meter(OUT).credited, snap.meter(OUT).consumed, snap.meter(OUT).reserved) == (1000, 60, 0)
 
@@ -84,12 +76,12 @@ async def test_settle_and_stored_count_usage_exactly_once(db: Cluster) -> None:
     assert isinstance(await b.ledger.reserve("u", {OUT: 189}), Reservation)
     assert isinstance(await b.ledger.reserve("u", {OUT: 1}), Reservation)
     assert await b.ledger.reserve("u", {OUT: 1}) == Refusal(meter=OUT, needed=1, remaining=0)
-    assert await db.leases("u") == {a.owner: 0, b.owner: 940}
+    assert await shared.leases("u") == {a.owner: 0, b.owner: 940}
 
 
-async def test_a_dead_process_is_released_after_its_journal_is_recovered(db: Cluster) -> None:
-    a = await db.process("a", {OUT: 1000}, journal=True, stale=0.5, start=False)  # its keeper run by hand
-    d = await db.process("d", {OUT: 1000}, journal=True, stale=0.5, heartbeat=0.05)
+async def test_a_dead_process_is_released_after_its_journal_is_recovered(shared: Cluster) -> None:
+    a = await shared.process("a", {OUT: 1000}, journal=True, stale=0.5, start=False)  # its keeper run by hand
+    d = await shared.process("d", {OUT: 1000}, journal=True, stale=0.5, heartbeat=0.05)
     assert d.journal is not None
     res1 = await d.ledger.reserve("u", {OUT: 40})
     res2 = await d.ledger.reserve("u", {OUT: 10})
@@ -100,7 +92,7 @@ async def test_a_dead_process_is_released_after_its_journal_is_recovered(db: Clu
     d.journal.finish(r1)
     d.ledger.settle(res1, {OUT: 25})
     d.journal.begin(r2)  # still in flight when it dies
-    assert await db.leases("u") == {d.owner: 250}
+    assert await shared.leases("u") == {d.owner: 250}
 
     # Silent but alive (its journal still locked): stale, yet left alone.
     task = d.keeper._task
@@ -112,7 +104,7 @@ async def test_a_dead_process_is_released_after_its_journal_is_recovered(db: Clu
 
     await wait_until_async(stale)
     assert await a.keeper.settle_dead() == []
-    assert await db.leases("u") == {d.owner: 250}
+    assert await shared.leases("u") == {d.owner: 250}
 
     await d.kill()
 
@@ -120,30 +112,30 @@ async def test_a_dead_process_is_released_after_its_journal_is_recovered(db: Clu
         return await a.keeper.settle_dead() == [d.owner]
 
     await wait_until_async(released)
-    assert await _released(db, d.owner)
-    assert await db.leases("u") == {}
+    assert await _released(shared, d.owner)
+    assert await shared.leases("u") == {}
     # Its finished request counted exactly, the one in flight by its reservation; once each.
-    rows = await db.query("SELECT id, usage FROM requests ORDER BY id")
+    rows = await shared.query("SELECT id, usage FROM requests ORDER BY id")
     assert [r[0] for r in rows] == ["r1", "r2"]
     assert await a.store.consumed("u", *month_bounds(utcnow())) == {OUT: 35}
     assert isinstance(await a.ledger.reserve("u", {OUT: 965}), Reservation)
     assert await a.ledger.reserve("u", {OUT: 1}) == Refusal(meter=OUT, needed=1, remaining=0)
 
 
-async def test_a_dead_process_on_another_host_is_released_on_heartbeat_expiry(db: Cluster) -> None:
-    a = await db.process("a", {OUT: 100}, stale=0.5, heartbeat=0.05)
-    r = await db.process("r", {OUT: 100}, host="elsewhere", stale=0.5, heartbeat=0.05)
+async def test_a_dead_process_on_another_host_is_released_on_heartbeat_expiry(shared: Cluster) -> None:
+    a = await shared.process("a", {OUT: 100}, stale=0.5, heartbeat=0.05)
+    r = await shared.process("r", {OUT: 100}, host="elsewhere", stale=0.5, heartbeat=0.05)
     assert isinstance(await r.ledger.reserve("u", {OUT: 30}), Reservation)
-    assert await db.leases("u") == {r.owner: 30}  # close to the limit: a quarter is less than the need
+    assert await shared.leases("u") == {r.owner: 30}  # close to the limit: a quarter is less than the need
     await r.kill()
-    await wait_until_async(lambda: _released(db, r.owner))
-    assert await db.leases("u") == {}
+    await wait_until_async(lambda: _released(shared, r.owner))
+    assert await shared.leases("u") == {}
     assert isinstance(await a.ledger.reserve("u", {OUT: 100}), Reservation)
 
 
-async def test_shutdown_hands_back_all_but_what_is_not_stored(db: Cluster) -> None:
-    a = await db.process("a", {OUT: 1000}, journal=True)
-    b = await db.process("b", {OUT: 1000}, journal=True, start=False)  # its keeper run by hand
+async def test_shutdown_hands_back_all_but_what_is_not_stored(shared: Cluster) -> None:
+    a = await shared.process("a", {OUT: 1000}, journal=True)
+    b = await shared.process("b", {OUT: 1000}, journal=True, start=False)  # its keeper run by hand
     assert a.journal is not None
     res = await a.ledger.reserve("u", {OUT: 100})
     assert isinstance(res, Reservation)
@@ -152,13 +144,13 @@ async def test_shutdown_hands_back_all_but_what_is_not_stored(db: Cluster) -> No
     a.journal.finish(ra)
     a.ledger.settle(res, {OUT: 60})
     await a.keeper.close()  # the 60 never reached the store: its lease stays, the process row expires
-    assert await db.leases("u") == {a.owner: 60}
+    assert await shared.leases("u") == {a.owner: 60}
     assert await b.keeper.settle_dead() == []  # (its journal is still open: alive)
     a.journal.close()  # the process exits; the next one recovers its journal, then releases it
     assert await b.keeper.settle_dead() == [a.owner]
-    assert await _released(db, a.owner)
+    assert await _released(shared, a.owner)
     assert await b.store.consumed("u", *month_bounds(utcnow())) == {OUT: 60}
-    assert await db.leases("u") == {}
+    assert await shared.leases("u") == {}
 
     res_b = await b.ledger.reserve("u", {OUT: 10})
     assert isinstance(res_b, Reservation)
@@ -167,26 +159,26 @@ async def test_shutdown_hands_back_all_but_what_is_not_stored(db: Cluster) -> No
     await b.store.finish_requests([rec])
     b.ledger.stored([rec])
     await b.keeper.close()  # everything stored: nothing stays
-    assert await db.leases("u") == {}
-    assert await db.query("SELECT owner FROM processes") == []
+    assert await shared.leases("u") == {}
+    assert await shared.query("SELECT owner FROM processes") == []
 
 
-async def test_a_process_taken_for_dead_puts_back_what_covers_its_requests(db: Cluster) -> None:
-    a = await db.process("a", {OUT: 1000}, heartbeat=0.05)
-    b = await db.process("b", {OUT: 1000})
+async def test_a_process_taken_for_dead_puts_back_what_covers_its_requests(shared: Cluster) -> None:
+    a = await shared.process("a", {OUT: 1000}, heartbeat=0.05)
+    b = await shared.process("b", {OUT: 1000})
     assert isinstance(await a.ledger.reserve("u", {OUT: 40}), Reservation)
-    assert await db.leases("u") == {a.owner: 250}
+    assert await shared.leases("u") == {a.owner: 250}
     await b.store.release_owner(a.owner)
-    await wait_until_async(lambda: _leases_are(db, {a.owner: 40}))
-    assert len(await db.query("SELECT owner FROM processes WHERE owner = ?", a.owner)) == 1
+    await wait_until_async(lambda: _leases_are(shared, {a.owner: 40}))
+    assert len(await shared.query("SELECT owner FROM processes WHERE owner = ?", a.owner)) == 1
 
 
-async def test_invalidations_reach_every_process_within_a_second(db: Cluster) -> None:
-    await db.put_credit("u", {OUT: 100})
-    a = await db.process("a", {})
-    b = await db.process("b", {})
+async def test_invalidations_reach_every_process_within_a_second(shared: Cluster) -> None:
+    await shared.put_credit("u", {OUT: 100})
+    a = await shared.process("a", {})
+    b = await shared.process("b", {})
     assert isinstance(await a.ledger.reserve("u", {OUT: 10}), Reservation)
-    await db.put_credit("u", {OUT: 5})
+    await shared.put_credit("u", {OUT: 5})
     t0 = time.monotonic()
     await b.store.notify_invalidation(InvalidationKind.LIMITS, "u")
     await b.store.notify_invalidation(InvalidationKind.KEY, "key-1")
@@ -199,12 +191,12 @@ async def test_invalidations_reach_every_process_within_a_second(db: Cluster) ->
     assert time.monotonic() - t0 < 1.0
     # The new credit holds at once: a's idle slice, sized on 100, went back on the reload.
     assert await a.ledger.reserve("u", {OUT: 1}) == Refusal(meter=OUT, needed=1, remaining=0)
-    assert await db.leases("u") == {a.owner: 10}
+    assert await shared.leases("u") == {a.owner: 10}
 
 
-async def test_the_keeper_reads_the_log_only_when_its_watch_moves(db: Cluster) -> None:
-    a = await db.process("a", {}, poll=3600.0, heartbeat=3600.0)  # ticked by hand below
-    b = await db.process("b", {})
+async def test_the_keeper_reads_the_log_only_when_its_watch_moves(shared: Cluster) -> None:
+    a = await shared.process("a", {}, poll=3600.0, heartbeat=3600.0)  # ticked by hand below
+    b = await shared.process("b", {})
     reads = count_log_reads(a.keeper)
     for _ in range(5):
         await a.keeper.tick()
@@ -221,17 +213,17 @@ async def test_the_keeper_reads_the_log_only_when_its_watch_moves(db: Cluster) -
     assert reads.count == 1
 
 
-async def test_an_entry_whose_signal_was_lost_is_read_at_the_next_heartbeat(db: Cluster) -> None:
-    a = await db.process("a", {}, heartbeat=0.1)
+async def test_an_entry_whose_signal_was_lost_is_read_at_the_next_heartbeat(shared: Cluster) -> None:
+    a = await shared.process("a", {}, heartbeat=0.1)
     reads = count_log_reads(a.keeper)
     await wait_until_async(lambda: _at_least(reads.count, 2))  # heartbeats read, with nothing notified
     insert = "INSERT INTO invalidations (kind, subject, created_at) VALUES ('key', 'unsignalled', ?)"
-    await db.query(insert, utcnow() if db.kind == "postgres" else iso(utcnow()))
+    await shared.query(insert, utcnow() if shared.kind == "postgres" else iso(utcnow()))
     await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "unsignalled")), within=1.0)
 
 
-async def test_a_watch_moves_once_an_entry_is_notified(db: Cluster) -> None:
-    store = await db.store()
+async def test_a_watch_moves_once_an_entry_is_notified(shared: Cluster) -> None:
+    store = await shared.store()
     watch = await store.watch_invalidations()
     try:
         before = watch.mark()
@@ -248,49 +240,49 @@ async def test_a_watch_moves_once_an_entry_is_notified(db: Cluster) -> None:
 
 
 async def test_without_a_signal_file_the_keeper_reads_the_log_every_poll(tmp_path: Path) -> None:
-    async with cluster("sqlite", tmp_path) as db:
-        (tmp_path / "gateway.db-invalidations").mkdir()  # (in the signal file's way)
-        a = await db.process("a", {}, heartbeat=3600.0)  # no heartbeat read to fall back on
-        b = await db.process("b", {})
+    async with cluster("sqlite", tmp_path) as shared:
+        (tmp_path / "gateway.shared-invalidations").mkdir()  # (in the signal file's way)
+        a = await shared.process("a", {}, heartbeat=3600.0)  # no heartbeat read to fall back on
+        b = await shared.process("b", {})
         await b.store.notify_invalidation(InvalidationKind.KEY, "key-1")
         await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "key-1")), within=1.0)
 
 
 async def test_a_lost_listen_connection_falls_back_to_reading_the_log_and_listens_again(tmp_path: Path) -> None:
-    async with cluster("postgres", tmp_path) as db:
-        a = await db.process("a", {}, heartbeat=3600.0)  # only the watch tells a to read
-        b = await db.process("b", {})
+    async with cluster("postgres", tmp_path) as shared:
+        a = await shared.process("a", {}, heartbeat=3600.0)  # only the watch tells a to read
+        b = await shared.process("b", {})
         listeners = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'"
-        assert len(await db.query(listeners)) == 2
-        await db.query(f"SELECT pg_terminate_backend(pid) FROM ({listeners}) AS l")
+        assert len(await shared.query(listeners)) == 2
+        await shared.query(f"SELECT pg_terminate_backend(pid) FROM ({listeners}) AS l")
         await b.store.notify_invalidation(InvalidationKind.KEY, "while-deaf")
         await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "while-deaf")), within=1.0)
 
         async def listening_again() -> bool:
-            return len(await db.query(listeners)) == 2
+            return len(await shared.query(listeners)) == 2
 
         await wait_until_async(listening_again, within=5.0)
         await b.store.notify_invalidation(InvalidationKind.KEY, "heard")
         await wait_until_async(lambda: _has(a.invalidations, Invalidation(0, "key", "heard")), within=1.0)
 
 
-async def test_unlimited_meters_take_no_lease(db: Cluster) -> None:
-    a = await db.process("a", {OUT: 10})
+async def test_unlimited_meters_take_no_lease(shared: Cluster) -> None:
+    a = await shared.process("a", {OUT: 10})
     res = await a.ledger.reserve("u", {OUT: 5, "claude_input_tokens": 1_000_000})
     assert isinstance(res, Reservation)
-    assert await db.leases("u") == {a.owner: 5}
+    assert await shared.leases("u") == {a.owner: 5}
     a.ledger.settle(res, {OUT: 3, "claude_input_tokens": 900})
     assert (await a.ledger.snapshot("u")).meter(OUT).consumed == 3
 
 
-async def _released(db: Cluster, owner: str) -> bool:
-    procs = await db.query("SELECT owner FROM processes WHERE owner = ?", owner)
-    leases = await db.query("SELECT owner FROM quota_leases WHERE owner = ?", owner)
+async def _released(shared: Cluster, owner: str) -> bool:
+    procs = await shared.query("SELECT owner FROM processes WHERE owner = ?", owner)
+    leases = await shared.query("SELECT owner FROM quota_leases WHERE owner = ?", owner)
     return not procs and not leases
 
 
-async def _leases_are(db: Cluster, expected: dict[str, int]) -> bool:
-    return await db.leases("u") == expected
+async def _leases_are(shared: Cluster, expected: dict[str, int]) -> bool:
+    return await shared.leases("u") == expected
 
 
 async def _at_least(value: int, least: int) -> bool:
@@ -303,9 +295,9 @@ async def _has(items: list[Invalidation], want: Invalidation) -> bool:
 
 async def test_an_invalidation_committed_after_a_later_one_is_still_seen(tmp_path: Path) -> None:
     # PostgreSQL hands out sequence numbers before commit: entry n can become visible after n + 1.
-    async with cluster("postgres", tmp_path) as db:
-        a = await db.process("a", {})
-        conn = await asyncpg.connect(db.dsn)
+    async with cluster("postgres", tmp_path) as shared:
+        a = await shared.process("a", {})
+        conn = await asyncpg.connect(shared.dsn)
         try:
             tx = conn.transaction()
             await tx.start()

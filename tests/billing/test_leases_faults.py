@@ -5,39 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.billing.protocols import Reservation
 from gateway.quota import Refusal
-from tests.support_leases import Cluster, Proc, cluster
+from tests.support_leases import Cluster, Proc
 
 OUT = "claude_output_tokens"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with cluster(request.param, tmp_path) as c:
-        yield c
-
-
-async def test_a_request_begun_while_its_meter_was_unlimited_frees_no_lease_when_it_settles(db: Cluster) -> None:
+async def test_a_request_begun_while_its_meter_was_unlimited_frees_no_lease_when_it_settles(shared: Cluster) -> None:
     # Limits change by webhook while a request is in flight: limited -> unlimited -> limited again.
     # Its reservation took nothing from a lease, so its settle must give nothing back.
-    await db.put_credit("u", {OUT: 100})
-    a = await db.process("a", {})
-    b = await db.process("b", {})
+    await shared.put_credit("u", {OUT: 100})
+    a = await shared.process("a", {})
+    b = await shared.process("b", {})
     first = await a.ledger.reserve("u", {OUT: 10})
     assert isinstance(first, Reservation)
     a.ledger.settle(first, {})
-    await db.put_credit("u", {OUT: None})
+    await shared.put_credit("u", {OUT: None})
     a.ledger.invalidate("u")
     during = await a.ledger.reserve("u", {OUT: 50})
     assert isinstance(during, Reservation)
-    await db.put_credit("u", {OUT: 100})
+    await shared.put_credit("u", {OUT: 100})
     a.ledger.invalidate("u")
     small = await a.ledger.reserve("u", {OUT: 1})
     assert isinstance(small, Reservation)
@@ -49,9 +41,9 @@ async def test_a_request_begun_while_its_meter_was_unlimited_frees_no_lease_when
     assert granted == 91  # 1 + 9 x 10 of the 100 credited; it was 141 when `during` gave back 50
 
 
-async def test_a_hand_back_the_store_failed_is_set_right_at_the_next_round(db: Cluster) -> None:
-    a = await db.process("a", {OUT: 100})
-    b = await db.process("b", {OUT: 100})
+async def test_a_hand_back_the_store_failed_is_set_right_at_the_next_round(shared: Cluster) -> None:
+    a = await shared.process("a", {OUT: 100})
+    b = await shared.process("b", {OUT: 100})
     res = await a.ledger.reserve("u", {OUT: 10})
     assert isinstance(res, Reservation)
     a.ledger.settle(res, {})  # nothing used: a holds an idle slice
@@ -72,7 +64,7 @@ async def test_a_hand_back_the_store_failed_is_set_right_at_the_next_round(db: C
     # Nothing is reserved or consumed anywhere: once a's keeper sets its row to what it holds (0),
     # b gets the whole credit. Before, the slice stayed in a's row until a stopped: a false 402.
     got = await b.ledger.reserve("u", {OUT: 100})
-    assert isinstance(got, Reservation), (got, await db.leases("u"))
+    assert isinstance(got, Reservation), (got, await shared.leases("u"))
 
 
 async def _reserve_while_b_answers(a: Proc, b: Proc, amount: int) -> Reservation | Refusal:
@@ -88,9 +80,9 @@ async def _reserve_while_b_answers(a: Proc, b: Proc, amount: int) -> Reservation
     return await task
 
 
-async def test_a_recall_reused_after_everyone_answered_it_is_issued_again(db: Cluster) -> None:
-    a = await db.process("a", {OUT: 100})
-    b = await db.process("b", {OUT: 100}, poll=3600.0, heartbeat=3600.0)
+async def test_a_recall_reused_after_everyone_answered_it_is_issued_again(shared: Cluster) -> None:
+    a = await shared.process("a", {OUT: 100})
+    b = await shared.process("b", {OUT: 100}, poll=3600.0, heartbeat=3600.0)
     held = await b.ledger.reserve("u", {OUT: 50})
     assert isinstance(held, Reservation)
     # b's 50 are reserved: it answers the recall with nothing, and 60 do not fit. Right.
@@ -99,4 +91,4 @@ async def test_a_recall_reused_after_everyone_answered_it_is_issued_again(db: Cl
     # Within the first recall's wait: reusing it (everyone answered) refused at once, with b's idle
     # 50 never asked for.
     second = await _reserve_while_b_answers(a, b, 60)
-    assert isinstance(second, Reservation), (second, await db.leases("u"))
+    assert isinstance(second, Reservation), (second, await shared.leases("u"))

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from gateway.logs import JsonFormatter
-from tests.conftest import Gateway, fixture_bytes, wait_until
+from tests.conftest import Gateway, fixture_bytes, stream_and_leave, wait_until
 from tests.fakes.upstream import FakeUpstream, Reply
 
 BODY = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}
@@ -163,15 +163,7 @@ def test_cache_and_thinking_usage(gateway: Gateway, upstream: FakeUpstream) -> N
 def test_client_disconnect_midstream_drains_full_usage(gateway: Gateway, upstream: FakeUpstream) -> None:
     key = gateway.issue_key("gone")
     upstream.enqueue(Reply.fixture("anthropic/stream_text.sse", delay_between=0.15))
-    payload = httpx.Request("POST", f"{gateway.url}/anthropic/v1/messages", json=STREAM_BODY).content
-    host, port = gateway.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(
-            b"POST /anthropic/v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            + f"x-api-key: {key}\r\ncontent-length: {len(payload)}\r\n\r\n".encode()
-            + payload
-        )
-        assert b"message_start" in sock.recv(65536) or True
+    stream_and_leave(gateway.url, key, STREAM_BODY)
     rows = gateway.wait_recorded("gone", timeout=10)
     assert rows[0]["outcome"] == "client_disconnected" and rows[0]["estimated"] == 0
     assert gateway.events("gone") == {"claude_input_tokens": 25, "claude_output_tokens": 15}

@@ -3,13 +3,12 @@ drain the gateway cut short is estimated."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 
 import httpx
 import pytest
 
-from tests.conftest import Gateway
+from tests.conftest import Gateway, stream_and_leave
 from tests.fakes.upstream import FIXTURES_DIR, FakeUpstream, Reply
 
 BODY = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}
@@ -74,15 +73,7 @@ def test_disconnect_then_error_event_with_no_usage_bills_zero(
     ping = b'event: ping\ndata: {"type": "ping"}\n\n'
     error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
     upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")], chunks=[ping, error], delay_between=0.8))
-    payload = httpx.Request("POST", f"{gw.url}/anthropic/v1/messages", json=STREAM_BODY).content
-    host, port = gw.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(
-            b"POST /anthropic/v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            + f"x-api-key: {key}\r\ncontent-length: {len(payload)}\r\n\r\n".encode()
-            + payload
-        )
-        sock.recv(65536)
+    stream_and_leave(gw.url, key, STREAM_BODY)
     rows = gw.wait_recorded("gerr", timeout=10)  # ended by the provider, long before the 30 s drain bound
     assert rows[0]["outcome"] == "client_disconnected"
     assert rows[0]["estimated"] == 0
