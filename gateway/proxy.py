@@ -22,7 +22,7 @@ from gateway.billing.owner import Hold, Refused, Result
 from gateway.logs import REQUEST_ID
 from gateway.metering import ContentDecoder, Usage
 from gateway.outcomes import Outcome
-from gateway.providers.base import DROP_RESPONSE_HEADERS, Call, InvalidModel, Provider, Route, header
+from gateway.providers.base import DROP_RESPONSE_HEADERS, Call, InvalidRequest, Provider, Route, header
 from gateway.services import Services
 from gateway.store.base import RequestRecord
 from gateway.timeutil import utcnow
@@ -98,7 +98,7 @@ class ProxyEndpoint:
 
         try:
             route = self._routes.get((method, path, query)) or self._match(method, path, query)
-        except InvalidModel as exc:
+        except InvalidRequest as exc:
             return count(INVALID, await self._error(send, 400, "invalid_request_error", str(exc), rid))
         if route is None:
             message = f"{method} {path} is not served by the gateway"
@@ -178,7 +178,7 @@ class ProxyEndpoint:
         send the same few again and again. Neither unmatched requests nor queries that carry a
         key (a secret) are kept."""
         route = self.provider.match(method, path, query)
-        if route is not None and query.find(b"key=") < 0:
+        if route is not None and query.find(b"key=") < 0 and query.find(b"%") < 0:
             if len(self._routes) >= MAX_ROUTES:
                 self._routes.clear()
             self._routes[(method, path, query)] = route

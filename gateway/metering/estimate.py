@@ -52,6 +52,16 @@ def requested_max_output(body_obj: dict[str, Any], provider: str) -> int | None:
     return None
 
 
+def requested_candidates(body_obj: dict[str, Any]) -> int:
+    """Gemini `candidateCount` (each candidate may use the whole output cap); 1 when absent or invalid."""
+    cfg = _generation_config(body_obj)
+    value = cfg.get("candidateCount")
+    if value is None:
+        value = cfg.get("candidate_count")
+    n = _positive_int(value)
+    return n if n else 1
+
+
 def wants_images(body_obj: dict[str, Any], path_model: str) -> bool:
     """Whether a Gemini request may produce billable images (so image quota is reserved).
 

@@ -75,12 +75,13 @@ MAX_DEFERRED = 32
 class _Accumulator:
     """Shared semantics for one response, whether it arrives whole, as SSE or as an array."""
 
-    __slots__ = ("_deferred", "error", "final", "images", "metadata")
+    __slots__ = ("_deferred", "_unfinished", "error", "final", "images", "metadata")
 
-    def __init__(self) -> None:
+    def __init__(self, candidates: int = 1) -> None:
         self.metadata: dict[str, Any] | None = None
         self.images = 0
         self.final = False
+        self._unfinished = candidates  # the response ends when each candidate has its finishReason
         self.error: Any = None
         self._deferred: list[bytes] = []  # chunks newer than `metadata` that may only replace it
 
@@ -98,7 +99,9 @@ class _Accumulator:
                 if not isinstance(cand, dict):
                     continue
                 if cand.get("finishReason"):
-                    self.final = True
+                    self._unfinished -= 1
+                    if self._unfinished <= 0:
+                        self.final = True
                 content = cand.get("content")
                 parts = content.get("parts") if isinstance(content, dict) else None
                 if isinstance(parts, list):
@@ -205,9 +208,9 @@ class GeminiSSEMeter:
 
     __slots__ = ("_acc", "_sse")
 
-    def __init__(self) -> None:
+    def __init__(self, candidates: int = 1) -> None:
         self._sse = SSEParser()
-        self._acc = _Accumulator()
+        self._acc = _Accumulator(candidates)
 
     def feed(self, chunk: bytes) -> None:
         # What Gemini writes per read: one `data:` line framed by CRLF CRLF. From an idle parser
@@ -236,9 +239,9 @@ class GeminiArrayMeter:
 
     __slots__ = ("_acc", "_scan")
 
-    def __init__(self) -> None:
+    def __init__(self, candidates: int = 1) -> None:
         self._scan = JSONArrayScanner()
-        self._acc = _Accumulator()
+        self._acc = _Accumulator(candidates)
 
     def feed(self, chunk: bytes) -> None:
         for element in self._scan.feed(chunk):

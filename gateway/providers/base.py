@@ -61,8 +61,13 @@ _DECODABLE = {"gzip", "x-gzip", "deflate", "identity"}
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-class InvalidModel(ValueError):
-    """A path whose model segment is not a model id: refused with 400, never forwarded."""
+class InvalidRequest(ValueError):
+    """A request the gateway could not meter as the provider would answer it: refused with 400,
+    never forwarded."""
+
+
+class InvalidModel(InvalidRequest):
+    """A path whose model segment is not a model id."""
 
 
 def check_model(model: str) -> str:
@@ -89,6 +94,7 @@ class Route:
     metered: bool
     has_body: bool
     stream: bool = False  # known from the path (gemini) or decided from the body (anthropic)
+    sse: bool = False  # gemini: the query's `alt` parameter asks for SSE (else a JSON array is streamed)
 
 
 @dataclass(slots=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -11,14 +13,16 @@ import orjson
 from gateway.metering import (
     GeminiArrayMeter,
     GeminiSSEMeter,
+    StreamMeter,
     estimate_input_tokens,
     requested_max_output,
     usage_from_predict,
     usage_from_response,
     wants_images,
 )
+from gateway.metering.estimate import requested_candidates
 from gateway.meters import GEMINI_CACHED, GEMINI_IMAGES, GEMINI_INPUT, GEMINI_METERS, GEMINI_OUTPUT
-from gateway.providers.base import Call, Headers, Route, check_model, forward_headers
+from gateway.providers.base import Call, Headers, InvalidRequest, Route, check_model, forward_headers
 
 _METHOD_RE = re.compile(r"^/(v1|v1beta|v1alpha)/(models|tunedModels)/([^/:]+):([A-Za-z]+)$")
 _MODELS_RE = re.compile(r"^/(v1|v1beta|v1alpha)/models(?:/([^/:]+))?$")
@@ -47,13 +51,26 @@ def _strip_key(query: bytes) -> tuple[str, str | None]:
     """Query without `key=` (it is the user's gateway key), and that key."""
     if not query:
         return "", None
-    if query.find(b"key=") < 0:  # no key (`?alt=sse`, the usual query): nothing to parse
+    if query.find(b"key=") < 0 and query.find(b"%") < 0:  # no key (`?alt=sse`, the usual query): nothing to parse
         return query.decode("latin-1"), None
     pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
     key = next((v for k, v in pairs if k == "key"), None)
     if key is None:
         return query.decode("latin-1"), None
     return urlencode([(k, v) for k, v in pairs if k != "key"]), key
+
+
+def _alt_sse(qs: str, stream: bool) -> bool:
+    """Whether the query's `alt` (or `$alt`) parameter asks for SSE. Any other format than JSON (and
+    SSE for a stream) is refused: the meter could not read it (`alt=proto`), and a guess either way
+    (`?quotaUser=alt=sse`, `?alt=%73se`, two values) would bill the stream as the wrong format."""
+    alts = {v for k, v in parse_qsl(qs, keep_blank_values=True) if k in ("alt", "$alt")}
+    if not alts or alts == {"json"}:
+        return False
+    if stream and alts == {"sse"}:
+        return True
+    got = ", ".join(sorted(alts))
+    raise InvalidRequest(f"alt={got} is not served by the gateway: use alt=sse (streams) or JSON")
 
 
 class GeminiProvider:
@@ -76,7 +93,8 @@ class GeminiProvider:
             operation, metered = _OPERATIONS[m.group(4)]
             stream = operation == "stream_generate"
             model = check_model(m.group(3))
-            return Route(operation, upstream_path, model, metered=metered, has_body=True, stream=stream)
+            sse = bool(qs) and metered and _alt_sse(qs, stream)
+            return Route(operation, upstream_path, model, metered=metered, has_body=True, stream=stream, sse=sse)
         if method == "GET":
             m = _MODELS_RE.match(path)
             if m is not None:
@@ -111,12 +129,17 @@ class GeminiProvider:
         est_in = estimate_input_tokens(body)
         max_out = requested_max_output(obj, "gemini") if isinstance(obj, dict) else None
         est_out = max_out if max_out is not None else self._default_max_output
+        n = requested_candidates(obj) if isinstance(obj, dict) else 1
+        if n > 1:
+            est_out *= n  # the cap is per candidate
         reservation = {GEMINI_INPUT: est_in, GEMINI_CACHED: est_in, GEMINI_OUTPUT: est_out}
         if isinstance(obj, dict) and wants_images(obj, route.model):
             reservation[GEMINI_IMAGES] = self._images_per_request
-        factory = None
+        factory: Callable[[], StreamMeter] | None = None
         if route.stream:
-            factory = GeminiSSEMeter if "alt=sse" in route.upstream_path else GeminiArrayMeter
+            factory = GeminiSSEMeter if route.sse else GeminiArrayMeter
+            if n > 1:  # the stream ends only once every candidate has finished
+                factory = functools.partial(factory, n)
         return Call(route, route.model, route.stream, reservation, est_in + est_out, factory, usage_from_response)
 
     def error_body(self, status: int, kind: str, message: str, extra: dict[str, Any] | None = None) -> bytes:
@@ -126,6 +149,6 @@ class GeminiProvider:
         return orjson.dumps({"error": error})
 
     def stream_error_event(self, route: Route, status: int, kind: str, message: str) -> bytes:
-        if "alt=sse" not in route.upstream_path:
+        if not route.sse:
             return b""  # a JSON-array stream cannot take an event after it started; it just ends
         return b"data: " + self.error_body(status, kind, message) + b"\r\n\r\n"
