@@ -99,8 +99,11 @@ class BoundedProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         wait = self.client_timeout
-        if len(self.connections) > self.max_connections:  # the set includes this connection
+        state = self.server_state
+        refused = getattr(state, "gateway_refused", 0)  # refused connections still open
+        if len(self.connections) - refused > self.max_connections:  # the set includes this connection
             self._rejected = True
+            state.gateway_refused = refused + 1  # type: ignore[attr-defined]
             self.app = _over_capacity
             wait = min(wait, REJECT_GRACE_SECONDS)
         # The first request is due now: its budget starts with the connection.
@@ -110,7 +113,21 @@ class BoundedProtocol(HttpToolsProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._rejected:
+            self._rejected = False  # (counted down once)
+            self.server_state.gateway_refused -= 1  # type: ignore[attr-defined]
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # (cancels uvicorn's keep-alive timer, re-armed only by a response)
+        if self._phase is _DONE and (cycle := self.cycle) is not None and cycle.response_complete:
+            # Bytes that began no request (the blank lines llhttp skips before a request line): the
+            # next request's headers are due from now, or the connection would be held untimed.
+            if not self.transport.is_closing():
+                self._phase = _HEADERS
+                self._deadline = self.loop.time() + self.client_timeout
+                if self._timer is None:
+                    self._arm(self._deadline)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -128,6 +128,9 @@ class LeaseKeeper:
                 journal = str(self.journal_dir.resolve()) if self.journal_dir is not None else ""
                 await self.store.register_process(self.owner, self.host, os.getpid(), journal)
                 await self.ledger.reassert()
+                # Away that long, log entries meant for it may be pruned unread: reload every limit.
+                for u in self.ledger.users():
+                    self.ledger.invalidate(u.quota.user_id)
             await self.settle_dead()
             self._seen = {seq: at for seq, at in self._seen.items() if now - at < 2 * _LOOKBACK.total_seconds()}
         if now >= self._next_prune:

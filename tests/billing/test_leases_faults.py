@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from gateway.billing.protocols import Reservation
 from gateway.quota import Refusal
+from gateway.store.leases_base import InvalidationKind
+from gateway.timeutil import utcnow
 from tests.support_leases import Cluster, Proc
 
 OUT = "claude_output_tokens"
@@ -61,6 +64,8 @@ async def test_a_hand_back_the_store_failed_is_set_right_at_the_next_round(share
     with pytest.raises(ConnectionError):
         await a.ledger.return_idle(a.ledger._users["u"])  # the keeper's idle round, failing once
     assert a.ledger._users["u"].held[OUT].lease == 0  # never more than the store may say
+    await a.ledger.keep(30.0, scan=False)  # the next keeper round (its own may come first: the same)
+    assert await shared.leases("u") == {a.owner: 0}
     # Nothing is reserved or consumed anywhere: once a's keeper sets its row to what it holds (0),
     # b gets the whole credit. Before, the slice stayed in a's row until a stopped: a false 402.
     got = await b.ledger.reserve("u", {OUT: 100})
@@ -92,3 +97,32 @@ async def test_a_recall_reused_after_everyone_answered_it_is_issued_again(shared
     # 50 never asked for.
     second = await _reserve_while_b_answers(a, b, 60)
     assert isinstance(second, Reservation), (second, await shared.leases("u"))
+
+
+async def test_a_process_back_from_the_dead_rereads_limits_whose_log_entry_was_pruned(shared: Cluster) -> None:
+    """A process frozen longer than the log is kept (10 min) is taken for dead, and the entries
+    written meanwhile are pruned before it reads them: coming back it must not go on granting
+    from a credit that changed while it was away."""
+    await shared.put_credit("u", {OUT: 100})
+    a = await shared.process("a", {}, heartbeat=0.05)
+    assert isinstance(await a.ledger.reserve("u", {OUT: 10}), Reservation)  # credit 100 cached
+    task = a.keeper._task
+    assert task is not None
+    task.cancel()  # frozen (SIGSTOP, a suspended VM): no heartbeat, no log read
+    a.keeper._task = None
+
+    other = await shared.store()
+    try:
+        await shared.put_credit("u", {OUT: 5})
+        await other.notify_invalidation(InvalidationKind.LIMITS, "u")
+        await other.release_owner(a.owner)  # taken for dead by a live process (its heartbeat expired)
+        # Ten minutes on, a live keeper prunes the log as it does every minute.
+        await other.prune_invalidations(utcnow() + timedelta(seconds=1))
+    finally:
+        await other.close()
+
+    a.keeper._next_beat = 0.0  # a wakes up: its next round beats, finds itself taken for dead
+    await a.keeper.tick()
+    assert len(await shared.query("SELECT owner FROM processes WHERE owner = ?", a.owner)) == 1  # re-registered
+    # The credit is 5 now, 10 already reserved: nothing more may be granted.
+    assert isinstance(await a.ledger.reserve("u", {OUT: 10}), Refusal)

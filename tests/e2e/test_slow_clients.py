@@ -299,3 +299,50 @@ def test_gateway_serve_applies_both_bounds(tmp_path: Path) -> None:
 def test_bounds_must_be_positive(var: str, value: str) -> None:
     with pytest.raises(ConfigError, match=f"^{var} must"):
         settings_from_env({var: value}, load_file=False)
+
+
+def test_blank_lines_after_a_response_do_not_hold_the_connection_for_ever(slow_gateway: Gateway) -> None:
+    """A kept-alive connection whose client only trickles CRLF (which llhttp skips before a request
+    line, so no request begins) must still be closed: by the client timeout or the keep-alive one."""
+    limit = TIMEOUT + 5 + MARGIN  # the client timeout, or uvicorn's 5 s keep-alive, whichever applies
+    with _connect(slow_gateway) as s:
+        assert _get(s).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        s.settimeout(0.3)  # the client's pace: a blank line every 0.3 s, as a slowloris would
+        closed = False
+        while time.monotonic() - started < limit:
+            try:
+                s.sendall(b"\r\n")
+                if s.recv(65536) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+                break
+    assert closed, f"connection still open {limit:.0f} s after its last response"
+    wait_until(lambda: _no_connections(slow_gateway), timeout=10)
+
+
+def test_refused_connections_do_not_count_against_the_accepted_ones(make_gateway: Callable[..., Gateway]) -> None:
+    """Connections answered 503 linger up to a second; while they do, a freed slot must still be
+    given to a new connection (else a stream of cheap connects keeps the gateway refusing all)."""
+    gw = make_gateway(max_connections=2)
+    state = gw.server.server.server_state
+    wait_until(lambda: _no_connections(gw), timeout=10)
+    held = [_connect(gw) for _ in range(2)]
+    for s in held:
+        assert _get(s).startswith(b"HTTP/1.1 200 ")
+    refused = [_connect(gw) for _ in range(2)]  # over the cap; they send nothing (yet)
+    try:
+        wait_until(lambda: len(state.connections) == 4, timeout=5)
+        for s in held:
+            s.close()
+        wait_until(lambda: len(state.connections) == 2, timeout=5)  # only the refused ones left
+        with _connect(gw) as fresh:
+            answer = _get(fresh)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:60]  # no accepted connection is open
+    finally:
+        for s in refused:
+            s.close()
