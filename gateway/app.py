@@ -167,19 +167,26 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal syncer
-        await s.store.open()
-        applied = await s.store.migrate()
-        if applied:
-            log.info("applied migrations: %s", ", ".join(applied))
-        if s.keeper is None:
-            await recover(s.store, s.journal.directory, s.owner)
-        else:
-            # Only what dead processes left: live ones hold their journal segments (flock). The
-            # keeper hands back a dead process's sync claims once it is taken for dead.
-            await recover_journal(s.store, s.journal.directory)
-        s.journal.open()
-        if s.keeper is not None:
-            await s.keeper.start()  # after the journal: its lock tells the others this process is alive
+        try:
+            await s.store.open()
+            applied = await s.store.migrate()
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+            if s.keeper is None:
+                await recover(s.store, s.journal.directory, s.owner)
+            else:
+                # Only what dead processes left: live ones hold their journal segments (flock). The
+                # keeper hands back a dead process's sync claims once it is taken for dead.
+                await recover_journal(s.store, s.journal.directory)
+            s.journal.open()
+            if s.keeper is not None:
+                await s.keeper.start()  # after the journal: its lock tells the others this process is alive
+        except BaseException:
+            # A failed start must end the process: an open store's thread (aiosqlite's is not a
+            # daemon) would keep it alive, half-started, and a supervisor would never replace it.
+            s.journal.close()
+            await s.store.close()
+            raise
         s.client = create_client(settings.connect_timeout_seconds)
         if not settings.anthropic_api_key:
             log.warning("ANTHROPIC_API_KEY is not set: Claude requests will be refused by the provider")

@@ -164,11 +164,12 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     host, port = sock.getsockname()[:2]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     logging.getLogger("gateway").info("running on http://%s with %d workers", where, args.workers)
+    supervisor = Supervisor(config, sock, on_exit=worker_exited)
     try:
-        Supervisor(config, sock, on_exit=worker_exited).run()
+        supervisor.run()
     finally:
         sock.close()
-    return 0
+    return 1 if supervisor.failed_to_start else 0
 
 
 def main(argv: list[str] | None = None) -> int:

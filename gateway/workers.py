@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 BALANCED = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
@@ -91,6 +92,11 @@ class Supervisor(Multiprocess):
         for sock in self._handed:
             sock.close()
         self._handed.clear()
+
+    @property
+    def failed_to_start(self) -> bool:
+        """uvicorn stopped every worker because one failed its startup (and would on every restart)."""
+        return any(p.exitcode == STARTUP_FAILURE for p in self.processes)
 
     def keep_subprocess_alive(self) -> None:
         before = [p.pid for p in self.processes]
