@@ -351,11 +351,12 @@ async def test_a_rejection_waits_out_its_backoff(store: Store, polar: PolarBilli
 async def test_an_outage_never_counts_attempts_or_parks(
     store: Store, fake: FakePolar, db: Database, failure: int | str
 ) -> None:
-    client = PolarBilling(fake.token, base_url=fake.url, ingest_timeout=0.3)
+    # (a timeout well above a loaded machine's answer time: at 0.3 s the good request timed out once too)
+    client = PolarBilling(fake.token, base_url=fake.url, ingest_timeout=1.0)
     try:
         events = await add_events(store, 3)
         s = syncer(store, client, max_attempts=1)
-        fake.fail_next(5, failure, hold=1.0, path="/v1/events/ingest")
+        fake.fail_next(5, failure, hold=2.5, path="/v1/events/ingest")
         for _ in range(5):
             result = await s.run_once()
             assert (result.claimed, result.deferred, result.rejected, result.parked) == (3, 3, 0, 0)
