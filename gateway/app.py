@@ -12,6 +12,8 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route, Router
 
 from gateway.admin import Endpoint, admin_routes, guarded
@@ -23,7 +25,7 @@ from gateway.billing.protocols import QuotaLedger
 from gateway.dashboard import SessionSigner, dashboard_routes
 from gateway.health import healthz_route
 from gateway.healthbar import demo_route, script_route
-from gateway.http_api import not_found, server_error
+from gateway.http_api import api_error, not_found, server_error
 from gateway.journal import Journal
 from gateway.keys import KeyCache
 from gateway.limits import LimitsRefresher
@@ -112,20 +114,33 @@ def _meter_names(s: Services) -> Callable[[], Awaitable[Mapping[str, str]]]:
     return names
 
 
+class _JsonCORSMiddleware(CORSMiddleware):
+    """A refused preflight answers in the own API's JSON error shape, not Starlette's plain text."""
+
+    def preflight_response(self, request_headers: Any) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        return api_error(400, bytes(response.body).decode(), headers)
+
+
 def _browser_routes(settings: Settings, prefix: str, routes: list[BaseRoute]) -> Mount:
     """Routes a browser on another origin may call (the billing routes, the widget): CORS for
     GATEWAY_CORS_ORIGINS only, and only under `prefix`, so the provider hot path never sees it."""
     origins = settings.cors_origin_list
     cors = [
         Middleware(
-            CORSMiddleware,
+            _JsonCORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "HEAD"],
             allow_headers=["authorization"],
             max_age=600,
         )
     ]
-    return Mount(prefix, app=Router(routes, redirect_slashes=False), middleware=cors if origins else None)
+    # 404/405 are answered inside the CORS middleware, so a browser can read them too.
+    errors = Middleware(ExceptionMiddleware, handlers={404: not_found, 405: not_found})
+    return Mount(prefix, app=Router(routes, redirect_slashes=False), middleware=[*cors, errors] if origins else None)
 
 
 class GatewayApp:

@@ -16,7 +16,13 @@ from starlette.routing import Route
 from gateway.keys import USER_ID_RE
 from gateway.status_tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, MIN_TTL_SECONDS
 
-_USER_ID = {"type": "string", "pattern": USER_ID_RE.pattern, "minLength": 1, "maxLength": 128}
+_USER_ID = {
+    "type": "string",
+    "pattern": USER_ID_RE.pattern,
+    "minLength": 1,
+    "maxLength": 128,
+    "not": {"enum": [".", ".."]},  # refused by check_user_id (path segments)
+}
 _TIME = {"type": "string", "format": "date-time"}
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 _NULLABLE_INT = {"type": ["integer", "null"]}

@@ -81,6 +81,13 @@ def status_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Aw
     return billing_status
 
 
+def _host(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:  # e.g. an unclosed "[" (an IPv6 literal)
+        return None
+
+
 def portal_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Awaitable[JSONResponse]]:
     async def billing_portal(request: Request) -> JSONResponse:
         ident = await authenticate(s, request, tokens)
@@ -89,9 +96,7 @@ def portal_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Aw
         if s.polar is None:
             return api_error(503, "billing portal unavailable: Polar is not configured")
         return_url = request.query_params.get("return_url")
-        if return_url is not None and (
-            not return_url.startswith(("https://", "http://")) or not urlsplit(return_url).hostname
-        ):
+        if return_url is not None and (not return_url.startswith(("https://", "http://")) or not _host(return_url)):
             return api_error(400, "return_url must be an http(s) URL")
         try:
             url = await s.polar.portal_url(ident.user_id, return_url)

@@ -24,6 +24,8 @@ def estimate_input_tokens(body: bytes) -> int:
 
 def _positive_int(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, float) and value.is_integer() and 0 <= value < 2**53:
+            return int(value)  # `64000.0`: the same cap to the provider (only off the int path)
         return None
     return value
 

@@ -29,6 +29,20 @@ _ERROR_TYPES = {
 }
 
 
+# Tools add input the body does not hold: the tool-use system prompt (~350 tokens), and for each
+# built-in tool (one with a `type`, e.g. text editor 700, computer 735 plus a 500 system prompt) its
+# definition. A custom tool's definition is in the body, counted with it.
+_TOOLS_OVERHEAD = 1024
+_BUILT_IN_TOOL_OVERHEAD = 1024
+
+
+def _tools_overhead(tools: object) -> int:
+    if not isinstance(tools, list):
+        return _TOOLS_OVERHEAD
+    built_in = sum(1 for t in tools if isinstance(t, dict) and t.get("type") not in (None, "custom"))
+    return _TOOLS_OVERHEAD + _BUILT_IN_TOOL_OVERHEAD * built_in
+
+
 class AnthropicProvider:
     name = "anthropic"
     meters: tuple[str, ...] = CLAUDE_METERS
@@ -64,6 +78,9 @@ class AnthropicProvider:
         stream = bool(obj.get("stream")) if isinstance(obj, dict) else False
         model = str(obj.get("model", "")) if isinstance(obj, dict) else ""
         est_in = estimate_input_tokens(body)
+        tools = obj.get("tools") if isinstance(obj, dict) else None
+        if tools:
+            est_in += _tools_overhead(tools)
         max_out = requested_max_output(obj, "anthropic") if isinstance(obj, dict) else None
         est_out = max_out if max_out is not None else self._default_max_output
         # Input may land in any of the three input meters; each can hold at most the whole input.
