@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="issue a key for a user; prints it once")
     create.add_argument("--user", required=True, help="your app's user id (also the Polar external customer id)")
     create.add_argument("--name", default="", help="a label for the key")
-    create.add_argument("--email", help="ensure a Polar customer with this email exists (when Polar is configured)")
+    create.add_argument(
+        "--email", help="ensure a Polar customer with this email exists (needs Polar configured: else no key is issued)"
+    )
     create.add_argument("--json", action="store_true", help='print {"id","key","user_id"}')
     lst = keys.add_parser("list", help="list keys (never shows the key itself)")
     lst.add_argument("--user")
@@ -45,18 +47,28 @@ def _parser() -> argparse.ArgumentParser:
     usage = sub.add_parser("usage", help="per-meter totals with sync state")
     usage.add_argument("--user")
     usage.add_argument("--json", action="store_true")
-    sync = sub.add_parser("sync", help="run one sync pass to Polar now")
+    sync = sub.add_parser("sync", help="send every pending event to Polar now, backoffs included")
     sync.add_argument("--retry-failed", action="store_true", help="re-queue parked events first")
     polar = sub.add_parser("polar", help="Polar setup").add_subparsers(dest="polar_command", required=True)
     polar.add_parser("setup", help="create the Polar meters (idempotent)")
     return p
 
 
+class StoreUnavailable(Exception):
+    """The database could not be opened or migrated (the message is one line for the operator)."""
+
+
 async def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
     store = create_store(settings)
-    await store.open()
     try:
-        await store.migrate()
+        await store.open()
+    except Exception as exc:
+        raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+    try:
+        try:
+            await store.migrate()
+        except Exception as exc:
+            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
         # What a stopped gateway journaled belongs in the store before keys, usage or sync look at it.
         await recover_journal(store, settings.journal_path)
         return await fn(store)
@@ -81,7 +93,7 @@ def _keys(args: argparse.Namespace, settings: Settings) -> Callable[[Store], Awa
                 from gateway.polar_cli import ensure_customer
 
                 try:
-                    await ensure_customer(settings, args.user, args.email)
+                    await ensure_customer(settings, args.user, args.email, out=sys.stderr if args.json else None)
                 except (ConfigError, PolarBillingError) as exc:
                     print(f"error: {exc}", file=sys.stderr)
                     return 1
@@ -118,6 +130,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.port is not None and not 0 <= args.port <= 65535:
+        print(f"error: --port must be 0-65535, got {args.port}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format)
     if args.workers > 1:
@@ -201,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.polar_cli import polar_setup
 
         return asyncio.run(polar_setup(settings))
-    result: Any = asyncio.run(_with_store(settings, job))
+    try:
+        result: Any = asyncio.run(_with_store(settings, job))
+    except StoreUnavailable as exc:
+        print(f"error: the database is not ready: {exc}", file=sys.stderr)
+        return 1
     return int(result)
 
 

@@ -23,9 +23,10 @@ NO_TOKEN = "Polar is not configured: set POLAR_ACCESS_TOKEN (and POLAR_ENVIRONME
 
 async def run_sync(settings: Settings, store: Outbox, retry_failed: bool, *, out: TextIO | None = None) -> int:
     """Send everything pending now, backoffs included. Exit 1 if events remain pending or failed, else 0."""
+    err = out or sys.stderr
     out = out or sys.stdout
     if not settings.polar_enabled:
-        print(NO_TOKEN, file=out)
+        print(NO_TOKEN, file=err)
         return 2
     if retry_failed:
         n = await store.requeue_failed()
@@ -106,9 +107,10 @@ async def print_usage(store: Outbox, user_id: str | None, as_json: bool, *, out:
 
 async def polar_setup(settings: Settings, *, out: TextIO | None = None) -> int:
     """Create the gateway's meters in Polar (idempotent: existing ones are reported, not duplicated)."""
+    err = out or sys.stderr
     out = out or sys.stdout
     if not settings.polar_enabled:
-        print(NO_TOKEN, file=out)
+        print(NO_TOKEN, file=err)
         return 2
     polar = PolarBilling.from_settings(settings)
     try:

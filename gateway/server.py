@@ -206,7 +206,7 @@ def server_config(
     return uvicorn.Config(
         app,
         host=host or settings.host,
-        port=port or settings.port,
+        port=settings.port if port is None else port,
         workers=workers,
         factory=workers > 1,
         loop="uvloop",
