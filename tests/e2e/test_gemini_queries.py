@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from tests.conftest import Gateway
 from tests.fakes.upstream import FakeUpstream, Reply
@@ -13,18 +14,29 @@ from tests.fakes.upstream import FakeUpstream, Reply
 BODY = {"contents": [{"parts": [{"text": "Hi"}], "role": "user"}]}
 
 
-def test_query_naming_alt_sse_in_a_value_is_still_metered(gateway: Gateway, upstream: FakeUpstream) -> None:
-    # `quotaUser` is a Google system parameter taking any string: Google streams a JSON array (no `alt`).
-    key = gateway.issue_key("quin")
+def _post(gw: Gateway, key: str, call: str, body: object = BODY) -> httpx.Response:
+    """POST gemini-2.5-flash's `call` (method and query) through the gateway with `key`."""
     with httpx.Client(timeout=10) as http:
-        resp = http.post(
-            f"{gateway.url}/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?quotaUser=alt=sse",
-            json=BODY,
-            headers={"x-goog-api-key": key},
+        return http.post(
+            f"{gw.url}/gemini/v1beta/models/gemini-2.5-flash:{call}", json=body, headers={"x-goog-api-key": key}
         )
-    assert resp.status_code == 200 and resp.content.startswith(b"[")
-    gateway.wait_recorded("quin")
-    assert gateway.events("quin") == {"gemini_input_tokens": 8, "gemini_output_tokens": 296}
+
+
+@pytest.mark.parametrize(
+    ("call", "answer"),
+    [
+        # `quotaUser` takes any string: no `alt`, so Google streams a JSON array (it was read as SSE: 0 billed)
+        ("streamGenerateContent?quotaUser=alt=sse", b"["),
+        # `%73` is `s` to any URL decoder: SSE comes back (it was read as an array: one chunk billed)
+        ("streamGenerateContent?alt=%73se", b"data: "),
+    ],
+)
+def test_a_stream_is_metered_in_the_format_google_answers_in(gateway: Gateway, call: str, answer: bytes) -> None:
+    key = gateway.issue_key("fmt")
+    resp = _post(gateway, key, call)
+    assert resp.status_code == 200 and resp.content.startswith(answer)
+    gateway.wait_recorded("fmt")
+    assert gateway.events("fmt") == {"gemini_input_tokens": 8, "gemini_output_tokens": 296}
 
 
 def test_candidate_count_cannot_spend_past_quota(make_gateway: Callable[..., Gateway], upstream: FakeUpstream) -> None:
@@ -40,39 +52,15 @@ def test_candidate_count_cannot_spend_past_quota(make_gateway: Callable[..., Gat
         )
     )
     body = {**BODY, "generationConfig": {"maxOutputTokens": 600, "candidateCount": 3}}
-    with httpx.Client(timeout=10) as http:
-        resp = http.post(
-            f"{gw.url}/gemini/v1beta/models/gemini-2.5-flash:generateContent",
-            json=body,
-            headers={"x-goog-api-key": key},
-        )
+    resp = _post(gw, key, "generateContent", body)
     # 3 candidates x 600 tokens may be 1800 > 1000 credited: refused up front, never billed past the quota
     assert resp.status_code == 402, resp.text
     assert upstream.requests == []
 
 
-def test_percent_encoded_alt_sse_is_metered_as_sse(gateway: Gateway, upstream: FakeUpstream) -> None:
-    # `alt=%73se` is `alt=sse` to any URL decoder (Google's, the fake's): an SSE stream comes back.
-    key = gateway.issue_key("perc")
-    with httpx.Client(timeout=10) as http:
-        resp = http.post(
-            f"{gateway.url}/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=%73se",
-            json=BODY,
-            headers={"x-goog-api-key": key},
-        )
-    assert resp.status_code == 200 and resp.content.startswith(b"data: ")
-    gateway.wait_recorded("perc")
-    assert gateway.events("perc") == {"gemini_input_tokens": 8, "gemini_output_tokens": 296}
-
-
 def test_encoded_key_parameter_never_forwarded(gateway: Gateway, upstream: FakeUpstream) -> None:
     key = gateway.issue_key("enc")
-    with httpx.Client(timeout=10) as http:
-        resp = http.post(
-            f"{gateway.url}/gemini/v1beta/models/gemini-2.5-flash:generateContent?%6Bey={key}",
-            json=BODY,
-            headers={"x-goog-api-key": key},
-        )
+    resp = _post(gateway, key, "generateContent?%6Bey={key}", BODY)
     assert resp.status_code == 200
     assert key not in upstream.requests[-1].query and key not in upstream.requests[-1].path
 
@@ -81,12 +69,7 @@ def test_a_format_the_meter_cannot_read_is_refused_before_the_provider(
     gateway: Gateway, upstream: FakeUpstream
 ) -> None:
     key = gateway.issue_key("proto")
-    with httpx.Client(timeout=10) as http:
-        resp = http.post(
-            f"{gateway.url}/gemini/v1beta/models/gemini-2.5-flash:generateContent?alt=proto",
-            json=BODY,
-            headers={"x-goog-api-key": key},
-        )
+    resp = _post(gateway, key, "generateContent?alt=proto", BODY)
     assert resp.status_code == 400
     assert resp.json()["error"]["message"] == ("alt=proto is not served by the gateway: use alt=sse (streams) or JSON")
     assert upstream.requests == []
