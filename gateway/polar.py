@@ -74,6 +74,10 @@ class CustomerNotFound(PolarBillingError):
     """No Polar customer has this external id."""
 
 
+class SessionRefused(PolarBillingError):
+    """Polar refused a customer session's input (a 422 on another field than the customer)."""
+
+
 @dataclass(frozen=True, slots=True)
 class IngestResult:
     inserted: int
@@ -378,5 +382,5 @@ class PolarBilling:
             if not details or any(list(d.loc)[-1:] == ["external_customer_id"] for d in details):
                 raise CustomerNotFound("no Polar customer for this user") from None
             msgs = "; ".join(f"{'.'.join(str(p) for p in d.loc)}: {d.msg}" for d in details)
-            raise PolarBillingError(f"Polar refused the customer session (422): {msgs}") from None
+            raise SessionRefused(f"Polar refused the customer session (422): {msgs}") from None
         return session.customer_portal_url

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from gateway.http_api import api_error
 from gateway.keys import Identity
 from gateway.meters import ALL_METERS
-from gateway.polar import CustomerNotFound, PolarBillingError
+from gateway.polar import CustomerNotFound, PolarBillingError, SessionRefused
 from gateway.quota import meter_status, overall_status
 from gateway.services import Services
 from gateway.status_tokens import TOKEN_PREFIX, StatusTokens
@@ -102,6 +102,8 @@ def portal_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Aw
             url = await s.polar.portal_url(ident.user_id, return_url)
         except CustomerNotFound:
             return api_error(404, "no Polar customer exists for this user yet")
+        except SessionRefused as exc:
+            return api_error(400, str(exc))
         except PolarBillingError as exc:
             log.warning("portal session for %s failed: %s", ident.user_id, type(exc).__name__)
             return api_error(503, "Polar is unreachable right now")

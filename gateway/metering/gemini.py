@@ -75,13 +75,15 @@ MAX_DEFERRED = 32
 class _Accumulator:
     """Shared semantics for one response, whether it arrives whole, as SSE or as an array."""
 
-    __slots__ = ("_deferred", "_unfinished", "error", "final", "images", "metadata")
+    __slots__ = ("_candidates", "_deferred", "_finished", "error", "final", "images", "metadata")
 
     def __init__(self, candidates: int = 1) -> None:
         self.metadata: dict[str, Any] | None = None
         self.images = 0
         self.final = False
-        self._unfinished = candidates  # the response ends when each candidate has its finishReason
+        # The response ends when every candidate has its finishReason (by index: one said twice counts once).
+        self._candidates = candidates
+        self._finished: set[object] | None = set() if candidates > 1 else None
         self.error: Any = None
         self._deferred: list[bytes] = []  # chunks newer than `metadata` that may only replace it
 
@@ -99,9 +101,12 @@ class _Accumulator:
                 if not isinstance(cand, dict):
                     continue
                 if cand.get("finishReason"):
-                    self._unfinished -= 1
-                    if self._unfinished <= 0:
+                    finished = self._finished
+                    if finished is None:
                         self.final = True
+                    else:
+                        finished.add(cand.get("index", 0))
+                        self.final = len(finished) >= self._candidates
                 content = cand.get("content")
                 parts = content.get("parts") if isinstance(content, dict) else None
                 if isinstance(parts, list):

@@ -64,7 +64,7 @@ def _alt_sse(qs: str, stream: bool) -> bool:
     """Whether the query's `alt` (or `$alt`) parameter asks for SSE. Any other format than JSON (and
     SSE for a stream) is refused: the meter could not read it (`alt=proto`), and a guess either way
     (`?quotaUser=alt=sse`, `?alt=%73se`, two values) would bill the stream as the wrong format."""
-    alts = {v for k, v in parse_qsl(qs, keep_blank_values=True) if k in ("alt", "$alt")}
+    alts = {v.partition(";")[0] for k, v in parse_qsl(qs, keep_blank_values=True) if k in ("alt", "$alt")}
     if not alts or alts == {"json"}:
         return False
     if stream and alts == {"sse"}:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import anthropic
 import httpx
 import pytest
+from aiohttp import web
 
 from tests.conftest import Gateway, wait_until
 from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
@@ -120,3 +121,30 @@ def test_portal_without_polar_is_503(make_gateway) -> None:  # type: ignore[no-u
     resp = httpx.get(f"{gw.url}/api/billing/portal", headers={"x-api-key": key})
     assert resp.status_code == 503
     assert "Polar is not configured" in resp.json()["error"]["message"]
+
+
+class _UrlCheckingPolar(FakePolar):
+    """Polar validates return_url as a pydantic HttpUrl: one with a space in its host is a 422."""
+
+    async def _create_session(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if " " in (body.get("return_url") or ""):
+            err = {"loc": ["body", "return_url"], "msg": "Input should be a valid URL", "type": "url_parsing"}
+            return self._invalid([err])
+        return await super()._create_session(request)
+
+
+def test_portal_return_url_polar_refuses_is_a_400_not_polar_unreachable(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    with _UrlCheckingPolar() as polar:
+        gw = make_gateway(polar_access_token=polar.token, polar_base_url=polar.url)
+        key = gw.issue_key("ret")
+        polar.add_customer("ret")
+        resp = httpx.get(
+            f"{gw.url}/api/billing/portal",
+            params={"return_url": "https://app example.com/billing"},
+            headers={"x-api-key": key},
+        )
+    # a client error (the url): not "Polar is unreachable right now" (503, retried for ever)
+    assert resp.status_code == 400, resp.text

@@ -73,3 +73,15 @@ def test_a_format_the_meter_cannot_read_is_refused_before_the_provider(
     assert resp.status_code == 400
     assert resp.json()["error"]["message"] == ("alt=proto is not served by the gateway: use alt=sse (streams) or JSON")
     assert upstream.requests == []
+
+
+def test_google_rest_clients_json_with_enum_encoding_is_served(gateway: Gateway) -> None:
+    # google-generativeai (transport="rest") and every generated Google REST client send
+    # `$alt=json;enum-encoding=int`: a JSON answer, metered as such (it was refused 400 for a moment).
+    key = gateway.issue_key("gapic")
+    for call in ("generateContent", "streamGenerateContent"):
+        resp = _post(gateway, key, f"{call}?%24alt=json%3Benum-encoding%3Dint")
+        assert resp.status_code == 200, resp.text
+    gateway.wait_recorded("gapic", n=2)
+    # (the JSON fixture bills 8 + 294, the JSON-array stream 8 + 296)
+    assert gateway.events("gapic") == {"gemini_input_tokens": 8 + 8, "gemini_output_tokens": 294 + 296}

@@ -103,3 +103,15 @@ def test_json_and_sse_are_served_and_count_tokens_is_not_checked() -> None:
     assert p.match("POST", stream, b"%24alt=%73se").sse is True  # type: ignore[union-attr]
     assert p.match("POST", stream, b"alt=json").sse is False  # type: ignore[union-attr]
     assert p.match("POST", "/v1beta/models/gemini-2.5-flash:countTokens", b"alt=proto") is not None
+
+
+def test_a_candidate_finishing_twice_is_not_two_candidates() -> None:
+    body = {"contents": [{"parts": [{"text": "Hi"}]}], "generationConfig": {"candidateCount": 2}}
+    m = prepare("/v1beta/models/gemini-2.5-flash:streamGenerateContent", body, b"alt=sse").meter_factory()
+    done0 = {"candidates": [{"content": {"parts": [{"text": "a"}]}, "finishReason": "STOP", "index": 0}]}
+    m.feed(b"data: " + orjson.dumps(done0) + b"\r\n\r\n")
+    m.feed(b"data: " + orjson.dumps(done0) + b"\r\n\r\n")
+    assert not m.usage().final
+    done1 = {"candidates": [{"content": {"parts": [{"text": "b"}]}, "finishReason": "STOP", "index": 1}]}
+    m.feed(b"data: " + orjson.dumps(done1) + b"\r\n\r\n")
+    assert m.usage().final
