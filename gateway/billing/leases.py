@@ -53,6 +53,7 @@ class _User:
     used_at: float = 0.0  # monotonic time of the last reservation
     tight_until: float = 0.0  # another process recalled: lease exact needs, hand back leftovers
     recall: tuple[int, float] = (0, 0.0)  # our last recall for this user: seq, monotonic time
+    resynced: bool = False  # `_resync` set the row since the last `stored` of this user
 
 
 class LeasedLedger:
@@ -121,6 +122,10 @@ class LeasedLedger:
                     u.quota.meter(name).consumed -= amount
                     if h.row:  # the store took it off the row in the same transaction
                         h.lease -= amount
+                        if u.resynced and u not in self._unsynced:
+                            # a `_resync` may have set the row after that transaction: set it again
+                            self._unsynced.append(u)
+            u.resynced = False
 
     async def snapshot(self, user_id: str) -> UserQuota:
         u = await self._user(user_id)
@@ -325,6 +330,7 @@ class LeasedLedger:
             amounts = {name: h.lease for name, h in u.held.items() if h.row}
             if amounts:
                 await self.leases.set_leases(self.owner, u.quota.user_id, amounts)
+                u.resynced = True
 
     async def reassert(self) -> None:
         """Our registration was taken for dead and our leases released: put back what covers our

@@ -14,7 +14,7 @@ from gateway.billing.protocols import Reservation
 from gateway.quota import Refusal
 from gateway.store.leases_base import InvalidationKind
 from gateway.timeutil import utcnow
-from tests.support_leases import Cluster, Proc
+from tests.support_leases import Cluster, Proc, record
 
 OUT = "claude_output_tokens"
 
@@ -126,3 +126,45 @@ async def test_a_process_back_from_the_dead_rereads_limits_whose_log_entry_was_p
     assert len(await shared.query("SELECT owner FROM processes WHERE owner = ?", a.owner)) == 1  # re-registered
     # The credit is 5 now, 10 already reserved: nothing more may be granted.
     assert isinstance(await a.ledger.reserve("u", {OUT: 10}), Refusal)
+
+
+async def _strand_a_hand_back(a: Any) -> None:
+    """a's hand-back fails once: a is left for the keeper's `_resync`."""
+    real = a.store.return_lease
+    calls = 0
+
+    async def fails_once(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("store unreachable for a moment")
+        await real(*args, **kwargs)
+
+    a.store.return_lease = fails_once
+    with pytest.raises(ConnectionError):
+        await a.ledger.return_idle(a.ledger._users["u"])
+    assert a.ledger._unsynced
+
+
+async def test_a_resync_racing_a_stored_batch_is_set_right_at_the_next_round(shared: Cluster) -> None:
+    """A batch of a's usage commits (the row goes down by it) and the keeper's `_resync` runs
+    before the recorder calls `stored`: the row is set back up by it; `stored` asks for another
+    resync, or b would be refused what is free until a stops."""
+    await shared.put_credit("u", {OUT: 100})
+    a = await shared.process("a", {}, poll=3600.0, heartbeat=3600.0)
+    b = await shared.process("b", {}, poll=3600.0, heartbeat=3600.0)
+    a.ledger.poll = b.ledger.poll = 0.02  # (the keepers tick only by hand)
+    r = await a.ledger.reserve("u", {OUT: 10})
+    assert isinstance(r, Reservation)
+    a.ledger.settle(r, {OUT: 10})  # used 10: unstored until the recorder stores it
+    await _strand_a_hand_back(a)  # a: lease 10 (covers the unstored), the idle rest failed to go back
+    rec = record("r1", "u", a.owner, {OUT: 10}, {OUT: 10})
+    await a.store.finish_requests([rec])  # the batch commits ...
+    await a.ledger.keep(30.0, scan=False)  # ... the keeper round runs before the recorder resumes ...
+    a.ledger.stored([rec])  # ... which then tells the ledger
+    h = a.ledger._users["u"].held[OUT]
+    assert (h.lease, h.reserved, h.unstored) == (0, 0, 0)
+    await a.ledger.keep(30.0, scan=True)  # later rounds change nothing
+    # 10 consumed, nothing in flight anywhere: 90 are free.
+    got = await b.ledger.reserve("u", {OUT: 90})
+    assert isinstance(got, Reservation), (got, await shared.leases("u"))
