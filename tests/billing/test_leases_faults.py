@@ -50,19 +50,7 @@ async def test_a_hand_back_the_store_failed_is_set_right_at_the_next_round(share
     res = await a.ledger.reserve("u", {OUT: 10})
     assert isinstance(res, Reservation)
     a.ledger.settle(res, {})  # nothing used: a holds an idle slice
-    real = a.store.return_lease
-    calls = 0
-
-    async def fails_once(*args: Any, **kwargs: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise ConnectionError("store unreachable for a moment")
-        await real(*args, **kwargs)
-
-    a.store.return_lease = fails_once  # type: ignore[method-assign]
-    with pytest.raises(ConnectionError):
-        await a.ledger.return_idle(a.ledger._users["u"])  # the keeper's idle round, failing once
+    await _strand_a_hand_back(a)  # the keeper's idle round, failing once
     assert a.ledger._users["u"].held[OUT].lease == 0  # never more than the store may say
     await a.ledger.keep(30.0, scan=False)  # the next keeper round (its own may come first: the same)
     assert await shared.leases("u") == {a.owner: 0}
