@@ -100,7 +100,9 @@ def build_services(settings: Settings, *, shared: bool = False) -> Services:
         owner=owner,
         journal=journal,
         recorder=recorder,
-        billing=BillingOwner(ledger, limiter, journal, recorder, metrics, refusals),
+        billing=BillingOwner(
+            ledger, limiter, journal, recorder, metrics, refusals, store_timeout=settings.store_timeout_seconds
+        ),
         refusals=refusals,
         metrics=metrics,
         keeper=keeper,

@@ -18,7 +18,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.billing.owner import Hold, Refused, Result
+from gateway.billing.owner import Hold, RefusalKind, Refused, Result
+from gateway.deadlines import StoreTimeout, within
 from gateway.logs import REQUEST_ID
 from gateway.metering import ContentDecoder, Usage
 from gateway.outcomes import Outcome
@@ -107,7 +108,16 @@ class ProxyEndpoint:
 
         # 1. authenticate
         key = provider.extract_key(headers, query)
-        ident = s.keys.cached(key) or await s.keys.authenticate(key)
+        try:
+            ident = s.keys.cached(key) or await within(s.keys.authenticate(key), s.settings.store_timeout_seconds)
+        except Exception as exc:
+            if isinstance(exc, StoreTimeout):
+                log.warning("could not check a key: %s", exc)
+            else:
+                log.exception("could not check a key")
+            s.metrics.refused(503, RefusalKind.STORE_UNAVAILABLE.value)
+            s.refusals.count(503, RefusalKind.STORE_UNAVAILABLE.value)
+            return count(op, await self._unavailable(send, "the gateway cannot check keys right now", rid))
         if ident is None:
             s.metrics.refused(401, "invalid_key")
             s.refusals.count(401, "invalid_key")
@@ -219,7 +229,15 @@ class ProxyEndpoint:
                 extra={"meter": refusal.meter, "portal_url": PORTAL_PATH},
                 extra_headers=[(b"x-should-retry", b"false")],
             )
+        if refused.kind is RefusalKind.STORE_UNAVAILABLE:
+            return await self._unavailable(send, "the gateway cannot check the quota right now", rid)
         return await self._error(send, 503, "api_error", "the gateway cannot record usage right now", rid)
+
+    async def _unavailable(self, send: Any, what: str, rid: tuple[bytes, bytes]) -> int:
+        """The database failed or did not answer in time: a 503 the SDKs retry after a second."""
+        return await self._error(
+            send, 503, "api_error", f"{what}; retry in 1 s", rid, extra_headers=[(b"retry-after", b"1")]
+        )
 
     async def _forward(
         self,

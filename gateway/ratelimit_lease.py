@@ -43,8 +43,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.deadlines import within
 from gateway.ratelimit import RateLimited, StoreErrorPolicy
-from gateway.ratelimit_budget import SLICE, RateBudget, Want
+from gateway.ratelimit_budget import SLICE, Grant, RateBudget, Want
 from gateway.ratelimit_settler import Corrections, ErrorLog, Settler, on_store_error
 
 GROWTH = 2  # a slice asks for this many times what its process admitted in the last second
@@ -85,7 +86,9 @@ class LeasedRateLimiter:
         on_store_error: StoreErrorPolicy = StoreErrorPolicy.OPEN,
         clock: Callable[[], float] | None = None,  # None: the backend's clock; tests inject one (for both clocks)
         what: str = "rate-limit store",
+        timeout: float = 5.0,  # the longest a take is waited for; then the store counts as failed
     ) -> None:
+        self.timeout = timeout
         self.rpm = requests_per_minute
         self.tpm = tokens_per_minute
         self.budget = budget
@@ -232,7 +235,11 @@ class LeasedRateLimiter:
                 last.requests = last.tokens = 0
             started = self._local()
             try:
-                got = await self.budget.rate_take(user_id, want, None if self._clock is None else self._clock(), back)
+                got = await within(
+                    self.budget.rate_take(user_id, want, None if self._clock is None else self._clock(), back),
+                    self.timeout,
+                    lambda late: self._give_back(user_id, late),
+                )
             except Exception as exc:  # never fail the request: the policy decides
                 # (a rest that may not have gone back stays counted until it leaves the window: never too many)
                 self._errors.failed(exc)
@@ -269,6 +276,11 @@ class LeasedRateLimiter:
         if self.tpm is None:
             return Want(requests, 0, 0, self.rpm, None)
         return Want(requests, tokens + (requests - 1) * per_request, tokens, self.rpm, self.tpm)
+
+    def _give_back(self, user_id: str, late: Grant | RateLimited) -> None:
+        """A slice booked after its take was given up on: nobody spends it (the rest it took back stays back)."""
+        if isinstance(late, Grant):
+            self._settler.add(user_id, late.second, -late.requests, -late.tokens)
 
     def _end(self, user_id: str, lease: Lease) -> None:
         """Hand back what `lease` did not spend (or book what it spent past its slice), in the background."""

@@ -29,8 +29,11 @@ class StoreRateLimiter(LeasedRateLimiter):
         tokens_per_minute: int | None,
         on_store_error: StoreErrorPolicy = StoreErrorPolicy.OPEN,
         clock: Callable[[], float] | None = None,  # None: the database's clock (tests inject one)
+        timeout: float = 5.0,
     ) -> None:
-        super().__init__(store, requests_per_minute, tokens_per_minute, on_store_error, clock, "rate-limit store")
+        super().__init__(
+            store, requests_per_minute, tokens_per_minute, on_store_error, clock, "rate-limit store", timeout
+        )
 
 
 def make_limiter(settings: Settings, store: RateBudget, *, shared: bool) -> RateLimit:
@@ -46,7 +49,13 @@ def make_limiter(settings: Settings, store: RateBudget, *, shared: bool) -> Rate
             settings.redis_url, rl.requests_per_minute, rl.tokens_per_minute, on_store_error=rl.on_store_error
         )
     if shared:
-        return StoreRateLimiter(store, rl.requests_per_minute, rl.tokens_per_minute, rl.on_store_error)
+        return StoreRateLimiter(
+            store,
+            rl.requests_per_minute,
+            rl.tokens_per_minute,
+            rl.on_store_error,
+            timeout=settings.store_timeout_seconds,
+        )
     return RateLimiter(rl.requests_per_minute, rl.tokens_per_minute)
 
 

@@ -128,6 +128,7 @@ def load_file_config(path: Path) -> FileConfig:
 class Settings:
     database_url: str = "sqlite:///gateway.db"
     database_pool_size: int = 10  # connections per process (PostgreSQL)
+    store_timeout_seconds: float = 5.0  # longest a request waits on the database (key, quota, rate limit): a 503
     journal_dir: str = ""  # requests in flight (gateway/journal.py); "" = beside an SQLite database
     record_linger_seconds: float = 0.02  # how long finished requests gather before one store commit
     refusals_flush_seconds: float = 5.0  # how often refusals counted in memory are added to the store
@@ -212,6 +213,7 @@ class Settings:
 _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_DATABASE_URL": ("database_url", str),
     "GATEWAY_DATABASE_POOL_SIZE": ("database_pool_size", int),
+    "GATEWAY_STORE_TIMEOUT_SECONDS": ("store_timeout_seconds", float),
     "GATEWAY_JOURNAL_DIR": ("journal_dir", str),
     "GATEWAY_RECORD_LINGER_SECONDS": ("record_linger_seconds", float),
     "GATEWAY_REFUSALS_FLUSH_SECONDS": ("refusals_flush_seconds", float),
@@ -301,7 +303,7 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         raise ConfigError("GATEWAY_DATABASE_POOL_SIZE must be at least 1")
     if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("GATEWAY_REDIS_URL must look like redis://host:6379/0 (or rediss://, unix://)")
-    for var in ("GATEWAY_CLIENT_TIMEOUT_SECONDS", "GATEWAY_MAX_CONNECTIONS"):
+    for var in ("GATEWAY_CLIENT_TIMEOUT_SECONDS", "GATEWAY_MAX_CONNECTIONS", "GATEWAY_STORE_TIMEOUT_SECONDS"):
         if not 0 < getattr(settings, _ENV[var][0]) < math.inf:
             raise ConfigError(f"{var} must be a positive number, got {env.get(var)!r}")
     for origin in settings.cors_origin_list:

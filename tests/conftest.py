@@ -52,6 +52,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         time.sleep(interval)
 
 
+async def poll_until(predicate: Callable[[], Any], within: float = 5.0) -> Any:
+    """`wait_until` from a test's event loop, for a plain predicate (what a background task changes)."""
+
+    async def check() -> Any:
+        return predicate()
+
+    return await wait_until_async(check, within)
+
+
 async def wait_until_async(predicate: Callable[[], Awaitable[Any]], within: float = 5.0, interval: float = 0.01) -> Any:
     """`wait_until` for a coroutine predicate (`within` seconds), without blocking the event loop."""
     deadline = time.monotonic() + within

@@ -8,6 +8,7 @@ count its round trips and to fail on demand.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -56,11 +57,14 @@ class Counting:
         self.corrections = 0  # batches
         self.sweeps = 0
         self.failing = False
+        self.hang: asyncio.Event | None = None  # takes do not answer until it is set
 
     async def rate_take(
         self, user_id: str, want: Want, now: float | None, back: Correction | None
     ) -> Grant | RateLimited:
         self.takes += 1
+        if self.hang is not None:
+            await self.hang.wait()
         if self.failing:
             raise ConnectionError("the backend is down")
         return await self.inner.rate_take(user_id, want, now, back)

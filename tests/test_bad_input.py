@@ -54,6 +54,16 @@ def test_nan_float_setting_is_a_config_error(var: str) -> None:
         settings_from_env({var: "nan", "GATEWAY_CONFIG": CONFIG})
 
 
+@pytest.mark.parametrize("value", ["0", "nan", "inf"])
+def test_a_store_timeout_must_be_a_positive_number(value: str) -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_STORE_TIMEOUT_SECONDS must be a positive number"):
+        settings_from_env({"GATEWAY_STORE_TIMEOUT_SECONDS": value, "GATEWAY_CONFIG": CONFIG})
+    assert (
+        settings_from_env({"GATEWAY_STORE_TIMEOUT_SECONDS": "0.5", "GATEWAY_CONFIG": CONFIG}).store_timeout_seconds
+        == 0.5
+    )
+
+
 def test_port_out_of_range_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="GATEWAY_PORT"):
         settings_from_env({"GATEWAY_PORT": "70000", "GATEWAY_CONFIG": CONFIG})

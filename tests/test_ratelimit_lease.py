@@ -21,7 +21,7 @@ from gateway.ratelimit_budget import Grant, Want, slice_of
 from gateway.ratelimit_lease import LeasedRateLimiter
 from gateway.ratelimit_shared import StoreRateLimiter
 from gateway.store.sqlite import SqliteStore
-from tests.conftest import wait_until_async
+from tests.conftest import poll_until, wait_until_async
 from tests.support_ratelimit import KINDS, Clock, Counting, Make, admitted, shared_backend
 
 
@@ -209,6 +209,25 @@ async def test_a_failing_store_answers_the_waiting_requests_with_the_policy(
     await rl.close()
     (line,) = [r for r in caplog.records if r.name == "gateway.ratelimit"]
     assert "rate-limit store failed 1 time(s)" in line.getMessage()
+
+
+@pytest.mark.parametrize("policy", [StoreErrorPolicy.OPEN, StoreErrorPolicy.CLOSED])
+async def test_a_store_that_does_not_answer_is_waited_for_a_bounded_time(
+    sqlite_store: SqliteStore, policy: StoreErrorPolicy
+) -> None:
+    # A database that stops answering must not hold requests: the policy answers at the deadline,
+    # and the slice the store books when it answers after all goes back (nobody spends it).
+    clock = Clock(1000.0)
+    budget = Counting(sqlite_store)
+    budget.hang = asyncio.Event()
+    rl = LeasedRateLimiter(budget, 100, 10_000, policy, clock, timeout=0.05)
+    expected = (None, None) if policy is StoreErrorPolicy.OPEN else (RateLimited("unavailable", 1), None)
+    assert await asyncio.wait_for(rl.acquire("u", 10), 5) == expected
+    budget.hang.set()
+    assert await poll_until(lambda: budget.corrections) == 1
+    await rl.flush()
+    assert await asyncio.to_thread(_rows, sqlite_store.path) == [(1000, 0, 0)]  # booked, then handed back
+    await rl.close()
 
 
 async def test_a_store_limiter_without_limits_never_asks_the_store(sqlite_store: SqliteStore) -> None:

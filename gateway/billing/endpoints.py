@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from gateway.deadlines import StoreTimeout, within
 from gateway.http_api import api_error
 from gateway.keys import Identity
 from gateway.meters import ALL_METERS
@@ -39,6 +40,11 @@ async def authenticate(s: Services, request: Request, tokens: StatusTokens) -> I
     return await s.keys.authenticate(bearer_or_api_key(request))
 
 
+def store_silent(exc: StoreTimeout) -> JSONResponse:
+    log.warning("a billing endpoint gave up on the database: %s", exc)
+    return api_error(503, "the database did not answer; retry in 1 s", {"retry-after": "1"})
+
+
 def unauthorized(request: Request) -> JSONResponse:
     token = bearer(request)
     if token is not None and token.startswith(TOKEN_PREFIX):
@@ -48,10 +54,14 @@ def unauthorized(request: Request) -> JSONResponse:
 
 def status_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Awaitable[JSONResponse]]:
     async def billing_status(request: Request) -> JSONResponse:
-        ident = await authenticate(s, request, tokens)
-        if ident is None:
-            return unauthorized(request)
-        uq = await s.ledger.snapshot(ident.user_id)
+        wait = s.settings.store_timeout_seconds
+        try:
+            ident = await within(authenticate(s, request, tokens), wait)
+            if ident is None:
+                return unauthorized(request)
+            uq = await within(s.ledger.snapshot(ident.user_id), wait)
+        except StoreTimeout as exc:
+            return store_silent(exc)
         cfg = s.settings.file.status
         meters = [meter_status(name, uq.meter(name), cfg.warning, cfg.critical) for name in ALL_METERS]
         return JSONResponse(
@@ -90,7 +100,10 @@ def _host(url: str) -> str | None:
 
 def portal_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Awaitable[JSONResponse]]:
     async def billing_portal(request: Request) -> JSONResponse:
-        ident = await authenticate(s, request, tokens)
+        try:
+            ident = await within(authenticate(s, request, tokens), s.settings.store_timeout_seconds)
+        except StoreTimeout as exc:
+            return store_silent(exc)
         if ident is None:
             return unauthorized(request)
         if s.polar is None:

@@ -95,6 +95,12 @@ class LeasedLedger:
             u = await self._user(user_id)
         return self._reserve_local(u, amounts) or await self._reserve_leasing(u, amounts)
 
+    def reserve_held(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | None:
+        u = self._users.get(user_id)
+        if u is None or u.quota.stale or self._clock() >= u.quota.period_end:
+            return None
+        return self._reserve_local(u, amounts)
+
     def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> None:
         u = self._users.get(reservation.user_id)
         if u is None:

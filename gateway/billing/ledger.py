@@ -22,6 +22,10 @@ class InProcessLedger:
             uq = await self.ledger.get(user_id)
         return self.reserve_loaded(user_id, amounts, uq)
 
+    def reserve_held(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | Refusal | None:
+        uq = self.ledger.cached(user_id)
+        return None if uq is None else self.reserve_loaded(user_id, amounts, uq)
+
     @staticmethod
     def reserve_loaded(user_id: str, amounts: Mapping[str, int], uq: UserQuota) -> Reservation | Refusal:
         """`reserve` on the user's quota already loaded (`Ledger.cached`)."""

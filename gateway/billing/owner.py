@@ -17,6 +17,7 @@ from typing import Protocol
 
 from gateway.billing.ledger import InProcessLedger
 from gateway.billing.protocols import QuotaLedger, RateLimit, Reservation
+from gateway.deadlines import StoreTimeout, within
 from gateway.journal import Segment
 from gateway.metering import Usage
 from gateway.meters import GEMINI_IMAGES
@@ -48,6 +49,7 @@ class RefusalKind(StrEnum):
     RATE_LIMITED = "rate_limited"
     QUOTA = "quota"
     UNRECORDABLE = "unrecordable"  # the journal refused the request: it could not be billed
+    STORE_UNAVAILABLE = "store_unavailable"  # the quota could not be checked: the store failed or did not answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +83,10 @@ class BillingOwner:
         recorder: RecordSink,
         metrics: Metrics = NO_METRICS,
         refusals: RefusalSink = NO_REFUSALS,
+        store_timeout: float = 5.0,
     ) -> None:
         self.ledger = ledger
+        self.store_timeout = store_timeout  # the longest a request waits on the store for its reservation
         self.limiter = limiter
         self.journal = journal
         self.recorder = recorder
@@ -118,12 +122,29 @@ class BillingOwner:
         limited, ticket = await self.limiter.acquire(user_id, rate_tokens)
         if limited is not None:
             return self._refused(Refused(RefusalKind.RATE_LIMITED, rate=limited))
+        ledger = self.ledger
         try:
-            reservation = await self.ledger.reserve(user_id, record.reservation)
+            reservation = ledger.reserve_held(user_id, record.reservation)
+            if reservation is None:
+                reservation = await within(
+                    ledger.reserve(user_id, record.reservation), self.store_timeout, self._give_back
+                )
+        except Exception as exc:
+            self.limiter.settle(user_id, ticket, 0)
+            if isinstance(exc, StoreTimeout):
+                log.warning("refused a request of %s: %s", user_id, exc)
+            else:
+                log.exception("refused a request of %s: the quota could not be checked", user_id)
+            return self._refused(Refused(RefusalKind.STORE_UNAVAILABLE))
         except BaseException:
             self.limiter.settle(user_id, ticket, 0)
             raise
         return self._hold(record, reservation, ticket)
+
+    def _give_back(self, reservation: Reservation | Refusal) -> None:
+        """A reservation granted after its request stopped waiting: nothing will use it."""
+        if isinstance(reservation, Reservation):
+            self.ledger.settle(reservation, {})
 
     def begin_now(self, record: RequestRecord, rate_tokens: int) -> Hold | Refused | None:
         """`begin` without a coroutine when nothing has to be waited for (the single-process limiter

@@ -31,6 +31,10 @@ class QuotaLedger(Protocol):
         """Check and reserve in one step: parallel requests never pass on the same balance."""
         ...
 
+    def reserve_held(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | Refusal | None:
+        """`reserve` from what this process holds, without the store; None when the store must be asked."""
+        ...
+
     def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> None:
         """The request ended: its reservation becomes `actual` consumption (not yet stored)."""
         ...

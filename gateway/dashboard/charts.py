@@ -14,7 +14,7 @@ WIDTH, HEIGHT = 720, 160
 LEFT, BOTTOM, TOP = 56, 18, 8  # room for the axis labels
 _STEP = {Step.HOUR: timedelta(hours=1), Step.DAY: timedelta(days=1)}
 # What each refusal status means, in the order its bars stack (CSS classes s401 ...).
-REFUSAL_STATUSES = {401: "invalid key", 402: "quota", 429: "rate limited", 503: "unrecordable"}
+REFUSAL_STATUSES = {401: "invalid key", 402: "quota", 429: "rate limited", 503: "cannot bill now"}
 
 
 @dataclass(frozen=True, slots=True)

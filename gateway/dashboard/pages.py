@@ -52,6 +52,7 @@ REFUSAL_REASONS = {
     "tokens": "too many tokens per minute",
     "unavailable": "rate limits could not be checked",
     "unrecordable": "the journal could not record the request",
+    "store_unavailable": "the database did not answer: the quota could not be checked",
 }
 
 

@@ -20,6 +20,7 @@ from gateway.ratelimit import RateLimited, RateLimiter
 from gateway.recording import Recorder
 from gateway.store.base import RequestRecord
 from gateway.store.sqlite import SqliteStore
+from tests.conftest import poll_until
 from tests.test_store import record
 
 IN, OUT, CACHE_READ = "claude_input_tokens", "claude_output_tokens", "claude_cache_read_tokens"
@@ -49,14 +50,24 @@ class FakeLedger:
     """Reserves on a throwaway quota unless told to refuse (or to fail: the store down); remembers
     what is held and settled."""
 
-    def __init__(self, refuse: Refusal | None = None, fail: BaseException | None = None) -> None:
+    def __init__(
+        self, refuse: Refusal | None = None, fail: BaseException | None = None, hang: asyncio.Event | None = None
+    ) -> None:
         self.refuse = refuse
         self.fail = fail
+        self.hang = hang  # the store does not answer until it is set
+        self.asked = 0
         self.held: list[Reservation] = []
         self.settled: list[tuple[Reservation, dict[str, int]]] = []
         self.stored_ids: list[str] = []
 
+    def reserve_held(self, user_id: str, amounts: Mapping[str, int]) -> None:
+        return None  # (always asks the store)
+
     async def reserve(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | Refusal:
+        self.asked += 1
+        if self.hang is not None:
+            await self.hang.wait()
         if self.fail is not None:
             raise self.fail
         if self.refuse is not None:
@@ -134,14 +145,47 @@ async def test_a_rate_limited_request_takes_nothing() -> None:
 
 
 async def test_a_reservation_that_fails_gives_back_the_rate_ticket() -> None:
-    # The quota store down (or the request cancelled) while reserving: nothing ran, so the tokens
-    # estimated on the rate limit must not stay counted for the rest of the minute.
-    billing, limiter, ledger, journal, sink = owner(ledger=FakeLedger(fail=ConnectionError("store down")))
-    with pytest.raises(ConnectionError):
-        await billing.begin(record("req_a"), 100)
+    # The quota store down while reserving: nothing ran, so the tokens estimated on the rate limit
+    # must not stay counted for the rest of the minute; the client gets a 503 it can retry.
+    refusals = FakeRefusals()
+    billing, limiter, ledger, journal, sink = owner(
+        ledger=FakeLedger(fail=ConnectionError("store down")), refusals=refusals
+    )
+    assert await billing.begin(record("req_a"), 100) == Refused(RefusalKind.STORE_UNAVAILABLE)
     [(user, tokens, ticket)] = limiter.acquired
     assert (user, tokens) == ("u", 100) and limiter.settled == [(user, ticket, 0)]
     assert (ledger.held, journal.begun, sink.added) == ([], [], [])
+    assert refusals.counted == [(503, "store_unavailable")]
+
+
+async def test_a_store_that_does_not_answer_is_waited_for_a_bounded_time() -> None:
+    # A database that stops answering (a partition, a failover) must not hold the request: it is
+    # refused at the deadline, and the reservation the store grants later is given back at once.
+    answer = asyncio.Event()
+    ledger = FakeLedger(hang=answer)
+    limiter = FakeLimiter()
+    billing = BillingOwner(ledger, limiter, FakeJournal(), FakeSink(), refusals=FakeRefusals(), store_timeout=0.05)
+    refused = await asyncio.wait_for(billing.begin(record("req_a", reservation={OUT: 10}), 40), 5)
+    assert refused == Refused(RefusalKind.STORE_UNAVAILABLE)
+    [(_, _, ticket)] = limiter.acquired
+    assert limiter.settled == [("u", ticket, 0)] and ledger.settled == []
+    answer.set()
+    [(late, actual)] = await poll_until(lambda: ledger.settled)
+    assert (late.amounts, actual, ledger.held) == ({OUT: 10}, {}, [])
+
+
+async def test_a_request_cancelled_while_the_store_is_slow_gives_back_what_it_is_granted() -> None:
+    answer = asyncio.Event()
+    ledger = FakeLedger(hang=answer)
+    billing = BillingOwner(ledger, FakeLimiter(), FakeJournal(), FakeSink(), refusals=FakeRefusals())
+    begun = asyncio.create_task(billing.begin(record("req_a", reservation={OUT: 10}), 40))
+    await poll_until(lambda: ledger.asked)  # the request is waiting on the store
+    begun.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await begun
+    answer.set()
+    [(late, actual)] = await poll_until(lambda: ledger.settled)
+    assert (late.amounts, actual, ledger.held) == ({OUT: 10}, {}, [])
 
 
 async def test_a_quota_refusal_gives_back_the_rate_ticket() -> None:

@@ -1,0 +1,79 @@
+"""A database that stops answering (a partition, a failover: nothing closes, nothing answers) must not
+hold requests: what needs it (a request, the usage status) is refused with a 503 in the provider's shape after
+GATEWAY_STORE_TIMEOUT_SECONDS, what the process holds in memory is still served, and once the
+database answers again everything given up on is given back and requests are served as before."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import anthropic
+import httpx
+import pytest
+
+from gateway.meters import CLAUDE_OUTPUT
+from tests.conftest import Gateway
+from tests.fakes.link import FreezableLink
+from tests.fakes.upstream import FakeUpstream
+from tests.support_db import Databases
+
+MSG = [{"role": "user", "content": "Hello"}]
+TIMEOUT = 1.0
+
+
+@pytest.fixture
+def link(databases: Databases) -> Iterator[tuple[FreezableLink, str]]:
+    """A PostgreSQL database reached through a link the test can freeze, and its URL over the link."""
+    url = databases.new("hang", backend="postgres").url
+    parts = urlsplit(url)
+    relay = FreezableLink(parts.hostname or "127.0.0.1", parts.port or 5432).start()
+    try:
+        yield relay, urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{relay.port}"))
+    finally:
+        relay.stop()
+
+
+def ask(gw: Gateway, key: str, max_tokens: int = 16) -> anthropic.types.Message:
+    client = anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0, timeout=30)
+    return client.messages.create(model="claude-sonnet-4-6", max_tokens=max_tokens, messages=MSG)  # type: ignore[arg-type]
+
+
+def test_a_database_that_stops_answering_gets_a_503_in_bounded_time(
+    link: tuple[FreezableLink, str], make_gateway: Callable[..., Gateway], upstream: FakeUpstream
+) -> None:
+    relay, url = link
+    gw = make_gateway(plan={CLAUDE_OUTPUT: 100_000}, shared=True, database_url=url, store_timeout_seconds=TIMEOUT)
+    ann, bob = gw.issue_key("ann"), gw.issue_key("bob")
+    assert ask(gw, ann).usage.output_tokens == 9
+    served = len(upstream.requests)
+    relay.freeze()
+    try:
+        # ann's key was looked up a moment ago (cached for 1 s): her request needs the store for its
+        # reservation (more than any lease the first request took); bob's key is not in the cache.
+        for key, needs in ((ann, ("keys", "the quota")), (bob, ("keys",))):
+            started = time.monotonic()
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                ask(gw, key, max_tokens=90_000)
+            waited = time.monotonic() - started
+            assert refused.value.status_code == 503
+            assert refused.value.response.headers["retry-after"] == "1"
+            body = refused.value.response.json()
+            assert body["type"] == "error" and body["error"]["type"] == "api_error"
+            messages = [f"the gateway cannot check {what} right now; retry in 1 s" for what in needs]
+            assert body["error"]["message"] in messages
+            assert TIMEOUT <= waited < TIMEOUT + 3
+        assert len(upstream.requests) == served  # the provider was never asked
+        started = time.monotonic()
+        status = httpx.get(f"{gw.url}/api/billing/status", headers={"x-api-key": ann}, timeout=30)
+        assert (status.status_code, status.headers["retry-after"]) == (503, "1")
+        silent = {"error": {"type": "unavailable", "message": "the database did not answer; retry in 1 s"}}
+        assert status.json() == silent
+        assert TIMEOUT <= time.monotonic() - started < TIMEOUT + 3
+    finally:
+        relay.thaw()
+    # The database answers again: everything given up on was given back, so the whole credit is there.
+    reply = ask(gw, ann, max_tokens=90_000)
+    assert reply.usage.output_tokens == 9
+    assert ask(gw, bob).usage.output_tokens == 9
