@@ -18,7 +18,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.billing.owner import Hold, RefusalKind, Refused, Result
+from gateway.answers import ErrorAnswers
+from gateway.billing.owner import Hold, RefusalKind, Result
 from gateway.deadlines import StoreTimeout, within
 from gateway.logs import REQUEST_ID
 from gateway.metering import ContentDecoder, Usage
@@ -31,15 +32,12 @@ from gateway.timeutil import utcnow
 log = logging.getLogger("gateway.proxy")
 
 Scope = dict[str, Any]
-PORTAL_PATH = "/api/billing/portal"
 
 
 class ClientGone(Exception):
     pass
 
 
-# Without it the server keeps reading (and discarding) the rest of an oversized upload.
-_CLOSE = [(b"connection", b"close")]
 # Route labels of requests no provider route matched (the raw path would make a label per path).
 UNMATCHED, INVALID = "unmatched", "invalid"
 MAX_ROUTES = 1024  # routes remembered per provider (a Gemini route names its model: unbounded)
@@ -80,6 +78,7 @@ class ProxyEndpoint:
         self._metrics = services.metrics.for_provider(provider.name)
         self._routes: dict[tuple[str, str, bytes], Route] = {}  # (see `_match`)
         settings = services.settings
+        self._answer = ErrorAnswers(provider, settings.max_body_bytes)
         self._timeout = aiohttp.ClientTimeout(
             total=None,  # streams may run for any length of time; silence is what is bounded
             sock_connect=settings.connect_timeout_seconds,
@@ -100,10 +99,10 @@ class ProxyEndpoint:
         try:
             route = self._routes.get((method, path, query)) or self._match(method, path, query)
         except InvalidRequest as exc:
-            return count(INVALID, await self._error(send, 400, "invalid_request_error", str(exc), rid))
+            return count(INVALID, await self._answer.error(send, 400, "invalid_request_error", str(exc), rid))
         if route is None:
             message = f"{method} {path} is not served by the gateway"
-            return count(UNMATCHED, await self._error(send, 404, "not_found", message, rid))
+            return count(UNMATCHED, await self._answer.error(send, 404, "not_found", message, rid))
         op = route.operation
 
         # 1. authenticate
@@ -117,12 +116,12 @@ class ProxyEndpoint:
                 log.exception("could not check a key")
             s.metrics.refused(503, RefusalKind.STORE_UNAVAILABLE.value)
             s.refusals.count(503, RefusalKind.STORE_UNAVAILABLE.value)
-            return count(op, await self._unavailable(send, "the gateway cannot check keys right now", rid))
+            return count(op, await self._answer.unavailable(send, "the gateway cannot check keys right now", rid))
         if ident is None:
             s.metrics.refused(401, "invalid_key")
             s.refusals.count(401, "invalid_key")
             return count(
-                op, await self._error(send, 401, "authentication_error", "invalid or revoked gateway key", rid)
+                op, await self._answer.error(send, 401, "authentication_error", "invalid or revoked gateway key", rid)
             )
 
         # 2. read and check the request
@@ -130,30 +129,30 @@ class ProxyEndpoint:
         if route.has_body:
             length = header(headers, b"content-length")
             if length is not None and length.isdigit() and int(length) > s.settings.max_body_bytes:
-                return count(op, await self._too_large(send, rid))
+                return count(op, await self._answer.too_large(send, rid))
             try:
                 maybe = await read_body(receive, s.settings.max_body_bytes)
             except ClientGone:
                 return  # the client left: nothing answered, nothing counted
             if maybe is None:
-                return count(op, await self._too_large(send, rid))
+                return count(op, await self._answer.too_large(send, rid))
             body = maybe
             try:
                 obj = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
                 return count(
-                    op, await self._error(send, 400, "invalid_request_error", f"malformed JSON body: {exc}", rid)
+                    op, await self._answer.error(send, 400, "invalid_request_error", f"malformed JSON body: {exc}", rid)
                 )
             if not isinstance(obj, dict):
                 message = "the JSON body must be an object"
-                return count(op, await self._error(send, 400, "invalid_request_error", message, rid))
+                return count(op, await self._answer.error(send, 400, "invalid_request_error", message, rid))
         call = provider.prepare(route, body, obj) if route.metered else None
 
         # 3. begin billing: rate limit, then quota (check and reserve in one step), then the journal
         if call is None:
             refused = await s.billing.admit(ident.user_id)
             if refused is not None:
-                return count(op, await self._refuse(send, refused, rid))
+                return count(op, await self._answer.refusal(send, refused, rid))
             plain = await self._forward(route, None, body, headers, send, receive, rid, arrived)
             return count(op, plain.status or 0)
         record = RequestRecord(
@@ -170,7 +169,7 @@ class ProxyEndpoint:
         )
         hold = s.billing.begin_now(record, call.rate_tokens) or await s.billing.begin(record, call.rate_tokens)
         if not isinstance(hold, Hold):
-            return count(op, await self._refuse(send, hold, rid))
+            return count(op, await self._answer.refusal(send, hold, rid))
 
         # 4. forward, metering beside the relay
         try:
@@ -193,51 +192,6 @@ class ProxyEndpoint:
                 self._routes.clear()
             self._routes[(method, path, query)] = route
         return route
-
-    async def _refuse(self, send: Any, refused: Refused, rid: tuple[bytes, bytes]) -> int:
-        """The provider-shaped answer to a request billing would not begin."""
-        if (limited := refused.rate) is not None:
-            if limited.reason == "unavailable":
-                message = f"rate limits cannot be checked right now; retry in {limited.retry_after} s"
-            else:
-                what = "requests" if limited.reason == "requests" else "tokens"
-                message = (
-                    f"rate limit exceeded: too many {what} per minute for this user; retry in {limited.retry_after} s"
-                )
-            return await self._error(
-                send,
-                429,
-                "rate_limit_error",
-                message,
-                rid,
-                extra_headers=[(b"retry-after", str(limited.retry_after).encode())],
-            )
-        if (refusal := refused.quota) is not None:
-            if refusal.remaining <= 0:
-                message = f"quota exhausted for meter {refusal.meter}; manage billing at {PORTAL_PATH}"
-            else:
-                message = (
-                    f"quota for meter {refusal.meter} has {refusal.remaining} left but this request may use up to "
-                    f"{refusal.needed}; lower max_tokens or manage billing at {PORTAL_PATH}"
-                )
-            return await self._error(
-                send,
-                402,
-                "billing_error",
-                message,
-                rid,
-                extra={"meter": refusal.meter, "portal_url": PORTAL_PATH},
-                extra_headers=[(b"x-should-retry", b"false")],
-            )
-        if refused.kind is RefusalKind.STORE_UNAVAILABLE:
-            return await self._unavailable(send, "the gateway cannot check the quota right now", rid)
-        return await self._error(send, 503, "api_error", "the gateway cannot record usage right now", rid)
-
-    async def _unavailable(self, send: Any, what: str, rid: tuple[bytes, bytes]) -> int:
-        """The database failed or did not answer in time: a 503 the SDKs retry after a second."""
-        return await self._error(
-            send, 503, "api_error", f"{what}; retry in 1 s", rid, extra_headers=[(b"retry-after", b"1")]
-        )
 
     async def _forward(
         self,
@@ -262,11 +216,11 @@ class ProxyEndpoint:
                 timeout=self._timeout,
             )
         except TimeoutError:
-            await self._error(send, 504, "timeout_error", "the provider did not answer in time", rid)
+            await self._answer.error(send, 504, "timeout_error", "the provider did not answer in time", rid)
             return Result(504, Outcome.TIMEOUT, None)
         except aiohttp.ClientError as exc:
             log.warning("upstream %s unreachable: %s", provider.name, type(exc).__name__)
-            await self._error(send, 502, "api_error", "the provider could not be reached", rid)
+            await self._answer.error(send, 502, "api_error", "the provider could not be reached", rid)
             return Result(502, Outcome.UPSTREAM_UNREACHABLE, None)
 
         self._metrics.forwarded(forwarded - arrived, perf_counter() - forwarded)
@@ -352,32 +306,6 @@ class ProxyEndpoint:
         event = self.provider.stream_error_event(route, status, kind, message)
         if event:
             await send({"type": "http.response.body", "body": event, "more_body": True})
-
-    async def _error(
-        self,
-        send: Any,
-        status: int,
-        kind: str,
-        message: str,
-        rid: tuple[bytes, bytes],
-        extra: dict[str, Any] | None = None,
-        extra_headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> int:
-        """Answer with the provider-shaped error; returns `status`."""
-        body = self.provider.error_body(status, kind, message, extra)
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            rid,
-            *(extra_headers or ()),
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
-        return status
-
-    async def _too_large(self, send: Any, rid: tuple[bytes, bytes]) -> int:
-        message = f"request body exceeds the gateway limit of {self.s.settings.max_body_bytes} bytes"
-        return await self._error(send, 413, "request_too_large", message, rid, extra_headers=_CLOSE)
 
 
 class _DisconnectWatch:
