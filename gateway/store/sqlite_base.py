@@ -69,14 +69,26 @@ class SqliteBase:
         return self._db
 
     async def open(self) -> None:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        for pragma in _PRAGMAS:
-            await self._db.execute(pragma)
         if self.path != ":memory:":  # (an in-memory database is one connection: no writer thread)
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # The writer's connection first: a database that cannot be opened fails here, before
+            # aiosqlite's thread starts (on a failed connect it is stopped without being waited for,
+            # and reports to the event loop after the CLI has closed it: a traceback on exit).
             self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
-            self._writer = await asyncio.get_running_loop().run_in_executor(self._writer_thread, self._open_writer)
+            try:
+                self._writer = await asyncio.get_running_loop().run_in_executor(self._writer_thread, self._open_writer)
+            except BaseException:
+                self._writer_thread.shutdown(wait=False)
+                self._writer_thread = None
+                raise
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            for pragma in _PRAGMAS:
+                await self._db.execute(pragma)
+        except BaseException:
+            await self.close()
+            raise
+        if self._writer is not None:
             self._checkpointer = asyncio.create_task(self._checkpoint_loop())
 
     def _open_writer(self) -> sqlite3.Connection:
