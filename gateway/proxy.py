@@ -21,6 +21,7 @@ import orjson
 from gateway.billing.owner import Hold, Refused, Result
 from gateway.logs import REQUEST_ID
 from gateway.metering import ContentDecoder, Usage
+from gateway.meters import CLAUDE_WEB_SEARCHES
 from gateway.outcomes import Outcome
 from gateway.providers.base import DROP_RESPONSE_HEADERS, Call, InvalidRequest, Provider, Route, header
 from gateway.services import Services
@@ -206,9 +207,10 @@ class ProxyEndpoint:
             if refusal.remaining <= 0:
                 message = f"quota exhausted for meter {refusal.meter}; manage billing at {PORTAL_PATH}"
             else:
+                lower = "the web_search tool's max_uses" if refusal.meter == CLAUDE_WEB_SEARCHES else "max_tokens"
                 message = (
                     f"quota for meter {refusal.meter} has {refusal.remaining} left but this request may use up to "
-                    f"{refusal.needed}; lower max_tokens or manage billing at {PORTAL_PATH}"
+                    f"{refusal.needed}; lower {lower} or manage billing at {PORTAL_PATH}"
                 )
             return await self._error(
                 send,
