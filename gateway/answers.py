@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.billing.owner import RefusalKind, Refused
+from gateway.meters import CLAUDE_WEB_SEARCHES
 from gateway.providers.base import Provider
 
 PORTAL_PATH = "/api/billing/portal"
@@ -40,9 +41,10 @@ class ErrorAnswers:
             if refusal.remaining <= 0:
                 message = f"quota exhausted for meter {refusal.meter}; manage billing at {PORTAL_PATH}"
             else:
+                lower = "the web_search tool's max_uses" if refusal.meter == CLAUDE_WEB_SEARCHES else "max_tokens"
                 message = (
                     f"quota for meter {refusal.meter} has {refusal.remaining} left but this request may use up to "
-                    f"{refusal.needed}; lower max_tokens or manage billing at {PORTAL_PATH}"
+                    f"{refusal.needed}; lower {lower} or manage billing at {PORTAL_PATH}"
                 )
             return await self.error(
                 send,

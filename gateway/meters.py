@@ -5,15 +5,29 @@ from __future__ import annotations
 CLAUDE_INPUT = "claude_input_tokens"
 CLAUDE_OUTPUT = "claude_output_tokens"
 CLAUDE_CACHE_WRITE = "claude_cache_write_tokens"
+CLAUDE_CACHE_WRITE_1H = "claude_cache_write_1h_tokens"
 CLAUDE_CACHE_READ = "claude_cache_read_tokens"
+CLAUDE_WEB_SEARCHES = "claude_web_searches"
 GEMINI_INPUT = "gemini_input_tokens"
 GEMINI_CACHED = "gemini_cached_tokens"
 GEMINI_OUTPUT = "gemini_output_tokens"
 GEMINI_IMAGES = "gemini_images"
 
-CLAUDE_METERS = (CLAUDE_INPUT, CLAUDE_OUTPUT, CLAUDE_CACHE_WRITE, CLAUDE_CACHE_READ)
+CLAUDE_METERS = (
+    CLAUDE_INPUT,
+    CLAUDE_OUTPUT,
+    CLAUDE_CACHE_WRITE,
+    CLAUDE_CACHE_WRITE_1H,
+    CLAUDE_CACHE_READ,
+    CLAUDE_WEB_SEARCHES,
+)
 GEMINI_METERS = (GEMINI_INPUT, GEMINI_CACHED, GEMINI_OUTPUT, GEMINI_IMAGES)
 ALL_METERS = CLAUDE_METERS + GEMINI_METERS
 
-# gemini_images is a COUNT meter in Polar: one event per image, each with value 1.
-COUNT_METERS = frozenset({GEMINI_IMAGES})
+# COUNT meters in Polar: one event per unit (image, web search), each with value 1.
+COUNT_METERS = frozenset({GEMINI_IMAGES, CLAUDE_WEB_SEARCHES})
+# Meters that are a part of another meter: claude_cache_write_1h_tokens is the part of
+# claude_cache_write_tokens written with a 1-hour TTL, so those tokens are counted twice per request.
+SUBSET_METERS = frozenset({CLAUDE_CACHE_WRITE_1H})
+# Left out of any total of tokens (rate limits, the dashboard's token charts): counts, and subsets.
+NOT_TOKENS = COUNT_METERS | SUBSET_METERS

@@ -142,7 +142,7 @@ class Metrics:
             "gateway_upstream_ttfb_seconds", "Time from forwarding a request to the provider's response headers",
             ["provider"], buckets=_TTFB_BUCKETS, registry=r,
         )  # fmt: skip
-        self.usage = Counter("gateway_usage", "Billed usage (tokens or images) by meter", ["meter"], registry=r)
+        self.usage = Counter("gateway_usage", "Billed usage (tokens or counts) by meter", ["meter"], registry=r)
         self.refusals = Counter(
             "gateway_refusals", "Requests refused before forwarding, by HTTP status and reason",
             ["status", "reason"], registry=r,

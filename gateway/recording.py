@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gateway.events import event_count
 from gateway.journal import Journal, Segment, orphans
-from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, GEMINI_CACHED
+from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, CLAUDE_CACHE_WRITE_1H, GEMINI_CACHED
 from gateway.metrics import NO_METRICS, Metrics
 from gateway.outcomes import Outcome
 from gateway.store.base import RecoveryStore, RequestRecord, RequestStore
@@ -158,8 +158,10 @@ def _reason(results: list[BaseException | None]) -> str:
 
 
 # The reservation covers every input meter with the whole input estimate; a crash
-# estimate bills it once, as plain input, not three times.
-_NOT_ESTIMATED = frozenset({CLAUDE_CACHE_WRITE, CLAUDE_CACHE_READ, GEMINI_CACHED})
+# estimate bills it once, as plain input, not three times (nor the 1-hour part of cache
+# writes, which would bill a premium on writes the estimate does not bill). Web searches are
+# estimated like output and images: the reservation is the most the provider may have charged.
+_NOT_ESTIMATED = frozenset({CLAUDE_CACHE_WRITE, CLAUDE_CACHE_WRITE_1H, CLAUDE_CACHE_READ, GEMINI_CACHED})
 
 
 def estimate_from_reservation(reservation: Mapping[str, int]) -> dict[str, int]:

@@ -44,6 +44,7 @@ class StatusConfig:
 class ReservationConfig:
     default_max_output_tokens: int = 4096
     images_per_request: int = 4
+    web_searches_per_request: int = 10  # a Claude web search tool without max_uses (unlimited upstream)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from tests.test_store import record, used
 pytestmark = pytest.mark.both_backends
 
 T0 = datetime(2026, 12, 4, 10, 15, tzinfo=UTC)
+CW, CW_1H, SEARCHES = "claude_cache_write_tokens", "claude_cache_write_1h_tokens", "claude_web_searches"
 
 
 def rid(at: datetime, n: int = 0) -> str:
@@ -30,6 +31,8 @@ async def test_traffic_per_hour_and_day_from_since_on(store: Store) -> None:
     await store.finish_requests(
         [
             used(rid(T0), {"claude_input_tokens": 12, "claude_output_tokens": 9}, started_at=T0),
+            # 100 tokens: the 1h writes are a part of the 100 writes, and searches are not tokens
+            used(rid(T0, 4), {CW: 100, CW_1H: 60, SEARCHES: 3}, started_at=T0 + timedelta(minutes=20)),
             used(rid(T0, 1), {"gemini_input_tokens": 5, "gemini_images": 2}, started_at=T0 + timedelta(minutes=10)),
             record(rid(T0, 2), started_at=T0 + timedelta(minutes=50), outcome="upstream_error", status_code=529),
             # just before `since` (its id is inside the floor's slack, its start is not): left out
@@ -39,12 +42,12 @@ async def test_traffic_per_hour_and_day_from_since_on(store: Store) -> None:
     )
     hour = datetime(2026, 12, 4, 10, tzinfo=UTC)
     assert await store.traffic(since, Step.HOUR) == [
-        TrafficRow(hour, "ok", 2, 26),
+        TrafficRow(hour, "ok", 3, 126),
         TrafficRow(hour + timedelta(hours=1), "upstream_error", 1, 0),
     ]
     day = datetime(2026, 12, 4, tzinfo=UTC)
     assert await store.traffic(since, Step.DAY) == [
-        TrafficRow(day, "ok", 2, 26),
+        TrafficRow(day, "ok", 3, 126),
         TrafficRow(day, "upstream_error", 1, 0),
     ]
     assert await store.traffic(T0 + timedelta(hours=2), Step.HOUR) == []

@@ -20,7 +20,7 @@ from gateway.billing.protocols import QuotaLedger, RateLimit, Reservation
 from gateway.deadlines import StoreTimeout, within
 from gateway.journal import Segment
 from gateway.metering import Usage
-from gateway.meters import GEMINI_IMAGES
+from gateway.meters import NOT_TOKENS
 from gateway.metrics import NO_METRICS, Metrics
 from gateway.outcomes import Outcome
 from gateway.quota import Refusal
@@ -70,8 +70,11 @@ class Result:
 
 
 def token_total(usage: Mapping[str, int]) -> int:
-    total = sum(usage.values())  # C-level; images are rare and subtracted
-    return total - usage[GEMINI_IMAGES] if GEMINI_IMAGES in usage else total
+    total = sum(usage.values())  # C-level; the rare counts and subsets are subtracted
+    for meter in NOT_TOKENS:
+        if meter in usage:
+            total -= usage[meter]
+    return total
 
 
 class BillingOwner:

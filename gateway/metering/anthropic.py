@@ -2,8 +2,12 @@
 
 Billing rules (Anthropic's usage object): `output_tokens` already includes thinking, so
 `output_tokens_details.thinking_tokens` is never added; `input_tokens` excludes cache
-reads/writes, which have their own meters; stream usage fields are cumulative, so
-`message_delta` values overwrite and are never summed.
+reads/writes, which have their own meters; `cache_creation.ephemeral_1h_input_tokens` is the
+part of the cache writes with a 1-hour TTL (priced higher), metered on its own besides the total;
+`server_tool_use.web_search_requests` counts web searches, charged per search on top of tokens
+(`web_fetch_requests` are not: a fetch costs only the tokens of what it fetched). Stream usage
+fields are cumulative, so `message_delta` values overwrite and are never summed (nested objects
+like `server_tool_use` are replaced whole).
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ import orjson
 from gateway.metering.sse import BLANK_LINE_ENDS, SSEParser
 from gateway.metering.usage import BINARY as _BINARY
 from gateway.metering.usage import Usage, as_count
-from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, CLAUDE_INPUT, CLAUDE_OUTPUT
+from gateway.meters import (
+    CLAUDE_CACHE_READ,
+    CLAUDE_CACHE_WRITE,
+    CLAUDE_CACHE_WRITE_1H,
+    CLAUDE_INPUT,
+    CLAUDE_OUTPUT,
+    CLAUDE_WEB_SEARCHES,
+)
 
 _START = b"message_start"
 _DELTA = b"message_delta"
@@ -32,14 +43,26 @@ _NEEDLES = (_MESSAGE, _ERROR)
 _TYPE_RE = re.compile(rb'"type"\s*:\s*"([a-z_]+)"')
 
 
+def _nested_count(u: dict[str, Any], obj: str, field: str) -> int:
+    """`u[obj][field]` as a count; 0 when the object or the field is missing, null or odd."""
+    inner = u.get(obj)
+    return as_count(inner.get(field)) if isinstance(inner, dict) else 0
+
+
 def meters_from_usage(usage: dict[str, Any] | None) -> dict[str, int]:
-    """Map an Anthropic `usage` object to the four Claude meters (missing/null -> 0)."""
+    """Map an Anthropic `usage` object to the Claude meters (missing/null -> 0).
+
+    `claude_cache_write_tokens` stays every cache write, whatever its TTL, and
+    `claude_cache_write_1h_tokens` is the 1-hour part of it (0 without `cache_creation`).
+    """
     u = usage or {}
     return {
         CLAUDE_INPUT: as_count(u.get("input_tokens")),
         CLAUDE_OUTPUT: as_count(u.get("output_tokens")),
         CLAUDE_CACHE_WRITE: as_count(u.get("cache_creation_input_tokens")),
+        CLAUDE_CACHE_WRITE_1H: _nested_count(u, "cache_creation", "ephemeral_1h_input_tokens"),
         CLAUDE_CACHE_READ: as_count(u.get("cache_read_input_tokens")),
+        CLAUDE_WEB_SEARCHES: _nested_count(u, "server_tool_use", "web_search_requests"),
     }
 
 

@@ -12,7 +12,16 @@ from gateway.metering import (
     requested_max_output,
     usage_from_message,
 )
-from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, CLAUDE_INPUT, CLAUDE_METERS, CLAUDE_OUTPUT
+from gateway.metering.server_tools import requested_web_searches
+from gateway.meters import (
+    CLAUDE_CACHE_READ,
+    CLAUDE_CACHE_WRITE,
+    CLAUDE_CACHE_WRITE_1H,
+    CLAUDE_INPUT,
+    CLAUDE_METERS,
+    CLAUDE_OUTPUT,
+    CLAUDE_WEB_SEARCHES,
+)
 from gateway.providers.base import Call, Headers, Route, check_model, forward_headers
 
 _ERROR_TYPES = {
@@ -47,10 +56,13 @@ class AnthropicProvider:
     name = "anthropic"
     meters: tuple[str, ...] = CLAUDE_METERS
 
-    def __init__(self, upstream: str, api_key: str, default_max_output: int) -> None:
+    def __init__(
+        self, upstream: str, api_key: str, default_max_output: int, web_searches_per_request: int = 10
+    ) -> None:
         self.upstream = upstream.rstrip("/")
         self._credential = ("x-api-key", api_key)
         self._default_max_output = default_max_output
+        self._web_searches_per_request = web_searches_per_request  # for a web search tool without max_uses
 
     def match(self, method: str, path: str, query: bytes) -> Route | None:
         upstream_path = path + ("?" + query.decode("latin-1") if query else "")
@@ -87,9 +99,13 @@ class AnthropicProvider:
         reservation = {
             CLAUDE_INPUT: est_in,
             CLAUDE_CACHE_WRITE: est_in,
+            CLAUDE_CACHE_WRITE_1H: est_in,
             CLAUDE_CACHE_READ: est_in,
             CLAUDE_OUTPUT: est_out,
         }
+        searches = requested_web_searches(obj, self._web_searches_per_request) if tools else 0
+        if searches:  # (absent, not 0: a user out of searches may still send requests that cannot search)
+            reservation[CLAUDE_WEB_SEARCHES] = searches
         return Call(
             route=route,
             model=model,

@@ -23,7 +23,7 @@ class TrafficRow:
     start: datetime  # the bucket's start, aware UTC
     outcome: str
     requests: int
-    tokens: int  # summed over the token meters (images are not tokens)
+    tokens: int  # summed over the token meters (images and searches are not tokens; a subset is counted once)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ import orjson
 
 from gateway.store.dashboard_base import RequestRow, Step, TrafficRow, UserRow, id_floor
 from gateway.store.postgres_base import PostgresBase
-from gateway.store.schema import COUNT_METERS_SQL
+from gateway.store.schema import NOT_TOKENS_SQL
 
 
 class PostgresDashboard(PostgresBase):
@@ -19,7 +19,7 @@ class PostgresDashboard(PostgresBase):
         rows = await self.pool.fetch(
             f"SELECT date_trunc('{unit}', r.started_at) AS b, r.outcome, COUNT(*),"
             " SUM((SELECT COALESCE(SUM(u.value::bigint), 0) FROM jsonb_each_text(r.usage) AS u(key, value)"
-            f"      WHERE u.key NOT IN ({COUNT_METERS_SQL})))"
+            f"      WHERE u.key NOT IN ({NOT_TOKENS_SQL})))"
             " FROM requests AS r WHERE r.id >= $1 AND r.started_at >= $2"
             ' GROUP BY b, r.outcome ORDER BY b, r.outcome COLLATE "C"',
             id_floor(since),

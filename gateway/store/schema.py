@@ -7,10 +7,12 @@ from __future__ import annotations
 import sqlite3
 from importlib import resources
 
-from gateway.meters import COUNT_METERS
+from gateway.meters import COUNT_METERS, NOT_TOKENS
 
 # The COUNT meters as an SQL list, for `IN (...)`: fixed names, not input.
 COUNT_METERS_SQL = ", ".join(f"'{m}'" for m in sorted(COUNT_METERS))
+# The meters a total of tokens leaves out (counts, and parts of another meter), likewise.
+NOT_TOKENS_SQL = ", ".join(f"'{m}'" for m in sorted(NOT_TOKENS))
 
 
 def migration_scripts(dialect: str) -> list[tuple[str, str]]:

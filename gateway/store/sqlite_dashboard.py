@@ -7,7 +7,7 @@ from datetime import datetime
 import orjson
 
 from gateway.store.dashboard_base import RequestRow, Step, TrafficRow, UserRow, id_floor
-from gateway.store.schema import COUNT_METERS_SQL
+from gateway.store.schema import NOT_TOKENS_SQL
 from gateway.store.sqlite_base import SqliteBase, opt_datetime
 from gateway.timeutil import iso, parse_iso
 
@@ -23,7 +23,7 @@ class SqliteDashboard(SqliteBase):
         rows = await self.db.execute_fetchall(
             f"SELECT substr(r.started_at, 1, {width}) AS b, r.outcome, COUNT(*),"
             " SUM((SELECT COALESCE(SUM(u.value), 0) FROM json_each(r.usage) AS u"
-            f"      WHERE u.key NOT IN ({COUNT_METERS_SQL})))"
+            f"      WHERE u.key NOT IN ({NOT_TOKENS_SQL})))"
             " FROM requests AS r WHERE r.id >= ? AND r.started_at >= ?"
             " GROUP BY b, r.outcome ORDER BY b, r.outcome",
             (id_floor(since), iso(since)),

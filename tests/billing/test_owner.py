@@ -24,6 +24,8 @@ from tests.conftest import poll_until
 from tests.test_store import record
 
 IN, OUT, CACHE_READ = "claude_input_tokens", "claude_output_tokens", "claude_cache_read_tokens"
+CACHE_WRITE, CACHE_WRITE_1H = "claude_cache_write_tokens", "claude_cache_write_1h_tokens"
+SEARCHES = "claude_web_searches"
 NOW = datetime(2026, 12, 2, tzinfo=UTC)
 
 
@@ -257,6 +259,29 @@ async def test_no_usage_seen_bills_the_reservation_as_plain_input_and_output() -
     assert (r.usage, r.estimated, r.outcome) == ({IN: 50, OUT: 100}, True, "client_disconnected")
     assert [actual for _, actual in ledger.settled] == [{IN: 50, OUT: 100}]
     assert limiter.settled[0][2] == 150
+
+
+async def test_no_usage_seen_bills_the_reserved_searches_but_no_1h_cache_writes() -> None:
+    # The searches reserved are the most the provider may have charged, like output; the 1h part of
+    # cache writes would bill a premium on writes the estimate does not bill.
+    billing, limiter, ledger, _, _ = owner()
+    reserved = {IN: 50, CACHE_WRITE: 50, CACHE_WRITE_1H: 50, CACHE_READ: 50, OUT: 100, SEARCHES: 5}
+    r = record("req_a", reservation=reserved)
+    hold = await billing.begin(r, 150)
+    assert isinstance(hold, Hold)
+    hold.finish(Result(200, Outcome.CLIENT_DISCONNECTED, Usage({IN: 0, OUT: 0}), estimated=True))
+    assert r.usage == {IN: 50, OUT: 100, SEARCHES: 5}
+    assert [actual for _, actual in ledger.settled] == [{IN: 50, OUT: 100, SEARCHES: 5}]
+    assert limiter.settled[0][2] == 150  # searches are not tokens
+
+
+async def test_the_rate_limit_counts_tokens_once_and_no_searches() -> None:
+    billing, limiter, _, _, _ = owner()
+    hold = await billing.begin(record("req_a"), 10)
+    assert isinstance(hold, Hold)
+    usage = {IN: 12, OUT: 30, CACHE_WRITE: 100, CACHE_WRITE_1H: 60, SEARCHES: 3}
+    hold.finish(Result(200, Outcome.OK, Usage(usage, seen=True, final=True)))
+    assert limiter.settled[0][2] == 142  # the 60 1h writes are among the 100 writes
 
 
 async def test_a_journal_failure_at_finish_still_settles_and_records() -> None:

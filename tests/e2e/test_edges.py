@@ -122,7 +122,8 @@ def test_truncated_stream_keeps_usage_seen(gateway: Gateway, upstream: FakeUpstr
     )
     rows = gateway.wait_recorded("trunc")
     assert rows[0]["outcome"] == "upstream_broken"
-    assert gateway.events("trunc") == {"claude_input_tokens": 25, "claude_output_tokens": 40}
+    # the first message_delta (output 40, one web search so far) is the last usage that arrived
+    assert gateway.events("trunc") == {"claude_input_tokens": 25, "claude_output_tokens": 40, "claude_web_searches": 1}
 
 
 def test_anthropic_midstream_error_event(gateway: Gateway, upstream: FakeUpstream) -> None:
@@ -154,8 +155,9 @@ def test_cache_and_thinking_usage(gateway: Gateway, upstream: FakeUpstream) -> N
     assert gateway.events("cache") == {
         "claude_input_tokens": 21,
         "claude_output_tokens": 312,
-        "claude_cache_write_tokens": 1800,
+        "claude_cache_write_tokens": 1800,  # all 5-minute writes: no claude_cache_write_1h_tokens
         "claude_cache_read_tokens": 3200,
+        "claude_web_searches": 1,
     }
     assert '"thinking_tokens":240' in rows[0]["usage_raw"]
 

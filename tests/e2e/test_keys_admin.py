@@ -162,9 +162,9 @@ def test_cli_polar_setup_sync_usage_and_customer(tmp_path: Path, databases: Data
         }
         first = _cli(env, "polar", "setup")
         assert first.returncode == 0, first.stderr
-        assert len(polar.meters) == 8
+        assert len(polar.meters) == 10  # 6 Claude meters, 4 Gemini ones
         again = _cli(env, "polar", "setup")
-        assert again.returncode == 0 and len(polar.meters) == 8
+        assert again.returncode == 0 and len(polar.meters) == 10
         assert polar.token not in first.stdout + first.stderr + again.stdout
         out = _cli(env, "keys", "create", "--user", "alice", "--email", "alice@example.com", "--json")
         assert out.returncode == 0, out.stderr

@@ -13,7 +13,7 @@ from typing import Any
 
 from standardwebhooks import Webhook
 
-COUNT_METER_NAMES = frozenset({"gemini_images"})
+COUNT_METER_NAMES = frozenset({"gemini_images", "claude_web_searches"})
 
 
 def now() -> datetime:

@@ -8,7 +8,14 @@ import orjson
 import pytest
 
 from gateway.metering import AnthropicStreamMeter, Usage, usage_from_message
-from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, CLAUDE_INPUT, CLAUDE_OUTPUT
+from gateway.meters import (
+    CLAUDE_CACHE_READ,
+    CLAUDE_CACHE_WRITE,
+    CLAUDE_CACHE_WRITE_1H,
+    CLAUDE_INPUT,
+    CLAUDE_OUTPUT,
+    CLAUDE_WEB_SEARCHES,
+)
 
 from ._split import assert_split_invariant, run
 
@@ -16,8 +23,15 @@ FIXTURES = Path(__file__).parent.parent / "fixtures"
 OVERLOADED = {"type": "overloaded_error", "message": "Overloaded"}
 
 
-def meters(inp: int, out: int, write: int, read: int) -> dict[str, int]:
-    return {CLAUDE_INPUT: inp, CLAUDE_OUTPUT: out, CLAUDE_CACHE_WRITE: write, CLAUDE_CACHE_READ: read}
+def meters(inp: int, out: int, write: int, read: int, write_1h: int = 0, searches: int = 0) -> dict[str, int]:
+    return {
+        CLAUDE_INPUT: inp,
+        CLAUDE_OUTPUT: out,
+        CLAUDE_CACHE_WRITE: write,
+        CLAUDE_CACHE_WRITE_1H: write_1h,
+        CLAUDE_CACHE_READ: read,
+        CLAUDE_WEB_SEARCHES: searches,
+    }
 
 
 def stream(name: str) -> Usage:
@@ -38,10 +52,37 @@ def test_message_json() -> None:
 
 def test_message_cache_thinking_servertool() -> None:
     u = usage_from_message((FIXTURES / "anthropic/message_cache_thinking_servertool.json").read_bytes())
-    # 312 already includes the 240 thinking tokens: never 552.
-    assert u.meters == meters(21, 312, 1800, 3200)
+    # 312 already includes the 240 thinking tokens: never 552. All 1800 writes are 5-minute ones;
+    # one web search (web fetches are not counted: they cost only tokens).
+    assert u.meters == meters(21, 312, 1800, 3200, write_1h=0, searches=1)
     assert u.raw["output_tokens_details"] == {"thinking_tokens": 240}
     assert u.final and u.seen
+
+
+def recorded_usage_with(**changes: object) -> bytes:
+    """The recorded cache/thinking/web search message with some of its usage fields changed."""
+    obj = orjson.loads((FIXTURES / "anthropic/message_cache_thinking_servertool.json").read_bytes())
+    obj["usage"].update(changes)
+    return orjson.dumps(obj)
+
+
+def test_message_1h_cache_writes_are_a_part_of_all_writes() -> None:
+    body = recorded_usage_with(
+        cache_creation={"ephemeral_5m_input_tokens": 600, "ephemeral_1h_input_tokens": 1200},
+        server_tool_use={"web_search_requests": 3, "web_fetch_requests": 2},
+    )
+    # claude_cache_write_tokens stays every write (600 + 1200); the 1h meter holds the 1h part.
+    assert usage_from_message(body).meters == meters(21, 312, 1800, 3200, write_1h=1200, searches=3)
+
+
+@pytest.mark.parametrize("absent", [None, "null", "odd"])
+def test_message_without_cache_creation_has_no_1h_writes(absent: str | None) -> None:
+    obj = orjson.loads(recorded_usage_with())
+    if absent is None:
+        del obj["usage"]["cache_creation"], obj["usage"]["server_tool_use"]
+    else:
+        obj["usage"]["cache_creation"] = obj["usage"]["server_tool_use"] = None if absent == "null" else [1]
+    assert usage_from_message(orjson.dumps(obj)).meters == meters(21, 312, 1800, 3200, write_1h=0, searches=0)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (FIXTURES / "anthropic").glob("error_*.json")))
@@ -85,7 +126,8 @@ def test_stream_thinking_tool_use() -> None:
 
 def test_stream_multiple_message_delta_is_last_wins_not_sum() -> None:
     u = stream("anthropic/stream_multiple_message_delta.sse")
-    assert u.meters == meters(25, 57, 0, 0)
+    # server_tool_use arrives only in the deltas, cumulative: 1 search, not 2.
+    assert u.meters == meters(25, 57, 0, 0, searches=1)
     assert u.raw["server_tool_use"] == {"web_search_requests": 1, "web_fetch_requests": 0}
     assert u.final
 
@@ -133,7 +175,7 @@ def test_usage_mid_stream_and_after_disconnect() -> None:
     second = body.index(b"event: message_delta", body.index(b"event: message_delta") + 1)
     m.feed(body[cut : second + 30])  # disconnect in the middle of the second delta
     u = m.usage()
-    assert u.meters == meters(25, 40, 0, 0) and not u.final
+    assert u.meters == meters(25, 40, 0, 0, searches=1) and not u.final
 
 
 def test_usage_returns_a_copy() -> None:
@@ -164,6 +206,31 @@ def test_delta_overwrites_ignores_null_and_keeps_absent() -> None:
     u = run(AnthropicStreamMeter, [sse(("message_start", start), ("message_delta", d1), ("message_delta", d2))])
     assert u.meters == meters(12, 31, 7, 5)
     assert not u.final
+
+
+def test_stream_cache_ttl_split_and_web_searches_overwrite() -> None:
+    cache = {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 400}
+    start = {
+        "type": "message_start",
+        "message": {
+            "usage": {
+                "input_tokens": 10,
+                "cache_creation_input_tokens": 500,
+                "cache_read_input_tokens": 0,
+                "cache_creation": cache,
+                "output_tokens": 1,
+            }
+        },
+    }
+    searched = [{"web_search_requests": n, "web_fetch_requests": 1} for n in (1, 3)]
+    d1 = {"type": "message_delta", "usage": {"output_tokens": 30, "server_tool_use": searched[0]}}
+    d2 = {"type": "message_delta", "usage": {"output_tokens": 60, "server_tool_use": searched[1]}}
+    body = sse(("message_start", start), ("message_delta", d1), ("message_delta", d2), ("message_stop", {}))
+    u = run(AnthropicStreamMeter, [body])
+    # The 1h part comes from message_start and survives deltas without it; searches are 3, not 4.
+    assert u.meters == meters(10, 60, 500, 0, write_1h=400, searches=3)
+    assert u.final
+    assert assert_split_invariant(AnthropicStreamMeter, body) == u
 
 
 def test_delta_before_start_and_junk_events_do_not_crash() -> None:
