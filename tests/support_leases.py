@@ -8,6 +8,7 @@ lease migration, in a database of its own that is dropped at the end.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
@@ -172,6 +173,30 @@ class Cluster:
         """owner -> amount of the user's leases (one meter in these tests)."""
         rows = await self.query("SELECT owner, amount FROM quota_leases WHERE user_id = ? ORDER BY owner", user_id)
         return {r[0]: int(r[1]) for r in rows}
+
+
+class CutOff:
+    """A process's store as its keeper sees it, with a switch: while `cut`, every call waits (a
+    network partition between the process and the database: nothing fails, nothing answers)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.open = asyncio.Event()
+        self.open.set()
+
+    def cut(self) -> None:
+        self.open.clear()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not asyncio.iscoroutinefunction(attr):
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            await self.open.wait()
+            return await attr(*args, **kwargs)
+
+        return call
 
 
 class LogReads:

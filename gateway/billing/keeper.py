@@ -82,7 +82,9 @@ class LeaseKeeper:
         """Register and settle dead processes once, then keep in the background. Call after the
         journal is open (a live process is told from a dead one by its journal's lock)."""
         journal = str(self.journal_dir.resolve()) if self.journal_dir is not None else ""
+        sent = time.monotonic()
         await self.store.register_process(self.owner, self.host, os.getpid(), journal)
+        self.ledger.beat(sent)
         self._watch = await self.store.watch_invalidations()
         self._mark = self._watch.mark()
         self._seq = await self.store.last_invalidation()
@@ -116,26 +118,32 @@ class LeaseKeeper:
     async def tick(self) -> None:
         now = time.monotonic()
         beat = now >= self._next_beat
+        if beat:  # first: a round whose other work fails must not stop the heartbeats (the fence)
+            self._next_beat = now + self.heartbeat
+            await self._beat()
         mark = self._watch.mark() if self._watch is not None else None
         if beat or mark is None or mark != self._mark:
             await self._read_log(now)
             self._mark = mark  # (taken before the read: an entry added during it moves the next mark)
         await self.ledger.keep(self.idle, scan=beat)
         if beat:
-            self._next_beat = now + self.heartbeat
-            if not await self.store.heartbeat(self.owner):
-                log.error("this process was taken for dead (no heartbeat for %.0f s); re-registering", self.stale)
-                journal = str(self.journal_dir.resolve()) if self.journal_dir is not None else ""
-                await self.store.register_process(self.owner, self.host, os.getpid(), journal)
-                await self.ledger.reassert()
-                # Away that long, log entries meant for it may be pruned unread: reload every limit.
-                for u in self.ledger.users():
-                    self.ledger.invalidate(u.quota.user_id)
             await self.settle_dead()
             self._seen = {seq: at for seq, at in self._seen.items() if now - at < 2 * _LOOKBACK.total_seconds()}
         if now >= self._next_prune:
             self._next_prune = now + _PRUNE_EVERY
             await self.store.prune_invalidations(utcnow() - _KEEP_LOG)
+
+    async def _beat(self) -> None:
+        sent = time.monotonic()
+        if not await self.store.heartbeat(self.owner):
+            log.error("this process was taken for dead (no heartbeat for %.0f s); re-registering", self.stale)
+            journal = str(self.journal_dir.resolve()) if self.journal_dir is not None else ""
+            await self.store.register_process(self.owner, self.host, os.getpid(), journal)
+            await self.ledger.reassert()
+            # Away that long, log entries meant for it may be pruned unread: reload every limit.
+            for u in self.ledger.users():
+                self.ledger.invalidate(u.quota.user_id)
+        self.ledger.beat(sent)  # (after a re-registration too: it is later than `sent`)
 
     async def _read_log(self, now: float) -> None:
         for inv in await self.store.invalidations_after(self._seq, utcnow() - _LOOKBACK):

@@ -8,6 +8,12 @@ transaction that stores it (the store sees to it), so usage counts once. Idle pa
 user goes quiet, when another process recalls them (it is short and they would cover it) and at
 shutdown; a dead process's leases are released by a live one (`keeper.LeaseKeeper`).
 
+Fence: a process is taken for dead when its heartbeat is `stale_seconds` old, and its leases are
+released then, alive or not (cut off from the database by a partition, say). So a process spends
+its leases only until `stale_seconds` after it sent its last heartbeat that the store took (less a
+margin, `FENCE_SHARE`); past that, until a heartbeat goes through again, a reservation is refused
+as the store being unavailable, never granted from leases others may already have been given.
+
 Mirror rule: this process's idea of its lease moves down *before* the store is told (a return)
 and up only *after* the store granted (a take), so a failed or slow statement can only make it
 hold less than the store says, never more.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +36,12 @@ from gateway.store.leases_base import InvalidationKind, LeaseAsk, LeaseGrant, Le
 from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.leases")
+
+FENCE_SHARE = 0.9  # of `stale_seconds` after a heartbeat was sent: the leases are spent no later
+
+
+class LeasesLapsed(Exception):
+    """No heartbeat went through for too long: this process's leases may have been released."""
 
 
 @dataclass(slots=True)
@@ -87,9 +100,18 @@ class LeasedLedger:
         self.my_recalls: set[int] = set()
         self._recalled: list[_User] = []  # users another process recalled lately
         self._unsynced: list[_User] = []  # users whose hand-back failed: the store may hold more than we do
+        self._fence = math.inf  # (monotonic) leases are spent before it only; set by `beat`
 
     # ------------------------------------------------------------------ QuotaLedger
+    def beat(self, sent: float) -> None:
+        """A heartbeat sent at `sent` (monotonic) was stored: nobody takes this process for dead
+        (and releases its leases) before `sent + stale_seconds`."""
+        self._fence = sent + FENCE_SHARE * self.stale_seconds
+
     async def reserve(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | Refusal:
+        if time.monotonic() >= self._fence:
+            late = time.monotonic() - self._fence + FENCE_SHARE * self.stale_seconds
+            raise LeasesLapsed(f"no heartbeat stored for {late:.1f} s: this process's leases may have been released")
         u = self._users.get(user_id)
         if u is None or u.quota.stale or self._clock() >= u.quota.period_end:
             u = await self._user(user_id)
@@ -97,7 +119,7 @@ class LeasedLedger:
 
     def reserve_held(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | None:
         u = self._users.get(user_id)
-        if u is None or u.quota.stale or self._clock() >= u.quota.period_end:
+        if u is None or u.quota.stale or self._clock() >= u.quota.period_end or time.monotonic() >= self._fence:
             return None
         return self._reserve_local(u, amounts)
 

@@ -4,18 +4,21 @@ connections) on one SQLite file or PostgreSQL database."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
+import pytest
 
+from gateway.billing.leases import LeasesLapsed
 from gateway.billing.protocols import Reservation
 from gateway.quota import Refusal
 from gateway.store.leases_base import Invalidation, InvalidationKind
 from gateway.timeutil import iso, month_bounds, utcnow
 from tests.conftest import wait_until_async
-from tests.support_leases import Cluster, cluster, count_log_reads, record
+from tests.support_leases import Cluster, CutOff, cluster, count_log_reads, record
 
 OUT = "claude_output_tokens"
 
@@ -131,6 +134,35 @@ async def test_a_dead_process_on_another_host_is_released_on_heartbeat_expiry(sh
     await wait_until_async(lambda: _released(shared, r.owner))
     assert await shared.leases("u") == {}
     assert isinstance(await a.ledger.reserve("u", {OUT: 100}), Reservation)
+
+
+async def test_a_process_cut_off_from_the_database_spends_no_lease_once_it_may_be_released(
+    shared: Cluster,
+) -> None:
+    # A partition: r serves clients but its heartbeats no longer reach the database. Once a is
+    # entitled to take r for dead and give r's leases to others, r must not spend them.
+    a = await shared.process("a", {OUT: 1000}, host="here", stale=0.5, heartbeat=0.05)
+    r = await shared.process("r", {OUT: 1000}, host="elsewhere", stale=0.5, heartbeat=0.05)
+    assert isinstance(await r.ledger.reserve("u", {OUT: 40}), Reservation)  # in flight
+    assert await shared.leases("u") == {r.owner: 250}  # 210 of it idle, spendable without a round trip
+    link = CutOff(r.store)
+    r.keeper.store = link
+    link.cut()
+    await wait_until_async(lambda: _released(shared, r.owner))  # a took r for dead: its leases are free
+    assert isinstance(await a.ledger.reserve("u", {OUT: 960}), Reservation)
+    # r's idle 210 were released with the rest: spending them would consume 1,210 of a 1,000 credit.
+    assert r.ledger.reserve_held("u", {OUT: 200}) is None
+    with pytest.raises(LeasesLapsed):
+        await r.ledger.reserve("u", {OUT: 200})
+    link.open.set()  # the partition heals: r finds itself taken for dead and puts back what is in flight
+    await wait_until_async(lambda: _leases_are(shared, {a.owner: 960, r.owner: 40}))
+
+    async def answer() -> Reservation | Refusal | None:
+        with contextlib.suppress(LeasesLapsed):  # until a heartbeat sent after the heal went through
+            return await r.ledger.reserve("u", {OUT: 1})
+        return None
+
+    assert await wait_until_async(answer) == Refusal(meter=OUT, needed=1, remaining=0)
 
 
 async def test_shutdown_hands_back_all_but_what_is_not_stored(shared: Cluster) -> None:
