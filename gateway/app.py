@@ -168,7 +168,10 @@ def create_app(
     s = services or build_services(settings, shared=shared)
     reservation = settings.file.reservation
     anthropic = AnthropicProvider(
-        settings.anthropic_upstream, settings.anthropic_api_key, reservation.default_max_output_tokens
+        settings.anthropic_upstream,
+        settings.anthropic_api_key,
+        reservation.default_max_output_tokens,
+        reservation.document_input_tokens,
     )
     gemini = GeminiProvider(
         settings.gemini_upstream,
