@@ -173,7 +173,8 @@ def create_app(
         settings.anthropic_upstream,
         settings.anthropic_api_key,
         reservation.default_max_output_tokens,
-        reservation.web_searches_per_request,
+        reservation.document_input_tokens,
+        web_searches_per_request=reservation.web_searches_per_request,
     )
     gemini = GeminiProvider(
         settings.gemini_upstream,

@@ -45,6 +45,9 @@ class ReservationConfig:
     default_max_output_tokens: int = 4096
     images_per_request: int = 4
     web_searches_per_request: int = 10  # a Claude web search tool without max_uses (unlimited upstream)
+    # Claude input reserved once for a request's documents (PDFs, files by id, documents by URL), whose
+    # pages the gateway cannot count: at least the largest context window of the models served.
+    document_input_tokens: int = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,11 +104,14 @@ def parse_file_config(raw: Mapping[str, Any]) -> FileConfig:
     status = _section(StatusConfig, "status", raw.get("status", {}))
     if not 0 < status.warning <= status.critical <= 1:
         raise ConfigError("[status] needs 0 < warning <= critical <= 1")
+    reservation = _section(ReservationConfig, "reservation", raw.get("reservation", {}))
+    if reservation.document_input_tokens < 1:
+        raise ConfigError("[reservation] document_input_tokens must be at least 1 (a document costs tokens)")
     return FileConfig(
         plan=plan,
         rate_limit=_section(RateLimitConfig, "rate_limit", raw.get("rate_limit", {})),
         status=status,
-        reservation=_section(ReservationConfig, "reservation", raw.get("reservation", {})),
+        reservation=reservation,
     )
 
 

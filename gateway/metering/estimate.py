@@ -7,6 +7,7 @@ under-reserving lets a user overspend with concurrent requests.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -16,10 +17,99 @@ def estimate_input_tokens(body: bytes) -> int:
     Tokenizers average ~4 bytes per token on English and rarely go below ~2 bytes per
     token even for CJK or code once JSON framing (keys, quotes, escapes) is counted, so
     `len // 2` over-estimates nearly every real body; the +16 covers tiny bodies and the
-    few tokens of per-message overhead the provider adds. Base64 media inflates the
-    estimate a lot, which errs on the safe side.
+    few tokens of per-message overhead the provider adds. Media is another matter: an
+    image's cost follows its pixels, not its bytes (Claude requests count it apart, see
+    `claude_media`).
     """
     return len(body) // 2 + 16
+
+
+# The most one Claude image costs, whatever its bytes. It costs ceil(width / 28) * ceil(height / 28) visual
+# tokens, once downscaled to at most 4,784 of them (2576 px long edge) on Claude 4.7 and later, 1,568 on
+# earlier models. A few hundred bytes of PNG can hold a 2576x1456 image: a byte count is no bound.
+CLAUDE_IMAGE_MAX_TOKENS = 4784
+
+_TOOL_USE_TYPES = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+
+
+@dataclass(frozen=True, slots=True)
+class ClaudeMedia:
+    """The media of a Claude request, which cost input tokens its byte size does not bound."""
+
+    images: int = 0  # `image` blocks, any source: each costs up to CLAUDE_IMAGE_MAX_TOKENS
+    documents: int = 0  # `document` blocks whose text is not in the body (a PDF, or a `url` / `file` source)
+    inline_bytes: int = 0  # base64 `data` of those blocks: in the body, but reserved by the count instead
+
+
+NO_MEDIA = ClaudeMedia()
+
+
+def claude_media(obj: Any) -> ClaudeMedia:
+    """Count the images and documents in a Claude request's `messages`, at any depth (a `tool_result`'s
+    content, a `content` document source).
+
+    Cheap for plain requests: a string `content` and a `text` block are passed over without a look inside,
+    so the work follows the number of blocks, never the bytes of their text. The `input` a tool use was
+    called with is data, not content, and is not searched. Iterative: a deeply nested body cannot exhaust
+    the stack.
+    """
+    messages = obj.get("messages") if isinstance(obj, dict) else None
+    if not isinstance(messages, list):
+        return NO_MEDIA
+    stack: list[Any] = []
+    for message in messages:  # the common shapes in one tight loop: most requests end here
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for block in content:
+                if not isinstance(block, dict) or block.get("type") != "text":
+                    stack.append(block)
+    if not stack:
+        return NO_MEDIA
+    images = documents = inline = 0
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("type")
+        if kind == "text":
+            continue  # text and its citations: counted by size
+        if kind == "image" or kind == "document":
+            source = node.get("source")
+            if not isinstance(source, dict):
+                source = {}  # invalid for the API; counted all the same, the safe side
+            source_type = source.get("type")
+            if kind == "document" and source_type == "text":
+                continue  # plain text, in the body and counted with it
+            if kind == "document" and source_type == "content":
+                stack.append(source.get("content"))  # text and image blocks, walked like any content
+                continue
+            data = source.get("data") if source_type == "base64" else None
+            if isinstance(data, str):
+                inline += len(data)
+            if kind == "image":
+                images += 1
+            else:
+                documents += 1
+            continue
+        skip = "input" if kind in _TOOL_USE_TYPES else None
+        for key, value in node.items():
+            if key != skip and isinstance(value, (list, dict)):
+                stack.append(value)
+    if not (images or documents):
+        return NO_MEDIA
+    return ClaudeMedia(images, documents, inline)
+
+
+def claude_input_tokens(body: bytes, media: ClaudeMedia, document_tokens: int) -> int:
+    """Upper bound on a Claude request's input: its text by size, base64 media left out of the size, plus
+    CLAUDE_IMAGE_MAX_TOKENS per image and, when it has documents, `document_tokens` once for all of them
+    (they share one context window, which no request's input can exceed).
+    """
+    text = estimate_input_tokens(body) - media.inline_bytes // 2
+    return text + media.images * CLAUDE_IMAGE_MAX_TOKENS + (document_tokens if media.documents else 0)
 
 
 def _positive_int(value: object) -> int | None:

@@ -8,7 +8,8 @@ import orjson
 
 from gateway.metering import (
     AnthropicStreamMeter,
-    estimate_input_tokens,
+    claude_input_tokens,
+    claude_media,
     requested_max_output,
     usage_from_message,
 )
@@ -57,11 +58,17 @@ class AnthropicProvider:
     meters: tuple[str, ...] = CLAUDE_METERS
 
     def __init__(
-        self, upstream: str, api_key: str, default_max_output: int, web_searches_per_request: int = 10
+        self,
+        upstream: str,
+        api_key: str,
+        default_max_output: int,
+        document_input_tokens: int,
+        web_searches_per_request: int = 10,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self._credential = ("x-api-key", api_key)
         self._default_max_output = default_max_output
+        self._document_input = document_input_tokens  # reserved once for a request's PDFs / referenced files
         self._web_searches_per_request = web_searches_per_request  # for a web search tool without max_uses
 
     def match(self, method: str, path: str, query: bytes) -> Route | None:
@@ -89,7 +96,9 @@ class AnthropicProvider:
     def prepare(self, route: Route, body: bytes, obj: Any) -> Call:
         stream = bool(obj.get("stream")) if isinstance(obj, dict) else False
         model = str(obj.get("model", "")) if isinstance(obj, dict) else ""
-        est_in = estimate_input_tokens(body)
+        # Images and documents cost what their pixels and pages hold, not their size in the body (or nothing
+        # of it, by `url` or `file_id`): see `claude_media`.
+        est_in = claude_input_tokens(body, claude_media(obj), self._document_input)
         tools = obj.get("tools") if isinstance(obj, dict) else None
         if tools:
             est_in += _tools_overhead(tools)

@@ -1,22 +1,30 @@
-"""What an Anthropic request reserves beyond its body: tools, a float max_tokens."""
+"""What an Anthropic request reserves beyond its body: tools, images, documents, a float max_tokens."""
 
 from __future__ import annotations
 
-import orjson
+import base64
+from typing import Any
 
-from gateway.metering.estimate import estimate_input_tokens
-from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT
+import orjson
+import pytest
+
+from gateway.metering.estimate import NO_MEDIA, claude_media, estimate_input_tokens
+from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, CLAUDE_INPUT, CLAUDE_OUTPUT
 from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.base import Route
+from gateway.settings import ConfigError, parse_file_config
+from tests.metering._images import solid_png
 
 ROUTE = Route("messages", "/v1/messages", "", metered=True, has_body=True)
 HI = [{"role": "user", "content": "hi"}]
+IMAGE = 4784  # the most one image costs: 4,784 visual tokens (Claude 4.7 and later; 1,568 before)
+DOCS = 250_000  # `[reservation] document_input_tokens` in these tests (the default is 1,000,000)
 
 
 def reserve(obj: dict[str, object]) -> tuple[dict[str, int], int]:
     """The reservation, and the input estimate of the body alone."""
     body = orjson.dumps(obj)
-    call = AnthropicProvider("http://x", "k", 4096).prepare(ROUTE, body, orjson.loads(body))
+    call = AnthropicProvider("http://x", "k", 4096, DOCS).prepare(ROUTE, body, orjson.loads(body))
     return call.reservation, estimate_input_tokens(body)
 
 
@@ -39,3 +47,138 @@ def test_tools_reserve_the_tool_use_prompt_and_built_in_definitions() -> None:
     assert r[CLAUDE_INPUT] == body + 1024
     r, body = reserve({"model": "claude-sonnet-4-6", "max_tokens": 16, "messages": HI})
     assert r[CLAUDE_INPUT] == body
+
+
+def image(source: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "image", "source": source}
+
+
+def document(source: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "document", "source": source}
+
+
+def ask(*blocks: dict[str, Any]) -> dict[str, Any]:
+    content = [*blocks, {"type": "text", "text": "What is in it?"}]
+    return {"model": "claude-opus-4-7", "max_tokens": 16, "messages": [{"role": "user", "content": content}]}
+
+
+BY_URL = {"type": "url", "url": "https://example.com/cat.jpg"}
+BY_FILE = {"type": "file", "file_id": "file_011CNha8iCJcU1wXNR6q4V8w"}
+PDF_BY_URL = {"type": "url", "url": "https://example.com/report.pdf"}
+
+
+def test_an_image_by_url_or_file_reserves_the_most_an_image_costs() -> None:
+    # The body holds a URL or an id, a few dozen tokens by size; the image behind it, up to 4,784.
+    for source in (BY_URL, BY_FILE):
+        r, body = reserve(ask(image(source)))
+        assert r[CLAUDE_INPUT] == body + 4784
+        assert r[CLAUDE_CACHE_WRITE] == r[CLAUDE_CACHE_READ] == r[CLAUDE_INPUT]
+
+
+def test_a_base64_image_reserves_by_its_pixels_not_its_bytes() -> None:
+    # 2576x1456 px (92 * 52 = 4,784 visual tokens) in 535 bytes of PNG, 716 of base64: its bytes / 2 said 358.
+    data = base64.b64encode(solid_png(2576, 1456)).decode()
+    assert len(data) == 716
+    r, body = reserve(ask(image({"type": "base64", "media_type": "image/png", "data": data})))
+    assert r[CLAUDE_INPUT] == body - 358 + 4784
+    # And a large photo no longer reserves its megabytes: 400,000 base64 characters, at most 4,784 tokens.
+    big = "A" * 400_000
+    r, body = reserve(ask(image({"type": "base64", "media_type": "image/jpeg", "data": big})))
+    assert r[CLAUDE_INPUT] == body - 200_000 + 4784
+
+
+def test_a_document_by_url_or_file_reserves_the_document_ceiling() -> None:
+    for source in (PDF_BY_URL, BY_FILE):
+        r, body = reserve(ask(document(source)))
+        assert r[CLAUDE_INPUT] == body + DOCS
+
+
+def test_a_base64_pdf_reserves_the_ceiling_instead_of_its_bytes() -> None:
+    # A page costs its text plus an image, and pages can share one content stream: bytes bound nothing.
+    data = base64.b64encode(b"%PDF-1.7 " + b"x" * 3000).decode()
+    r, body = reserve(ask(document({"type": "base64", "media_type": "application/pdf", "data": data})))
+    assert r[CLAUDE_INPUT] == body - len(data) // 2 + DOCS
+
+
+def test_a_text_document_is_in_the_body_and_a_content_document_counts_its_images() -> None:
+    text = {"type": "text", "media_type": "text/plain", "data": "The grass is green."}
+    r, body = reserve(ask(document(text)))
+    assert r[CLAUDE_INPUT] == body
+    content = {"type": "content", "content": [{"type": "text", "text": "A chart:"}, image(BY_URL)]}
+    r, body = reserve(ask(document(content)))
+    assert r[CLAUDE_INPUT] == body + 4784
+
+
+def test_several_images_and_documents() -> None:
+    # Each image its maximum; the documents share the request's context window: the ceiling once.
+    data = base64.b64encode(solid_png(1568, 1568)).decode()
+    blocks = [
+        image(BY_URL),
+        image(BY_FILE),
+        image({"type": "base64", "media_type": "image/png", "data": data}),
+        document(PDF_BY_URL),
+        document(BY_FILE),
+    ]
+    r, body = reserve(ask(*blocks))
+    assert r[CLAUDE_INPUT] == body - len(data) // 2 + 3 * 4784 + DOCS
+
+
+def test_images_and_documents_nested_in_a_tool_result() -> None:
+    messages = [
+        {"role": "user", "content": "Take a screenshot and fetch the spec."},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_01", "name": "screenshot", "input": {}}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_01",
+                    "content": [{"type": "text", "text": "done"}, image(BY_FILE), document(PDF_BY_URL)],
+                }
+            ],
+        },
+    ]
+    r, body = reserve({"model": "claude-opus-4-7", "max_tokens": 16, "messages": messages})
+    assert r[CLAUDE_INPUT] == body + 4784 + DOCS
+
+
+def test_a_tool_use_input_is_data_not_content() -> None:
+    # Arguments Claude passed to a tool are text to it, whatever their shape.
+    call = {"type": "tool_use", "id": "toolu_01", "name": "store", "input": {"doc": document(PDF_BY_URL)}}
+    messages = [*HI, {"role": "assistant", "content": [call]}]
+    r, body = reserve({"model": "claude-opus-4-7", "max_tokens": 16, "messages": messages})
+    assert r[CLAUDE_INPUT] == body
+
+
+def test_an_escaped_type_is_still_counted() -> None:
+    # `"\u0069mage"` is `"image"` to any JSON parser, so to the provider too.
+    block = b'{"type":"\\u0069mage","source":{"type":"url","url":"https://example.com/a.png"}}'
+    body = b'{"model":"claude-opus-4-7","max_tokens":16,"messages":[{"role":"user","content":[' + block + b"]}]}"
+    call = AnthropicProvider("http://x", "k", 4096, DOCS).prepare(ROUTE, body, orjson.loads(body))
+    assert call.reservation[CLAUDE_INPUT] == estimate_input_tokens(body) + 4784
+
+
+def test_a_plain_text_request_is_unchanged() -> None:
+    r, body = reserve({"model": "claude-opus-4-7", "max_tokens": 16, "messages": HI, "system": "Be brief."})
+    assert r[CLAUDE_INPUT] == body
+    # String contents and text blocks (citations and all) are passed over: nothing to count, nothing built.
+    cited = {"type": "text", "text": "See", "citations": [{"type": "char_location", "document_index": 0}]}
+    messages = [*HI, {"role": "assistant", "content": [cited]}, {"role": "user", "content": [cited, cited]}]
+    assert claude_media({"messages": messages}) is NO_MEDIA
+    r, body = reserve({"model": "claude-opus-4-7", "max_tokens": 16, "messages": messages})
+    assert r[CLAUDE_INPUT] == body
+
+
+def test_the_document_ceiling_setting() -> None:
+    assert parse_file_config({}).reservation.document_input_tokens == 1_000_000
+    assert (
+        parse_file_config({"reservation": {"document_input_tokens": 200_000}}).reservation.document_input_tokens
+        == 200_000
+    )
+    with pytest.raises(ConfigError, match="document_input_tokens must be at least 1"):
+        parse_file_config({"reservation": {"document_input_tokens": 0}})
+    with pytest.raises(ConfigError, match="document_input_tokens must be a non-negative integer"):
+        parse_file_config({"reservation": {"document_input_tokens": "1M"}})

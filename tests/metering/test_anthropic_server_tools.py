@@ -23,7 +23,8 @@ def reserve(tools: list[object] | None, unbounded: int = 7) -> dict[str, int]:
     if tools is not None:
         obj["tools"] = tools
     body = orjson.dumps(obj)
-    return AnthropicProvider("http://x", "k", 4096, unbounded).prepare(ROUTE, body, orjson.loads(body)).reservation
+    provider = AnthropicProvider("http://x", "k", 4096, 1_000_000, unbounded)
+    return provider.prepare(ROUTE, body, orjson.loads(body)).reservation
 
 
 def test_1h_cache_writes_are_reserved_like_all_cache_writes() -> None:
