@@ -6,10 +6,27 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.billing.owner import RefusalKind, Refused
-from gateway.meters import CLAUDE_WEB_SEARCHES
+from gateway.meters import (
+    CLAUDE_CACHE_READ,
+    CLAUDE_CACHE_WRITE,
+    CLAUDE_CACHE_WRITE_1H,
+    CLAUDE_INPUT,
+    CLAUDE_WEB_SEARCHES,
+    GEMINI_CACHED,
+    GEMINI_IMAGES,
+    GEMINI_INPUT,
+)
 from gateway.providers.base import Provider
 
 PORTAL_PATH = "/api/billing/portal"
+# What a client can change to fit a refused reservation, by meter (output meters: max_tokens).
+_INPUT = "send less input (images reserve 4,784 tokens each, documents [reservation] document_input_tokens)"
+_LOWER = {
+    CLAUDE_WEB_SEARCHES: "lower the web_search tool's max_uses",
+    GEMINI_IMAGES: "ask for fewer images",
+    **dict.fromkeys((CLAUDE_INPUT, CLAUDE_CACHE_WRITE, CLAUDE_CACHE_WRITE_1H, CLAUDE_CACHE_READ), _INPUT),
+    **dict.fromkeys((GEMINI_INPUT, GEMINI_CACHED), "send less input"),
+}
 # Without it the server keeps reading (and discarding) the rest of an oversized upload.
 _CLOSE = [(b"connection", b"close")]
 
@@ -41,10 +58,10 @@ class ErrorAnswers:
             if refusal.remaining <= 0:
                 message = f"quota exhausted for meter {refusal.meter}; manage billing at {PORTAL_PATH}"
             else:
-                lower = "the web_search tool's max_uses" if refusal.meter == CLAUDE_WEB_SEARCHES else "max_tokens"
+                lower = _LOWER.get(refusal.meter, "lower max_tokens")
                 message = (
                     f"quota for meter {refusal.meter} has {refusal.remaining} left but this request may use up to "
-                    f"{refusal.needed}; lower {lower} or manage billing at {PORTAL_PATH}"
+                    f"{refusal.needed}; {lower} or manage billing at {PORTAL_PATH}"
                 )
             return await self.error(
                 send,

@@ -53,7 +53,11 @@ def test_402_when_the_credit_covers_the_text_but_not_the_image_or_document(  # t
         needed = len(sent) // 2 + 16 + media
         error = err.value.body["error"]  # type: ignore[index]
         assert error["type"] == "billing_error" and error["meter"] == "claude_input_tokens"
-        assert f"has 3988 left but this request may use up to {needed};" in error["message"]
+        assert error["message"] == (
+            f"quota for meter claude_input_tokens has 3988 left but this request may use up to {needed}; send less"
+            " input (images reserve 4,784 tokens each, documents [reservation] document_input_tokens)"
+            " or manage billing at /api/billing/portal"
+        )
     assert len(upstream.requests) == before  # refused before the provider saw them
     assert input_meter(gw, key)["consumed"] == 12 and input_meter(gw, key)["reserved"] == 0
 
