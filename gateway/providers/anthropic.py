@@ -98,7 +98,8 @@ class AnthropicProvider:
         model = str(obj.get("model", "")) if isinstance(obj, dict) else ""
         # Images and documents cost what their pixels and pages hold, not their size in the body (or nothing
         # of it, by `url` or `file_id`): see `claude_media`.
-        est_in = claude_input_tokens(body, claude_media(obj), self._document_input)
+        media = claude_media(obj)
+        est_in = claude_input_tokens(body, media, self._document_input)
         tools = obj.get("tools") if isinstance(obj, dict) else None
         if tools:
             est_in += _tools_overhead(tools)
@@ -120,7 +121,9 @@ class AnthropicProvider:
             model=model,
             stream=stream,
             reservation=reservation,
-            rate_tokens=est_in + est_out,
+            # The rate limit is no bill: documents count there by what they used (at settle), not by a
+            # ceiling that would refuse every document while anything else is in the window.
+            rate_tokens=est_in + est_out - (self._document_input if media.documents else 0),
             meter_factory=AnthropicStreamMeter if stream else None,
             body_usage=usage_from_message,
         )

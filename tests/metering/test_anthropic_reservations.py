@@ -93,6 +93,15 @@ def test_a_document_by_url_or_file_reserves_the_document_ceiling() -> None:
         assert r[CLAUDE_INPUT] == body + DOCS
 
 
+def test_the_rate_limit_counts_a_document_by_what_it_uses_not_its_ceiling() -> None:
+    # A ceiling on tokens per minute would refuse every document while anything else is in the window;
+    # the rate limit is corrected to the actual usage when the request ends.
+    body = orjson.dumps(ask(image(BY_URL), document(PDF_BY_URL)))
+    call = AnthropicProvider("http://x", "k", 4096, DOCS).prepare(ROUTE, body, orjson.loads(body))
+    assert call.reservation[CLAUDE_INPUT] == estimate_input_tokens(body) + IMAGE + DOCS
+    assert call.rate_tokens == estimate_input_tokens(body) + IMAGE + 16
+
+
 def test_a_base64_pdf_reserves_the_ceiling_instead_of_its_bytes() -> None:
     # A page costs its text plus an image, and pages can share one content stream: bytes bound nothing.
     data = base64.b64encode(b"%PDF-1.7 " + b"x" * 3000).decode()
