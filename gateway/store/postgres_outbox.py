@@ -3,13 +3,13 @@
 Same semantics as `sqlite_outbox.py`. Claims take rows `FOR UPDATE SKIP LOCKED`, so replicas
 claiming at once get disjoint requests without waiting on each other; a claim whose lease ran out
 (its process stopped) is taken over by the next claimer. A claim's end is set and compared on the
-server's clock (`now()`): replicas on other machines agree on it even when their clocks do not.
+server's clock (`now()`), and so is a retry's due time: replicas on other machines agree on them
+even when their clocks do not.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 import orjson
@@ -57,17 +57,16 @@ class PostgresOutbox(PostgresBase):
                 list(request_ids),
             )
 
-    async def mark_retry(
-        self, request_ids: Sequence[str], error: str, next_attempt_at: datetime, max_attempts: int
-    ) -> None:
+    async def mark_retry(self, request_ids: Sequence[str], error: str, retry_in: float, max_attempts: int) -> None:
         if request_ids:
             await self.pool.execute(
                 "UPDATE requests SET attempts = attempts + 1,"
                 " sync_state = CASE WHEN attempts + 1 >= $1 THEN 'failed' ELSE 'pending' END,"
-                " next_attempt_at = $2, last_error = $3, claimed_by = NULL, claimed_until = NULL"
+                " next_attempt_at = now() + make_interval(secs => $2), last_error = $3,"
+                " claimed_by = NULL, claimed_until = NULL"
                 " WHERE id = ANY($4::text[]) AND sync_state IN ('pending', 'claimed', 'failed')",
                 max_attempts,
-                next_attempt_at,
+                float(retry_in),
                 error[:500],
                 list(request_ids),
             )
