@@ -17,7 +17,6 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from enum import StrEnum
 from typing import Protocol
 
@@ -294,9 +293,8 @@ class Syncer:
         groups: dict[tuple[int, str], list[str]] = defaultdict(list)
         for rid, reason in claim.rejected.items():
             groups[(attempts[rid], reason)].append(rid)
-        now = utcnow()
         for (n, reason), ids in groups.items():
-            await self.store.mark_retry(ids, reason, now + timedelta(seconds=self.backoff(n)), self.max_attempts)
+            await self.store.mark_retry(ids, reason, self.backoff(n), self.max_attempts)
             if n + 1 >= self.max_attempts:
                 ids_set = set(ids)
                 result.parked += sum(1 for e in claim.events if e.request_id in ids_set)

@@ -13,7 +13,6 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -209,9 +208,9 @@ class LogReads:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def invalidations_after(self, seq: int, since: datetime) -> list[Invalidation]:
+    async def invalidations_after(self, seq: int, lookback_seconds: float) -> list[Invalidation]:
         self.count += 1
-        return list(await self._store.invalidations_after(seq, since))
+        return list(await self._store.invalidations_after(seq, lookback_seconds))
 
 
 def count_log_reads(keeper: LeaseKeeper) -> LogReads:

@@ -116,7 +116,7 @@ async def test_last_synced_at_among_requests_started_since(store: Store) -> None
     ids = [rid(T0, i) for i in range(3)]
     await store.finish_requests([used(x, {"claude_input_tokens": 1}, started_at=T0) for x in ids])
     assert await store.claim_events("A", 10, 60)
-    await store.mark_retry(ids[1:2], "rejected", T0, max_attempts=1)
+    await store.mark_retry(ids[1:2], "rejected", 0.0, max_attempts=1)
     await store.mark_deferred(ids[2:], "outage")
     assert await store.last_synced_at(T0 - timedelta(hours=1)) is None  # nothing delivered yet
     before = datetime.now(UTC)

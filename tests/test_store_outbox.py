@@ -90,7 +90,7 @@ async def test_synced_retried_failed_and_requeued(store: Store) -> None:
     assert len(await store.claim_events("o", 10, 60)) == 5
     await store.mark_synced(["req_ok"])
     await store.mark_synced([])
-    later = datetime.now(UTC) + timedelta(hours=1)
+    later = 3600.0  # seconds
     await store.mark_retry(["req_retry"], "Polar server error 500", later, max_attempts=3)
     await store.mark_retry(["req_bad"], "x" * 600, later, max_attempts=1)  # parks at once
     await store.mark_retry([], "nothing", later, 3)
@@ -106,7 +106,7 @@ async def test_synced_retried_failed_and_requeued(store: Store) -> None:
     ]
     assert len(await store.failed_events(limit=2)) == 2
     # the retry that reaches max_attempts parks the request as failed
-    await store.mark_retry(["req_retry"], "again", datetime.now(UTC) - timedelta(seconds=1), max_attempts=2)
+    await store.mark_retry(["req_retry"], "again", -1.0, max_attempts=2)
     assert [(e.request_id, e.attempts, why) for e, why in await store.failed_events()] == [
         ("req_bad", 1, "x" * 500),
         ("req_bad", 1, "x" * 500),
@@ -130,7 +130,7 @@ async def test_synced_retried_failed_and_requeued(store: Store) -> None:
 async def test_a_retry_below_the_limit_becomes_due_again(store: Store) -> None:
     await store.finish_request(used("req_r", {"claude_input_tokens": 2}))
     await store.claim_events("o", 10, 60)
-    await store.mark_retry(["req_r"], "timeout", datetime.now(UTC) - timedelta(seconds=1), max_attempts=3)
+    await store.mark_retry(["req_r"], "timeout", -1.0, max_attempts=3)
     assert [(e.request_id, e.attempts) for e in await store.claim_events("o", 10, 60)] == [("req_r", 1)]
 
 
@@ -175,7 +175,7 @@ async def test_usage_summary_orders_by_user_then_meter_and_counts_images_per_uni
 async def test_a_sync_asked_for_now_takes_requests_waiting_out_their_backoff(store: Store) -> None:
     await store.finish_request(used("req_w", {"claude_input_tokens": 2}))
     await store.claim_events("o", 10, 60)
-    await store.mark_retry(["req_w"], "422", datetime.now(UTC) + timedelta(hours=1), max_attempts=3)
+    await store.mark_retry(["req_w"], "422", 3600.0, max_attempts=3)
     assert await store.claim_events("o", 10, 60) == []
     taken = await store.claim_events("o", 10, 60, due_only=False)
     assert [(e.request_id, e.attempts) for e in taken] == [("req_w", 1)]
@@ -206,7 +206,7 @@ async def test_sync_backlog_counts_unsynced_requests_from_its_index(store: Store
     assert await store.sync_backlog() == SyncBacklog(pending=3, failed=0, oldest_pending_at=day(1))
     claimed = await store.claim_events("o", 1, 60)  # claimed still counts as pending
     assert await store.sync_backlog() == SyncBacklog(pending=3, failed=0, oldest_pending_at=day(1))
-    await store.mark_retry([claimed[0].request_id], "422", day(1), max_attempts=1)
+    await store.mark_retry([claimed[0].request_id], "422", 0.0, max_attempts=1)
     rest = await store.claim_events("o", 10, 60)
     await store.mark_synced([rest[0].request_id])
     backlog = await store.sync_backlog()

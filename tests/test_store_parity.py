@@ -111,7 +111,7 @@ async def test_claim_limit_counts_requests(store: Store) -> None:
 async def test_requeue_then_claim_is_due_at_once(store: Store) -> None:
     await store.finish_requests([used("req_1", {"claude_input_tokens": 1})])
     await store.claim_events("c", 10, 60)
-    await store.mark_retry(["req_1"], "bad", datetime(2099, 1, 1, tzinfo=UTC), 1)
+    await store.mark_retry(["req_1"], "bad", 3600.0, 1)
     assert (await store.sync_backlog()).failed == 1
     assert await store.requeue_failed() == 1
     assert [e.request_id for e in await store.claim_events("c", 10, 60)] == ["req_1"]

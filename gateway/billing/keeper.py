@@ -7,7 +7,8 @@ the log only when the store's watch says it moved (no round trip: a signal file,
 at every heartbeat regardless, should a signal have been lost: a store round trip 20 times a
 second per process cost more than everything else the keeper does.
 
-A dead process (heartbeat older than `stale` seconds) is settled by one live process at a time
+A dead process (heartbeat older than `stale` seconds, on the store's clock: hosts may disagree on
+the time, not on the database's) is settled by one live process at a time
 (`claim_process`). On the same host its journal is visible: if a live process still holds it (flock)
 the owner is only slow and is left alone; otherwise the journal is recovered into the store
 first (which takes the recovered usage off the dead owner's leases), then its leases are
@@ -25,7 +26,6 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 from pathlib import Path
 
 from gateway.billing.leases import LeasedLedger
@@ -33,13 +33,12 @@ from gateway.journal import held
 from gateway.settings import Settings
 from gateway.store.base import Store
 from gateway.store.leases_base import Invalidation, InvalidationKind, InvalidationWatch, LeaseStore
-from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.leases")
 
 _PRUNE_EVERY = 60.0  # seconds between prunes of the invalidation log
-_KEEP_LOG = timedelta(minutes=10)  # far longer than any poll gap
-_LOOKBACK = timedelta(seconds=2)  # re-read window for entries whose insert committed late
+_KEEP_LOG = 600.0  # seconds the invalidation log is kept: far longer than any poll gap
+_LOOKBACK = 2.0  # seconds: re-read window for entries whose insert committed late
 
 
 class LeaseKeeper:
@@ -128,10 +127,10 @@ class LeaseKeeper:
         await self.ledger.keep(self.idle, scan=beat)
         if beat:
             await self.settle_dead()
-            self._seen = {seq: at for seq, at in self._seen.items() if now - at < 2 * _LOOKBACK.total_seconds()}
+            self._seen = {seq: at for seq, at in self._seen.items() if now - at < 2 * _LOOKBACK}
         if now >= self._next_prune:
             self._next_prune = now + _PRUNE_EVERY
-            await self.store.prune_invalidations(utcnow() - _KEEP_LOG)
+            await self.store.prune_invalidations(_KEEP_LOG)
 
     async def _beat(self) -> None:
         sent = time.monotonic()
@@ -146,7 +145,7 @@ class LeaseKeeper:
         self.ledger.beat(sent)  # (after a re-registration too: it is later than `sent`)
 
     async def _read_log(self, now: float) -> None:
-        for inv in await self.store.invalidations_after(self._seq, utcnow() - _LOOKBACK):
+        for inv in await self.store.invalidations_after(self._seq, _LOOKBACK):
             if inv.seq in self._seen:
                 continue
             self._seen[inv.seq] = now
@@ -163,12 +162,11 @@ class LeaseKeeper:
     async def settle_dead(self) -> list[str]:
         """Release the leases of dead processes; returns their owner ids."""
         released: list[str] = []
-        cutoff = utcnow() - timedelta(seconds=self.stale)
-        for p in await self.store.stale_processes(self.owner, cutoff):
+        for p in await self.store.stale_processes(self.owner, self.stale):
             local = p.host == self.host and bool(p.journal)
             if local and held(Path(p.journal), p.owner):
                 continue  # alive (its journal is locked), only slow to beat or about to exit
-            if not await self.store.claim_process(p.owner, cutoff):
+            if not await self.store.claim_process(p.owner, self.stale):
                 continue  # it beat again, or another process settles it
             if local and self.recover is not None:
                 await self.recover(Path(p.journal))

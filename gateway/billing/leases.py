@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from gateway.billing.protocols import Reservation
 from gateway.quota import LimitLoads, MeterState, Refusal, UserQuota, limits_for
@@ -214,7 +214,6 @@ class LeasedLedger:
                 for a in asks:  # (mirror rule: a row may exist before we know the grant)
                     u.held.setdefault(a.meter, _Held()).row = True
                 tight = bool(recall_seq) or time.monotonic() < max(u.tight_until, self._tight.get(user_id, 0.0))
-                alive_after = utcnow() - timedelta(seconds=self.stale_seconds)
                 out = await self.leases.take_lease(
                     LeaseTake(
                         self.owner,
@@ -224,7 +223,7 @@ class LeasedLedger:
                         asks,
                         0.0 if tight else self.fraction,
                         recall_seq,
-                        alive_after,
+                        self.stale_seconds,
                     )
                 )
                 if out.granted:

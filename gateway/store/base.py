@@ -190,10 +190,9 @@ class Outbox(Protocol):
         ...
 
     async def mark_synced(self, request_ids: Sequence[str]) -> None: ...
-    async def mark_retry(
-        self, request_ids: Sequence[str], error: str, next_attempt_at: datetime, max_attempts: int
-    ) -> None:
-        """Polar rejected these requests' events: count an attempt; park them at `max_attempts`."""
+    async def mark_retry(self, request_ids: Sequence[str], error: str, retry_in: float, max_attempts: int) -> None:
+        """Polar rejected these requests' events: count an attempt; park them at `max_attempts`;
+        otherwise due again `retry_in` seconds from now on the store's clock (replicas' may differ)."""
         ...
 
     async def mark_deferred(self, request_ids: Sequence[str], error: str) -> None:

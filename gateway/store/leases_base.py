@@ -1,6 +1,11 @@
 """What the shared quota ledger needs from the store: quota leases, a process registry and an
 invalidation log (`gateway/billing/leases.py`, `gateway/billing/keeper.py`). SQL lives in
 `sqlite_leases.py` and `postgres_leases.py`; both follow the rules stated here.
+
+Times one process writes and another compares (heartbeats, the log's entries) are stamped and
+compared on the store's clock, never the caller's: callers pass ages in seconds, and the
+PostgreSQL store turns them into instants with the server's `now()`, so replicas on hosts whose
+clocks disagree still agree on who is alive. (SQLite's processes share one host, so one clock.)
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class LeaseTake:
     asks: Sequence[LeaseAsk]
     fraction: float  # of what is available, per slice (see `slice_size`)
     recall_seq: int = 0  # a recall in progress: count the live owners yet to answer it
-    alive_after: datetime | None = None  # an owner is live when its heartbeat is after this
+    stale_seconds: float = 0.0  # an owner is live when its heartbeat is younger than this (store clock)
 
 
 @dataclass(slots=True)
@@ -88,7 +93,7 @@ class QuotaLeaseStore(Protocol):
     async def take_lease(self, take: LeaseTake) -> LeaseGrant:
         """In one atomic step: available = credited - consumed in [start, end) - all leases; when
         every ask's need fits, add the slices to `owner`'s leases. With `recall_seq`, also count
-        the live owners (heartbeat after `alive_after`) still holding a lease that did not answer it."""
+        the live owners (heartbeat younger than `stale_seconds`) still holding a lease that did not answer it."""
         ...
 
     async def return_lease(self, owner: str, user_id: str, amounts: Mapping[str, int], answered: int = 0) -> None:
@@ -118,14 +123,15 @@ class ProcessRegistry(Protocol):
     async def register_process(self, owner: str, host: str, pid: int, journal: str) -> None: ...
 
     async def heartbeat(self, owner: str) -> bool:
-        """Renew; False when the row is gone (another process took this one for dead)."""
+        """Renew (stamped with the store's clock); False when the row is gone (another process
+        took this one for dead)."""
         ...
 
-    async def stale_processes(self, owner: str, stale_before: datetime) -> list[ProcessRow]:
-        """Other processes whose heartbeat is older than `stale_before`."""
+    async def stale_processes(self, owner: str, stale_seconds: float) -> list[ProcessRow]:
+        """Other processes whose heartbeat is more than `stale_seconds` old on the store's clock."""
         ...
 
-    async def claim_process(self, owner: str, stale_before: datetime) -> bool:
+    async def claim_process(self, owner: str, stale_seconds: float) -> bool:
         """Claim a stale process for settling by renewing its heartbeat on its behalf; False when
         it is not stale (any more). One live process at a time settles each; should that one die
         too, the claim goes stale and another takes it."""
@@ -159,14 +165,16 @@ class InvalidationLog(Protocol):
         """Start watching the log for new entries (each process's keeper holds one)."""
         ...
 
-    async def invalidations_after(self, seq: int, since: datetime) -> list[Invalidation]:
-        """Entries after `seq`, and those created since `since` (a sequence number is taken before
-        its insert commits, so a later one can be seen first; readers re-read a short window and
-        skip what they saw)."""
+    async def invalidations_after(self, seq: int, lookback_seconds: float) -> list[Invalidation]:
+        """Entries after `seq`, and those created in the last `lookback_seconds` on the store's
+        clock (a sequence number is taken before its insert commits, so a later one can be seen
+        first; readers re-read a short window and skip what they saw)."""
         ...
 
     async def last_invalidation(self) -> int: ...
-    async def prune_invalidations(self, before: datetime) -> int: ...
+    async def prune_invalidations(self, older_than_seconds: float) -> int:
+        """Drop the entries created more than `older_than_seconds` ago (store clock); how many went."""
+        ...
 
 
 class LeaseStore(QuotaLeaseStore, ProcessRegistry, InvalidationLog, Protocol):

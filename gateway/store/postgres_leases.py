@@ -8,6 +8,10 @@ statement). A stored request leaves its owner's lease through the trigger of mig
 Every process watches the invalidation log by LISTENing on a connection of its own: an entry's
 insert NOTIFYs in the same statement (delivered when it commits), so a keeper reads the log when
 told rather than on every poll.
+
+Heartbeats and the log's entries are stamped with the server's clock (`now()`), and ages are
+measured against it (`now() - make_interval(secs => ...)`): replicas on other machines share the
+database, not a clock, and a host running behind must not be taken for dead while it beats.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from datetime import datetime
 import asyncpg
 
 from gateway.store.leases_base import Invalidation, InvalidationWatch, LeaseGrant, LeaseTake, ProcessRow, grant
-from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.store")
 
@@ -44,7 +47,7 @@ _TOTALS = (
     " UNION ALL"
     " SELECT 'a', '', COUNT(DISTINCT l.owner), 0 FROM quota_leases AS l JOIN processes AS p ON p.owner = l.owner"
     " WHERE $5::bigint > 0 AND l.user_id = $1 AND l.owner <> $4 AND l.amount > 0 AND l.answered < $5"
-    " AND p.heartbeat_at >= $6 AND l.meter = ANY($7::text[])"
+    " AND p.heartbeat_at >= clock_timestamp() - make_interval(secs => $6) AND l.meter = ANY($7::text[])"
 )
 
 
@@ -119,7 +122,7 @@ class PostgresLeases:
                 take.end,
                 take.owner,
                 take.recall_seq,
-                take.alive_after or utcnow(),
+                float(take.stale_seconds),
                 [a.meter for a in take.asks],
             )
             for kind, meter, total, mine in rows:
@@ -184,36 +187,35 @@ class PostgresLeases:
 
     # ------------------------------------------------------------------ process registry
     async def register_process(self, owner: str, host: str, pid: int, journal: str) -> None:
-        now = utcnow()
         await self.pool.execute(
             "INSERT INTO processes (owner, host, pid, journal, started_at, heartbeat_at)"
-            " VALUES ($1, $2, $3, $4, $5, $5)"
+            " VALUES ($1, $2, $3, $4, now(), now())"
             " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
             owner,
             host,
             pid,
             journal,
-            now,
         )
 
     async def heartbeat(self, owner: str) -> bool:
-        status = await self.pool.execute("UPDATE processes SET heartbeat_at = $2 WHERE owner = $1", owner, utcnow())
+        status = await self.pool.execute("UPDATE processes SET heartbeat_at = now() WHERE owner = $1", owner)
         return bool(status != "UPDATE 0")
 
-    async def stale_processes(self, owner: str, stale_before: datetime) -> list[ProcessRow]:
+    async def stale_processes(self, owner: str, stale_seconds: float) -> list[ProcessRow]:
         rows = await self.pool.fetch(
-            "SELECT owner, host, pid, journal, heartbeat_at FROM processes WHERE heartbeat_at < $1 AND owner <> $2",
-            stale_before,
+            "SELECT owner, host, pid, journal, heartbeat_at FROM processes"
+            " WHERE heartbeat_at < now() - make_interval(secs => $1) AND owner <> $2",
+            float(stale_seconds),
             owner,
         )
         return [ProcessRow(r[0], r[1], int(r[2]), r[3], r[4]) for r in rows]
 
-    async def claim_process(self, owner: str, stale_before: datetime) -> bool:
+    async def claim_process(self, owner: str, stale_seconds: float) -> bool:
         status = await self.pool.execute(
-            "UPDATE processes SET heartbeat_at = $3 WHERE owner = $1 AND heartbeat_at < $2",
+            "UPDATE processes SET heartbeat_at = now()"
+            " WHERE owner = $1 AND heartbeat_at < now() - make_interval(secs => $2)",
             owner,
-            stale_before,
-            utcnow(),
+            float(stale_seconds),
         )
         return bool(status != "UPDATE 0")
 
@@ -228,11 +230,10 @@ class PostgresLeases:
     # ------------------------------------------------------------------ invalidation log
     async def notify_invalidation(self, kind: str, subject: str) -> int:
         seq = await self.pool.fetchval(
-            "WITH entry AS (INSERT INTO invalidations (kind, subject, created_at) VALUES ($1, $2, $3) RETURNING seq)"
+            "WITH entry AS (INSERT INTO invalidations (kind, subject, created_at) VALUES ($1, $2, now()) RETURNING seq)"
             f" SELECT seq FROM entry, pg_notify('{_CHANNEL}', '') AS notified",
             kind,
             subject,
-            utcnow(),
         )
         return int(seq)
 
@@ -244,17 +245,22 @@ class PostgresLeases:
             log.warning("cannot listen for invalidations (%s); reading the log every poll", exc)
         return watch
 
-    async def invalidations_after(self, seq: int, since: datetime) -> list[Invalidation]:
+    async def invalidations_after(self, seq: int, lookback_seconds: float) -> list[Invalidation]:
         rows = await self.pool.fetch(
-            "SELECT seq, kind, subject FROM invalidations WHERE seq > $1 OR created_at >= $2 ORDER BY seq", seq, since
+            "SELECT seq, kind, subject FROM invalidations"
+            " WHERE seq > $1 OR created_at >= now() - make_interval(secs => $2) ORDER BY seq",
+            seq,
+            float(lookback_seconds),
         )
         return [Invalidation(int(r[0]), r[1], r[2]) for r in rows]
 
     async def last_invalidation(self) -> int:
         return int(await self.pool.fetchval("SELECT COALESCE(MAX(seq), 0) FROM invalidations"))
 
-    async def prune_invalidations(self, before: datetime) -> int:
-        status = await self.pool.execute("DELETE FROM invalidations WHERE created_at < $1", before)
+    async def prune_invalidations(self, older_than_seconds: float) -> int:
+        status = await self.pool.execute(
+            "DELETE FROM invalidations WHERE created_at < now() - make_interval(secs => $1)", float(older_than_seconds)
+        )
         return int(status.split()[-1])
 
 

@@ -2,13 +2,14 @@
 
 Same semantics as `sqlite_outbox.py`. Claims take rows `FOR UPDATE SKIP LOCKED`, so replicas
 claiming at once get disjoint requests without waiting on each other; a claim whose lease ran out
-(its process stopped) is taken over by the next claimer.
+(its process stopped) is taken over by the next claimer. A claim's end is set and compared on the
+server's clock (`now()`), and so is a retry's due time: replicas on other machines agree on them
+even when their clocks do not.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -21,25 +22,28 @@ from gateway.timeutil import utcnow
 
 _OUTBOX_COLS = "id, user_id, model, provider, started_at, usage, attempts"
 
+# {due}: now(), or 'infinity' to take those waiting out a backoff too
 _CLAIM = (
     "WITH picked AS (SELECT id FROM requests"
-    "   WHERE (sync_state = 'pending' AND next_attempt_at <= $3)"
-    "      OR (sync_state = 'claimed' AND claimed_until < $4)"
-    "   LIMIT $5 FOR UPDATE SKIP LOCKED)"
-    " UPDATE requests AS r SET sync_state = 'claimed', claimed_by = $1, claimed_until = $2"
+    "   WHERE (sync_state = 'pending' AND next_attempt_at <= {due})"
+    "      OR (sync_state = 'claimed' AND claimed_until < now())"
+    "   LIMIT $3 FOR UPDATE SKIP LOCKED)"
+    " UPDATE requests AS r SET sync_state = 'claimed', claimed_by = $1,"
+    " claimed_until = now() + make_interval(secs => $2)"
     " FROM picked WHERE r.id = picked.id"
     f" RETURNING {', '.join('r.' + c for c in _OUTBOX_COLS.split(', '))}"
 )
+_CLAIM_DUE = _CLAIM.format(due="now()")
+_CLAIM_ANY = _CLAIM.format(due="'infinity'")
 
 
 class PostgresOutbox(PostgresBase):
     async def claim_events(
         self, owner: str, limit: int, lease_seconds: float, *, due_only: bool = True
     ) -> list[PendingEvent]:
-        now = utcnow()
         # not due_only: a person asked for a sync now, so nothing waits out its backoff
-        due = now if due_only else datetime.max.replace(tzinfo=UTC)
-        rows = await self.pool.fetch(_CLAIM, owner, now + timedelta(seconds=lease_seconds), due, now, limit)
+        sql = _CLAIM_DUE if due_only else _CLAIM_ANY
+        rows = await self.pool.fetch(sql, owner, float(lease_seconds), limit)
         events = pending_events(rows)
         events.sort(key=lambda e: (e.timestamp, e.external_id))
         return events
@@ -53,17 +57,16 @@ class PostgresOutbox(PostgresBase):
                 list(request_ids),
             )
 
-    async def mark_retry(
-        self, request_ids: Sequence[str], error: str, next_attempt_at: datetime, max_attempts: int
-    ) -> None:
+    async def mark_retry(self, request_ids: Sequence[str], error: str, retry_in: float, max_attempts: int) -> None:
         if request_ids:
             await self.pool.execute(
                 "UPDATE requests SET attempts = attempts + 1,"
                 " sync_state = CASE WHEN attempts + 1 >= $1 THEN 'failed' ELSE 'pending' END,"
-                " next_attempt_at = $2, last_error = $3, claimed_by = NULL, claimed_until = NULL"
+                " next_attempt_at = now() + make_interval(secs => $2), last_error = $3,"
+                " claimed_by = NULL, claimed_until = NULL"
                 " WHERE id = ANY($4::text[]) AND sync_state IN ('pending', 'claimed', 'failed')",
                 max_attempts,
-                next_attempt_at,
+                float(retry_in),
                 error[:500],
                 list(request_ids),
             )

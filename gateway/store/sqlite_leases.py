@@ -8,6 +8,9 @@ Every process on the file watches the invalidation log through a signal file bes
 (`<database>-invalidations`, like its -wal and -shm): a new entry's sequence number is written there
 after its insert commits, so a keeper reads the log when the file's content changed rather than
 on every poll (a read through aiosqlite is a thread round trip; the file is one `pread`).
+
+Ages (staleness, the log's look-back) are measured with this host's clock: every process on the
+file runs on this host, so they share it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import timedelta
 
 from gateway.store.leases_base import Invalidation, InvalidationWatch, LeaseGrant, LeaseTake, ProcessRow, grant
 from gateway.store.sqlite_base import Op, SqliteBase
@@ -26,6 +29,11 @@ log = logging.getLogger("gateway.store")
 
 _EXPIRED = "0001-01-02T00:00:00.000000Z"  # a heartbeat older than any staleness limit
 _SIGNAL_SUFFIX = "-invalidations"
+
+
+def _ago(seconds: float) -> str:
+    """The instant `seconds` ago on this host's clock, as stored."""
+    return iso(utcnow() - timedelta(seconds=seconds))
 
 
 def _signal_path(db: str) -> str:
@@ -92,7 +100,7 @@ class SqliteLeases(SqliteBase):
                             " ON p.owner = l.owner WHERE l.user_id = ? AND l.owner != ? AND l.amount > 0"
                             " AND l.answered < ? AND p.heartbeat_at >= ?"
                             f" AND l.meter IN ({','.join('?' * len(meters))})",
-                            (take.user_id, take.owner, take.recall_seq, iso(take.alive_after or utcnow()), *meters),
+                            (take.user_id, take.owner, take.recall_seq, _ago(take.stale_seconds), *meters),
                         )
                     )
                     out.unanswered = int(found[0][0])
@@ -191,18 +199,19 @@ class SqliteLeases(SqliteBase):
             cur = await self.db.execute("UPDATE processes SET heartbeat_at = ? WHERE owner = ?", (iso(utcnow()), owner))
             return cur.rowcount > 0
 
-    async def stale_processes(self, owner: str, stale_before: datetime) -> list[ProcessRow]:
+    async def stale_processes(self, owner: str, stale_seconds: float) -> list[ProcessRow]:
         rows = await self.db.execute_fetchall(
             "SELECT owner, host, pid, journal, heartbeat_at FROM processes WHERE heartbeat_at < ? AND owner != ?",
-            (iso(stale_before), owner),
+            (_ago(stale_seconds), owner),
         )
         return [ProcessRow(r[0], r[1], int(r[2]), r[3], parse_iso(r[4])) for r in rows]
 
-    async def claim_process(self, owner: str, stale_before: datetime) -> bool:
+    async def claim_process(self, owner: str, stale_seconds: float) -> bool:
+        now = utcnow()
         async with self._lock:
             cur = await self.db.execute(
                 "UPDATE processes SET heartbeat_at = ? WHERE owner = ? AND heartbeat_at < ?",
-                (iso(utcnow()), owner, iso(stale_before)),
+                (iso(now), owner, iso(now - timedelta(seconds=stale_seconds))),
             )
             return cur.rowcount > 0
 
@@ -243,10 +252,10 @@ class SqliteLeases(SqliteBase):
             log.warning("cannot watch invalidations through %s (%s)", _signal_path(self.path), exc)
             return _Blind()
 
-    async def invalidations_after(self, seq: int, since: datetime) -> list[Invalidation]:
+    async def invalidations_after(self, seq: int, lookback_seconds: float) -> list[Invalidation]:
         rows = await self.db.execute_fetchall(
             "SELECT seq, kind, subject FROM invalidations WHERE seq > ? OR created_at >= ? ORDER BY seq",
-            (seq, iso(since)),
+            (seq, _ago(lookback_seconds)),
         )
         return [Invalidation(int(r[0]), r[1], r[2]) for r in rows]
 
@@ -254,7 +263,7 @@ class SqliteLeases(SqliteBase):
         rows = list(await self.db.execute_fetchall("SELECT COALESCE(MAX(seq), 0) FROM invalidations"))
         return int(rows[0][0])
 
-    async def prune_invalidations(self, before: datetime) -> int:
+    async def prune_invalidations(self, older_than_seconds: float) -> int:
         async with self._lock:
-            cur = await self.db.execute("DELETE FROM invalidations WHERE created_at < ?", (iso(before),))
+            cur = await self.db.execute("DELETE FROM invalidations WHERE created_at < ?", (_ago(older_than_seconds),))
             return cur.rowcount

@@ -8,7 +8,7 @@ events were partly accepted before costs nothing but a `duplicates` count.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -63,15 +63,14 @@ class SqliteOutbox(SqliteBase):
             [(now, x) for x in request_ids],
         )
 
-    async def mark_retry(
-        self, request_ids: Sequence[str], error: str, next_attempt_at: datetime, max_attempts: int
-    ) -> None:
+    async def mark_retry(self, request_ids: Sequence[str], error: str, retry_in: float, max_attempts: int) -> None:
+        due = iso(utcnow() + timedelta(seconds=retry_in))
         await self._update_many(
             "UPDATE requests SET attempts = attempts + 1,"
             " sync_state = CASE WHEN attempts + 1 >= ? THEN 'failed' ELSE 'pending' END,"
             " next_attempt_at = ?, last_error = ?, claimed_by = NULL, claimed_until = NULL"
             " WHERE id = ? AND sync_state IN ('pending', 'claimed', 'failed')",
-            [(max_attempts, iso(next_attempt_at), error[:500], x) for x in request_ids],
+            [(max_attempts, due, error[:500], x) for x in request_ids],
         )
 
     async def mark_deferred(self, request_ids: Sequence[str], error: str) -> None:
