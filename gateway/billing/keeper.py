@@ -119,7 +119,7 @@ class LeaseKeeper:
         beat = now >= self._next_beat
         if beat:  # first: a round whose other work fails must not stop the heartbeats (the fence)
             self._next_beat = now + self.heartbeat
-            await self._beat()
+            await self.beat()
         mark = self._watch.mark() if self._watch is not None else None
         if beat or mark is None or mark != self._mark:
             await self._read_log(now)
@@ -132,7 +132,8 @@ class LeaseKeeper:
             self._next_prune = now + _PRUNE_EVERY
             await self.store.prune_invalidations(_KEEP_LOG)
 
-    async def _beat(self) -> None:
+    async def beat(self) -> None:
+        """One heartbeat, as a round begins with; a process taken for dead registers again."""
         sent = time.monotonic()
         if not await self.store.heartbeat(self.owner):
             log.error("this process was taken for dead (no heartbeat for %.0f s); re-registering", self.stale)
@@ -166,11 +167,15 @@ class LeaseKeeper:
             local = p.host == self.host and bool(p.journal)
             if local and held(Path(p.journal), p.owner):
                 continue  # alive (its journal is locked), only slow to beat or about to exit
-            if not await self.store.claim_process(p.owner, self.stale):
+            claim = await self.store.claim_process(p.owner, self.stale)
+            if claim is None:
                 continue  # it beat again, or another process settles it
             if local and self.recover is not None:
                 await self.recover(Path(p.journal))
-            rows = await self.store.release_owner(p.owner)
+            rows = await self.store.release_owner(p.owner, claim)
+            if rows is None:  # it beat after the claim: cut off for a while, alive, spending its leases
+                log.warning("process %s beat again while being taken for dead: left alone", p.owner)
+                continue
             if self.on_dead is not None:
                 await self.on_dead(p.owner)
             log.warning("released %d lease(s) of stopped process %s", rows, p.owner)

@@ -114,8 +114,10 @@ class QuotaLeaseStore(Protocol):
         """Every owner's leases of the user, per meter."""
         ...
 
-    async def release_owner(self, owner: str) -> int:
-        """Drop a dead owner's leases and registration; returns how many lease rows went."""
+    async def release_owner(self, owner: str, claim: object | None = None) -> int | None:
+        """Drop a dead owner's leases and registration; returns how many lease rows went. With the
+        `claim` of `claim_process`: only if the owner has not beaten since (None: it is alive after
+        all, nothing is released); a heartbeat in between is its own, and its leases are in use."""
         ...
 
 
@@ -131,10 +133,11 @@ class ProcessRegistry(Protocol):
         """Other processes whose heartbeat is more than `stale_seconds` old on the store's clock."""
         ...
 
-    async def claim_process(self, owner: str, stale_seconds: float) -> bool:
-        """Claim a stale process for settling by renewing its heartbeat on its behalf; False when
-        it is not stale (any more). One live process at a time settles each; should that one die
-        too, the claim goes stale and another takes it."""
+    async def claim_process(self, owner: str, stale_seconds: float) -> object | None:
+        """Claim a stale process for settling by renewing its heartbeat on its behalf; None when
+        it is not stale (any more), else the claim (its heartbeat stamp) for `release_owner`. One
+        live process at a time settles each; should that one die too, the claim goes stale and
+        another takes it."""
         ...
 
     async def stop_process(self, owner: str, keep: bool) -> None:

@@ -179,10 +179,15 @@ class PostgresLeases:
         )
         return {r[0]: int(r[1]) for r in rows}
 
-    async def release_owner(self, owner: str) -> int:
+    async def release_owner(self, owner: str, claim: object | None = None) -> int | None:
         async with self.pool.acquire() as conn, conn.transaction():
+            if claim is None:
+                await conn.execute("DELETE FROM processes WHERE owner = $1", owner)
+            elif await conn.execute("DELETE FROM processes WHERE owner = $1 AND heartbeat_at = $2", owner, claim) == (
+                "DELETE 0"
+            ):
+                return None  # it beat since the claim: alive
             status = await conn.execute("DELETE FROM quota_leases WHERE owner = $1", owner)
-            await conn.execute("DELETE FROM processes WHERE owner = $1", owner)
         return int(status.split()[-1])
 
     # ------------------------------------------------------------------ process registry
@@ -210,14 +215,14 @@ class PostgresLeases:
         )
         return [ProcessRow(r[0], r[1], int(r[2]), r[3], r[4]) for r in rows]
 
-    async def claim_process(self, owner: str, stale_seconds: float) -> bool:
-        status = await self.pool.execute(
+    async def claim_process(self, owner: str, stale_seconds: float) -> object | None:
+        stamp: object | None = await self.pool.fetchval(
             "UPDATE processes SET heartbeat_at = now()"
-            " WHERE owner = $1 AND heartbeat_at < now() - make_interval(secs => $2)",
+            " WHERE owner = $1 AND heartbeat_at < now() - make_interval(secs => $2) RETURNING heartbeat_at",
             owner,
             float(stale_seconds),
         )
-        return bool(status != "UPDATE 0")
+        return stamp
 
     async def stop_process(self, owner: str, keep: bool) -> None:
         async with self.pool.acquire() as conn, conn.transaction():

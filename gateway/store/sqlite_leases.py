@@ -167,13 +167,21 @@ class SqliteLeases(SqliteBase):
         )
         return {r[0]: int(r[1]) for r in rows}
 
-    async def release_owner(self, owner: str) -> int:
+    async def release_owner(self, owner: str, claim: object | None = None) -> int | None:
         async with self._lock:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
+                if claim is None:
+                    await self.db.execute("DELETE FROM processes WHERE owner = ?", (owner,))
+                else:
+                    cur = await self.db.execute(
+                        "DELETE FROM processes WHERE owner = ? AND heartbeat_at = ?", (owner, claim)
+                    )
+                    if cur.rowcount == 0:
+                        await self.db.execute("ROLLBACK")
+                        return None  # it beat since the claim: alive
                 cur = await self.db.execute("DELETE FROM quota_leases WHERE owner = ?", (owner,))
                 released = cur.rowcount
-                await self.db.execute("DELETE FROM processes WHERE owner = ?", (owner,))
                 await self.db.execute("COMMIT")
             except BaseException:
                 await self.db.execute("ROLLBACK")
@@ -206,14 +214,15 @@ class SqliteLeases(SqliteBase):
         )
         return [ProcessRow(r[0], r[1], int(r[2]), r[3], parse_iso(r[4])) for r in rows]
 
-    async def claim_process(self, owner: str, stale_seconds: float) -> bool:
+    async def claim_process(self, owner: str, stale_seconds: float) -> object | None:
         now = utcnow()
+        stamp = iso(now)
         async with self._lock:
             cur = await self.db.execute(
                 "UPDATE processes SET heartbeat_at = ? WHERE owner = ? AND heartbeat_at < ?",
-                (iso(now), owner, iso(now - timedelta(seconds=stale_seconds))),
+                (stamp, owner, iso(now - timedelta(seconds=stale_seconds))),
             )
-            return cur.rowcount > 0
+            return stamp if cur.rowcount > 0 else None
 
     async def stop_process(self, owner: str, keep: bool) -> None:
         if keep:

@@ -164,6 +164,23 @@ async def test_a_process_cut_off_from_the_database_spends_no_lease_once_it_may_b
     assert await wait_until_async(answer) == Refusal(meter=OUT, needed=1, remaining=0)
 
 
+async def test_a_process_that_beats_after_it_was_claimed_keeps_its_leases(shared: Cluster) -> None:
+    # b claims a (stale to it), then a, only slow, beats before b releases: a is alive and spending
+    # its leases, so the release must not happen (a would keep reserving from leases given to others).
+    a = await shared.process("a", {OUT: 1000}, poll=3600.0, heartbeat=3600.0)
+    b = await shared.process("b", {OUT: 1000}, poll=3600.0, heartbeat=3600.0)
+    assert isinstance(await a.ledger.reserve("u", {OUT: 40}), Reservation)
+    claim = await b.store.claim_process(a.owner, 0.0)
+    assert claim is not None
+    assert await a.store.heartbeat(a.owner) is True
+    assert await b.store.release_owner(a.owner, claim) is None
+    assert await shared.leases("u") == {a.owner: 250}
+    assert len(await shared.query("SELECT owner FROM processes WHERE owner = ?", a.owner)) == 1
+    claim = await b.store.claim_process(a.owner, 0.0)  # no heartbeat in between this time
+    assert await b.store.release_owner(a.owner, claim) == 1
+    assert await shared.leases("u") == {}
+
+
 async def test_shutdown_hands_back_all_but_what_is_not_stored(shared: Cluster) -> None:
     a = await shared.process("a", {OUT: 1000}, journal=True)
     b = await shared.process("b", {OUT: 1000}, journal=True, start=False)  # its keeper run by hand
