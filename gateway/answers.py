@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.billing.owner import RefusalKind, Refused
+from gateway.metering.estimate import GEMINI_IMAGE_MAX_TOKENS
 from gateway.meters import (
     CLAUDE_CACHE_READ,
     CLAUDE_CACHE_WRITE,
@@ -21,11 +22,15 @@ from gateway.providers.base import Provider
 PORTAL_PATH = "/api/billing/portal"
 # What a client can change to fit a refused reservation, by meter (output meters: max_tokens).
 _INPUT = "send less input (images reserve 4,784 tokens each, documents [reservation] document_input_tokens)"
+_GEMINI_INPUT = (
+    f"send less input (inline images reserve {GEMINI_IMAGE_MAX_TOKENS:,} tokens each; files, audio, video, PDFs"
+    " and the URL context tool [reservation] gemini_document_input_tokens)"
+)
 _LOWER = {
     CLAUDE_WEB_SEARCHES: "lower the web_search tool's max_uses",
     GEMINI_IMAGES: "ask for fewer images",
     **dict.fromkeys((CLAUDE_INPUT, CLAUDE_CACHE_WRITE, CLAUDE_CACHE_WRITE_1H, CLAUDE_CACHE_READ), _INPUT),
-    **dict.fromkeys((GEMINI_INPUT, GEMINI_CACHED), "send less input"),
+    **dict.fromkeys((GEMINI_INPUT, GEMINI_CACHED), _GEMINI_INPUT),
 }
 # Without it the server keeps reading (and discarding) the rest of an oversized upload.
 _CLOSE = [(b"connection", b"close")]

@@ -181,6 +181,7 @@ def create_app(
         settings.gemini_api_key,
         reservation.default_max_output_tokens,
         reservation.images_per_request,
+        reservation.gemini_document_input_tokens,
     )
 
     syncer: Syncer | None = None  # set in the lifespan when Polar is configured

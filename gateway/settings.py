@@ -48,6 +48,9 @@ class ReservationConfig:
     # Claude input reserved once for a request's documents (PDFs, files by id, documents by URL), whose
     # pages the gateway cannot count: at least the largest context window of the models served.
     document_input_tokens: int = 1_000_000
+    # Gemini's likewise (files by URI, inline audio / video / PDF, the URL context tool): Gemini's windows
+    # are not Claude's (1,048,576 tokens today, 2,097,152 on Pro models that had 2M).
+    gemini_document_input_tokens: int = 2_097_152
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,8 @@ def parse_file_config(raw: Mapping[str, Any]) -> FileConfig:
     reservation = _section(ReservationConfig, "reservation", raw.get("reservation", {}))
     if reservation.document_input_tokens < 1:
         raise ConfigError("[reservation] document_input_tokens must be at least 1 (a document costs tokens)")
+    if reservation.gemini_document_input_tokens < 1:
+        raise ConfigError("[reservation] gemini_document_input_tokens must be at least 1 (a document costs tokens)")
     return FileConfig(
         plan=plan,
         rate_limit=_section(RateLimitConfig, "rate_limit", raw.get("rate_limit", {})),

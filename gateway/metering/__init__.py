@@ -12,6 +12,8 @@ from gateway.metering.estimate import (
     claude_input_tokens,
     claude_media,
     estimate_input_tokens,
+    gemini_input_tokens,
+    gemini_media,
     requested_max_output,
     wants_images,
 )
@@ -37,6 +39,8 @@ __all__ = [
     "claude_input_tokens",
     "claude_media",
     "estimate_input_tokens",
+    "gemini_input_tokens",
+    "gemini_media",
     "requested_max_output",
     "usage_from_message",
     "usage_from_predict",

@@ -18,8 +18,8 @@ def estimate_input_tokens(body: bytes) -> int:
     token even for CJK or code once JSON framing (keys, quotes, escapes) is counted, so
     `len // 2` over-estimates nearly every real body; the +16 covers tiny bodies and the
     few tokens of per-message overhead the provider adds. Media is another matter: an
-    image's cost follows its pixels, not its bytes (Claude requests count it apart, see
-    `claude_media`).
+    image's cost follows its pixels, not its bytes (counted apart: see `claude_media` and
+    `gemini_media`).
     """
     return len(body) // 2 + 16
 
@@ -110,6 +110,113 @@ def claude_input_tokens(body: bytes, media: ClaudeMedia, document_tokens: int) -
     """
     text = estimate_input_tokens(body) - media.inline_bytes // 2
     return text + media.images * CLAUDE_IMAGE_MAX_TOKENS + (document_tokens if media.documents else 0)
+
+
+# The most one Gemini image costs, whatever its bytes. Gemini 2.x bills 258 tokens for an image of at most
+# 384x384 px, else 258 per 768x768 tile, once scaled down to fit 3072x3072: at most 4 x 4 tiles. Gemini 3
+# bills by `mediaResolution`: at most 2,240 (ULTRA_HIGH). A 1-bit PNG of 3072x3072 px is 1.2 kB, and even a
+# 1x1 image costs 258 tokens, more than its 92 base64 characters: a byte count is no bound.
+GEMINI_IMAGE_MAX_TOKENS = 16 * 258
+
+# Inline data Gemini reads as text: its tokens are bounded by its bytes like the body's (base64 makes them
+# 4/3 as many), so it counts by size. Any other inline data (audio, video, PDF) costs by the second or the
+# page, which its bytes do not bound (a silent FLAC, a still video, PDF pages sharing one content stream).
+_TEXT_MIME_TYPES = frozenset(
+    {"application/json", "application/xml", "application/javascript", "application/x-javascript"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GeminiMedia:
+    """The media of a Gemini request, which cost input tokens its byte size does not bound."""
+
+    images: int = 0  # inline images: each costs up to GEMINI_IMAGE_MAX_TOKENS
+    documents: int = 0  # `fileData` parts, inline audio / video / PDF, the URL context tool
+    inline_bytes: int = 0  # base64 `data` of those inline parts: in the body, but reserved by the count instead
+
+
+NO_GEMINI_MEDIA = GeminiMedia()
+
+
+def _either(d: dict[str, Any], camel: str, snake: str) -> Any:
+    value = d.get(camel)
+    return d.get(snake) if value is None else value
+
+
+def gemini_media(obj: Any) -> GeminiMedia:
+    """Count the inline images and the input the body does not hold in a Gemini request: parts of
+    `contents` and `systemInstruction` (also those of a `functionResponse`), and the URL context tool.
+
+    Both JSON casings are read (`inlineData` / `inline_data`, ...), as the API does. Cheap for plain
+    requests: a part that is only `text` is passed over without a look inside, so the work follows the
+    number of parts, never the bytes of their text. Iterative: nested function responses cannot exhaust
+    the stack.
+    """
+    if not isinstance(obj, dict):
+        return NO_GEMINI_MEDIA
+    stack: list[Any] = []
+    contents = obj.get("contents")
+    if isinstance(contents, dict):
+        contents = [contents]  # a single Content: the API takes a list, but the safe side is to count it
+    system = _either(obj, "systemInstruction", "system_instruction")
+    for content in (*contents, system) if isinstance(contents, list) else (system,):
+        parts = content.get("parts") if isinstance(content, dict) else None
+        if isinstance(parts, list):
+            for part in parts:  # the common shapes in one tight loop: most requests end here
+                if isinstance(part, dict) and not (len(part) == 1 and "text" in part):
+                    stack.append(part)
+    documents = _url_context(obj.get("tools"))
+    if not stack and not documents:
+        return NO_GEMINI_MEDIA
+    images = inline = 0
+    while stack:
+        part = stack.pop()
+        if not isinstance(part, dict):
+            continue
+        if _either(part, "fileData", "file_data") is not None:
+            documents += 1  # an upload, a URL, a video: nothing in the body says how long
+            continue
+        data = _either(part, "inlineData", "inline_data")
+        if isinstance(data, dict):
+            mime = _either(data, "mimeType", "mime_type")
+            mime = mime.lower().partition(";")[0].strip() if isinstance(mime, str) else ""
+            if mime.startswith("text/") or mime in _TEXT_MIME_TYPES:
+                continue  # text: counted by size with the body
+            payload = data.get("data")
+            if isinstance(payload, str):
+                inline += len(payload)
+            if mime.startswith("image/"):
+                images += 1
+            else:
+                documents += 1  # audio, video, PDF, or unknown: the safe side
+            continue
+        response = _either(part, "functionResponse", "function_response")
+        if isinstance(response, dict):
+            nested = response.get("parts")  # multimodal function responses carry parts of their own
+            if isinstance(nested, list):
+                stack.extend(nested)
+    if not (images or documents):
+        return NO_GEMINI_MEDIA
+    return GeminiMedia(images, documents, inline)
+
+
+def _url_context(tools: object) -> int:
+    """1 when the URL context tool is on: the pages it reads are billed as input (up to 20 URLs of 34 MB)."""
+    if not isinstance(tools, list):
+        return 0
+    for tool in tools:
+        if isinstance(tool, dict) and _either(tool, "urlContext", "url_context") is not None:
+            return 1
+    return 0
+
+
+def gemini_input_tokens(body: bytes, media: GeminiMedia, document_tokens: int) -> int:
+    """Upper bound on a Gemini request's input: its text by size, base64 media left out of the size, plus
+    GEMINI_IMAGE_MAX_TOKENS per inline image and, when it has files, inline audio / video / PDF or the URL
+    context tool, `document_tokens` once for all of them (the request's context window bounds them all).
+    """
+    text = estimate_input_tokens(body) - media.inline_bytes // 2
+    return text + media.images * GEMINI_IMAGE_MAX_TOKENS + (document_tokens if media.documents else 0)
 
 
 def _positive_int(value: object) -> int | None:

@@ -14,7 +14,8 @@ from gateway.metering import (
     GeminiArrayMeter,
     GeminiSSEMeter,
     StreamMeter,
-    estimate_input_tokens,
+    gemini_input_tokens,
+    gemini_media,
     requested_max_output,
     usage_from_predict,
     usage_from_response,
@@ -77,11 +78,19 @@ class GeminiProvider:
     name = "gemini"
     meters: tuple[str, ...] = GEMINI_METERS
 
-    def __init__(self, upstream: str, api_key: str, default_max_output: int, images_per_request: int) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        api_key: str,
+        default_max_output: int,
+        images_per_request: int,
+        document_input_tokens: int = 2_097_152,
+    ) -> None:
         self.upstream = upstream.rstrip("/")
         self._credential = ("x-goog-api-key", api_key)
         self._default_max_output = default_max_output
         self._images_per_request = images_per_request
+        self._document_input = document_input_tokens  # reserved once for a request's files, audio, video, PDFs
 
     def match(self, method: str, path: str, query: bytes) -> Route | None:
         qs, _ = _strip_key(query)
@@ -126,7 +135,11 @@ class GeminiProvider:
                 raw = params.get("sampleCount", params.get("sample_count", 4)) if isinstance(params, dict) else 4
                 n = raw if isinstance(raw, int) and raw > 0 else 4
             return Call(route, route.model, False, {GEMINI_IMAGES: n}, 0, None, usage_from_predict)
-        est_in = estimate_input_tokens(body)
+        # Images, audio, video and PDFs cost what their pixels, seconds and pages hold, not their size in the
+        # body (or nothing of it, by `fileData`); pages the URL context tool reads are input too: see
+        # `gemini_media`.
+        media = gemini_media(obj)
+        est_in = gemini_input_tokens(body, media, self._document_input)
         max_out = requested_max_output(obj, "gemini") if isinstance(obj, dict) else None
         est_out = max_out if max_out is not None else self._default_max_output
         n = requested_candidates(obj) if isinstance(obj, dict) else 1
@@ -140,7 +153,10 @@ class GeminiProvider:
             factory = GeminiSSEMeter if route.sse else GeminiArrayMeter
             if n > 1:  # the stream ends only once every candidate has finished
                 factory = functools.partial(factory, n)
-        return Call(route, route.model, route.stream, reservation, est_in + est_out, factory, usage_from_response)
+        # The rate limit is no bill: documents count there by what they used (at settle), not by a ceiling
+        # that would refuse every document while anything else is in the window.
+        rate_tokens = est_in + est_out - (self._document_input if media.documents else 0)
+        return Call(route, route.model, route.stream, reservation, rate_tokens, factory, usage_from_response)
 
     def error_body(self, status: int, kind: str, message: str, extra: dict[str, Any] | None = None) -> bytes:
         error: dict[str, Any] = {"code": status, "message": message, "status": _STATUS.get(status, "UNKNOWN")}

@@ -1,0 +1,125 @@
+"""Gemini files, media and images the body does not bound are reserved at their most, through `google-genai`."""
+
+from __future__ import annotations
+
+import base64
+import threading
+from typing import Any
+
+import httpx
+import pytest
+from google import genai
+from google.genai import errors, types
+
+from gateway.settings import ReservationConfig
+from tests.conftest import Gateway, wait_until
+from tests.fakes.upstream import FakeUpstream, Reply
+from tests.metering._images import solid_png
+
+MODEL = "gemini-2.5-flash"
+DOCS = 2_097_152  # `[reservation] gemini_document_input_tokens`, the default
+FILE_URI = "https://generativelanguage.googleapis.com/v1beta/files/v1d30"
+VIDEO = types.Part.from_uri(file_uri=FILE_URI, mime_type="video/mp4")
+TINY_PNG = solid_png(3072, 3072)  # 1.2 kB for 16 tiles of 258 tokens: 4,128
+
+
+def client(gw: Gateway, key: str) -> genai.Client:
+    return genai.Client(api_key=key, http_options=types.HttpOptions(base_url=f"{gw.url}/gemini"))
+
+
+def ask(*parts: types.Part) -> list[Any]:
+    return [*parts, "Summarize it."]
+
+
+def input_meter(gw: Gateway, key: str) -> dict[str, Any]:
+    status = httpx.get(f"{gw.url}/api/billing/status", headers={"authorization": f"Bearer {key}"}).json()
+    return next(m for m in status["meters"] if m["name"] == "gemini_input_tokens")
+
+
+def test_402_when_the_credit_covers_the_text_but_not_a_file_or_an_image(  # type: ignore[no-untyped-def]
+    make_gateway, upstream: FakeUpstream
+) -> None:
+    gw: Gateway = make_gateway(plan={"gemini_input_tokens": 4000})
+    key = gw.issue_key("fay")
+    gc = client(gw, key)
+    gc.models.generate_content(model=MODEL, contents="Hello")  # text alone fits: 8 of 4,000 used
+    gw.wait_recorded("fay")
+    # The same requests through a gateway without a plan show the bytes the SDK sends.
+    free = make_gateway()
+    rich = client(free, free.issue_key("gil"))
+    image = types.Part.from_bytes(data=TINY_PNG, mime_type="image/png")
+    sent = []
+    for part in (VIDEO, image):
+        rich.models.generate_content(model=MODEL, contents=ask(part))
+        sent.append(upstream.requests[-1].body)
+    before = len(upstream.requests)
+    data = len(base64.b64encode(TINY_PNG))
+    for part, body, media in ((VIDEO, sent[0], DOCS), (image, sent[1], 4128 - data // 2)):
+        with pytest.raises(errors.ClientError) as err:
+            gc.models.generate_content(model=MODEL, contents=ask(part))
+        assert err.value.code == 402 and err.value.status == "FAILED_PRECONDITION"
+        needed = len(body) // 2 + 16 + media
+        error = err.value.details["error"]
+        assert error["meter"] == "gemini_input_tokens"
+        assert error["message"] == (
+            f"quota for meter gemini_input_tokens has 3992 left but this request may use up to {needed}; send less"
+            " input (inline images reserve 4,128 tokens each; files, audio, video, PDFs and the URL context tool"
+            " [reservation] gemini_document_input_tokens) or manage billing at /api/billing/portal"
+        )
+    assert len(upstream.requests) == before  # refused before the provider saw them
+    assert input_meter(gw, key)["consumed"] == 8 and input_meter(gw, key)["reserved"] == 0
+
+
+def test_a_file_reserves_the_ceiling_then_settles_to_the_reported_usage(  # type: ignore[no-untyped-def]
+    make_gateway, upstream: FakeUpstream
+) -> None:
+    gw: Gateway = make_gateway(plan={"gemini_input_tokens": 2_200_000, "gemini_output_tokens": 1000})
+    key = gw.issue_key("hal")
+    usage = {
+        "promptTokenCount": 95_012,
+        "candidatesTokenCount": 41,
+        "totalTokenCount": 95_053,
+        "promptTokensDetails": [{"modality": "VIDEO", "tokenCount": 94_994}, {"modality": "TEXT", "tokenCount": 18}],
+    }
+    reply = {
+        "candidates": [
+            {"content": {"parts": [{"text": "A six-minute lecture."}], "role": "model"}, "finishReason": "STOP"}
+        ],
+        "usageMetadata": usage,
+        "modelVersion": MODEL,
+        "responseId": "mEdiA1aaaaaaaaaaaaaaaaaa",
+    }
+    upstream.enqueue(Reply.json(reply, delay_before=1.0))
+    done: list[types.GenerateContentResponse] = []
+    gc, config = client(gw, key), types.GenerateContentConfig(max_output_tokens=64)
+    worker = threading.Thread(
+        target=lambda: done.append(gc.models.generate_content(model=MODEL, contents=ask(VIDEO), config=config))
+    )
+    worker.start()
+    try:
+        sent = upstream.wait_for_requests(1)[-1]
+        # (google-genai 3.x mixes casings: `fileData` holding `file_uri` and `mime_type`)
+        assert sent.json()["contents"][0]["parts"][0]["fileData"]["file_uri"].endswith("/files/v1d30")
+        # In flight: the body by size and the file at the ceiling (the default).
+        held = wait_until(lambda: input_meter(gw, key)["reserved"])
+        assert held == len(sent.body) // 2 + 16 + DOCS
+    finally:
+        worker.join(10)
+    assert done and done[0].usage_metadata is not None and done[0].usage_metadata.prompt_token_count == 95_012
+    gw.wait_recorded("hal")
+    assert gw.events("hal") == {"gemini_input_tokens": 95_012, "gemini_output_tokens": 41}
+    after = input_meter(gw, key)
+    assert after["consumed"] == 95_012 and after["reserved"] == 0 and after["remaining"] == 2_200_000 - 95_012
+
+
+def test_the_gemini_ceiling_is_the_operators_setting(make_gateway, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
+    # Serving only 1M-context models, an operator may lower it: a file then fits a smaller credit.
+    gw: Gateway = make_gateway(
+        plan={"gemini_input_tokens": 1_100_000}, reservation=ReservationConfig(gemini_document_input_tokens=1_048_576)
+    )
+    key = gw.issue_key("ida")
+    gc = client(gw, key)
+    resp = gc.models.generate_content(model=MODEL, contents=ask(VIDEO))
+    assert resp.usage_metadata is not None and resp.usage_metadata.prompt_token_count == 8  # the fake's default
+    gw.wait_recorded("ida")
+    assert input_meter(gw, key)["consumed"] == 8 and input_meter(gw, key)["reserved"] == 0
