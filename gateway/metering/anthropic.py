@@ -43,12 +43,6 @@ _NEEDLES = (_MESSAGE, _ERROR)
 _TYPE_RE = re.compile(rb'"type"\s*:\s*"([a-z_]+)"')
 
 
-def _nested_count(u: dict[str, Any], obj: str, field: str) -> int:
-    """`u[obj][field]` as a count; 0 when the object or the field is missing, null or odd."""
-    inner = u.get(obj)
-    return as_count(inner.get(field)) if isinstance(inner, dict) else 0
-
-
 def meters_from_usage(usage: dict[str, Any] | None) -> dict[str, int]:
     """Map an Anthropic `usage` object to the Claude meters (missing/null -> 0).
 
@@ -56,13 +50,16 @@ def meters_from_usage(usage: dict[str, Any] | None) -> dict[str, int]:
     `claude_cache_write_1h_tokens` is the 1-hour part of it (0 without `cache_creation`).
     """
     u = usage or {}
+    # (the two nested objects inline: every response pays for this)
+    ttl = u.get("cache_creation")
+    tools = u.get("server_tool_use")
     return {
         CLAUDE_INPUT: as_count(u.get("input_tokens")),
         CLAUDE_OUTPUT: as_count(u.get("output_tokens")),
         CLAUDE_CACHE_WRITE: as_count(u.get("cache_creation_input_tokens")),
-        CLAUDE_CACHE_WRITE_1H: _nested_count(u, "cache_creation", "ephemeral_1h_input_tokens"),
+        CLAUDE_CACHE_WRITE_1H: as_count(ttl.get("ephemeral_1h_input_tokens")) if isinstance(ttl, dict) else 0,
         CLAUDE_CACHE_READ: as_count(u.get("cache_read_input_tokens")),
-        CLAUDE_WEB_SEARCHES: _nested_count(u, "server_tool_use", "web_search_requests"),
+        CLAUDE_WEB_SEARCHES: as_count(tools.get("web_search_requests")) if isinstance(tools, dict) else 0,
     }
 
 

@@ -158,14 +158,21 @@ def gemini_media(obj: Any) -> GeminiMedia:
     contents = obj.get("contents")
     if isinstance(contents, dict):
         contents = [contents]  # a single Content: the API takes a list, but the safe side is to count it
-    system = _either(obj, "systemInstruction", "system_instruction")
-    for content in (*contents, system) if isinstance(contents, list) else (system,):
+    elif not isinstance(contents, list):
+        contents = ()
+    for content in contents:
         parts = content.get("parts") if isinstance(content, dict) else None
         if isinstance(parts, list):
             for part in parts:  # the common shapes in one tight loop: most requests end here
                 if isinstance(part, dict) and not (len(part) == 1 and "text" in part):
                     stack.append(part)
-    documents = _url_context(obj.get("tools"))
+    if "systemInstruction" in obj or "system_instruction" in obj:
+        system = _either(obj, "systemInstruction", "system_instruction")
+        parts = system.get("parts") if isinstance(system, dict) else None
+        if isinstance(parts, list):
+            stack.extend(part for part in parts if isinstance(part, dict) and not (len(part) == 1 and "text" in part))
+    tools = obj.get("tools")
+    documents = _url_context(tools) if tools else 0
     if not stack and not documents:
         return NO_GEMINI_MEDIA
     images = inline = 0
