@@ -175,6 +175,12 @@ class Gateway:
             assert resp.status_code == 201, resp.text
             return str(resp.json()["key"])
 
+    def meter(self, key: str, name: str) -> dict[str, Any]:
+        """One meter of `GET /api/billing/status` for the holder of `key`."""
+        resp = httpx.get(f"{self.url}/api/billing/status", headers={"authorization": f"Bearer {key}"})
+        assert resp.status_code == 200, resp.text
+        return next(m for m in resp.json()["meters"] if m["name"] == name)
+
     def status_token(self, user_id: str, ttl_seconds: int = 900) -> str:
         with self.admin() as client:
             resp = client.post("/admin/status-tokens", json={"user_id": user_id, "ttl_seconds": ttl_seconds})

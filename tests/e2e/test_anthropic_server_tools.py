@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import anthropic
-import httpx
 import pytest
 
 from gateway.settings import ReservationConfig
@@ -138,9 +137,7 @@ def test_402_when_web_searches_are_used_up(make_gateway: Callable[..., Gateway],
     assert gw.events("sol")["claude_web_searches"] == 3
     with pytest.raises(anthropic.PaymentRequiredError):  # none left: without max_uses too
         c.messages.create(model="claude-sonnet-4-6", max_tokens=64, messages=MSG, tools=[SEARCH])  # type: ignore[list-item]
-    status = httpx.get(f"{gw.url}/api/billing/status", headers={"authorization": f"Bearer {key}"}).json()
-    meters = {m["name"]: m for m in status["meters"]}
-    assert meters["claude_web_searches"] == {
+    assert gw.meter(key, "claude_web_searches") == {
         "name": "claude_web_searches",
         "consumed": 3,
         "reserved": 0,
@@ -149,7 +146,7 @@ def test_402_when_web_searches_are_used_up(make_gateway: Callable[..., Gateway],
         "percentUsed": 100.0,
         "status": "exceeded",
     }
-    assert meters["claude_cache_write_1h_tokens"]["consumed"] == 1200 + 1200
+    assert gw.meter(key, "claude_cache_write_1h_tokens")["consumed"] == 1200 + 1200
     assert len(upstream.requests) == before + 2
 
 

@@ -6,7 +6,6 @@ import base64
 import threading
 from typing import Any
 
-import httpx
 import pytest
 from google import genai
 from google.genai import errors, types
@@ -29,11 +28,6 @@ def client(gw: Gateway, key: str) -> genai.Client:
 
 def ask(*parts: types.Part) -> list[Any]:
     return [*parts, "Summarize it."]
-
-
-def input_meter(gw: Gateway, key: str) -> dict[str, Any]:
-    status = httpx.get(f"{gw.url}/api/billing/status", headers={"authorization": f"Bearer {key}"}).json()
-    return next(m for m in status["meters"] if m["name"] == "gemini_input_tokens")
 
 
 def test_402_when_the_credit_covers_the_text_but_not_a_file_or_an_image(  # type: ignore[no-untyped-def]
@@ -67,7 +61,8 @@ def test_402_when_the_credit_covers_the_text_but_not_a_file_or_an_image(  # type
             " [reservation] gemini_document_input_tokens) or manage billing at /api/billing/portal"
         )
     assert len(upstream.requests) == before  # refused before the provider saw them
-    assert input_meter(gw, key)["consumed"] == 8 and input_meter(gw, key)["reserved"] == 0
+    meter = gw.meter(key, "gemini_input_tokens")
+    assert (meter["consumed"], meter["reserved"]) == (8, 0)
 
 
 def test_a_file_reserves_the_ceiling_then_settles_to_the_reported_usage(  # type: ignore[no-untyped-def]
@@ -101,14 +96,14 @@ def test_a_file_reserves_the_ceiling_then_settles_to_the_reported_usage(  # type
         # (google-genai 3.x mixes casings: `fileData` holding `file_uri` and `mime_type`)
         assert sent.json()["contents"][0]["parts"][0]["fileData"]["file_uri"].endswith("/files/v1d30")
         # In flight: the body by size and the file at the ceiling (the default).
-        held = wait_until(lambda: input_meter(gw, key)["reserved"])
+        held = wait_until(lambda: gw.meter(key, "gemini_input_tokens")["reserved"])
         assert held == len(sent.body) // 2 + 16 + DOCS
     finally:
         worker.join(10)
     assert done and done[0].usage_metadata is not None and done[0].usage_metadata.prompt_token_count == 95_012
     gw.wait_recorded("hal")
     assert gw.events("hal") == {"gemini_input_tokens": 95_012, "gemini_output_tokens": 41}
-    after = input_meter(gw, key)
+    after = gw.meter(key, "gemini_input_tokens")
     assert after["consumed"] == 95_012 and after["reserved"] == 0 and after["remaining"] == 2_200_000 - 95_012
 
 
@@ -122,4 +117,5 @@ def test_the_gemini_ceiling_is_the_operators_setting(make_gateway, upstream: Fak
     resp = gc.models.generate_content(model=MODEL, contents=ask(VIDEO))
     assert resp.usage_metadata is not None and resp.usage_metadata.prompt_token_count == 8  # the fake's default
     gw.wait_recorded("ida")
-    assert input_meter(gw, key)["consumed"] == 8 and input_meter(gw, key)["reserved"] == 0
+    meter = gw.meter(key, "gemini_input_tokens")
+    assert (meter["consumed"], meter["reserved"]) == (8, 0)

@@ -7,7 +7,6 @@ import threading
 from typing import Any
 
 import anthropic
-import httpx
 import orjson
 import pytest
 
@@ -28,11 +27,6 @@ def ask(*blocks: dict[str, Any]) -> list[dict[str, Any]]:
 
 def claude(gw: Gateway, key: str) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
-
-
-def input_meter(gw: Gateway, key: str) -> dict[str, Any]:
-    status = httpx.get(f"{gw.url}/api/billing/status", headers={"authorization": f"Bearer {key}"}).json()
-    return next(m for m in status["meters"] if m["name"] == "claude_input_tokens")
 
 
 def test_402_when_the_credit_covers_the_text_but_not_the_image_or_document(  # type: ignore[no-untyped-def]
@@ -59,7 +53,8 @@ def test_402_when_the_credit_covers_the_text_but_not_the_image_or_document(  # t
             " or manage billing at /api/billing/portal"
         )
     assert len(upstream.requests) == before  # refused before the provider saw them
-    assert input_meter(gw, key)["consumed"] == 12 and input_meter(gw, key)["reserved"] == 0
+    meter = gw.meter(key, "claude_input_tokens")
+    assert (meter["consumed"], meter["reserved"]) == (12, 0)
 
 
 def test_a_document_and_an_image_reserve_their_most_then_settle_to_the_reported_usage(  # type: ignore[no-untyped-def]
@@ -94,14 +89,14 @@ def test_a_document_and_an_image_reserve_their_most_then_settle_to_the_reported_
     try:
         sent = upstream.wait_for_requests(1)[-1]
         # In flight: the body by size, the image at its most, the document at the ceiling (the default).
-        held = wait_until(lambda: input_meter(gw, key)["reserved"])
+        held = wait_until(lambda: gw.meter(key, "claude_input_tokens")["reserved"])
         assert held == len(sent.body) // 2 + 16 + 4784 + 1_000_000
     finally:
         worker.join(10)
     assert done and done[0].usage.input_tokens == 23_517
     gw.wait_recorded("vic")
     assert gw.events("vic") == {"claude_input_tokens": 23_517, "claude_output_tokens": 57}
-    after = input_meter(gw, key)
+    after = gw.meter(key, "claude_input_tokens")
     assert after["consumed"] == 23_517 and after["reserved"] == 0 and after["remaining"] == 1_010_000 - 23_517
 
 
@@ -114,6 +109,7 @@ def test_the_document_ceiling_is_the_operators_setting(make_gateway, upstream: F
     msg = claude(gw, key).messages.create(model=MODEL, max_tokens=16, messages=ask(PDF))
     assert msg.usage.input_tokens == 12  # the fake upstream's default reply
     gw.wait_recorded("wes")
-    assert input_meter(gw, key)["consumed"] == 12 and input_meter(gw, key)["reserved"] == 0
+    meter = gw.meter(key, "claude_input_tokens")
+    assert (meter["consumed"], meter["reserved"]) == (12, 0)
     with pytest.raises(anthropic.PaymentRequiredError):  # 50,000 for the PDF and 4,784 per image: too much
         claude(gw, key).messages.create(model=MODEL, max_tokens=16, messages=ask(PDF, IMAGE, IMAGE))
