@@ -9,10 +9,8 @@ from __future__ import annotations
 from gateway.metering.anthropic import AnthropicStreamMeter, usage_from_message
 from gateway.metering.decode import ContentDecoder
 from gateway.metering.estimate import (
-    claude_input_tokens,
     claude_media,
     estimate_input_tokens,
-    gemini_input_tokens,
     gemini_media,
     requested_max_output,
     wants_images,
@@ -36,10 +34,8 @@ __all__ = [
     "SSEParser",
     "StreamMeter",
     "Usage",
-    "claude_input_tokens",
     "claude_media",
     "estimate_input_tokens",
-    "gemini_input_tokens",
     "gemini_media",
     "requested_max_output",
     "usage_from_message",

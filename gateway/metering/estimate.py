@@ -33,18 +33,24 @@ _TOOL_USE_TYPES = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 
 
 @dataclass(frozen=True, slots=True)
-class ClaudeMedia:
-    """The media of a Claude request, which cost input tokens its byte size does not bound."""
+class Media:
+    """A request's media, which cost input tokens its byte size does not bound (`claude_media`, `gemini_media`)."""
 
-    images: int = 0  # `image` blocks, any source: each costs up to CLAUDE_IMAGE_MAX_TOKENS
-    documents: int = 0  # `document` blocks whose text is not in the body (a PDF, or a `url` / `file` source)
-    inline_bytes: int = 0  # base64 `data` of those blocks: in the body, but reserved by the count instead
+    images: int = 0  # each costs up to the provider's most for one image
+    documents: int = 0  # media whose cost nothing in the body bounds (a PDF, a file by reference, audio, video)
+    inline_bytes: int = 0  # base64 `data` of those: in the body, but reserved by the count instead
+
+    def input_tokens(self, body: bytes, image_tokens: int) -> int:
+        """Upper bound on the request's input but its documents: its text by size, base64 media left out
+        of the size, plus `image_tokens` per image. Documents are one ceiling for the request (they share
+        its context window), which the caller adds for the reservation and leaves out of the rate limit."""
+        return estimate_input_tokens(body) - self.inline_bytes // 2 + self.images * image_tokens
 
 
-NO_MEDIA = ClaudeMedia()
+NO_MEDIA = Media()
 
 
-def claude_media(obj: Any) -> ClaudeMedia:
+def claude_media(obj: Any) -> Media:
     """Count the images and documents in a Claude request's `messages`, at any depth (a `tool_result`'s
     content, a `content` document source).
 
@@ -100,16 +106,7 @@ def claude_media(obj: Any) -> ClaudeMedia:
                 stack.append(value)
     if not (images or documents):
         return NO_MEDIA
-    return ClaudeMedia(images, documents, inline)
-
-
-def claude_input_tokens(body: bytes, media: ClaudeMedia, document_tokens: int) -> int:
-    """Upper bound on a Claude request's input: its text by size, base64 media left out of the size, plus
-    CLAUDE_IMAGE_MAX_TOKENS per image and, when it has documents, `document_tokens` once for all of them
-    (they share one context window, which no request's input can exceed).
-    """
-    text = estimate_input_tokens(body) - media.inline_bytes // 2
-    return text + media.images * CLAUDE_IMAGE_MAX_TOKENS + (document_tokens if media.documents else 0)
+    return Media(images, documents, inline)
 
 
 # The most one Gemini image costs, whatever its bytes. Gemini 2.x bills 258 tokens for an image of at most
@@ -126,24 +123,12 @@ _TEXT_MIME_TYPES = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class GeminiMedia:
-    """The media of a Gemini request, which cost input tokens its byte size does not bound."""
-
-    images: int = 0  # inline images: each costs up to GEMINI_IMAGE_MAX_TOKENS
-    documents: int = 0  # `fileData` parts, inline audio / video / PDF, the URL context tool
-    inline_bytes: int = 0  # base64 `data` of those inline parts: in the body, but reserved by the count instead
-
-
-NO_GEMINI_MEDIA = GeminiMedia()
-
-
 def _either(d: dict[str, Any], camel: str, snake: str) -> Any:
     value = d.get(camel)
     return d.get(snake) if value is None else value
 
 
-def gemini_media(obj: Any) -> GeminiMedia:
+def gemini_media(obj: Any) -> Media:
     """Count the inline images and the input the body does not hold in a Gemini request: parts of
     `contents` and `systemInstruction` (also those of a `functionResponse`), and the URL context tool.
 
@@ -153,7 +138,7 @@ def gemini_media(obj: Any) -> GeminiMedia:
     the stack.
     """
     if not isinstance(obj, dict):
-        return NO_GEMINI_MEDIA
+        return NO_MEDIA
     stack: list[Any] = []
     contents = obj.get("contents")
     if isinstance(contents, dict):
@@ -174,7 +159,7 @@ def gemini_media(obj: Any) -> GeminiMedia:
     tools = obj.get("tools")
     documents = _url_context(tools) if tools else 0
     if not stack and not documents:
-        return NO_GEMINI_MEDIA
+        return NO_MEDIA
     images = inline = 0
     while stack:
         part = stack.pop()
@@ -203,8 +188,8 @@ def gemini_media(obj: Any) -> GeminiMedia:
             if isinstance(nested, list):
                 stack.extend(nested)
     if not (images or documents):
-        return NO_GEMINI_MEDIA
-    return GeminiMedia(images, documents, inline)
+        return NO_MEDIA
+    return Media(images, documents, inline)
 
 
 def _url_context(tools: object) -> int:
@@ -215,15 +200,6 @@ def _url_context(tools: object) -> int:
         if isinstance(tool, dict) and _either(tool, "urlContext", "url_context") is not None:
             return 1
     return 0
-
-
-def gemini_input_tokens(body: bytes, media: GeminiMedia, document_tokens: int) -> int:
-    """Upper bound on a Gemini request's input: its text by size, base64 media left out of the size, plus
-    GEMINI_IMAGE_MAX_TOKENS per inline image and, when it has files, inline audio / video / PDF or the URL
-    context tool, `document_tokens` once for all of them (the request's context window bounds them all).
-    """
-    text = estimate_input_tokens(body) - media.inline_bytes // 2
-    return text + media.images * GEMINI_IMAGE_MAX_TOKENS + (document_tokens if media.documents else 0)
 
 
 def _positive_int(value: object) -> int | None:
@@ -251,20 +227,14 @@ def requested_max_output(body_obj: dict[str, Any], provider: str) -> int | None:
         return _positive_int(body_obj.get("max_tokens"))
     if provider == "gemini":
         cfg = _generation_config(body_obj)
-        value = cfg.get("maxOutputTokens")
-        if value is None:
-            value = cfg.get("max_output_tokens")
-        return _positive_int(value)
+        return _positive_int(_either(cfg, "maxOutputTokens", "max_output_tokens"))
     return None
 
 
 def requested_candidates(body_obj: dict[str, Any]) -> int:
     """Gemini `candidateCount` (each candidate may use the whole output cap); 1 when absent or invalid."""
     cfg = _generation_config(body_obj)
-    value = cfg.get("candidateCount")
-    if value is None:
-        value = cfg.get("candidate_count")
-    n = _positive_int(value)
+    n = _positive_int(_either(cfg, "candidateCount", "candidate_count"))
     return n if n else 1
 
 
@@ -275,9 +245,7 @@ def wants_images(body_obj: dict[str, Any], path_model: str) -> bool:
     (`gemini-*-image*`, `imagen-*`); `path_model` may carry a `models/` prefix.
     """
     cfg = _generation_config(body_obj)
-    modalities = cfg.get("responseModalities")
-    if modalities is None:
-        modalities = cfg.get("response_modalities")
+    modalities = _either(cfg, "responseModalities", "response_modalities")
     if isinstance(modalities, str):
         modalities = [modalities]  # invalid for the API, but reserving too much is the safe side
     if isinstance(modalities, list) and any(isinstance(m, str) and m.upper() == "IMAGE" for m in modalities):

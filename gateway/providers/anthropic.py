@@ -8,11 +8,11 @@ import orjson
 
 from gateway.metering import (
     AnthropicStreamMeter,
-    claude_input_tokens,
     claude_media,
     requested_max_output,
     usage_from_message,
 )
+from gateway.metering.estimate import CLAUDE_IMAGE_MAX_TOKENS
 from gateway.metering.server_tools import requested_web_searches
 from gateway.meters import (
     CLAUDE_CACHE_READ,
@@ -99,10 +99,15 @@ class AnthropicProvider:
         # Images and documents cost what their pixels and pages hold, not their size in the body (or nothing
         # of it, by `url` or `file_id`): see `claude_media`.
         media = claude_media(obj)
-        est_in = claude_input_tokens(body, media, self._document_input)
+        est_in = media.input_tokens(body, CLAUDE_IMAGE_MAX_TOKENS)
         tools = obj.get("tools") if isinstance(obj, dict) else None
         if tools:
             est_in += _tools_overhead(tools)
+        # The rate limit is no bill: documents count there by what they used (at settle), not by a
+        # ceiling that would refuse every document while anything else is in the window.
+        rate_tokens = est_in
+        if media.documents:
+            est_in += self._document_input
         max_out = requested_max_output(obj, "anthropic") if isinstance(obj, dict) else None
         est_out = max_out if max_out is not None else self._default_max_output
         # Input may land in any of the three input meters; each can hold at most the whole input.
@@ -121,9 +126,7 @@ class AnthropicProvider:
             model=model,
             stream=stream,
             reservation=reservation,
-            # The rate limit is no bill: documents count there by what they used (at settle), not by a
-            # ceiling that would refuse every document while anything else is in the window.
-            rate_tokens=est_in + est_out - (self._document_input if media.documents else 0),
+            rate_tokens=rate_tokens + est_out,
             meter_factory=AnthropicStreamMeter if stream else None,
             body_usage=usage_from_message,
         )

@@ -14,14 +14,13 @@ from gateway.metering import (
     GeminiArrayMeter,
     GeminiSSEMeter,
     StreamMeter,
-    gemini_input_tokens,
     gemini_media,
     requested_max_output,
     usage_from_predict,
     usage_from_response,
     wants_images,
 )
-from gateway.metering.estimate import requested_candidates
+from gateway.metering.estimate import GEMINI_IMAGE_MAX_TOKENS, requested_candidates
 from gateway.meters import GEMINI_CACHED, GEMINI_IMAGES, GEMINI_INPUT, GEMINI_METERS, GEMINI_OUTPUT
 from gateway.providers.base import Call, Headers, InvalidRequest, Route, check_model, forward_headers
 
@@ -139,7 +138,9 @@ class GeminiProvider:
         # body (or nothing of it, by `fileData`); pages the URL context tool reads are input too: see
         # `gemini_media`.
         media = gemini_media(obj)
-        est_in = gemini_input_tokens(body, media, self._document_input)
+        rate_in = media.input_tokens(body, GEMINI_IMAGE_MAX_TOKENS)
+        # (the rate limit is no bill: documents count there by what they used, as for Claude)
+        est_in = rate_in + self._document_input if media.documents else rate_in
         max_out = requested_max_output(obj, "gemini") if isinstance(obj, dict) else None
         est_out = max_out if max_out is not None else self._default_max_output
         n = requested_candidates(obj) if isinstance(obj, dict) else 1
@@ -153,10 +154,7 @@ class GeminiProvider:
             factory = GeminiSSEMeter if route.sse else GeminiArrayMeter
             if n > 1:  # the stream ends only once every candidate has finished
                 factory = functools.partial(factory, n)
-        # The rate limit is no bill: documents count there by what they used (at settle), not by a ceiling
-        # that would refuse every document while anything else is in the window.
-        rate_tokens = est_in + est_out - (self._document_input if media.documents else 0)
-        return Call(route, route.model, route.stream, reservation, rate_tokens, factory, usage_from_response)
+        return Call(route, route.model, route.stream, reservation, rate_in + est_out, factory, usage_from_response)
 
     def error_body(self, status: int, kind: str, message: str, extra: dict[str, Any] | None = None) -> bytes:
         error: dict[str, Any] = {"code": status, "message": message, "status": _STATUS.get(status, "UNKNOWN")}

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.metering.estimate import NO_GEMINI_MEDIA, estimate_input_tokens, gemini_media
+from gateway.metering.estimate import NO_MEDIA, estimate_input_tokens, gemini_media
 from gateway.meters import GEMINI_CACHED, GEMINI_INPUT, GEMINI_OUTPUT
 from gateway.providers.base import Call
 from gateway.providers.gemini import GeminiProvider
@@ -140,7 +140,7 @@ def test_a_plain_text_request_is_unchanged() -> None:
         "tools": [{"googleSearch": {}}, {"functionDeclarations": [{"name": "f"}]}],
         "generationConfig": {"maxOutputTokens": 100},
     }
-    assert gemini_media(obj) is NO_GEMINI_MEDIA
+    assert gemini_media(obj) is NO_MEDIA
     call = prepare(obj)
     body = estimate_input_tokens(orjson.dumps(obj))
     assert call.reservation == {GEMINI_INPUT: body, GEMINI_CACHED: body, GEMINI_OUTPUT: 100}
