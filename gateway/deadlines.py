@@ -23,6 +23,14 @@ class StoreTimeout(Exception):
     """The store did not answer within the deadline (its call goes on in the background)."""
 
 
+def log_store_failure(logger: logging.Logger, what: str, exc: Exception) -> None:
+    """A store that did not answer is an outage (one line); anything else is a fault (with its traceback)."""
+    if isinstance(exc, StoreTimeout):
+        logger.warning("%s: %s", what, exc)
+    else:
+        logger.error("%s", what, exc_info=exc)
+
+
 async def within(call: Coroutine[Any, Any, T], seconds: float, late: Callable[[T], None] | None = None) -> T:
     """`await call`, for at most `seconds`; then StoreTimeout, and `late(result)` when it ends after all."""
     gave_up = _GaveUp()

@@ -20,7 +20,7 @@ import orjson
 
 from gateway.answers import ErrorAnswers
 from gateway.billing.owner import Hold, RefusalKind, Result
-from gateway.deadlines import StoreTimeout, within
+from gateway.deadlines import log_store_failure, within
 from gateway.logs import REQUEST_ID
 from gateway.metering import ContentDecoder, Usage
 from gateway.outcomes import Outcome
@@ -110,10 +110,7 @@ class ProxyEndpoint:
         try:
             ident = s.keys.cached(key) or await within(s.keys.authenticate(key), s.settings.store_timeout_seconds)
         except Exception as exc:
-            if isinstance(exc, StoreTimeout):
-                log.warning("could not check a key: %s", exc)
-            else:
-                log.exception("could not check a key")
+            log_store_failure(log, "could not check a key", exc)
             s.metrics.refused(503, RefusalKind.STORE_UNAVAILABLE.value)
             s.refusals.count(503, RefusalKind.STORE_UNAVAILABLE.value)
             return count(op, await self._answer.unavailable(send, "the gateway cannot check keys right now", rid))

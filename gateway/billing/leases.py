@@ -109,19 +109,15 @@ class LeasedLedger:
         self._fence = sent + FENCE_SHARE * self.stale_seconds
 
     async def reserve(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | Refusal:
-        if time.monotonic() >= self._fence:
-            late = time.monotonic() - self._fence + FENCE_SHARE * self.stale_seconds
+        if (now := time.monotonic()) >= self._fence:
+            late = now - self._fence + FENCE_SHARE * self.stale_seconds
             raise LeasesLapsed(f"no heartbeat stored for {late:.1f} s: this process's leases may have been released")
-        u = self._users.get(user_id)
-        if u is None or u.quota.stale or self._clock() >= u.quota.period_end:
-            u = await self._user(user_id)
+        u = self._fresh(user_id) or await self._user(user_id)
         return self._reserve_local(u, amounts) or await self._reserve_leasing(u, amounts)
 
     def reserve_held(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | None:
-        u = self._users.get(user_id)
-        if u is None or u.quota.stale or self._clock() >= u.quota.period_end or time.monotonic() >= self._fence:
-            return None
-        return self._reserve_local(u, amounts)
+        u = self._fresh(user_id)
+        return None if u is None or time.monotonic() >= self._fence else self._reserve_local(u, amounts)
 
     def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> None:
         u = self._users.get(reservation.user_id)
@@ -264,10 +260,15 @@ class LeasedLedger:
         return Refusal(meter=name, needed=amounts[name], remaining=max(remaining, 0))
 
     # ------------------------------------------------------------------ limits view
-    async def _user(self, user_id: str) -> _User:
+    def _fresh(self, user_id: str) -> _User | None:
+        """The user's limits view when it can be used as it is (loaded, not invalidated, in its period)."""
         u = self._users.get(user_id)
-        if u is not None and not u.quota.stale and self._clock() < u.quota.period_end:
-            return u
+        return u if u is not None and not u.quota.stale and self._clock() < u.quota.period_end else None
+
+    async def _user(self, user_id: str) -> _User:
+        if (fresh := self._fresh(user_id)) is not None:
+            return fresh
+        u = self._users.get(user_id)
         return await self._loading.run(user_id, u.quota if u else None, lambda: self._load(user_id, u))
 
     async def _load(self, user_id: str, u: _User | None) -> _User:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from gateway.billing.ledger import InProcessLedger
 from gateway.billing.protocols import QuotaLedger, RateLimit, Reservation
-from gateway.deadlines import StoreTimeout, within
+from gateway.deadlines import log_store_failure, within
 from gateway.journal import Segment
 from gateway.metering import Usage
 from gateway.meters import NOT_TOKENS
@@ -134,10 +134,7 @@ class BillingOwner:
                 )
         except Exception as exc:
             self.limiter.settle(user_id, ticket, 0)
-            if isinstance(exc, StoreTimeout):
-                log.warning("refused a request of %s: %s", user_id, exc)
-            else:
-                log.exception("refused a request of %s: the quota could not be checked", user_id)
+            log_store_failure(log, f"refused a request of {user_id}: the quota could not be checked", exc)
             return self._refused(Refused(RefusalKind.STORE_UNAVAILABLE))
         except BaseException:
             self.limiter.settle(user_id, ticket, 0)
