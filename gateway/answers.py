@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.billing.owner import RefusalKind, Refused
-from gateway.metering.estimate import GEMINI_IMAGE_MAX_TOKENS
+from gateway.metering.estimate import CLAUDE_IMAGE_MAX_TOKENS, GEMINI_IMAGE_MAX_TOKENS
 from gateway.meters import (
     CLAUDE_CACHE_READ,
     CLAUDE_CACHE_WRITE,
@@ -21,7 +21,10 @@ from gateway.providers.base import Provider
 
 PORTAL_PATH = "/api/billing/portal"
 # What a client can change to fit a refused reservation, by meter (output meters: max_tokens).
-_INPUT = "send less input (images reserve 4,784 tokens each, documents [reservation] document_input_tokens)"
+_INPUT = (
+    f"send less input (images reserve {CLAUDE_IMAGE_MAX_TOKENS:,} tokens each, documents [reservation]"
+    " document_input_tokens)"
+)
 _GEMINI_INPUT = (
     f"send less input (inline images reserve {GEMINI_IMAGE_MAX_TOKENS:,} tokens each; files, audio, video, PDFs"
     " and the URL context tool [reservation] gemini_document_input_tokens)"
