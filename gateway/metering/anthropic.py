@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from gateway.metering.sse import BLANK_LINE_ENDS, SSEParser
+from gateway.metering.sse import BLANK_LINE_ENDS, SSEParser, lone_event
 from gateway.metering.usage import BINARY as _BINARY
 from gateway.metering.usage import Usage, as_count
 from gateway.meters import (
@@ -50,16 +50,25 @@ def meters_from_usage(usage: dict[str, Any] | None) -> dict[str, int]:
     `claude_cache_write_1h_tokens` is the 1-hour part of it (0 without `cache_creation`).
     """
     u = usage or {}
+    get = u.get
     # (the two nested objects inline: every response pays for this)
-    ttl = u.get("cache_creation")
-    tools = u.get("server_tool_use")
+    ttl = get("cache_creation")
+    tools = get("server_tool_use")
+    i, o = get("input_tokens"), get("output_tokens")
+    w, r = get("cache_creation_input_tokens"), get("cache_read_input_tokens")
+    w1 = ttl.get("ephemeral_1h_input_tokens") if isinstance(ttl, dict) else 0
+    s = tools.get("web_search_requests") if isinstance(tools, dict) else 0
+    # Plain non-negative ints (what the API sends) are their own counts: one check instead of six calls
+    # (ints OR to a negative one exactly when one of them is negative).
+    if not (type(i) is type(o) is type(w) is type(r) is type(w1) is type(s) is int and i | o | w | r | w1 | s >= 0):
+        i, o, w, r, w1, s = as_count(i), as_count(o), as_count(w), as_count(r), as_count(w1), as_count(s)
     return {
-        CLAUDE_INPUT: as_count(u.get("input_tokens")),
-        CLAUDE_OUTPUT: as_count(u.get("output_tokens")),
-        CLAUDE_CACHE_WRITE: as_count(u.get("cache_creation_input_tokens")),
-        CLAUDE_CACHE_WRITE_1H: as_count(ttl.get("ephemeral_1h_input_tokens")) if isinstance(ttl, dict) else 0,
-        CLAUDE_CACHE_READ: as_count(u.get("cache_read_input_tokens")),
-        CLAUDE_WEB_SEARCHES: as_count(tools.get("web_search_requests")) if isinstance(tools, dict) else 0,
+        CLAUDE_INPUT: i,
+        CLAUDE_OUTPUT: o,
+        CLAUDE_CACHE_WRITE: w,
+        CLAUDE_CACHE_WRITE_1H: w1,
+        CLAUDE_CACHE_READ: r,
+        CLAUDE_WEB_SEARCHES: s,
     }
 
 
@@ -110,9 +119,14 @@ class AnthropicStreamMeter:
 
     def feed(self, chunk: bytes) -> None:
         sse = self._sse
-        if sse.idle and chunk.endswith(BLANK_LINE_ENDS) and chunk.find(_MESSAGE) < 0 and chunk.find(_ERROR) < 0:
-            return  # whole events, none of them one we read (most chunks): a few C-level scans
-        for name, data in sse.feed(chunk):
+        events = None
+        if sse.idle and chunk.endswith(BLANK_LINE_ENDS):
+            if chunk.find(_MESSAGE) < 0 and chunk.find(_ERROR) < 0:
+                return  # whole events, none of them one we read (most chunks): a few C-level scans
+            event = lone_event(chunk)  # one event per chunk, as Anthropic writes them: no list, no checks twice
+            if event is not None:
+                events = (event,)
+        for name, data in events or sse.feed(chunk):
             if not name:
                 name = _sniff_event(data)
             if name == _STOP:

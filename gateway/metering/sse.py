@@ -150,6 +150,14 @@ class SSEParser:
         return events
 
 
+def lone_event(chunk: bytes) -> Event | None:
+    """The event of a chunk that an idle parser would read as one LF-framed event and nothing else
+    (how Anthropic writes each event); None for any other chunk, or an event without data."""
+    if chunk.find(b"\n\n") == len(chunk) - 2 and chunk.find(b"\r") < 0:
+        return _event(chunk[:-2])
+    return None
+
+
 def _event(block: bytes) -> Event | None:
     """The event of one blank-line-free block of LF-separated lines; None without data."""
     # The shapes providers send, without splitting lines: `data: X` and `event: N\ndata: X`.
