@@ -51,13 +51,14 @@ def meters_from_usage(usage: dict[str, Any] | None) -> dict[str, int]:
     """
     u = usage or {}
     get = u.get
-    # (the two nested objects inline: every response pays for this)
+    # (the two nested objects inline: every response pays for this; an absent count is 0 as
+    # `as_count(None)` would make it, without the call)
     ttl = get("cache_creation")
     tools = get("server_tool_use")
-    i, o = get("input_tokens"), get("output_tokens")
-    w, r = get("cache_creation_input_tokens"), get("cache_read_input_tokens")
-    w1 = ttl.get("ephemeral_1h_input_tokens") if isinstance(ttl, dict) else 0
-    s = tools.get("web_search_requests") if isinstance(tools, dict) else 0
+    i, o = get("input_tokens", 0), get("output_tokens", 0)
+    w, r = get("cache_creation_input_tokens", 0), get("cache_read_input_tokens", 0)
+    w1 = ttl.get("ephemeral_1h_input_tokens", 0) if isinstance(ttl, dict) else 0
+    s = tools.get("web_search_requests", 0) if isinstance(tools, dict) else 0
     # Plain non-negative ints (what the API sends) are their own counts: one check instead of six calls
     # (ints OR to a negative one exactly when one of them is negative).
     if not (type(i) is type(o) is type(w) is type(r) is type(w1) is type(s) is int and i | o | w | r | w1 | s >= 0):

@@ -33,19 +33,29 @@ from gateway.meters import GEMINI_CACHED, GEMINI_IMAGES, GEMINI_INPUT, GEMINI_OU
 def meters_from_metadata(um: dict[str, Any] | None, images: int = 0) -> dict[str, int]:
     """Map a `usageMetadata` object (plus an image count) to the four Gemini meters."""
     u = um or {}
-    prompt = as_count(u.get("promptTokenCount"))
-    cached = as_count(u.get("cachedContentTokenCount"))
-    tool = as_count(u.get("toolUsePromptTokenCount"))
-    output = as_count(u.get("candidatesTokenCount")) + as_count(u.get("thoughtsTokenCount"))
-    details = u.get("candidatesTokensDetails")
+    get = u.get
+    # (an absent count is 0 as `as_count(None)` would make it, without the call)
+    prompt, cached = get("promptTokenCount", 0), get("cachedContentTokenCount", 0)
+    tool = get("toolUsePromptTokenCount", 0)
+    output, thoughts = get("candidatesTokenCount", 0), get("thoughtsTokenCount", 0)
+    # Plain non-negative ints (what the API sends) are their own counts: one check instead of five calls
+    # (ints OR to a negative one exactly when one of them is negative).
+    if not (
+        type(prompt) is type(cached) is type(tool) is type(output) is type(thoughts) is int
+        and prompt | cached | tool | output | thoughts >= 0
+    ):
+        prompt, cached, tool = as_count(prompt), as_count(cached), as_count(tool)
+        output, thoughts = as_count(output), as_count(thoughts)
+    output += thoughts
+    details = get("candidatesTokensDetails")
     if isinstance(details, list):
         for d in details:
             if isinstance(d, dict) and d.get("modality") == "IMAGE":
                 output -= as_count(d.get("tokenCount"))
     return {
-        GEMINI_INPUT: max(prompt - cached, 0) + tool,
+        GEMINI_INPUT: (prompt - cached if prompt > cached else 0) + tool,
         GEMINI_CACHED: cached,
-        GEMINI_OUTPUT: max(output, 0),
+        GEMINI_OUTPUT: output if output > 0 else 0,
         GEMINI_IMAGES: images,
     }
 
