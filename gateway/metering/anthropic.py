@@ -150,14 +150,19 @@ class AnthropicStreamMeter:
             msg = obj.get("message")
             usage = msg.get("usage") if isinstance(msg, dict) else None
             if isinstance(usage, dict):
-                self._usage = {k: v for k, v in usage.items() if v is not None}
+                # (the parse is this meter's own: kept as it is when no null has to go, a C-level check)
+                self._usage = usage if None not in usage.values() else {k: v for k, v in usage.items() if v is not None}
             return
         usage = obj.get("usage")
         if isinstance(usage, dict):
             merged = self._usage if self._usage is not None else {}
-            for k, v in usage.items():
-                if v is not None:
-                    merged[k] = v  # cumulative totals: overwrite, never add
+            # Cumulative totals: overwrite, never add.
+            if None not in usage.values():
+                merged.update(usage)
+            else:
+                for k, v in usage.items():
+                    if v is not None:
+                        merged[k] = v
             self._usage = merged
 
     def usage(self) -> Usage:
