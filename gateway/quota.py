@@ -157,19 +157,21 @@ class Ledger:
 
     @staticmethod
     def reserve(uq: UserQuota, amounts: Mapping[str, int]) -> Refusal | None:
-        """Check and reserve in one step; synchronous on purpose (atomic within the event loop)."""
+        """Check and reserve in one step; synchronous on purpose (atomic within the event loop).
+
+        One pass checks and reserves each meter; a refusal gives back what the pass took before it."""
         meters = uq.meters
-        for name, amount in amounts.items():
-            state = meters.get(name)
-            if state is None or state.credited is None:
-                continue
-            remaining = state.credited - state.consumed - state.reserved
-            if remaining <= 0 or remaining < amount:
-                return Refusal(meter=name, needed=amount, remaining=max(remaining, 0))
+        created: list[str] = []
         for name, amount in amounts.items():
             state = meters.get(name)
             if state is None:
                 state = meters[name] = MeterState(credited=None)
+                created.append(name)
+            elif state.credited is not None:
+                remaining = state.credited - state.consumed - state.reserved
+                if remaining <= 0 or remaining < amount:
+                    _give_back(meters, amounts, name, created)
+                    return Refusal(meter=name, needed=amount, remaining=max(remaining, 0))
             state.reserved += amount
         return None
 
@@ -179,13 +181,25 @@ class Ledger:
         for name, amount in reserved.items():
             state = meters.get(name)
             if state is not None:  # (reserve created it)
-                state.reserved = max(0, state.reserved - amount)
+                left = state.reserved - amount
+                state.reserved = left if left > 0 else 0
         for name, amount in actual.items():
             if amount:
                 state = meters.get(name)
                 if state is None:
                     state = meters[name] = MeterState(credited=None)
                 state.consumed += amount
+
+
+def _give_back(meters: dict[str, MeterState], amounts: Mapping[str, int], refused: str, created: list[str]) -> None:
+    """Undo a refused `Ledger.reserve`: the meters before `refused` lose their amounts, and the ones
+    it created go, as if it had never run."""
+    for name, amount in amounts.items():
+        if name == refused:
+            break
+        meters[name].reserved -= amount
+    for name in created:
+        del meters[name]
 
 
 def limits_for(

@@ -30,19 +30,21 @@ class _Window:
     tokens: int = 0
 
     def expire(self, second: int) -> None:
-        while self.buckets and self.buckets[0][0] <= second - WINDOW:
-            _, n, t = self.buckets.popleft()
-            self.requests -= n
-            self.tokens -= t
+        buckets = self.buckets
+        while buckets and buckets[0][0] <= second - WINDOW:
+            bucket = buckets.popleft()
+            self.requests -= bucket[1]
+            self.tokens -= bucket[2]
+            bucket.clear()  # out of the window: a ticket on it has nothing left to correct
 
     def admit(self, second: int, tokens: int) -> list[int]:
-        if self.buckets and self.buckets[-1][0] == second:
-            bucket = self.buckets[-1]
+        buckets = self.buckets
+        if buckets and (bucket := buckets[-1])[0] == second:
             bucket[1] += 1
             bucket[2] += tokens
         else:
             bucket = [second, 1, tokens]
-            self.buckets.append(bucket)
+            buckets.append(bucket)
         self.requests += 1
         self.tokens += tokens
         return bucket
@@ -111,7 +113,8 @@ class RateLimiter:
         win = self._windows.get(user_id)
         if win is None:
             win = self._windows[user_id] = _Window()
-        win.expire(second)
+        if win.buckets and win.buckets[0][0] <= second - WINDOW:
+            win.expire(second)
         if self.rpm is not None and win.requests >= self.rpm:
             return RateLimited("requests", retry_after(win.buckets[0][0] if win.buckets else second, now)), None
         if self.tpm is not None and tokens and win.requests and win.tokens + tokens > self.tpm:
@@ -123,7 +126,7 @@ class RateLimiter:
                 if freed >= need:
                     break
             return RateLimited("tokens", retry_after(at, now)), None
-        ticket = (win.admit(second, tokens), tokens)
+        ticket = (win, win.admit(second, tokens), tokens)
         self._admitted += 1
         if self._admitted % SWEEP_EVERY == 0:
             self._sweep(second)
@@ -132,12 +135,10 @@ class RateLimiter:
     def settle(self, user_id: str, ticket: object | None, actual_tokens: int) -> None:
         if not isinstance(ticket, tuple):
             return
-        bucket, reserved = ticket
-        win = self._windows.get(user_id)
-        if win is None or bucket[0] <= int(self._clock()) - WINDOW:
-            return  # already out of the window
-        win.tokens += actual_tokens - reserved
-        bucket[2] += actual_tokens - reserved
+        win, bucket, reserved = ticket
+        if bucket:  # (emptied when it left the window, its tokens with it)
+            win.tokens += actual_tokens - reserved
+            bucket[2] += actual_tokens - reserved
 
     def _sweep(self, second: int) -> None:
         """Forget users with nothing left in the window (a window only expires when its user returns)."""

@@ -9,6 +9,7 @@ from gateway.store import Store
 from gateway.store.base import CustomerLimits, MeterLimit
 
 OUT = "claude_output_tokens"
+IN = "claude_input_tokens"
 
 
 async def test_reserve_refuses_when_it_does_not_fit(store: Store) -> None:
@@ -18,6 +19,16 @@ async def test_reserve_refuses_when_it_does_not_fit(store: Store) -> None:
     assert Ledger.reserve(uq, {OUT: 64}) == Refusal(meter=OUT, needed=64, remaining=36)
     Ledger.settle(uq, {OUT: 64}, {OUT: 15})
     assert (uq.meters[OUT].consumed, uq.meters[OUT].reserved) == (15, 0)
+
+
+async def test_a_refusal_takes_nothing_from_the_meters_before_it(store: Store) -> None:
+    ledger = Ledger(store, {OUT: 100})
+    uq = await ledger.get("u")
+    assert Ledger.reserve(uq, {IN: 5, OUT: 64}) is None
+    reserved = {name: (st.credited, st.consumed, st.reserved) for name, st in uq.meters.items()}
+    # IN and "new" come before the refused OUT: IN keeps what it held, "new" is not created
+    assert Ledger.reserve(uq, {IN: 7, "new": 3, OUT: 64}) == Refusal(meter=OUT, needed=64, remaining=36)
+    assert {name: (st.credited, st.consumed, st.reserved) for name, st in uq.meters.items()} == reserved
 
 
 async def test_refresh_while_in_flight_keeps_reservations_on_one_object(store: Store) -> None:

@@ -55,6 +55,17 @@ async def test_a_lone_oversized_request_passes_and_settling_an_expired_ticket_is
     assert (await rl.acquire("u", 1))[0] is not None
 
 
+async def test_settling_a_ticket_whose_bucket_has_left_the_window_changes_nothing() -> None:
+    clock = Clock()
+    rl = RateLimiter(None, 100, clock)
+    _, ticket = await rl.acquire("u", 500)
+    clock.now += 61
+    assert (await rl.acquire("u", 0))[0] is None  # drops the first bucket, its 500 tokens with it
+    rl.settle("u", ticket, 5)
+    assert (await rl.acquire("u", 100))[0] is None
+    assert (await rl.acquire("u", 1))[0] is not None
+
+
 async def test_idle_users_are_forgotten(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(ratelimit, "SWEEP_EVERY", 3)
     clock = Clock()
