@@ -7,7 +7,6 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.events import event_count
@@ -21,11 +20,9 @@ from gateway.timeutil import utcnow
 log = logging.getLogger("gateway.recording")
 
 
-@dataclass(slots=True)
-class _Finished:
-    record: RequestRecord
-    segments: list[Segment | None]
-    attempts: int = 0
+# A finished request waiting for the store: its record, the journal segments holding it, and how
+# many times the store refused it. A plain tuple: one is made per request.
+_Finished = tuple[RequestRecord, list[Segment | None], int]
 
 
 class Recorder:
@@ -70,7 +67,7 @@ class Recorder:
         return len(self._queue) + self._storing
 
     def add(self, record: RequestRecord, segments: list[Segment | None]) -> None:
-        self._queue.append(_Finished(record, segments))
+        self._queue.append((record, segments, 0))
         if len(self._queue) >= self.max_batch:
             self._full.set()
         if self._task is None or self._task.done():
@@ -93,31 +90,42 @@ class Recorder:
 
     async def _store(self, batch: list[_Finished]) -> float:
         """Store a batch; what fails goes back to the queue. Returns how long to wait before the next."""
+        records = [record for record, _, _ in batch]
         try:
-            await self.store.finish_requests([f.record for f in batch])
-            results: list[BaseException | None] = [None] * len(batch)
+            await self.store.finish_requests(records)
         except Exception:
             self.metrics.store_error("finish_requests")
             # One bad record must not hold back the others: go one by one.
-            results = await asyncio.gather(
-                *(self.store.finish_request(f.record) for f in batch), return_exceptions=True
-            )
+            results = await asyncio.gather(*(self.store.finish_request(r) for r in records), return_exceptions=True)
+            return self._stored_some(batch, results)
+        self.journal.stored([seg for _, segments, _ in batch for seg in segments])
+        self._stored(records)
+        self._backoff = 0.0
+        return 0.0
+
+    def _stored(self, records: list[RequestRecord]) -> None:
+        """Tell the ledger and the sync that these records are in the store."""
+        if records:
+            self.on_stored(records)
+        events = 0
+        for r in records:
+            events += event_count(r.usage)
+        if events:
+            self.on_events(events)
+
+    def _stored_some(self, batch: list[_Finished], results: list[BaseException | None]) -> float:
+        """After a failed batch, stored one by one: settle what went in, queue what failed again."""
         stored: list[Segment | None] = []
         records: list[RequestRecord] = []
-        events = 0
         failed: list[_Finished] = []
         for f, result in zip(batch, results, strict=True):
             if result is None:
-                stored += f.segments
-                records.append(f.record)
-                events += event_count(f.record.usage)
+                records.append(f[0])
+                stored += f[1]
             else:
                 failed.append(f)
         self.journal.stored(stored)
-        if records:
-            self.on_stored(records)
-        if events:
-            self.on_events(events)
+        self._stored(records)
         if not failed:
             self._backoff = 0.0
             return 0.0
@@ -129,12 +137,12 @@ class Recorder:
             log.warning("could not store %d request(s) (%s); retrying in %.1f s", len(failed), why, self._backoff)
             self._queue = failed + self._queue
             return self._backoff
-        for f in failed:  # the store works but refuses these: a few more tries, then the journal keeps them
-            f.attempts += 1
-            if f.attempts < self.max_attempts:
-                self._queue.append(f)
+        # The store works but refuses these: a few more tries, then the journal keeps them.
+        for record, segments, attempts in failed:
+            if attempts + 1 < self.max_attempts:
+                self._queue.append((record, segments, attempts + 1))
             else:
-                log.error("could not store request %s; the journal keeps it for the next start", f.record.id)
+                log.error("could not store request %s; the journal keeps it for the next start", record.id)
         return self.retry_seconds
 
     async def close(self, grace_seconds: float = 10.0) -> None:

@@ -378,6 +378,7 @@ async def test_upgrade_from_the_first_schema_keeps_requests_and_their_sync_state
             "0007_sync_backlog",
             "0008_refusals",
             "0009_leases_by_batch",
+            "0010_drop_outbox_index",
         ]
         assert await s.finished_ids(["req_old", "req_new"]) == {"req_old"}
         await s.finish_request(record("req_new", outcome="ok", usage={"claude_output_tokens": 5}))

@@ -58,18 +58,27 @@ def _chunked(flat: list[Any]) -> list[Op]:
 
 
 _SETTLE_LEASES = "UPDATE quota_leases SET amount = amount - ? WHERE owner = ? AND user_id = ? AND meter = ?"
-Usage = Mapping[str, tuple[str, str, Mapping[str, int]]]  # request id -> owner, user id, usage
 
 
-def _store_requests(ops: list[Op], rows: int, usage: Usage) -> Job:
+def _store_requests(ops: list[Op], records: Sequence[RequestRecord]) -> Job:
     """The INSERTs, then the inserted rows' usage off their owners' leases, summed per owner, user
     and meter (a row with no lease matches nothing): a stored request counts once, in `requests`.
     When some rows were in the table already (a replay), the INSERTs run again with RETURNING to
-    learn which were new; not always, as each returned row is a step that gives up the GIL."""
+    learn which were new; not always, as each returned row is a step that gives up the GIL.
+    Without any lease (one process, the table empty) there is nothing to settle, so no per-row work
+    but the INSERTs. The records are the recorder's by now: nothing changes them on the event loop."""
 
     def job(conn: sqlite3.Connection) -> None:
+        if conn.execute("SELECT 1 FROM quota_leases LIMIT 1").fetchone() is None:
+            for sql, params, _ in ops:
+                conn.execute(sql, params)
+            return
+        usage: dict[str, tuple[str, str, Mapping[str, int]]] = {}
+        for r in records:
+            if r.owner:
+                usage.setdefault(r.id, (r.owner, r.user_id, r.usage))
         conn.execute("SAVEPOINT batch")
-        if sum(conn.execute(sql, params).rowcount for sql, params, _ in ops) == rows:
+        if sum(conn.execute(sql, params).rowcount for sql, params, _ in ops) == len(records):
             conn.execute("RELEASE batch")
             new: Iterable[str] = usage
         else:
@@ -152,10 +161,7 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
 
     async def finish_requests(self, records: Sequence[RequestRecord]) -> None:
         flat: list[Any] = []
-        usage: dict[str, tuple[str, str, Mapping[str, int]]] = {}
         for r in records:
-            if r.owner:
-                usage.setdefault(r.id, (r.owner, r.user_id, r.usage))
             flat += (
                 r.id,
                 r.user_id,
@@ -175,7 +181,7 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
                 int(r.estimated),
                 "pending" if event_count(r.usage) else "none",  # events to send, or none
             )
-        await self._commit(_store_requests(_chunked(flat), len(records), usage))
+        await self._commit(_store_requests(_chunked(flat), records))
 
     async def finished_ids(self, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
