@@ -9,7 +9,7 @@ import pytest
 
 from gateway.store import Store
 from gateway.store.base import SyncBacklog, UsageSummaryRow
-from gateway.store.sqlite_outbox import BACKLOG_SQL
+from gateway.store.sqlite_outbox import BACKLOG_SQL, CLAIM_SQL
 from tests.support_db import Database, open_store
 from tests.test_store import record, used
 
@@ -216,3 +216,7 @@ async def test_sync_backlog_counts_unsynced_requests_from_its_index(store: Store
         # Cheap to poll: one covering search of the partial index of unsynced requests, no table scan.
         plan = db.query("EXPLAIN QUERY PLAN " + BACKLOG_SQL)
         assert [row[3] for row in plan] == ["SEARCH requests USING COVERING INDEX ix_requests_backlog (sync_state=?)"]
+        # The claim too: a table of synced history is not read to find what is left to send.
+        plan = db.query("EXPLAIN QUERY PLAN " + CLAIM_SQL, "o", "", "", "", 1)
+        assert "SEARCH requests USING INDEX ix_requests_backlog (sync_state=?)" in [row[3] for row in plan]
+        assert not [row[3] for row in plan if row[3].startswith("SCAN")]

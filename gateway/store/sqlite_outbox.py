@@ -27,6 +27,18 @@ BACKLOG_SQL = (
     " WHERE sync_state IN ('pending', 'claimed', 'failed') GROUP BY sync_state"
 )
 
+# The claim searches the same index: the first IN term is its condition word for word (without
+# it SQLite scans the whole table: it does not take `sync_state = 'pending'` to imply the index's
+# condition), the second keeps the search to the two states a claim takes (not the failed ones).
+CLAIM_SQL = (
+    "UPDATE requests SET sync_state = 'claimed', claimed_by = ?, claimed_until = ?"
+    " WHERE id IN (SELECT id FROM requests"
+    "   WHERE sync_state IN ('pending', 'claimed', 'failed') AND sync_state IN ('pending', 'claimed')"
+    "     AND ((sync_state = 'pending' AND next_attempt_at <= ?) OR (sync_state = 'claimed' AND claimed_until < ?))"
+    "   LIMIT ?)"
+    f" RETURNING {_OUTBOX_COLS}"
+)
+
 
 class SqliteOutbox(SqliteBase):
     async def claim_events(
@@ -39,14 +51,7 @@ class SqliteOutbox(SqliteBase):
         async with self._lock:
             await self.db.execute("BEGIN IMMEDIATE")  # claim across processes on the same file
             try:
-                rows = await self.db.execute_fetchall(
-                    "UPDATE requests SET sync_state = 'claimed', claimed_by = ?, claimed_until = ?"
-                    " WHERE id IN (SELECT id FROM requests"
-                    "   WHERE (sync_state = 'pending' AND next_attempt_at <= ?)"
-                    "      OR (sync_state = 'claimed' AND claimed_until < ?) LIMIT ?)"
-                    f" RETURNING {_OUTBOX_COLS}",
-                    (owner, until, due, iso(now), limit),
-                )
+                rows = await self.db.execute_fetchall(CLAIM_SQL, (owner, until, due, iso(now), limit))
                 await self.db.execute("COMMIT")
             except BaseException:
                 await self.db.execute("ROLLBACK")
