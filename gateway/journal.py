@@ -152,7 +152,7 @@ class Journal:
                     r.model,
                     r.operation,
                     r.stream,
-                    iso(r.started_at),
+                    r.started_iso or iso(r.started_at),
                     r.reservation,
                     r.owner,
                 ],
@@ -173,7 +173,7 @@ class Journal:
                     r.usage,
                     r.usage_raw,
                     r.estimated,
-                    iso(r.finished_at),
+                    r.finished_iso or iso(r.finished_at),
                 ],
                 option=orjson.OPT_APPEND_NEWLINE,
             )

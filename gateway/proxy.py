@@ -27,7 +27,7 @@ from gateway.outcomes import Outcome
 from gateway.providers.base import DROP_RESPONSE_HEADERS, Call, InvalidRequest, Provider, Route, header
 from gateway.services import Services
 from gateway.store.base import RequestRecord
-from gateway.timeutil import utcnow
+from gateway.timeutil import stamp
 
 log = logging.getLogger("gateway.proxy")
 
@@ -152,6 +152,7 @@ class ProxyEndpoint:
                 return count(op, await self._answer.refusal(send, refused, rid))
             plain = await self._forward(route, None, body, headers, send, receive, rid, arrived)
             return count(op, plain.status or 0)
+        started_at, started_iso = stamp()
         record = RequestRecord(
             id=request_id,
             user_id=ident.user_id,
@@ -160,7 +161,8 @@ class ProxyEndpoint:
             model=call.model or route.model,
             operation=route.operation,
             stream=call.stream,
-            started_at=utcnow(),
+            started_at=started_at,
+            started_iso=started_iso,
             reservation=call.reservation,
             owner=s.owner,
         )

@@ -67,6 +67,7 @@ class _User:
     tight_until: float = 0.0  # another process recalled: lease exact needs, hand back leftovers
     recall: tuple[int, float] = (0, 0.0)  # our last recall for this user: seq, monotonic time
     resynced: bool = False  # `_resync` set the row since the last `stored` of this user
+    ends: float = -math.inf  # quota.period_end as a timestamp, for the pre-check's period test
 
 
 class LeasedLedger:
@@ -94,6 +95,8 @@ class LeasedLedger:
         self.poll = poll
         self.stale_seconds = stale_seconds
         self._clock = clock
+        # The pre-check's period test reads the clock as a number: making a datetime costs more.
+        self._now: Callable[[], float] = time.time if clock is utcnow else lambda: clock().timestamp()
         self._users: dict[str, _User] = {}
         self._loading: LimitLoads[_User] = LimitLoads(lambda u: u.quota)
         self._tight: dict[str, float] = {}  # recalled users we held nothing of yet
@@ -263,7 +266,7 @@ class LeasedLedger:
     def _fresh(self, user_id: str) -> _User | None:
         """The user's limits view when it can be used as it is (loaded, not invalidated, in its period)."""
         u = self._users.get(user_id)
-        return u if u is not None and not u.quota.stale and self._clock() < u.quota.period_end else None
+        return u if u is not None and not u.quota.stale and self._now() < u.ends else None
 
     async def _user(self, user_id: str) -> _User:
         if (fresh := self._fresh(user_id)) is not None:
@@ -287,6 +290,7 @@ class LeasedLedger:
         for name, amount in credited.items():
             q.meter(name).credited = amount
         q.period_start, q.period_end, q.source = start, end, source
+        u.ends = end.timestamp()
         q.limits_updated_at = limits.updated_at if limits else None
         if before != (start, end, {n: s.credited for n, s in q.meters.items()}):
             await self.return_idle(u)

@@ -28,7 +28,7 @@ from gateway.ratelimit import RateLimited, RateLimiter
 from gateway.recording import estimate_from_reservation
 from gateway.refusals import NO_REFUSALS, RefusalSink
 from gateway.store.base import RequestRecord
-from gateway.timeutil import utcnow
+from gateway.timeutil import stamp
 
 log = logging.getLogger("gateway.billing")
 
@@ -214,7 +214,7 @@ class Hold:
         if result.estimated and not (usage and usage.seen):
             # The client left and the drain ended before any usage: the provider may still bill it.
             record.usage = estimate_from_reservation(record.reservation)
-        record.finished_at = utcnow()
+        record.finished_at, record.finished_iso = stamp()
         try:
             finished = owner.journal.finish(record)
         except OSError:

@@ -66,6 +66,10 @@ class RequestRecord:
     estimated: bool = False
     finished_at: datetime | None = None
     owner: str = ""  # id of the process that holds it in flight
+    # `iso` of started_at / finished_at when whoever set them had it (`timeutil.stamp`), else empty:
+    # the journal and the store write it instead of formatting the datetime again.
+    started_iso: str = field(default="", compare=False, repr=False)
+    finished_iso: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
