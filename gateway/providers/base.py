@@ -6,6 +6,7 @@ Everything else (pre-check, forwarding, relay, recording) is provider-neutral in
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,16 +133,36 @@ class Provider(Protocol):
 # and Starlette's own Headers relies on it), so nothing here lowercases them again per request.
 
 
+# Forwarded header names, decoded once: clients send the same few names again and again. A dropped
+# name maps to "" (`accept-encoding` too, which is filtered apart). Bounded like the route cache.
+_FORWARD_NAMES: dict[bytes, str] = {}
+_MAX_FORWARD_NAMES = 1024
+
+
+def _forward_name(name: bytes) -> str:
+    if len(_FORWARD_NAMES) >= _MAX_FORWARD_NAMES:
+        _FORWARD_NAMES.clear()
+    decoded = _FORWARD_NAMES[name] = "" if name in DROP_REQUEST_HEADERS else name.decode("latin-1")
+    return decoded
+
+
+@functools.lru_cache(maxsize=64)  # a client sends the same value every time
+def _forwarded_encoding(value: bytes) -> str:
+    kept = accept_encoding(value)
+    return kept.decode("latin-1") if kept else ""
+
+
 def forward_headers(headers: Headers, credential: tuple[str, str]) -> list[tuple[str, str]]:
+    names = _FORWARD_NAMES
     out: list[tuple[str, str]] = []
     for name, value in headers:
-        if name in DROP_REQUEST_HEADERS:
-            if name == b"accept-encoding":
-                kept = accept_encoding(value)
-                if kept:
-                    out.append(("accept-encoding", kept.decode("latin-1")))
-            continue
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+        forwarded = names.get(name)
+        if forwarded is None:
+            forwarded = _forward_name(name)
+        if forwarded:
+            out.append((forwarded, value.decode("latin-1")))
+        elif name == b"accept-encoding" and (kept := _forwarded_encoding(value)):
+            out.append(("accept-encoding", kept))
     out.append(credential)
     return out
 
