@@ -7,6 +7,7 @@ under-reserving lets a user overspend with concurrent requests.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,5 +251,11 @@ def wants_images(body_obj: dict[str, Any], path_model: str) -> bool:
         modalities = [modalities]  # invalid for the API, but reserving too much is the safe side
     if isinstance(modalities, list) and any(isinstance(m, str) and m.upper() == "IMAGE" for m in modalities):
         return True
+    return image_model(path_model)
+
+
+@functools.lru_cache(maxsize=256)  # a few models, asked about on every request
+def image_model(path_model: str) -> bool:
+    """Whether a Gemini model makes images whatever the request asks (`gemini-*-image*`, `imagen-*`)."""
     model = path_model.lower().rsplit("/", 1)[-1]
     return "image" in model or model.startswith("imagen")

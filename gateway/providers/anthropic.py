@@ -12,7 +12,7 @@ from gateway.metering import (
     requested_max_output,
     usage_from_message,
 )
-from gateway.metering.estimate import CLAUDE_IMAGE_MAX_TOKENS
+from gateway.metering.estimate import CLAUDE_IMAGE_MAX_TOKENS, NO_MEDIA, estimate_input_tokens
 from gateway.metering.server_tools import requested_web_searches
 from gateway.meters import (
     CLAUDE_CACHE_READ,
@@ -99,7 +99,10 @@ class AnthropicProvider:
         # Images and documents cost what their pixels and pages hold, not their size in the body (or nothing
         # of it, by `url` or `file_id`): see `claude_media`.
         media = claude_media(obj)
-        est_in = media.input_tokens(body, CLAUDE_IMAGE_MAX_TOKENS)
+        if media is NO_MEDIA:
+            est_in = estimate_input_tokens(body)
+        else:
+            est_in = media.input_tokens(body, CLAUDE_IMAGE_MAX_TOKENS)
         tools = obj.get("tools") if isinstance(obj, dict) else None
         if tools:
             est_in += _tools_overhead(tools)
@@ -108,7 +111,9 @@ class AnthropicProvider:
         rate_tokens = est_in
         if media.documents:
             est_in += self._document_input
-        max_out = requested_max_output(obj, "anthropic") if isinstance(obj, dict) else None
+        max_out = obj.get("max_tokens") if isinstance(obj, dict) else None
+        if type(max_out) is not int or max_out < 0:  # (an int, not a bool: the cap as sent, the usual case)
+            max_out = requested_max_output(obj, "anthropic") if isinstance(obj, dict) else None
         est_out = max_out if max_out is not None else self._default_max_output
         # Input may land in any of the three input meters; each can hold at most the whole input.
         reservation = {

@@ -20,7 +20,13 @@ from gateway.metering import (
     usage_from_response,
     wants_images,
 )
-from gateway.metering.estimate import GEMINI_IMAGE_MAX_TOKENS, requested_candidates
+from gateway.metering.estimate import (
+    GEMINI_IMAGE_MAX_TOKENS,
+    NO_MEDIA,
+    estimate_input_tokens,
+    image_model,
+    requested_candidates,
+)
 from gateway.meters import GEMINI_CACHED, GEMINI_IMAGES, GEMINI_INPUT, GEMINI_METERS, GEMINI_OUTPUT
 from gateway.providers.base import Call, Headers, InvalidRequest, Route, check_model, forward_headers
 
@@ -138,16 +144,25 @@ class GeminiProvider:
         # body (or nothing of it, by `fileData`); pages the URL context tool reads are input too: see
         # `gemini_media`.
         media = gemini_media(obj)
-        rate_in = media.input_tokens(body, GEMINI_IMAGE_MAX_TOKENS)
+        if media is NO_MEDIA:
+            rate_in = estimate_input_tokens(body)
+        else:
+            rate_in = media.input_tokens(body, GEMINI_IMAGE_MAX_TOKENS)
         # (the rate limit is no bill: documents count there by what they used, as for Claude)
         est_in = rate_in + self._document_input if media.documents else rate_in
-        max_out = requested_max_output(obj, "gemini") if isinstance(obj, dict) else None
+        if not isinstance(obj, dict):
+            max_out, n, images = None, 1, False
+        elif obj.get("generationConfig") or obj.get("generation_config"):
+            max_out = requested_max_output(obj, "gemini")
+            n = requested_candidates(obj)
+            images = wants_images(obj, route.model)
+        else:  # no generation config (most requests): no cap, one candidate, images by the model alone
+            max_out, n, images = None, 1, image_model(route.model)
         est_out = max_out if max_out is not None else self._default_max_output
-        n = requested_candidates(obj) if isinstance(obj, dict) else 1
         if n > 1:
             est_out *= n  # the cap is per candidate
         reservation = {GEMINI_INPUT: est_in, GEMINI_CACHED: est_in, GEMINI_OUTPUT: est_out}
-        if isinstance(obj, dict) and wants_images(obj, route.model):
+        if images:
             reservation[GEMINI_IMAGES] = self._images_per_request
         factory: Callable[[], StreamMeter] | None = None
         if route.stream:
