@@ -74,8 +74,10 @@ def _is_image_part(part: object) -> bool:
     return isinstance(mime, str) and mime.startswith("image/")
 
 
-# A chunk whose text holds none of these can change nothing but the running totals.
-_MATTERS = (b'"finishReason"', b'"inlineData"', b'"inline_data"', b'"error"', b'"blockReason"')
+# A chunk whose text holds none of these can change nothing but the running totals. Each stands
+# for one or two fields (`Reason"` ends "finishReason" and "blockReason", `"inline` starts
+# "inlineData" and "inline_data"): another that matches them too only costs a parse.
+_MATTERS = (b'Reason"', b'"inline', b'"error"')
 _METADATA = b'"usageMetadata"'
 # Unparsed chunks kept at most: the newest that parses is the one that counts, and a malformed
 # chunk must not make an older one's totals disappear, so a few are kept, then settled.
