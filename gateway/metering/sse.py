@@ -153,8 +153,16 @@ class SSEParser:
 def lone_event(chunk: bytes) -> Event | None:
     """The event of a chunk that an idle parser would read as one LF-framed event and nothing else
     (how Anthropic writes each event); None for any other chunk, or an event without data."""
-    if chunk.find(b"\n\n") == len(chunk) - 2 and chunk.find(b"\r") < 0:
-        return _event(chunk[:-2])
+    end = len(chunk) - 2
+    if chunk.find(b"\r") >= 0:
+        return None
+    if chunk.startswith(b"event: "):
+        # `_event`'s second shape, read in place: no copy of the block, no call.
+        nl = chunk.find(b"\n")
+        if chunk.startswith(b"data: ", nl + 1) and chunk.find(b"\n", nl + 1) == end and chunk[-1] == 0x0A:
+            return chunk[7:nl], chunk[nl + 7 : end]
+    if chunk.find(b"\n\n") == end:
+        return _event(chunk[:end])
     return None
 
 

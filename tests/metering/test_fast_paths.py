@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from gateway.metering import AnthropicStreamMeter, GeminiSSEMeter, StreamMeter, usage_from_response
+from gateway.metering import anthropic as anthropic_module
 from gateway.metering import sse as sse_module
 from gateway.metering.anthropic import _NEEDLES
 from gateway.metering.sse import SSEParser
@@ -157,14 +158,27 @@ def test_pending_event_name_is_not_skipped() -> None:
 
 
 def test_content_deltas_are_skipped_unparsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An event is split into its fields by `_event`, or (a one-event chunk) by `lone_event`.
     parsed: list[bytes] = []
-    real = sse_module._event
+    real, real_lone = sse_module._event, anthropic_module.lone_event
+    in_lone = False
 
     def spy(block: bytes) -> tuple[bytes, bytes] | None:
-        parsed.append(block)
+        if not in_lone:  # `lone_event` falling back to `_event` is one parse, counted there
+            parsed.append(block)
         return real(block)
 
+    def spy_lone(chunk: bytes) -> tuple[bytes, bytes] | None:
+        nonlocal in_lone
+        parsed.append(chunk)
+        in_lone = True
+        try:
+            return real_lone(chunk)
+        finally:
+            in_lone = False
+
     monkeypatch.setattr(sse_module, "_event", spy)
+    monkeypatch.setattr(anthropic_module, "lone_event", spy_lone)
     body = (FIXTURES / "anthropic/stream_thinking_tool_use.sse").read_bytes()
     assert run(AnthropicStreamMeter, events_of(body)) == run(reference_anthropic, [body])
     assert [b.split(b"\n")[0] for b in parsed] == [
