@@ -12,7 +12,7 @@ from gateway.metering import (
     requested_max_output,
     usage_from_message,
 )
-from gateway.metering.estimate import CLAUDE_IMAGE_MAX_TOKENS, NO_MEDIA, estimate_input_tokens
+from gateway.metering.estimate import CLAUDE_IMAGE_MAX_TOKENS
 from gateway.metering.server_tools import requested_web_searches
 from gateway.meters import (
     CLAUDE_CACHE_READ,
@@ -99,10 +99,7 @@ class AnthropicProvider:
         # Images and documents cost what their pixels and pages hold, not their size in the body (or nothing
         # of it, by `url` or `file_id`): see `claude_media`.
         media = claude_media(obj)
-        if media is NO_MEDIA:
-            est_in = estimate_input_tokens(body)
-        else:
-            est_in = media.input_tokens(body, CLAUDE_IMAGE_MAX_TOKENS)
+        est_in = media.input_tokens(body, CLAUDE_IMAGE_MAX_TOKENS)
         tools = obj.get("tools") if isinstance(obj, dict) else None
         if tools:
             est_in += _tools_overhead(tools)

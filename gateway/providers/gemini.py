@@ -20,13 +20,7 @@ from gateway.metering import (
     usage_from_response,
     wants_images,
 )
-from gateway.metering.estimate import (
-    GEMINI_IMAGE_MAX_TOKENS,
-    NO_MEDIA,
-    estimate_input_tokens,
-    image_model,
-    requested_candidates,
-)
+from gateway.metering.estimate import GEMINI_IMAGE_MAX_TOKENS, image_model, requested_candidates
 from gateway.meters import GEMINI_CACHED, GEMINI_IMAGES, GEMINI_INPUT, GEMINI_METERS, GEMINI_OUTPUT
 from gateway.providers.base import Call, Headers, InvalidRequest, Route, check_model, forward_headers
 
@@ -144,10 +138,7 @@ class GeminiProvider:
         # body (or nothing of it, by `fileData`); pages the URL context tool reads are input too: see
         # `gemini_media`.
         media = gemini_media(obj)
-        if media is NO_MEDIA:
-            rate_in = estimate_input_tokens(body)
-        else:
-            rate_in = media.input_tokens(body, GEMINI_IMAGE_MAX_TOKENS)
+        rate_in = media.input_tokens(body, GEMINI_IMAGE_MAX_TOKENS)
         # (the rate limit is no bill: documents count there by what they used, as for Claude)
         est_in = rate_in + self._document_input if media.documents else rate_in
         if not isinstance(obj, dict):
