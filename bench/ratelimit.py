@@ -60,9 +60,9 @@ class VirtualClock:
 
 @asynccontextmanager
 async def limiters(backend: str, url: str, clock: VirtualClock) -> AsyncIterator[list[Any]]:
-    from gateway.ratelimit import RateLimiter
-    from gateway.ratelimit_redis import RedisRateLimiter
-    from gateway.ratelimit_shared import StoreRateLimiter
+    from gateway.ratelimit.limiter import RateLimiter
+    from gateway.ratelimit.redis_backend import RedisRateLimiter
+    from gateway.ratelimit.shared import StoreRateLimiter
     from gateway.store import create_store
 
     if backend == "memory":  # the floor: one process's limiter, nothing shared

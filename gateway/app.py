@@ -28,15 +28,17 @@ from gateway.healthbar import demo_route, script_route
 from gateway.http_api import api_error, not_found, server_error
 from gateway.journal import Journal
 from gateway.keys import KeyCache
-from gateway.limits import LimitsRefresher
 from gateway.metrics import NO_METRICS, Metrics, metrics_endpoint, multiprocess_dir
 from gateway.openapi import openapi_route
-from gateway.polar import PolarBilling
+from gateway.polar.client import PolarBilling
+from gateway.polar.limits import LimitsRefresher
+from gateway.polar.sync import Syncer
+from gateway.polar.webhooks import make_webhook_endpoint
 from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.gemini import GeminiProvider
 from gateway.proxy import ProxyEndpoint
 from gateway.quota import Ledger
-from gateway.ratelimit_shared import make_limiter
+from gateway.ratelimit.shared import make_limiter
 from gateway.recording import Recorder, recover, recover_journal
 from gateway.refusals import RefusalCounter
 from gateway.services import Services, process_owner_id
@@ -44,10 +46,8 @@ from gateway.settings import Settings, settings_from_env
 from gateway.status_tokens import StatusTokens, signing_key, status_token_route
 from gateway.store import create_store
 from gateway.store.leases_base import Invalidation, InvalidationKind
-from gateway.sync import Syncer
 from gateway.upstream import create_client
 from gateway.watchdog import LoopWatchdog
-from gateway.webhooks import make_webhook_endpoint
 
 log = logging.getLogger("gateway")
 

@@ -89,8 +89,8 @@ def _keys(args: argparse.Namespace, settings: Settings) -> Callable[[Store], Awa
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
             if args.email:
-                from gateway.polar import PolarBillingError
-                from gateway.polar_cli import ensure_customer
+                from gateway.polar.client import PolarBillingError
+                from gateway.polar.commands import ensure_customer
 
                 try:
                     await ensure_customer(settings, args.user, args.email, out=sys.stderr if args.json else None)
@@ -203,17 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "keys":
         job = _keys(args, settings)
     elif args.command == "usage":
-        from gateway.polar_cli import print_usage
+        from gateway.polar.commands import print_usage
 
         def job(store: Store) -> Awaitable[int]:
             return print_usage(store, args.user, args.json)
     elif args.command == "sync":
-        from gateway.polar_cli import run_sync
+        from gateway.polar.commands import run_sync
 
         def job(store: Store) -> Awaitable[int]:
             return run_sync(settings, store, args.retry_failed)
     else:
-        from gateway.polar_cli import polar_setup
+        from gateway.polar.commands import polar_setup
 
         return asyncio.run(polar_setup(settings))
     try:

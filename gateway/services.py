@@ -16,8 +16,8 @@ from gateway.billing.protocols import QuotaLedger
 from gateway.journal import Journal
 from gateway.keys import KeyCache
 from gateway.metrics import NO_METRICS, Metrics
-from gateway.polar import PolarBilling
-from gateway.ratelimit import RateLimit
+from gateway.polar.client import PolarBilling
+from gateway.ratelimit.limiter import RateLimit
 from gateway.recording import Recorder
 from gateway.refusals import RefusalCounter
 from gateway.settings import Settings

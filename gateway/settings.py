@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.meters import ALL_METERS
-from gateway.ratelimit import StoreErrorPolicy
+from gateway.ratelimit.limiter import StoreErrorPolicy
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 METRICS_MODES = ("open", "admin", "off")

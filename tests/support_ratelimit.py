@@ -18,10 +18,10 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from gateway.ratelimit import RateLimit, RateLimited, StoreErrorPolicy
-from gateway.ratelimit_budget import Correction, Grant, RateBudget, Want
-from gateway.ratelimit_redis import RedisRateLimiter
-from gateway.ratelimit_shared import StoreRateLimiter
+from gateway.ratelimit.budget import Correction, Grant, RateBudget, Want
+from gateway.ratelimit.limiter import RateLimit, RateLimited, StoreErrorPolicy
+from gateway.ratelimit.redis_backend import RedisRateLimiter
+from gateway.ratelimit.shared import StoreRateLimiter
 from gateway.store.postgres_ratelimit import PostgresRateWindows
 from gateway.store.schema import migration_scripts
 from gateway.store.sqlite import SqliteStore

@@ -42,7 +42,7 @@ _CLOCK_READERS = (
     "gateway.store.postgres_outbox",
     "gateway.store.sqlite_leases",
     "gateway.store.sqlite_outbox",
-    "gateway.sync",
+    "gateway.polar.sync",
 )
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from gateway.billing.leases import LeasedLedger
-from gateway.limits import LimitsRefresher
 from gateway.meters import CLAUDE_INPUT
+from gateway.polar.limits import LimitsRefresher
 from gateway.quota import Ledger
 from gateway.store import Store
 from gateway.store.base import CustomerLimits, MeterLimit

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.limits import LimitsRefresher
 from gateway.meters import CLAUDE_INPUT, GEMINI_IMAGES
-from gateway.polar import PolarBilling
+from gateway.polar.client import PolarBilling
+from gateway.polar.limits import LimitsRefresher
 from gateway.store import Store
 from gateway.store.base import CustomerLimits, MeterLimit
 from tests.fakes.polar import FakePolar

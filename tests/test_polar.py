@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from gateway.meters import ALL_METERS, CLAUDE_INPUT, CLAUDE_OUTPUT, GEMINI_IMAGES, GEMINI_INPUT
-from gateway.polar import (
+from gateway.polar.client import (
     BatchRejected,
     CustomerNotFound,
     IngestResult,
@@ -22,7 +22,7 @@ from gateway.polar import (
     limits_from_state,
     valid_user_id,
 )
-from gateway.polar_cli import polar_setup
+from gateway.polar.commands import polar_setup
 from gateway.settings import Settings
 from gateway.store.base import CustomerLimits, MeterLimit, PendingEvent
 from tests.fakes.polar import FakePolar

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gateway import ratelimit
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import limiter as ratelimit
+from gateway.ratelimit.limiter import RateLimiter
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""Leases of the per-minute budget (gateway/ratelimit_lease.py) on real backends: exact across
+"""Leases of the per-minute budget (gateway/ratelimit/lease.py) on real backends: exact across
 processes, slices sized by demand and bounded near the limit, handed back when their second ends,
 and a round trip per user and second rather than per request.
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ratelimit import RateLimited, StoreErrorPolicy
-from gateway.ratelimit_budget import Grant, Want, slice_of
-from gateway.ratelimit_lease import LeasedRateLimiter
-from gateway.ratelimit_shared import StoreRateLimiter
+from gateway.ratelimit.budget import Grant, Want, slice_of
+from gateway.ratelimit.lease import LeasedRateLimiter
+from gateway.ratelimit.limiter import RateLimited, StoreErrorPolicy
+from gateway.ratelimit.shared import StoreRateLimiter
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import poll_until, wait_until_async
 from tests.support_ratelimit import KINDS, Clock, Counting, Make, admitted, shared_backend

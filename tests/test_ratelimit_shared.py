@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway.ratelimit import RateLimited, RateLimiter, StoreErrorPolicy
-from gateway.ratelimit_redis import RedisBudget, RedisRateLimiter
-from gateway.ratelimit_shared import StoreRateLimiter, make_limiter
+from gateway.ratelimit.limiter import RateLimited, RateLimiter, StoreErrorPolicy
+from gateway.ratelimit.redis_backend import RedisBudget, RedisRateLimiter
+from gateway.ratelimit.shared import StoreRateLimiter, make_limiter
 from gateway.settings import ConfigError, FileConfig, RateLimitConfig, Settings, parse_file_config, settings_from_env
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import REDIS_URL, free_port

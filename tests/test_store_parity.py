@@ -143,7 +143,7 @@ async def test_two_migrators_on_fresh_database_many_times(db: Database) -> None:
 
 
 async def test_rate_windows_take_tokens_beyond_32_bits(store: Store, db: Database) -> None:
-    from gateway.ratelimit_budget import Grant, Want
+    from gateway.ratelimit.budget import Grant, Want
 
     got = await store.rate_take("u", Want(1, BIG, BIG, None, None), 1_000_000.5, None)
     assert isinstance(got, Grant) and got.tokens == BIG

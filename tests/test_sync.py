@@ -14,12 +14,12 @@ import pytest
 
 from gateway.events import event_quantities
 from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT, GEMINI_IMAGES
-from gateway.polar import IngestResult, PolarBilling
-from gateway.polar_cli import print_usage, run_sync
+from gateway.polar.client import IngestResult, PolarBilling
+from gateway.polar.commands import print_usage, run_sync
+from gateway.polar.sync import Syncer
 from gateway.settings import Settings
 from gateway.store import Store
 from gateway.store.base import PendingEvent, RequestRecord
-from gateway.sync import Syncer
 from gateway.timeutil import parse_iso
 from tests.fakes.polar import FakePolar
 from tests.support_db import Database, open_store

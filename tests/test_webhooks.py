@@ -19,10 +19,10 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT
-from gateway.polar import PolarBilling
+from gateway.polar.client import PolarBilling
+from gateway.polar.webhooks import make_webhook_endpoint
 from gateway.store import Store
 from gateway.store.base import CustomerLimits, MeterLimit
-from gateway.webhooks import make_webhook_endpoint
 from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
 
 STANDARD_SECRET = new_standard_secret()

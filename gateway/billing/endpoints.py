@@ -13,7 +13,7 @@ from gateway.deadlines import StoreTimeout, within
 from gateway.http_api import api_error
 from gateway.keys import Identity
 from gateway.meters import ALL_METERS
-from gateway.polar import CustomerNotFound, PolarBillingError, SessionRefused
+from gateway.polar.client import CustomerNotFound, PolarBillingError, SessionRefused
 from gateway.quota import meter_status, overall_status
 from gateway.services import Services
 from gateway.status_tokens import TOKEN_PREFIX, StatusTokens

@@ -24,7 +24,7 @@ from gateway.meters import NOT_TOKENS
 from gateway.metrics import NO_METRICS, Metrics
 from gateway.outcomes import Outcome
 from gateway.quota import Refusal
-from gateway.ratelimit import RateLimited, RateLimiter
+from gateway.ratelimit.limiter import RateLimited, RateLimiter
 from gateway.recording import estimate_from_reservation
 from gateway.refusals import NO_REFUSALS, RefusalSink
 from gateway.store.base import RequestRecord

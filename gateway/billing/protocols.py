@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Protocol
 
 from gateway.quota import Refusal, UserQuota
-from gateway.ratelimit import RateLimited
+from gateway.ratelimit.limiter import RateLimited
 from gateway.store.base import RequestRecord
 
 

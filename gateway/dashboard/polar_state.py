@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 
-from gateway.polar import PolarAuthError, PolarBilling, PolarBillingError
+from gateway.polar.client import PolarAuthError, PolarBilling, PolarBillingError
 
 PROBE_TIMEOUT = 5.0
 PROBE_EVERY = 30.0  # a page reload within this reuses the last answer instead of calling Polar again

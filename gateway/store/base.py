@@ -16,7 +16,7 @@ import orjson
 
 from gateway.events import event_quantities
 from gateway.outcomes import Outcome
-from gateway.ratelimit_budget import RateBudget
+from gateway.ratelimit.budget import RateBudget
 from gateway.store.dashboard_base import DashboardReads
 from gateway.store.leases_base import LeaseStore
 from gateway.store.refusals_base import RefusalStore

@@ -1,6 +1,6 @@
 """Rate-limit windows in PostgreSQL (`RateBudget`), for replicas sharing one database.
 
-A take (a lease of a user's budget, gateway/ratelimit_lease.py) is one transaction holding a
+A take (a lease of a user's budget, gateway/ratelimit/lease.py) is one transaction holding a
 transaction-scoped advisory lock on the user (other users are not blocked): lock and read the
 database's clock, hand back the rest of the process's last lease, read the user's buckets, book
 the slice. The buckets are read in a statement
@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.ratelimit import WINDOW, RateLimited
-from gateway.ratelimit_budget import Correction, Grant, Want, slice_of
+from gateway.ratelimit.budget import Correction, Grant, Want, slice_of
+from gateway.ratelimit.limiter import WINDOW, RateLimited
 
 _LOCK_SPACE = 0x524C  # advisory-lock namespace of the rate limiter (first key of the pair)
 _LOCK_AND_NOW = (

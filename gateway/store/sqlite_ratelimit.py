@@ -1,6 +1,6 @@
 """Rate-limit windows in SQLite (`RateBudget`), for several worker processes on one file.
 
-A take (a lease of a user's budget, gateway/ratelimit_lease.py) is one `BEGIN IMMEDIATE`
+A take (a lease of a user's budget, gateway/ratelimit/lease.py) is one `BEGIN IMMEDIATE`
 transaction (read the user's buckets, size the slice, book it), so the processes take turns on the
 file's write lock. It runs on a thread and connection of its own: one call per take instead of an
 event-loop round trip per statement, and never queued behind the recorder's batch commits in this
@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from gateway.ratelimit import WINDOW, RateLimited
-from gateway.ratelimit_budget import Correction, Grant, Want, slice_of
+from gateway.ratelimit.budget import Correction, Grant, Want, slice_of
+from gateway.ratelimit.limiter import WINDOW, RateLimited
 
 T = TypeVar("T")
 

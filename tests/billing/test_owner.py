@@ -16,7 +16,7 @@ from gateway.journal import Journal, Segment
 from gateway.metering import Usage
 from gateway.outcomes import Outcome
 from gateway.quota import Ledger, Refusal, UserQuota
-from gateway.ratelimit import RateLimited, RateLimiter
+from gateway.ratelimit.limiter import RateLimited, RateLimiter
 from gateway.recording import Recorder
 from gateway.store.base import RequestRecord
 from gateway.store.sqlite import SqliteStore

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from gateway.ratelimit import RateLimited, StoreErrorPolicy
+from gateway.ratelimit.limiter import RateLimited, StoreErrorPolicy
 
 log = logging.getLogger("gateway.ratelimit")
 

@@ -12,10 +12,10 @@ import sys
 import uuid
 from typing import TextIO
 
-from gateway.polar import PolarBilling, PolarBillingError, valid_user_id
+from gateway.polar.client import PolarBilling, PolarBillingError, valid_user_id
+from gateway.polar.sync import Syncer, SyncResult
 from gateway.settings import ConfigError, Settings
 from gateway.store.base import Outbox
-from gateway.sync import Syncer, SyncResult
 
 _MORE_PASSES = 100
 NO_TOKEN = "Polar is not configured: set POLAR_ACCESS_TOKEN (and POLAR_ENVIRONMENT=sandbox|production)."

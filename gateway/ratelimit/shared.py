@@ -1,9 +1,9 @@
 """Rate limits shared by several processes: which limiter a gateway runs, and the database-backed one.
 
-With Redis (GATEWAY_REDIS_URL) the windows live there (gateway/ratelimit_redis.py); else, when
+With Redis (GATEWAY_REDIS_URL) the windows live there (gateway/ratelimit/redis_backend.py); else, when
 several processes share the database (`--workers`, or PostgreSQL), they live in its `rate_windows`
 table (gateway/store/sqlite_ratelimit.py, postgres_ratelimit.py); else in memory. Both shared
-limiters admit by leases of the per-minute budget (gateway/ratelimit_lease.py).
+limiters admit by leases of the per-minute budget (gateway/ratelimit/lease.py).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gateway.ratelimit import RateLimit, RateLimiter, StoreErrorPolicy
-from gateway.ratelimit_budget import RateBudget
-from gateway.ratelimit_lease import LeasedRateLimiter
+from gateway.ratelimit.budget import RateBudget
+from gateway.ratelimit.lease import LeasedRateLimiter
+from gateway.ratelimit.limiter import RateLimit, RateLimiter, StoreErrorPolicy
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -43,7 +43,7 @@ def make_limiter(settings: Settings, store: RateBudget, *, shared: bool) -> Rate
     if rl.requests_per_minute is None and rl.tokens_per_minute is None:
         return RateLimiter(None, None)
     if settings.redis_url:
-        from gateway.ratelimit_redis import RedisRateLimiter
+        from gateway.ratelimit.redis_backend import RedisRateLimiter
 
         return RedisRateLimiter(
             settings.redis_url, rl.requests_per_minute, rl.tokens_per_minute, on_store_error=rl.on_store_error

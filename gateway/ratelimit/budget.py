@@ -5,7 +5,7 @@ take is atomic on it: hand back the rest of the asking process's last lease, the
 clock check that the window (the last WINDOW seconds) has room for one more request of `need`
 tokens, book a slice of `requests` and `tokens` (sized by `slice_of`) into the bucket of the
 current second, and say which second and when. The lease logic
-that spends slices locally lives in gateway/ratelimit_lease.py; `slice_of` is the one rule the
+that spends slices locally lives in gateway/ratelimit/lease.py; `slice_of` is the one rule the
 backends share (Redis runs a Lua copy of it: keep the two alike).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
-from gateway.ratelimit import RateLimited, retry_after
+from gateway.ratelimit.limiter import RateLimited, retry_after
 
 SLICE = 8  # a slice is at most 1/SLICE of what the window has left (but never less than the request)
 

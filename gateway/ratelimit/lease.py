@@ -16,7 +16,7 @@ slice; a refusal for requests, or a failed backend, answers them all (it held wh
 Why it stays exact: every request is counted in the bucket of the second it was admitted in (its
 slice was booked there), and a slice is booked only when the window, slices held by others
 included, has room for it. So the window never holds more than the limit, as with the in-memory
-limiter of gateway/ratelimit.py.
+limiter of gateway/ratelimit/limiter.py.
 
 What it can cost: a refusal the in-memory limiter would not have given, when the window's room is
 held by other processes' unspent slices. A slice is sized by its process's own demand (twice what it
@@ -30,7 +30,7 @@ buckets leave), as before. A process killed while holding a rest loses it for th
 
 Token corrections (`settle`) of a request admitted in a lease's second still running adjust the
 lease (a refund stays in it up to 1/SLICE of the window's room at the take); the others go to the
-backend in the background, batched (gateway/ratelimit_settler.py). A failing backend never fails a
+backend in the background, batched (gateway/ratelimit/settler.py). A failing backend never fails a
 request: the limiter admits (`on_store_error = "open"`) or refuses with Retry-After 1 ("closed");
 a lease already taken is still spent meanwhile.
 """
@@ -44,9 +44,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.deadlines import within
-from gateway.ratelimit import RateLimited, StoreErrorPolicy
-from gateway.ratelimit_budget import SLICE, Grant, RateBudget, Want
-from gateway.ratelimit_settler import Corrections, ErrorLog, Settler, on_store_error
+from gateway.ratelimit.budget import SLICE, Grant, RateBudget, Want
+from gateway.ratelimit.limiter import RateLimited, StoreErrorPolicy
+from gateway.ratelimit.settler import Corrections, ErrorLog, Settler, on_store_error
 
 GROWTH = 2  # a slice asks for this many times what its process admitted in the last second
 SWEEP_SECONDS = 60.0  # between deletions of every user's buckets out of the window (after a take)

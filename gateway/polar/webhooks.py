@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.http_api import MAX_BODY_BYTES, BodyRefused, api_error, read_body
 from gateway.metrics import NO_METRICS, OTHER, Metrics
-from gateway.polar import PolarBilling, PolarBillingError, limits_from_state, valid_user_id
+from gateway.polar.client import PolarBilling, PolarBillingError, limits_from_state, valid_user_id
 from gateway.store.base import CustomerLimits, WebhookStore
 from gateway.timeutil import parse_iso, utcnow
 

@@ -21,7 +21,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from gateway.metrics import NO_METRICS, Metrics
-from gateway.polar import (
+from gateway.polar.client import (
     BatchRejected,
     IngestResult,
     PolarAuthError,

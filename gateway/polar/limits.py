@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Protocol
 
-from gateway.polar import PolarBillingError, RetryableError, valid_user_id
+from gateway.polar.client import PolarBillingError, RetryableError, valid_user_id
 from gateway.store.base import CustomerLimits, LimitsStore
 from gateway.timeutil import utcnow
 

@@ -1,9 +1,9 @@
-"""Rate limits in Redis: leases of the per-minute budget (gateway/ratelimit_lease.py), exact across
+"""Rate limits in Redis: leases of the per-minute budget (gateway/ratelimit/lease.py), exact across
 processes and machines.
 
 A take is one Lua script (EVALSHA): it reads the user's hash of 1 s buckets (fields `r<second>`
 requests, `t<second>` tokens), drops the buckets out of the window, sizes the slice as
-`gateway.ratelimit_budget.slice_of` does (the script is its copy: keep the two alike) and books it,
+`gateway.ratelimit.budget.slice_of` does (the script is its copy: keep the two alike) and books it,
 atomically, on the Redis server's clock (TIME), so the processes' clocks do not matter. The key
 expires after `ttl_seconds` without takes, so idle users vanish. Corrections go in the background.
 """
@@ -18,9 +18,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.ratelimit import WINDOW, RateLimited, StoreErrorPolicy
-from gateway.ratelimit_budget import SLICE, Correction, Grant, Want
-from gateway.ratelimit_lease import LeasedRateLimiter
+from gateway.ratelimit.budget import SLICE, Correction, Grant, Want
+from gateway.ratelimit.lease import LeasedRateLimiter
+from gateway.ratelimit.limiter import WINDOW, RateLimited, StoreErrorPolicy
 
 log = logging.getLogger("gateway.ratelimit")
 
