@@ -291,6 +291,7 @@ def create_app(
                 s.limits_changed,
                 polar=s.polar,
                 metrics=s.metrics,
+                store_timeout=settings.store_timeout_seconds,
             ),
             methods=["POST"],
         ),

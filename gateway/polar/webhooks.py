@@ -5,7 +5,8 @@ legacy and the Standard Webhooks secret encodings). Deliveries are deduplicated 
 `webhook-id`, claimed before processing so that a delivery reaching several replicas is applied
 once (a failed one is forgotten again, for Polar's retry); snapshots are ordered by the payload
 timestamp (the store refuses older ones), so retries and out-of-order deliveries can't roll limits
-back. Answers fast: Polar gives 2 s.
+back. Answers fast: Polar gives 2 s. A database that does not answer within `store_timeout` gets a 503
+(Polar retries); the delivery's processing goes on and, once the database answers, is applied once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from polar.webhooks import (
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway.deadlines import log_store_failure, within
 from gateway.http_api import MAX_BODY_BYTES, BodyRefused, api_error, read_body
 from gateway.metrics import NO_METRICS, OTHER, Metrics
 from gateway.polar.client import PolarBilling, PolarBillingError, limits_from_state, valid_user_id
@@ -73,6 +75,7 @@ def make_webhook_endpoint(
     polar: PolarBilling | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     metrics: Metrics = NO_METRICS,
+    store_timeout: float = 5.0,
 ) -> Endpoint:
     """The Starlette endpoint. `polar` (optional) lets benefit_grant.* refresh the customer's state."""
     refreshing: set[asyncio.Task[None]] = set()
@@ -118,17 +121,27 @@ def make_webhook_endpoint(
         if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
             return OTHER, "invalid_payload", api_error(400, "invalid payload")
         event_type: str = raw["type"]
-        webhook_id = headers.get("webhook-id", "")
+        # Claim, process and (on failure) forget as one call: given up on at the deadline, it still
+        # ends as a whole, so a claim never stands without its processing (a retry would be a duplicate).
+        try:
+            status = await within(_apply(headers.get("webhook-id", ""), event_type, typed, raw), store_timeout)
+        except Exception as exc:  # the database did not answer, or failed before anything was applied
+            log_store_failure(log, f"Polar webhook {event_type}: the database is unavailable", exc)
+            return event_type, "unavailable", api_error(503, "the gateway's database is unavailable; retry later")
+        if status == "failed":
+            return event_type, status, api_error(500, "processing failed")
+        return event_type, status, JSONResponse({"status": status}, status_code=200)
+
+    async def _apply(webhook_id: str, event_type: str, typed: Any, raw: dict[str, Any]) -> str:
         # Claim the delivery first: of replicas receiving it at once, one processes it.
         if not await store.record_webhook(webhook_id, event_type):
-            return event_type, "duplicate", JSONResponse({"status": "duplicate"}, status_code=200)
+            return "duplicate"
         try:
-            status = await _handle(event_type, typed, raw)
+            return await _handle(event_type, typed, raw)
         except Exception:
             log.exception("processing Polar webhook %s failed", event_type)
             await store.forget_webhook(webhook_id)  # so that Polar's retry is processed
-            return event_type, "failed", api_error(500, "processing failed")
-        return event_type, status, JSONResponse({"status": status}, status_code=200)
+            return "failed"
 
     async def _handle(event_type: str, typed: Any, raw: dict[str, Any]) -> str:
         data = typed.data if typed is not None else raw.get("data")

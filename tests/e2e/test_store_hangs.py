@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from gateway.meters import CLAUDE_OUTPUT
-from tests.conftest import Gateway
+from tests.conftest import Gateway, wait_until
 from tests.fakes.link import FreezableLink
+from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
 from tests.fakes.upstream import FakeUpstream
 from tests.support_db import Databases
 
@@ -77,3 +78,47 @@ def test_a_database_that_stops_answering_gets_a_503_in_bounded_time(
     reply = ask(gw, ann, max_tokens=90_000)
     assert reply.usage.output_tokens == 9
     assert ask(gw, bob).usage.output_tokens == 9
+
+
+def test_a_webhook_the_database_does_not_take_gets_a_503_and_is_applied_once(
+    link: tuple[FreezableLink, str], make_gateway: Callable[..., Gateway]
+) -> None:
+    relay, url = link
+    secret = new_standard_secret()
+    with FakePolar() as polar:
+        gw = make_gateway(
+            plan={CLAUDE_OUTPUT: 10},
+            shared=True,
+            database_url=url,
+            store_timeout_seconds=TIMEOUT,
+            polar_access_token=polar.token,
+            polar_base_url=polar.url,
+            polar_webhook_secret=secret,
+        )
+        key = gw.issue_key("carol")
+        assert ask(gw, key, max_tokens=9).usage.output_tokens == 9
+        gw.wait_recorded("carol")
+        with pytest.raises(anthropic.PaymentRequiredError):
+            ask(gw, key, max_tokens=9)
+        polar.set_state("carol", meters={CLAUDE_OUTPUT: (1000, 9.0)})
+        body, headers = sign_webhook(
+            webhook_payload("customer.state_changed", polar.state_payload("carol")), secret, legacy=False
+        )
+        relay.freeze()
+        try:
+            started = time.monotonic()
+            resp = httpx.post(f"{gw.url}/webhooks/polar", content=body, headers=headers, timeout=30)
+            assert resp.status_code == 503
+            assert resp.json()["error"]["type"] == "unavailable"
+            assert TIMEOUT <= time.monotonic() - started < TIMEOUT + 3
+        finally:
+            relay.thaw()
+        # The delivery went on once the database answered; Polar's retry finds it applied.
+        again = wait_until(
+            lambda: (
+                (r := httpx.post(f"{gw.url}/webhooks/polar", content=body, headers=headers)).status_code == 200
+                and r.json()
+            )
+        )
+        assert again == {"status": "duplicate"}
+        assert ask(gw, key, max_tokens=9).usage.output_tokens == 9  # the 402 is lifted
