@@ -25,15 +25,19 @@ _INPUT = (
     f"send less input (images reserve {CLAUDE_IMAGE_MAX_TOKENS:,} tokens each, documents [reservation]"
     " document_input_tokens)"
 )
-_GEMINI_INPUT = (
+_GEMINI_MEDIA = (
     f"send less input (inline images reserve {GEMINI_IMAGE_MAX_TOKENS:,} tokens each; files, audio, video, PDFs"
-    " and the URL context tool [reservation] gemini_document_input_tokens)"
+)
+_GEMINI_INPUT = f"{_GEMINI_MEDIA} and the URL context tool [reservation] gemini_document_input_tokens)"
+_GEMINI_CACHED = (
+    f"{_GEMINI_MEDIA}, the URL context tool and a cachedContent [reservation] gemini_document_input_tokens)"
 )
 _LOWER = {
     CLAUDE_WEB_SEARCHES: "lower the web_search tool's max_uses",
     GEMINI_IMAGES: "ask for fewer images",
     **dict.fromkeys((CLAUDE_INPUT, CLAUDE_CACHE_WRITE, CLAUDE_CACHE_WRITE_1H, CLAUDE_CACHE_READ), _INPUT),
-    **dict.fromkeys((GEMINI_INPUT, GEMINI_CACHED), _GEMINI_INPUT),
+    GEMINI_INPUT: _GEMINI_INPUT,
+    GEMINI_CACHED: _GEMINI_CACHED,
 }
 # Without it the server keeps reading (and discarding) the rest of an oversized upload.
 _CLOSE = [(b"connection", b"close")]

@@ -153,6 +153,10 @@ class GeminiProvider:
         if n > 1:
             est_out *= n  # the cap is per candidate
         reservation = {GEMINI_INPUT: est_in, GEMINI_CACHED: est_in, GEMINI_OUTPUT: est_out}
+        if isinstance(obj, dict) and ("cachedContent" in obj or "cached_content" in obj):
+            # A cache by name: its tokens (billed as cached input) are not in the body; the context
+            # window, which no prompt exceeds, bounds them.
+            reservation[GEMINI_CACHED] = max(est_in, self._document_input)
         if images:
             reservation[GEMINI_IMAGES] = self._images_per_request
         factory: Callable[[], StreamMeter] | None = None

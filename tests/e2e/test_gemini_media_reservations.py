@@ -119,3 +119,43 @@ def test_the_gemini_ceiling_is_the_operators_setting(make_gateway, upstream: Fak
     gw.wait_recorded("ida")
     meter = gw.meter(key, "gemini_input_tokens")
     assert (meter["consumed"], meter["reserved"]) == (8, 0)
+
+
+def test_a_cached_content_needs_cached_credit_for_the_ceiling(make_gateway, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = make_gateway(plan={"gemini_cached_tokens": 1_000_000})
+    key = gw.issue_key("jon")
+    gc = client(gw, key)
+    gc.models.generate_content(model=MODEL, contents="Hello")  # no cache named: the body bounds it
+    gw.wait_recorded("jon")
+    before = len(upstream.requests)
+    config = types.GenerateContentConfig(cached_content="cachedContents/lecture-notes")
+    with pytest.raises(errors.ClientError) as err:
+        gc.models.generate_content(model=MODEL, contents="Summarize the lecture.", config=config)
+    assert err.value.code == 402 and err.value.status == "FAILED_PRECONDITION"
+    error = err.value.details["error"]
+    assert error["meter"] == "gemini_cached_tokens"
+    assert error["message"] == (
+        f"quota for meter gemini_cached_tokens has 1000000 left but this request may use up to {DOCS}; send less"
+        " input (inline images reserve 4,128 tokens each; files, audio, video, PDFs, the URL context tool and a"
+        " cachedContent [reservation] gemini_document_input_tokens) or manage billing at /api/billing/portal"
+    )
+    assert len(upstream.requests) == before  # refused before the provider saw it
+    # With the credit for it, it is served and settles to what the provider reports.
+    gw2: Gateway = make_gateway(plan={"gemini_cached_tokens": 3_000_000})
+    key2 = gw2.issue_key("kim")
+    usage = {"promptTokenCount": 120_010, "cachedContentTokenCount": 120_000, "candidatesTokenCount": 5}
+    reply = {
+        "candidates": [{"content": {"parts": [{"text": "It covers tides."}], "role": "model"}, "finishReason": "STOP"}],
+        "usageMetadata": {**usage, "totalTokenCount": 120_015},
+        "modelVersion": MODEL,
+        "responseId": "cAcHeDaaaaaaaaaaaaaaaaaa",
+    }
+    upstream.enqueue(Reply.json(reply))
+    gc2 = client(gw2, key2)  # (kept: a collected client closes its connections under the call)
+    resp = gc2.models.generate_content(model=MODEL, contents="Summarize the lecture.", config=config)
+    assert upstream.requests[-1].json()["cachedContent"] == "cachedContents/lecture-notes"
+    assert resp.usage_metadata is not None and resp.usage_metadata.cached_content_token_count == 120_000
+    gw2.wait_recorded("kim")
+    assert gw2.events("kim") == {"gemini_input_tokens": 10, "gemini_cached_tokens": 120_000, "gemini_output_tokens": 5}
+    meter = gw2.meter(key2, "gemini_cached_tokens")
+    assert (meter["consumed"], meter["reserved"]) == (120_000, 0)

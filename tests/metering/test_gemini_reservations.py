@@ -174,3 +174,17 @@ def test_the_gemini_document_ceiling_setting() -> None:
     assert parse_file_config(raw).reservation.gemini_document_input_tokens == 1_048_576
     with pytest.raises(ConfigError, match="gemini_document_input_tokens must be at least 1"):
         parse_file_config({"reservation": {"gemini_document_input_tokens": 0}})
+
+
+def test_a_cached_content_reserves_the_ceiling_as_cached_input() -> None:
+    # The cache's tokens are billed as cached input and are not in the body; the window bounds them.
+    for field in ("cachedContent", "cached_content"):
+        obj = ask(**{field: "cachedContents/lecture-notes"})
+        call = prepare(obj)
+        body = estimate_input_tokens(orjson.dumps(obj))
+        assert (call.reservation[GEMINI_INPUT], call.reservation[GEMINI_CACHED]) == (body, DOCS)
+        assert call.rate_tokens == body + 4096  # the rate limit counts the cache by use, as documents
+    big = ask(**{"cachedContent": "cachedContents/x"})
+    big["contents"][0]["parts"][0]["text"] = "x" * (2 * DOCS + 2000)  # a body beyond the ceiling bounds itself
+    call = prepare(big)
+    assert call.reservation[GEMINI_CACHED] == call.reservation[GEMINI_INPUT] > DOCS
