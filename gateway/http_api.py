@@ -1,4 +1,5 @@
-"""The gateway's own HTTP API (admin, billing, webhooks): its one error shape and its bounded body reader.
+"""The gateway's own HTTP API (admin, billing, webhooks): its one error shape, its bounded body reader and
+its bounded store calls.
 
 Every error is `{"error": {"type": ..., "message": ...}}`. The provider routes answer in the provider's
 own shape instead (see `gateway/providers/`).
@@ -7,12 +8,15 @@ own shape instead (see `gateway/providers/`).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+
+from gateway.deadlines import StoreTimeout, log_store_failure, within
 
 log = logging.getLogger("gateway.api")
 
@@ -75,6 +79,36 @@ async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BodyRefused(api_error(400, f"malformed JSON body: {exc}")) from None
+
+
+T = TypeVar("T")
+
+
+class StoreUnavailable(Exception):
+    """A store call that did not answer in time, or failed: the request is answered with a 503."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def response(self) -> JSONResponse:
+        return api_error(503, self.message, {"retry-after": "1"})
+
+
+async def from_store(
+    call: Coroutine[Any, Any, T], seconds: float, what: str, late: Callable[[T], None] | None = None
+) -> T:
+    """`await call` for at most `seconds` (`deadlines.within`); StoreUnavailable if it does not answer
+    or raises, logged once as `what`. Whatever the call raises counts as the store's failure: check the
+    request before the call. The message names no DSN and carries no exception text."""
+    try:
+        return await within(call, seconds, late)
+    except Exception as exc:
+        log_store_failure(log, what, exc)
+        if isinstance(exc, StoreTimeout):
+            raise StoreUnavailable(f"the gateway's database did not answer within {seconds:g} s; retry later") from None
+        raise StoreUnavailable("the gateway's database failed to answer; retry later") from None
 
 
 async def not_found(request: Request, exc: Exception) -> Response:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from starlette.routing import Route
 
 from gateway.dashboard.actions import Actions
-from gateway.dashboard.auth import SessionSigner
-from gateway.dashboard.pages import Pages
+from gateway.dashboard.auth import Endpoint, SessionSigner
+from gateway.dashboard.pages import Pages, unavailable_page
 from gateway.dashboard.polar_state import PolarProbe
 from gateway.services import Services
 
@@ -17,16 +17,20 @@ def dashboard_routes(s: Services) -> list[Route]:
     signer = SessionSigner(s.settings.admin_token)
     pages = Pages(s, signer, PolarProbe(s.polar, s.settings.polar_environment))
     actions = Actions(s, signer, pages)
-    guard = signer.guard
+
+    # The pages and forms that use the store answer a 503 page when it does not answer in time.
+    def guarded(endpoint: Endpoint) -> Endpoint:
+        return unavailable_page(signer.guard(endpoint))
+
     return [
-        Route("/admin", guard(pages.overview), methods=["GET"]),
+        Route("/admin", guarded(pages.overview), methods=["GET"]),
         Route("/admin/signin", actions.signin_form, methods=["GET"]),
         Route("/admin/signin", actions.signin, methods=["POST"]),
         Route("/admin/signout", actions.signout, methods=["POST"]),
-        Route("/admin/users", guard(pages.users), methods=["GET"]),
-        Route("/admin/users/{user_id}", guard(pages.user), methods=["GET"]),
-        Route("/admin/users/{user_id}/keys", actions.create_key, methods=["POST"]),
-        Route("/admin/users/{user_id}/keys/{key_id}/revoke", actions.revoke_key, methods=["POST"]),
-        Route("/admin/sync", guard(pages.sync), methods=["GET"]),
-        Route("/admin/sync/requeue", actions.requeue, methods=["POST"]),
+        Route("/admin/users", guarded(pages.users), methods=["GET"]),
+        Route("/admin/users/{user_id}", guarded(pages.user), methods=["GET"]),
+        Route("/admin/users/{user_id}/keys", unavailable_page(actions.create_key), methods=["POST"]),
+        Route("/admin/users/{user_id}/keys/{key_id}/revoke", unavailable_page(actions.revoke_key), methods=["POST"]),
+        Route("/admin/sync", guarded(pages.sync), methods=["GET"]),
+        Route("/admin/sync/requeue", unavailable_page(actions.requeue), methods=["POST"]),
     ]

@@ -11,6 +11,7 @@ import logging
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from gateway.admin import revoke_key
 from gateway.admin_attempts import TokenCheck, client_address
 from gateway.dashboard.auth import (
     FormRefused,
@@ -23,7 +24,7 @@ from gateway.dashboard.auth import (
 )
 from gateway.dashboard.pages import Pages
 from gateway.dashboard.render import SECURITY_HEADERS, page
-from gateway.keys import USER_ID_RE, InvalidUserId, issue_key
+from gateway.keys import USER_ID_RE, InvalidUserId, check_user_id, issue_key
 from gateway.services import Services
 
 log = logging.getLogger("gateway.dashboard")
@@ -98,11 +99,14 @@ class Actions:
         form = await self._checked_form(request)
         if isinstance(form, Response):
             return form
-        user_id = request.path_params["user_id"]
         try:
-            issued = await issue_key(self.s.store, user_id, form.get("name", "").replace("\x00", "").strip()[:100])
+            user_id = check_user_id(request.path_params["user_id"])  # before the store: what that raises is a 503
         except InvalidUserId as exc:
             return _refused(str(exc), 400)
+        name = form.get("name", "").replace("\x00", "").strip()[:100]
+        # A key given up on (a 503 page, here or on reading the page that shows it) may be stored all the
+        # same: harmless, as its secret was in no answer, so nobody can use it; it is listed and revocable.
+        issued = await self.pages.read(issue_key(self.s.store, user_id, name), f"issuing a key for {user_id}")
         # The key is shown in this answer only (never in a URL or a log).
         return await self.pages.user(request, new_key=issued.key, status=201)
 
@@ -111,17 +115,21 @@ class Actions:
         if isinstance(form, Response):
             return form
         user_id, key_id = request.path_params["user_id"], request.path_params["key_id"]
-        if not USER_ID_RE.fullmatch(user_id) or all(k.id != key_id for k in await self.s.store.list_keys(user_id)):
+        if not USER_ID_RE.fullmatch(user_id):
             return _refused(f"{user_id} has no key {key_id}.", 404)
-        if await self.s.store.revoke_key(key_id):
-            await self.s.key_revoked(key_id)  # here at once; other processes through the invalidation log
+        keys = await self.pages.read(self.s.store.list_keys(user_id), f"the keys of {user_id}")
+        if all(k.id != key_id for k in keys):
+            return _refused(f"{user_id} has no key {key_id}.", 404)
+        # refused here at once; other processes through the invalidation log
+        await revoke_key(self.s, key_id, "dashboard")
         return _see(f"/admin/users/{user_id}?revoked={key_id}")
 
     async def requeue(self, request: Request) -> Response:
         form = await self._checked_form(request)
         if isinstance(form, Response):
             return form
-        n = await self.s.store.requeue_failed()
+        # A re-queue given up on may still be made: the sync loop then finds the events at its next interval.
+        n = await self.pages.read(self.s.store.requeue_failed(), "re-queueing failed events")
         if n:
             # wakes the sync loop now, instead of at its next interval
             self.s.recorder.on_events(max(n, self.s.settings.sync_batch_size))

@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.dashboard.auth import Session, SessionSigner
+from gateway.dashboard.auth import Endpoint, Session, SessionSigner
 from gateway.dashboard.charts import refusal_chart, traffic_charts
 from gateway.dashboard.polar_state import PolarProbe
 from gateway.dashboard.render import page
+from gateway.http_api import StoreUnavailable, from_store
 from gateway.keys import USER_ID_RE
 from gateway.meters import ALL_METERS
 from gateway.quota import MeterStatus, meter_status, overall_status
@@ -26,6 +29,8 @@ DAY_SPAN = timedelta(hours=24)
 WEEKS_SPAN = timedelta(days=14)
 RECENT_REQUESTS = 50
 FAILED_SHOWN = 200
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +97,30 @@ def _int_param(request: Request, name: str) -> int | None:
     return int(value) if value.isascii() and value.isdigit() and len(value) < 12 else None
 
 
+def unavailable_page(endpoint: Endpoint) -> Endpoint:
+    """`endpoint`, answering a 503 page (the shape of the dashboard's other refusals) when a store call
+    it made did not answer in time or failed (logged where it was given up on)."""
+
+    async def answer(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except StoreUnavailable as exc:
+            response = page("message.html", 503, nav="", csrf="", title="Database unavailable", message=exc.message)
+            response.headers["retry-after"] = "1"
+            return response
+
+    return answer
+
+
 class Pages:
     def __init__(self, s: Services, signer: SessionSigner, probe: PolarProbe) -> None:
         self.s = s
         self.signer = signer
         self.probe = probe
+
+    async def read(self, call: Coroutine[Any, Any, T], what: str) -> T:
+        """A store call within the store timeout; StoreUnavailable (a 503 page, see `unavailable_page`) if not."""
+        return await from_store(call, self.s.settings.store_timeout_seconds, f"dashboard: {what}")
 
     def _session(self, request: Request) -> Session:
         session = self.signer.session_of(request)
@@ -106,10 +130,10 @@ class Pages:
     async def overview(self, request: Request) -> Response:
         now = utcnow()
         day_since, weeks_since = now - DAY_SPAN, now - WEEKS_SPAN
-        hourly = await self.s.store.traffic(day_since, Step.HOUR)
-        daily = await self.s.store.traffic(weeks_since, Step.DAY)
-        refused_hourly = await self.s.store.refusals(day_since, Step.HOUR)
-        refused_daily = await self.s.store.refusals(weeks_since, Step.DAY)
+        hourly = await self.read(self.s.store.traffic(day_since, Step.HOUR), "the overview page")
+        daily = await self.read(self.s.store.traffic(weeks_since, Step.DAY), "the overview page")
+        refused_hourly = await self.read(self.s.store.refusals(day_since, Step.HOUR), "the overview page")
+        refused_daily = await self.read(self.s.store.refusals(weeks_since, Step.DAY), "the overview page")
         return page(
             "overview.html",
             nav="overview",
@@ -123,15 +147,15 @@ class Pages:
             weeks_refusals=refusal_chart(refused_daily, weeks_since, now, Step.DAY),
             day_refusal_totals=_refusal_totals(refused_hourly),
             refusals_unstored=self.s.refusals.pending,
-            backlog=await self.s.store.sync_backlog(),
-            last_synced_at=await self.s.store.last_synced_at(weeks_since),
+            backlog=await self.read(self.s.store.sync_backlog(), "the overview page"),
+            last_synced_at=await self.read(self.s.store.last_synced_at(weeks_since), "the overview page"),
             unstored=self.s.recorder.backlog,
             polar=await self.probe.state(),
         )
 
     async def users(self, request: Request) -> Response:
         text = request.query_params.get("q", "").replace("\x00", "").strip()[:128]
-        found = await self.s.store.search_users(text, limit=100)
+        found = await self.read(self.s.store.search_users(text, limit=100), "the users page")
         return page(
             "users.html",
             nav="users",
@@ -146,7 +170,8 @@ class Pages:
         if not USER_ID_RE.fullmatch(user_id):
             csrf = self._session(request).csrf
             return page("message.html", 404, nav="users", csrf=csrf, title="No such user", message="Invalid user id.")
-        quota = await self.s.ledger.snapshot(user_id)
+        what = f"the page of user {user_id}"
+        quota = await self.read(self.s.ledger.snapshot(user_id), what)
         cfg = self.s.settings.file.status
         meters = [meter_status(name, quota.meter(name), cfg.warning, cfg.critical) for name in ALL_METERS]
         return page(
@@ -158,8 +183,8 @@ class Pages:
             overall=overall_status(meters),
             bars=[_bar(m) for m in meters],
             quota=quota,
-            keys=await self.s.store.list_keys(user_id),
-            requests=await self.s.store.recent_requests(user_id, RECENT_REQUESTS),
+            keys=await self.read(self.s.store.list_keys(user_id), what),
+            requests=await self.read(self.s.store.recent_requests(user_id, RECENT_REQUESTS), what),
             new_key=new_key,
             revoked=request.query_params.get("revoked", ""),
         )
@@ -170,9 +195,9 @@ class Pages:
             "sync.html",
             nav="sync",
             csrf=self._session(request).csrf,
-            backlog=await self.s.store.sync_backlog(),
-            last_synced_at=await self.s.store.last_synced_at(now - WEEKS_SPAN),
-            failed=await self.s.store.failed_events(FAILED_SHOWN),
+            backlog=await self.read(self.s.store.sync_backlog(), "the sync page"),
+            last_synced_at=await self.read(self.s.store.last_synced_at(now - WEEKS_SPAN), "the sync page"),
+            failed=await self.read(self.s.store.failed_events(FAILED_SHOWN), "the sync page"),
             shown=FAILED_SHOWN,
             requeued=_int_param(request, "requeued"),
             polar_on=self.s.polar is not None,

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import httpx
 import orjson
+import pytest
 
 from tests.conftest import ADMIN_TOKEN, BodyCounter, Gateway, raw_request
 from tests.fakes.upstream import FakeUpstream
@@ -59,9 +60,21 @@ def test_deeply_nested_admin_body_is_a_json_400(gateway: Gateway) -> None:
         }
 
 
-def test_an_unexpected_failure_is_a_json_500(gateway: Gateway) -> None:
+def test_a_failing_store_is_a_json_503_and_any_other_failure_a_json_500(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gateway.query("DROP TABLE api_keys")  # the store now fails on every key query
     with gateway.admin() as admin:
+        resp = admin.get("/admin/keys")
+        assert resp.status_code == 503
+        assert resp.json() == {
+            "error": {"type": "unavailable", "message": "the gateway's database failed to answer; retry later"}
+        }
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(gateway.services.admin_attempts, "check", broken)
         resp = admin.get("/admin/keys")
     assert resp.status_code == 500
     assert resp.json() == {"error": {"type": "internal_error", "message": "internal error"}}
