@@ -23,6 +23,7 @@ from gateway.billing.ledger import InProcessLedger
 from gateway.billing.owner import BillingOwner
 from gateway.billing.protocols import QuotaLedger
 from gateway.dashboard import SessionSigner, dashboard_routes
+from gateway.deadlines import within
 from gateway.health import healthz_route
 from gateway.healthbar import demo_route, script_route
 from gateway.http_api import api_error, not_found, server_error
@@ -45,6 +46,7 @@ from gateway.services import Services, process_owner_id
 from gateway.settings import Settings, settings_from_env
 from gateway.status_tokens import StatusTokens, signing_key, status_token_route
 from gateway.store import create_store
+from gateway.store.base import SyncBacklog
 from gateway.store.leases_base import Invalidation, InvalidationKind
 from gateway.upstream import create_client
 from gateway.watchdog import LoopWatchdog
@@ -302,7 +304,11 @@ def create_app(
         *dashboard_routes(s),
     ]
     if settings.metrics != "off":
-        scrape = metrics_endpoint(s.metrics, s.store.sync_backlog)
+        # A scrape must answer while the database does not: that is when the metrics matter most.
+        def backlog() -> Awaitable[SyncBacklog]:
+            return within(s.store.sync_backlog(), settings.store_timeout_seconds)
+
+        scrape = metrics_endpoint(s.metrics, backlog)
         routes.append(Route("/metrics", scrape if settings.metrics == "open" else guarded(s, scrape)))
     app = Starlette(
         routes=routes,

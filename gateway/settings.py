@@ -140,7 +140,8 @@ def load_file_config(path: Path) -> FileConfig:
 class Settings:
     database_url: str = "sqlite:///gateway.db"
     database_pool_size: int = 10  # connections per process (PostgreSQL)
-    store_timeout_seconds: float = 5.0  # longest a request waits on the database (key, quota, rate limit): a 503
+    # Longest a request waits on the database (key, quota, rate limit; the own API, the dashboard, webhooks): a 503.
+    store_timeout_seconds: float = 5.0
     journal_dir: str = ""  # requests in flight (gateway/journal.py); "" = beside an SQLite database
     record_linger_seconds: float = 0.02  # how long finished requests gather before one store commit
     refusals_flush_seconds: float = 5.0  # how often refusals counted in memory are added to the store

@@ -29,8 +29,7 @@ from polar.webhooks import (
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.deadlines import log_store_failure, within
-from gateway.http_api import MAX_BODY_BYTES, BodyRefused, api_error, read_body
+from gateway.http_api import MAX_BODY_BYTES, BodyRefused, StoreUnavailable, api_error, from_store, read_body
 from gateway.metrics import NO_METRICS, OTHER, Metrics
 from gateway.polar.client import PolarBilling, PolarBillingError, limits_from_state, valid_user_id
 from gateway.store.base import CustomerLimits, WebhookStore
@@ -123,11 +122,11 @@ def make_webhook_endpoint(
         event_type: str = raw["type"]
         # Claim, process and (on failure) forget as one call: given up on at the deadline, it still
         # ends as a whole, so a claim never stands without its processing (a retry would be a duplicate).
+        apply = _apply(headers.get("webhook-id", ""), event_type, typed, raw)
         try:
-            status = await within(_apply(headers.get("webhook-id", ""), event_type, typed, raw), store_timeout)
-        except Exception as exc:  # the database did not answer, or failed before anything was applied
-            log_store_failure(log, f"Polar webhook {event_type}: the database is unavailable", exc)
-            return event_type, "unavailable", api_error(503, "the gateway's database is unavailable; retry later")
+            status = await from_store(apply, store_timeout, f"Polar webhook {event_type}")
+        except StoreUnavailable as exc:
+            return event_type, "unavailable", exc.response
         if status == "failed":
             return event_type, status, api_error(500, "processing failed")
         return event_type, status, JSONResponse({"status": status}, status_code=200)

@@ -200,3 +200,21 @@ def test_a_webhook_the_database_does_not_take_gets_a_503_and_is_applied_once(
         assert again == {"status": "duplicate"}
         assert ask(gw, key, max_tokens=9).usage.output_tokens == 9  # the 402 is lifted
 
+
+def test_metrics_are_scraped_while_the_database_does_not_answer(
+    link: tuple[FreezableLink, str], make_gateway: Callable[..., Gateway]
+) -> None:
+    relay, url = link
+    gw = make_gateway(shared=True, database_url=url, store_timeout_seconds=TIMEOUT, metrics="open")
+    assert "gateway_sync_backlog_requests" in httpx.get(f"{gw.url}/metrics", timeout=30).text
+    relay.freeze()
+    try:
+        started = time.monotonic()
+        scraped = httpx.get(f"{gw.url}/metrics", timeout=30)
+        assert TIMEOUT <= time.monotonic() - started < TIMEOUT + 3
+    finally:
+        relay.thaw()
+    # Everything but the backlog (read from the database), and the failed read counted.
+    assert scraped.status_code == 200
+    assert "gateway_sync_backlog_requests" not in scraped.text
+    assert 'gateway_store_errors_total{operation="sync_backlog"} 1.0' in scraped.text
