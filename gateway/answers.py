@@ -23,15 +23,17 @@ PORTAL_PATH = "/api/billing/portal"
 # What a client can change to fit a refused reservation, by meter (output meters: max_tokens).
 _INPUT = (
     f"send less input (images reserve {CLAUDE_IMAGE_MAX_TOKENS:,} tokens each, documents [reservation]"
-    " document_input_tokens)"
+    " document_input_tokens, server tools such as web search [reservation] server_tool_input_tokens)"
 )
 _GEMINI_MEDIA = (
     f"send less input (inline images reserve {GEMINI_IMAGE_MAX_TOKENS:,} tokens each; files, audio, video, PDFs"
 )
-_GEMINI_INPUT = f"{_GEMINI_MEDIA} and the URL context tool [reservation] gemini_document_input_tokens)"
-_GEMINI_CACHED = (
-    f"{_GEMINI_MEDIA}, the URL context tool and a cachedContent [reservation] gemini_document_input_tokens)"
+_GEMINI_TOOLS = (
+    "[reservation] gemini_document_input_tokens; server tools such as Google Search and URL context"
+    " [reservation] gemini_server_tool_input_tokens)"
 )
+_GEMINI_INPUT = f"{_GEMINI_MEDIA} {_GEMINI_TOOLS}"
+_GEMINI_CACHED = f"{_GEMINI_MEDIA} and a cachedContent {_GEMINI_TOOLS}"
 _LOWER = {
     CLAUDE_WEB_SEARCHES: "lower the web_search tool's max_uses",
     GEMINI_IMAGES: "ask for fewer images",

@@ -177,6 +177,7 @@ def create_app(
         reservation.default_max_output_tokens,
         reservation.document_input_tokens,
         web_searches_per_request=reservation.web_searches_per_request,
+        server_tool_input_tokens=reservation.server_tool_input_tokens,
     )
     gemini = GeminiProvider(
         settings.gemini_upstream,
@@ -184,6 +185,7 @@ def create_app(
         reservation.default_max_output_tokens,
         reservation.images_per_request,
         reservation.gemini_document_input_tokens,
+        reservation.gemini_server_tool_input_tokens,
     )
 
     syncer: Syncer | None = None  # set in the lifespan when Polar is configured

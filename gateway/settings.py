@@ -51,6 +51,13 @@ class ReservationConfig:
     # Gemini's likewise (files by URI, inline audio / video / PDF, the URL context tool; a cachedContent as
     # cached input): Gemini's windows are not Claude's (1,048,576 tokens today, 2,097,152 on Pro models that had 2M).
     gemini_document_input_tokens: int = 2_097_152
+    # Input reserved once for a request offering a server tool (Claude: web search, web fetch, code execution,
+    # tool search, MCP servers, any typed tool not run by the client; Gemini: Google Search, code execution,
+    # URL context, file search, Maps, any tool but function declarations and computer use): what it feeds back
+    # is billed as input, bounded only by the context window. With documents, the larger ceiling once. Lower
+    # values refuse fewer requests but let one that reads much more overshoot the quota.
+    server_tool_input_tokens: int = 1_000_000
+    gemini_server_tool_input_tokens: int = 2_097_152
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +119,9 @@ def parse_file_config(raw: Mapping[str, Any]) -> FileConfig:
         raise ConfigError("[reservation] document_input_tokens must be at least 1 (a document costs tokens)")
     if reservation.gemini_document_input_tokens < 1:
         raise ConfigError("[reservation] gemini_document_input_tokens must be at least 1 (a document costs tokens)")
+    for name in ("server_tool_input_tokens", "gemini_server_tool_input_tokens"):
+        if getattr(reservation, name) < 1:
+            raise ConfigError(f"[reservation] {name} must be at least 1 (a server tool's results cost tokens)")
     return FileConfig(
         plan=plan,
         rate_limit=_section(RateLimitConfig, "rate_limit", raw.get("rate_limit", {})),

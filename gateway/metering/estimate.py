@@ -131,7 +131,8 @@ def _either(d: dict[str, Any], camel: str, snake: str) -> Any:
 
 def gemini_media(obj: Any) -> Media:
     """Count the inline images and the input the body does not hold in a Gemini request: parts of
-    `contents` and `systemInstruction` (also those of a `functionResponse`), and the URL context tool.
+    `contents` and `systemInstruction` (also those of a `functionResponse`). (Server tools, the URL
+    context tool among them, are reserved apart: see `offers_gemini_server_tools`.)
 
     Both JSON casings are read (`inlineData` / `inline_data`, ...), as the API does. Cheap for plain
     requests: a part that is only `text` is passed over without a look inside, so the work follows the
@@ -157,11 +158,9 @@ def gemini_media(obj: Any) -> Media:
         parts = system.get("parts") if isinstance(system, dict) else None
         if isinstance(parts, list):
             stack.extend(part for part in parts if isinstance(part, dict) and not (len(part) == 1 and "text" in part))
-    tools = obj.get("tools")
-    documents = _url_context(tools) if tools else 0
-    if not stack and not documents:
+    if not stack:
         return NO_MEDIA
-    images = inline = 0
+    images = documents = inline = 0
     while stack:
         part = stack.pop()
         if not isinstance(part, dict):
@@ -191,16 +190,6 @@ def gemini_media(obj: Any) -> Media:
     if not (images or documents):
         return NO_MEDIA
     return Media(images, documents, inline)
-
-
-def _url_context(tools: object) -> int:
-    """1 when the URL context tool is on: the pages it reads are billed as input (up to 20 URLs of 34 MB)."""
-    if not isinstance(tools, list):
-        return 0
-    for tool in tools:
-        if isinstance(tool, dict) and _either(tool, "urlContext", "url_context") is not None:
-            return 1
-    return 0
 
 
 def _positive_int(value: object) -> int | None:

@@ -1,8 +1,11 @@
-"""Request-side bounds for Anthropic's server tools that are charged per use.
+"""Request-side bounds for the tools the provider runs itself (server tools).
 
-Only web search is: $10 per 1,000 searches on top of tokens, counted in the response's
-`usage.server_tool_use.web_search_requests`. Web fetch (`web_fetch_*`) is charged only for the
-tokens of what it fetched, which the token meters already hold, so it is not bounded here.
+Their results are fed back to the model and billed as input tokens, which nothing in the request
+bounds: a request offering one reserves an input ceiling once (`offers_claude_server_tools`,
+`offers_gemini_server_tools`). Anthropic's web search is also charged per use: $10 per 1,000
+searches on top of tokens, counted in the response's `usage.server_tool_use.web_search_requests`
+(`requested_web_searches`). Web fetch (`web_fetch_*`) is charged only for the tokens of what it
+fetched (input tokens, reserved by the ceiling), so it has no per-use bound.
 """
 
 from __future__ import annotations
@@ -10,6 +13,43 @@ from __future__ import annotations
 from typing import Any
 
 _WEB_SEARCH = "web_search_"  # the tool's `type`: web_search_20250305, web_search_20260209, ...
+# Claude tools the client runs: their results come back in the next request's body, counted by size then.
+_CLAUDE_CLIENT_TOOLS = ("bash_", "text_editor_", "computer_", "memory_")
+# Gemini tools the client runs (function calling, computer use), in both JSON casings; any other key of a
+# `tools` entry (googleSearch, codeExecution, urlContext, fileSearch, googleMaps, ...) runs at Google.
+_GEMINI_CLIENT_TOOLS = frozenset({"functionDeclarations", "function_declarations", "computerUse", "computer_use"})
+
+
+def offers_claude_server_tools(tools: object, mcp_servers: object) -> bool:
+    """Whether a Messages request offers a tool Anthropic runs: an entry of `tools` with a `type` other
+    than the client's (none, "custom", bash, text editor, computer, memory), so an unknown future tool
+    counts, or a non-empty `mcp_servers` (the MCP connector)."""
+    if mcp_servers:
+        return True
+    if not isinstance(tools, list):
+        return False
+    for tool in tools:
+        if not isinstance(tool, dict):
+            continue
+        kind = tool.get("type")
+        if kind is None or kind == "custom":
+            continue
+        if not (isinstance(kind, str) and kind.startswith(_CLAUDE_CLIENT_TOOLS)):
+            return True
+    return False
+
+
+def offers_gemini_server_tools(tools: object) -> bool:
+    """Whether a Gemini request's `tools` hold a tool Google runs: an entry with a key (set, not null)
+    other than function declarations and computer use."""
+    if not isinstance(tools, list):
+        return False
+    for tool in tools:
+        if isinstance(tool, dict):
+            for key, value in tool.items():
+                if value is not None and key not in _GEMINI_CLIENT_TOOLS:
+                    return True
+    return False
 
 
 def requested_web_searches(body_obj: dict[str, Any], unbounded: int) -> int:

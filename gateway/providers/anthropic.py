@@ -13,7 +13,7 @@ from gateway.metering import (
     usage_from_message,
 )
 from gateway.metering.estimate import CLAUDE_IMAGE_MAX_TOKENS
-from gateway.metering.server_tools import requested_web_searches
+from gateway.metering.server_tools import offers_claude_server_tools, requested_web_searches
 from gateway.meters import (
     CLAUDE_CACHE_READ,
     CLAUDE_CACHE_WRITE,
@@ -53,6 +53,9 @@ def _tools_overhead(tools: object) -> int:
     return _TOOLS_OVERHEAD + _BUILT_IN_TOOL_OVERHEAD * built_in
 
 
+_NO_FIELDS: dict[str, Any] = {}  # a body that is not an object (refused upstream): no field set; never written
+
+
 class AnthropicProvider:
     name = "anthropic"
     meters: tuple[str, ...] = CLAUDE_METERS
@@ -64,12 +67,14 @@ class AnthropicProvider:
         default_max_output: int,
         document_input_tokens: int,
         web_searches_per_request: int = 10,
+        server_tool_input_tokens: int = 1_000_000,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self._credential = ("x-api-key", api_key)
         self._default_max_output = default_max_output
         self._document_input = document_input_tokens  # reserved once for a request's PDFs / referenced files
         self._web_searches_per_request = web_searches_per_request  # for a web search tool without max_uses
+        self._server_tool_input = server_tool_input_tokens  # reserved once for what server tools feed back
 
     def match(self, method: str, path: str, query: bytes) -> Route | None:
         upstream_path = path + ("?" + query.decode("latin-1") if query else "")
@@ -94,23 +99,24 @@ class AnthropicProvider:
         return forward_headers(headers, self._credential)
 
     def prepare(self, route: Route, body: bytes, obj: Any) -> Call:
-        stream = bool(obj.get("stream")) if isinstance(obj, dict) else False
-        model = str(obj.get("model", "")) if isinstance(obj, dict) else ""
+        d: dict[str, Any] = obj if isinstance(obj, dict) else _NO_FIELDS
+        stream = bool(d.get("stream"))
+        model = str(d.get("model", ""))
         # Images and documents cost what their pixels and pages hold, not their size in the body (or nothing
         # of it, by `url` or `file_id`): see `claude_media`.
         media = claude_media(obj)
         est_in = media.input_tokens(body, CLAUDE_IMAGE_MAX_TOKENS)
-        tools = obj.get("tools") if isinstance(obj, dict) else None
+        tools = d.get("tools")
         if tools:
             est_in += _tools_overhead(tools)
-        # The rate limit is no bill: documents count there by what they used (at settle), not by a
-        # ceiling that would refuse every document while anything else is in the window.
+        # The rate limit is no bill: documents and server tools' results count there by what they used (at
+        # settle), not by a ceiling that would refuse every such request while anything else is in the window.
         rate_tokens = est_in
-        if media.documents:
-            est_in += self._document_input
-        max_out = obj.get("max_tokens") if isinstance(obj, dict) else None
+        if media.documents or tools or "mcp_servers" in d:  # (a plain request skips the call)
+            est_in += self._input_ceiling(media.documents, tools, d.get("mcp_servers"))
+        max_out = d.get("max_tokens")
         if type(max_out) is not int or max_out < 0:  # (an int, not a bool: the cap as sent, the usual case)
-            max_out = requested_max_output(obj, "anthropic") if isinstance(obj, dict) else None
+            max_out = requested_max_output(d, "anthropic")
         est_out = max_out if max_out is not None else self._default_max_output
         # Input may land in any of the three input meters; each can hold at most the whole input.
         reservation = {
@@ -120,7 +126,7 @@ class AnthropicProvider:
             CLAUDE_CACHE_READ: est_in,
             CLAUDE_OUTPUT: est_out,
         }
-        searches = requested_web_searches(obj, self._web_searches_per_request) if tools else 0
+        searches = requested_web_searches(d, self._web_searches_per_request) if tools else 0
         if searches:  # (absent, not 0: a user out of searches may still send requests that cannot search)
             reservation[CLAUDE_WEB_SEARCHES] = searches
         return Call(
@@ -132,6 +138,15 @@ class AnthropicProvider:
             meter_factory=AnthropicStreamMeter if stream else None,
             body_usage=usage_from_message,
         )
+
+    def _input_ceiling(self, documents: int, tools: object, mcp_servers: object) -> int:
+        """Input reserved once beyond the body: what documents hold (`claude_media`), and what server tools
+        (web search, web fetch, code execution, MCP, ...) feed back as input of the request's later sampling
+        steps. Nothing in the body bounds either; they share one context window, so the larger ceiling."""
+        ceiling = self._document_input if documents else 0
+        if self._server_tool_input > ceiling and offers_claude_server_tools(tools, mcp_servers):
+            ceiling = self._server_tool_input
+        return ceiling
 
     def error_body(self, status: int, kind: str, message: str, extra: dict[str, Any] | None = None) -> bytes:
         error: dict[str, Any] = {"type": _ERROR_TYPES.get(status, kind), "message": message}

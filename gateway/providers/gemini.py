@@ -21,6 +21,7 @@ from gateway.metering import (
     wants_images,
 )
 from gateway.metering.estimate import GEMINI_IMAGE_MAX_TOKENS, image_model, requested_candidates
+from gateway.metering.server_tools import offers_gemini_server_tools
 from gateway.meters import GEMINI_CACHED, GEMINI_IMAGES, GEMINI_INPUT, GEMINI_METERS, GEMINI_OUTPUT
 from gateway.providers.base import Call, Headers, InvalidRequest, Route, check_model, forward_headers
 
@@ -84,12 +85,14 @@ class GeminiProvider:
         default_max_output: int,
         images_per_request: int,
         document_input_tokens: int = 2_097_152,
+        server_tool_input_tokens: int = 2_097_152,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self._credential = ("x-goog-api-key", api_key)
         self._default_max_output = default_max_output
         self._images_per_request = images_per_request
         self._document_input = document_input_tokens  # reserved once for a request's files, audio, video, PDFs
+        self._server_tool_input = server_tool_input_tokens  # reserved once for what server tools feed back
 
     def match(self, method: str, path: str, query: bytes) -> Route | None:
         qs, _ = _strip_key(query)
@@ -135,13 +138,15 @@ class GeminiProvider:
                 n = raw if isinstance(raw, int) and raw > 0 else 4
             return Call(route, route.model, False, {GEMINI_IMAGES: n}, 0, None, usage_from_predict)
         # Images, audio, video and PDFs cost what their pixels, seconds and pages hold, not their size in the
-        # body (or nothing of it, by `fileData`); pages the URL context tool reads are input too: see
-        # `gemini_media`.
+        # body (or nothing of it, by `fileData`): see `gemini_media`.
         media = gemini_media(obj)
         rate_in = media.input_tokens(body, GEMINI_IMAGE_MAX_TOKENS)
-        # (the rate limit is no bill: documents count there by what they used, as for Claude)
-        est_in = rate_in + self._document_input if media.documents else rate_in
-        if not isinstance(obj, dict):
+        is_object = isinstance(obj, dict)
+        tools = obj.get("tools") if is_object else None
+        # (the rate limit is no bill: documents and server tools' results count there by what they used, as
+        # for Claude; a plain request skips the call)
+        est_in = rate_in + self._input_ceiling(media.documents, tools) if media.documents or tools else rate_in
+        if not is_object:
             max_out, n, images = None, 1, False
         elif obj.get("generationConfig") or obj.get("generation_config"):
             max_out = requested_max_output(obj, "gemini")
@@ -153,7 +158,7 @@ class GeminiProvider:
         if n > 1:
             est_out *= n  # the cap is per candidate
         reservation = {GEMINI_INPUT: est_in, GEMINI_CACHED: est_in, GEMINI_OUTPUT: est_out}
-        if isinstance(obj, dict) and ("cachedContent" in obj or "cached_content" in obj):
+        if is_object and ("cachedContent" in obj or "cached_content" in obj):
             # A cache by name: its tokens (billed as cached input) are not in the body; the context
             # window, which no prompt exceeds, bounds them.
             reservation[GEMINI_CACHED] = max(est_in, self._document_input)
@@ -165,6 +170,16 @@ class GeminiProvider:
             if n > 1:  # the stream ends only once every candidate has finished
                 factory = functools.partial(factory, n)
         return Call(route, route.model, route.stream, reservation, rate_in + est_out, factory, usage_from_response)
+
+    def _input_ceiling(self, documents: int, tools: object) -> int:
+        """Input reserved once beyond the body: what documents hold (`gemini_media`), and what server tools
+        (Google Search, code execution, URL context, file search, Maps, ...) feed back, billed as input
+        (`toolUsePromptTokenCount`). Nothing in the body bounds either; they share one context window, so
+        the larger ceiling."""
+        ceiling = self._document_input if documents else 0
+        if self._server_tool_input > ceiling and offers_gemini_server_tools(tools):
+            ceiling = self._server_tool_input
+        return ceiling
 
     def error_body(self, status: int, kind: str, message: str, extra: dict[str, Any] | None = None) -> bytes:
         error: dict[str, Any] = {"code": status, "message": message, "status": _STATUS.get(status, "UNKNOWN")}

@@ -1,9 +1,10 @@
-"""Cache writes with a 1h TTL and web searches, through the official `anthropic` SDK: what is
-recorded, what reaches Polar (external ids, values) and what a plan limit on them refuses."""
+"""Cache writes with a 1h TTL, web searches and server tools' input, through the official `anthropic` SDK:
+what is recorded, what reaches Polar (external ids, values) and what a plan limit on them refuses."""
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -174,3 +175,90 @@ def test_402_on_a_plan_limit_for_1h_cache_writes(make_gateway: Callable[..., Gat
         c.messages.create(model="claude-sonnet-4-6", max_tokens=64, messages=[{"role": "user", "content": "x" * 700}])
     assert err.value.body["error"]["meter"] == "claude_cache_write_1h_tokens"  # type: ignore[index]
     assert len(upstream.requests) == before
+
+
+def test_a_web_search_tool_needs_input_credit_for_the_server_tool_ceiling(  # type: ignore[no-untyped-def]
+    make_gateway, upstream: FakeUpstream
+) -> None:
+    # The search results are input of the request's later sampling steps (usage.input_tokens is cumulative),
+    # bounded by nothing in the body: the request reserves [reservation] server_tool_input_tokens (1,000,000
+    # by default) once, beyond its body (bytes / 2 + 16), the tool-use prompt and the tool's definition.
+    tools: Any = [{**SEARCH, "max_uses": 5}]
+    free = make_gateway()  # the bytes the SDK sends, through a gateway without a plan
+    upstream.enqueue(reply(searched_message(searches=2)))
+    claude(free, free.issue_key("tad")).messages.create(
+        model="claude-sonnet-4-6", max_tokens=512, messages=MSG, tools=tools
+    )
+    sent = upstream.requests[-1].body
+    needed = len(sent) // 2 + 16 + 1024 + 1024 + 1_000_000
+    gw: Gateway = make_gateway(plan={"claude_input_tokens": 1_000_000})
+    key = gw.issue_key("tia")
+    before = len(upstream.requests)
+    with pytest.raises(anthropic.PaymentRequiredError) as err:
+        claude(gw, key).messages.create(model="claude-sonnet-4-6", max_tokens=512, messages=MSG, tools=tools)
+    error = err.value.body["error"]  # type: ignore[index]
+    assert error["type"] == "billing_error" and error["meter"] == "claude_input_tokens"
+    assert error["message"] == (
+        f"quota for meter claude_input_tokens has 1000000 left but this request may use up to {needed}; send less"
+        " input (images reserve 4,784 tokens each, documents [reservation] document_input_tokens, server tools"
+        " such as web search [reservation] server_tool_input_tokens) or manage billing at /api/billing/portal"
+    )
+    assert len(upstream.requests) == before  # refused before the provider saw it
+    meter = gw.meter(key, "claude_input_tokens")
+    assert (meter["consumed"], meter["reserved"]) == (0, 0)
+
+    # With the credit for the ceiling it is served, holds the ceiling in flight and settles to the usage.
+    gw2: Gateway = make_gateway(plan={"claude_input_tokens": 1_100_000})
+    key2 = gw2.issue_key("ted")
+    upstream.enqueue(
+        Reply.json(
+            searched_message(searches=2), headers=[("request-id", "req_011CsearchInputAaaaaaaa")], delay_before=1.0
+        )
+    )
+    done: list[Any] = []
+    c2 = claude(gw2, key2)
+    worker = threading.Thread(
+        target=lambda: done.append(
+            c2.messages.create(model="claude-sonnet-4-6", max_tokens=512, messages=MSG, tools=tools)
+        )
+    )
+    worker.start()
+    try:
+        assert upstream.wait_for_requests(before + 1)[-1].body == sent
+        held = wait_until(lambda: gw2.meter(key2, "claude_input_tokens")["reserved"])
+        assert held == needed
+    finally:
+        worker.join(10)
+    assert done and done[0].usage.input_tokens == 21
+    gw2.wait_recorded("ted")
+    assert gw2.events("ted") == {
+        "claude_input_tokens": 21,
+        "claude_output_tokens": 312,
+        "claude_cache_write_tokens": 1800,
+        "claude_cache_write_1h_tokens": 1200,
+        "claude_cache_read_tokens": 3200,
+        "claude_web_searches": 2,
+    }
+    after = gw2.meter(key2, "claude_input_tokens")
+    assert (after["consumed"], after["reserved"], after["remaining"]) == (21, 0, 1_100_000 - 21)
+
+
+def test_the_server_tool_ceiling_is_the_operators_setting(  # type: ignore[no-untyped-def]
+    make_gateway, upstream: FakeUpstream
+) -> None:
+    # Fewer refusals for less exactness: lowered, a search fits a smaller credit than the default needs.
+    exact: Gateway = make_gateway(plan={"claude_input_tokens": 60_000})
+    strict = claude(exact, exact.issue_key("tom"))
+    before = len(upstream.requests)
+    with pytest.raises(anthropic.PaymentRequiredError):
+        strict.messages.create(model="claude-sonnet-4-6", max_tokens=64, messages=MSG, tools=[SEARCH])  # type: ignore[list-item]
+    assert len(upstream.requests) == before
+    gw: Gateway = make_gateway(
+        plan={"claude_input_tokens": 60_000}, reservation=ReservationConfig(server_tool_input_tokens=50_000)
+    )
+    key = gw.issue_key("tim")
+    upstream.enqueue(reply(searched_message(searches=1)))
+    claude(gw, key).messages.create(model="claude-sonnet-4-6", max_tokens=64, messages=MSG, tools=[SEARCH])  # type: ignore[list-item]
+    gw.wait_recorded("tim")
+    meter = gw.meter(key, "claude_input_tokens")
+    assert (meter["consumed"], meter["reserved"]) == (21, 0)

@@ -1,4 +1,5 @@
-"""Gemini files, media and images the body does not bound are reserved at their most, through `google-genai`."""
+"""Gemini files, media, images and server tools' results the body does not bound are reserved at their most,
+through `google-genai`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.metering._images import solid_png
 
 MODEL = "gemini-2.5-flash"
 DOCS = 2_097_152  # `[reservation] gemini_document_input_tokens`, the default
+TOOLS = 2_097_152  # `[reservation] gemini_server_tool_input_tokens`, the default
 FILE_URI = "https://generativelanguage.googleapis.com/v1beta/files/v1d30"
 VIDEO = types.Part.from_uri(file_uri=FILE_URI, mime_type="video/mp4")
 TINY_PNG = solid_png(3072, 3072)  # 1.2 kB for 16 tiles of 258 tokens: 4,128
@@ -57,8 +59,9 @@ def test_402_when_the_credit_covers_the_text_but_not_a_file_or_an_image(  # type
         assert error["meter"] == "gemini_input_tokens"
         assert error["message"] == (
             f"quota for meter gemini_input_tokens has 3992 left but this request may use up to {needed}; send less"
-            " input (inline images reserve 4,128 tokens each; files, audio, video, PDFs and the URL context tool"
-            " [reservation] gemini_document_input_tokens) or manage billing at /api/billing/portal"
+            " input (inline images reserve 4,128 tokens each; files, audio, video, PDFs [reservation]"
+            " gemini_document_input_tokens; server tools such as Google Search and URL context [reservation]"
+            " gemini_server_tool_input_tokens) or manage billing at /api/billing/portal"
         )
     assert len(upstream.requests) == before  # refused before the provider saw them
     meter = gw.meter(key, "gemini_input_tokens")
@@ -136,8 +139,9 @@ def test_a_cached_content_needs_cached_credit_for_the_ceiling(make_gateway, upst
     assert error["meter"] == "gemini_cached_tokens"
     assert error["message"] == (
         f"quota for meter gemini_cached_tokens has 1000000 left but this request may use up to {DOCS}; send less"
-        " input (inline images reserve 4,128 tokens each; files, audio, video, PDFs, the URL context tool and a"
-        " cachedContent [reservation] gemini_document_input_tokens) or manage billing at /api/billing/portal"
+        " input (inline images reserve 4,128 tokens each; files, audio, video, PDFs and a cachedContent"
+        " [reservation] gemini_document_input_tokens; server tools such as Google Search and URL context"
+        " [reservation] gemini_server_tool_input_tokens) or manage billing at /api/billing/portal"
     )
     assert len(upstream.requests) == before  # refused before the provider saw it
     # With the credit for it, it is served and settles to what the provider reports.
@@ -159,3 +163,68 @@ def test_a_cached_content_needs_cached_credit_for_the_ceiling(make_gateway, upst
     assert gw2.events("kim") == {"gemini_input_tokens": 10, "gemini_cached_tokens": 120_000, "gemini_output_tokens": 5}
     meter = gw2.meter(key2, "gemini_cached_tokens")
     assert (meter["consumed"], meter["reserved"]) == (120_000, 0)
+
+
+def test_google_search_needs_input_credit_for_the_server_tool_ceiling(  # type: ignore[no-untyped-def]
+    make_gateway, upstream: FakeUpstream
+) -> None:
+    # What the search feeds back is billed as input (`toolUsePromptTokenCount`), bounded by nothing in the
+    # body: the request reserves [reservation] gemini_server_tool_input_tokens once beyond its body.
+    config = types.GenerateContentConfig(tools=[types.Tool(google_search=types.GoogleSearch())], max_output_tokens=64)
+    question = "Who won the last Tour de France?"
+    free = make_gateway()  # the bytes the SDK sends, through a gateway without a plan
+    rich = client(free, free.issue_key("lea"))  # (kept: a collected client closes its connections under the call)
+    rich.models.generate_content(model=MODEL, contents=question, config=config)
+    sent = upstream.requests[-1]
+    assert sent.json()["tools"] == [{"googleSearch": {}}]
+    needed = len(sent.body) // 2 + 16 + TOOLS
+    gw: Gateway = make_gateway(plan={"gemini_input_tokens": 2_000_000})
+    key = gw.issue_key("lou")
+    before = len(upstream.requests)
+    gc = client(gw, key)
+    with pytest.raises(errors.ClientError) as err:
+        gc.models.generate_content(model=MODEL, contents=question, config=config)
+    assert err.value.code == 402 and err.value.status == "FAILED_PRECONDITION"
+    error = err.value.details["error"]
+    assert error["meter"] == "gemini_input_tokens"
+    assert error["message"] == (
+        f"quota for meter gemini_input_tokens has 2000000 left but this request may use up to {needed}; send less"
+        " input (inline images reserve 4,128 tokens each; files, audio, video, PDFs [reservation]"
+        " gemini_document_input_tokens; server tools such as Google Search and URL context [reservation]"
+        " gemini_server_tool_input_tokens) or manage billing at /api/billing/portal"
+    )
+    assert len(upstream.requests) == before  # refused before the provider saw it
+    meter = gw.meter(key, "gemini_input_tokens")
+    assert (meter["consumed"], meter["reserved"]) == (0, 0)
+
+    # With the credit for the ceiling it is served, holds the ceiling in flight and settles to the usage.
+    gw2: Gateway = make_gateway(plan={"gemini_input_tokens": 2_200_000, "gemini_output_tokens": 1000})
+    key2 = gw2.issue_key("max")
+    usage = {"promptTokenCount": 9, "toolUsePromptTokenCount": 31_400, "candidatesTokenCount": 60}
+    reply = {
+        "candidates": [
+            {"content": {"parts": [{"text": "Tadej Pogacar won it."}], "role": "model"}, "finishReason": "STOP"}
+        ],
+        "usageMetadata": {**usage, "totalTokenCount": 31_469},
+        "modelVersion": MODEL,
+        "responseId": "gRoUnDaaaaaaaaaaaaaaaaaa",
+    }
+    upstream.enqueue(Reply.json(reply, delay_before=1.0))
+    done: list[types.GenerateContentResponse] = []
+    gc2 = client(gw2, key2)
+    worker = threading.Thread(
+        target=lambda: done.append(gc2.models.generate_content(model=MODEL, contents=question, config=config))
+    )
+    worker.start()
+    try:
+        assert upstream.wait_for_requests(before + 1)[-1].body == sent.body
+        held = wait_until(lambda: gw2.meter(key2, "gemini_input_tokens")["reserved"])
+        assert held == needed
+    finally:
+        worker.join(10)
+    assert done and done[0].usage_metadata is not None
+    assert done[0].usage_metadata.tool_use_prompt_token_count == 31_400
+    gw2.wait_recorded("max")
+    assert gw2.events("max") == {"gemini_input_tokens": 9 + 31_400, "gemini_output_tokens": 60}
+    after = gw2.meter(key2, "gemini_input_tokens")
+    assert (after["consumed"], after["reserved"], after["remaining"]) == (31_409, 0, 2_200_000 - 31_409)

@@ -49,8 +49,8 @@ def test_402_when_the_credit_covers_the_text_but_not_the_image_or_document(  # t
         assert error["type"] == "billing_error" and error["meter"] == "claude_input_tokens"
         assert error["message"] == (
             f"quota for meter claude_input_tokens has 3988 left but this request may use up to {needed}; send less"
-            " input (images reserve 4,784 tokens each, documents [reservation] document_input_tokens)"
-            " or manage billing at /api/billing/portal"
+            " input (images reserve 4,784 tokens each, documents [reservation] document_input_tokens, server tools"
+            " such as web search [reservation] server_tool_input_tokens) or manage billing at /api/billing/portal"
         )
     assert len(upstream.requests) == before  # refused before the provider saw them
     meter = gw.meter(key, "claude_input_tokens")

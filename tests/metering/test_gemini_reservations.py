@@ -1,4 +1,4 @@
-"""What a Gemini request reserves beyond its body: inline images, files, audio, video, PDFs, URL context."""
+"""What a Gemini request reserves beyond its body: inline images, files, audio, video, PDFs, server tools."""
 
 from __future__ import annotations
 
@@ -18,22 +18,23 @@ from tests.metering._images import solid_png
 PATH = "/v1beta/models/gemini-2.5-flash:generateContent"
 IMAGE = 4128  # the most one image costs: 4 x 4 tiles of 258 (Gemini 2.x); 2,240 at most on Gemini 3
 DOCS = 300_000  # `[reservation] gemini_document_input_tokens` in these tests (the default is 2,097,152)
+TOOLS = 400_000  # `[reservation] gemini_server_tool_input_tokens` in these tests (the default is 2,097,152)
 VIDEO = {"fileData": {"mimeType": "video/mp4", "fileUri": "https://generativelanguage.googleapis.com/v1beta/files/abc"}}
 PDF = {"fileData": {"mimeType": "application/pdf", "fileUri": "https://example.com/report.pdf"}}
 YOUTUBE = {"file_data": {"file_uri": "https://www.youtube.com/watch?v=9hE5-98ZeCg"}}
 
 
-def prepare(obj: dict[str, Any], *, body: bytes | None = None) -> Call:
-    provider = GeminiProvider("http://x", "k", 4096, 4, DOCS)
+def prepare(obj: dict[str, Any], *, body: bytes | None = None, docs: int = DOCS, tools: int = TOOLS) -> Call:
+    provider = GeminiProvider("http://x", "k", 4096, 4, docs, tools)
     route = provider.match("POST", PATH, b"")
     assert route is not None
     raw = orjson.dumps(obj) if body is None else body
     return provider.prepare(route, raw, orjson.loads(raw))
 
 
-def reserve(obj: dict[str, Any]) -> tuple[int, int]:
+def reserve(obj: dict[str, Any], **ceilings: int) -> tuple[int, int]:
     """The input reservation, and the input estimate of the body alone."""
-    call = prepare(obj)
+    call = prepare(obj, **ceilings)
     assert call.reservation[GEMINI_CACHED] == call.reservation[GEMINI_INPUT]
     return call.reservation[GEMINI_INPUT], estimate_input_tokens(orjson.dumps(obj))
 
@@ -87,13 +88,74 @@ def test_inline_text_counts_by_size() -> None:
         assert r == body, mime
 
 
-def test_the_url_context_tool_reserves_the_ceiling() -> None:
-    # The pages it reads (up to 20 URLs of up to 34 MB) are billed as input; the body holds their URLs.
-    for tool in ({"urlContext": {}}, {"url_context": {}}):
-        r, body = reserve(ask(tools=[{"googleSearch": {}}, tool]))
-        assert r == body + DOCS
-    r, body = reserve(ask(tools=[{"googleSearch": {}}, {"codeExecution": {}}]))
-    assert r == body  # search grounding is billed per prompt or query, not by what it reads
+SERVER_TOOLS = [
+    {"urlContext": {}},  # the pages it reads (up to 20 URLs of up to 34 MB); the body holds their URLs
+    {"url_context": {}},
+    {"googleSearch": {}},  # the search results it grounds on (the per-query fee is apart, unmetered)
+    {"google_search": {}},
+    {"googleSearchRetrieval": {"dynamicRetrievalConfig": {"mode": "MODE_DYNAMIC"}}},
+    {"codeExecution": {}},  # the code's output
+    {"code_execution": {}},
+    {"fileSearch": {"fileSearchStoreNames": ["fileSearchStores/manuals"]}},
+    {"googleMaps": {}},
+    {"enterpriseWebSearch": {}},
+    {"someFutureTool": {}},  # unknown: the safe side
+    {"functionDeclarations": [{"name": "f"}], "googleSearch": {}},  # one entry, both kinds
+]
+CLIENT_TOOLS = [
+    {"functionDeclarations": [{"name": "get_weather"}]},  # the client runs them: results come in a later body
+    {"function_declarations": [{"name": "get_weather"}]},
+    {"computerUse": {"environment": "ENVIRONMENT_BROWSER"}},
+    {"computer_use": {"environment": "ENVIRONMENT_BROWSER"}},
+    {"googleSearch": None},  # null: not set (proto JSON)
+    {},
+]
+
+
+@pytest.mark.parametrize("tool", SERVER_TOOLS, ids=lambda t: ",".join(t))
+def test_a_server_tool_reserves_the_server_tool_ceiling(tool: dict[str, Any]) -> None:
+    # What it feeds back is billed as input (`toolUsePromptTokenCount`), bounded only by the context window.
+    r, body = reserve(ask(tools=[tool]))
+    assert r == body + TOOLS
+    r, body = reserve(ask(tools=[*CLIENT_TOOLS, tool]))
+    assert r == body + TOOLS
+
+
+@pytest.mark.parametrize("tools", [[], *([t] for t in CLIENT_TOOLS), CLIENT_TOOLS, "junk", [None, 3]])
+def test_client_tools_reserve_nothing_beyond_the_body(tools: object) -> None:
+    r, body = reserve(ask(tools=tools))
+    assert r == body
+
+
+def test_documents_and_server_tools_share_one_ceiling_the_larger() -> None:
+    # Files and tool results fill the same context window: the larger applicable ceiling, once.
+    obj = ask(VIDEO, PDF, tools=[{"googleSearch": {}}, {"urlContext": {}}, {"codeExecution": {}}])
+    r, body = reserve(obj)
+    assert r == body + TOOLS  # 400,000 > 300,000
+    r, body = reserve(obj, docs=500_000)
+    assert r == body + 500_000
+    r, body = reserve(ask(VIDEO), docs=500_000)  # a document alone: its own ceiling, whatever the tools'
+    assert r == body + 500_000
+    r, body = reserve(ask(tools=[{"googleSearch": {}}]), docs=500_000)
+    assert r == body + TOOLS
+
+
+def test_the_rate_limit_counts_server_tools_by_use_not_the_ceiling() -> None:
+    obj = ask(VIDEO, tools=[{"googleSearch": {}}], generationConfig={"maxOutputTokens": 64})
+    call = prepare(obj)
+    body = estimate_input_tokens(orjson.dumps(obj))
+    assert call.reservation[GEMINI_INPUT] == call.reservation[GEMINI_CACHED] == body + TOOLS
+    assert call.rate_tokens == body + 64
+
+
+def test_a_cached_content_with_a_server_tool() -> None:
+    # Cached input may be the whole input: the tool's ceiling counts on it as on gemini_input_tokens.
+    obj = ask(cachedContent="cachedContents/x", tools=[{"google_search": {}}])
+    call = prepare(obj)
+    body = estimate_input_tokens(orjson.dumps(obj))
+    assert (call.reservation[GEMINI_INPUT], call.reservation[GEMINI_CACHED]) == (body + TOOLS, body + TOOLS)
+    call = prepare(obj, docs=500_000)
+    assert (call.reservation[GEMINI_INPUT], call.reservation[GEMINI_CACHED]) == (body + TOOLS, 500_000)
 
 
 def test_several_parts_both_casings() -> None:
@@ -107,8 +169,8 @@ def test_several_parts_both_casings() -> None:
         VIDEO,
         YOUTUBE,
     ]
-    obj = ask(*parts, tools=[{"url_context": {}}])
-    assert gemini_media(obj).images == 2 and gemini_media(obj).documents == 4
+    obj = ask(*parts)
+    assert gemini_media(obj).images == 2 and gemini_media(obj).documents == 3
     r, body = reserve(obj)
     assert r == body - (2 * len(png) + len(audio)) // 2 + 2 * 4128 + DOCS
 
@@ -137,7 +199,7 @@ def test_a_plain_text_request_is_unchanged() -> None:
             {"role": "model", "parts": [{"text": "Hello!", "thoughtSignature": "c2ln"}]},
             {"role": "user", "parts": [{"text": "And now?"}]},
         ],
-        "tools": [{"googleSearch": {}}, {"functionDeclarations": [{"name": "f"}]}],
+        "tools": [{"functionDeclarations": [{"name": "f"}]}],  # (a server tool would reserve its ceiling)
         "generationConfig": {"maxOutputTokens": 100},
     }
     assert gemini_media(obj) is NO_MEDIA
@@ -174,6 +236,26 @@ def test_the_gemini_document_ceiling_setting() -> None:
     assert parse_file_config(raw).reservation.gemini_document_input_tokens == 1_048_576
     with pytest.raises(ConfigError, match="gemini_document_input_tokens must be at least 1"):
         parse_file_config({"reservation": {"gemini_document_input_tokens": 0}})
+
+
+def test_the_gemini_server_tool_ceiling_setting() -> None:
+    reservation = parse_file_config({}).reservation
+    assert reservation.gemini_server_tool_input_tokens == 2_097_152
+    assert reservation.server_tool_input_tokens == 1_000_000  # Claude's, apart
+    raw = {"reservation": {"gemini_server_tool_input_tokens": 200_000}}
+    assert parse_file_config(raw).reservation.gemini_server_tool_input_tokens == 200_000
+    with pytest.raises(ConfigError, match="gemini_server_tool_input_tokens must be at least 1"):
+        parse_file_config({"reservation": {"gemini_server_tool_input_tokens": 0}})
+    with pytest.raises(ConfigError, match="gemini_server_tool_input_tokens must be a non-negative integer"):
+        parse_file_config({"reservation": {"gemini_server_tool_input_tokens": "2M"}})
+    # The provider's default is the setting's.
+    obj = ask(tools=[{"googleSearch": {}}])
+    raw_body = orjson.dumps(obj)
+    provider = GeminiProvider("http://x", "k", 4096, 4)
+    route = provider.match("POST", PATH, b"")
+    assert route is not None
+    call = provider.prepare(route, raw_body, obj)
+    assert call.reservation[GEMINI_INPUT] == estimate_input_tokens(raw_body) + 2_097_152
 
 
 def test_a_cached_content_reserves_the_ceiling_as_cached_input() -> None:
