@@ -48,8 +48,8 @@ class ReservationConfig:
     # Claude input reserved once for a request's documents (PDFs, files by id, documents by URL), whose
     # pages the gateway cannot count: at least the largest context window of the models served.
     document_input_tokens: int = 1_000_000
-    # Gemini's likewise (files by URI, inline audio / video / PDF, the URL context tool; a cachedContent as
-    # cached input): Gemini's windows are not Claude's (1,048,576 tokens today, 2,097,152 on Pro models that had 2M).
+    # Gemini's likewise (files by URI, inline audio / video / PDF; a cachedContent as cached input): Gemini's
+    # windows are not Claude's (1,048,576 tokens today, 2,097,152 on Pro models that had 2M).
     gemini_document_input_tokens: int = 2_097_152
     # Input reserved once for a request offering a server tool (Claude: web search, web fetch, code execution,
     # tool search, MCP servers, any typed tool not run by the client; Gemini: Google Search, code execution,
