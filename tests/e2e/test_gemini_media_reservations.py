@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -32,6 +33,23 @@ def ask(*parts: types.Part) -> list[Any]:
     return [*parts, "Summarize it."]
 
 
+# The 402 hint for gemini_input_tokens: what a client can change to fit the reservation.
+INPUT_HINT = (
+    "send less input (inline images reserve 4,128 tokens each; files, audio, video, PDFs [reservation]"
+    " gemini_document_input_tokens; server tools such as Google Search and URL context [reservation]"
+    " gemini_server_tool_input_tokens) or manage billing at /api/billing/portal"
+)
+
+
+def refusal(call: Callable[[], object]) -> dict[str, Any]:
+    """The error of a 402 the gateway answered in Gemini's shape (google-genai raises a ClientError)."""
+    with pytest.raises(errors.ClientError) as err:
+        call()
+    assert err.value.code == 402 and err.value.status == "FAILED_PRECONDITION"
+    error: dict[str, Any] = err.value.details["error"]
+    return error
+
+
 def test_402_when_the_credit_covers_the_text_but_not_a_file_or_an_image(  # type: ignore[no-untyped-def]
     make_gateway, upstream: FakeUpstream
 ) -> None:
@@ -51,17 +69,11 @@ def test_402_when_the_credit_covers_the_text_but_not_a_file_or_an_image(  # type
     before = len(upstream.requests)
     data = len(base64.b64encode(TINY_PNG))
     for part, body, media in ((VIDEO, sent[0], DOCS), (image, sent[1], 4128 - data // 2)):
-        with pytest.raises(errors.ClientError) as err:
-            gc.models.generate_content(model=MODEL, contents=ask(part))
-        assert err.value.code == 402 and err.value.status == "FAILED_PRECONDITION"
+        error = refusal(lambda part=part: gc.models.generate_content(model=MODEL, contents=ask(part)))
         needed = len(body) // 2 + 16 + media
-        error = err.value.details["error"]
         assert error["meter"] == "gemini_input_tokens"
         assert error["message"] == (
-            f"quota for meter gemini_input_tokens has 3992 left but this request may use up to {needed}; send less"
-            " input (inline images reserve 4,128 tokens each; files, audio, video, PDFs [reservation]"
-            " gemini_document_input_tokens; server tools such as Google Search and URL context [reservation]"
-            " gemini_server_tool_input_tokens) or manage billing at /api/billing/portal"
+            f"quota for meter gemini_input_tokens has 3992 left but this request may use up to {needed}; {INPUT_HINT}"
         )
     assert len(upstream.requests) == before  # refused before the provider saw them
     meter = gw.meter(key, "gemini_input_tokens")
@@ -132,10 +144,7 @@ def test_a_cached_content_needs_cached_credit_for_the_ceiling(make_gateway, upst
     gw.wait_recorded("jon")
     before = len(upstream.requests)
     config = types.GenerateContentConfig(cached_content="cachedContents/lecture-notes")
-    with pytest.raises(errors.ClientError) as err:
-        gc.models.generate_content(model=MODEL, contents="Summarize the lecture.", config=config)
-    assert err.value.code == 402 and err.value.status == "FAILED_PRECONDITION"
-    error = err.value.details["error"]
+    error = refusal(lambda: gc.models.generate_content(model=MODEL, contents="Summarize the lecture.", config=config))
     assert error["meter"] == "gemini_cached_tokens"
     assert error["message"] == (
         f"quota for meter gemini_cached_tokens has 1000000 left but this request may use up to {DOCS}; send less"
@@ -182,16 +191,10 @@ def test_google_search_needs_input_credit_for_the_server_tool_ceiling(  # type: 
     key = gw.issue_key("lou")
     before = len(upstream.requests)
     gc = client(gw, key)
-    with pytest.raises(errors.ClientError) as err:
-        gc.models.generate_content(model=MODEL, contents=question, config=config)
-    assert err.value.code == 402 and err.value.status == "FAILED_PRECONDITION"
-    error = err.value.details["error"]
+    error = refusal(lambda: gc.models.generate_content(model=MODEL, contents=question, config=config))
     assert error["meter"] == "gemini_input_tokens"
     assert error["message"] == (
-        f"quota for meter gemini_input_tokens has 2000000 left but this request may use up to {needed}; send less"
-        " input (inline images reserve 4,128 tokens each; files, audio, video, PDFs [reservation]"
-        " gemini_document_input_tokens; server tools such as Google Search and URL context [reservation]"
-        " gemini_server_tool_input_tokens) or manage billing at /api/billing/portal"
+        f"quota for meter gemini_input_tokens has 2000000 left but this request may use up to {needed}; {INPUT_HINT}"
     )
     assert len(upstream.requests) == before  # refused before the provider saw it
     meter = gw.meter(key, "gemini_input_tokens")

@@ -228,26 +228,22 @@ def test_an_escaped_key_is_still_counted() -> None:
     assert call.reservation[GEMINI_INPUT] == estimate_input_tokens(body) + DOCS
 
 
-def test_the_gemini_document_ceiling_setting() -> None:
+@pytest.mark.parametrize(
+    ("name", "claude_name", "default"),
+    [
+        ("gemini_document_input_tokens", "document_input_tokens", 2_097_152),
+        ("gemini_server_tool_input_tokens", "server_tool_input_tokens", 2_097_152),
+    ],
+)
+def test_the_gemini_ceiling_settings(name: str, claude_name: str, default: int) -> None:
     reservation = parse_file_config({}).reservation
-    assert reservation.gemini_document_input_tokens == 2_097_152
-    assert reservation.document_input_tokens == 1_000_000  # Claude's, apart
-    raw = {"reservation": {"gemini_document_input_tokens": 1_048_576}}
-    assert parse_file_config(raw).reservation.gemini_document_input_tokens == 1_048_576
-    with pytest.raises(ConfigError, match="gemini_document_input_tokens must be at least 1"):
-        parse_file_config({"reservation": {"gemini_document_input_tokens": 0}})
-
-
-def test_the_gemini_server_tool_ceiling_setting() -> None:
-    reservation = parse_file_config({}).reservation
-    assert reservation.gemini_server_tool_input_tokens == 2_097_152
-    assert reservation.server_tool_input_tokens == 1_000_000  # Claude's, apart
-    raw = {"reservation": {"gemini_server_tool_input_tokens": 200_000}}
-    assert parse_file_config(raw).reservation.gemini_server_tool_input_tokens == 200_000
-    with pytest.raises(ConfigError, match="gemini_server_tool_input_tokens must be at least 1"):
-        parse_file_config({"reservation": {"gemini_server_tool_input_tokens": 0}})
-    with pytest.raises(ConfigError, match="gemini_server_tool_input_tokens must be a non-negative integer"):
-        parse_file_config({"reservation": {"gemini_server_tool_input_tokens": "2M"}})
+    assert getattr(reservation, name) == default
+    assert getattr(reservation, claude_name) == 1_000_000  # Claude's, apart
+    assert getattr(parse_file_config({"reservation": {name: 200_000}}).reservation, name) == 200_000
+    with pytest.raises(ConfigError, match=f"{name} must be at least 1"):
+        parse_file_config({"reservation": {name: 0}})
+    with pytest.raises(ConfigError, match=f"{name} must be a non-negative integer"):
+        parse_file_config({"reservation": {name: "2M"}})
     # The provider's default is the setting's.
     obj = ask(tools=[{"googleSearch": {}}])
     raw_body = orjson.dumps(obj)
