@@ -6,7 +6,11 @@ Marked `both_backends`: each test taking `store` or `db` runs on both (the outbo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -97,6 +101,57 @@ async def test_postgres_pool_hands_connections_back_without_a_reset_round_trip(d
             await conn.execute("BEGIN")
             await conn.execute("DELETE FROM requests")
         assert await store.finished_ids(["req_r"]) == {"req_r"}
+    finally:
+        await store.close()
+
+
+def _own_socket(local_port: int) -> socket.socket | None:
+    """This process's TCP socket bound to `local_port`, found through the kernel (/proc), as a duplicate."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == local_port:
+                    inodes.add(fields[9])
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                return socket.socket(fileno=os.dup(int(fd)))
+    return None
+
+
+async def test_postgres_connections_notice_a_database_that_vanished(db: Database) -> None:
+    """asyncpg sets no client-side keepalive: a database gone without closing its connections would leave a
+    query (the recorder's, the sync's, the keeper's) waiting for ever. Every connection the store opens,
+    pooled or listening, has the kernel end it within ~30 s instead; read from the kernel, not the code."""
+    if not db.is_postgres:
+        pytest.skip("PostgreSQL connections")
+    store = create_store(db.url, pool_size=1)
+    await store.open()
+    try:
+        await store.migrate()
+        assert isinstance(store, PostgresStore)
+        watch = await store.watch_invalidations()  # the LISTEN connection, apart from the pool
+        async with store.pool.acquire() as conn:
+            ports = await conn.fetch(
+                "SELECT client_port FROM pg_stat_activity WHERE datname = current_database() AND client_port > 0"
+            )
+        checked = 0
+        for (port,) in ports:
+            sock = _own_socket(port)
+            if sock is None:
+                continue  # (a connection of the server's own, not this process's)
+            with sock:
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 5
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30_000
+            checked += 1
+        assert checked >= 2, ports  # the pool's connection and the listening one
+        await watch.close()
     finally:
         await store.close()
 

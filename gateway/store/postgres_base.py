@@ -5,7 +5,10 @@ asyncpg (the extra `postgres`) is imported here only, so an install without it r
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+from typing import Any
 
 import asyncpg
 
@@ -15,6 +18,38 @@ log = logging.getLogger("gateway.store")
 
 # pg_advisory_xact_lock key of `migrate`: replicas starting together apply the schema one at a time.
 _MIGRATE_LOCK = 0x6761_7465_7761_7901  # "gateway" + 1
+
+# A database that vanishes without closing its connections (its host gone, a partition that drops packets)
+# must not leave a query waiting for ever: asyncpg sets no client-side TCP keepalive (asyncpg#606), and the
+# recorder, the sync and the lease keeper wait on the store without a deadline. With these the kernel ends
+# such a connection within ~30 s, the waiting call fails, and those loops retry on a fresh connection.
+_LIVENESS: tuple[tuple[int, int | None, int], ...] = (
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), 10),  # the first probe after 10 s of silence
+    (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), 5),
+    (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
+    # Data sent and not acknowledged for this long (ms) ends it too: a query sent into the void.
+    (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), 30_000),
+)
+
+
+def watch_liveness(transport: Any) -> None:
+    """Have the kernel notice when the peer of `transport`'s TCP connection is gone (see `_LIVENESS`)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a Unix socket: its peer cannot vanish unnoticed
+    for level, option, value in _LIVENESS:
+        if option is not None:  # (not every platform has every option)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
+
+
+class Connection(asyncpg.Connection):
+    """asyncpg's connection, its socket set to notice a database that vanished (`watch_liveness`)."""
+
+    def __init__(self, protocol: Any, transport: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(protocol, transport, *args, **kwargs)
+        watch_liveness(transport)
 
 
 class PostgresBase:
@@ -36,6 +71,7 @@ class PostgresBase:
             max_size=self.pool_size,
             server_settings={"timezone": "UTC"},
             reset=_keep_session,
+            connection_class=Connection,
         )
 
     async def close(self) -> None:

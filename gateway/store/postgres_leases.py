@@ -26,6 +26,7 @@ from datetime import datetime
 import asyncpg
 
 from gateway.store.leases_base import Invalidation, InvalidationWatch, LeaseGrant, LeaseTake, ProcessRow, grant
+from gateway.store.postgres_base import Connection
 
 log = logging.getLogger("gateway.store")
 
@@ -64,7 +65,7 @@ class ListenWatch:
         self._next_try = 0.0
 
     async def listen(self) -> None:
-        conn = await asyncpg.connect(self._dsn)
+        conn = await asyncpg.connect(self._dsn, connection_class=Connection)
         try:
             await conn.add_listener(_CHANNEL, self._notified)
         except BaseException:
