@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -81,28 +82,34 @@ async def test_two_migrators_at_once_on_a_fresh_database_apply_the_schema_once(d
         await b.close()
 
 
-async def test_postgres_pool_hands_connections_back_without_a_reset_round_trip(db: Database) -> None:
+@pytest.fixture
+async def pg_store(db: Database) -> AsyncIterator[PostgresStore]:
+    """A PostgreSQL store with a pool of one connection, migrated (PostgreSQL runs only)."""
     if not db.is_postgres:
-        pytest.skip("the PostgreSQL pool")
+        pytest.skip("PostgreSQL's own connections")
     store = create_store(db.url, pool_size=1)
     await store.open()
     try:
         await store.migrate()
         assert isinstance(store, PostgresStore)
-        await store.finish_requests([used("req_w", {"claude_output_tokens": 2})])  # asyncpg learns the types
-        sent: list[str] = []
-        async with store.pool.acquire() as conn:  # the pool's one connection
-            conn.add_query_logger(lambda q: sent.append(q.query))
-        await store.finish_requests([used("req_r", {"claude_output_tokens": 2})])
-        assert await store.finished_ids(["req_r"]) == {"req_r"}
-        assert [q.split()[0] for q in sent] == ["INSERT", "SELECT"], sent  # no RESET ALL after each
-        # A connection released inside a transaction is still rolled back before its next use.
-        async with store.pool.acquire() as conn:
-            await conn.execute("BEGIN")
-            await conn.execute("DELETE FROM requests")
-        assert await store.finished_ids(["req_r"]) == {"req_r"}
+        yield store
     finally:
         await store.close()
+
+
+async def test_postgres_pool_hands_connections_back_without_a_reset_round_trip(pg_store: PostgresStore) -> None:
+    await pg_store.finish_requests([used("req_w", {"claude_output_tokens": 2})])  # asyncpg learns the types
+    sent: list[str] = []
+    async with pg_store.pool.acquire() as conn:  # the pool's one connection
+        conn.add_query_logger(lambda q: sent.append(q.query))
+    await pg_store.finish_requests([used("req_r", {"claude_output_tokens": 2})])
+    assert await pg_store.finished_ids(["req_r"]) == {"req_r"}
+    assert [q.split()[0] for q in sent] == ["INSERT", "SELECT"], sent  # no RESET ALL after each
+    # A connection released inside a transaction is still rolled back before its next use.
+    async with pg_store.pool.acquire() as conn:
+        await conn.execute("BEGIN")
+        await conn.execute("DELETE FROM requests")
+    assert await pg_store.finished_ids(["req_r"]) == {"req_r"}
 
 
 def _own_socket(local_port: int) -> socket.socket | None:
@@ -122,38 +129,29 @@ def _own_socket(local_port: int) -> socket.socket | None:
     return None
 
 
-async def test_postgres_connections_notice_a_database_that_vanished(db: Database) -> None:
+async def test_postgres_connections_notice_a_database_that_vanished(pg_store: PostgresStore) -> None:
     """asyncpg sets no client-side keepalive: a database gone without closing its connections would leave a
     query (the recorder's, the sync's, the keeper's) waiting for ever. Every connection the store opens,
     pooled or listening, has the kernel end it within ~30 s instead; read from the kernel, not the code."""
-    if not db.is_postgres:
-        pytest.skip("PostgreSQL connections")
-    store = create_store(db.url, pool_size=1)
-    await store.open()
-    try:
-        await store.migrate()
-        assert isinstance(store, PostgresStore)
-        watch = await store.watch_invalidations()  # the LISTEN connection, apart from the pool
-        async with store.pool.acquire() as conn:
-            ports = await conn.fetch(
-                "SELECT client_port FROM pg_stat_activity WHERE datname = current_database() AND client_port > 0"
-            )
-        checked = 0
-        for (port,) in ports:
-            sock = _own_socket(port)
-            if sock is None:
-                continue  # (a connection of the server's own, not this process's)
-            with sock:
-                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
-                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 5
-                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
-                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30_000
-            checked += 1
-        assert checked >= 2, ports  # the pool's connection and the listening one
-        await watch.close()
-    finally:
-        await store.close()
+    watch = await pg_store.watch_invalidations()  # the LISTEN connection, apart from the pool
+    async with pg_store.pool.acquire() as conn:
+        ports = await conn.fetch(
+            "SELECT client_port FROM pg_stat_activity WHERE datname = current_database() AND client_port > 0"
+        )
+    checked = 0
+    for (port,) in ports:
+        sock = _own_socket(port)
+        if sock is None:
+            continue  # (a connection of the server's own, not this process's)
+        with sock:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 5
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30_000
+        checked += 1
+    assert checked >= 2, ports  # the pool's connection and the listening one
+    await watch.close()
 
 
 # ---------------------------------------------------------------------- keys
