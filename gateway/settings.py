@@ -96,6 +96,15 @@ def _section(cls: type, name: str, raw: Any) -> Any:
     return cls(**kwargs)
 
 
+# The input ceilings reserved for what a request's body does not bound; none may be 0 (each costs tokens).
+_CEILINGS = (
+    ("document_input_tokens", "a document costs tokens"),
+    ("gemini_document_input_tokens", "a document costs tokens"),
+    ("server_tool_input_tokens", "a server tool's results cost tokens"),
+    ("gemini_server_tool_input_tokens", "a server tool's results cost tokens"),
+)
+
+
 def parse_file_config(raw: Mapping[str, Any]) -> FileConfig:
     allowed = {"plan", "rate_limit", "status", "reservation"}
     for key in raw:
@@ -115,13 +124,9 @@ def parse_file_config(raw: Mapping[str, Any]) -> FileConfig:
     if not 0 < status.warning <= status.critical <= 1:
         raise ConfigError("[status] needs 0 < warning <= critical <= 1")
     reservation = _section(ReservationConfig, "reservation", raw.get("reservation", {}))
-    if reservation.document_input_tokens < 1:
-        raise ConfigError("[reservation] document_input_tokens must be at least 1 (a document costs tokens)")
-    if reservation.gemini_document_input_tokens < 1:
-        raise ConfigError("[reservation] gemini_document_input_tokens must be at least 1 (a document costs tokens)")
-    for name in ("server_tool_input_tokens", "gemini_server_tool_input_tokens"):
+    for name, why in _CEILINGS:
         if getattr(reservation, name) < 1:
-            raise ConfigError(f"[reservation] {name} must be at least 1 (a server tool's results cost tokens)")
+            raise ConfigError(f"[reservation] {name} must be at least 1 ({why})")
     return FileConfig(
         plan=plan,
         rate_limit=_section(RateLimitConfig, "rate_limit", raw.get("rate_limit", {})),

@@ -52,6 +52,14 @@ def offers_gemini_server_tools(tools: object) -> bool:
     return False
 
 
+def input_ceiling(documents: int, document_input: int, server_tool_input: int, offers_server_tools: bool) -> int:
+    """Input a request reserves once beyond its body: what its documents hold (`document_input` when it has
+    any) and what server tools feed back (`server_tool_input` when it offers one). Nothing in the body
+    bounds either, and they share one context window: the larger ceiling, not the sum."""
+    ceiling = document_input if documents else 0
+    return server_tool_input if server_tool_input > ceiling and offers_server_tools else ceiling
+
+
 def requested_web_searches(body_obj: dict[str, Any], unbounded: int) -> int:
     """The most web searches a Messages request can make: the `max_uses` of each web search tool
     in `tools` (the API stops searching there), or `unbounded` for one without a valid `max_uses`

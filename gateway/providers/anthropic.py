@@ -13,7 +13,7 @@ from gateway.metering import (
     usage_from_message,
 )
 from gateway.metering.estimate import CLAUDE_IMAGE_MAX_TOKENS
-from gateway.metering.server_tools import offers_claude_server_tools, requested_web_searches
+from gateway.metering.server_tools import input_ceiling, offers_claude_server_tools, requested_web_searches
 from gateway.meters import (
     CLAUDE_CACHE_READ,
     CLAUDE_CACHE_WRITE,
@@ -112,8 +112,9 @@ class AnthropicProvider:
         # The rate limit is no bill: documents and server tools' results count there by what they used (at
         # settle), not by a ceiling that would refuse every such request while anything else is in the window.
         rate_tokens = est_in
-        if media.documents or tools or "mcp_servers" in d:  # (a plain request skips the call)
-            est_in += self._input_ceiling(media.documents, tools, d.get("mcp_servers"))
+        if media.documents or tools or "mcp_servers" in d:  # (a plain request skips the calls)
+            offers = offers_claude_server_tools(tools, d.get("mcp_servers"))
+            est_in += input_ceiling(media.documents, self._document_input, self._server_tool_input, offers)
         max_out = d.get("max_tokens")
         if type(max_out) is not int or max_out < 0:  # (an int, not a bool: the cap as sent, the usual case)
             max_out = requested_max_output(d, "anthropic")
@@ -138,15 +139,6 @@ class AnthropicProvider:
             meter_factory=AnthropicStreamMeter if stream else None,
             body_usage=usage_from_message,
         )
-
-    def _input_ceiling(self, documents: int, tools: object, mcp_servers: object) -> int:
-        """Input reserved once beyond the body: what documents hold (`claude_media`), and what server tools
-        (web search, web fetch, code execution, MCP, ...) feed back as input of the request's later sampling
-        steps. Nothing in the body bounds either; they share one context window, so the larger ceiling."""
-        ceiling = self._document_input if documents else 0
-        if self._server_tool_input > ceiling and offers_claude_server_tools(tools, mcp_servers):
-            ceiling = self._server_tool_input
-        return ceiling
 
     def error_body(self, status: int, kind: str, message: str, extra: dict[str, Any] | None = None) -> bytes:
         error: dict[str, Any] = {"type": _ERROR_TYPES.get(status, kind), "message": message}

@@ -21,7 +21,7 @@ from gateway.metering import (
     wants_images,
 )
 from gateway.metering.estimate import GEMINI_IMAGE_MAX_TOKENS, image_model, requested_candidates
-from gateway.metering.server_tools import offers_gemini_server_tools
+from gateway.metering.server_tools import input_ceiling, offers_gemini_server_tools
 from gateway.meters import GEMINI_CACHED, GEMINI_IMAGES, GEMINI_INPUT, GEMINI_METERS, GEMINI_OUTPUT
 from gateway.providers.base import Call, Headers, InvalidRequest, Route, check_model, forward_headers
 
@@ -144,8 +144,11 @@ class GeminiProvider:
         is_object = isinstance(obj, dict)
         tools = obj.get("tools") if is_object else None
         # (the rate limit is no bill: documents and server tools' results count there by what they used, as
-        # for Claude; a plain request skips the call)
-        est_in = rate_in + self._input_ceiling(media.documents, tools) if media.documents or tools else rate_in
+        # for Claude; a plain request skips the calls)
+        est_in = rate_in
+        if media.documents or tools:
+            offers = offers_gemini_server_tools(tools)
+            est_in += input_ceiling(media.documents, self._document_input, self._server_tool_input, offers)
         if not is_object:
             max_out, n, images = None, 1, False
         elif obj.get("generationConfig") or obj.get("generation_config"):
@@ -170,16 +173,6 @@ class GeminiProvider:
             if n > 1:  # the stream ends only once every candidate has finished
                 factory = functools.partial(factory, n)
         return Call(route, route.model, route.stream, reservation, rate_in + est_out, factory, usage_from_response)
-
-    def _input_ceiling(self, documents: int, tools: object) -> int:
-        """Input reserved once beyond the body: what documents hold (`gemini_media`), and what server tools
-        (Google Search, code execution, URL context, file search, Maps, ...) feed back, billed as input
-        (`toolUsePromptTokenCount`). Nothing in the body bounds either; they share one context window, so
-        the larger ceiling."""
-        ceiling = self._document_input if documents else 0
-        if self._server_tool_input > ceiling and offers_gemini_server_tools(tools):
-            ceiling = self._server_tool_input
-        return ceiling
 
     def error_body(self, status: int, kind: str, message: str, extra: dict[str, Any] | None = None) -> bytes:
         error: dict[str, Any] = {"code": status, "message": message, "status": _STATUS.get(status, "UNKNOWN")}
