@@ -99,3 +99,15 @@ async def test_a_store_call_is_given_up_on_at_the_deadline_and_hands_back_what_i
     release.set()
     await poll_until(lambda: done)
     assert done == [True]
+
+
+def test_the_billing_endpoints_on_a_store_that_raises_are_a_503_not_a_500(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = client.post("/admin/keys", json={"user_id": "alice", "name": "web"}, headers=ADMIN).json()["key"]
+    monkeypatch.setattr(client.app.services.store, "find_key", failing)  # type: ignore[attr-defined]
+    for path in ("/api/billing/status", "/api/billing/portal"):
+        resp = client.get(path, headers={"x-api-key": key})
+        assert (resp.status_code, resp.json()) == (503, FAILED), f"{path}: {resp.text}"
+        assert resp.headers["retry-after"] == "1"
+        assert DSN_SECRET not in resp.text

@@ -9,8 +9,7 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gateway.deadlines import StoreTimeout, within
-from gateway.http_api import api_error
+from gateway.http_api import StoreUnavailable, api_error, from_store
 from gateway.keys import Identity
 from gateway.meters import ALL_METERS
 from gateway.polar.client import CustomerNotFound, PolarBillingError, SessionRefused
@@ -40,11 +39,6 @@ async def authenticate(s: Services, request: Request, tokens: StatusTokens) -> I
     return await s.keys.authenticate(bearer_or_api_key(request))
 
 
-def store_silent(exc: StoreTimeout) -> JSONResponse:
-    log.warning("a billing endpoint gave up on the database: %s", exc)
-    return api_error(503, "the database did not answer; retry in 1 s", {"retry-after": "1"})
-
-
 def unauthorized(request: Request) -> JSONResponse:
     token = bearer(request)
     if token is not None and token.startswith(TOKEN_PREFIX):
@@ -56,12 +50,12 @@ def status_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Aw
     async def billing_status(request: Request) -> JSONResponse:
         wait = s.settings.store_timeout_seconds
         try:
-            ident = await within(authenticate(s, request, tokens), wait)
+            ident = await from_store(authenticate(s, request, tokens), wait, "billing status: checking a key")
             if ident is None:
                 return unauthorized(request)
-            uq = await within(s.ledger.snapshot(ident.user_id), wait)
-        except StoreTimeout as exc:
-            return store_silent(exc)
+            uq = await from_store(s.ledger.snapshot(ident.user_id), wait, f"billing status: usage of {ident.user_id}")
+        except StoreUnavailable as exc:
+            return exc.response
         cfg = s.settings.file.status
         meters = [meter_status(name, uq.meter(name), cfg.warning, cfg.critical) for name in ALL_METERS]
         return JSONResponse(
@@ -100,10 +94,11 @@ def _host(url: str) -> str | None:
 
 def portal_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Awaitable[JSONResponse]]:
     async def billing_portal(request: Request) -> JSONResponse:
+        wait = s.settings.store_timeout_seconds
         try:
-            ident = await within(authenticate(s, request, tokens), s.settings.store_timeout_seconds)
-        except StoreTimeout as exc:
-            return store_silent(exc)
+            ident = await from_store(authenticate(s, request, tokens), wait, "billing portal: checking a key")
+        except StoreUnavailable as exc:
+            return exc.response
         if ident is None:
             return unauthorized(request)
         if s.polar is None:

@@ -73,8 +73,7 @@ def test_a_database_that_stops_answering_gets_a_503_in_bounded_time(
         started = time.monotonic()
         status = httpx.get(f"{gw.url}/api/billing/status", headers={"x-api-key": ann}, timeout=30)
         assert (status.status_code, status.headers["retry-after"]) == (503, "1")
-        silent = {"error": {"type": "unavailable", "message": "the database did not answer; retry in 1 s"}}
-        assert status.json() == silent
+        assert status.json() == SILENT
         assert TIMEOUT <= time.monotonic() - started < TIMEOUT + 3
     finally:
         relay.thaw()
