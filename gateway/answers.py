@@ -16,6 +16,7 @@ from gateway.meters import (
     GEMINI_CACHED,
     GEMINI_IMAGES,
     GEMINI_INPUT,
+    GEMINI_OUTPUT,
 )
 from gateway.providers.base import Provider
 
@@ -40,6 +41,8 @@ _LOWER = {
     **dict.fromkeys((CLAUDE_INPUT, CLAUDE_CACHE_WRITE, CLAUDE_CACHE_WRITE_1H, CLAUDE_CACHE_READ), _INPUT),
     GEMINI_INPUT: _GEMINI_INPUT,
     GEMINI_CACHED: _GEMINI_CACHED,
+    # (a request without it reserves [reservation] gemini_max_output_tokens, the model's whole output limit)
+    GEMINI_OUTPUT: "set a lower maxOutputTokens",
 }
 # Without it the server keeps reading (and discarding) the rest of an oversized upload.
 _CLOSE = [(b"connection", b"close")]

@@ -182,7 +182,7 @@ def create_app(
     gemini = GeminiProvider(
         settings.gemini_upstream,
         settings.gemini_api_key,
-        reservation.default_max_output_tokens,
+        reservation.gemini_max_output_tokens,
         reservation.images_per_request,
         reservation.gemini_document_input_tokens,
         reservation.gemini_server_tool_input_tokens,

@@ -43,6 +43,9 @@ class StatusConfig:
 @dataclass(frozen=True, slots=True)
 class ReservationConfig:
     default_max_output_tokens: int = 4096
+    # Gemini output reserved for a request without maxOutputTokens: Google then lets the model write up to
+    # its own output limit (65,536 on Gemini 2.5 and 3 models, thinking included), which 4,096 fell short of.
+    gemini_max_output_tokens: int = 65_536
     images_per_request: int = 4
     web_searches_per_request: int = 10  # a Claude web search tool without max_uses (unlimited upstream)
     # Claude input reserved once for a request's documents (PDFs, files by id, documents by URL), whose

@@ -85,3 +85,40 @@ def test_google_rest_clients_json_with_enum_encoding_is_served(gateway: Gateway)
     gateway.wait_recorded("gapic", n=2)
     # (the JSON fixture bills 8 + 294, the JSON-array stream 8 + 296)
     assert gateway.events("gapic") == {"gemini_input_tokens": 8 + 8, "gemini_output_tokens": 294 + 296}
+
+
+def test_no_output_cap_reserves_what_google_lets_the_model_write(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream
+) -> None:
+    # Without maxOutputTokens Google lets the model write up to its own limit (65,536 on Gemini 2.5 and 3,
+    # thinking included): 4,096 reserved let this request bill 50,000 against 10,000 credited.
+    gw = make_gateway(plan={"gemini_output_tokens": 10_000})
+    key = gw.issue_key("nocap")
+    upstream.enqueue(
+        Reply.json(
+            {
+                "candidates": [{"content": {"parts": [{"text": "x"}], "role": "model"}, "finishReason": "STOP"}],
+                "usageMetadata": {
+                    "promptTokenCount": 8,
+                    "candidatesTokenCount": 30_000,
+                    "thoughtsTokenCount": 20_000,
+                    "totalTokenCount": 50_008,
+                },
+            }
+        )
+    )
+    resp = _post(gw, key, "generateContent")
+    assert resp.status_code == 402, resp.text
+    error = resp.json()["error"]
+    assert (error["code"], error["status"], error["meter"]) == (402, "FAILED_PRECONDITION", "gemini_output_tokens")
+    assert error["message"] == (
+        "quota for meter gemini_output_tokens has 10000 left but this request may use up to 65536; "
+        "set a lower maxOutputTokens or manage billing at /api/billing/portal"
+    )
+    assert upstream.requests == []
+    upstream.reset()
+    # With a cap that fits it is served (the default reply: 8 in, 9 + 285 out) and billed as reported.
+    resp = _post(gw, key, "generateContent", {**BODY, "generationConfig": {"maxOutputTokens": 9000}})
+    assert resp.status_code == 200, resp.text
+    gw.wait_recorded("nocap")
+    assert gw.events("nocap") == {"gemini_input_tokens": 8, "gemini_output_tokens": 294}

@@ -266,3 +266,14 @@ def test_a_cached_content_reserves_the_ceiling_as_cached_input() -> None:
     big["contents"][0]["parts"][0]["text"] = "x" * (2 * DOCS + 2000)  # a body beyond the ceiling bounds itself
     call = prepare(big)
     assert call.reservation[GEMINI_CACHED] == call.reservation[GEMINI_INPUT] > DOCS
+
+
+def test_the_gemini_output_default_is_the_models_limit_apart_from_claudes() -> None:
+    # Without maxOutputTokens Google lets the model write up to 65,536 tokens (Gemini 2.5 and 3, thinking
+    # included); Claude requires max_tokens, so its default stays.
+    reservation = parse_file_config({}).reservation
+    assert (reservation.gemini_max_output_tokens, reservation.default_max_output_tokens) == (65_536, 4096)
+    custom = parse_file_config({"reservation": {"gemini_max_output_tokens": 8192}}).reservation
+    assert custom.gemini_max_output_tokens == 8192
+    with pytest.raises(ConfigError, match="gemini_max_output_tokens must be a non-negative integer"):
+        parse_file_config({"reservation": {"gemini_max_output_tokens": -1}})
