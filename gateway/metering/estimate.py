@@ -200,6 +200,17 @@ def _positive_int(value: object) -> int | None:
     return value
 
 
+def _proto_int(value: object) -> int | None:
+    """A Gemini int32 field as Google reads it: proto3 JSON takes a number or a decimal string ("3", "5e2"),
+    integral. None when absent or not one (Google refuses such a request)."""
+    if isinstance(value, str):
+        try:
+            value = int(value) if value.isdigit() else float(value)
+        except ValueError:
+            return None
+    return _positive_int(value)
+
+
 def _generation_config(body_obj: dict[str, Any]) -> dict[str, Any]:
     cfg = body_obj.get("generationConfig")
     if not isinstance(cfg, dict):
@@ -210,21 +221,21 @@ def _generation_config(body_obj: dict[str, Any]) -> dict[str, Any]:
 def requested_max_output(body_obj: dict[str, Any], provider: str) -> int | None:
     """The client's output cap: anthropic `max_tokens`, gemini `maxOutputTokens`.
 
-    None when absent or not a non-negative int (the caller then uses its own default).
-    Unknown providers also give None.
+    None when absent or not a non-negative int (the caller then uses its own default); for gemini
+    also when 0, which Google may read as unset (the model's own limit). Unknown providers also give None.
     """
     if provider == "anthropic":
         return _positive_int(body_obj.get("max_tokens"))
     if provider == "gemini":
         cfg = _generation_config(body_obj)
-        return _positive_int(_either(cfg, "maxOutputTokens", "max_output_tokens"))
+        return _proto_int(_either(cfg, "maxOutputTokens", "max_output_tokens")) or None
     return None
 
 
 def requested_candidates(body_obj: dict[str, Any]) -> int:
     """Gemini `candidateCount` (each candidate may use the whole output cap); 1 when absent or invalid."""
     cfg = _generation_config(body_obj)
-    n = _positive_int(_either(cfg, "candidateCount", "candidate_count"))
+    n = _proto_int(_either(cfg, "candidateCount", "candidate_count"))
     return n if n else 1
 
 

@@ -39,7 +39,11 @@ def test_a_stream_is_metered_in_the_format_google_answers_in(gateway: Gateway, c
     assert gateway.events("fmt") == {"gemini_input_tokens": 8, "gemini_output_tokens": 296}
 
 
-def test_candidate_count_cannot_spend_past_quota(make_gateway: Callable[..., Gateway], upstream: FakeUpstream) -> None:
+# (Google reads proto3 JSON: "3" is 3 candidates too; read as none, it reserved one)
+@pytest.mark.parametrize("count", [3, "3"])
+def test_candidate_count_cannot_spend_past_quota(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream, count: object
+) -> None:
     gw = make_gateway(plan={"gemini_output_tokens": 1000})
     key = gw.issue_key("cand")
     cand = {"content": {"parts": [{"text": "x"}], "role": "model"}, "finishReason": "MAX_TOKENS"}
@@ -51,7 +55,7 @@ def test_candidate_count_cannot_spend_past_quota(make_gateway: Callable[..., Gat
             }
         )
     )
-    body = {**BODY, "generationConfig": {"maxOutputTokens": 600, "candidateCount": 3}}
+    body = {**BODY, "generationConfig": {"maxOutputTokens": 600, "candidateCount": count}}
     resp = _post(gw, key, "generateContent", body)
     # 3 candidates x 600 tokens may be 1800 > 1000 credited: refused up front, never billed past the quota
     assert resp.status_code == 402, resp.text

@@ -115,3 +115,24 @@ def test_a_candidate_finishing_twice_is_not_two_candidates() -> None:
     done1 = {"candidates": [{"content": {"parts": [{"text": "b"}]}, "finishReason": "STOP", "index": 1}]}
     m.feed(b"data: " + orjson.dumps(done1) + b"\r\n\r\n")
     assert m.usage().final
+
+
+# Google reads JSON as proto3 JSON: an int32 field takes a number or a decimal string ("3"), and an integral
+# float. Read otherwise, `"candidateCount": "3"` reserved one candidate for three.
+@pytest.mark.parametrize(
+    ("cfg", "reserved"),
+    [
+        ({"maxOutputTokens": 500, "candidateCount": "3"}, 3 * 500),
+        ({"maxOutputTokens": "500", "candidateCount": "3"}, 3 * 500),
+        ({"max_output_tokens": "500", "candidate_count": 3.0}, 3 * 500),
+        ({"maxOutputTokens": "500"}, 500),
+        ({"maxOutputTokens": "5e2", "candidateCount": "2"}, 2 * 500),
+        ({"maxOutputTokens": "lots", "candidateCount": "two"}, 4096),  # not a number: Google refuses it
+        ({"maxOutputTokens": 0}, 4096),  # (0 may read as unset, the model's limit: never reserve nothing)
+        ({"maxOutputTokens": "-5", "candidateCount": "-2"}, 4096),
+    ],
+)
+def test_counts_are_read_as_google_reads_them(cfg: dict, reserved: int) -> None:
+    body = {"contents": [{"parts": [{"text": "Hi"}]}], "generationConfig": cfg}
+    call = prepare("/v1beta/models/gemini-2.5-flash:generateContent", body)
+    assert call.reservation[GEMINI_OUTPUT] == reserved
