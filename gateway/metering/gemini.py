@@ -50,7 +50,7 @@ def meters_from_metadata(um: dict[str, Any] | None, images: int = 0) -> dict[str
     details = get("candidatesTokensDetails")
     if isinstance(details, list):
         for d in details:
-            if isinstance(d, dict) and d.get("modality") == "IMAGE":
+            if isinstance(d, dict) and _is_image_modality(d.get("modality")):
                 output -= as_count(d.get("tokenCount"))
     return {
         GEMINI_INPUT: (prompt - cached if prompt > cached else 0) + tool,
@@ -58,6 +58,12 @@ def meters_from_metadata(um: dict[str, Any] | None, images: int = 0) -> dict[str
         GEMINI_OUTPUT: output if output > 0 else 0,
         GEMINI_IMAGES: images,
     }
+
+
+def _is_image_modality(modality: object) -> bool:
+    # By name, or by number when the client asked for `$alt=json;enum-encoding=int` (Google's REST clients
+    # do): Modality.IMAGE = 2 (a bool is no enum number).
+    return modality == "IMAGE" or (modality == 2 and type(modality) is int)
 
 
 def _is_image_part(part: object) -> bool:

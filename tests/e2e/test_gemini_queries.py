@@ -126,3 +126,36 @@ def test_no_output_cap_reserves_what_google_lets_the_model_write(
     assert resp.status_code == 200, resp.text
     gw.wait_recorded("nocap")
     assert gw.events("nocap") == {"gemini_input_tokens": 8, "gemini_output_tokens": 294}
+
+
+def test_image_tokens_in_integer_enums_are_billed_once(gateway: Gateway, upstream: FakeUpstream) -> None:
+    # With `enum-encoding=int` Google writes the modality as its number (IMAGE = 2): the image's 1,290 tokens
+    # were billed as output tokens as well as the image itself.
+    key = gateway.issue_key("enum-img")
+    image = {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}
+    upstream.enqueue(
+        Reply.json(
+            {
+                "candidates": [{"content": {"parts": [{"text": "Here."}, image], "role": "model"}, "finishReason": 1}],
+                "usageMetadata": {
+                    "promptTokenCount": 7,
+                    "candidatesTokenCount": 1300,
+                    "totalTokenCount": 1307,
+                    "candidatesTokensDetails": [{"modality": 2, "tokenCount": 1290}, {"modality": 1, "tokenCount": 10}],
+                },
+            }
+        )
+    )
+    body = {
+        "contents": [{"parts": [{"text": "A red square"}], "role": "user"}],
+        "generationConfig": {"responseModalities": [1, 2]},
+    }
+    with httpx.Client(timeout=10) as http:
+        resp = http.post(
+            f"{gateway.url}/gemini/v1beta/models/gemini-2.5-flash-image:generateContent?%24alt=json%3Benum-encoding%3Dint",
+            json=body,
+            headers={"x-goog-api-key": key},
+        )
+    assert resp.status_code == 200, resp.text
+    gateway.wait_recorded("enum-img")
+    assert gateway.events("enum-img") == {"gemini_input_tokens": 7, "gemini_output_tokens": 10, "gemini_images": 1}

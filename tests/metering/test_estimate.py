@@ -51,6 +51,9 @@ def test_requested_max_output_gemini() -> None:
         ({}, "gemini-2.5-flash", False),
         ({"generationConfig": {"responseModalities": "IMAGE"}}, "gemini-2.5-pro", True),
         ({"generationConfig": {"responseModalities": [None, 3]}}, "gemini-2.5-pro", False),
+        # integer enums (proto3 JSON, what Google's REST clients send): TEXT = 1, IMAGE = 2, AUDIO = 3
+        ({"generationConfig": {"responseModalities": [1, 2]}}, "gemini-2.0-flash-exp", True),
+        ({"generationConfig": {"responseModalities": [True, 1]}}, "gemini-2.0-flash-exp", False),
     ],
 )
 def test_wants_images(body: dict[str, object], model: str, expected: bool) -> None:

@@ -60,6 +60,24 @@ def test_image_generate_content() -> None:
     assert u.meters == meters(7, 0, 1300 - 1290, 1)
 
 
+def test_image_tokens_with_integer_enums_are_not_billed_twice() -> None:
+    # Google REST clients ask for `$alt=json;enum-encoding=int`: every enum comes back as its number, the
+    # modality too (IMAGE = 2, TEXT = 1). The image's 1,290 tokens were billed as output beside the image.
+    body = orjson.loads(read("gemini/image_generate_content.json"))
+    body["candidates"][0]["finishReason"] = 1  # STOP
+    body["usageMetadata"]["promptTokensDetails"] = [{"modality": 1, "tokenCount": 7}]
+    body["usageMetadata"]["candidatesTokensDetails"] = [
+        {"modality": 2, "tokenCount": 1290},
+        {"modality": 1, "tokenCount": 10},
+    ]
+    u = usage_from_response(orjson.dumps(body))
+    assert (
+        u.meters
+        == meters(7, 0, 1300 - 1290, 1)
+        == usage_from_response(read("gemini/image_generate_content.json")).meters
+    )
+
+
 def test_dict_input_matches_bytes() -> None:
     body = read("gemini/image_generate_content.json")
     assert usage_from_response(orjson.loads(body)) == usage_from_response(body)
