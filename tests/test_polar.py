@@ -23,6 +23,7 @@ from gateway.polar.client import (
     valid_user_id,
 )
 from gateway.polar.commands import polar_setup
+from gateway.quota import limits_for
 from gateway.settings import Settings
 from gateway.store.base import CustomerLimits, MeterLimit, PendingEvent
 from tests.fakes.polar import FakePolar
@@ -175,6 +176,29 @@ def test_limits_from_state_on_a_realistic_webhook_payload() -> None:
     assert (empty.meters, empty.period_start, empty.period_end, empty.active) == ({}, None, None, True)
     with pytest.raises(ValueError):
         limits_from_state({"external_id": None, "active_meters": []}, names, NOW)
+
+
+def _state(subscriptions: list[dict[str, object]], active_meters: list[dict[str, object]]) -> dict[str, object]:
+    return {"external_id": "user-123", "active_subscriptions": subscriptions, "active_meters": active_meters}
+
+
+def _meter(meter_id: str, credited: int, consumed: float) -> dict[str, object]:
+    balance = credited - consumed
+    return {"meter_id": meter_id, "credited_units": credited, "consumed_units": consumed, "balance": balance}
+
+
+def test_a_meter_polar_neither_prices_nor_credits_is_left_to_the_plan() -> None:
+    # A Polar customer on the free plan: Polar lists a customer meter (credited 0) once the first
+    # event for it arrives. That must not turn the plan's allowance into a limit of 0.
+    names = {"m-in": CLAUDE_INPUT, "m-out": CLAUDE_OUTPUT}
+    plan = {CLAUDE_INPUT: 5000, CLAUDE_OUTPUT: 100}
+    before_first_event = limits_from_state(_state([], [_meter("m-out", 500, 0.0)]), names, NOW)
+    after_first_event = limits_from_state(
+        _state([], [_meter("m-in", 0, 1200.0), _meter("m-out", 500, 0.0)]), names, NOW
+    )
+    for limits in (before_first_event, after_first_event):
+        assert limits.meters == {CLAUDE_OUTPUT: MeterLimit(CLAUDE_OUTPUT, credited=500, consumed=0.0, balance=500.0)}
+        assert limits_for(plan, limits, NOW)[2] == {CLAUDE_INPUT: 5000, CLAUDE_OUTPUT: 500}
 
 
 async def test_portal_url_is_the_sessions_customer_portal_url(polar: PolarBilling, fake: FakePolar) -> None:

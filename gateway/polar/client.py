@@ -155,7 +155,9 @@ def limits_from_state(state: Any, meter_names: Mapping[str, str], snapshot_at: d
 
     `active_meters` carry the credit balance. A meter that also has a metered price in an active
     subscription bills overage, so it is unlimited here (`credited=None`); credits-only meters
-    are limited to their credited units. Meters Polar reports but we don't know are skipped.
+    are limited to their credited units. A meter with neither is left out, so the plan applies to
+    it: Polar lists a customer meter (credited 0) from the first event for it on, and that event
+    must not turn the plan's allowance into 0. Meters Polar reports but we don't know are skipped.
     """
     user_id = _get(state, "external_id")
     if not user_id:
@@ -173,6 +175,8 @@ def limits_from_state(state: Any, meter_names: Mapping[str, str], snapshot_at: d
         if not name:
             continue
         credited = int(_get(am, "credited_units") or 0)
+        if credited <= 0 and name not in metered:
+            continue
         meters[name] = MeterLimit(
             meter=name,
             credited=None if name in metered else credited,
