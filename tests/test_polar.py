@@ -119,14 +119,26 @@ async def test_customer_limits_from_polar_state(polar: PolarBilling, fake: FakeP
     limits = await polar.customer_limits("user-123")
     assert limits is not None
     assert limits.user_id == "user-123"
-    assert limits.meters == {
+    credits = {
         CLAUDE_INPUT: MeterLimit(CLAUDE_INPUT, credited=1_000_000, consumed=1500.0, balance=998_500.0),
         CLAUDE_OUTPUT: MeterLimit(CLAUDE_OUTPUT, credited=50_000, consumed=0.0, balance=50_000.0),
+    }
+    assert limits.meters == credits  # the metered prices bill nothing during the trial: the plan applies
+    assert (limits.period_start, limits.period_end, limits.active) == (start, end, True)
+    assert before <= limits.snapshot_at <= datetime.now(UTC)
+    fake.set_state(
+        "user-123",
+        meters={CLAUDE_INPUT: (1_000_000, 1500.0), CLAUDE_OUTPUT: (50_000, 0.0), GEMINI_INPUT: (0, 42.0)},
+        period_start=start,
+        period_end=end,
+        subscription_meters={GEMINI_INPUT: (0, 42.0), GEMINI_IMAGES: (0, 3.0)},
+    )
+    paid = await polar.customer_limits("user-123")
+    assert paid is not None and paid.meters == {
+        **credits,
         GEMINI_INPUT: MeterLimit(GEMINI_INPUT, credited=None, consumed=42.0, balance=-42.0),  # metered price
         GEMINI_IMAGES: MeterLimit(GEMINI_IMAGES, credited=None, consumed=3.0, balance=-3.0),
     }
-    assert (limits.period_start, limits.period_end, limits.active) == (start, end, True)
-    assert before <= limits.snapshot_at <= datetime.now(UTC)
     assert "GET /v1/customers/external/user-123/state" in fake.paths()
     assert await polar.customer_limits("nobody") is None
     with pytest.raises(ValueError):
@@ -182,6 +194,11 @@ def _state(subscriptions: list[dict[str, object]], active_meters: list[dict[str,
     return {"external_id": "user-123", "active_subscriptions": subscriptions, "active_meters": active_meters}
 
 
+def _sub(status: str, meters: list[dict[str, object]]) -> dict[str, object]:
+    period = {"current_period_start": "2026-01-01T00:00:00Z", "current_period_end": "2026-02-01T00:00:00Z"}
+    return {"id": "sub", "status": status, **period, "meters": meters}
+
+
 def _meter(meter_id: str, credited: int, consumed: float) -> dict[str, object]:
     balance = credited - consumed
     return {"meter_id": meter_id, "credited_units": credited, "consumed_units": consumed, "balance": balance}
@@ -199,6 +216,22 @@ def test_a_meter_polar_neither_prices_nor_credits_is_left_to_the_plan() -> None:
     for limits in (before_first_event, after_first_event):
         assert limits.meters == {CLAUDE_OUTPUT: MeterLimit(CLAUDE_OUTPUT, credited=500, consumed=0.0, balance=500.0)}
         assert limits_for(plan, limits, NOW)[2] == {CLAUDE_INPUT: 5000, CLAUDE_OUTPUT: 500}
+
+
+def test_a_trial_bills_no_usage_so_its_metered_meters_are_limited_like_unpriced_ones() -> None:
+    # Polar bills no usage ingested during a trial: a metered price then means nothing is paid for,
+    # so the meter is limited to its credits (else the plan), not unlimited.
+    names = {"m-in": CLAUDE_INPUT, "m-out": CLAUDE_OUTPUT}
+    plan = {CLAUDE_INPUT: 5000, CLAUDE_OUTPUT: 100}
+    metered = [_meter("m-in", 1000, 10.0), _meter("m-out", 0, 20.0)]
+    customer_meters = [_meter("m-in", 1000, 10.0), _meter("m-out", 0, 20.0)]
+    trial = limits_from_state(_state([_sub("trialing", metered)], customer_meters), names, NOW)
+    assert trial.meters == {CLAUDE_INPUT: MeterLimit(CLAUDE_INPUT, credited=1000, consumed=10.0, balance=990.0)}
+    assert limits_for(plan, trial, NOW)[2] == {CLAUDE_INPUT: 1000, CLAUDE_OUTPUT: 100}
+    paid = limits_from_state(_state([_sub("active", metered)], customer_meters), names, NOW)
+    assert limits_for(plan, paid, NOW)[2] == {CLAUDE_INPUT: None, CLAUDE_OUTPUT: None}
+    both = limits_from_state(_state([_sub("trialing", metered), _sub("active", metered)], customer_meters), names, NOW)
+    assert limits_for(plan, both, NOW)[2] == {CLAUDE_INPUT: None, CLAUDE_OUTPUT: None}
 
 
 async def test_portal_url_is_the_sessions_customer_portal_url(polar: PolarBilling, fake: FakePolar) -> None:

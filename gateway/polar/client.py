@@ -154,7 +154,8 @@ def limits_from_state(state: Any, meter_names: Mapping[str, str], snapshot_at: d
     """CustomerLimits from a Polar CustomerState (SDK object or raw webhook JSON).
 
     `active_meters` carry the credit balance. A meter that also has a metered price in an active
-    subscription bills overage, so it is unlimited here (`credited=None`); credits-only meters
+    subscription bills overage, so it is unlimited here (`credited=None`); not in a trialing one:
+    Polar bills no usage ingested during a trial, so there it counts as unpriced. Credits-only meters
     are limited to their credited units. A meter with neither is left out, so the plan applies to
     it: Polar lists a customer meter (credited 0) from the first event for it on, and that event
     must not turn the plan's allowance into 0. Meters Polar reports but we don't know are skipped.
@@ -165,6 +166,8 @@ def limits_from_state(state: Any, meter_names: Mapping[str, str], snapshot_at: d
     subs = [s for s in _get(state, "active_subscriptions") or [] if _get(s, "status") in ("active", "trialing")]
     metered: dict[str, tuple[float, int]] = {}
     for sub in subs:
+        if _get(sub, "status") != "active":
+            continue
         for sm in _get(sub, "meters") or []:
             name = meter_names.get(_get(sm, "meter_id"))
             if name:
