@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +111,9 @@ def build_services(settings: Settings, *, shared: bool = False) -> Services:
     )
 
 
-def _meter_names(s: Services) -> Callable[[], Awaitable[Mapping[str, str]]]:
-    async def names() -> Mapping[str, str]:
-        return await s.polar.meter_names() if s.polar is not None else {}
+def _meter_names(s: Services) -> Callable[[Collection[str]], Awaitable[Mapping[str, str]]]:
+    async def names(ids: Collection[str]) -> Mapping[str, str]:
+        return await s.polar.meter_names(ids) if s.polar is not None else {}
 
     return names
 

@@ -190,6 +190,18 @@ def test_limits_from_state_on_a_realistic_webhook_payload() -> None:
         limits_from_state({"external_id": None, "active_meters": []}, names, NOW)
 
 
+async def test_meters_not_ours_do_not_relist_the_meters_on_every_state(polar: PolarBilling, fake: FakePolar) -> None:
+    for user, archived in (("user-1", "an_archived_meter"), ("user-2", "another_archived_meter")):
+        others = {"another_products_meter": (0, 5.0), archived: (0, 1.0)}
+        fake.set_state(user, meters={CLAUDE_INPUT: (1000, 10.0), **others})
+        fake.meters[fake.meter_id(archived)]["archived_at"] = "2026-01-01T00:00:00Z"  # no longer listed
+    for _ in range(3):
+        for user in ("user-1", "user-2"):
+            limits = await polar.customer_limits(user)
+            assert limits is not None and set(limits.meters) == {CLAUDE_INPUT}
+    assert fake.paths().count("GET /v1/meters/") == 2  # the first state, then one id no listing had
+
+
 def _state(subscriptions: list[dict[str, object]], active_meters: list[dict[str, object]]) -> dict[str, object]:
     return {"external_id": "user-123", "active_subscriptions": subscriptions, "active_meters": active_meters}
 

@@ -18,7 +18,7 @@ from standardwebhooks import Webhook
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT
+from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT, GEMINI_IMAGES
 from gateway.polar.client import PolarBilling
 from gateway.polar.webhooks import make_webhook_endpoint
 from gateway.store import Store
@@ -165,6 +165,23 @@ async def test_older_snapshot_never_overwrites_newer(hook: Hook) -> None:
     assert (older.status_code, older.json()) == (200, {"status": "stale"})
     assert view(await hook.store.get_limits("user-123")) == expected(2000, t2)
     assert hook.changed == ["user-123"]
+
+
+async def test_a_meter_created_after_the_names_were_cached_still_counts(hook: Hook) -> None:
+    first = await hook.send(state_changed(hook.fake, "user-123", 1000))  # lists (and caches) Polar's meters
+    assert first.json() == {"status": "updated"}
+    # `gateway polar setup` run again creates a meter, and a product credits it
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    hook.fake.set_state(
+        "user-9", {CLAUDE_INPUT: (1000, 10.0), GEMINI_IMAGES: (50, 2.0)}, start, start + timedelta(days=31)
+    )
+    resp = await hook.send(webhook_payload("customer.state_changed", hook.fake.state_payload("user-9")))
+    assert (resp.status_code, resp.json()) == (200, {"status": "updated"})
+    limits = await hook.store.get_limits("user-9")
+    assert limits is not None and limits.meters == {
+        CLAUDE_INPUT: MeterLimit(CLAUDE_INPUT, credited=1000, consumed=10.0, balance=990.0),
+        GEMINI_IMAGES: MeterLimit(GEMINI_IMAGES, credited=50, consumed=2.0, balance=48.0),
+    }
 
 
 async def test_unknown_type_is_202_and_no_secret_is_503(hook: Hook, store: Store) -> None:

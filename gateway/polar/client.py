@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import typing
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -150,6 +150,15 @@ def _get(obj: Any, key: str) -> Any:
     return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
 
 
+def meter_ids(state: Any) -> set[str]:
+    """The meter ids a CustomerState (SDK object or raw JSON) names: its customer meters and the
+    meters of its subscriptions."""
+    ids = {_get(am, "meter_id") for am in _get(state, "active_meters") or []}
+    for sub in _get(state, "active_subscriptions") or []:
+        ids.update(_get(sm, "meter_id") for sm in _get(sub, "meters") or [])
+    return {i for i in ids if isinstance(i, str)}
+
+
 def limits_from_state(state: Any, meter_names: Mapping[str, str], snapshot_at: datetime) -> CustomerLimits:
     """CustomerLimits from a Polar CustomerState (SDK object or raw webhook JSON).
 
@@ -242,6 +251,8 @@ class PolarBilling:
         self._meters_ttl = meters_ttl
         self._call_attempts = call_attempts
         self._meter_names: dict[str, str] = {}
+        self._listed: set[str] = set()  # every meter id the last listing had, ours or not
+        self._unlisted: set[str] = set()  # ids asked about that it did not have (archived meters)
         self._meters_at = float("-inf")
 
     @classmethod
@@ -302,9 +313,15 @@ class PolarBilling:
         unreachable or refuses the token."""
         await self._list_meters()
 
-    async def meter_names(self, *, refresh: bool = False) -> dict[str, str]:
-        """Polar meter id -> our meter name, cached (state payloads only carry meter ids)."""
-        if refresh or time.monotonic() - self._meters_at > self._meters_ttl:
+    async def meter_names(self, ids: Collection[str] = ()) -> dict[str, str]:
+        """Polar meter id -> our meter name, cached (state payloads only carry meter ids).
+
+        Of `ids` (those the caller maps), one no listing had is a meter created since: list again
+        now, or its credits or price would be ignored until the cache expires. Meters not ours are
+        in the listing and archived ones are remembered, so neither costs a listing per state."""
+        unknown = set(ids) - self._listed - self._unlisted
+        expired = time.monotonic() - self._meters_at > self._meters_ttl
+        if unknown or expired:
             try:
                 meters = await self._list_meters()
             except PolarBillingError as exc:
@@ -313,6 +330,8 @@ class PolarBilling:
                 log.warning("meter listing failed, using the cached one: %s", exc)
                 return dict(self._meter_names)
             self._meter_names = {m.id: m.name for m in meters if m.name in ALL_METERS}
+            self._listed = {m.id for m in meters}
+            self._unlisted = ((set() if expired else self._unlisted) | unknown) - self._listed
             self._meters_at = time.monotonic()
         return dict(self._meter_names)
 
@@ -345,11 +364,7 @@ class PolarBilling:
             return None
         except HTTPValidationError:
             raise PolarBillingError("Polar rejected the customer state request (422)") from None
-        names = await self.meter_names()
-        known = set(names)
-        if any(m.meter_id not in known for m in state.active_meters):
-            names = await self.meter_names(refresh=True)
-        return limits_from_state(state, names, snapshot_at)
+        return limits_from_state(state, await self.meter_names(meter_ids(state)), snapshot_at)
 
     async def ensure_customer(self, user_id: str, email: str) -> bool:
         """Create the Polar customer for our user id if missing. True when it was created now."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import typing
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import orjson
@@ -31,13 +31,13 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.http_api import MAX_BODY_BYTES, BodyRefused, StoreUnavailable, api_error, from_store, read_body
 from gateway.metrics import NO_METRICS, OTHER, Metrics
-from gateway.polar.client import PolarBilling, PolarBillingError, limits_from_state, valid_user_id
+from gateway.polar.client import PolarBilling, PolarBillingError, limits_from_state, meter_ids, valid_user_id
 from gateway.store.base import CustomerLimits, WebhookStore
 from gateway.timeutil import parse_iso, utcnow
 
 log = logging.getLogger("gateway.webhooks")
 
-MeterNamesProvider = Callable[[], Awaitable[Mapping[str, str]]]
+MeterNamesProvider = Callable[[Collection[str]], Awaitable[Mapping[str, str]]]  # for these meter ids
 LimitsChanged = Callable[[str], Awaitable[None]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -150,7 +150,7 @@ def make_webhook_endpoint(
             user_id = _field(data, "external_id")
             if not user_id:
                 return "ignored"  # a Polar customer that isn't one of our users
-            limits = limits_from_state(data, await meter_names_provider(), snapshot_at)
+            limits = limits_from_state(data, await meter_names_provider(meter_ids(data)), snapshot_at)
             return await _put(limits)
         if event_type == "subscription.revoked":
             user_id = _field(data, "customer", "external_id")
