@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from tests.conftest import ANTHROPIC_KEY, Gateway, fixture_bytes
-from tests.fakes.upstream import FakeUpstream
+from tests.fakes.upstream import FakeUpstream, Reply
 
 MSG = [{"role": "user", "content": "Hello"}]
 
@@ -64,3 +64,40 @@ def test_invalid_key_is_401_and_upstream_not_called(gateway: Gateway, upstream: 
         "error": {"type": "authentication_error", "message": "invalid or revoked gateway key"},
     }
     assert len(upstream.requests) == before
+
+
+STREAM = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": MSG, "stream": True}
+BROKE = {"type": "error", "error": {"type": "api_error", "message": "the provider connection broke mid-response"}}
+_TEXT = fixture_bytes("anthropic/stream_text.sse")
+_DELTA = _TEXT.index(b"event: content_block_delta")  # the first text delta ("Hello")
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        _DELTA,  # between events
+        _DELTA + len(b"event: content_bl"),  # inside the `event:` line
+        _TEXT.index(b"\n", _DELTA) + 1,  # after the `event:` line
+        _TEXT.index(b"Hello"),  # inside the `data:` line
+        _TEXT.index(b"\n\n", _DELTA) + 1,  # after the `data:` line, before its blank line
+    ],
+    ids=["between events", "in the event line", "after the event line", "in the data line", "before the blank line"],
+)
+def test_stream_cut_mid_event_ends_with_an_error_the_sdk_raises(
+    gateway: Gateway, upstream: FakeUpstream, cut: int
+) -> None:
+    # A connection breaks wherever a TCP segment ends, mostly inside an event. The gateway's error
+    # event must still reach the SDK as an error, not be glued into the partial event's lines (a
+    # JSONDecodeError, a garbled message, or an event name the SDK ignores: a stream that ends "fine").
+    key = gateway.issue_key(f"cut{cut}")
+    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")], chunks=[_TEXT[:cut], b""], drop_after=1))
+    seen: list[str] = []
+    with pytest.raises(anthropic.APIStatusError) as err:
+        for event in client(gateway, key, max_retries=0).messages.create(**STREAM):  # type: ignore[call-overload]
+            seen.append(event.type)
+    assert err.value.status_code == 200
+    assert err.value.body == BROKE
+    assert seen == ["message_start", "content_block_start"]  # the ping is skipped; the cut delta never completed
+    rows = gateway.wait_recorded(f"cut{cut}")
+    assert rows[0]["outcome"] == "upstream_broken"
+    assert gateway.events(f"cut{cut}") == {"claude_input_tokens": 25, "claude_output_tokens": 1}
