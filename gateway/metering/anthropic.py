@@ -7,7 +7,9 @@ part of the cache writes with a 1-hour TTL (priced higher), metered on its own b
 `server_tool_use.web_search_requests` counts web searches, charged per search on top of tokens
 (`web_fetch_requests` are not: a fetch costs only the tokens of what it fetched). Stream usage
 fields are cumulative, so `message_delta` values overwrite and are never summed (nested objects
-like `server_tool_use` are replaced whole).
+like `server_tool_use` are replaced whole). With server-side compaction, `usage.iterations` lists each
+sampling step; a `compaction` step's tokens are billed but left out of the top-level fields, so they are
+added to them (`message` steps are already in them).
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def meters_from_usage(usage: dict[str, Any] | None) -> dict[str, int]:
     # (ints OR to a negative one exactly when one of them is negative).
     if not (type(i) is type(o) is type(w) is type(r) is type(w1) is type(s) is int and i | o | w | r | w1 | s >= 0):
         i, o, w, r, w1, s = as_count(i), as_count(o), as_count(w), as_count(r), as_count(w1), as_count(s)
+    iterations = get("iterations")
+    if iterations:  # (absent on most responses: one lookup)
+        i, o, w, r, w1 = _with_compactions(iterations, i, o, w, r, w1)
     return {
         CLAUDE_INPUT: i,
         CLAUDE_OUTPUT: o,
@@ -71,6 +76,22 @@ def meters_from_usage(usage: dict[str, Any] | None) -> dict[str, int]:
         CLAUDE_CACHE_READ: r,
         CLAUDE_WEB_SEARCHES: s,
     }
+
+
+def _with_compactions(iterations: object, i: int, o: int, w: int, r: int, w1: int) -> tuple[int, int, int, int, int]:
+    """The counts plus those of each `compaction` entry of `usage.iterations`: a compaction is a sampling step
+    of its own, billed, whose tokens the top-level fields leave out (its `message` entries are in them)."""
+    if not isinstance(iterations, list):
+        return i, o, w, r, w1
+    for it in iterations:
+        if isinstance(it, dict) and it.get("type") == "compaction":
+            ttl = it.get("cache_creation")
+            i += as_count(it.get("input_tokens"))
+            o += as_count(it.get("output_tokens"))
+            w += as_count(it.get("cache_creation_input_tokens"))
+            r += as_count(it.get("cache_read_input_tokens"))
+            w1 += as_count(ttl.get("ephemeral_1h_input_tokens")) if isinstance(ttl, dict) else 0
+    return i, o, w, r, w1
 
 
 def usage_from_message(body: bytes | dict[str, Any]) -> Usage:

@@ -101,3 +101,28 @@ def test_stream_cut_mid_event_ends_with_an_error_the_sdk_raises(
     rows = gateway.wait_recorded(f"cut{cut}")
     assert rows[0]["outcome"] == "upstream_broken"
     assert gateway.events(f"cut{cut}") == {"claude_input_tokens": 25, "claude_output_tokens": 1}
+
+
+def test_compaction_iterations_are_billed(gateway: Gateway, upstream: FakeUpstream) -> None:
+    # Server-side compaction: the summarising step's tokens are billed but are not in the top-level usage.
+    compaction = {"type": "compaction", "input_tokens": 180000, "output_tokens": 3500}
+    answer = {"type": "message", "input_tokens": 23000, "output_tokens": 1000}
+    usage = {
+        "input_tokens": 23000,
+        "output_tokens": 1000,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "iterations": [{**compaction, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}, answer],
+    }
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "content": [], "usage": usage}
+    upstream.enqueue(Reply.json(message))
+    key = gateway.issue_key("compact")
+    with httpx.Client(timeout=10) as http:
+        resp = http.post(
+            f"{gateway.url}/anthropic/v1/messages?beta=true",
+            json={"model": "claude-sonnet-4-6", "max_tokens": 4096, "messages": MSG},
+            headers={"x-api-key": key, "anthropic-beta": "compact-2026-01-12"},
+        )
+    assert resp.status_code == 200
+    gateway.wait_recorded("compact")
+    assert gateway.events("compact") == {"claude_input_tokens": 203000, "claude_output_tokens": 4500}

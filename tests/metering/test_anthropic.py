@@ -247,3 +247,58 @@ def test_delta_before_start_and_junk_events_do_not_crash() -> None:
     assert u.meters == meters(0, 4, 0, 0)
     assert u.final and u.seen
     assert u.error == {"type": "error"}  # no nested "error": keep the whole payload
+
+
+# --- compaction (server-side context compaction, beta) ---------------------------------------------
+# A compaction is a sampling step of its own: its entry in `usage.iterations` is "not included in the
+# top-level `usage` fields" (the SDK's BetaUsage docstring), while `message` entries are. Figures as in
+# Anthropic's compaction example: a 180,000-token context summarised, then answered from 23,000.
+COMPACTION = {
+    "type": "compaction",
+    "input_tokens": 180000,
+    "output_tokens": 3500,
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 2000,
+    "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+}
+ANSWER = {
+    "type": "message",
+    "input_tokens": 23000,
+    "output_tokens": 1000,
+    "cache_creation_input_tokens": 600,
+    "cache_read_input_tokens": 0,
+    "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 600},
+}
+TOP_LEVEL = {
+    "input_tokens": 23000,
+    "output_tokens": 1000,
+    "cache_creation_input_tokens": 600,
+    "cache_read_input_tokens": 0,
+    "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 600},
+}
+
+
+def test_message_bills_compaction_iterations_on_top_of_the_top_level_usage() -> None:
+    body = orjson.dumps({"type": "message", "usage": {**TOP_LEVEL, "iterations": [COMPACTION, ANSWER]}})
+    # input 23,000 + 180,000; output 1,000 + 3,500; the compaction's cache read; the answer's 1h write once.
+    assert usage_from_message(body).meters == meters(203000, 4500, 600, 2000, write_1h=600)
+
+
+def test_compaction_iteration_with_odd_fields_counts_what_it_can() -> None:
+    odd = [{"type": "compaction", "input_tokens": 10, "output_tokens": None, "cache_creation": [1]}, "x", None]
+    body = orjson.dumps({"type": "message", "usage": {**TOP_LEVEL, "iterations": odd}})
+    assert usage_from_message(body).meters == meters(23010, 1000, 600, 0, write_1h=600)
+    body = orjson.dumps({"type": "message", "usage": {**TOP_LEVEL, "iterations": {"type": "compaction"}}})
+    assert usage_from_message(body).meters == meters(23000, 1000, 600, 0, write_1h=600)
+
+
+def test_stream_bills_compaction_iterations_from_the_last_message_delta() -> None:
+    start_usage = {**TOP_LEVEL, "input_tokens": 23000, "output_tokens": 1}
+    start = {"type": "message_start", "message": {"usage": start_usage}}
+    # `iterations` is cumulative like every delta count: the second list replaces the first.
+    d1 = {"type": "message_delta", "usage": {"output_tokens": 400, "iterations": [COMPACTION]}}
+    d2 = {"type": "message_delta", "usage": {"output_tokens": 1000, "iterations": [COMPACTION, ANSWER]}}
+    body = sse(("message_start", start), ("message_delta", d1), ("message_delta", d2), ("message_stop", {}))
+    u = run(AnthropicStreamMeter, [body])
+    assert u.meters == meters(203000, 4500, 600, 2000, write_1h=600)
+    assert assert_split_invariant(AnthropicStreamMeter, body) == u
