@@ -110,6 +110,13 @@ def claude_media(obj: Any) -> Media:
     return Media(images, documents, inline)
 
 
+def continues_thread(thread: object) -> bool:
+    """Whether a Claude request's `thread` resumes server-held conversation state: any but `{"type": "create"}`
+    (which only starts holding it), so an unknown kind counts. The body then holds only the new turn, while
+    the provider bills the whole conversation as input, which only the context window bounds."""
+    return thread is not None and not (isinstance(thread, dict) and thread.get("type") == "create")
+
+
 # The most one Gemini image costs, whatever its bytes. Gemini 2.x bills 258 tokens for an image of at most
 # 384x384 px, else 258 per 768x768 tile, once scaled down to fit 3072x3072: at most 4 x 4 tiles. Gemini 3
 # bills by `mediaResolution`: at most 2,240 (ULTRA_HIGH). A 1-bit PNG of 3072x3072 px is 1.2 kB, and even a

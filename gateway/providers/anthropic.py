@@ -12,7 +12,7 @@ from gateway.metering import (
     requested_max_output,
     usage_from_message,
 )
-from gateway.metering.estimate import CLAUDE_IMAGE_MAX_TOKENS
+from gateway.metering.estimate import CLAUDE_IMAGE_MAX_TOKENS, continues_thread
 from gateway.metering.server_tools import input_ceiling, offers_claude_server_tools, requested_web_searches
 from gateway.meters import (
     CLAUDE_CACHE_READ,
@@ -112,9 +112,15 @@ class AnthropicProvider:
         # The rate limit is no bill: documents and server tools' results count there by what they used (at
         # settle), not by a ceiling that would refuse every such request while anything else is in the window.
         rate_tokens = est_in
-        if media.documents or tools or "mcp_servers" in d:  # (a plain request skips the calls)
-            offers = offers_claude_server_tools(tools, d.get("mcp_servers"))
-            est_in += input_ceiling(media.documents, self._document_input, self._server_tool_input, offers)
+        documents = media.documents
+        # A continued thread: the provider holds the conversation, and the `system` and `tools` it was created
+        # with (server tools among them), none of it in the body; bounded like a document and a server tool.
+        held = "thread" in d and continues_thread(d["thread"])
+        if held:
+            documents += 1
+        if documents or tools or "mcp_servers" in d:  # (a plain request skips the calls)
+            offers = held or offers_claude_server_tools(tools, d.get("mcp_servers"))
+            est_in += input_ceiling(documents, self._document_input, self._server_tool_input, offers)
         max_out = d.get("max_tokens")
         if type(max_out) is not int or max_out < 0:  # (an int, not a bool: the cap as sent, the usual case)
             max_out = requested_max_output(d, "anthropic")

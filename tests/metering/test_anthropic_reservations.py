@@ -191,3 +191,28 @@ def test_the_document_ceiling_setting() -> None:
         parse_file_config({"reservation": {"document_input_tokens": 0}})
     with pytest.raises(ConfigError, match="document_input_tokens must be a non-negative integer"):
         parse_file_config({"reservation": {"document_input_tokens": "1M"}})
+
+
+def test_a_continued_thread_reserves_the_input_ceilings() -> None:
+    # `thread: continue` resumes server-held conversation state: the new turn is all the body holds, but
+    # the provider bills the whole conversation as input, and takes the `system` and `tools` (server tools
+    # among them) the thread was created with: the larger of the document and server tool ceilings.
+    thread = {"type": "continue", "previous_message_id": "msg_01PreviousTurn"}
+    body = orjson.dumps({"model": "claude-opus-4-7", "max_tokens": 16, "messages": HI, "thread": thread})
+    for docs, server_tools in ((DOCS, 1_000_000), (DOCS, 100_000)):
+        provider = AnthropicProvider("http://x", "k", 4096, docs, server_tool_input_tokens=server_tools)
+        call = provider.prepare(ROUTE, body, orjson.loads(body))
+        assert call.reservation[CLAUDE_INPUT] == estimate_input_tokens(body) + max(docs, server_tools)
+        assert call.reservation[CLAUDE_CACHE_READ] == estimate_input_tokens(body) + max(docs, server_tools)
+        # The rate limit counts it by what it used, as for documents and server tools.
+        assert call.rate_tokens == estimate_input_tokens(body) + 16
+    # One context window: documents in the new turn share the one ceiling.
+    messages = ask(document(BY_FILE))["messages"]
+    r, body_est = reserve({"model": "claude-opus-4-7", "max_tokens": 16, "messages": messages, "thread": thread})
+    assert r[CLAUDE_INPUT] == body_est + 1_000_000
+    # An unknown kind of thread is held state too (the safe side); `create` only starts holding it.
+    r, body_est = reserve({"model": "claude-opus-4-7", "max_tokens": 16, "messages": HI, "thread": {"type": "fork"}})
+    assert r[CLAUDE_INPUT] == body_est + 1_000_000
+    for plain in ({"type": "create"}, None):
+        r, body_est = reserve({"model": "claude-opus-4-7", "max_tokens": 16, "messages": HI, "thread": plain})
+        assert r[CLAUDE_INPUT] == body_est
