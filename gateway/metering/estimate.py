@@ -239,6 +239,21 @@ def requested_max_output(body_obj: dict[str, Any], provider: str) -> int | None:
     return None
 
 
+def fallback_attempts(fallbacks: object, max_out: int) -> tuple[int, int]:
+    """The attempts a Claude request with server-side `fallbacks` may run, and the output they may write
+    together. A declined attempt is billed for what it read and wrote, then retried on each fallback model in
+    turn: each attempt reads the whole input again and writes up to its entry's `max_tokens` (`max_out`, the
+    request's, without one). `"default"` is the one fallback model Anthropic recommends; anything else that
+    is not a list counts as one attempt more too (the safe side)."""
+    if not isinstance(fallbacks, list):
+        return 2, 2 * max_out
+    output = max_out
+    for entry in fallbacks:
+        cap = _positive_int(entry.get("max_tokens")) if isinstance(entry, dict) else None
+        output += max_out if cap is None else cap
+    return 1 + len(fallbacks), output
+
+
 def requested_candidates(body_obj: dict[str, Any]) -> int:
     """Gemini `candidateCount` (each candidate may use the whole output cap); 1 when absent or invalid."""
     cfg = _generation_config(body_obj)

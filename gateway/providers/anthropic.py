@@ -12,7 +12,7 @@ from gateway.metering import (
     requested_max_output,
     usage_from_message,
 )
-from gateway.metering.estimate import CLAUDE_IMAGE_MAX_TOKENS, continues_thread
+from gateway.metering.estimate import CLAUDE_IMAGE_MAX_TOKENS, continues_thread, fallback_attempts
 from gateway.metering.server_tools import input_ceiling, offers_claude_server_tools, requested_web_searches
 from gateway.meters import (
     CLAUDE_CACHE_READ,
@@ -125,6 +125,10 @@ class AnthropicProvider:
         if type(max_out) is not int or max_out < 0:  # (an int, not a bool: the cap as sent, the usual case)
             max_out = requested_max_output(d, "anthropic")
         est_out = max_out if max_out is not None else self._default_max_output
+        fallbacks = d.get("fallbacks")
+        if fallbacks:  # every attempt reads the input again (and, declined, is billed): see `fallback_attempts`
+            attempts, est_out = fallback_attempts(fallbacks, est_out)
+            est_in, rate_tokens = est_in * attempts, rate_tokens * attempts
         # Input may land in any of the three input meters; each can hold at most the whole input.
         reservation = {
             CLAUDE_INPUT: est_in,

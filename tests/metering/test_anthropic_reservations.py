@@ -216,3 +216,25 @@ def test_a_continued_thread_reserves_the_input_ceilings() -> None:
     for plain in ({"type": "create"}, None):
         r, body_est = reserve({"model": "claude-opus-4-7", "max_tokens": 16, "messages": HI, "thread": plain})
         assert r[CLAUDE_INPUT] == body_est
+
+
+def test_server_side_fallbacks_reserve_every_attempt() -> None:
+    # With `fallbacks`, a declined attempt (billed for what it read and wrote) is retried on each fallback
+    # model in turn: each reads the whole input again and writes up to its entry's `max_tokens`, which may
+    # exceed the request's (the request's when the entry sets none; "default": Anthropic's one model).
+    base: dict[str, Any] = {"model": "claude-fable-5", "max_tokens": 16, "messages": HI}
+    cases = [
+        ([{"model": "claude-opus-4-8", "max_tokens": 64000}], 2, 16 + 64000),
+        ([{"model": "claude-opus-4-8", "max_tokens": 64000}, {"model": "claude-opus-4-7"}], 3, 16 + 64000 + 16),
+        ([{"model": "claude-opus-4-8", "max_tokens": None}], 2, 32),
+        ("default", 2, 32),
+    ]
+    for fallbacks, attempts, output in cases:
+        body = orjson.dumps({**base, "fallbacks": fallbacks})
+        call = AnthropicProvider("http://x", "k", 4096, DOCS).prepare(ROUTE, body, orjson.loads(body))
+        assert call.reservation[CLAUDE_OUTPUT] == output, fallbacks
+        assert call.reservation[CLAUDE_INPUT] == attempts * estimate_input_tokens(body), fallbacks
+        assert call.rate_tokens == attempts * estimate_input_tokens(body) + output, fallbacks
+    for none in ([], None):
+        r, body_est = reserve({**base, "fallbacks": none})
+        assert (r[CLAUDE_INPUT], r[CLAUDE_OUTPUT]) == (body_est, 16)
