@@ -16,7 +16,8 @@ from gateway.metering import StreamMeter, Usage
 
 Headers = list[tuple[bytes, bytes]]
 
-# Request headers never forwarded upstream: hop-by-hop, framing we recompute, and credentials.
+# Request headers never forwarded upstream: hop-by-hop, framing we recompute, credentials, and what
+# would hide the usage from the meter.
 DROP_REQUEST_HEADERS = frozenset(
     {
         b"host",
@@ -34,6 +35,7 @@ DROP_REQUEST_HEADERS = frozenset(
         b"authorization",
         b"x-api-key",
         b"x-goog-api-key",
+        b"x-goog-fieldmask",  # Google's response field mask: it could leave the usage out of the answer
         b"cookie",
         b"accept-encoding",
         b"forwarded",

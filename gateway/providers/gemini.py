@@ -61,11 +61,23 @@ def _strip_key(query: bytes) -> tuple[str, str | None]:
     return urlencode([(k, v) for k, v in pairs if k != "key"]), key
 
 
+# System parameters every Google API honours that reshape the answer: a field mask (`fields=candidates`)
+# leaves `usageMetadata` out, JSONP (`callback=f`) wraps the JSON in `f(...)`. Either way no usage could be
+# read. (The mask's header, X-Goog-FieldMask, is never forwarded: see `DROP_REQUEST_HEADERS`.)
+_RESHAPING = frozenset({"fields", "$fields", "callback", "$callback"})
+
+
 def _alt_sse(qs: str, stream: bool) -> bool:
     """Whether the query's `alt` (or `$alt`) parameter asks for SSE. Any other format than JSON (and
     SSE for a stream) is refused: the meter could not read it (`alt=proto`), and a guess either way
-    (`?quotaUser=alt=sse`, `?alt=%73se`, two values) would bill the stream as the wrong format."""
-    alts = {v.partition(";")[0] for k, v in parse_qsl(qs, keep_blank_values=True) if k in ("alt", "$alt")}
+    (`?quotaUser=alt=sse`, `?alt=%73se`, two values) would bill the stream as the wrong format. So is
+    a parameter that reshapes the answer (`_RESHAPING`)."""
+    pairs = parse_qsl(qs, keep_blank_values=True)
+    for k, v in pairs:
+        if k in _RESHAPING and v:  # (empty, a mask asks for every field)
+            message = f"{k}= is not served by the gateway on a metered call: the response must keep its usage"
+            raise InvalidRequest(message)
+    alts = {v.partition(";")[0] for k, v in pairs if k in ("alt", "$alt")}
     if not alts or alts == {"json"}:
         return False
     if stream and alts == {"sse"}:

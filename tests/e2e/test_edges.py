@@ -309,3 +309,51 @@ def test_full_disk_refuses_with_503_before_forwarding_and_releases_the_reservati
     # the refused request held no quota: the whole allowance is still there
     c.messages.create(**BODY)  # type: ignore[arg-type]
     gw.wait_recorded("full", 1)
+
+
+GEMINI_BODY = {"contents": [{"parts": [{"text": "Hi"}], "role": "user"}]}
+# What Google answers to `fields=candidates` (a system parameter every Google API honours): no usageMetadata.
+MASKED = {"candidates": [{"content": {"parts": [{"text": "Hello"}], "role": "model"}, "finishReason": "STOP"}]}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "generateContent?fields=candidates",
+        "generateContent?%24fields=candidates",
+        "generateContent?callback=f",  # JSONP: the JSON wrapped in `f(...)`, which no meter reads
+        "streamGenerateContent?alt=sse&$fields=candidates",
+        "streamGenerateContent?$callback=f",
+    ],
+)
+def test_a_response_field_mask_or_jsonp_is_refused_before_the_provider(
+    gateway: Gateway, upstream: FakeUpstream, call: str
+) -> None:
+    # Google would leave `usageMetadata` out (or wrap the JSON): the answer carries no usage, billed 0.
+    key = gateway.issue_key("mask")
+    upstream.enqueue(Reply.json(MASKED))
+    path = f"/gemini/v1beta/models/gemini-2.5-flash:{call}"
+    resp = post(gateway, key, path=path, json=GEMINI_BODY, headers={"x-goog-api-key": key})
+    name = call.split("?")[1].split("&")[-1].split("=")[0].replace("%24", "$")
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"] == {
+        "code": 400,
+        "message": f"{name}= is not served by the gateway on a metered call: the response must keep its usage",
+        "status": "INVALID_ARGUMENT",
+    }
+    assert upstream.requests == [] and gateway.requests("mask") == []
+
+
+def test_a_field_mask_header_is_not_forwarded(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.issue_key("maskh")
+    resp = post(
+        gateway,
+        key,
+        path="/gemini/v1beta/models/gemini-2.5-flash:generateContent",
+        json=GEMINI_BODY,
+        headers={"x-goog-api-key": key, "x-goog-fieldmask": "candidates"},
+    )
+    assert resp.status_code == 200
+    assert upstream.requests[-1].header("x-goog-fieldmask") is None  # the whole answer, usageMetadata included
+    gateway.wait_recorded("maskh")
+    assert gateway.events("maskh") == {"gemini_input_tokens": 8, "gemini_output_tokens": 294}
