@@ -289,6 +289,23 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_WATCHDOG_SECONDS": ("watchdog_seconds", float),
 }
 
+# Settings 0 is no value for: aiohttp takes a 0 timeout for none (a provider that never answers would hold
+# its request for ever), and a 0 period turns its loop into a busy one against the store or Polar (with
+# a 0 heartbeat, the staleness may be 0 too: every live process taken for dead).
+_POSITIVE = (
+    "GATEWAY_CLIENT_TIMEOUT_SECONDS",
+    "GATEWAY_MAX_CONNECTIONS",
+    "GATEWAY_STORE_TIMEOUT_SECONDS",
+    "GATEWAY_UPSTREAM_TIMEOUT_SECONDS",
+    "GATEWAY_CONNECT_TIMEOUT_SECONDS",
+    "GATEWAY_REFUSALS_FLUSH_SECONDS",
+    "GATEWAY_SYNC_INTERVAL_SECONDS",
+    "GATEWAY_SYNC_BACKOFF_SECONDS",
+    "GATEWAY_SYNC_BACKOFF_MAX_SECONDS",
+    "GATEWAY_KEEPER_POLL_SECONDS",
+    "GATEWAY_HEARTBEAT_SECONDS",
+)
+
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -334,7 +351,7 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         raise ConfigError("GATEWAY_DATABASE_POOL_SIZE must be at least 1")
     if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("GATEWAY_REDIS_URL must look like redis://host:6379/0 (or rediss://, unix://)")
-    for var in ("GATEWAY_CLIENT_TIMEOUT_SECONDS", "GATEWAY_MAX_CONNECTIONS", "GATEWAY_STORE_TIMEOUT_SECONDS"):
+    for var in _POSITIVE:
         if not 0 < getattr(settings, _ENV[var][0]) < math.inf:
             raise ConfigError(f"{var} must be a positive number, got {env.get(var)!r}")
     for origin in settings.cors_origin_list:

@@ -64,6 +64,29 @@ def test_a_store_timeout_must_be_a_positive_number(value: str) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "var",
+    [
+        # aiohttp takes a 0 timeout for none: a provider that never answers would hold the request for ever
+        "GATEWAY_UPSTREAM_TIMEOUT_SECONDS",
+        "GATEWAY_CONNECT_TIMEOUT_SECONDS",
+        # a 0 period is a busy loop against the store or Polar
+        "GATEWAY_REFUSALS_FLUSH_SECONDS",
+        "GATEWAY_SYNC_INTERVAL_SECONDS",
+        "GATEWAY_SYNC_BACKOFF_SECONDS",
+        "GATEWAY_SYNC_BACKOFF_MAX_SECONDS",
+        "GATEWAY_KEEPER_POLL_SECONDS",
+        "GATEWAY_HEARTBEAT_SECONDS",  # (with a 0 staleness, every live process would be taken for dead)
+    ],
+)
+def test_a_zero_timeout_or_period_is_a_config_error(var: str) -> None:
+    env = {var: "0", "GATEWAY_HEARTBEAT_STALE_SECONDS": "0", "GATEWAY_CONFIG": CONFIG}
+    if var != "GATEWAY_HEARTBEAT_SECONDS":
+        env.pop("GATEWAY_HEARTBEAT_STALE_SECONDS")
+    with pytest.raises(ConfigError, match=f"^{var} must be a positive number, got '0'$"):
+        settings_from_env(env)
+
+
 def test_port_out_of_range_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="GATEWAY_PORT"):
         settings_from_env({"GATEWAY_PORT": "70000", "GATEWAY_CONFIG": CONFIG})
