@@ -44,6 +44,7 @@ _LOWER = {
     # (a request without it reserves [reservation] gemini_max_output_tokens, the model's whole output limit)
     GEMINI_OUTPUT: "set a lower maxOutputTokens",
 }
+_COMPRESSED = "compressed request bodies (content-encoding) are not served by the gateway: send the JSON uncompressed"
 # Without it the server keeps reading (and discarding) the rest of an oversized upload.
 _CLOSE = [(b"connection", b"close")]
 
@@ -120,6 +121,9 @@ class ErrorAnswers:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return status
+
+    async def compressed(self, send: Any, rid: tuple[bytes, bytes]) -> int:
+        return await self.error(send, 400, "invalid_request_error", _COMPRESSED, rid)
 
     async def too_large(self, send: Any, rid: tuple[bytes, bytes]) -> int:
         message = f"request body exceeds the gateway limit of {self.max_body_bytes} bytes"

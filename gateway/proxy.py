@@ -45,6 +45,7 @@ WATCH_AFTER_SECONDS = 0.25  # a stream watches for its client leaving once it ha
 # The outcomes every request takes, as globals: a member looked up on its Enum class costs several
 # times a global's lookup on Python 3.11.
 _OK, _UPSTREAM_ERROR, _GATEWAY_ERROR = Outcome.OK, Outcome.UPSTREAM_ERROR, Outcome.GATEWAY_ERROR
+_IDENTITY = (b"", b"identity")  # request content-encodings the body is read as is
 
 
 def new_request_id() -> str:
@@ -134,6 +135,11 @@ class ProxyEndpoint:
             if maybe is None:
                 return count(op, await self._answer.too_large(send, rid))
             body = maybe
+            encoding = header(headers, b"content-encoding")
+            if encoding is not None and encoding.strip().lower() not in _IDENTITY:
+                # The reservation is sized from the body as read: an encoded one would be misread (or,
+                # JSON that only claims an encoding, forwarded for the provider to decode into more).
+                return count(op, await self._answer.compressed(send, rid))
             try:
                 obj = orjson.loads(body)
             except orjson.JSONDecodeError as exc:

@@ -357,3 +357,21 @@ def test_a_field_mask_header_is_not_forwarded(gateway: Gateway, upstream: FakeUp
     assert upstream.requests[-1].header("x-goog-fieldmask") is None  # the whole answer, usageMetadata included
     gateway.wait_recorded("maskh")
     assert gateway.events("maskh") == {"gemini_input_tokens": 8, "gemini_output_tokens": 294}
+
+
+def test_a_compressed_request_body_is_refused_clearly(gateway: Gateway, upstream: FakeUpstream) -> None:
+    # The gateway sizes the reservation from the body it reads: an encoded one it would misread (gzip:
+    # "malformed JSON: not valid UTF-8"), or, JSON that claims an encoding, forward for the provider to decode.
+    key = gateway.issue_key("enc")
+    raw = orjson.dumps(BODY)
+    message = "compressed request bodies (content-encoding) are not served by the gateway: send the JSON uncompressed"
+    for content, encoding in ((gzip.compress(raw), "gzip"), (raw, "gzip"), (raw, "br")):
+        resp = post(gateway, key, content=content, headers={"content-encoding": encoding})
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"] == {"type": "invalid_request_error", "message": message}
+    gemini = "/gemini/v1beta/models/gemini-2.5-flash:generateContent"
+    headers = {"x-goog-api-key": key, "content-encoding": "gzip"}
+    resp = post(gateway, key, path=gemini, content=orjson.dumps(GEMINI_BODY), headers=headers)
+    assert resp.status_code == 400 and resp.json()["error"]["message"] == message
+    assert upstream.requests == [] and gateway.requests("enc") == []
+    assert post(gateway, key, content=raw, headers={"content-encoding": "identity"}).status_code == 200
