@@ -318,6 +318,18 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
 
 
+def _bad_port(url: str) -> bool:
+    """Whether the URL's port is not a number in 0-65535 (the drivers would fail on it later: a traceback
+    at start, or a 502 for every request). A multi-host PostgreSQL URL (`h1:5432,h2:5433`) is the driver's."""
+    parts = urlsplit(url)
+    if "," in parts.netloc:
+        return False
+    try:
+        return parts.port is not None and not 0 <= parts.port <= 65535
+    except ValueError:  # (not a number, or out of range)
+        return True
+
+
 def _parse_bool(var: str, raw: str) -> bool:
     if raw.lower() in _TRUE:
         return True
@@ -345,6 +357,15 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         raise ConfigError(f"POLAR_ENVIRONMENT must be 'sandbox' or 'production', got {settings.polar_environment!r}")
     if not settings.database_url.startswith(("sqlite:///", *POSTGRES_SCHEMES)):
         raise ConfigError("GATEWAY_DATABASE_URL must look like sqlite:///path/to.db or postgresql://user@host:5432/db")
+    urls = {
+        "GATEWAY_DATABASE_URL": settings.database_url,
+        "GATEWAY_REDIS_URL": settings.redis_url,
+        "GATEWAY_ANTHROPIC_UPSTREAM": settings.anthropic_upstream,
+        "GATEWAY_GEMINI_UPSTREAM": settings.gemini_upstream,
+    }
+    for var, url in urls.items():
+        if _bad_port(url):  # (the message leaves the URL out: it may hold a password)
+            raise ConfigError(f"{var} has an invalid port: use a number from 0 to 65535")
     if settings.port > 65535:
         raise ConfigError(f"GATEWAY_PORT must be 0-65535, got {settings.port}")
     if settings.database_pool_size < 1:

@@ -87,6 +87,21 @@ def test_a_zero_timeout_or_period_is_a_config_error(var: str) -> None:
         settings_from_env(env)
 
 
+@pytest.mark.parametrize(
+    ("var", "url"),
+    [
+        ("GATEWAY_DATABASE_URL", "postgresql://gw:s3cret@db:5432x/gw"),  # `gateway serve`: a traceback
+        ("GATEWAY_REDIS_URL", "redis://:s3cret@127.0.0.1:abc/0"),  # a traceback
+        ("GATEWAY_ANTHROPIC_UPSTREAM", "https://api.anthropic.com:99999"),  # a 502 for every request
+        ("GATEWAY_GEMINI_UPSTREAM", "http://127.0.0.1:port"),
+    ],
+)
+def test_a_url_with_a_bad_port_is_a_config_error(var: str, url: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{var} has an invalid port") as err:
+        settings_from_env({var: url, "GATEWAY_CONFIG": CONFIG})
+    assert "s3cret" not in str(err.value)
+
+
 def test_port_out_of_range_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="GATEWAY_PORT"):
         settings_from_env({"GATEWAY_PORT": "70000", "GATEWAY_CONFIG": CONFIG})
