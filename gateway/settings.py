@@ -362,6 +362,7 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         "GATEWAY_REDIS_URL": settings.redis_url,
         "GATEWAY_ANTHROPIC_UPSTREAM": settings.anthropic_upstream,
         "GATEWAY_GEMINI_UPSTREAM": settings.gemini_upstream,
+        "POLAR_BASE_URL": settings.polar_base_url,
     }
     for var, url in urls.items():
         if _bad_port(url):  # (the message leaves the URL out: it may hold a password)
@@ -392,10 +393,12 @@ def settings_from_env(env: Mapping[str, str] | None = None, *, load_file: bool =
         raise ConfigError("GATEWAY_LOG_FORMAT must be 'text' or 'json'")
     if settings.metrics not in METRICS_MODES:
         raise ConfigError(f"GATEWAY_METRICS must be one of {', '.join(METRICS_MODES)}, got {settings.metrics!r}")
-    for name in ("anthropic_upstream", "gemini_upstream"):
-        url = getattr(settings, name)
+    for var in ("GATEWAY_ANTHROPIC_UPSTREAM", "GATEWAY_GEMINI_UPSTREAM", "POLAR_BASE_URL"):
+        url = urls[var]
+        if var == "POLAR_BASE_URL" and not url:
+            continue  # (Polar's own server)
         if not url.startswith(("http://", "https://")) or not urlsplit(url).hostname:
-            raise ConfigError(f"GATEWAY_{name.upper()} must be an http(s) URL, got {url!r}")
+            raise ConfigError(f"{var} must be an http(s) URL, got {url!r}")
     if load_file:
         from dataclasses import replace
 

@@ -102,6 +102,14 @@ def test_a_url_with_a_bad_port_is_a_config_error(var: str, url: str) -> None:
     assert "s3cret" not in str(err.value)
 
 
+@pytest.mark.parametrize("url", ["polar.example.com", "ftp://polar.example.com", "http://127.0.0.1:abc"])
+def test_a_polar_base_url_that_is_no_http_url_is_a_config_error(url: str) -> None:
+    # (it was taken: every sync failed as a network error, or `gateway sync` ended in a traceback)
+    env = {"POLAR_ACCESS_TOKEN": "polar_oat_x", "POLAR_BASE_URL": url, "GATEWAY_CONFIG": CONFIG}
+    with pytest.raises(ConfigError, match=r"^POLAR_BASE_URL "):
+        settings_from_env(env)
+
+
 def test_port_out_of_range_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="GATEWAY_PORT"):
         settings_from_env({"GATEWAY_PORT": "70000", "GATEWAY_CONFIG": CONFIG})
