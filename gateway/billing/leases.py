@@ -112,11 +112,18 @@ class LeasedLedger:
         self._fence = sent + FENCE_SHARE * self.stale_seconds
 
     async def reserve(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | Refusal:
+        self._fenced()
+        u = self._fresh(user_id)
+        if u is None:
+            u = await self._user(user_id)
+            self._fenced()  # (again after every wait: the fence may have passed meanwhile)
+        return self._reserve_local(u, amounts) or await self._reserve_leasing(u, amounts)
+
+    def _fenced(self) -> None:
+        """Raise LeasesLapsed once the fence has passed: nothing is granted from leases after it."""
         if (now := time.monotonic()) >= self._fence:
             late = now - self._fence + FENCE_SHARE * self.stale_seconds
             raise LeasesLapsed(f"no heartbeat stored for {late:.1f} s: this process's leases may have been released")
-        u = self._fresh(user_id) or await self._user(user_id)
-        return self._reserve_local(u, amounts) or await self._reserve_leasing(u, amounts)
 
     def reserve_held(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | None:
         u = self._fresh(user_id)
@@ -206,6 +213,7 @@ class LeasedLedger:
             deadline = time.monotonic() + self.recall_wait
             fresh = False  # whether recall_seq was issued for this reservation
             while True:
+                self._fenced()  # (it waited: for the lock, a take, a recall's answers)
                 got = self._reserve_local(u, amounts)
                 if got is not None:
                     return got

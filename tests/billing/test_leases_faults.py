@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 
+from gateway.billing.leases import LeasesLapsed
 from gateway.billing.protocols import Reservation
 from gateway.quota import Refusal
 from gateway.store.leases_base import InvalidationKind
-from tests.support_leases import Cluster, Proc, record
+from tests.conftest import wait_until_async
+from tests.support_leases import Cluster, CutOff, Proc, record
 
 OUT = "claude_output_tokens"
 
@@ -154,3 +156,31 @@ async def test_a_resync_racing_a_stored_batch_is_set_right_at_the_next_round(sha
     # 10 consumed, nothing in flight anywhere: 90 are free.
     got = await b.ledger.reserve("u", {OUT: 90})
     assert isinstance(got, Reservation), (got, await shared.leases("u"))
+
+
+async def test_a_reservation_that_waited_past_the_fence_is_not_granted_from_released_leases(shared: Cluster) -> None:
+    """r's heartbeats stop reaching the database (a partition, a pause) while one of its requests
+    waits on the store (here: the reload of limits a webhook changed). The request passed the fence
+    before it waited; by the time the store answers, r has been taken for dead and its leases are
+    someone else's. Granting it from r's idle slice then spends credit twice."""
+    a = await shared.process("a", {OUT: 1000}, host="here", stale=0.5, heartbeat=0.05)
+    r = await shared.process("r", {OUT: 1000}, host="elsewhere", stale=0.5, heartbeat=0.05)
+    assert isinstance(await r.ledger.reserve("u", {OUT: 40}), Reservation)  # in flight
+    assert await shared.leases("u") == {r.owner: 250}  # 210 of it idle
+    beats, limits = CutOff(r.store), CutOff(r.store)
+    r.keeper.store, r.ledger.store = beats, limits  # type: ignore[assignment]
+    beats.cut()
+    limits.cut()
+    r.ledger.invalidate("u")  # the limits changed (the same credit): the next pre-check reloads them
+    waiting = asyncio.ensure_future(r.ledger.reserve("u", {OUT: 200}))
+    await asyncio.sleep(0)  # (it starts: before the fence, it goes on to reload the limits)
+    assert not waiting.done() and time.monotonic() < r.ledger._fence
+
+    async def released() -> bool:
+        return not await shared.query("SELECT owner FROM quota_leases WHERE owner = ?", r.owner)
+
+    await wait_until_async(released)
+    assert isinstance(await a.ledger.reserve("u", {OUT: 960}), Reservation)  # r's idle 210 went to a
+    limits.open.set()  # the reload comes back: r's request must not be granted from a lease it lost
+    with pytest.raises(LeasesLapsed):
+        await waiting
