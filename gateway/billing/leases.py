@@ -67,6 +67,7 @@ class _User:
     tight_until: float = 0.0  # another process recalled: lease exact needs, hand back leftovers
     recall: tuple[int, float] = (0, 0.0)  # our last recall for this user: seq, monotonic time
     resynced: bool = False  # `_resync` set the row since the last `stored` of this user
+    returning: int = 0  # hand-backs of this user on their way to the store
     ends: float = -math.inf  # quota.period_end as a timestamp, for the pre-check's period test
 
 
@@ -237,6 +238,9 @@ class LeasedLedger:
                     for name, amount in out.granted.items():
                         u.held[name].lease += amount
                     continue
+                if u.returning:  # our idle slice is on its way back: off our books, not yet free in the store's
+                    await asyncio.sleep(self.poll)
+                    continue
                 short = [a for a in asks if out.available[a.meter] < a.need]
                 if not out.unanswered and fresh:
                     return self._refusal(u, amounts, short, out)
@@ -320,6 +324,7 @@ class LeasedLedger:
             elif idle < 0:
                 cover[name] = -idle
         if back or answered:
+            u.returning += 1
             try:
                 await self.leases.return_lease(self.owner, u.quota.user_id, back, answered)
             except Exception:
@@ -328,6 +333,8 @@ class LeasedLedger:
                 if back and u not in self._unsynced:
                     self._unsynced.append(u)
                 raise
+            finally:
+                u.returning -= 1
         if cover:
             for name in cover:
                 u.held[name].row = True

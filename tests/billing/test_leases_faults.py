@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from gateway.billing.leases import LeasesLapsed
 from gateway.billing.protocols import Reservation
 from gateway.quota import Refusal
 from gateway.store.leases_base import InvalidationKind
-from tests.conftest import wait_until_async
-from tests.support_leases import Cluster, CutOff, Proc, record
+from tests.conftest import poll_until, wait_until_async
+from tests.support_leases import Cluster, CutOff, Proc, cluster, record
 
 OUT = "claude_output_tokens"
 
@@ -184,3 +186,51 @@ async def test_a_reservation_that_waited_past_the_fence_is_not_granted_from_rele
     limits.open.set()  # the reload comes back: r's request must not be granted from a lease it lost
     with pytest.raises(LeasesLapsed):
         await waiting
+
+
+class _CountTakes:
+    """The ledger's lease store, counting the takes that came back."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.takes = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def take_lease(self, take: Any) -> Any:
+        out = await self.inner.take_lease(take)
+        self.takes += 1
+        return out
+
+
+async def test_a_hand_back_still_on_its_way_is_no_reason_to_refuse(tmp_path: Path) -> None:
+    """The keeper hands a's idle slice back (a quiet user) while a request of the same user needs
+    it: the hand-back has left a's books but the database has not committed it yet (another
+    connection of the pool; the row is busy). The take then sees the slice as a's lease still,
+    and nobody else holds anything: a refusal would be false."""
+    async with cluster("postgres", tmp_path) as shared:
+        a = await shared.process("a", {OUT: 100}, poll=3600.0, heartbeat=3600.0)
+        a.ledger.poll = 0.02  # (the keeper's rounds by hand)
+        first = await a.ledger.reserve("u", {OUT: 10})
+        assert isinstance(first, Reservation)
+        a.ledger.settle(first, {})  # nothing used: a holds an idle slice of 25
+        assert await shared.leases("u") == {a.owner: 25}
+        takes = _CountTakes(a.ledger.leases)
+        a.ledger.leases = takes  # type: ignore[assignment]
+        busy = await asyncpg.connect(shared.dsn)
+        try:
+            tx = busy.transaction()
+            await tx.start()
+            await busy.execute("SELECT 1 FROM quota_leases WHERE owner = $1 FOR UPDATE", a.owner)
+            back = asyncio.ensure_future(a.ledger.keep(0.0, scan=True))  # the idle round: 25 go back
+            await poll_until(lambda: a.ledger._users["u"].held[OUT].lease == 0)
+            wanted = asyncio.ensure_future(a.ledger.reserve("u", {OUT: 100}))
+            await poll_until(lambda: takes.takes >= 1)  # it asked while the hand-back was held up
+            await tx.rollback()
+        finally:
+            await busy.close()
+        await back
+        got = await wanted
+        assert isinstance(got, Reservation), (got, await shared.leases("u"))
+        assert await shared.leases("u") == {a.owner: 100}
