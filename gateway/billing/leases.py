@@ -104,6 +104,7 @@ class LeasedLedger:
         self.my_recalls: set[int] = set()
         self._recalled: list[_User] = []  # users another process recalled lately
         self._unsynced: list[_User] = []  # users whose hand-back failed: the store may hold more than we do
+        self._short: list[_User] = []  # users who used more than their leases hold: covered next round
         self._fence = math.inf  # (monotonic) leases are spent before it only; set by `beat`
 
     # ------------------------------------------------------------------ QuotaLedger
@@ -146,6 +147,8 @@ class LeasedLedger:
                     h = u.held[name] = _Held()
                 h.unstored += amount
                 meters[name].consumed += amount
+                if h.idle < 0 and h.row and u not in self._short:  # (no row: left to the scan, see `keep`)
+                    self._short.append(u)
 
     def stored(self, records: Sequence[RequestRecord]) -> None:
         for r in records:
@@ -354,11 +357,16 @@ class LeasedLedger:
         await self.return_idle(u, answered=seq)
 
     async def keep(self, idle_seconds: float, scan: bool) -> None:
-        """One keeper round: the leftovers of recalled users go back; with `scan`, also the idle
-        parts of quiet or reloaded users, and usage above reservations gets covered."""
+        """One keeper round: the leftovers of recalled users go back, usage above a lease row is covered
+        (stored first, it takes the row below zero: credit to others); with `scan`, also the idle parts
+        of quiet or reloaded users, and usage on meters without a row (a row made now could miss its batch)."""
         while self._unsynced:
             await self._resync(self._unsynced[0])
             del self._unsynced[0]
+        while self._short:
+            if any(h.idle < 0 for h in self._short[0].held.values()):
+                await self.return_idle(self._short[0])
+            del self._short[0]
         now = time.monotonic()
         for key, until in list(self._tight.items()):
             if until < now:

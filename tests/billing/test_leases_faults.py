@@ -234,3 +234,25 @@ async def test_a_hand_back_still_on_its_way_is_no_reason_to_refuse(tmp_path: Pat
         got = await wanted
         assert isinstance(got, Reservation), (got, await shared.leases("u"))
         assert await shared.leases("u") == {a.owner: 100}
+
+
+async def test_usage_above_a_reservation_reaches_the_shared_balance_at_the_next_keeper_round(shared: Cluster) -> None:
+    """A request used more than it reserved (a low estimate): the excess is consumed already, so it
+    must count against the balance every process shares at once, not at the next idle scan (a
+    heartbeat away). Meanwhile the stored usage left a's lease below zero, which others read as
+    credit: they could be granted the excess a second time."""
+    a = await shared.process("a", {OUT: 1000}, poll=3600.0, heartbeat=3600.0)  # rounds by hand
+    b = await shared.process("b", {OUT: 1000}, poll=3600.0, heartbeat=3600.0)
+    res = await a.ledger.reserve("u", {OUT: 100})
+    assert isinstance(res, Reservation)
+    assert await shared.leases("u") == {a.owner: 250}
+    a.ledger.settle(res, {OUT: 400})  # 150 more than a's whole lease
+    await a.keeper.tick()  # a poll round (no heartbeat due)
+    assert await shared.leases("u") == {a.owner: 400}
+    rec = record("r1", "u", a.owner, {OUT: 100}, {OUT: 400})
+    await a.store.finish_requests([rec])
+    a.ledger.stored([rec])
+    assert await shared.leases("u") == {a.owner: 0}
+    # 400 consumed of 1,000: 600 are left, not 750.
+    assert await b.ledger.reserve("u", {OUT: 750}) == Refusal(meter=OUT, needed=750, remaining=600)
+    assert isinstance(await b.ledger.reserve("u", {OUT: 600}), Reservation)
