@@ -360,9 +360,9 @@ class LeasedLedger:
         """One keeper round: the leftovers of recalled users go back, usage above a lease row is covered
         (stored first, it takes the row below zero: credit to others); with `scan`, also the idle parts
         of quiet or reloaded users, and usage on meters without a row (a row made now could miss its batch)."""
-        while self._unsynced:
-            await self._resync(self._unsynced[0])
-            del self._unsynced[0]
+        for u in list(self._unsynced):
+            if await self._resync(u):
+                self._unsynced.remove(u)
         while self._short:
             if any(h.idle < 0 for h in self._short[0].held.values()):
                 await self.return_idle(self._short[0])
@@ -379,13 +379,17 @@ class LeasedLedger:
                 await self.return_idle(u)
         self._recalled = [u for u in self._recalled if u.tight_until > now]
 
-    async def _resync(self, u: _User) -> None:
-        """Set the store's leases of `u` to what this process holds (under its lock: no take between)."""
+    async def _resync(self, u: _User) -> bool:
+        """Set the store's leases of `u` to what this process holds (under its lock: no take between);
+        not while a hand-back is on its way (it would land below the set). Whether it did."""
         async with u.lock:
+            if u.returning:
+                return False
             amounts = {name: h.lease for name, h in u.held.items() if h.row}
             if amounts:
                 await self.leases.set_leases(self.owner, u.quota.user_id, amounts)
                 u.resynced = True
+        return True
 
     async def reassert(self) -> None:
         """Our registration was taken for dead and our leases released: put back what covers our

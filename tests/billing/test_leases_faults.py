@@ -256,3 +256,36 @@ async def test_usage_above_a_reservation_reaches_the_shared_balance_at_the_next_
     # 400 consumed of 1,000: 600 are left, not 750.
     assert await b.ledger.reserve("u", {OUT: 750}) == Refusal(meter=OUT, needed=750, remaining=600)
     assert isinstance(await b.ledger.reserve("u", {OUT: 600}), Reservation)
+
+
+async def test_a_resync_does_not_run_under_a_hand_back_still_on_its_way(shared: Cluster) -> None:
+    """A hand-back of a failed, so the keeper sets a's row to what a holds (`_resync`). Meanwhile a
+    request's reload of limits hands a's new idle slice back, slowly: set first, that hand-back
+    then takes the row below what a holds, and the difference is credit to others."""
+    a = await shared.process("a", {OUT: 100}, poll=3600.0, heartbeat=3600.0)  # rounds by hand
+    b = await shared.process("b", {OUT: 100}, poll=3600.0, heartbeat=3600.0)
+    first = await a.ledger.reserve("u", {OUT: 10})
+    assert isinstance(first, Reservation)
+    a.ledger.settle(first, {})
+    await _strand_a_hand_back(a)  # a holds 0 now; its row still says 25
+    second = await a.ledger.reserve("u", {OUT: 10})  # a new slice: a quarter of the 75 unleased
+    assert isinstance(second, Reservation)
+    a.ledger.settle(second, {})
+    assert (a.ledger._users["u"].held[OUT].lease, await shared.leases("u")) == (18, {a.owner: 43})
+    real, gate = a.store.return_lease, asyncio.Event()
+
+    async def slow(*args: Any, **kwargs: Any) -> None:
+        await gate.wait()
+        await real(*args, **kwargs)
+
+    a.store.return_lease = slow
+    back = asyncio.ensure_future(a.ledger.return_idle(a.ledger._users["u"]))  # as a limits reload does
+    await poll_until(lambda: a.ledger._users["u"].held[OUT].lease == 0)
+    await a.ledger.keep(30.0, scan=False)  # the keeper's round while the 18 are on their way
+    gate.set()
+    await back
+    await a.ledger.keep(30.0, scan=False)
+    assert await shared.leases("u") == {a.owner: 0}
+    # Nothing is reserved or consumed: b gets the 100 and not one more.
+    assert isinstance(await b.ledger.reserve("u", {OUT: 100}), Reservation)
+    assert await b.ledger.reserve("u", {OUT: 1}) == Refusal(meter=OUT, needed=1, remaining=0)
