@@ -11,12 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 from gateway.singleflight import SingleFlight
-from gateway.store.base import CustomerLimits, QuotaStore
+from gateway.store.base import CustomerLimits, QuotaStore, RequestStore
 from gateway.timeutil import month_bounds, utcnow
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(slots=True)
@@ -131,7 +133,7 @@ class Ledger:
             old.stale = False  # an invalidation arriving while we load marks it stale again
         now = self._clock()
         limits = await self._store.get_limits(user_id)
-        start, end, credited, source = self._limits_for(limits, now)
+        start, end, credited, source = await limits_now(self._store, self._plan, limits, user_id, now)
         same_period = old is not None and (old.period_start, old.period_end) == (start, end)
         consumed = None if same_period else await self._store.consumed(user_id, start, end)
         uq = old if old is not None else UserQuota(user_id, start, end, {}, source)
@@ -147,11 +149,6 @@ class Ledger:
         uq.period_start, uq.period_end, uq.source = start, end, source
         uq.limits_updated_at = limits.updated_at if limits else None
         return uq
-
-    def _limits_for(
-        self, limits: CustomerLimits | None, now: datetime
-    ) -> tuple[datetime, datetime, dict[str, int | None], str]:
-        return limits_for(self._plan, limits, now)
 
     def invalidate(self, user_id: str) -> None:
         """Limits changed (webhook, refresh): reload them before the next pre-check."""
@@ -224,6 +221,29 @@ def limits_for(
     for name, m in limits.meters.items():
         credited[name] = m.credited
     return start, end, credited, "polar"
+
+
+def once_credited(limits: CustomerLimits | None) -> list[str]:
+    """The meters whose Polar credits were granted once: a customer with credits and no subscription (a
+    one-time product's meter-credit benefit). Polar never resets their balance, while the gateway's window
+    without a subscription is the calendar month."""
+    if limits is None or not limits.active or limits.period_start is not None:
+        return []
+    return [name for name, m in limits.meters.items() if m.credited is not None]
+
+
+async def limits_now(
+    store: RequestStore, plan: Mapping[str, int], limits: CustomerLimits | None, user_id: str, now: datetime
+) -> tuple[datetime, datetime, dict[str, int | None], str]:
+    """`limits_for`, with credits granted once reduced by what the months before this one used: each month
+    starts its usage from zero, and without this would grant the same credits again."""
+    start, end, credited, source = limits_for(plan, limits, now)
+    once = once_credited(limits)
+    if once:
+        before = await store.consumed(user_id, _EPOCH, start)
+        for name in once:
+            credited[name] = max((credited[name] or 0) - before.get(name, 0), 0)
+    return start, end, credited, source
 
 
 @dataclass(frozen=True, slots=True)

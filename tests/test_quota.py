@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from gateway.quota import Ledger, Refusal, meter_status, overall_status
 from gateway.store import Store
 from gateway.store.base import CustomerLimits, MeterLimit
+from tests.support_leases import record
 
 OUT = "claude_output_tokens"
 IN = "claude_input_tokens"
@@ -45,6 +46,27 @@ async def test_refresh_while_in_flight_keeps_reservations_on_one_object(store: S
     Ledger.settle(uq, {OUT: 64}, {OUT: 15})  # A finishes on the object it reserved on
     assert (uq2.meters[OUT].consumed, uq2.meters[OUT].reserved) == (15, 0)
     assert Ledger.reserve(uq2, {OUT: 185}) is None
+
+
+async def test_credits_granted_once_are_not_granted_again_each_month(store: Store) -> None:
+    # No subscription: the window is the calendar month, but credits Polar granted once (a one-time
+    # product) never reset there, so what earlier months used stays used.
+    october, november = datetime(2026, 10, 20, tzinfo=UTC), datetime(2026, 11, 3, tzinfo=UTC)
+    used = record("req_october", "u", "", {}, {OUT: 900, IN: 80})
+    used.started_at, used.started_iso = october, ""
+    await store.finish_requests([used])
+    credit = {OUT: MeterLimit(OUT, credited=1000)}
+    await store.put_limits(CustomerLimits("u", credit, None, None, snapshot_at=october, updated_at=october))
+    ledger = Ledger(store, {IN: 100}, clock=lambda: november)
+    uq = await ledger.get("u")
+    assert (uq.meters[OUT].credited, uq.meters[OUT].consumed) == (100, 0)
+    assert (uq.meters[IN].credited, uq.meters[IN].consumed) == (100, 0)  # the plan's allowance is monthly
+    assert Ledger.reserve(uq, {OUT: 101}) == Refusal(meter=OUT, needed=101, remaining=100)
+    # With a subscription Polar credits each cycle (and resets the balance): the credits stand whole.
+    start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    await store.put_limits(CustomerLimits("u", credit, start, end, snapshot_at=november, updated_at=november))
+    ledger.invalidate("u")
+    assert (await ledger.get("u")).meters[OUT].credited == 1000
 
 
 def test_status_thresholds() -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from gateway.billing.protocols import Reservation
-from gateway.quota import LimitLoads, MeterState, Refusal, UserQuota, limits_for
+from gateway.quota import LimitLoads, MeterState, Refusal, UserQuota, limits_now
 from gateway.store.base import RequestRecord, Store
 from gateway.store.leases_base import InvalidationKind, LeaseAsk, LeaseGrant, LeaseStore, LeaseTake
 from gateway.timeutil import utcnow
@@ -295,7 +295,7 @@ class LeasedLedger:
         if u is not None:
             u.quota.stale = False
         limits = await self.store.get_limits(user_id)
-        start, end, credited, source = limits_for(self._plan, limits, self._clock())
+        start, end, credited, source = await limits_now(self.store, self._plan, limits, user_id, self._clock())
         if u is None:
             u = self._users[user_id] = _User(UserQuota(user_id, start, end, {}, source))
         q = u.quota

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -321,6 +322,20 @@ async def test_unlimited_meters_take_no_lease(shared: Cluster) -> None:
     assert await shared.leases("u") == {a.owner: 5}
     a.ledger.settle(res, {OUT: 3, "claude_input_tokens": 900})
     assert (await a.ledger.snapshot("u")).meter(OUT).consumed == 3
+
+
+async def test_credits_granted_once_count_what_earlier_months_used(shared: Cluster) -> None:
+    # (see tests/test_quota.py: credits Polar granted once never reset; the window is the month)
+    a = await shared.process("a", {})
+    before = record("req_earlier", "u", a.owner, {}, {OUT: 900})
+    before.started_at = utcnow() - timedelta(days=40)
+    await a.store.finish_requests([before])
+    await shared.put_credit("u", {OUT: 1000})
+    refused = await a.ledger.reserve("u", {OUT: 101})
+    assert refused == Refusal(meter=OUT, needed=101, remaining=100)
+    snap = await a.ledger.snapshot("u")
+    assert (snap.meter(OUT).credited, snap.meter(OUT).consumed) == (100, 0)
+    assert isinstance(await a.ledger.reserve("u", {OUT: 100}), Reservation)
 
 
 async def _released(shared: Cluster, owner: str) -> bool:
