@@ -154,9 +154,15 @@ def _forwarded_encoding(value: bytes) -> str:
     return kept.decode("latin-1") if kept else ""
 
 
+# Asked for when the client accepts no coding the meter decodes (or sends no Accept-Encoding): without
+# the header any coding is acceptable (RFC 9110), and a body in one the meter cannot read is billed nothing.
+_IDENTITY_ONLY = ("accept-encoding", "identity")
+
+
 def forward_headers(headers: Headers, credential: tuple[str, str]) -> list[tuple[str, str]]:
     names = _FORWARD_NAMES
     out: list[tuple[str, str]] = []
+    encoding: tuple[str, str] = _IDENTITY_ONLY
     for name, value in headers:
         forwarded = names.get(name)
         if forwarded is None:
@@ -164,7 +170,8 @@ def forward_headers(headers: Headers, credential: tuple[str, str]) -> list[tuple
         if forwarded:
             out.append((forwarded, value.decode("latin-1")))
         elif name == b"accept-encoding" and (kept := _forwarded_encoding(value)):
-            out.append(("accept-encoding", kept))
+            encoding = ("accept-encoding", kept)
+    out.append(encoding)
     out.append(credential)
     return out
 

@@ -215,6 +215,22 @@ def test_gzip_relayed_compressed_and_metered(gateway: Gateway, upstream: FakeUps
     assert gzip.compress(b"x")  # gzip module used for symmetry with the fake
 
 
+@pytest.mark.parametrize("accepts", ["br", "zstd, br;q=0.5", "*", None])
+def test_a_client_accepting_no_encoding_the_meter_reads_asks_the_provider_for_identity(
+    gateway: Gateway, upstream: FakeUpstream, accepts: str | None
+) -> None:
+    # Without an Accept-Encoding any coding is acceptable (RFC 9110): a body in one the meter cannot
+    # decode would be relayed and billed nothing.
+    key = gateway.issue_key("enc")
+    with httpx.Client(timeout=10) as http:
+        headers = {"x-api-key": key} if accepts is None else {"x-api-key": key, "accept-encoding": accepts}
+        request = http.build_request("POST", f"{gateway.url}/anthropic/v1/messages", json=BODY, headers=headers)
+        if accepts is None:
+            del request.headers["accept-encoding"]  # (httpx adds its own)
+        assert http.send(request).status_code == 200
+    assert upstream.requests[-1].header("accept-encoding") == "identity"
+
+
 def test_upstream_unreachable_is_502(make_gateway) -> None:  # type: ignore[no-untyped-def]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
