@@ -204,6 +204,21 @@ def _give_back(meters: dict[str, MeterState], amounts: Mapping[str, int], refuse
         del meters[name]
 
 
+def subscription_period(
+    start: datetime | None, end: datetime | None, now: datetime
+) -> tuple[datetime, datetime] | None:
+    """The subscription period holding `now`: the one Polar reported or, once it has ended, the next ones of
+    the same length. Polar renews at the period's end and its snapshot of the renewal can come minutes later;
+    the calendar month meanwhile would count part of the old period's usage in the new one."""
+    if start is None or end is None or not start <= now or not start < end:
+        return None
+    if now < end:
+        return start, end
+    length = end - start
+    ahead = (now - end) // length + 1
+    return start + ahead * length, end + ahead * length
+
+
 def limits_for(
     plan: Mapping[str, int], limits: CustomerLimits | None, now: datetime
 ) -> tuple[datetime, datetime, dict[str, int | None], str]:
@@ -211,10 +226,8 @@ def limits_for(
     if limits is None:
         start, end = month_bounds(now)
         return start, end, dict(plan), "plan"
-    if limits.period_start and limits.period_end and limits.period_start <= now < limits.period_end:
-        start, end = limits.period_start, limits.period_end
-    else:
-        start, end = month_bounds(now)
+    period = subscription_period(limits.period_start, limits.period_end, now)
+    start, end = period if period is not None else month_bounds(now)
     if not limits.active:  # subscription revoked: no credits left for any limited meter
         return start, end, {m: 0 for m in set(plan) | set(limits.meters)}, "polar"
     credited: dict[str, int | None] = dict(plan)

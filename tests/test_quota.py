@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from gateway.quota import Ledger, Refusal, meter_status, overall_status
+from gateway.quota import Ledger, Refusal, limits_for, meter_status, overall_status
 from gateway.store import Store
 from gateway.store.base import CustomerLimits, MeterLimit
 from tests.support_leases import record
@@ -67,6 +67,24 @@ async def test_credits_granted_once_are_not_granted_again_each_month(store: Stor
     await store.put_limits(CustomerLimits("u", credit, start, end, snapshot_at=november, updated_at=november))
     ledger.invalidate("u")
     assert (await ledger.get("u")).meters[OUT].credited == 1000
+
+
+def test_a_subscription_period_that_ended_rolls_on_until_the_renewal_arrives() -> None:
+    # Polar renews at the period's end; its snapshot may come minutes later. Until then the next period
+    # of the same length, not the calendar month (which would count part of the old period's usage).
+    start, end = datetime(2026, 11, 15, tzinfo=UTC), datetime(2026, 12, 15, tzinfo=UTC)
+    credit = {OUT: MeterLimit(OUT, credited=1000)}
+    limits = CustomerLimits("u", credit, start, end, snapshot_at=start, updated_at=start)
+    assert limits_for({}, limits, datetime(2026, 12, 1, tzinfo=UTC))[:2] == (start, end)
+    assert limits_for({}, limits, end)[:2] == (end, end + timedelta(days=30))
+    assert limits_for({}, limits, datetime(2027, 1, 20, tzinfo=UTC))[:2] == (
+        datetime(2027, 1, 14, tzinfo=UTC),
+        datetime(2027, 2, 13, tzinfo=UTC),
+    )
+    assert limits_for({}, limits, datetime(2026, 11, 1, tzinfo=UTC))[:2] == (  # before it (clocks): the month
+        datetime(2026, 11, 1, tzinfo=UTC),
+        datetime(2026, 12, 1, tzinfo=UTC),
+    )
 
 
 def test_status_thresholds() -> None:
