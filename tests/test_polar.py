@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -107,14 +108,13 @@ async def test_ingest_error_mapping(polar: PolarBilling, fake: FakePolar) -> Non
 async def test_customer_limits_from_polar_state(polar: PolarBilling, fake: FakePolar) -> None:
     start = datetime(2026, 1, 1, tzinfo=UTC)
     end = datetime(2026, 2, 1, tzinfo=UTC)
-    fake.set_state(
-        "user-123",
-        meters={CLAUDE_INPUT: (1_000_000, 1500.0), CLAUDE_OUTPUT: (50_000, 0.0), GEMINI_INPUT: (0, 42.0)},
-        period_start=start,
-        period_end=end,
-        subscription_meters={GEMINI_INPUT: (0, 42.0), GEMINI_IMAGES: (0, 3.0)},
-        status="trialing",  # SDK 1.0.2 rejects this without the Status patch
-    )
+    state: dict[str, Any] = {
+        "meters": {CLAUDE_INPUT: (1_000_000, 1500.0), CLAUDE_OUTPUT: (50_000, 0.0), GEMINI_INPUT: (0, 42.0)},
+        "period_start": start,
+        "period_end": end,
+        "subscription_meters": {GEMINI_INPUT: (0, 42.0), GEMINI_IMAGES: (0, 3.0)},
+    }
+    fake.set_state("user-123", **state, status="trialing")  # SDK 1.0.2 rejects this without the Status patch
     before = datetime.now(UTC)
     limits = await polar.customer_limits("user-123")
     assert limits is not None
@@ -126,13 +126,7 @@ async def test_customer_limits_from_polar_state(polar: PolarBilling, fake: FakeP
     assert limits.meters == credits  # the metered prices bill nothing during the trial: the plan applies
     assert (limits.period_start, limits.period_end, limits.active) == (start, end, True)
     assert before <= limits.snapshot_at <= datetime.now(UTC)
-    fake.set_state(
-        "user-123",
-        meters={CLAUDE_INPUT: (1_000_000, 1500.0), CLAUDE_OUTPUT: (50_000, 0.0), GEMINI_INPUT: (0, 42.0)},
-        period_start=start,
-        period_end=end,
-        subscription_meters={GEMINI_INPUT: (0, 42.0), GEMINI_IMAGES: (0, 3.0)},
-    )
+    fake.set_state("user-123", **state)
     paid = await polar.customer_limits("user-123")
     assert paid is not None and paid.meters == {
         **credits,
