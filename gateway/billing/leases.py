@@ -26,9 +26,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 
+from gateway.billing.lease_state import Held, LeaseUser
 from gateway.billing.protocols import Reservation
 from gateway.quota import LimitLoads, MeterState, Refusal, UserQuota, limits_now
 from gateway.store.base import RequestRecord, Store
@@ -42,33 +42,6 @@ FENCE_SHARE = 0.9  # of `stale_seconds` after a heartbeat was sent: the leases a
 
 class LeasesLapsed(Exception):
     """No heartbeat went through for too long: this process's leases may have been released."""
-
-
-@dataclass(slots=True)
-class _Held:
-    """One user's meter at this process."""
-
-    lease: int = 0  # what this owner's lease row holds, as far as this process knows
-    reserved: int = 0
-    unstored: int = 0  # settled here, not yet stored
-    row: bool = False  # the row exists (a stored request is taken off it)
-
-    @property
-    def idle(self) -> int:
-        return self.lease - self.reserved - self.unstored
-
-
-@dataclass(slots=True, eq=False)
-class _User:
-    quota: UserQuota  # the limits view (credited, period); reserved/consumed mirror this process's
-    held: dict[str, _Held] = field(default_factory=dict)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one take at a time per user here
-    used_at: float = 0.0  # monotonic time of the last reservation
-    tight_until: float = 0.0  # another process recalled: lease exact needs, hand back leftovers
-    recall: tuple[int, float] = (0, 0.0)  # our last recall for this user: seq, monotonic time
-    resynced: bool = False  # `_resync` set the row since the last `stored` of this user
-    returning: int = 0  # hand-backs of this user on their way to the store
-    ends: float = -math.inf  # quota.period_end as a timestamp, for the pre-check's period test
 
 
 class LeasedLedger:
@@ -98,13 +71,13 @@ class LeasedLedger:
         self._clock = clock
         # The pre-check's period test reads the clock as a number: making a datetime costs more.
         self._now: Callable[[], float] = time.time if clock is utcnow else lambda: clock().timestamp()
-        self._users: dict[str, _User] = {}
-        self._loading: LimitLoads[_User] = LimitLoads(lambda u: u.quota)
+        self._users: dict[str, LeaseUser] = {}
+        self._loading: LimitLoads[LeaseUser] = LimitLoads(lambda u: u.quota)
         self._tight: dict[str, float] = {}  # recalled users we held nothing of yet
         self.my_recalls: set[int] = set()
-        self._recalled: list[_User] = []  # users another process recalled lately
-        self._unsynced: list[_User] = []  # users whose hand-back failed: the store may hold more than we do
-        self._short: list[_User] = []  # users who used more than their leases hold: covered next round
+        self._recalled: list[LeaseUser] = []  # users another process recalled lately
+        self._unsynced: list[LeaseUser] = []  # users whose hand-back failed: the store may hold more than we do
+        self._short: list[LeaseUser] = []  # users who used more than their leases hold: covered next round
         self._fence = math.inf  # (monotonic) leases are spent before it only; set by `beat`
 
     # ------------------------------------------------------------------ QuotaLedger
@@ -144,7 +117,7 @@ class LeasedLedger:
         for name, amount in actual.items():
             if amount > 0 and ((h := u.held.get(name)) is not None or u.quota.meter(name).credited is not None):
                 if h is None:
-                    h = u.held[name] = _Held()
+                    h = u.held[name] = Held()
                 h.unstored += amount
                 meters[name].consumed += amount
                 if h.idle < 0 and h.row and u not in self._short:  # (no row: left to the scan, see `keep`)
@@ -189,7 +162,7 @@ class LeasedLedger:
         self._loading.invalidated(user_id)
 
     # ------------------------------------------------------------------ reserving
-    def _reserve_local(self, u: _User, amounts: Mapping[str, int]) -> Reservation | None:
+    def _reserve_local(self, u: LeaseUser, amounts: Mapping[str, int]) -> Reservation | None:
         """From the idle part of our leases, in one synchronous step (atomic within the event loop)."""
         meters, held = u.quota.meters, u.held
         for name, amount in amounts.items():
@@ -209,7 +182,7 @@ class LeasedLedger:
         u.used_at = time.monotonic()
         return Reservation(u.quota.user_id, taken, u.quota)
 
-    async def _reserve_leasing(self, u: _User, amounts: Mapping[str, int]) -> Reservation | Refusal:
+    async def _reserve_leasing(self, u: LeaseUser, amounts: Mapping[str, int]) -> Reservation | Refusal:
         user_id = u.quota.user_id
         async with u.lock:
             seq, issued = u.recall
@@ -223,7 +196,7 @@ class LeasedLedger:
                     return got
                 asks = self._asks(u, amounts)
                 for a in asks:  # (mirror rule: a row may exist before we know the grant)
-                    u.held.setdefault(a.meter, _Held()).row = True
+                    u.held.setdefault(a.meter, Held()).row = True
                 tight = bool(recall_seq) or time.monotonic() < max(u.tight_until, self._tight.get(user_id, 0.0))
                 out = await self.leases.take_lease(
                     LeaseTake(
@@ -258,7 +231,7 @@ class LeasedLedger:
                     return self._refusal(u, amounts, short, out)
                 await asyncio.sleep(self.poll)
 
-    def _asks(self, u: _User, amounts: Mapping[str, int]) -> list[LeaseAsk]:
+    def _asks(self, u: LeaseUser, amounts: Mapping[str, int]) -> list[LeaseAsk]:
         asks: list[LeaseAsk] = []
         for name, amount in amounts.items():
             credited = u.quota.meter(name).credited
@@ -271,25 +244,25 @@ class LeasedLedger:
         return asks
 
     @staticmethod
-    def _refusal(u: _User, amounts: Mapping[str, int], short: list[LeaseAsk], out: LeaseGrant) -> Refusal:
+    def _refusal(u: LeaseUser, amounts: Mapping[str, int], short: list[LeaseAsk], out: LeaseGrant) -> Refusal:
         name = short[0].meter
         h = u.held.get(name)
         remaining = out.available[name] + max(h.idle if h else 0, 0)
         return Refusal(meter=name, needed=amounts[name], remaining=max(remaining, 0))
 
     # ------------------------------------------------------------------ limits view
-    def _fresh(self, user_id: str) -> _User | None:
+    def _fresh(self, user_id: str) -> LeaseUser | None:
         """The user's limits view when it can be used as it is (loaded, not invalidated, in its period)."""
         u = self._users.get(user_id)
         return u if u is not None and not u.quota.stale and self._now() < u.ends else None
 
-    async def _user(self, user_id: str) -> _User:
+    async def _user(self, user_id: str) -> LeaseUser:
         if (fresh := self._fresh(user_id)) is not None:
             return fresh
         u = self._users.get(user_id)
         return await self._loading.run(user_id, u.quota if u else None, lambda: self._load(user_id, u))
 
-    async def _load(self, user_id: str, u: _User | None) -> _User:
+    async def _load(self, user_id: str, u: LeaseUser | None) -> LeaseUser:
         """Load or refresh a user's limits in place (reservations in flight settle on this object).
         When the period or a credit changed, the idle part goes back: it was sized on the old one."""
         if u is not None:
@@ -297,7 +270,7 @@ class LeasedLedger:
         limits = await self.store.get_limits(user_id)
         start, end, credited, source = await limits_now(self.store, self._plan, limits, user_id, self._clock())
         if u is None:
-            u = self._users[user_id] = _User(UserQuota(user_id, start, end, {}, source))
+            u = self._users[user_id] = LeaseUser(UserQuota(user_id, start, end, {}, source))
         q = u.quota
         before = (q.period_start, q.period_end, {n: s.credited for n, s in q.meters.items()})
         for state in q.meters.values():
@@ -312,10 +285,10 @@ class LeasedLedger:
         return u
 
     # ------------------------------------------------------------------ for the keeper
-    def users(self) -> list[_User]:
+    def users(self) -> list[LeaseUser]:
         return list(self._users.values())
 
-    async def return_idle(self, u: _User, answered: int = 0) -> None:
+    async def return_idle(self, u: LeaseUser, answered: int = 0) -> None:
         """Hand the idle part of the user's leases back (and cover any usage above reservations)."""
         back: dict[str, int] = {}
         cover: dict[str, int] = {}
@@ -379,7 +352,7 @@ class LeasedLedger:
                 await self.return_idle(u)
         self._recalled = [u for u in self._recalled if u.tight_until > now]
 
-    async def _resync(self, u: _User) -> bool:
+    async def _resync(self, u: LeaseUser) -> bool:
         """Set the store's leases of `u` to what this process holds (under its lock: no take between);
         not while a hand-back is on its way (it would land below the set). Whether it did."""
         async with u.lock:
