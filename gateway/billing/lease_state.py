@@ -33,4 +33,5 @@ class LeaseUser:
     recall: tuple[int, float] = (0, 0.0)  # our last recall for this user: seq, monotonic time
     resynced: bool = False  # `_resync` set the row since the last `stored` of this user
     returning: int = 0  # hand-backs of this user on their way to the store
+    answer: int = 0  # a recall answered while a hand-back was on its way: sent once it landed
     ends: float = -math.inf  # quota.period_end as a timestamp, for the pre-check's period test

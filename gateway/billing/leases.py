@@ -327,15 +327,26 @@ class LeasedLedger:
         u.tight_until = until
         if u not in self._recalled:
             self._recalled.append(u)
+        if u.returning:
+            # Committed before that hand-back lands, the answer would tell the recaller all is back
+            # while the store still counts it ours (a false 402): the round after it landed answers.
+            u.answer = max(u.answer, seq)
+            return
+        u.answer = 0
         await self.return_idle(u, answered=seq)
 
     async def keep(self, idle_seconds: float, scan: bool) -> None:
-        """One keeper round: the leftovers of recalled users go back, usage above a lease row is covered
-        (stored first, it takes the row below zero: credit to others); with `scan`, also the idle parts
-        of quiet or reloaded users, and usage on meters without a row (a row made now could miss its batch)."""
+        """One keeper round: recalls answered late go out (see `answer_recall`), the leftovers of
+        recalled users go back, usage above a lease row is covered (stored first, it takes the row
+        below zero: credit to others); with `scan`, also the idle parts of quiet or reloaded users,
+        and usage on meters without a row (a row made now could miss its batch)."""
         for u in list(self._unsynced):
             if await self._resync(u):
                 self._unsynced.remove(u)
+        for u in list(self._recalled):
+            if u.answer and not u.returning:
+                seq, u.answer = u.answer, 0
+                await self.return_idle(u, answered=seq)
         while self._short:
             if any(h.idle < 0 for h in self._short[0].held.values()):
                 await self.return_idle(self._short[0])

@@ -289,3 +289,42 @@ async def test_a_resync_does_not_run_under_a_hand_back_still_on_its_way(shared: 
     # Nothing is reserved or consumed: b gets the 100 and not one more.
     assert isinstance(await b.ledger.reserve("u", {OUT: 100}), Reservation)
     assert await b.ledger.reserve("u", {OUT: 1}) == Refusal(meter=OUT, needed=1, remaining=0)
+
+
+async def test_a_recall_answered_while_a_hand_back_is_on_its_way_is_no_reason_to_refuse(shared: Cluster) -> None:
+    """b hands its idle slice back (a limits reload on its request path) and the statement is slow
+    to reach the store. Meanwhile a recalls the user and b's keeper answers: committed before the
+    hand-back lands, the answer tells a that b has given back all it will, while the store still
+    counts the slice as b's. Nothing is reserved anywhere: a refusal would be false."""
+    a = await shared.process("a", {OUT: 100}, poll=3600.0, heartbeat=3600.0, recall_wait=5.0)  # rounds by hand
+    b = await shared.process("b", {OUT: 100}, poll=3600.0, heartbeat=3600.0)
+    a.ledger.poll = 0.02
+    first = await b.ledger.reserve("u", {OUT: 10})
+    assert isinstance(first, Reservation)
+    b.ledger.settle(first, {})  # nothing used: b holds an idle slice of 25
+    assert await shared.leases("u") == {b.owner: 25}
+    real, gate, calls = b.store.return_lease, asyncio.Event(), 0
+
+    async def first_slow(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await gate.wait()
+        await real(*args, **kwargs)
+
+    b.store.return_lease = first_slow
+    back = asyncio.ensure_future(b.ledger.return_idle(b.ledger._users["u"]))  # as a limits reload does
+    await poll_until(lambda: b.ledger._users["u"].held[OUT].lease == 0)
+    takes = _CountTakes(a.ledger.leases)
+    a.ledger.leases = takes  # type: ignore[assignment]
+    wanted = asyncio.ensure_future(a.ledger.reserve("u", {OUT: 100}))
+    await poll_until(lambda: wanted.done() or a.ledger.my_recalls)
+    await b.keeper.tick()  # b reads the recall and answers it, the hand-back still on its way
+    seen = takes.takes
+    await poll_until(lambda: wanted.done() or takes.takes >= seen + 2)  # a asked again since
+    gate.set()
+    await back
+    await b.keeper.tick()
+    got = await wanted
+    assert isinstance(got, Reservation), (got, await shared.leases("u"))
+    assert await shared.leases("u") == {a.owner: 100, b.owner: 0}
