@@ -34,4 +34,14 @@ class LeaseUser:
     resynced: bool = False  # `_resync` set the row since the last `stored` of this user
     returning: int = 0  # hand-backs of this user on their way to the store
     answer: int = 0  # a recall answered while a hand-back was on its way: sent once it landed
+    uncounted: dict[str, int] = field(default_factory=dict)  # settled while unlimited, not yet stored
     ends: float = -math.inf  # quota.period_end as a timestamp, for the pre-check's period test
+
+    def uncount(self, meter: str, amount: int) -> int:
+        """How much of `amount`, just stored, was settled while its meter was unlimited: never in
+        `unstored`, so not to be taken off it. Counted as that first: should the stores come in
+        another order than the settles, `unstored` is left high, the idle part low, never the reverse."""
+        early = self.uncounted.pop(meter, 0)
+        if early > amount:
+            self.uncounted[meter] = early - amount
+        return min(early, amount)

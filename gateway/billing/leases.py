@@ -122,17 +122,24 @@ class LeasedLedger:
                 meters[name].consumed += amount
                 if h.idle < 0 and h.row and u not in self._short:  # (no row: left to the scan, see `keep`)
                     self._short.append(u)
+            elif amount > 0:  # unlimited: no lease covers it, and `stored` must not take it off `unstored`
+                u.uncounted[name] = u.uncounted.get(name, 0) + amount
 
     def stored(self, records: Sequence[RequestRecord]) -> None:
         for r in records:
             if r.owner != self.owner or (u := self._users.get(r.user_id)) is None:
                 continue
             for name, amount in r.usage.items():
-                if amount > 0 and (h := u.held.get(name)) is not None:
-                    h.unstored -= amount
-                    u.quota.meter(name).consumed -= amount
-                    if h.row:  # the store took it off the row in the same transaction
+                if amount <= 0:
+                    continue
+                counted = amount - u.uncount(name, amount) if u.uncounted else amount
+                if (h := u.held.get(name)) is not None:
+                    h.unstored -= counted
+                    u.quota.meter(name).consumed -= counted
+                    if h.row:  # the store took all of it off the row in the same transaction
                         h.lease -= amount
+                        if counted < amount and h.idle < 0 and u not in self._short:
+                            self._short.append(u)  # usage no lease covered took the row below what it covers
                         if u.resynced and u not in self._unsynced:
                             # a `_resync` may have set the row after that transaction: set it again
                             self._unsynced.append(u)

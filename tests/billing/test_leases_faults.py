@@ -328,3 +328,59 @@ async def test_a_recall_answered_while_a_hand_back_is_on_its_way_is_no_reason_to
     got = await wanted
     assert isinstance(got, Reservation), (got, await shared.leases("u"))
     assert await shared.leases("u") == {a.owner: 100, b.owner: 0}
+
+
+async def test_usage_settled_while_its_meter_was_unlimited_frees_no_lease_when_stored(shared: Cluster) -> None:
+    """A request settles while its meter is unlimited (no lease covers it), the meter becomes
+    limited, a takes a slice, and only then is the request stored: the store takes its usage off
+    a's row. a must not count that usage as leaving what it has settled here (it never counted
+    it): it would believe it holds that much more idle credit than its row does."""
+    await shared.put_credit("u", {OUT: None})
+    a = await shared.process("a", {}, poll=3600.0, heartbeat=3600.0)  # rounds by hand
+    b = await shared.process("b", {}, poll=3600.0, heartbeat=3600.0, recall_wait=0.3)
+    a.ledger.poll = b.ledger.poll = 0.02
+    free = await a.ledger.reserve("u", {OUT: 50})
+    assert isinstance(free, Reservation)
+    a.ledger.settle(free, {OUT: 50})  # used 50 while unlimited
+    await shared.put_credit("u", {OUT: 1000})
+    a.ledger.invalidate("u")
+    small = await a.ledger.reserve("u", {OUT: 10})  # a's first slice: a quarter of the 1000
+    assert isinstance(small, Reservation)
+    a.ledger.settle(small, {})
+    assert await shared.leases("u") == {a.owner: 250}
+    rec = record("r1", "u", a.owner, {}, {OUT: 50})
+    await a.store.finish_requests([rec])
+    a.ledger.stored([rec])
+    assert await shared.leases("u") == {a.owner: 200}  # the stored 50 left a's row
+    granted = 0
+    for p in (a, b, a, b):
+        while isinstance(await p.ledger.reserve("u", {OUT: 10}), Reservation):
+            granted += 10
+    assert granted == 950  # 1000 credited, 50 consumed; it was 1000
+
+
+async def test_usage_settled_while_unlimited_that_takes_a_row_below_zero_is_covered_at_the_next_round(
+    shared: Cluster,
+) -> None:
+    """As above, with more usage than a's row holds: stored, it takes the row below zero, which
+    others read as credit. It is consumed already: the next keeper round must cover it, as it
+    does usage above a reservation, not the next idle scan (a heartbeat away)."""
+    await shared.put_credit("u", {OUT: None})
+    a = await shared.process("a", {}, poll=3600.0, heartbeat=3600.0)  # rounds by hand
+    b = await shared.process("b", {}, poll=3600.0, heartbeat=3600.0, recall_wait=0.3)
+    b.ledger.poll = 0.02
+    free = await a.ledger.reserve("u", {OUT: 300})
+    assert isinstance(free, Reservation)
+    a.ledger.settle(free, {OUT: 300})  # used 300 while unlimited
+    await shared.put_credit("u", {OUT: 1000})
+    a.ledger.invalidate("u")
+    assert isinstance(await a.ledger.reserve("u", {OUT: 100}), Reservation)  # in flight
+    assert await shared.leases("u") == {a.owner: 250}
+    rec = record("r1", "u", a.owner, {}, {OUT: 300})
+    await a.store.finish_requests([rec])
+    a.ledger.stored([rec])
+    assert await shared.leases("u") == {a.owner: -50}
+    await a.keeper.tick()  # a poll round (no heartbeat due)
+    assert await shared.leases("u") == {a.owner: 100}  # what covers the 100 in flight
+    # 300 consumed and 100 reserved of 1,000: 600 are left, not 750.
+    assert await b.ledger.reserve("u", {OUT: 601}) == Refusal(meter=OUT, needed=601, remaining=600)
