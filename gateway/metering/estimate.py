@@ -271,13 +271,14 @@ def wants_images(body_obj: dict[str, Any], path_model: str) -> bool:
     modalities = _either(cfg, "responseModalities", "response_modalities")
     if isinstance(modalities, str):
         modalities = [modalities]  # invalid for the API, but reserving too much is the safe side
-    if isinstance(modalities, list) and any(_is_image_modality(m) for m in modalities):
+    if isinstance(modalities, list) and any(is_image_modality(m) for m in modalities):
         return True
     return image_model(path_model)
 
 
-def _is_image_modality(modality: object) -> bool:
-    # By name, or by number as Google's REST clients write enums (proto3 JSON): GenerationConfig.Modality.IMAGE = 2.
+def is_image_modality(modality: object) -> bool:
+    """A Gemini modality that is IMAGE: by name, or by number as Google's REST clients write enums
+    (proto3 JSON, `$alt=json;enum-encoding=int`): Modality.IMAGE = 2 (a bool is no enum number)."""
     if isinstance(modality, str):
         return modality.upper() == "IMAGE"
     return modality == 2 and type(modality) is int

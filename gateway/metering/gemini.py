@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from gateway.metering.estimate import is_image_modality
 from gateway.metering.jsonarray import JSONArrayScanner
 from gateway.metering.sse import SSEParser
 from gateway.metering.usage import BINARY as _BINARY
@@ -50,7 +51,7 @@ def meters_from_metadata(um: dict[str, Any] | None, images: int = 0) -> dict[str
     details = get("candidatesTokensDetails")
     if isinstance(details, list):
         for d in details:
-            if isinstance(d, dict) and _is_image_modality(d.get("modality")):
+            if isinstance(d, dict) and is_image_modality(d.get("modality")):
                 output -= as_count(d.get("tokenCount"))
     return {
         GEMINI_INPUT: (prompt - cached if prompt > cached else 0) + tool,
@@ -58,12 +59,6 @@ def meters_from_metadata(um: dict[str, Any] | None, images: int = 0) -> dict[str
         GEMINI_OUTPUT: output if output > 0 else 0,
         GEMINI_IMAGES: images,
     }
-
-
-def _is_image_modality(modality: object) -> bool:
-    # By name, or by number when the client asked for `$alt=json;enum-encoding=int` (Google's REST clients
-    # do): Modality.IMAGE = 2 (a bool is no enum number).
-    return modality == "IMAGE" or (modality == 2 and type(modality) is int)
 
 
 def _is_image_part(part: object) -> bool:
