@@ -67,11 +67,11 @@ def _strip_key(query: bytes) -> tuple[str, str | None]:
 _RESHAPING = frozenset({"fields", "$fields", "callback", "$callback"})
 
 
-def _alt_sse(qs: str, stream: bool) -> bool:
-    """Whether the query's `alt` (or `$alt`) parameter asks for SSE. Any other format than JSON (and
-    SSE for a stream) is refused: the meter could not read it (`alt=proto`), and a guess either way
-    (`?quotaUser=alt=sse`, `?alt=%73se`, two values) would bill the stream as the wrong format. So is
-    a parameter that reshapes the answer (`_RESHAPING`)."""
+def _metered_answer_is_sse(qs: str, stream: bool) -> bool:
+    """Whether a metered call's query asks for its answer as SSE (`alt` or `$alt`), refusing a query whose
+    answer the meter could not read: a parameter that reshapes it (`_RESHAPING`), or any other format than
+    JSON (and SSE for a stream): `alt=proto`, or a guess either way (`?quotaUser=alt=sse`, `?alt=%73se`, two
+    values) that would bill the stream as the wrong format."""
     pairs = parse_qsl(qs, keep_blank_values=True)
     for k, v in pairs:
         if k in _RESHAPING and v:  # (empty, a mask asks for every field)
@@ -116,7 +116,7 @@ class GeminiProvider:
             operation, metered = _OPERATIONS[m.group(4)]
             stream = operation == "stream_generate"
             model = check_model(m.group(3))
-            sse = bool(qs) and metered and _alt_sse(qs, stream)
+            sse = bool(qs) and metered and _metered_answer_is_sse(qs, stream)
             return Route(operation, upstream_path, model, metered=metered, has_body=True, stream=stream, sse=sse)
         if method == "GET":
             m = _MODELS_RE.match(path)
