@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -54,6 +55,30 @@ def test_event_payload_is_flat_with_iso_z_timestamp_clamped_into_the_past() -> N
     clamped = event_payload(pending("x", ts=NOW + timedelta(minutes=5), model=""), NOW)
     assert clamped["timestamp"] == "2026-01-15T11:59:59.000000Z"
     assert clamped["metadata"] == {"value": 1200, "provider": "anthropic"}
+
+
+def test_event_payload_carries_the_modifiers_as_strings_clamped_to_polar_rules() -> None:
+    fast = replace(pending("req_1:claude_input_tokens"), modifiers=(("speed", "fast"), ("service_tier", "priority")))
+    assert event_payload(fast, NOW)["metadata"] == {
+        "value": 1200,
+        "model": "claude-sonnet-4-5",
+        "provider": "anthropic",
+        "speed": "fast",
+        "service_tier": "priority",
+    }
+    # Polar 422s a whole batch for a string over 500 characters or an empty one
+    odd = replace(pending("x"), modifiers=(("inference_geo", "g" * 501), ("speed", "")))
+    assert event_payload(odd, NOW)["metadata"] == {
+        "value": 1200,
+        "model": "claude-sonnet-4-5",
+        "provider": "anthropic",
+        "inference_geo": "g" * 500,
+    }
+    assert event_payload(pending("x"), NOW)["metadata"] == {
+        "value": 1200,
+        "model": "claude-sonnet-4-5",
+        "provider": "anthropic",
+    }
 
 
 def test_valid_user_id() -> None:

@@ -79,6 +79,43 @@ async def test_claimed_events_come_in_time_order(store: Store) -> None:
     assert all(e.timestamp.tzinfo is UTC and e.user_id == "u" and e.model == "m" for e in events)
 
 
+async def test_events_carry_the_non_default_pricing_modifiers_of_the_raw_usage(store: Store) -> None:
+    """Read from `usage_raw` at claim time: only string values that are not the standard price."""
+    fast = {"output_tokens": 5, "service_tier": "priority", "speed": "fast", "inference_geo": "global"}
+    raws: dict[str, object] = {
+        "req_fast": fast,
+        "req_geo": {"service_tier": "standard", "speed": "standard", "inference_geo": "us"},
+        "req_plain": {"output_tokens": 5, "service_tier": "standard"},
+        "req_none": None,
+        "req_gemini": {"candidatesTokenCount": 5, "trafficType": "ON_DEMAND"},
+        "req_odd": {"speed": 7, "service_tier": {"tier": "priority"}, "inference_geo": ["us"]},
+        "req_long": {"speed": "f" * 600},
+    }
+    await store.finish_requests(
+        [used(rid, {"claude_output_tokens": 5, "claude_input_tokens": 1}, usage_raw=raw) for rid, raw in raws.items()]
+    )
+    events = await store.claim_events("o", 20, 60)
+    by_request = {e.request_id: e.modifiers for e in events}
+    assert by_request == {
+        "req_fast": (("service_tier", "priority"), ("speed", "fast")),
+        "req_geo": (("inference_geo", "us"),),
+        "req_plain": (),
+        "req_none": (),
+        "req_gemini": (),
+        "req_odd": (),
+        "req_long": (("speed", "f" * 600),),  # clamped where it is sent (`event_payload`)
+    }
+    # every event of a request carries them; the external ids are the usual ones
+    fast_events = sorted((e.external_id, e.modifiers) for e in events if e.request_id == "req_fast")
+    assert fast_events == [
+        ("req_fast:claude_input_tokens", (("service_tier", "priority"), ("speed", "fast"))),
+        ("req_fast:claude_output_tokens", (("service_tier", "priority"), ("speed", "fast"))),
+    ]
+    # and so do the parked ones the dashboard lists
+    await store.mark_retry(["req_fast"], "422", 0, max_attempts=1)
+    assert {e.modifiers for e, _ in await store.failed_events()} == {(("service_tier", "priority"), ("speed", "fast"))}
+
+
 async def test_synced_retried_failed_and_requeued(store: Store) -> None:
     await store.finish_requests(
         [

@@ -136,6 +136,9 @@ def event_payload(event: PendingEvent, now: datetime) -> dict[str, Any]:
         metadata["model"] = event.model[:500]
     if event.provider:
         metadata["provider"] = event.provider[:500]
+    for key, value in event.modifiers:  # (fixed keys, all well under Polar's 40 characters)
+        if value:
+            metadata[key] = value[:500]
     return {
         "name": event.meter,
         "external_customer_id": event.user_id,

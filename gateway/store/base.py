@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import orjson
 
 from gateway.events import event_quantities
+from gateway.modifiers import Modifiers, modifiers
 from gateway.outcomes import Outcome
 from gateway.ratelimit.budget import RateBudget
 from gateway.store.dashboard_base import DashboardReads
@@ -83,18 +84,22 @@ class PendingEvent:
     provider: str
     timestamp: datetime
     attempts: int
+    # The request's non-default pricing modifiers (gateway/modifiers.py), the same for all its events.
+    modifiers: Modifiers = ()
 
 
 def pending_events(
     rows: Iterable[Sequence[Any]], timestamp: Callable[[Any], datetime] | None = None
 ) -> list[PendingEvent]:
-    """Outbox rows (request id, user id, model, provider, started_at, usage JSON, attempts) as
-    their events; `timestamp` converts a started_at the driver does not return as a datetime."""
+    """Outbox rows (request id, user id, model, provider, started_at, usage JSON, attempts, then the
+    raw usage's `modifiers.FIELDS` as strings or None) as their events; `timestamp` converts a
+    started_at the driver does not return as a datetime."""
     events: list[PendingEvent] = []
-    for rid, user_id, model, provider, started_at, usage, attempts in rows:
+    for rid, user_id, model, provider, started_at, usage, attempts, *raw in rows:
         ts = timestamp(started_at) if timestamp else started_at
+        mods = modifiers(raw)
         events.extend(
-            PendingEvent(xid, rid, user_id, meter, value, model, provider, ts, attempts)
+            PendingEvent(xid, rid, user_id, meter, value, model, provider, ts, attempts, mods)
             for xid, meter, value in event_quantities(rid, orjson.loads(usage))
         )
     return events

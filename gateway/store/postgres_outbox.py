@@ -15,12 +15,23 @@ from typing import Any
 import orjson
 
 from gateway.events import event_count
+from gateway.modifiers import FIELDS as MODIFIER_FIELDS
 from gateway.store.base import PendingEvent, SyncBacklog, UsageSummaryRow, pending_events
 from gateway.store.postgres_base import PostgresBase, affected
 from gateway.store.schema import COUNT_METERS_SQL
 from gateway.timeutil import utcnow
 
-_OUTBOX_COLS = "id, user_id, model, provider, started_at, usage, attempts"
+_COLS = ("id", "user_id", "model", "provider", "started_at", "usage", "attempts")
+# The pricing modifiers: each raw usage field when it is a JSON string, else NULL (fixed names, not input).
+_MODIFIER_COL = "CASE json_typeof({t}usage_raw -> '{f}') WHEN 'string' THEN {t}usage_raw ->> '{f}' END"
+
+
+def _outbox_cols(t: str = "") -> str:
+    """The outbox row of a request; `t` is its table's alias and a dot."""
+    return ", ".join([*(t + c for c in _COLS), *(_MODIFIER_COL.format(t=t, f=f) for f in MODIFIER_FIELDS)])
+
+
+_OUTBOX_COLS = _outbox_cols()
 
 # {due}: now(), or 'infinity' to take those waiting out a backoff too
 _CLAIM = (
@@ -31,7 +42,7 @@ _CLAIM = (
     " UPDATE requests AS r SET sync_state = 'claimed', claimed_by = $1,"
     " claimed_until = now() + make_interval(secs => $2)"
     " FROM picked WHERE r.id = picked.id"
-    f" RETURNING {', '.join('r.' + c for c in _OUTBOX_COLS.split(', '))}"
+    f" RETURNING {_outbox_cols('r.')}"
 )
 _CLAIM_DUE = _CLAIM.format(due="now()")
 _CLAIM_ANY = _CLAIM.format(due="'infinity'")
@@ -135,7 +146,7 @@ class PostgresOutbox(PostgresBase):
         )
         out: list[tuple[PendingEvent, str]] = []
         for row in rows:
-            out.extend((e, row[7] or "") for e in pending_events([tuple(row)[:7]]))
+            out.extend((e, row[-1] or "") for e in pending_events([tuple(row)[:-1]]))
         return out[:limit]
 
     async def sync_backlog(self) -> SyncBacklog:

@@ -14,12 +14,17 @@ from typing import Any
 import orjson
 
 from gateway.events import event_count
+from gateway.modifiers import FIELDS as MODIFIER_FIELDS
 from gateway.store.base import PendingEvent, SyncBacklog, UsageSummaryRow, pending_events
 from gateway.store.schema import COUNT_METERS_SQL
 from gateway.store.sqlite_base import SqliteBase
 from gateway.timeutil import iso, parse_iso, utcnow
 
-_OUTBOX_COLS = "id, user_id, model, provider, started_at, usage, attempts"
+# The pricing modifiers: each raw usage field when it is a JSON string, else NULL (fixed names, not input).
+_MODIFIER_COLS = ", ".join(
+    f"CASE json_type(usage_raw, '$.{f}') WHEN 'text' THEN json_extract(usage_raw, '$.{f}') END" for f in MODIFIER_FIELDS
+)
+_OUTBOX_COLS = f"id, user_id, model, provider, started_at, usage, attempts, {_MODIFIER_COLS}"
 
 # The IN term repeats the partial index's condition word for word, so SQLite uses it (covering).
 BACKLOG_SQL = (
@@ -140,7 +145,7 @@ class SqliteOutbox(SqliteBase):
         )
         out: list[tuple[PendingEvent, str]] = []
         for row in rows:
-            out.extend((e, row[7] or "") for e in pending_events([row[:7]], parse_iso))
+            out.extend((e, row[-1] or "") for e in pending_events([row[:-1]], parse_iso))
         return out[:limit]
 
     async def sync_backlog(self) -> SyncBacklog:
