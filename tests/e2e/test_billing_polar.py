@@ -11,6 +11,7 @@ from aiohttp import web
 
 from tests.conftest import Gateway, wait_until
 from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
+from tests.fakes.upstream import FakeUpstream, Reply
 
 MSG = [{"role": "user", "content": "Hello"}]
 SECRET = new_standard_secret()
@@ -54,6 +55,41 @@ def test_usage_reaches_polar_once_with_meter_names(polar_gateway, polar: FakePol
     assert polar.events[f"{rid}:claude_output_tokens"]["name"] == "claude_output_tokens"
     assert polar.events[f"{rid}:claude_output_tokens"]["external_customer_id"] == "alice"
     wait_until(lambda: gw.query("SELECT COUNT(*) FROM requests WHERE sync_state = 'synced'") == [(1,)])
+    assert max(polar.sent.values()) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_fast_priority_usage_reaches_polar_with_its_modifiers(  # type: ignore[no-untyped-def]
+    polar_gateway, polar: FakePolar, upstream: FakeUpstream, stream: bool
+) -> None:
+    """Premium usage can be priced apart: its events say so; an ordinary request's events do not change."""
+    gw: Gateway = polar_gateway()
+    key = gw.issue_key("frank")
+    c = claude(gw, key)
+    upstream.enqueue(
+        Reply.fixture(f"anthropic/{'stream_fast_priority.sse' if stream else 'message_fast_priority.json'}")
+    )
+    fast = c.messages.create(model="claude-opus-4-6", max_tokens=32, messages=MSG, stream=stream)  # type: ignore[call-overload]
+    if stream:
+        assert [e.type for e in fast][-1] == "message_stop"
+    else:
+        assert fast.usage.speed == "fast" and fast.usage.service_tier == "priority"
+    fast_id = gw.wait_recorded("frank")[0]["id"]
+    plain = c.messages.create(model="claude-sonnet-4-6", max_tokens=16, messages=MSG, stream=stream)  # type: ignore[call-overload]
+    if stream:
+        list(plain)
+    plain_id = next(r["id"] for r in gw.wait_recorded("frank", 2) if r["id"] != fast_id)
+
+    wait_until(lambda: len(polar.events) == 4)
+    inp, out = (14, 11) if not stream else (27, 17)
+    modifiers = {"model": "claude-opus-4-6", "provider": "anthropic", "service_tier": "priority", "speed": "fast"}
+    assert polar.events[f"{fast_id}:claude_input_tokens"]["metadata"] == {"value": inp, **modifiers}
+    assert polar.events[f"{fast_id}:claude_output_tokens"]["metadata"] == {"value": out, **modifiers}
+    # the ordinary fixture's `service_tier: "standard"` adds nothing
+    inp, out = (12, 9) if not stream else (25, 15)
+    plain_meta = {"model": "claude-sonnet-4-6", "provider": "anthropic"}
+    assert polar.events[f"{plain_id}:claude_input_tokens"]["metadata"] == {"value": inp, **plain_meta}
+    assert polar.events[f"{plain_id}:claude_output_tokens"]["metadata"] == {"value": out, **plain_meta}
     assert max(polar.sent.values()) == 1
 
 

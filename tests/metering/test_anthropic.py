@@ -117,6 +117,28 @@ def test_stream_text() -> None:
     assert u.raw["output_tokens"] == 15 and u.raw["service_tier"] == "standard"
 
 
+def test_stream_keeps_the_pricing_modifiers_of_message_start() -> None:
+    u = stream("anthropic/stream_fast_priority.sse")
+    assert u.meters == meters(27, 17, 0, 0)
+    assert (u.raw["service_tier"], u.raw["speed"], u.raw["inference_geo"]) == ("priority", "fast", "global")
+    assert u.final and u.error is None
+
+
+def test_message_keeps_the_pricing_modifiers() -> None:
+    u = usage_from_message((FIXTURES / "anthropic/message_fast_priority.json").read_bytes())
+    assert u.meters == meters(14, 11, 0, 0)
+    assert (u.raw["service_tier"], u.raw["speed"], u.raw["inference_geo"]) == ("priority", "fast", "global")
+
+
+def test_modifiers_only_in_a_delta_are_kept_and_a_null_one_keeps_the_start_value() -> None:
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 3, "output_tokens": 1, "speed": "fast"}}}
+    d1 = {"type": "message_delta", "usage": {"output_tokens": 5, "speed": None, "service_tier": "priority"}}
+    d2 = {"type": "message_delta", "usage": {"output_tokens": 6, "inference_geo": "us"}}
+    u = run(AnthropicStreamMeter, [sse(("message_start", start), ("message_delta", d1), ("message_delta", d2))])
+    assert u.meters == meters(3, 6, 0, 0)
+    assert (u.raw["speed"], u.raw["service_tier"], u.raw["inference_geo"]) == ("fast", "priority", "us")
+
+
 def test_stream_thinking_tool_use() -> None:
     u = stream("anthropic/stream_thinking_tool_use.sse")
     assert u.meters == meters(472, 89, 0, 2048)
@@ -150,6 +172,7 @@ def test_stream_without_event_lines_is_still_metered() -> None:
 
 STREAMS = [
     "anthropic/stream_text.sse",
+    "anthropic/stream_fast_priority.sse",
     "anthropic/stream_thinking_tool_use.sse",
     "anthropic/stream_multiple_message_delta.sse",
     "anthropic/stream_error_midstream.sse",
