@@ -46,9 +46,12 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only, and no more of them than the bound has: int() takes other digits ("²" raises,
+    # "٣" is 3) and refuses over 4300 digits, each with a message of its own.
+    digits = raw.lstrip("0") or "0"
+    if not (raw.isascii() and raw.isdigit() and len(digits) <= len(str(high))) or not low <= int(digits) <= high:
         raise ValueError(f"{name} must be an integer from {low} to {high}")
-    return int(raw)
+    return int(digits)
 
 
 def demo_route(tokens: StatusTokens, guard: Callable[[Endpoint], Endpoint]) -> Route:

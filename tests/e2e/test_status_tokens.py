@@ -235,3 +235,16 @@ def test_healthz_reports_the_sync_backlog_and_polar(make_gateway: Callable[..., 
     up = wait_until(lambda: (h := health())["pending"] == 0 and h, timeout=10)
     assert up == {"pending": 0, "failed": 0, "oldest_pending_age_seconds": None, "polar_ok": True}
     assert len(fake.events) == 6
+
+
+def test_demo_page_says_which_number_it_wants_for_any_bad_one(gateway: Gateway) -> None:
+    # A Unicode digit passes str.isdigit() but not int(), and int() refuses over 4300 digits: each once
+    # answered with Python's own message (naming sys.set_int_max_str_digits) instead of the range.
+    with gateway.admin() as admin:
+        for name, low, high in (("ttl_seconds", 1, 86400), ("refresh", 1, 3600)):
+            wanted = {"type": "invalid_request", "message": f"{name} must be an integer from {low} to {high}"}
+            for bad in ("²", "٣", "9" * 5000, "-1", "1.5", "", "0" * 5000):
+                resp = admin.get("/admin/healthbar-demo", params={"user_id": "alice", name: bad})
+                assert (resp.status_code, resp.json()) == (400, {"error": wanted}), (name, bad)
+        resp = admin.get("/admin/healthbar-demo", params={"user_id": "alice", "refresh": "0" * 5000 + "7"})
+        assert resp.status_code == 200 and 'refresh="7"' in resp.text
