@@ -268,7 +268,7 @@ _PATHS: dict[str, Any] = {
         "get": {
             "summary": "The caller's quota this period",
             "security": _BILLING,
-            "responses": {"200": _json(_ref("BillingStatus"), "Usage and limits per meter"), **_errors(401)},
+            "responses": {"200": _json(_ref("BillingStatus"), "Usage and limits per meter"), **_errors(401, 503)},
         }
     },
     "/api/billing/portal": {

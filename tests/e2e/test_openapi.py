@@ -16,7 +16,7 @@ from gateway.app import create_app
 from gateway.openapi import DOCUMENT
 from gateway.settings import FileConfig, RateLimitConfig, Settings
 from tests.conftest import ADMIN_TOKEN, ANTHROPIC_KEY, GEMINI_KEY, ServerThread
-from tests.fakes.polar import FakePolar, new_standard_secret
+from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
 from tests.fakes.upstream import FakeUpstream
 
 BILLING = ("/api/billing/status", "/api/billing/portal")
@@ -120,3 +120,27 @@ def test_own_api_conforms(case: Case, running: Running) -> None:
         additional_checks=[one_error_shape, no_server_error],
         timeout=10,
     )
+
+
+def test_every_route_documents_its_answer_to_a_failing_store(make_gateway: Any) -> None:
+    """A database that fails is a 503 on every own route that reads it; the document must say so."""
+    secret = new_standard_secret()
+    gw = make_gateway(polar_webhook_secret=secret)
+    key = gw.issue_key("alice")
+    gw.query("DROP TABLE api_keys")
+    gw.query("DROP TABLE webhook_deliveries")
+    user = {"authorization": f"Bearer {key}"}
+    admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    body, signed = sign_webhook(webhook_payload("subscription.canceled", {}), secret, legacy=False)
+    calls = [
+        ("get", "/api/billing/status", "/api/billing/status", user, None),
+        ("get", "/api/billing/portal", "/api/billing/portal", user, None),
+        ("get", "/admin/keys", "/admin/keys", admin, None),
+        ("post", "/admin/keys", "/admin/keys", admin, b'{"user_id": "bob"}'),
+        ("delete", "/admin/keys/{key_id}", "/admin/keys/key_1", admin, None),
+        ("post", "/webhooks/polar", "/webhooks/polar", signed, body),
+    ]
+    for method, route, path, headers, content in calls:
+        resp = httpx.request(method, gw.url + path, headers=headers, content=content)
+        assert resp.status_code == 503, (method, path, resp.text)
+        assert "503" in DOCUMENT["paths"][route][method]["responses"], (method, route)
