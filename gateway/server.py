@@ -47,6 +47,10 @@ def _timeout_response(seconds: float) -> bytes:
     return _raw_response(408, "Request Timeout", _error_body("request_timeout", message))
 
 
+# What the HTTP parser cannot read (a bad content-length, an unknown method, a malformed header)
+# never reaches a route: answered here, in the shape of the 408 beside it, instead of uvicorn's plain text.
+_NOT_HTTP = _raw_response(400, "Bad Request", _error_body("invalid_request_error", "the request is not valid HTTP/1.1"))
+
 _OVER_CAPACITY = _error_body("overloaded_error", "the gateway is at its connection limit")
 _OVER_CAPACITY_RAW = _raw_response(503, "Service Unavailable", _OVER_CAPACITY, b"retry-after: 1\r\n")
 
@@ -128,6 +132,10 @@ class BoundedProtocol(HttpToolsProtocol):
                 self._deadline = self.loop.time() + self.client_timeout
                 if self._timer is None:
                     self._arm(self._deadline)
+
+    def send_400_response(self, msg: str) -> None:
+        self.transport.write(_NOT_HTTP)
+        self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

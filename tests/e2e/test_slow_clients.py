@@ -346,3 +346,25 @@ def test_refused_connections_do_not_count_against_the_accepted_ones(make_gateway
     finally:
         for s in refused:
             s.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /anthropic/v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n",
+        b"POST /admin/keys HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+        b"BREW /api/billing/status HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\nbad header: 1\r\n\r\n",
+    ],
+    ids=["bad-length", "two-lengths", "unknown-method", "bad-header"],
+)
+def test_a_request_that_is_not_http_gets_a_json_400_and_close(slow_gateway: Gateway, head: bytes) -> None:
+    # Before, the HTTP server's own plain-text "Invalid HTTP request received." (no error shape at all).
+    with _connect(slow_gateway) as sock:
+        sock.sendall(head)
+        raw = _read_until_closed([sock], time.monotonic() + MARGIN)[sock]
+    assert _status_and_json(raw) == (
+        400,
+        {"type": "error", "error": {"type": "invalid_request_error", "message": "the request is not valid HTTP/1.1"}},
+    )
+    assert b"content-type: application/json" in raw and b"connection: close" in raw
