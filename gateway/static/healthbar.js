@@ -58,6 +58,7 @@ class GatewayHealthbar extends HTMLElement {
     this._root = this.attachShadow({ mode: "open" });
     this._timer = null;
     this._expired = false;
+    this._loads = 0; // refreshes begun: an answer to an older one (an earlier token) is dropped
     this._root.append(el("style", {}, STYLE));
     const card = el("div", { class: "card", part: "card" });
     this._header = el("header");
@@ -100,12 +101,14 @@ class GatewayHealthbar extends HTMLElement {
     this._timer = null;
   }
 
-  async _get(path) {
+  /** The JSON of `path`; null on a 401 (the widget expires) or once a newer refresh than `load` began. */
+  async _get(path, load) {
     const response = await fetch(this._base + path, {
       headers: { authorization: "Bearer " + (this.getAttribute("token") || "") },
       credentials: "omit",
       cache: "no-store",
     });
+    if (load !== undefined && load !== this._loads) return null;
     if (response.status === 401) {
       this._expire();
       return null;
@@ -129,14 +132,16 @@ class GatewayHealthbar extends HTMLElement {
   /** Load the status now, then again every `refresh` seconds (until the token expires). */
   async refresh() {
     this._stop();
+    const load = ++this._loads;
     if (this._expired) return;
     try {
-      const status = await this._get("/api/billing/status");
-      if (status === null) return;
+      const status = await this._get("/api/billing/status", load);
+      if (status === null || load !== this._loads) return;
       this._render(status);
       this._message.textContent = "";
       this._button.disabled = false;
     } catch (error) {
+      if (load !== this._loads) return; // a newer refresh owns the message and the timer
       this._message.textContent = UNAVAILABLE;
     }
     if (!this._expired && this.isConnected) this._timer = setTimeout(() => this.refresh(), this._interval);

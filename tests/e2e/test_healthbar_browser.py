@@ -200,3 +200,38 @@ def test_widget_on_another_origin_works_through_cors(
     page.goto(f"{app_site.origin}/without-cors")
     page.locator("gateway-healthbar .message", has_text="unavailable").wait_for(timeout=10_000)
     assert page.locator("gateway-healthbar .meter").count() == 0
+
+
+# Every fetch the page makes, noted once the code awaiting it has run (a task queued after its answer).
+SETTLED_FETCHES = """
+window.__settled = [];
+const fetchOnce = window.fetch.bind(window);
+window.fetch = async (url, init) => {
+  const response = await fetchOnce(url, init);
+  setTimeout(() => window.__settled.push(init.headers.authorization), 0);
+  return response;
+};
+"""
+
+
+def test_an_answer_for_a_replaced_token_changes_nothing(page: Any, used: Gateway) -> None:
+    """An answer that arrives after the token was replaced is the old token's: a late 401 for it must not
+    mark the new token expired (which also ended the refreshes)."""
+    page.add_init_script(SETTLED_FETCHES)
+    held: list[Any] = []
+    page.route(
+        "**/api/billing/status",
+        lambda route: held.append(route) if "pgs_old" in str(route.request.headers) else route.continue_(),
+    )
+    open_demo(page, used, "alice", refresh="3600")
+    page.locator("gateway-healthbar .meter").first.wait_for()
+    with page.expect_request(lambda r: "pgs_old" in r.headers.get("authorization", "")):
+        page.evaluate("document.querySelector('gateway-healthbar').setAttribute('token', 'pgs_old')")
+    fresh = used.status_token("alice")
+    page.evaluate(f"document.querySelector('gateway-healthbar').setAttribute('token', '{fresh}')")
+    page.wait_for_function(f"window.__settled.includes('Bearer {fresh}')")
+    held[0].continue_()  # the gateway refuses the old token: 401
+    page.wait_for_function("window.__settled.includes('Bearer pgs_old')")
+    assert page.locator("gateway-healthbar .message").inner_text() == ""
+    assert not page.locator("gateway-healthbar button").is_disabled()
+    expect_bars_match_the_api(page, used)
