@@ -1,10 +1,12 @@
-"""The HTTP server: uvicorn (uvloop, httptools) with slow clients and the connection count bounded.
+"""The HTTP server: uvicorn (uvloop, httptools) with slow clients, request heads and the connection
+count bounded.
 
 uvicorn bounds neither how long a client may take to send a request nor how many connections it
 holds (`limit_concurrency` is checked per request, only once headers are complete, and counts the
-over-limit connections against the accepted ones). `BoundedProtocol` adds both, per connection:
-a deadline for each request until it has fully arrived, so responses (streams included) are never
-timed, and no work is done per byte.
+over-limit connections against the accepted ones), nor, with httptools, how long a request line or
+header may grow. `BoundedProtocol` adds these, per connection: a deadline for each request until it
+has fully arrived, so responses (streams included) are never timed, and a size for its head; no
+work is done per byte.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ log = logging.getLogger("gateway.server")
 # than a reset; a client sending nothing holds a descriptor no longer.
 REJECT_GRACE_SECONDS = 1.0
 FD_RESERVE = 256  # descriptors beyond two per connection (client + upstream): store, journal, logs
+# A request line and headers longer than this get a 431: the parser keeps them whole until they end.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 def _error_body(kind: str, message: str) -> bytes:
@@ -50,6 +54,12 @@ def _timeout_response(seconds: float) -> bytes:
 # What the HTTP parser cannot read (a bad content-length, an unknown method, a malformed header)
 # never reaches a route: answered here, in the shape of the 408 beside it, instead of uvicorn's plain text.
 _NOT_HTTP = _raw_response(400, "Bad Request", _error_body("invalid_request_error", "the request is not valid HTTP/1.1"))
+
+_HEAD_TOO_LARGE = _raw_response(
+    431,
+    "Request Header Fields Too Large",
+    _error_body("invalid_request_error", f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"),
+)
 
 _OVER_CAPACITY = _error_body("overloaded_error", "the gateway is at its connection limit")
 _OVER_CAPACITY_RAW = _raw_response(503, "Service Unavailable", _OVER_CAPACITY, b"retry-after: 1\r\n")
@@ -77,7 +87,7 @@ class Phase(StrEnum):
 
 # The phases every request passes, as globals: a member looked up on its Enum class costs several
 # times a global's lookup on Python 3.11.
-_HEADERS, _BODY, _DONE = Phase.HEADERS, Phase.BODY, Phase.DONE
+_DUE, _HEADERS, _BODY, _DONE = Phase.DUE, Phase.HEADERS, Phase.BODY, Phase.DONE
 
 
 class BoundedProtocol(HttpToolsProtocol):
@@ -99,6 +109,9 @@ class BoundedProtocol(HttpToolsProtocol):
         self._deadline = 0.0
         self._phase = Phase.DUE
         self._rejected = False
+        # Of the current request's head, from the reads that ended inside it; -1 once a head has ended
+        # (the read it ended in may also hold a body and the start of a pipelined request: not counted).
+        self._head_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -123,7 +136,20 @@ class BoundedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        before = self._phase
         super().data_received(data)  # (cancels uvicorn's keep-alive timer, re-armed only by a response)
+        if (self._phase is _HEADERS or self._phase is _DUE) and before is not _BODY:
+            # Counted per read, not per byte; at most one read short, never over.
+            if self._head_bytes < 0:
+                self._head_bytes = 0
+            else:
+                self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                cycle = self.cycle
+                if cycle is None or cycle.response_complete:  # (never inside an earlier response)
+                    self.transport.write(_HEAD_TOO_LARGE)
+                self.transport.close()
+            return
         if self._phase is _DONE and (cycle := self.cycle) is not None and cycle.response_complete:
             # Bytes that began no request (the blank lines llhttp skips before a request line): the
             # next request's headers are due from now, or the connection would be held untimed.
@@ -147,6 +173,7 @@ class BoundedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._phase = _BODY
+        self._head_bytes = -1
         self._deadline = self.loop.time() + self.client_timeout  # the body gets its own budget
         super().on_headers_complete()
 

@@ -15,12 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.server import BoundedProtocol
+from gateway.server import MAX_HEAD_BYTES, BoundedProtocol
 from gateway.settings import ConfigError, settings_from_env
 from tests.conftest import ADMIN_TOKEN, Gateway, GatewayProcess, fixture_bytes, wait_until
 from tests.fakes.upstream import FakeUpstream, Reply
 
 TIMEOUT = 1.0
+MIB = 1024 * 1024
+HEAD_MESSAGE = f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"
 MARGIN = 4.0  # a loaded two-core machine may run the timer late; the bug holds connections for ever
 STREAM_BODY = {
     "model": "claude-sonnet-4-6",
@@ -368,3 +370,40 @@ def test_a_request_that_is_not_http_gets_a_json_400_and_close(slow_gateway: Gate
         {"type": "error", "error": {"type": "invalid_request_error", "message": "the request is not valid HTTP/1.1"}},
     )
     assert b"content-type: application/json" in raw and b"connection: close" in raw
+
+
+@pytest.mark.parametrize(
+    "start", [b"GET /healthz?q=", b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: "], ids=["url", "header"]
+)
+def test_a_head_past_its_limit_gets_431_and_close(slow_gateway: Gateway, start: bytes) -> None:
+    # The parser kept every byte of a request line or header until it ended: one client sending a
+    # URL or header without end grew the process by what it sent within the client timeout (100+ MB).
+    sent = 0
+    with _connect(slow_gateway) as sock:
+        sock.sendall(start)
+        try:
+            while sent < 64 * MIB:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        raw = _read_until_closed([sock], time.monotonic() + MARGIN)[sock]
+    assert sent < 16 * MIB  # what the kernel buffers on both sides took before the close reached the client
+    assert _status_and_json(raw) == (
+        431,
+        {"type": "error", "error": {"type": "invalid_request_error", "message": HEAD_MESSAGE}},
+    )
+
+
+def test_heads_within_the_limit_and_bodies_of_any_size_pass(slow_gateway: Gateway) -> None:
+    head = f"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {'a' * (MAX_HEAD_BYTES - 1024)}\r\n\r\n".encode()
+    with _connect(slow_gateway) as sock:
+        for i in range(0, len(head), 4096):  # in pieces, as a slow link delivers it
+            sock.sendall(head[i : i + 4096])
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+    with slow_gateway.admin() as admin:  # a body the size of many heads, sent with its head in one go
+        resp = admin.post("/admin/keys", json={"user_id": "alice", "name": "a" * (MIB - 1024)})
+    assert resp.status_code == 201
