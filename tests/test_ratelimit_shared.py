@@ -13,7 +13,7 @@ import multiprocessing
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from gateway.ratelimit.redis_backend import RedisBudget, RedisRateLimiter
 from gateway.ratelimit.shared import StoreRateLimiter, make_limiter
 from gateway.settings import ConfigError, FileConfig, RateLimitConfig, Settings, parse_file_config, settings_from_env
 from gateway.store.sqlite import SqliteStore
-from tests.conftest import REDIS_URL, free_port
+from tests.conftest import REDIS_URL, free_port, wait_until_async
 from tests.support_ratelimit import KINDS, Clock, Counting, Make, admitted, shared_backend
 
 
@@ -282,3 +282,33 @@ async def test_a_request_that_needs_no_tokens_is_not_refused_for_tokens_shared(b
     assert (await rl.acquire("u", 500))[0] is None  # a lone over-sized request passes
     assert (await rl.acquire("u", 0))[0] is None
     assert await rl.acquire("u", 1) == (RateLimited("tokens", 60), None)
+
+
+async def test_two_processes_correcting_the_same_users_in_opposite_orders_never_deadlock(tmp_path: Path) -> None:
+    # Each process's corrections go in one transaction: rows locked in opposite orders deadlocked, and
+    # PostgreSQL rolled one batch back, its corrections (hand-backs, actual tokens) lost.
+    async with shared_backend("postgres", tmp_path) as make:
+        a, b, holder = [await make(None, 1000, Clock(1000.5)) for _ in range(3)]
+        pool = holder.budget.pool  # type: ignore[attr-defined]
+        await pool.execute("INSERT INTO rate_windows VALUES ('x', 1000, 1, 10), ('y', 1000, 1, 10)")
+        pool_db = await pool.fetchval("SELECT current_database()")
+
+        def waiting(n: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                sql = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = $1"
+                return await pool.fetchval(sql, pool_db) == n
+
+            return check
+
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("UPDATE rate_windows SET tokens = tokens WHERE user_id = 'x'")  # lines the batches up
+            a.settle("x", (1000, 10), 11)
+            a.settle("y", (1000, 10), 11)
+            await wait_until_async(waiting(1))  # a waits for x
+            b.settle("y", (1000, 10), 11)
+            b.settle("x", (1000, 10), 11)
+            await wait_until_async(waiting(2))  # b waits for x too, holding y unless it goes in a's order
+        await a.flush()
+        await b.flush()
+        rows = await pool.fetch("SELECT user_id, tokens FROM rate_windows ORDER BY user_id")
+        assert [(r[0], r[1]) for r in rows] == [("x", 12), ("y", 12)]

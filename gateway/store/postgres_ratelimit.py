@@ -53,7 +53,9 @@ class PostgresRateWindows:
         return got
 
     async def rate_correct(self, corrections: Sequence[tuple[str, int, int, int]]) -> None:
-        rows = [(requests, tokens, user_id, second) for user_id, second, requests, tokens in corrections]
+        # One transaction (executemany is atomic): rows locked in one order, by second then user, as a
+        # take locks them (its hand-back's second, then the current one), so no two processes deadlock.
+        rows = [(r, t, user, second) for user, second, r, t in sorted(corrections, key=lambda c: (c[1], c[0]))]
         async with self.pool.acquire() as conn:
             await conn.executemany(_CORRECT, rows)
 
