@@ -136,5 +136,5 @@ class RefusalCounter:
     async def close(self) -> None:
         """The last flush, before the store closes: what a failing store still holds is lost."""
         await self.flush()
-        if self._counts:
+        if self.pending:  # (a failed flush keeps them in `_kept`)
             log.warning("stopping with %d refusals not stored", self.pending)

@@ -137,3 +137,16 @@ async def test_flushes_every_interval_and_at_close() -> None:
     counter.count(401, "invalid_key")  # after the loop ended: `close` takes it
     await counter.close()
     assert store.rows == {(H, 401, "invalid_key"): 2} and counter.pending == 0
+
+
+async def test_closing_on_a_failing_store_says_how_many_refusals_were_not_stored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FakeRefusalStore()
+    store.failing = True
+    counter = RefusalCounter(store, clock=Clock(AT))
+    for _ in range(3):
+        counter.count(429, "requests")
+    caplog.set_level(logging.WARNING, "gateway.refusals")
+    await counter.close()
+    assert [r.getMessage() for r in caplog.records][-1] == "stopping with 3 refusals not stored"
