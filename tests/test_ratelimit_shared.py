@@ -180,6 +180,14 @@ async def test_a_silent_redis_delays_a_request_by_one_timeout_at_most() -> None:
             await rl.close()
 
 
+async def test_more_users_at_once_than_redis_connections_wait_for_one(redis_backend: Make) -> None:
+    # A take per user at a time, but many users at once: redis-py's pool (100 connections) refused the
+    # rest with MaxConnectionsError, and a healthy Redis counted as failing (429 closed, uncounted open).
+    rl: RedisRateLimiter = await redis_backend(10, None, policy=StoreErrorPolicy.CLOSED)
+    results = await asyncio.gather(*(rl.acquire(f"user-{i}", 0) for i in range(300)))
+    assert [refusal for refusal, _ in results] == [None] * 300
+
+
 async def test_redis_recovering_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     prefix = f"test:rl:{secrets.token_hex(6)}:"
     rl = RedisRateLimiter(f"redis://127.0.0.1:{free_port()}/0", 1, None, key_prefix=prefix)

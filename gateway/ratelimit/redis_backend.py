@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -23,6 +23,8 @@ from gateway.ratelimit.lease import LeasedRateLimiter
 from gateway.ratelimit.limiter import WINDOW, RateLimited, StoreErrorPolicy
 
 log = logging.getLogger("gateway.ratelimit")
+
+MAX_CONNECTIONS = 100  # per process (redis-py's default)
 
 # ARGV: rpm (-1: none), tpm (-1: none), requests, tokens, need, ttl ms, now ("": the server's TIME),
 # then a lease's rest handed back first: its second ("": none), requests delta, tokens delta.
@@ -160,14 +162,19 @@ class RedisRateLimiter(LeasedRateLimiter):
         timeout_seconds: float = 1.0,  # connect and per command: a stuck Redis delays a request this long at most
         clock: Callable[[], float] | None = None,  # None: the server's TIME (tests inject one)
     ) -> None:
-        redis = Redis.from_url(
+        # Blocking: more users taking at once than it has connections wait for one (takes are quick)
+        # instead of failing with MaxConnectionsError, as if Redis were down.
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=timeout_seconds,
             socket_connect_timeout=timeout_seconds,
             socket_timeout=timeout_seconds,
             # Once, at once, on a broken connection (a pooled socket Redis closed), never on a timeout and
             # without backoff: a request waits at most about one timeout before the policy decides.
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
+        redis = Redis.from_pool(pool)
         self.redis_budget = RedisBudget(redis, key_prefix, ttl_seconds)
         super().__init__(
             self.redis_budget, requests_per_minute, tokens_per_minute, on_store_error, clock, "rate-limit Redis"
