@@ -32,6 +32,22 @@ async def test_requests_per_minute_refuses_then_admits_when_the_oldest_bucket_le
     assert (await rl.acquire("u", 0))[0] is not None
 
 
+async def test_retry_after_a_requests_refusal_waits_for_the_tokens_too() -> None:
+    # Refused for requests, told when a request leaves; but the tokens did not fit then either: the
+    # SDK's retry was refused again. Retry-After is when the request fits both limits.
+    clock = Clock(1000.0)
+    rl = RateLimiter(3, 100, clock)
+    for at in (1000.0, 1010.0, 1020.0):
+        clock.now = at
+        assert (await rl.acquire("u", 30))[0] is None
+    clock.now = 1030.0
+    assert await rl.acquire("u", 50) == (ratelimit.RateLimited("requests", 40), None)  # not 30: 60 + 50 > 100
+    clock.now = 1069.9
+    assert (await rl.acquire("u", 50))[0] is not None
+    clock.now = 1070.0
+    assert (await rl.acquire("u", 50))[0] is None
+
+
 async def test_tokens_are_reserved_then_settled_to_the_actual_count() -> None:
     clock = Clock()
     rl = RateLimiter(None, 100, clock)

@@ -72,6 +72,23 @@ async def test_requests_window_slides_with_exact_retry_after(backend: Make) -> N
     assert await b.acquire("u", 0) == (RateLimited("requests", 10), None)  # second 1010 leaves at 1070
 
 
+async def test_retry_after_a_requests_refusal_waits_for_the_tokens_too_shared(backend: Make) -> None:
+    clock = Clock(1000.0)
+    a, b = await backend(3, 100, clock), await backend(3, 100, clock)
+    for at in (1000.0, 1010.0, 1020.0):
+        clock.now = at
+        assert await admitted(a, tokens=30)
+    clock.now = 1030.0
+    assert await b.acquire("u", 50) == (RateLimited("requests", 40), None)  # not 30: 60 + 50 > 100
+    # Requests waiting on one take: each is told when it fits, not when the one that asked does.
+    results = await asyncio.gather(b.acquire("u", 0), b.acquire("u", 50))
+    assert results == [(RateLimited("requests", 30), None), (RateLimited("requests", 40), None)]
+    clock.now = 1069.9
+    assert not await admitted(b, tokens=50)
+    clock.now = 1070.0
+    assert await admitted(b, tokens=50)
+
+
 async def test_tokens_are_reserved_then_corrected_by_settle(backend: Make) -> None:
     clock = Clock()
     a, b = [await backend(None, 100, clock) for _ in range(2)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
-from gateway.ratelimit.limiter import RateLimited, retry_after
+from gateway.ratelimit.limiter import RateLimited, freed_at
 
 SLICE = 8  # a slice is at most 1/SLICE of what the window has left (but never less than the request)
 
@@ -67,27 +67,16 @@ def slice_of(buckets: Sequence[Bucket], now: float, want: Want) -> Grant | RateL
     The in-memory limiter's rules: refuse when the requests are used up, or when the tokens would
     not fit (unless the window holds no request: a lone over-sized request passes; or it needs none:
     an unmetered request counts against requests only); Retry-After is when enough of the oldest
-    buckets have left.
+    buckets have left for it to pass both.
     """
     used = sum(b[1] for b in buckets)
     spent = sum(b[2] for b in buckets)
     rpm, tpm = want.rpm, want.tpm
     if rpm is not None and used >= rpm:
-        return RateLimited("requests", _freed_at(buckets, 1, used + 1 - rpm, now))
+        return RateLimited("requests", freed_at(buckets, used, spent, rpm, tpm, want.need, now))
     if tpm is not None and want.need and used and spent + want.need > tpm:
-        return RateLimited("tokens", _freed_at(buckets, 2, spent + want.need - tpm, now))
+        return RateLimited("tokens", freed_at(buckets, used, spent, rpm, tpm, want.need, now))
     requests = want.requests if rpm is None else max(1, min(want.requests, (rpm - used) // SLICE))
     room = 0 if tpm is None else tpm - spent
     tokens = want.tokens if tpm is None else max(want.need, min(want.tokens, room // SLICE))
     return Grant(int(now), now, requests, tokens, room)
-
-
-def _freed_at(buckets: Sequence[Bucket], column: int, need: int, now: float) -> int:
-    """Retry-After: until the oldest buckets holding `need` of `column` (1 requests, 2 tokens) have left."""
-    freed, at = 0, buckets[0][0] if buckets else int(now)
-    for bucket in buckets:
-        freed += bucket[column]
-        at = bucket[0]
-        if freed >= need:
-            break
-    return retry_after(at, now)

@@ -11,7 +11,8 @@ process's next take for the user, in the same atomic step (so a request the slic
 finds the room it held), or when the second ends (a timer) or on close as a negative correction,
 in the background with the token corrections.
 A process runs one take per user at a time: requests arriving meanwhile wait for it and spend its
-slice; a refusal for requests, or a failed backend, answers them all (it held while they waited).
+slice; a failed backend answers them all, and a refusal for requests all those needing no more
+tokens than the request that asked (its Retry-After is long enough for them; it held while they waited).
 
 Why it stays exact: every request is counted in the bucket of the second it was admitted in (its
 slice was booked there), and a slice is booked only when the window, slices held by others
@@ -98,7 +99,7 @@ class LeasedRateLimiter:
         self._errors = ErrorLog(what)
         self._settler = Settler(self._send, self._errors)
         self._leases: dict[str, Lease] = {}
-        self._taking: dict[str, asyncio.Task[Outcome]] = {}  # the take under way per user
+        self._taking: dict[str, tuple[asyncio.Task[Outcome], int]] = {}  # the take under way per user, its tokens
         self._waiting: dict[str, int] = {}  # requests per user that wait for a take (they size it)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
@@ -189,15 +190,18 @@ class LeasedRateLimiter:
         self._waiting[user_id] = self._waiting.get(user_id, 0) + 1
         try:
             while True:
-                task = self._taking.get(user_id)
-                if task is None:
+                taking = self._taking.get(user_id)
+                if taking is None:
                     task = asyncio.get_running_loop().create_task(self._take(user_id, tokens))
-                    self._taking[user_id] = task
+                    self._taking[user_id] = task, tokens
                     # (shielded: a cancelled request does not lose a slice booked for it)
                     return self._answer(await asyncio.shield(task))
+                task, asked = taking
                 outcome = await asyncio.shield(task)
                 if isinstance(outcome, _StoreFailed) or (
-                    isinstance(outcome, RateLimited) and outcome.reason == "requests"
+                    isinstance(outcome, RateLimited)
+                    and outcome.reason == "requests"
+                    and (self.tpm is None or tokens <= asked)  # (its Retry-After is then long enough for this one)
                 ):
                     return self._answer(outcome)  # as true for this request, which waited meanwhile
                 lease = self._leases.get(user_id)

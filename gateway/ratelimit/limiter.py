@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -84,6 +84,20 @@ def retry_after(oldest: int, now: float) -> int:
     return max(1, math.ceil(oldest + WINDOW - now))
 
 
+def freed_at(
+    buckets: Iterable[Sequence[int]], used: int, spent: int, rpm: int | None, tpm: int | None, tokens: int, now: float
+) -> int:
+    """Retry-After of a refusal: until enough of the oldest buckets (second, requests, tokens; oldest
+    first) have left for a request of `tokens` to pass both limits, as `acquire` admits it (a request
+    refused for requests may not fit the tokens when one leaves either: the retry would be refused)."""
+    at = int(now)
+    for bucket in buckets:
+        if (rpm is None or used < rpm) and (tpm is None or not tokens or not used or spent + tokens <= tpm):
+            break
+        at, used, spent = bucket[0], used - bucket[1], spent - bucket[2]
+    return retry_after(at, now)
+
+
 class RateLimiter:
     def __init__(
         self,
@@ -116,21 +130,17 @@ class RateLimiter:
         if win.buckets and win.buckets[0][0] <= second - WINDOW:
             win.expire(second)
         if self.rpm is not None and win.requests >= self.rpm:
-            return RateLimited("requests", retry_after(win.buckets[0][0] if win.buckets else second, now)), None
+            return RateLimited("requests", self._freed_at(win, tokens, now)), None
         if self.tpm is not None and tokens and win.requests and win.tokens + tokens > self.tpm:
-            # Free the oldest buckets until it would fit; a lone over-sized request is let through.
-            need, freed, at = win.tokens + tokens - self.tpm, 0, win.buckets[0][0]
-            for bucket in win.buckets:
-                freed += bucket[2]
-                at = bucket[0]
-                if freed >= need:
-                    break
-            return RateLimited("tokens", retry_after(at, now)), None
+            return RateLimited("tokens", self._freed_at(win, tokens, now)), None  # (a lone over-sized one passes)
         ticket = (win, win.admit(second, tokens), tokens)
         self._admitted += 1
         if self._admitted % SWEEP_EVERY == 0:
             self._sweep(second)
         return None, ticket
+
+    def _freed_at(self, win: _Window, tokens: int, now: float) -> int:
+        return freed_at(win.buckets, win.requests, win.tokens, self.rpm, self.tpm, tokens, now)
 
     def settle(self, user_id: str, ticket: object | None, actual_tokens: int) -> None:
         if not isinstance(ticket, tuple):

@@ -69,17 +69,16 @@ for _, s in ipairs(secs) do
   used = used + reqs[s]
   spent = spent + toks[s]
 end
-local function freed_at(column, need_freed)
-  local freed, at = 0, secs[1] or second
+local function freed_at()
+  local u, sp, at = used, spent, second
   for _, s in ipairs(secs) do
-    freed = freed + column[s]
-    at = s
-    if freed >= need_freed then break end
+    if (rpm < 0 or u < rpm) and (tpm < 0 or need == 0 or u == 0 or sp + need <= tpm) then break end
+    at, u, sp = s, u - reqs[s], sp - toks[s]
   end
   return math.max(1, math.ceil(at + window - now))
 end
-if rpm >= 0 and used >= rpm then return {{1, freed_at(reqs, used + 1 - rpm)}} end
-if tpm >= 0 and need > 0 and used > 0 and spent + need > tpm then return {{2, freed_at(toks, spent + need - tpm)}} end
+if rpm >= 0 and used >= rpm then return {{1, freed_at()}} end
+if tpm >= 0 and need > 0 and used > 0 and spent + need > tpm then return {{2, freed_at()}} end
 local r, t, room = want_r, want_t, 0
 if rpm >= 0 then r = math.max(1, math.min(want_r, math.floor((rpm - used) / slice))) end
 if tpm >= 0 then
