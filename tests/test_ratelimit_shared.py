@@ -120,6 +120,27 @@ async def test_a_lone_oversized_request_passes_and_an_expired_ticket_settles_not
     assert await a.acquire("u", 1) == (RateLimited("tokens", 60), None)
 
 
+async def test_a_request_of_more_tokens_than_a_backend_integer_holds_is_a_lone_oversized_one(
+    backend: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The estimate is the client's max_tokens (up to 2**64 - 1 in JSON): PostgreSQL and SQLite refused
+    # it as if the store failed (the policy then decides), Redis booked garbage and let the user past
+    # the limit for the window.
+    clock = Clock(1000.0)
+    rl = await backend(60, 1000, clock, StoreErrorPolicy.CLOSED)
+    caplog.set_level(logging.ERROR, logger="gateway.ratelimit")
+    refusal, ticket = await rl.acquire("u", 2**64 - 1)
+    assert refusal is None  # alone in the window, as in memory
+    assert await rl.acquire("u", 1) == (RateLimited("tokens", 60), None)
+    rl.settle("u", ticket, 0)  # the provider refused it
+    await rl.flush()
+    clock.now = 1001.5
+    rl.reap()
+    await rl.flush()
+    assert sum([await admitted(rl, tokens=100) for _ in range(15)]) == 10
+    assert caplog.records == []
+
+
 async def test_redis_keys_expire_with_their_user(redis_backend: Make) -> None:
     rl: RedisRateLimiter = await redis_backend(10, None)
     await rl.acquire("idle", 0)

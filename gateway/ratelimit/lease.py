@@ -109,6 +109,10 @@ class LeasedRateLimiter:
     async def acquire(self, user_id: str, tokens: int) -> tuple[RateLimited | None, object | None]:
         if self.rpm is None and self.tpm is None:
             return None, None
+        if self.tpm is not None and tokens > self.tpm:
+            # Any estimate past the whole budget passes alone, and fills the window until settled, alike;
+            # as it came (the client's max_tokens, up to 2**64 - 1) it overflowed the backends' integers.
+            tokens = self.tpm + 1
         lease = self._leases.get(user_id)
         if lease is not None:
             ticket = self._spend(lease, tokens)
