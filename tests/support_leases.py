@@ -113,6 +113,7 @@ class Cluster:
             poll=poll,
             stale_seconds=kwargs.get("stale", 10.0),
             recall_wait=kwargs.get("recall_wait", 1.5),
+            **({"fence_clock": kwargs["fence_clock"]} if "fence_clock" in kwargs else {}),
         )
         jdir = self.tmp / "journal" if journal else None
         j = Journal(jdir, owner) if journal else None

@@ -81,7 +81,7 @@ class LeaseKeeper:
         """Register and settle dead processes once, then keep in the background. Call after the
         journal is open (a live process is told from a dead one by its journal's lock)."""
         journal = str(self.journal_dir.resolve()) if self.journal_dir is not None else ""
-        sent = time.monotonic()
+        sent = self.ledger.fence_clock()
         await self.store.register_process(self.owner, self.host, os.getpid(), journal)
         self.ledger.beat(sent)
         self._watch = await self.store.watch_invalidations()
@@ -134,7 +134,7 @@ class LeaseKeeper:
 
     async def beat(self) -> None:
         """One heartbeat, as a round begins with; a process taken for dead registers again."""
-        sent = time.monotonic()
+        sent = self.ledger.fence_clock()
         if not await self.store.heartbeat(self.owner):
             log.error("this process was taken for dead (no heartbeat for %.0f s); re-registering", self.stale)
             journal = str(self.journal_dir.resolve()) if self.journal_dir is not None else ""

@@ -22,6 +22,7 @@ hold less than the store says, never more.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -38,6 +39,13 @@ from gateway.timeutil import utcnow
 log = logging.getLogger("gateway.leases")
 
 FENCE_SHARE = 0.9  # of `stale_seconds` after a heartbeat was sent: the leases are spent no later
+
+# The fence's clock must run while the machine is suspended: the others' stale age does (on the
+# database's clock), and `time.monotonic` (CLOCK_MONOTONIC on Linux) does not, so a process resumed
+# after its leases were released would spend them until its next heartbeat. CLOCK_BOOTTIME does.
+fence_clock: Callable[[], float] = (
+    functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic
+)
 
 
 class LeasesLapsed(Exception):
@@ -59,6 +67,7 @@ class LeasedLedger:
         poll: float = 0.05,
         stale_seconds: float = 10.0,
         clock: Callable[[], datetime] = utcnow,
+        fence_clock: Callable[[], float] = fence_clock,
     ) -> None:
         self.store = store
         self.leases = leases
@@ -78,11 +87,12 @@ class LeasedLedger:
         self._recalled: list[LeaseUser] = []  # users another process recalled lately
         self._unsynced: list[LeaseUser] = []  # users whose hand-back failed: the store may hold more than we do
         self._short: list[LeaseUser] = []  # users who used more than their leases hold: covered next round
-        self._fence = math.inf  # (monotonic) leases are spent before it only; set by `beat`
+        self.fence_clock = fence_clock  # what `beat` and the fence read (the keeper too)
+        self._fence = math.inf  # (on `fence_clock`) leases are spent before it only; set by `beat`
 
     # ------------------------------------------------------------------ QuotaLedger
     def beat(self, sent: float) -> None:
-        """A heartbeat sent at `sent` (monotonic) was stored: nobody takes this process for dead
+        """A heartbeat sent at `sent` (on `fence_clock`) was stored: nobody takes this process for dead
         (and releases its leases) before `sent + stale_seconds`."""
         self._fence = sent + FENCE_SHARE * self.stale_seconds
 
@@ -96,13 +106,13 @@ class LeasedLedger:
 
     def _fenced(self) -> None:
         """Raise LeasesLapsed once the fence has passed: nothing is granted from leases after it."""
-        if (now := time.monotonic()) >= self._fence:
+        if (now := self.fence_clock()) >= self._fence:
             late = now - self._fence + FENCE_SHARE * self.stale_seconds
             raise LeasesLapsed(f"no heartbeat stored for {late:.1f} s: this process's leases may have been released")
 
     def reserve_held(self, user_id: str, amounts: Mapping[str, int]) -> Reservation | None:
         u = self._fresh(user_id)
-        return None if u is None or time.monotonic() >= self._fence else self._reserve_local(u, amounts)
+        return None if u is None or self.fence_clock() >= self._fence else self._reserve_local(u, amounts)
 
     def settle(self, reservation: Reservation, actual: Mapping[str, int]) -> None:
         u = self._users.get(reservation.user_id)
