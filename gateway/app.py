@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from pathlib import Path
@@ -111,6 +112,19 @@ def build_services(settings: Settings, *, shared: bool = False) -> Services:
     )
 
 
+async def _close_each(*steps: tuple[str, Callable[[], object] | None]) -> None:
+    """Run every closer in turn (None: nothing to close); one that fails is logged, not the end."""
+    for name, close in steps:
+        if close is None:
+            continue
+        try:
+            done = close()
+            if inspect.isawaitable(done):
+                await done
+        except Exception:
+            log.exception("shutdown: closing the %s failed", name)
+
+
 def _meter_names(s: Services) -> Callable[[Collection[str]], Awaitable[Mapping[str, str]]]:
     async def names(ids: Collection[str]) -> Mapping[str, str]:
         return await s.polar.meter_names(ids) if s.polar is not None else {}
@@ -210,8 +224,7 @@ def create_app(
         except BaseException:
             # A failed start must end the process: an open store's thread (aiosqlite's is not a
             # daemon) would keep it alive, half-started, and a supervisor would never replace it.
-            s.journal.close()
-            await s.store.close()
+            await _close_each(("journal", s.journal.close), ("store", s.store.close))
             raise
         s.client = create_client(settings.connect_timeout_seconds)
         if not settings.anthropic_api_key:
@@ -255,19 +268,21 @@ def create_app(
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-            await s.client.close()
-            if s.polar is not None:
-                await s.polar.close()
-            await s.recorder.close()
-            await s.limiter.close()  # its last token corrections may go to the store
-            await s.refusals.close()  # the last counts (the server answers no more requests by now)
-            s.journal.close()
-            if s.keeper is not None:
-                await s.keeper.close()  # leases back, but for what covers requests left to the journal
-            await s.store.close()
-            s.metrics.close()
-            if stuck is not None:
-                stuck.stop()
+            # In this order, each step whatever the ones before it met: a step skipped would leave
+            # its resource open (an open SQLite store's thread keeps the process from exiting).
+            await _close_each(
+                ("http client", s.client.close),
+                ("polar client", s.polar.close if s.polar is not None else None),
+                ("recorder", s.recorder.close),
+                ("rate limiter", s.limiter.close),  # its last token corrections may go to the store
+                ("refusal counts", s.refusals.close),  # the last counts (no more requests by now)
+                ("journal", s.journal.close),
+                # leases back, but for what covers requests left to the journal
+                ("lease keeper", s.keeper.close if s.keeper is not None else None),
+                ("store", s.store.close),
+                ("metrics", s.metrics.close),
+                ("watchdog", stuck.stop if stuck is not None else None),
+            )
 
     def polar_ok() -> bool | None:
         return syncer.last_call_ok if syncer is not None else None
