@@ -72,6 +72,7 @@ class LeaseKeeper:
         self._seq = 0
         self._seen: dict[int, float] = {}  # recent entries handled: seq -> monotonic time
         self._task: asyncio.Task[None] | None = None
+        self._settling: asyncio.Task[object] | None = None  # settle_dead beside the rounds
         self._next_beat = 0.0
         self._next_prune = 0.0
         self._watch: InvalidationWatch | None = None
@@ -94,11 +95,12 @@ class LeaseKeeper:
     async def close(self) -> None:
         """At shutdown, after the recorder has stored what it could: leases go back, except what
         covers requests left to the journal (the next process recovers them, then releases)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._settling):
+            if task is not None:
+                task.cancel()  # (a recovery cut short unlocks its files: another process takes it over)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._settling = None
         if self._watch is not None:
             await self._watch.close()
             self._watch = None
@@ -126,11 +128,25 @@ class LeaseKeeper:
             self._mark = mark  # (taken before the read: an entry added during it moves the next mark)
         await self.ledger.keep(self.idle, scan=beat)
         if beat:
-            await self.settle_dead()
+            self._settle_beside()
             self._seen = {seq: at for seq, at in self._seen.items() if now - at < 2 * _LOOKBACK}
         if now >= self._next_prune:
             self._next_prune = now + _PRUNE_EVERY
             await self.store.prune_invalidations(_KEEP_LOG)
+
+    def _settle_beside(self) -> None:
+        """Settle dead processes in a task of its own, one at a time: recovering a dead process's
+        journal may take longer than the stale age, and this process's heartbeats must go on
+        meanwhile (else its own fence lapses, and others may take it for dead)."""
+        if self._settling is None or self._settling.done():
+            self._settling = asyncio.create_task(self._settle_logged(), name="settle-dead")
+
+    async def _settle_logged(self) -> object:
+        try:
+            return await self.settle_dead()
+        except Exception:  # the store is down or locked: the next heartbeat's round tries again
+            log.exception("settling stopped processes failed")
+            return None
 
     async def beat(self) -> None:
         """One heartbeat, as a round begins with; a process taken for dead registers again."""

@@ -3,8 +3,10 @@ can have taken it for dead, whatever paused it (a suspended machine, a long reco
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ from gateway.billing import leases
 from gateway.billing.leases import LeasesLapsed
 from gateway.billing.protocols import Reservation
 from gateway.timeutil import iso, parse_iso
+from tests.conftest import wait_until_async
 from tests.support_leases import Cluster, Proc
 
 OUT = "claude_output_tokens"
@@ -69,3 +72,39 @@ async def test_a_process_resumed_after_a_suspend_spends_no_lease_released_meanwh
 def test_the_fence_runs_on_a_clock_that_counts_suspended_time() -> None:
     assert leases.fence_clock.func is time.clock_gettime  # type: ignore[attr-defined]
     assert leases.fence_clock.args == (time.CLOCK_BOOTTIME,)  # type: ignore[attr-defined]
+
+
+async def test_a_recovery_longer_than_the_stale_age_does_not_stop_the_heartbeats(shared: Cluster) -> None:
+    # a settles a dead process d whose journal takes long to store (a backlog of hours): three
+    # stale ages here. a's heartbeats must go on meanwhile, or a's fence lapses (its billed
+    # requests get 503) and a process on another host takes a, alive, for dead.
+    a = await shared.process("a", {OUT: 1000}, journal=True, stale=0.5, heartbeat=0.05)
+    b = await shared.process("b", {OUT: 1000}, host="elsewhere", **{**HAND, "stale": 0.5})
+    d = await shared.process("d", {OUT: 1000}, journal=True, stale=0.5, heartbeat=0.05)
+    assert isinstance(await d.ledger.reserve("u", {OUT: 40}), Reservation)
+    assert isinstance(await a.ledger.reserve("u", {OUT: 40}), Reservation)
+    recovering, done = asyncio.Event(), asyncio.Event()
+    recover = a.keeper.recover
+    assert recover is not None
+
+    async def slow(directory: Path) -> object:
+        recovering.set()
+        await done.wait()
+        return await recover(directory)
+
+    a.keeper.recover = slow
+    await d.kill()
+    await asyncio.wait_for(recovering.wait(), 5)
+    until = time.monotonic() + 1.5
+    while time.monotonic() < until:
+        assert a.ledger.reserve_held("u", {OUT: 1}) is not None, "a's fence lapsed while it recovered d"
+        await b.keeper.beat()
+        assert a.owner not in await b.keeper.settle_dead()
+        await asyncio.sleep(0.05)
+    done.set()
+    await wait_until_async(lambda: _released(shared, d.owner))
+    assert a.owner in await shared.leases("u")
+
+
+async def _released(shared: Cluster, owner: str) -> bool:
+    return not await shared.query("SELECT owner FROM processes WHERE owner = ?", owner)
