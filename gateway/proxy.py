@@ -150,6 +150,9 @@ class ProxyEndpoint:
                 message = "the JSON body must be an object"
                 return count(op, await self._answer.error(send, 400, "invalid_request_error", message, rid))
         call = provider.prepare(route, body, obj) if route.metered else None
+        if call is not None and "\x00" in call.model:  # no model has one, and PostgreSQL cannot store it
+            message = "the model name may not hold a NUL character"
+            return count(op, await self._answer.error(send, 400, "invalid_request_error", message, rid))
 
         # 3. begin billing: rate limit, then quota (check and reserve in one step), then the journal
         if call is None:

@@ -16,6 +16,7 @@ import pytest
 from gateway.logs import JsonFormatter
 from tests.conftest import Gateway, fixture_bytes, stream_and_leave, wait_until
 from tests.fakes.upstream import FakeUpstream, Reply
+from tests.support_db import Databases
 
 BODY = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}
 STREAM_BODY = {**BODY, "stream": True}
@@ -42,6 +43,21 @@ def test_malformed_json_is_400_and_not_forwarded(gateway: Gateway, upstream: Fak
     )
     assert resp.status_code == 400 and resp.json()["error"]["status"] == "INVALID_ARGUMENT"
     assert upstream.requests == [] and gateway.requests("mal") == []
+
+
+def test_a_model_name_holding_nul_is_400_and_not_forwarded(  # type: ignore[no-untyped-def]
+    make_gateway, databases: Databases, upstream: FakeUpstream
+) -> None:
+    # PostgreSQL refuses NUL in text: such a request's record could never be stored. It stayed in
+    # the journal, unbilled, and the next start's recovery failed on it (the gateway never started).
+    gw: Gateway = make_gateway(database_url=databases.new("nul", backend="postgres").url)
+    key = gw.issue_key("nul")
+    client = anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as err:
+        client.messages.create(model="claude-sonnet-4-6\x00x", max_tokens=64, messages=BODY["messages"])  # type: ignore[arg-type]
+    assert err.value.status_code == 400
+    assert err.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert upstream.requests == [] and gw.requests("nul") == []
 
 
 def test_oversized_body_is_413(make_gateway, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
