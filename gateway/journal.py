@@ -314,15 +314,22 @@ def _finish(r: RequestRecord, e: list[object]) -> None:
     r.finished_at = parse_iso(str(e[7]))
 
 
+def _segments_of(directory: Path, owner: str) -> list[Path]:
+    prefix = owner.replace("/", "-").replace(":", "-") + "."
+    if not directory.is_dir():
+        return []
+    return [p for p in directory.iterdir() if p.name.startswith(prefix) and p.name.endswith(SUFFIX)]
+
+
+def left(directory: Path, owner: str) -> bool:
+    """Whether any segment of `owner`'s journal is still here (a recovery deletes what it stored)."""
+    return bool(_segments_of(directory, owner))
+
+
 def held(directory: Path, owner: str) -> bool:
     """Whether a live process holds a segment of `owner`'s journal here (the kernel drops a dead
     process's flock, so this tells a dead owner from one that is only slow)."""
-    prefix = owner.replace("/", "-").replace(":", "-") + "."
-    if not directory.is_dir():
-        return False
-    for path in directory.iterdir():
-        if not (path.name.startswith(prefix) and path.name.endswith(SUFFIX)):
-            continue
+    for path in _segments_of(directory, owner):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

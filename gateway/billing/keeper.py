@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from gateway.billing.leases import LeasedLedger
-from gateway.journal import held
+from gateway.journal import held, left
 from gateway.settings import Settings
 from gateway.store.base import Store
 from gateway.store.leases_base import Invalidation, InvalidationKind, InvalidationWatch, LeaseStore
@@ -188,6 +188,11 @@ class LeaseKeeper:
                 continue  # it beat again, or another process settles it
             if local and self.recover is not None:
                 await self.recover(Path(p.journal))
+                if left(Path(p.journal), p.owner):
+                    # Another process held a segment of it while we read (a restarted worker
+                    # recovering it at its start, a `held` probe): its usage may not be stored yet,
+                    # and its leases cover it. Our claim lapses: a later round settles it.
+                    continue
             rows = await self.store.release_owner(p.owner, claim)
             if rows is None:  # it beat after the claim: cut off for a while, alive, spending its leases
                 log.warning("process %s beat again while being taken for dead: left alone", p.owner)
