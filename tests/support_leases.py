@@ -42,12 +42,12 @@ class Proc:
 
     async def kill(self) -> None:
         """Die without a word: no more heartbeats, nothing handed back, the journal left as it is."""
-        task = self.keeper._task
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            self.keeper._task = None
+        for task in (self.keeper._task, self.keeper._settling):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        self.keeper._task = self.keeper._settling = None
         if self.journal is not None:
             self.journal.close()  # (segments with records not stored stay, unlocked, as after a crash)
         await self.store.close()
@@ -77,10 +77,11 @@ class Cluster:
     async def close(self) -> None:
         for p in self.procs:
             with contextlib.suppress(Exception):
-                if p.keeper._task is not None:
-                    p.keeper._task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await p.keeper._task
+                for task in (p.keeper._task, p.keeper._settling):
+                    if task is not None:
+                        task.cancel()
+                        with contextlib.suppress(BaseException):
+                            await task
                 await p.store.close()
         if self._admin is not None:
             await self._admin.execute(f'DROP DATABASE IF EXISTS "{self._dbname}" WITH (FORCE)')
