@@ -174,6 +174,12 @@ class BillingOwner:
             self.ledger.settle(reservation, {})
             self.limiter.settle(user_id, ticket, 0)
             return self._refused(Refused(RefusalKind.UNRECORDABLE))
+        except BaseException:
+            # Not journaled for another reason (a reservation too large for its JSON): an error
+            # answer, but nothing it took may stay taken.
+            self.ledger.settle(reservation, {})
+            self.limiter.settle(user_id, ticket, 0)
+            raise
         self.metrics.reservation_taken()
         return Hold(self, record, reservation, ticket, begun)
 

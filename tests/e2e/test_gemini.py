@@ -174,3 +174,15 @@ async def test_async_client(gateway: Gateway) -> None:
     gc = client(gateway, key)
     resp = await gc.aio.models.generate_content(model="gemini-2.5-flash", contents="Hi")
     assert resp.usage_metadata.prompt_token_count == 8  # type: ignore[union-attr]
+
+
+def test_a_request_the_journal_cannot_hold_gives_back_its_reservation(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    # An output cap times the candidates beyond 64 bits (the journal's JSON cannot encode it):
+    # output unlimited, so the reservation passes; the input it reserved must not stay reserved.
+    gw: Gateway = make_gateway(plan={"gemini_input_tokens": 100_000})
+    key = gw.issue_key("huge")
+    config = types.GenerateContentConfig(max_output_tokens=2**64 - 1, candidate_count=2)
+    gc = client(gw, key)
+    with pytest.raises(errors.APIError):
+        gc.models.generate_content(model="gemini-2.5-flash", contents="Hello", config=config)
+    assert gw.meter(key, "gemini_input_tokens")["reserved"] == 0
