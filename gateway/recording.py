@@ -19,6 +19,8 @@ from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.recording")
 
+_RECOVERY_BATCH = 2000  # records per transaction when a dead process's journal is stored
+
 
 # A finished request waiting for the store: its record, the journal segments holding it, and how
 # many times the store refused it. A plain tuple: one is made per request.
@@ -192,10 +194,8 @@ async def recover_journal(store: RequestStore, journal_dir: Path | None) -> int:
     estimated. Safe beside a live gateway: its segments are locked and skipped."""
     found = orphans(journal_dir)
     try:
-        for record in found.finished:
-            await store.finish_request(record)  # idempotent: stored ones are kept as they are
         stored = await store.finished_ids([r.id for r in found.unfinished])
-        settled = 0
+        estimated: list[RequestRecord] = []
         for record in found.unfinished:
             if record.id in stored:
                 continue
@@ -203,8 +203,13 @@ async def recover_journal(store: RequestStore, journal_dir: Path | None) -> int:
             record.outcome = Outcome.CRASHED.value
             record.estimated = True
             record.finished_at = utcnow()
-            await store.finish_request(record)
-            settled += 1
+            estimated.append(record)
+        settled = len(estimated)
+        # In batches, as the recorder stores: a journal left by a long outage holds hundreds of
+        # thousands, and a transaction each would hold the start (or a keeper's settling) for minutes.
+        records = found.finished + estimated
+        for at in range(0, len(records), _RECOVERY_BATCH):
+            await store.finish_requests(records[at : at + _RECOVERY_BATCH])  # idempotent: replays are dropped
     except BaseException:
         found.release()  # (our locks would make the next recovery, and `held`, take them for live)
         raise

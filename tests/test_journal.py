@@ -7,11 +7,12 @@ import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.journal import Journal, entries, orphans
-from gateway.recording import Recorder, recover
+from gateway.recording import Recorder, recover, recover_journal
 from gateway.store.base import RequestRecord
 from gateway.store.sqlite import SqliteStore
 from tests.test_store import record
@@ -54,6 +55,37 @@ async def test_recovery_stores_finished_exactly_and_estimates_the_unfinished(
     # a second start finds nothing to do
     assert await recover(store, tmp_path / "j", "me") == 0
     assert await stored_usage(store, "req_done") == {"claude_input_tokens": 12, "claude_output_tokens": 9}
+
+
+async def test_recovery_stores_a_dead_process_journal_in_batches(tmp_path: Path, store: SqliteStore) -> None:
+    # A journal left by a long outage holds many requests: a transaction each held the start (or
+    # a keeper's settling) for minutes. Finished and estimated ones go in a few batches.
+    j = Journal(tmp_path / "j", "host:1:aa")
+    j.open()
+    for n in range(2500):
+        r = record(f"req_{n}", reservation={"claude_output_tokens": 10})
+        j.begin(r)
+        if n % 5:
+            j.finish(finished(r, {"claude_output_tokens": 3}))
+    crash(j)
+    batches: list[int] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def finish_request(self, r: RequestRecord) -> None:
+            batches.append(1)
+            await store.finish_request(r)
+
+        async def finish_requests(self, records: list[RequestRecord]) -> None:
+            batches.append(len(records))
+            await store.finish_requests(records)
+
+    assert await recover_journal(Counting(), tmp_path / "j") == 500  # type: ignore[arg-type]
+    assert batches == [2000, 500]
+    december = (datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    assert await store.consumed("u", *december) == {"claude_output_tokens": 2000 * 3 + 500 * 10}
 
 
 async def test_a_request_stored_before_the_crash_is_not_estimated_again(tmp_path: Path, store: SqliteStore) -> None:

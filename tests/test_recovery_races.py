@@ -84,7 +84,10 @@ async def test_a_recovery_the_store_fails_leaves_the_files_for_the_next_one(tmp_
     _dead_with_one_finished(tmp_path)
 
     class Down:
-        async def finish_request(self, record: object) -> None:
+        async def finished_ids(self, ids: object) -> set[str]:
+            return set()
+
+        async def finish_requests(self, records: object) -> None:
             raise ConnectionError("store down")
 
     with pytest.raises(ConnectionError):
