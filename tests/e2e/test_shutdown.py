@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import pytest
 
-from tests.conftest import Gateway
+from tests.conftest import Gateway, GatewayProcess, process_env
 from tests.fakes.upstream import FakeUpstream, Reply
 
 MSG = [{"role": "user", "content": "Hello"}]
@@ -48,3 +51,32 @@ def test_a_shutdown_step_that_fails_does_not_skip_the_ones_after_it(  # type: ig
     assert not gw.server.thread.is_alive()
     assert calls == ["store"]
     assert "database is locked" in caplog.text
+
+
+@pytest.mark.parametrize("shared", ["0", "1"])
+def test_sigterm_lets_a_stream_in_flight_finish_and_records_it_exactly(
+    tmp_path: Path, upstream: FakeUpstream, shared: str
+) -> None:
+    journal = tmp_path / "term.db.journal"
+    env = process_env(tmp_path / "term.db", upstream, GATEWAY_JOURNAL_DIR=str(journal), GATEWAY_SHARED=shared)
+    gw = GatewayProcess(env).start()
+    try:
+        key = gw.issue_key("term")
+        upstream.enqueue(Reply.fixture("anthropic/stream_text.sse", delay_between=0.1))
+        body = {"model": "claude-sonnet-4-6", "max_tokens": 100, "messages": MSG, "stream": True}
+        with httpx.stream("POST", f"{gw.url}/anthropic/v1/messages", json=body, headers={"x-api-key": key}) as r:
+            chunks = r.iter_raw()
+            received = next(chunks)  # in flight
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGTERM)
+            received += b"".join(chunks)
+        assert received.rstrip().endswith(b'data: {"type":"message_stop"}')
+        assert gw.proc.wait(timeout=30) == -signal.SIGTERM  # (uvicorn ends with the signal it shut down on)
+    finally:
+        gw.stop()
+    with sqlite3.connect(tmp_path / "term.db") as db:
+        rows = db.execute("SELECT outcome, estimated, usage FROM requests WHERE user_id = 'term'").fetchall()
+        held = db.execute("SELECT (SELECT COUNT(*) FROM processes) + (SELECT COUNT(*) FROM quota_leases)").fetchone()
+    assert [(outcome, estimated) for outcome, estimated, _ in rows] == [("ok", 0)]
+    assert held == (0,)  # shared: its leases handed back and its registration gone
+    assert list(journal.iterdir()) == []  # everything stored: no segment left for a recovery
