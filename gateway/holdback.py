@@ -7,8 +7,9 @@ an SSE stream sends only whole events: the bytes after the last blank line wait,
 chunk that completes them, and are dropped if none comes. The meter still sees every byte as it
 arrives; only what reaches the client waits.
 
-Providers write one whole event per write, so a chunk that ends with a blank line, nothing held,
-is sent as it is (`BLANK_LINE_ENDS`, one C-level check); what is here runs only for the others.
+Providers write one whole event per write: after such a chunk the meter's SSE parser is idle, and
+with nothing held the relay sends the chunk as it is, for the cost of reading that attribute. What
+is here runs only for the other chunks.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import orjson
 from gateway.answers import ErrorAnswers
 from gateway.billing.owner import Hold, RefusalKind, Result
 from gateway.deadlines import log_store_failure, within
+from gateway.holdback import release, settle
 from gateway.logs import REQUEST_ID
 from gateway.metering import ContentDecoder, Usage
 from gateway.outcomes import Outcome
@@ -244,6 +245,12 @@ class ProxyEndpoint:
             meter = call.meter_factory() if streamed and call.meter_factory else None
             decode = None if decoder.identity else decoder.decode  # (a call per chunk saved)
             parts: list[bytes] = []  # a JSON body's chunks, joined once (one chunk: no copy)
+            # An SSE stream reaches the client in whole events (see gateway.holdback): while its meter's
+            # parser is idle after a chunk, the bytes so far end with one (what providers write); else the
+            # bytes after the last event wait in `held`. A compressed stream cannot be cut at its events
+            # (nor is its parser fed the bytes relayed): it is relayed as it comes.
+            held: list[bytes] = []
+            parser = meter.sse if meter is not None and decode is None else None
             # A JSON body is read to its end anyway; a stream needs its drain bounded when the client leaves.
             watch = _DisconnectWatch(receive, resp, settings.drain_timeout_seconds) if meter is not None else None
             outcome, drained, ended = _OK if status < 400 else _UPSTREAM_ERROR, 0, False
@@ -257,6 +264,13 @@ class ProxyEndpoint:
                     if watch is None or not watch.gone:
                         # The last chunk carries the end of the body: one send (and write) fewer.
                         ended = content.at_eof()
+                        if parser is not None and (held or not parser.idle):
+                            if ended:  # the end: a final event without its blank line goes as it is
+                                held.append(chunk)
+                                chunk = b"".join(held)
+                                held.clear()
+                            elif not (chunk := release(held, chunk)):
+                                continue
                         await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
                         continue
                     drained += len(chunk)
@@ -265,7 +279,10 @@ class ProxyEndpoint:
             except TimeoutError:
                 outcome = Outcome.TIMEOUT
                 if meter is not None:
-                    await self._stream_error(send, route, 504, "timeout_error", "the provider stalled mid-response")
+                    # A partial event held back is dropped: the error event follows whole ones.
+                    await self._stream_error(
+                        send, route, settle(held), 504, "timeout_error", "the provider stalled mid-response"
+                    )
                 else:
                     ended = True  # a JSON body takes no error event: left cut, the server closes the connection
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
@@ -273,7 +290,7 @@ class ProxyEndpoint:
                     outcome = Outcome.UPSTREAM_BROKEN
                     if meter is not None:
                         await self._stream_error(
-                            send, route, 502, "api_error", "the provider connection broke mid-response"
+                            send, route, settle(held), 502, "api_error", "the provider connection broke mid-response"
                         )
                     else:
                         ended = True  # (as above)
@@ -281,7 +298,9 @@ class ProxyEndpoint:
                 if watch is not None:
                     watch.stop()
             if not ended:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # A stream that ended after its last chunk: what is held goes as it is (to a client still there).
+                rest = b"".join(held) if held and (watch is None or not watch.gone) else b""
+                await send({"type": "http.response.body", "body": rest, "more_body": False})
             usage: Usage | None
             estimated = False
             if meter is not None:
@@ -310,10 +329,10 @@ class ProxyEndpoint:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         return Result(status, outcome, None)
 
-    async def _stream_error(self, send: Any, route: Route, status: int, kind: str, message: str) -> None:
+    async def _stream_error(self, send: Any, route: Route, before: bytes, status: int, kind: str, message: str) -> None:
         event = self.provider.stream_error_event(route, status, kind, message)
-        if event:
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+        if event or before:
+            await send({"type": "http.response.body", "body": before + event, "more_body": True})
 
 
 class _DisconnectWatch:

@@ -7,6 +7,7 @@ import itertools
 import pytest
 
 from gateway.holdback import event_end, release, settle
+from gateway.metering import AnthropicStreamMeter, GeminiSSEMeter, StreamMeter
 from gateway.metering.sse import BLANK_LINE_ENDS
 
 
@@ -56,11 +57,28 @@ def test_event_end_agrees_with_the_spec_on_every_short_text(length: int) -> None
         assert event_end(text) == reference_end(text), text
 
 
-def test_blank_line_ends_are_exactly_the_chunks_that_end_an_event() -> None:
-    # The relay's per-chunk check and the finder agree: such a chunk is sent whole, held bytes with it.
+def test_blank_line_ends_end_an_event() -> None:
+    # The meters' own fast paths leave their parser idle after such a chunk.
     for text in map(bytes, itertools.product(b"a\r\n", repeat=5)):
         if text.endswith(BLANK_LINE_ENDS):
             assert event_end(text) == len(text), text
+
+
+@pytest.mark.parametrize("meter", [AnthropicStreamMeter, GeminiSSEMeter])
+def test_an_idle_parser_means_the_bytes_fed_end_with_a_whole_event(meter: type[StreamMeter]) -> None:
+    # The relay sends a chunk as it is, nothing held, when the meter's parser is idle after it: that
+    # must never be said of bytes that end inside an event (the relay would send its first part).
+    tokens = (b'data: {"type":"message_stop"}', b"event: x", b"\r", b"\n")
+    for parts in itertools.product(tokens, repeat=5):
+        text = b"".join(parts)
+        for cut in range(1, len(text)):
+            m = meter()
+            for fed in (text[:cut], text):
+                m.feed(fed[cut:] if fed is text else fed)
+                sse = m.sse
+                assert sse is not None
+                if sse.idle:
+                    assert event_end(fed) == len(fed), (fed, cut)
 
 
 STREAM = b'data: {"a":1}\r\n\r\ndata: {"b":2}\r\n\r\nevent: c\ndata: 3\n\n: ping\r\rdata: {"d":4}\r\n\r\n'

@@ -131,16 +131,16 @@ class AnthropicStreamMeter:
     dropped by event name.
     """
 
-    __slots__ = ("_error", "_final", "_sse", "_usage")
+    __slots__ = ("_error", "_final", "_usage", "sse")
 
     def __init__(self) -> None:
-        self._sse = SSEParser(only=_NEEDLES)
+        self.sse = SSEParser(only=_NEEDLES)
         self._usage: dict[str, Any] | None = None
         self._final = False
         self._error: Any = None
 
     def feed(self, chunk: bytes) -> None:
-        sse = self._sse
+        sse = self.sse
         events = None
         if sse.idle and chunk.endswith(BLANK_LINE_ENDS):
             if chunk.find(_MESSAGE) < 0 and chunk.find(_ERROR) < 0:

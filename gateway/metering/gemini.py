@@ -224,10 +224,10 @@ def usage_from_predict(body: bytes | dict[str, Any]) -> Usage:
 class GeminiSSEMeter:
     """Meters streamGenerateContent?alt=sse; every `data:` payload is one response chunk."""
 
-    __slots__ = ("_acc", "_sse")
+    __slots__ = ("_acc", "sse")
 
     def __init__(self, candidates: int = 1) -> None:
-        self._sse = SSEParser()
+        self.sse = SSEParser()
         self._acc = _Accumulator(candidates)
 
     def feed(self, chunk: bytes) -> None:
@@ -235,7 +235,7 @@ class GeminiSSEMeter:
         # that is one event and leaves the parser idle, as `SSEParser.feed` would find.
         end = len(chunk) - 4
         if (
-            self._sse.idle
+            self.sse.idle
             and chunk.find(b"\r") == end
             and chunk.find(b"\n") == end + 1
             and chunk.endswith(b"\r\n\r\n")
@@ -244,7 +244,7 @@ class GeminiSSEMeter:
             if end > 6:
                 self._acc.observe_chunk(chunk[6:end])
             return
-        for _, data in self._sse.feed(chunk):
+        for _, data in self.sse.feed(chunk):
             if data:
                 self._acc.observe_chunk(data)
 
@@ -256,6 +256,7 @@ class GeminiArrayMeter:
     """Meters streamGenerateContent without alt=sse: one JSON array written incrementally."""
 
     __slots__ = ("_acc", "_scan")
+    sse = None  # not SSE: a JSON array
 
     def __init__(self, candidates: int = 1) -> None:
         self._scan = JSONArrayScanner()

@@ -44,7 +44,9 @@ class SSEParser:
     `idle` (read-only) is True when no line, event or CR is pending and the BOM is dealt
     with. A chunk that then ends with one of `BLANK_LINE_ENDS` holds only whole events and
     leaves the parser idle again, so a caller that can tell from its bytes alone that none
-    of them matters may drop it without feeding it, saving even this method's call.
+    of them matters may drop it without feeding it, saving even this method's call. Idle
+    after a chunk, the bytes so far end with a whole event: the relay sends them as they
+    are (see gateway.holdback); it must never be said inside an event (tests/test_holdback.py).
     """
 
     __slots__ = ("_only", "_pending", "_skip_lf", "_started", "idle")

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway.metering.sse import SSEParser
+
 
 @dataclass(slots=True)
 class Usage:
@@ -26,6 +28,12 @@ class Usage:
 
 class StreamMeter(Protocol):
     """Observes relayed bytes; must be cheap per chunk and must never raise into the relay."""
+
+    @property
+    def sse(self) -> SSEParser | None:
+        """The parser fed every chunk of an SSE stream (None for another format). Its `idle` after a
+        chunk tells the relay, for an attribute's cost, that the bytes so far end with a whole event."""
+        ...
 
     def feed(self, chunk: bytes) -> None: ...
 

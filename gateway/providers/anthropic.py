@@ -158,12 +158,5 @@ class AnthropicProvider:
 
     def stream_error_event(self, route: Route, status: int, kind: str, message: str) -> bytes:
         data = orjson.dumps({"type": "error", "error": {"type": _ERROR_TYPES.get(status, kind), "message": message}})
-        return _CLOSE_PARTIAL_EVENT + b"event: error\ndata: " + data + b"\n\n"
-
-
-# The upstream may have stopped anywhere inside an event, its last line unfinished. Before the error event:
-# ":" + LF ends that line (or, on a fresh line, is a comment), and an event named `ping` dispatches what is
-# left of the partial event as one every SDK skips unread. Between events it is an empty ping, skipped too.
-# Without it the error's lines join the partial event's: a JSONDecodeError, a garbled error, or (cut in the
-# `event:` line) an event name the SDK ignores, the stream then ending as if nothing had gone wrong.
-_CLOSE_PARTIAL_EVENT = b":\nevent: ping\n\n"
+        # (it follows whole events: the relay holds back a partial one, see gateway.holdback)
+        return b"event: error\ndata: " + data + b"\n\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anthropic
 import httpx
 import pytest
@@ -68,6 +70,7 @@ def test_invalid_key_is_401_and_upstream_not_called(gateway: Gateway, upstream: 
 
 STREAM = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": MSG, "stream": True}
 BROKE = {"type": "error", "error": {"type": "api_error", "message": "the provider connection broke mid-response"}}
+STALLED = {"type": "error", "error": {"type": "timeout_error", "message": "the provider stalled mid-response"}}
 _TEXT = fixture_bytes("anthropic/stream_text.sse")
 _DELTA = _TEXT.index(b"event: content_block_delta")  # the first text delta ("Hello")
 
@@ -83,24 +86,42 @@ _DELTA = _TEXT.index(b"event: content_block_delta")  # the first text delta ("He
     ],
     ids=["between events", "in the event line", "after the event line", "in the data line", "before the blank line"],
 )
+@pytest.mark.parametrize("stall", [False, True], ids=["broken", "stalled"])
 def test_stream_cut_mid_event_ends_with_an_error_the_sdk_raises(
-    gateway: Gateway, upstream: FakeUpstream, cut: int
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream, cut: int, stall: bool
 ) -> None:
-    # A connection breaks wherever a TCP segment ends, mostly inside an event. The gateway's error
-    # event must still reach the SDK as an error, not be glued into the partial event's lines (a
-    # JSONDecodeError, a garbled message, or an event name the SDK ignores: a stream that ends "fine").
+    # A connection breaks (or stalls) wherever a TCP segment ends, mostly inside an event. The gateway's
+    # error event must still reach the SDK as an error, not be glued into the partial event's lines (a
+    # JSONDecodeError, a garbled message, or an event name the SDK ignores: a stream that ends "fine"):
+    # the partial event is never relayed, and the error event follows the last whole one.
+    gateway = make_gateway(upstream_timeout_seconds=0.5)
     key = gateway.issue_key(f"cut{cut}")
-    upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")], chunks=[_TEXT[:cut], b""], drop_after=1))
+    upstream.enqueue(Reply.cut(_TEXT, cut, stall=stall))
     seen: list[str] = []
     with pytest.raises(anthropic.APIStatusError) as err:
         for event in client(gateway, key, max_retries=0).messages.create(**STREAM):  # type: ignore[call-overload]
             seen.append(event.type)
     assert err.value.status_code == 200
-    assert err.value.body == BROKE
+    assert err.value.body == (STALLED if stall else BROKE)
     assert seen == ["message_start", "content_block_start"]  # the ping is skipped; the cut delta never completed
     rows = gateway.wait_recorded(f"cut{cut}")
-    assert rows[0]["outcome"] == "upstream_broken"
+    assert rows[0]["outcome"] == ("timeout" if stall else "upstream_broken")
     assert gateway.events(f"cut{cut}") == {"claude_input_tokens": 25, "claude_output_tokens": 1}
+
+
+def test_stream_cut_into_reads_anywhere_is_relayed_byte_for_byte(gateway: Gateway, upstream: FakeUpstream) -> None:
+    # Events held back until whole leave the bytes as they were; a last event without its blank line
+    # (a stream that ended so) is relayed as it is.
+    key = gateway.issue_key("reads")
+    cuts = [1, _DELTA - 1, _DELTA + 5, _TEXT.index(b"Hello"), len(_TEXT) - 1]
+    chunks = [_TEXT[a:b] for a, b in zip([0, *cuts], [*cuts, len(_TEXT)], strict=True)]
+    for sent in (chunks, chunks[:-1]):
+        upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")], chunks=sent, delay_between=0.01))
+        with httpx.Client(timeout=10) as http:
+            resp = http.post(f"{gateway.url}/anthropic/v1/messages", json=STREAM, headers={"x-api-key": key})
+        assert resp.status_code == 200 and resp.content == b"".join(sent)
+    gateway.wait_recorded("reads", 2)
+    assert gateway.events("reads") == {"claude_input_tokens": 2 * 25, "claude_output_tokens": 2 * 15}
 
 
 def test_compaction_iterations_are_billed(gateway: Gateway, upstream: FakeUpstream) -> None:

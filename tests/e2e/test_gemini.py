@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -42,17 +44,91 @@ def test_stream_sse_last_usage_wins(gateway: Gateway, upstream: FakeUpstream) ->
     assert gateway.events("gus") == {"gemini_input_tokens": 8, "gemini_output_tokens": 10 + 286}
 
 
-def test_sse_relayed_byte_for_byte(gateway: Gateway) -> None:
+_SSE = fixture_bytes("gemini/stream_generate_content.sse")
+_SECOND = _SSE.index(b"data: ", 1)  # the second event (" quick brown fox jumps")
+
+
+@pytest.mark.parametrize(
+    "cuts",
+    [
+        [],
+        [_SSE.index(b"\r\n\r\n") + 1, _SSE.index(b"\r\n\r\n") + 3, _SSE.index(b"quick")],  # CRLFs split
+        [_SECOND - 1, len(_SSE) - 1],  # the last read an LF alone
+    ],
+    ids=["one event a read", "split inside CRLFs", "split before LFs"],
+)
+def test_sse_relayed_byte_for_byte(gateway: Gateway, upstream: FakeUpstream, cuts: list[int]) -> None:
+    # However the reads cut the events, the client gets the bytes as they were (held back until whole).
     key = gateway.issue_key("gil")
+    if cuts:
+        chunks = [_SSE[a:b] for a, b in zip([0, *cuts], [*cuts, len(_SSE)], strict=True)]
+        upstream.enqueue(Reply(headers=[("content-type", "text/event-stream")], chunks=chunks, delay_between=0.01))
     with httpx.Client(timeout=10) as http:
         resp = http.post(
             f"{gateway.url}/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key={key}",
             json={"contents": [{"parts": [{"text": "Hi"}], "role": "user"}]},
         )
     assert resp.status_code == 200
-    assert resp.content == fixture_bytes("gemini/stream_generate_content.sse")
+    assert resp.content == _SSE
     gateway.wait_recorded("gil")
     assert gateway.events("gil") == {"gemini_input_tokens": 8, "gemini_output_tokens": 296}
+
+
+_FIRST_ONLY = (["The"], {"gemini_input_tokens": 8, "gemini_output_tokens": 286})
+_CR_LF = _SSE.index(b"\r\n", _SECOND)  # the second event's data line ends here
+
+
+@pytest.mark.parametrize(
+    ("cut", "expected"),
+    [
+        (_SECOND, _FIRST_ONLY),
+        (_SSE.index(b"quick"), _FIRST_ONLY),
+        (_CR_LF + 1, _FIRST_ONLY),  # between the data line's CR and LF
+        (_CR_LF + 2, _FIRST_ONLY),  # after the event's first line end
+        (_CR_LF + 3, (["The", " quick brown fox jumps"], {"gemini_input_tokens": 8, "gemini_output_tokens": 291})),
+    ],
+    ids=["at a boundary", "in the data line", "between CR and LF", "after the line end", "before the last LF"],
+)
+@pytest.mark.parametrize("stall", [False, True], ids=["broken", "stalled"])
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+def test_stream_cut_mid_event_ends_with_an_error_the_sdk_raises(
+    make_gateway: Callable[..., Gateway],
+    upstream: FakeUpstream,
+    cut: int,
+    expected: tuple[list[str], dict[str, int]],
+    stall: bool,
+    aio: bool,
+) -> None:
+    # The google-genai SDK reads `data:` lines until a blank one: a partial event relayed before the
+    # error event would join it (a JSON decode error, not the gateway's error). It is held back; a
+    # blank line cut between its CR and LF completes its event (as the meter reads it) once the
+    # stream stops there.
+    gateway = make_gateway(upstream_timeout_seconds=0.5)
+    key = gateway.issue_key("cut")
+    upstream.enqueue(Reply.cut(_SSE, cut, stall=stall))
+    texts: list[str] = []
+    gc = client(gateway, key)  # (held: a client collected mid-stream closes its connection)
+    with pytest.raises(errors.ServerError) as err:
+        if aio:
+            asyncio.run(_stream_async(gc, texts))
+        else:
+            for chunk in gc.models.generate_content_stream(model="gemini-2.5-flash", contents="Hi"):
+                texts.append(chunk.text or "")
+    if stall:
+        assert (err.value.code, err.value.status) == (504, "DEADLINE_EXCEEDED")
+        assert err.value.message == "the provider stalled mid-response"
+    else:
+        assert (err.value.code, err.value.status) == (502, "UNAVAILABLE")
+        assert err.value.message == "the provider connection broke mid-response"
+    assert texts == expected[0]
+    rows = gateway.wait_recorded("cut")
+    assert rows[0]["outcome"] == ("timeout" if stall else "upstream_broken")
+    assert gateway.events("cut") == expected[1]
+
+
+async def _stream_async(gc: genai.Client, texts: list[str]) -> None:
+    async for chunk in await gc.aio.models.generate_content_stream(model="gemini-2.5-flash", contents="Hi"):
+        texts.append(chunk.text or "")
 
 
 def test_json_array_stream_mode(gateway: Gateway, upstream: FakeUpstream) -> None:

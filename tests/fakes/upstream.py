@@ -126,6 +126,14 @@ class Reply:
         return cls(body=data, **kw)
 
     @classmethod
+    def cut(cls, data: bytes, at: int, stall: bool = False) -> Reply:
+        """An SSE stream of `data[:at]` in one write, then the connection closed (or, `stall`, left silent)."""
+        headers = [("content-type", "text/event-stream")]
+        if stall:
+            return cls(headers=headers, chunks=[data[:at], b""], hang_after=1)
+        return cls(headers=headers, chunks=[data[:at], b""], drop_after=1)
+
+    @classmethod
     def json(cls, obj: Any, status: int = 200, **kw: Any) -> Reply:
         """A compact JSON body with `content-type: application/json` (extra `headers=` are appended)."""
         body = json_module.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()

@@ -97,11 +97,11 @@ class ReferenceSSEParser:
 def reference_anthropic() -> AnthropicStreamMeter:
     """The Anthropic meter on the oracle parser: every event is split into lines, none skipped."""
     meter = AnthropicStreamMeter()
-    meter._sse = ReferenceSSEParser()  # type: ignore[assignment]
+    meter.sse = ReferenceSSEParser()  # type: ignore[assignment]
     return meter
 
 
 def reference_gemini() -> GeminiSSEMeter:
     meter = GeminiSSEMeter()
-    meter._sse = ReferenceSSEParser()  # type: ignore[assignment]
+    meter.sse = ReferenceSSEParser()  # type: ignore[assignment]
     return meter
