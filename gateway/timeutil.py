@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+
+# A monotonic clock that also counts time the machine was suspended (CLOCK_BOOTTIME on Linux;
+# elsewhere `time.monotonic`). For deadlines other processes judge by their own clocks, which ran on
+# while this machine slept: a quota-lease fence, the end of a rate-limit slice's second.
+suspend_clock: Callable[[], float] = (
+    functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic
+)
 
 
 def utcnow() -> datetime:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from gateway.ratelimit.lease import LeasedRateLimiter
 from gateway.ratelimit.limiter import RateLimited, StoreErrorPolicy
 from gateway.ratelimit.shared import StoreRateLimiter
 from gateway.store.sqlite import SqliteStore
+from gateway.timeutil import suspend_clock
 from tests.conftest import poll_until, wait_until_async
 from tests.support_ratelimit import KINDS, Clock, Counting, Make, admitted, shared_backend
 
@@ -186,6 +188,17 @@ async def test_waiting_requests_share_a_take_and_its_refusal(sqlite_store: Sqlit
     assert sum(await burst([rl], 30)) == 10
     # Ten takes of one (10 / 8) for the request that asked; then one refusal for the 20 still waiting.
     assert budget.takes == 11
+    await rl.close()
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="CLOCK_BOOTTIME is Linux's")
+async def test_a_slice_ends_on_a_clock_that_counts_suspended_time(sqlite_store: SqliteStore) -> None:
+    # A process resumed after a suspend must not admit from a slice of a second long gone: the other
+    # processes' windows moved on meanwhile (CLOCK_MONOTONIC stops while suspended; CLOCK_BOOTTIME does not).
+    rl = LeasedRateLimiter(sqlite_store, 10, None)
+    assert rl._local is suspend_clock
+    assert suspend_clock.func is time.clock_gettime  # type: ignore[attr-defined]
+    assert suspend_clock.args == (time.CLOCK_BOOTTIME,)  # type: ignore[attr-defined]
     await rl.close()
 
 

@@ -22,7 +22,6 @@ hold less than the store says, never more.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ from gateway.billing.protocols import Reservation
 from gateway.quota import LimitLoads, MeterState, Refusal, UserQuota, limits_now
 from gateway.store.base import RequestRecord, Store
 from gateway.store.leases_base import InvalidationKind, LeaseAsk, LeaseGrant, LeaseStore, LeaseTake
-from gateway.timeutil import utcnow
+from gateway.timeutil import suspend_clock, utcnow
 
 log = logging.getLogger("gateway.leases")
 
@@ -42,10 +41,8 @@ FENCE_SHARE = 0.9  # of `stale_seconds` after a heartbeat was sent: the leases a
 
 # The fence's clock must run while the machine is suspended: the others' stale age does (on the
 # database's clock), and `time.monotonic` (CLOCK_MONOTONIC on Linux) does not, so a process resumed
-# after its leases were released would spend them until its next heartbeat. CLOCK_BOOTTIME does.
-fence_clock: Callable[[], float] = (
-    functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic
-)
+# after its leases were released would spend them until its next heartbeat.
+fence_clock = suspend_clock
 
 
 class LeasesLapsed(Exception):

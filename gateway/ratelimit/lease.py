@@ -5,7 +5,8 @@ Redis). A process asks the backend for a *lease*: one atomic take books a slice 
 tokens into the user's bucket of the backend's current second (only if the window has room for at
 least the asking request) and returns that second and the backend's time. The process then admits
 that user's requests from the slice, with no round trip, until the slice is spent or the second
-ends: the backend's time is mapped to the local monotonic clock at the take (taken before asking,
+ends: the backend's time is mapped to the local monotonic clock (one that counts a suspended
+machine's sleep: `timeutil.suspend_clock`) at the take (taken before asking,
 so the local deadline is never after the second's true end). The unspent rest goes back with the
 process's next take for the user, in the same atomic step (so a request the slice cannot cover
 finds the room it held), or when the second ends (a timer) or on close as a negative correction,
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,6 +48,7 @@ from gateway.deadlines import within
 from gateway.ratelimit.budget import SLICE, Grant, RateBudget, Want
 from gateway.ratelimit.limiter import RateLimited, StoreErrorPolicy
 from gateway.ratelimit.settler import Corrections, ErrorLog, Settler, on_store_error
+from gateway.timeutil import suspend_clock
 
 GROWTH = 2  # a slice asks for this many times what its process admitted in the last second
 SWEEP_SECONDS = 60.0  # between deletions of every user's buckets out of the window (after a take)
@@ -95,7 +96,7 @@ class LeasedRateLimiter:
         self.budget = budget
         self._policy = on_store_error
         self._clock = clock
-        self._local = clock or time.monotonic
+        self._local = clock or suspend_clock
         self._errors = ErrorLog(what)
         self._settler = Settler(self._send, self._errors)
         self._leases: dict[str, Lease] = {}
