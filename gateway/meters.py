@@ -31,3 +31,21 @@ COUNT_METERS = frozenset({GEMINI_IMAGES, CLAUDE_WEB_SEARCHES})
 SUBSET_METERS = frozenset({CLAUDE_CACHE_WRITE_1H})
 # Left out of any total of tokens (rate limits, the dashboard's token charts): counts, and subsets.
 NOT_TOKENS = COUNT_METERS | SUBSET_METERS
+
+# The most one request reserves or bills on a meter: far past any real request (a context window holds a few
+# million tokens, a response a few images or web searches), so only a client's or a provider's absurd number
+# meets it. Unbounded, such a number overflowed the journal's JSON and the stores' 64-bit integers, and a
+# COUNT meter's one Polar event per unit would have the sync build millions of events.
+MAX_TOKENS_PER_REQUEST = 2**31 - 1
+MAX_UNITS_PER_REQUEST = 1000
+
+
+def bounded(amounts: dict[str, int]) -> dict[str, int]:
+    """`amounts` with each meter at most its per-request ceiling (the same dict when none is over)."""
+    for name, value in amounts.items():
+        if value > MAX_UNITS_PER_REQUEST and (name in COUNT_METERS or value > MAX_TOKENS_PER_REQUEST):
+            return {
+                n: min(v, MAX_UNITS_PER_REQUEST if n in COUNT_METERS else MAX_TOKENS_PER_REQUEST)
+                for n, v in amounts.items()
+            }
+    return amounts

@@ -20,7 +20,7 @@ from gateway.billing.protocols import QuotaLedger, RateLimit, Reservation
 from gateway.deadlines import log_store_failure, within
 from gateway.journal import Segment
 from gateway.metering import Usage
-from gateway.meters import NOT_TOKENS
+from gateway.meters import NOT_TOKENS, bounded
 from gateway.metrics import NO_METRICS, Metrics
 from gateway.outcomes import Outcome
 from gateway.quota import Refusal
@@ -220,6 +220,7 @@ class Hold:
         if result.estimated and not (usage and usage.seen):
             # The client left and the drain ended before any usage: the provider may still bill it.
             record.usage = estimate_from_reservation(record.reservation)
+        record.usage = bounded(record.usage)  # a provider's absurd count: see `MAX_TOKENS_PER_REQUEST`
         record.finished_at, record.finished_iso = stamp()
         try:
             finished = owner.journal.finish(record)

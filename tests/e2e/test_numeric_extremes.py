@@ -1,0 +1,121 @@
+"""Absurd numbers from a client or a provider: bounded where they are reserved and billed, never a 500,
+a lost request, a stuck recorder or a store refusing the user's usage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import httpx
+import orjson
+import pytest
+
+from gateway.meters import MAX_TOKENS_PER_REQUEST, MAX_UNITS_PER_REQUEST
+from tests.conftest import Gateway
+from tests.fakes.upstream import FakeUpstream, Reply
+
+MSG = [{"role": "user", "content": "Hi"}]
+U64 = 2**64 - 1
+GEMINI = "/gemini/v1beta/models/gemini-2.5-flash:generateContent"
+
+
+def claude_message(usage: str) -> Reply:
+    body = (
+        '{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-6",'
+        '"content":[{"type":"text","text":"Hi"}],"stop_reason":"end_turn","stop_sequence":null,"usage":' + usage + "}"
+    )
+    return Reply(headers=[("content-type", "application/json")], body=body.encode())
+
+
+def claude_stream(usage: str) -> Reply:
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-6",
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 3, "output_tokens": 1},
+        },
+    }
+    events = [
+        b"event: message_start\ndata: " + orjson.dumps(start) + b"\n\n",
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":'
+        + usage.encode()
+        + b"}\n\n",
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+    ]
+    return Reply(headers=[("content-type", "text/event-stream")], chunks=events)
+
+
+def gemini_response(usage: str) -> Reply:
+    body = '{"candidates":[{"content":{"parts":[{"text":"Hi"}],"role":"model"},"finishReason":"STOP"}],"usageMetadata":'
+    return Reply(headers=[("content-type", "application/json")], body=(body + usage + "}").encode())
+
+
+def stored_usage(gw: Gateway, user_id: str) -> dict[str, int]:
+    usage: Any = gw.wait_recorded(user_id)[0]["usage"]
+    return dict(orjson.loads(usage) if isinstance(usage, str) else usage)
+
+
+def meters(gw: Gateway, key: str) -> dict[str, tuple[int, int]]:
+    """Each meter's (consumed, reserved) from the status endpoint, which reads the store."""
+    resp = httpx.get(f"{gw.url}/api/billing/status", headers={"authorization": f"Bearer {key}"})
+    assert resp.status_code == 200, resp.text
+    return {m["name"]: (m["consumed"], m["reserved"]) for m in resp.json()["meters"] if m["consumed"] or m["reserved"]}
+
+
+CLAUDE_USAGES = {
+    # orjson reads an integer past 64 bits as a float: int() of it does not fit the journal's JSON
+    "float": ('{"input_tokens":1e26,"output_tokens":5}', {"claude_input_tokens": MAX_TOKENS_PER_REQUEST}),
+    "u64": (
+        '{"input_tokens":18446744073709551615,"output_tokens":5}',
+        {"claude_input_tokens": MAX_TOKENS_PER_REQUEST},
+    ),
+    "i64": (
+        '{"input_tokens":9223372036854775807,"output_tokens":9223372036854775807}',
+        {"claude_input_tokens": MAX_TOKENS_PER_REQUEST, "claude_output_tokens": MAX_TOKENS_PER_REQUEST},
+    ),
+    # a COUNT meter is one Polar event per unit
+    "searches": (
+        '{"input_tokens":3,"output_tokens":5,"server_tool_use":{"web_search_requests":1000000000}}',
+        {"claude_input_tokens": 3, "claude_web_searches": MAX_UNITS_PER_REQUEST},
+    ),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("case", CLAUDE_USAGES)
+def test_a_provider_s_absurd_claude_usage_is_billed_bounded(  # type: ignore[no-untyped-def]
+    make_gateway, upstream: FakeUpstream, case: str, stream: bool
+) -> None:
+    usage, billed = CLAUDE_USAGES[case]
+    expected = {"claude_output_tokens": 5, **billed}
+    gw: Gateway = make_gateway()
+    key = gw.issue_key("hostile")
+    upstream.enqueue(claude_stream(usage) if stream else claude_message(usage))
+    c = anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
+    if stream:
+        with c.messages.stream(model="claude-sonnet-4-6", max_tokens=64, messages=MSG) as s:  # type: ignore[arg-type]
+            s.until_done()
+    else:
+        c.messages.create(model="claude-sonnet-4-6", max_tokens=64, messages=MSG)  # type: ignore[arg-type]
+    assert stored_usage(gw, "hostile") == expected  # the request is kept, billed bounded
+    assert meters(gw, key) == {name: (value, 0) for name, value in expected.items()}  # nothing left reserved
+    assert httpx.get(f"{gw.url}/healthz").json()["unstored"] == 0
+
+
+def test_a_provider_s_absurd_gemini_usage_is_billed_bounded(make_gateway, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = make_gateway()
+    key = gw.issue_key("hostile")
+    upstream.enqueue(gemini_response('{"promptTokenCount":1e30,"candidatesTokenCount":18446744073709551615}'))
+    # (raw HTTP: google-genai itself refuses such a count; the gateway relays the answer as it came)
+    body = {"contents": [{"parts": [{"text": "Hi"}]}]}
+    resp = httpx.post(f"{gw.url}{GEMINI}", headers={"x-goog-api-key": key}, json=body, timeout=10)
+    assert resp.status_code == 200
+    expected = {"gemini_input_tokens": MAX_TOKENS_PER_REQUEST, "gemini_output_tokens": MAX_TOKENS_PER_REQUEST}
+    assert stored_usage(gw, "hostile") == expected
+    assert meters(gw, key) == {name: (value, 0) for name, value in expected.items()}
