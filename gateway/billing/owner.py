@@ -121,6 +121,7 @@ class BillingOwner:
 
         `rate_tokens` counts against tokens per minute until finish corrects it to the actual total.
         """
+        record.reservation = bounded(record.reservation)  # a client's absurd cap: see `MAX_TOKENS_PER_REQUEST`
         user_id = record.user_id
         limited, ticket = await self.limiter.acquire(user_id, rate_tokens)
         if limited is not None:
@@ -152,6 +153,7 @@ class BillingOwner:
         if self._now is None:
             return None
         limiter, ledger = self._now
+        record.reservation = bounded(record.reservation)  # as in `begin`
         user_id = record.user_id
         uq = ledger.ledger.cached(user_id)
         if uq is None:

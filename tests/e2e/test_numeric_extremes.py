@@ -119,3 +119,75 @@ def test_a_provider_s_absurd_gemini_usage_is_billed_bounded(make_gateway, upstre
     expected = {"gemini_input_tokens": MAX_TOKENS_PER_REQUEST, "gemini_output_tokens": MAX_TOKENS_PER_REQUEST}
     assert stored_usage(gw, "hostile") == expected
     assert meters(gw, key) == {name: (value, 0) for name, value in expected.items()}
+
+
+def stored_reservation(gw: Gateway, user_id: str) -> dict[str, int]:
+    reservation: Any = gw.wait_recorded(user_id)[0]["reservation"]
+    return dict(orjson.loads(reservation) if isinstance(reservation, str) else reservation)
+
+
+CLIENT_CAPS = {
+    # each fallback may write its own max_tokens: 2 x (2**64 - 1) reserved
+    "claude-fallbacks": (
+        "/anthropic/v1/messages",
+        {"model": "claude-sonnet-4-6", "max_tokens": U64, "messages": MSG, "fallbacks": [{"max_tokens": U64}]},
+        "claude_output_tokens",
+    ),
+    # the cap is per candidate; Google reads int32 fields from decimal strings too
+    "gemini-candidates": (
+        GEMINI,
+        {"contents": [{"parts": [{"text": "Hi"}]}], "generationConfig": {"candidateCount": U64}},
+        "gemini_output_tokens",
+    ),
+    "gemini-string-cap": (
+        GEMINI,
+        {"contents": [{"parts": [{"text": "Hi"}]}], "generationConfig": {"maxOutputTokens": "9" * 30}},
+        "gemini_output_tokens",
+    ),
+    "claude-web-search-uses": (
+        "/anthropic/v1/messages",
+        {
+            "model": "claude-sonnet-4-6",
+            "max_tokens": 64,
+            "messages": MSG,
+            "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": U64}] * 2,
+        },
+        "claude_web_searches",
+    ),
+}
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one-process", "leases"])
+@pytest.mark.parametrize("case", CLIENT_CAPS)
+def test_a_client_s_absurd_cap_is_reserved_bounded_on_an_unlimited_meter(  # type: ignore[no-untyped-def]
+    make_gateway, case: str, shared: bool
+) -> None:
+    # Forwarded (the provider refuses such a request with its own 400; the fake answers), never a 500
+    # with the reservation left held.
+    path, body, meter = CLIENT_CAPS[case]
+    gw: Gateway = make_gateway(shared=shared)
+    key = gw.issue_key("greedy")
+    resp = httpx.post(f"{gw.url}{path}", headers={"x-api-key": key, "x-goog-api-key": key}, json=body, timeout=10)
+    assert resp.status_code == 200, resp.text
+    ceiling = MAX_UNITS_PER_REQUEST if meter == "claude_web_searches" else MAX_TOKENS_PER_REQUEST
+    assert stored_reservation(gw, "greedy")[meter] == ceiling
+    assert all(reserved == 0 for _, reserved in meters(gw, key).values())
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one-process", "leases"])
+def test_a_client_s_absurd_cap_on_a_limited_meter_is_a_402(make_gateway, upstream: FakeUpstream, shared: bool) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = make_gateway(plan={"claude_output_tokens": 1000}, shared=shared)
+    key = gw.issue_key("greedy")
+    c = anthropic.Anthropic(base_url=f"{gw.url}/anthropic", api_key=key, max_retries=0)
+    with pytest.raises(anthropic.PaymentRequiredError) as err:
+        c.messages.create(
+            model="claude-sonnet-4-6",
+            max_tokens=U64,
+            messages=MSG,  # type: ignore[arg-type]
+            extra_body={"fallbacks": [{"max_tokens": U64}]},
+            timeout=10,  # (else the SDK refuses such a cap without streaming)
+        )
+    assert err.value.body["error"]["meter"] == "claude_output_tokens"  # type: ignore[index]
+    assert upstream.requests == []
+    c.messages.create(model="claude-sonnet-4-6", max_tokens=1000, messages=MSG)  # type: ignore[arg-type]
+    assert gw.wait_recorded("greedy")[0]["status_code"] == 200
