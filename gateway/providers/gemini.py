@@ -147,7 +147,7 @@ class GeminiProvider:
             if isinstance(obj, dict):
                 params = obj.get("parameters") or {}
                 raw = params.get("sampleCount", params.get("sample_count", 4)) if isinstance(params, dict) else 4
-                n = raw if isinstance(raw, int) and raw > 0 else 4
+                n = raw if type(raw) is int and raw > 0 else 4  # (a bool is no count: `true` would be journaled)
             return Call(route, route.model, False, {GEMINI_IMAGES: n}, 0, None, usage_from_predict)
         # Images, audio, video and PDFs cost what their pixels, seconds and pages hold, not their size in the
         # body (or nothing of it, by `fileData`): see `gemini_media`.

@@ -3,6 +3,8 @@ a lost request, a stuck recorder or a store refusing the user's usage."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -11,8 +13,9 @@ import orjson
 import pytest
 
 from gateway.meters import MAX_TOKENS_PER_REQUEST, MAX_UNITS_PER_REQUEST
-from tests.conftest import Gateway
+from tests.conftest import Gateway, GatewayProcess, process_env
 from tests.fakes.upstream import FakeUpstream, Reply
+from tests.support_db import Databases
 
 MSG = [{"role": "user", "content": "Hi"}]
 U64 = 2**64 - 1
@@ -61,7 +64,7 @@ def stored_usage(gw: Gateway, user_id: str) -> dict[str, int]:
     return dict(orjson.loads(usage) if isinstance(usage, str) else usage)
 
 
-def meters(gw: Gateway, key: str) -> dict[str, tuple[int, int]]:
+def meters(gw: Gateway | GatewayProcess, key: str) -> dict[str, tuple[int, int]]:
     """Each meter's (consumed, reserved) from the status endpoint, which reads the store."""
     resp = httpx.get(f"{gw.url}/api/billing/status", headers={"authorization": f"Bearer {key}"})
     assert resp.status_code == 200, resp.text
@@ -191,3 +194,32 @@ def test_a_client_s_absurd_cap_on_a_limited_meter_is_a_402(make_gateway, upstrea
     assert upstream.requests == []
     c.messages.create(model="claude-sonnet-4-6", max_tokens=1000, messages=MSG)  # type: ignore[arg-type]
     assert gw.wait_recorded("greedy")[0]["status_code"] == 200
+
+
+def test_a_boolean_sample_count_killed_in_flight_is_estimated_as_an_invalid_count(
+    tmp_path: Path, upstream: FakeUpstream, databases: Databases
+) -> None:
+    # `sampleCount: true` was reserved as JSON `true`; settled by estimate (a crash, here), the usage
+    # `{"gemini_images": true}` could not be stored on PostgreSQL (its usage sums cast to bigint): the
+    # recovery failed and the gateway could not start again. Now it reserves (and estimates) what any
+    # invalid count does, the default 4.
+    upstream.reset()  # (no other test's request counted as this one in flight)
+    db = databases.new("crash")
+    env = process_env(db, upstream, GATEWAY_JOURNAL_DIR=str(tmp_path / "journal"))
+    gw = GatewayProcess(env).start()
+    try:
+        key = gw.issue_key("crash")
+        upstream.enqueue(Reply.fixture("gemini/imagen_predict.json", delay_before=30))
+        body = {"instances": [{"prompt": "a cat"}], "parameters": {"sampleCount": True}}
+        path = "/gemini/v1beta/models/imagen-4.0-generate-001:predict"
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(httpx.post, f"{gw.url}{path}", json=body, headers={"x-goog-api-key": key}, timeout=60)
+            upstream.wait_for_requests(1, timeout=10)  # in flight
+            gw.kill()
+        gw = GatewayProcess(env, gw.port).start()  # recovery settles it by its reservation
+        # (consumed: on PostgreSQL the dead process's lease counts as reserved until it is taken for dead)
+        assert meters(gw, key)["gemini_images"][0] == 4
+        assert db.usage("crash") == {"gemini_images": 4}
+    finally:
+        gw.stop()
+        upstream.reset()
