@@ -225,7 +225,13 @@ class Hold:
         record.usage = bounded(record.usage)  # a provider's absurd count: see `MAX_TOKENS_PER_REQUEST`
         record.finished_at, record.finished_iso = stamp()
         try:
-            finished = owner.journal.finish(record)
+            try:
+                finished = owner.journal.finish(record)
+            except TypeError:
+                # The provider's raw usage does not write back as JSON (orjson reads 1,024 levels deep,
+                # writes 254): kept without it, billed all the same.
+                record.usage_raw = None
+                finished = owner.journal.finish(record)
         except OSError:
             # The begin stays in the journal: recovery at the next start settles it by estimate.
             log.exception("could not journal the end of request %s", record.id)

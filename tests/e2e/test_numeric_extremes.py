@@ -111,6 +111,24 @@ def test_a_provider_s_absurd_claude_usage_is_billed_bounded(  # type: ignore[no-
     assert httpx.get(f"{gw.url}/healthz").json()["unstored"] == 0
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_provider_s_usage_too_deep_to_write_back_is_billed_without_it(  # type: ignore[no-untyped-def]
+    make_gateway, upstream: FakeUpstream, stream: bool
+) -> None:
+    # orjson reads JSON nested 1,024 deep but writes only 254: the journal could not write the request's
+    # raw usage, and the request was lost (never stored nor billed), its reservation held.
+    usage = '{"input_tokens":3,"output_tokens":5,"x":' + "[" * 300 + "]" * 300 + "}"
+    gw: Gateway = make_gateway()
+    key = gw.issue_key("hostile")
+    upstream.enqueue(claude_stream(usage) if stream else claude_message(usage))
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": MSG, "stream": stream}
+    resp = httpx.post(f"{gw.url}/anthropic/v1/messages", headers={"x-api-key": key}, json=body, timeout=10)
+    assert resp.status_code == 200
+    assert stored_usage(gw, "hostile") == {"claude_input_tokens": 3, "claude_output_tokens": 5}
+    assert meters(gw, key) == {"claude_input_tokens": (3, 0), "claude_output_tokens": (5, 0)}
+    assert httpx.get(f"{gw.url}/healthz").json()["unstored"] == 0
+
+
 def test_a_provider_s_absurd_gemini_usage_is_billed_bounded(make_gateway, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
     gw: Gateway = make_gateway()
     key = gw.issue_key("hostile")
