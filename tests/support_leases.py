@@ -20,6 +20,7 @@ import asyncpg
 
 from gateway.billing.keeper import LeaseKeeper
 from gateway.billing.leases import LeasedLedger
+from gateway.billing.protocols import Reservation
 from gateway.journal import Journal
 from gateway.recording import recover_journal
 from gateway.store import create_store
@@ -39,6 +40,17 @@ class Proc:
     keeper: LeaseKeeper
     journal: Journal | None = None
     invalidations: list[Invalidation] = field(default_factory=list)
+
+    async def finish_unstored(self, rid: str, user_id: str, meter: str, reserved: int, used: int) -> None:
+        """A request reserved, journaled to its end and settled, but not (yet) in the store: the
+        process's lease still covers its usage."""
+        assert self.journal is not None
+        res = await self.ledger.reserve(user_id, {meter: reserved})
+        assert isinstance(res, Reservation)
+        r = record(rid, user_id, self.owner, {meter: reserved}, {meter: used})
+        self.journal.begin(r)
+        self.journal.finish(r)
+        self.ledger.settle(res, {meter: used})
 
     async def kill(self) -> None:
         """Die without a word: no more heartbeats, nothing handed back, the journal left as it is."""

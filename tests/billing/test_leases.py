@@ -185,13 +185,7 @@ async def test_a_process_that_beats_after_it_was_claimed_keeps_its_leases(shared
 async def test_shutdown_hands_back_all_but_what_is_not_stored(shared: Cluster) -> None:
     a = await shared.process("a", {OUT: 1000}, journal=True)
     b = await shared.process("b", {OUT: 1000}, journal=True, start=False)  # its keeper run by hand
-    assert a.journal is not None
-    res = await a.ledger.reserve("u", {OUT: 100})
-    assert isinstance(res, Reservation)
-    ra = record("ra", "u", a.owner, {OUT: 100}, {OUT: 60})
-    a.journal.begin(ra)
-    a.journal.finish(ra)
-    a.ledger.settle(res, {OUT: 60})
+    await a.finish_unstored("ra", "u", OUT, 100, 60)
     await a.keeper.close()  # the 60 never reached the store: its lease stays, the process row expires
     assert await shared.leases("u") == {a.owner: 60}
     assert await b.keeper.settle_dead() == []  # (its journal is still open: alive)

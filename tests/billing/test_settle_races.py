@@ -13,7 +13,7 @@ from gateway.journal import SUFFIX
 from gateway.quota import Refusal
 from gateway.timeutil import month_bounds, utcnow
 from tests.conftest import wait_until_async
-from tests.support_leases import Cluster, Proc, record
+from tests.support_leases import Cluster, Proc
 
 OUT = "claude_output_tokens"
 
@@ -23,13 +23,7 @@ async def test_a_dead_process_whose_journal_another_holds_is_not_released_before
 ) -> None:
     a = await shared.process("a", {OUT: 1000}, journal=True, stale=0.5, start=False)  # its keeper run by hand
     d = await shared.process("d", {OUT: 1000}, journal=True, stale=0.5, heartbeat=0.05)
-    assert d.journal is not None
-    res = await d.ledger.reserve("u", {OUT: 40})
-    assert isinstance(res, Reservation)
-    r1 = record("r1", "u", d.owner, {OUT: 40}, {OUT: 25})
-    d.journal.begin(r1)
-    d.journal.finish(r1)
-    d.ledger.settle(res, {OUT: 25})  # finished, journaled, not stored: d's lease covers it
+    await d.finish_unstored("r1", "u", OUT, 40, 25)  # finished, journaled, not stored: d's lease covers it
     await d.kill()
     assert await shared.leases("u") == {d.owner: 250}
     recover = a.keeper.recover
