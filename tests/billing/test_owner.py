@@ -93,12 +93,14 @@ class FakeLedger:
 
 
 class FakeJournal:
-    def __init__(self, fail_begin: bool = False, fail_finish: bool = False) -> None:
+    def __init__(self, fail_begin: bool | Exception = False, fail_finish: bool = False) -> None:
         self.fail_begin, self.fail_finish = fail_begin, fail_finish
         self.begun: list[str] = []
         self.finished: list[str] = []
 
     def begin(self, r: RequestRecord) -> Segment | None:
+        if isinstance(self.fail_begin, Exception):
+            raise self.fail_begin
         if self.fail_begin:
             raise OSError(28, "No space left on device")
         self.begun.append(r.id)
@@ -204,6 +206,16 @@ async def test_a_journal_failure_gives_back_the_reservation_and_the_ticket() -> 
     billing, limiter, ledger, _, sink = owner(journal=FakeJournal(fail_begin=True))
     refused = await billing.begin(record("req_a", reservation={OUT: 10}), 40)
     assert refused == Refused(RefusalKind.UNRECORDABLE)
+    assert ledger.held == [] and [actual for _, actual in ledger.settled] == [{}]
+    assert limiter.settled == [("u", limiter.acquired[0][2], 0)]
+    assert sink.added == []
+
+
+async def test_a_begin_the_journal_cannot_encode_gives_back_all_and_raises() -> None:
+    # Not an OS error (orjson refuses what it cannot write): an error answer, but nothing stays taken.
+    billing, limiter, ledger, _, sink = owner(journal=FakeJournal(fail_begin=TypeError("Integer exceeds 64-bit range")))
+    with pytest.raises(TypeError):
+        await billing.begin(record("req_a", reservation={OUT: 10}), 40)
     assert ledger.held == [] and [actual for _, actual in ledger.settled] == [{}]
     assert limiter.settled == [("u", limiter.acquired[0][2], 0)]
     assert sink.added == []
