@@ -278,17 +278,19 @@ class ProxyEndpoint:
                         break
             except TimeoutError:
                 outcome = Outcome.TIMEOUT
-                if meter is not None:
+                if meter is not None and decode is None:
                     # A partial event held back is dropped: the error event follows whole ones.
                     await self._stream_error(
                         send, route, settle(held), 504, "timeout_error", "the provider stalled mid-response"
                     )
                 else:
-                    ended = True  # a JSON body takes no error event: left cut, the server closes the connection
+                    # A JSON body takes no error event, nor a compressed stream (plain bytes after its encoded
+                    # ones would corrupt it): left cut, the server closes the connection.
+                    ended = True
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
                 if watch is None or not watch.expired:
                     outcome = Outcome.UPSTREAM_BROKEN
-                    if meter is not None:
+                    if meter is not None and decode is None:
                         await self._stream_error(
                             send, route, settle(held), 502, "api_error", "the provider connection broke mid-response"
                         )

@@ -6,6 +6,7 @@ import gzip
 import io
 import logging
 import socket
+import zlib
 from pathlib import Path
 
 import anthropic
@@ -229,6 +230,33 @@ def test_gzip_relayed_compressed_and_metered(gateway: Gateway, upstream: FakeUps
     gateway.wait_recorded("gz")
     assert gateway.events("gz") == {"claude_input_tokens": 12, "claude_output_tokens": 9}
     assert gzip.compress(b"x")  # gzip module used for symmetry with the fake
+
+
+def test_a_compressed_stream_that_breaks_is_left_cut_not_followed_by_plain_bytes(
+    gateway: Gateway, upstream: FakeUpstream
+) -> None:
+    # The gateway's error event is plain text: after gzip bytes it would corrupt the body (the client
+    # would inflate it as deflate data). A compressed stream cannot be cut at its events either, so it
+    # is left cut as the provider left it, and the client sees the connection end mid-body.
+    key = gateway.issue_key("gzcut")
+    upstream.enqueue(Reply.fixture("anthropic/stream_text.sse", gzip=True, drop_after=3))
+    body = {**BODY, "stream": True}
+    raw, cut = b"", False
+    headers = {"x-api-key": key, "accept-encoding": "gzip"}
+    with httpx.stream("POST", f"{gateway.url}/anthropic/v1/messages", json=body, headers=headers, timeout=10) as r:
+        assert r.headers["content-encoding"] == "gzip"
+        try:
+            for chunk in r.iter_raw():
+                raw += chunk
+        except httpx.RemoteProtocolError:
+            cut = True
+    assert cut
+    relayed = zlib.decompressobj(wbits=31).decompress(raw)
+    events = fixture_bytes("anthropic/stream_text.sse").split(b"\n\n")
+    assert relayed == b"\n\n".join(events[:3]) + b"\n\n"  # the three events sent, nothing after them
+    rows = gateway.wait_recorded("gzcut")
+    assert rows[0]["outcome"] == "upstream_broken"
+    assert gateway.events("gzcut") == {"claude_input_tokens": 25, "claude_output_tokens": 1}
 
 
 @pytest.mark.parametrize("accepts", ["br", "zstd, br;q=0.5", "*", None])
