@@ -23,6 +23,17 @@ from gateway.store.leases_base import LeaseStore
 from gateway.store.refusals_base import RefusalStore
 
 
+class RecordRejected(Exception):
+    """The store refuses these records on their own (a value it cannot hold, a constraint they
+    violate): trying again fails again, unlike an outage (down, locked, timed out). Each store
+    tells the two apart (`finish_requests`); the caller narrows a batch down to the records at fault."""
+
+    def __init__(self, cause: BaseException) -> None:
+        # Why, briefly: a driver's message may quote a whole column of the batch.
+        self.reason = f"{type(cause).__name__}: {cause}"[:200]
+        super().__init__(self.reason)
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     id: str
@@ -177,7 +188,8 @@ class RequestStore(Protocol):
     async def finish_request(self, record: RequestRecord) -> None: ...
     async def finish_requests(self, records: Sequence[RequestRecord]) -> None:
         """Many at once, in one transaction: one fails, all fail (callers then go one by one).
-        A request with usage joins the outbox; its events are derived (`gateway.events`)."""
+        A request with usage joins the outbox; its events are derived (`gateway.events`).
+        Raises `RecordRejected` when the batch holds a record the store refuses on its own."""
         ...
 
     async def finished_ids(self, ids: Sequence[str]) -> set[str]:

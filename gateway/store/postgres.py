@@ -15,8 +15,16 @@ from typing import Any
 import orjson
 
 from gateway.events import event_count, event_quantities
-from gateway.store.base import ApiKey, CustomerLimits, RequestRecord, UsageEvent, meters_doc, meters_from_doc
-from gateway.store.postgres_base import affected
+from gateway.store.base import (
+    ApiKey,
+    CustomerLimits,
+    RecordRejected,
+    RequestRecord,
+    UsageEvent,
+    meters_doc,
+    meters_from_doc,
+)
+from gateway.store.postgres_base import affected, refused
 from gateway.store.postgres_dashboard import PostgresDashboard
 from gateway.store.postgres_leases import PostgresLeases
 from gateway.store.postgres_outbox import PostgresOutbox
@@ -90,31 +98,36 @@ class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox, Postgre
     async def finish_requests(self, records: Sequence[RequestRecord]) -> None:
         if not records:
             return
-        now = utcnow()
-        columns: list[list[Any]] = [[] for _ in range(17)]
-        for r in records:
-            row = (
-                r.id,
-                r.user_id,
-                r.key_id,
-                r.provider,
-                r.model,
-                r.operation,
-                r.stream,
-                r.started_at,
-                r.outcome,
-                _json(r.reservation),
-                r.owner,
-                r.finished_at or now,
-                r.status_code,
-                _json(r.usage),
-                None if r.usage_raw is None else _json(r.usage_raw),
-                r.estimated,
-                "pending" if event_count(r.usage) else "none",  # events to send, or none
-            )
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
-        await self.pool.execute(_INSERT_REQUESTS, *columns)
+        try:
+            now = utcnow()
+            columns: list[list[Any]] = [[] for _ in range(17)]
+            for r in records:
+                row = (
+                    r.id,
+                    r.user_id,
+                    r.key_id,
+                    r.provider,
+                    r.model,
+                    r.operation,
+                    r.stream,
+                    r.started_at,
+                    r.outcome,
+                    _json(r.reservation),
+                    r.owner,
+                    r.finished_at or now,
+                    r.status_code,
+                    _json(r.usage),
+                    None if r.usage_raw is None else _json(r.usage_raw),
+                    r.estimated,
+                    "pending" if event_count(r.usage) else "none",  # events to send, or none
+                )
+                for column, value in zip(columns, row, strict=True):
+                    column.append(value)
+            await self.pool.execute(_INSERT_REQUESTS, *columns)
+        except Exception as exc:
+            if refused(exc):
+                raise RecordRejected(exc) from exc
+            raise
 
     async def finished_ids(self, ids: Sequence[str]) -> set[str]:
         if not ids:

@@ -52,6 +52,24 @@ class Connection(asyncpg.Connection):
         watch_liveness(transport)
 
 
+# What a record's own values cause: SQLSTATE class 22 (data exceptions, the encoding error of a NUL
+# among them) and 23 (constraints), and a value asyncpg cannot encode for its column (client side).
+# Connections lost, timeouts and the rest are outages.
+_REFUSALS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.exceptions._base.DataError,
+    OverflowError,
+    TypeError,
+    ValueError,
+)
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether the database refused a write for the records' sake (see `_REFUSALS`), not for its own."""
+    return isinstance(exc, _REFUSALS)
+
+
 class PostgresBase:
     def __init__(self, dsn: str, pool_size: int = 10) -> None:
         self.dsn = dsn

@@ -11,8 +11,16 @@ from typing import Any
 import orjson
 
 from gateway.events import event_count, event_quantities
-from gateway.store.base import ApiKey, CustomerLimits, RequestRecord, UsageEvent, meters_doc, meters_from_doc
-from gateway.store.sqlite_base import Job, Op, json_text, opt_datetime
+from gateway.store.base import (
+    ApiKey,
+    CustomerLimits,
+    RecordRejected,
+    RequestRecord,
+    UsageEvent,
+    meters_doc,
+    meters_from_doc,
+)
+from gateway.store.sqlite_base import Job, Op, json_text, opt_datetime, refused
 from gateway.store.sqlite_dashboard import SqliteDashboard
 from gateway.store.sqlite_leases import SqliteLeases
 from gateway.store.sqlite_outbox import SqliteOutbox
@@ -160,28 +168,33 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
         await self.finish_requests([record])
 
     async def finish_requests(self, records: Sequence[RequestRecord]) -> None:
-        flat: list[Any] = []
-        for r in records:
-            flat += (
-                r.id,
-                r.user_id,
-                r.key_id,
-                r.provider,
-                r.model,
-                r.operation,
-                int(r.stream),
-                r.started_iso or iso(r.started_at),
-                r.outcome,
-                json_text(r.reservation),
-                r.owner,
-                r.finished_iso or iso(r.finished_at or utcnow()),
-                r.status_code,
-                json_text(r.usage),
-                None if r.usage_raw is None else json_text(r.usage_raw),
-                int(r.estimated),
-                "pending" if event_count(r.usage) else "none",  # events to send, or none
-            )
-        await self._commit(_store_requests(_chunked(flat), records))
+        try:
+            flat: list[Any] = []
+            for r in records:
+                flat += (
+                    r.id,
+                    r.user_id,
+                    r.key_id,
+                    r.provider,
+                    r.model,
+                    r.operation,
+                    int(r.stream),
+                    r.started_iso or iso(r.started_at),
+                    r.outcome,
+                    json_text(r.reservation),
+                    r.owner,
+                    r.finished_iso or iso(r.finished_at or utcnow()),
+                    r.status_code,
+                    json_text(r.usage),
+                    None if r.usage_raw is None else json_text(r.usage_raw),
+                    int(r.estimated),
+                    "pending" if event_count(r.usage) else "none",  # events to send, or none
+                )
+            await self._commit(_store_requests(_chunked(flat), records))
+        except Exception as exc:
+            if refused(exc):
+                raise RecordRejected(exc) from exc
+            raise
 
     async def finished_ids(self, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()

@@ -52,6 +52,18 @@ _PRAGMAS = (
 )
 
 
+# What a record's own values cause (binding a value SQLite cannot hold, a constraint): retrying
+# fails again. OperationalError (locked, busy, disk I/O) and a closed store are outages.
+_REFUSALS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, OverflowError, TypeError, ValueError)
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether the store refused a write for the records' sake (see `_REFUSALS`), not for its own."""
+    if isinstance(exc, sqlite3.ProgrammingError):  # also a closed database: only a value it cannot bind
+        return str(exc).startswith("Error binding parameter")
+    return isinstance(exc, _REFUSALS)
+
+
 class SqliteBase:
     def __init__(self, path: str) -> None:
         self.path = path
