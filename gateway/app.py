@@ -74,7 +74,7 @@ def build_services(settings: Settings, *, shared: bool = False) -> Services:
                 keys.evict_key_id(inv.subject)
 
         async def recover_dead(directory: Path) -> object:
-            return await recover_journal(store, directory)
+            return await recover_journal(store, directory, metrics)  # (`metrics` is made below)
 
         leased, keeper = shared_quota(
             settings,
@@ -213,11 +213,11 @@ def create_app(
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
             if s.keeper is None:
-                await recover(s.store, s.journal.directory, s.owner)
+                await recover(s.store, s.journal.directory, s.owner, s.metrics)
             else:
                 # Only what dead processes left: live ones hold their journal segments (flock). The
                 # keeper hands back a dead process's sync claims once it is taken for dead.
-                await recover_journal(s.store, s.journal.directory)
+                await recover_journal(s.store, s.journal.directory, s.metrics)
             s.journal.open()
             if s.keeper is not None:
                 await s.keeper.start()  # after the journal: its lock tells the others this process is alive

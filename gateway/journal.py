@@ -25,7 +25,7 @@ import fcntl
 import logging
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from gateway.timeutil import iso, parse_iso
 log = logging.getLogger("gateway.journal")
 
 SUFFIX = ".journal"
+REJECTED = "rejected"  # the directory, beside the segments, of the lines the store refused
 _ZEROS = bytes(1 << 16)  # a new segment is zeroed in pieces of this size (not a segment-sized buffer)
 
 
@@ -223,6 +224,21 @@ class Orphans:
             _close_and_unlink(path, fd)
         self.files.clear()
 
+    def quarantine(self, ids: Mapping[str, object]) -> None:
+        """Set aside the lines of these requests (the store refuses them): appended, as written, to
+        `rejected/<segment>.rejected` beside the segment, and synced before the segment may go. The
+        file reads like a segment: moved back as `<name>.journal`, the next recovery replays it."""
+        for path, _ in self.files:
+            lines = [line for line in _lines(path.read_bytes()) if _request_id(line) in ids]
+            if not lines:
+                continue
+            rejected = path.parent / REJECTED
+            rejected.mkdir(exist_ok=True)
+            with open(rejected / f"{path.name}.rejected", "ab") as fh:
+                fh.write(b"".join(line + b"\n" for line in lines))
+                fh.flush()
+                os.fsync(fh.fileno())
+
     def release(self) -> None:
         """The store did not take them: unlock the files, kept for the next recovery."""
         for _, fd in self.files:
@@ -277,9 +293,21 @@ def entries(path: Path) -> Iterator[list[object]]:
         yield from _entries(fh.read(), path)
 
 
-def _entries(data: bytes, path: Path) -> Iterator[list[object]]:
+def _lines(data: bytes) -> list[bytes]:
     # The unwritten tail of a segment that was not sealed is NUL bytes.
-    for n, line in enumerate(data.rstrip(b"\0").splitlines(), 1):
+    return data.rstrip(b"\0").splitlines()
+
+
+def _request_id(line: bytes) -> str | None:
+    try:
+        entry = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return str(entry[1]) if isinstance(entry, list) and len(entry) > 1 else None
+
+
+def _entries(data: bytes, path: Path) -> Iterator[list[object]]:
+    for n, line in enumerate(_lines(data), 1):
         try:
             entry = orjson.loads(line)
         except orjson.JSONDecodeError:

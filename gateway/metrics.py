@@ -161,6 +161,11 @@ class Metrics:
         self.store_errors = Counter(
             "gateway_store_errors", "Store operations that failed, by operation", ["operation"], registry=r
         )
+        self.records_rejected = Counter(
+            "gateway_records_rejected",
+            "Journaled requests the store refused on their own, set aside in the journal's rejected/ directory",
+            registry=r,
+        )
         self._providers: list[ProviderMetrics] = []
         self._usage: defaultdict[str, int] = defaultdict(int)
         self._in_flight = 0
@@ -211,6 +216,9 @@ class Metrics:
 
     def store_error(self, operation: str, n: int = 1) -> None:
         self.store_errors.labels(operation).inc(n)
+
+    def rejected(self, n: int) -> None:
+        self.records_rejected.inc(n)
 
     # ------------------------------------------------------------------ exposition
     async def render(self, backlog: BacklogReader | None) -> bytes:
@@ -278,6 +286,9 @@ class NullMetrics(Metrics):
         pass
 
     def store_error(self, operation: str, n: int = 1) -> None:
+        pass
+
+    def rejected(self, n: int) -> None:
         pass
 
     async def render(self, backlog: BacklogReader | None) -> bytes:

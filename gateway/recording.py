@@ -14,7 +14,7 @@ from gateway.journal import Journal, Segment, orphans
 from gateway.meters import CLAUDE_CACHE_READ, CLAUDE_CACHE_WRITE, CLAUDE_CACHE_WRITE_1H, GEMINI_CACHED
 from gateway.metrics import NO_METRICS, Metrics
 from gateway.outcomes import Outcome
-from gateway.store.base import RecoveryStore, RequestRecord, RequestStore
+from gateway.store.base import RecordRejected, RecoveryStore, RequestRecord, RequestStore
 from gateway.timeutil import utcnow
 
 log = logging.getLogger("gateway.recording")
@@ -33,7 +33,8 @@ class Recorder:
     Why: a commit per request costs a thread round trip and a WAL write each; the journal already
     holds every finished request durably, so the store can take them `linger` seconds later, many
     per transaction. While the store takes nothing (down, locked) everything waits, with backoff;
-    a record it refuses on its own is retried a few times, then left to the journal for the next start.
+    a record it refuses on its own (`RecordRejected`) is left to the journal at once, and the next
+    recovery quarantines it (`recover_journal`); one failing otherwise is retried a few times first.
     """
 
     def __init__(
@@ -120,19 +121,30 @@ class Recorder:
         stored: list[Segment | None] = []
         records: list[RequestRecord] = []
         failed: list[_Finished] = []
+        rejected = 0
         for f, result in zip(batch, results, strict=True):
             if result is None:
                 records.append(f[0])
                 stored += f[1]
+            elif isinstance(result, RecordRejected):
+                # Refused for what it holds: trying again fails again, and it says nothing of an
+                # outage. Its segment stays (pending) and the next recovery quarantines it.
+                rejected += 1
+                log.error(
+                    "the store refuses request %s (%s); the journal keeps it for the next start to set aside",
+                    f[0].id,
+                    result.reason,
+                )
             else:
                 failed.append(f)
         self.journal.stored(stored)
         self._stored(records)
+        if failed or rejected:
+            self.metrics.store_error("finish_request", len(failed) + rejected)
         if not failed:
             self._backoff = 0.0
             return 0.0
-        self.metrics.store_error("finish_request", len(failed))
-        if len(failed) == len(batch):
+        if len(failed) == len(batch) - rejected:
             # Nothing went in: the store is down or locked, not these records. Keep them all and wait.
             self._backoff = min(max(2 * self._backoff, self.retry_seconds), 60 * self.retry_seconds)
             why = _reason(results)
@@ -163,6 +175,20 @@ class Recorder:
             log.error("shutting down with %d request(s) not stored; the journal keeps them", len(self._queue))
 
 
+async def store_or_reject(store: RequestStore, records: list[RequestRecord]) -> dict[str, str]:
+    """Store `records`, but those the store refuses on their own: their ids, with why. A refused
+    batch is halved until the refused records stand alone (a few transactions for one bad record
+    in thousands). An outage raises, as before."""
+    try:
+        await store.finish_requests(records)  # idempotent: replays are dropped
+        return {}
+    except RecordRejected as exc:
+        if len(records) == 1:
+            return {records[0].id: exc.reason}
+    half = len(records) // 2
+    return await store_or_reject(store, records[:half]) | await store_or_reject(store, records[half:])
+
+
 def _reason(results: list[BaseException | None]) -> str:
     return next((type(r).__name__ for r in results if r is not None), "")
 
@@ -179,19 +205,23 @@ def estimate_from_reservation(reservation: Mapping[str, int]) -> dict[str, int]:
     return {m: v for m, v in reservation.items() if m not in _NOT_ESTIMATED and v > 0}
 
 
-async def recover(store: RecoveryStore, journal_dir: Path | None, owner: str) -> int:
+async def recover(store: RecoveryStore, journal_dir: Path | None, owner: str, metrics: Metrics = NO_METRICS) -> int:
     """At start, before serving: store what dead processes journaled and hand back their sync claims."""
-    settled = await recover_journal(store, journal_dir)
+    settled = await recover_journal(store, journal_dir, metrics)
     released = await store.release_claims(owner)
     if released:
         log.warning("re-queued %d request(s) a stopped sync had claimed (Polar dedups any resend)", released)
     return settled
 
 
-async def recover_journal(store: RequestStore, journal_dir: Path | None) -> int:
+async def recover_journal(store: RequestStore, journal_dir: Path | None, metrics: Metrics = NO_METRICS) -> int:
     """Store what dead processes left in their journals: finished requests exactly, requests that
     were still in flight by estimate (the provider may have billed them). Returns how many were
-    estimated. Safe beside a live gateway: its segments are locked and skipped."""
+    estimated. Safe beside a live gateway: its segments are locked and skipped.
+
+    A record the store refuses on its own (`RecordRejected`) would fail every start, and a keeper
+    would never settle its dead process: its journal lines go to `rejected/` beside the journal
+    (`Orphans.quarantine`), the rest is stored, and the segments go. An outage still raises."""
     found = orphans(journal_dir)
     try:
         stored = await store.finished_ids([r.id for r in found.unfinished])
@@ -208,12 +238,19 @@ async def recover_journal(store: RequestStore, journal_dir: Path | None) -> int:
         # In batches, as the recorder stores: a journal left by a long outage holds hundreds of
         # thousands, and a transaction each would hold the start (or a keeper's settling) for minutes.
         records = found.finished + estimated
+        rejected: dict[str, str] = {}
         for at in range(0, len(records), _RECOVERY_BATCH):
-            await store.finish_requests(records[at : at + _RECOVERY_BATCH])  # idempotent: replays are dropped
+            rejected.update(await store_or_reject(store, records[at : at + _RECOVERY_BATCH]))
+        if rejected:
+            found.quarantine(rejected)
     except BaseException:
         found.release()  # (our locks would make the next recovery, and `held`, take them for live)
         raise
     found.discard()
+    for rid, reason in rejected.items():
+        log.error("the store refuses request %s (%s); set aside in the journal's rejected/ directory", rid, reason)
+    if rejected:
+        metrics.rejected(len(rejected))
     if found.finished:
         log.warning("stored %d finished request(s) a stopped process had journaled", len(found.finished))
     if settled:

@@ -13,7 +13,7 @@ from gateway.journal import SUFFIX
 from gateway.quota import Refusal
 from gateway.timeutil import month_bounds, utcnow
 from tests.conftest import wait_until_async
-from tests.support_leases import Cluster, Proc
+from tests.support_leases import Cluster, Proc, record
 
 OUT = "claude_output_tokens"
 
@@ -56,6 +56,32 @@ async def test_a_dead_process_whose_journal_another_holds_is_not_released_before
     assert await a.store.consumed("u", *month_bounds(utcnow())) == {OUT: 25}
     assert isinstance(await a.ledger.reserve("u", {OUT: 975}), Reservation)
     assert await a.ledger.reserve("u", {OUT: 1}) == Refusal(meter=OUT, needed=1, remaining=0)
+
+
+async def test_a_dead_process_whose_journal_holds_a_record_the_store_refuses_is_settled(shared: Cluster) -> None:
+    # Recovery raised on the refused record at every round: the keeper never released d's leases.
+    a = await shared.process("a", {OUT: 1000}, journal=True, stale=0.5, start=False)  # its keeper run by hand
+    d = await shared.process("d", {OUT: 1000}, journal=True, stale=0.5, heartbeat=0.05)
+    await d.finish_unstored("r1", "u", OUT, 40, 25)
+    assert d.journal is not None
+    bad = record("r_bad", "u", d.owner, {OUT: 40}, {OUT: 5})
+    bad.status_code = 2**63  # more than the store's integer column holds
+    d.journal.begin(bad)
+    d.journal.finish(bad)
+    directory = d.journal.directory
+    assert directory is not None
+    await d.kill()
+
+    async def settled() -> list[str]:
+        return await a.keeper.settle_dead()
+
+    assert await wait_until_async(lambda: _stale(a, d.owner))
+    assert await wait_until_async(settled) == [d.owner]
+    assert await shared.leases("u") == {}
+    assert await a.store.consumed("u", *month_bounds(utcnow())) == {OUT: 25}
+    assert _segments(directory, d.owner) == []
+    (rejected,) = (directory / "rejected").iterdir()
+    assert [b'"r_bad"' in line for line in rejected.read_bytes().splitlines()] == [True, True]
 
 
 def _segments(directory: Path, owner: str) -> list[Path]:
