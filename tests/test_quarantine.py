@@ -152,3 +152,19 @@ async def test_the_recorder_does_not_take_a_refused_record_for_an_outage(tmp_pat
     await recover_journal(store, tmp_path)
     assert _segments(tmp_path) == []
     assert len((tmp_path / "rejected" / "live.000001.journal.rejected").read_bytes().splitlines()) == 2
+
+
+async def test_a_corrected_rejected_file_moved_back_is_recovered(tmp_path: Path, store: Store) -> None:
+    _dead_with_a_bad_record(tmp_path, {"status_code": 2**63})
+    await recover_journal(store, tmp_path)
+    (rejected,) = _rejected(tmp_path)
+    corrected = rejected.read_bytes().replace(str(2**63).encode(), b"200")
+    (tmp_path / rejected.name.removesuffix(".rejected")).write_bytes(corrected)  # what an operator does
+    rejected.unlink()
+    await recover_journal(store, tmp_path)
+    assert await stored_usage(store, "req_bad") == {"claude_output_tokens": 7}
+    assert _segments(tmp_path) == [] and _rejected(tmp_path) == []
+
+
+def _rejected(directory: Path) -> list[Path]:
+    return sorted((directory / "rejected").iterdir())
