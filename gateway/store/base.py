@@ -7,7 +7,8 @@ protocols below (`Store` is all of them); SQL lives in the implementations (`sql
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -32,6 +33,17 @@ class RecordRejected(Exception):
         # Why, briefly: a driver's message may quote a whole column of the batch.
         self.reason = f"{type(cause).__name__}: {cause}"[:200]
         super().__init__(self.reason)
+
+
+@contextlib.contextmanager
+def rejecting(refused: Callable[[BaseException], bool]) -> Iterator[None]:
+    """Raise what `refused` (the store's own classification) blames on the records as `RecordRejected`."""
+    try:
+        yield
+    except Exception as exc:
+        if refused(exc):
+            raise RecordRejected(exc) from exc
+        raise
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,11 @@ from gateway.events import event_count, event_quantities
 from gateway.store.base import (
     ApiKey,
     CustomerLimits,
-    RecordRejected,
     RequestRecord,
     UsageEvent,
     meters_doc,
     meters_from_doc,
+    rejecting,
 )
 from gateway.store.postgres_base import affected, refused
 from gateway.store.postgres_dashboard import PostgresDashboard
@@ -98,7 +98,7 @@ class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox, Postgre
     async def finish_requests(self, records: Sequence[RequestRecord]) -> None:
         if not records:
             return
-        try:
+        with rejecting(refused):
             now = utcnow()
             columns: list[list[Any]] = [[] for _ in range(17)]
             for r in records:
@@ -124,10 +124,6 @@ class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox, Postgre
                 for column, value in zip(columns, row, strict=True):
                     column.append(value)
             await self.pool.execute(_INSERT_REQUESTS, *columns)
-        except Exception as exc:
-            if refused(exc):
-                raise RecordRejected(exc) from exc
-            raise
 
     async def finished_ids(self, ids: Sequence[str]) -> set[str]:
         if not ids:

@@ -14,11 +14,11 @@ from gateway.events import event_count, event_quantities
 from gateway.store.base import (
     ApiKey,
     CustomerLimits,
-    RecordRejected,
     RequestRecord,
     UsageEvent,
     meters_doc,
     meters_from_doc,
+    rejecting,
 )
 from gateway.store.sqlite_base import Job, Op, json_text, opt_datetime, refused
 from gateway.store.sqlite_dashboard import SqliteDashboard
@@ -168,7 +168,7 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
         await self.finish_requests([record])
 
     async def finish_requests(self, records: Sequence[RequestRecord]) -> None:
-        try:
+        with rejecting(refused):
             flat: list[Any] = []
             for r in records:
                 flat += (
@@ -191,10 +191,6 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
                     "pending" if event_count(r.usage) else "none",  # events to send, or none
                 )
             await self._commit(_store_requests(_chunked(flat), records))
-        except Exception as exc:
-            if refused(exc):
-                raise RecordRejected(exc) from exc
-            raise
 
     async def finished_ids(self, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
