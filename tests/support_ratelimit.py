@@ -2,8 +2,9 @@
 SQLite (one file, a store per "process"), PostgreSQL (a database of the test's own).
 
 `shared_backend(kind, tmp)` yields `make(rpm, tpm, clock=None, policy=OPEN)`: a new limiter (a new
-process: connections of its own) on the one backend. `Counting` wraps a backend's `RateBudget` to
-count its round trips and to fail on demand.
+process: connections of its own) on the one backend (PostgreSQL's also takes `pg_settings` for its
+sessions). `Counting` wraps a backend's `RateBudget` to count its round trips and to fail on demand.
+`lock_waiting` polls until a PostgreSQL session waits on a lock.
 """
 
 from __future__ import annotations
@@ -168,8 +169,9 @@ async def _postgres() -> AsyncIterator[Make]:
             tpm: int | None,
             clock: Clock | None = None,
             policy: StoreErrorPolicy = StoreErrorPolicy.OPEN,
+            pg_settings: dict[str, str] | None = None,  # its sessions' settings (application_name, deadlock_timeout)
         ) -> StoreRateLimiter:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=10)
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=10, server_settings=pg_settings)
             pools.append(pool)
             made.append(StoreRateLimiter(PgHost(pool), rpm, tpm, policy, clock))
             return made[-1]
@@ -187,3 +189,13 @@ async def _postgres() -> AsyncIterator[Make]:
 async def admitted(rl: RateLimit, user: str = "u", tokens: int = 0) -> bool:
     refusal, _ = await rl.acquire(user, tokens)
     return refusal is None
+
+
+def lock_waiting(pool: Any, application_name: str, task: asyncio.Task[Any]) -> Callable[[], Awaitable[bool]]:
+    """For `wait_until_async`: the sessions named `application_name` wait on a lock, or `task` ended."""
+
+    async def check() -> bool:
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'"
+        return task.done() or await pool.fetchval(sql, application_name) > 0
+
+    return check

@@ -26,7 +26,7 @@ from gateway.ratelimit.shared import StoreRateLimiter, make_limiter
 from gateway.settings import ConfigError, FileConfig, RateLimitConfig, Settings, parse_file_config, settings_from_env
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import REDIS_URL, free_port, wait_until_async
-from tests.support_ratelimit import KINDS, Clock, Counting, Make, admitted, shared_backend
+from tests.support_ratelimit import KINDS, Clock, Counting, Make, admitted, lock_waiting, shared_backend
 
 
 @pytest.fixture(params=KINDS)
@@ -358,3 +358,38 @@ async def test_two_processes_correcting_the_same_users_in_opposite_orders_never_
         await b.flush()
         rows = await pool.fetch("SELECT user_id, tokens FROM rate_windows ORDER BY user_id")
         assert [(r[0], r[1]) for r in rows] == [("x", 12), ("y", 12)]
+
+
+@pytest.mark.parametrize("loser", ["correction", "sweep"])
+async def test_the_sweep_and_a_correction_batch_on_the_same_expired_rows_never_deadlock(
+    tmp_path: Path, loser: str
+) -> None:
+    # A batch locks its rows by (second, user): a, b, z; the sweep deleted the expired ones in the
+    # table's order: b (written first), a. Lined up on b, the sweep got b and waited for a, the batch
+    # held a and waited for b, and PostgreSQL aborted the side whose deadlock_timeout ran out first
+    # (each side's picks the loser here): the whole batch (z's correction, a live window's, lost: tokens
+    # per minute miscounted), or the sweep (an error logged, the rows left for the next one).
+    quick, slow = {"deadlock_timeout": "200ms"}, {"deadlock_timeout": "30s"}
+    async with shared_backend("postgres", tmp_path) as make:
+        corrector = await make(
+            None, 1000, pg_settings={"application_name": "corrector", **(quick if loser == "correction" else slow)}
+        )
+        sweeper = await make(
+            None, 1000, pg_settings={"application_name": "sweeper", **(quick if loser == "sweep" else slow)}
+        )
+        pool = (await make(None, 1000)).budget.pool
+        await pool.execute(
+            "INSERT INTO rate_windows VALUES ('b', 1000, 1, 10), ('a', 1000, 1, 10), ('z', 1099, 5, 500)"
+        )
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("UPDATE rate_windows SET tokens = tokens WHERE user_id = 'b'")  # lines the two up on b
+            sweep = asyncio.create_task(sweeper.budget.rate_sweep(1100.0))
+            await wait_until_async(lock_waiting(pool, "sweeper", sweep))  # first in line for b
+            corrections = [("z", 1099, -2, -200), ("b", 1000, 0, 5), ("a", 1000, 0, 5)]
+            correct = asyncio.create_task(corrector.budget.rate_correct(corrections))
+            await wait_until_async(lock_waiting(pool, "corrector", correct))  # holding a, after the sweep for b
+        outcomes = await asyncio.gather(sweep, correct, return_exceptions=True)
+        assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+        await sweeper.budget.rate_sweep(1100.0)  # (what the first one skipped: b)
+        rows = await pool.fetch("SELECT user_id, second, requests, tokens FROM rate_windows")
+        assert [tuple(r) for r in rows] == [("z", 1099, 3, 300)]

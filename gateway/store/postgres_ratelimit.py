@@ -28,9 +28,13 @@ _UPSERT = (
     " SET requests = rate_windows.requests + excluded.requests, tokens = rate_windows.tokens + excluded.tokens"
 )
 _CORRECT = "UPDATE rate_windows SET requests = requests + $1, tokens = tokens + $2 WHERE user_id = $3 AND second = $4"
+# Skips the rows another transaction holds (a correction batch, a take's hand-back; the next sweep
+# deletes them): a sweep that waited for them, locking in the table's order, deadlocked with a batch
+# correcting the same expired rows in its (second, user) order, and PostgreSQL aborted one of the two.
 _SWEEP = (
-    "DELETE FROM rate_windows WHERE second <="
+    "DELETE FROM rate_windows WHERE ctid = ANY(ARRAY(SELECT ctid FROM rate_windows WHERE second <="
     f" floor(coalesce($1::float8, extract(epoch FROM clock_timestamp())))::bigint - {WINDOW}"
+    " FOR UPDATE SKIP LOCKED))"
 )
 
 
