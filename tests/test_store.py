@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ import orjson
 import pytest
 
 from gateway.store import Store, create_store
-from gateway.store.base import CustomerLimits, MeterLimit, RequestRecord
+from gateway.store.base import CustomerLimits, MeterLimit, RequestRecord, SnapshotSource
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SqliteStore
 from gateway.timeutil import parse_iso
@@ -357,8 +358,10 @@ async def test_limits_round_trip_and_an_older_snapshot_never_overwrites(store: S
     assert got.snapshot_at.tzinfo is UTC
     assert await store.put_limits(limits("u", t - timedelta(seconds=1), credited=5)) is False
     assert await store.get_limits("u") == first
+    assert first.source is SnapshotSource.FETCH
     same = limits("u", t, credited=2000, period_start=None, period_end=None, active=False)
-    assert await store.put_limits(same) is True  # an equal snapshot replaces
+    same = dataclasses.replace(same, source=SnapshotSource.WEBHOOK)
+    assert await store.put_limits(same) is True  # an equal snapshot replaces (and says where it came from)
     assert await store.get_limits("u") == same
     empty = limits("w", t, meters={})
     await store.put_limits(empty)
@@ -432,6 +435,7 @@ async def test_upgrade_from_the_first_schema_keeps_requests_and_their_sync_state
             "0008_refusals",
             "0009_leases_by_batch",
             "0010_drop_outbox_index",
+            "0011_limits_source",
         ]
         assert await s.finished_ids(["req_old", "req_new"]) == {"req_old"}
         await s.finish_request(record("req_new", outcome="ok", usage={"claude_output_tokens": 5}))

@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Protocol
 
 import orjson
@@ -155,6 +156,13 @@ class MeterLimit:
     balance: float | None = None
 
 
+class SnapshotSource(StrEnum):
+    """Where cached limits came from, so the clock of their `snapshot_at` is known."""
+
+    WEBHOOK = "webhook"  # a Polar delivery: Polar's payload timestamp
+    FETCH = "fetch"  # the customer state read from Polar: this machine's clock when it asked
+
+
 @dataclass(frozen=True, slots=True)
 class CustomerLimits:
     """Limits cached from Polar for one customer (external id == our user id)."""
@@ -166,6 +174,7 @@ class CustomerLimits:
     snapshot_at: datetime  # Polar's timestamp of the snapshot; older never overwrites newer
     updated_at: datetime  # when we stored it
     active: bool = True  # False after subscription.revoked: no credits
+    source: SnapshotSource = SnapshotSource.FETCH
 
 
 def meters_doc(meters: dict[str, MeterLimit]) -> dict[str, dict[str, Any]]:

@@ -19,6 +19,7 @@ from gateway.store.base import (
     ApiKey,
     CustomerLimits,
     RequestRecord,
+    SnapshotSource,
     UsageEvent,
     meters_doc,
     meters_from_doc,
@@ -159,7 +160,7 @@ class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox, Postgre
     # ------------------------------------------------------------------ limits and webhooks
     async def get_limits(self, user_id: str) -> CustomerLimits | None:
         r = await self.pool.fetchrow(
-            "SELECT user_id, meters, period_start, period_end, snapshot_at, updated_at, active"
+            "SELECT user_id, meters, period_start, period_end, snapshot_at, updated_at, active, source"
             " FROM customer_limits WHERE user_id = $1",
             user_id,
         )
@@ -173,16 +174,17 @@ class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox, Postgre
             snapshot_at=r[4],
             updated_at=r[5],
             active=r[6],
+            source=SnapshotSource(r[7]),
         )
 
     async def put_limits(self, limits: CustomerLimits) -> bool:
         meters = meters_doc(limits.meters)
         status = await self.pool.execute(
-            "INSERT INTO customer_limits (user_id, meters, period_start, period_end, snapshot_at, updated_at, active)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (user_id) DO UPDATE SET meters = excluded.meters,"
-            " period_start = excluded.period_start, period_end = excluded.period_end,"
-            " snapshot_at = excluded.snapshot_at, updated_at = excluded.updated_at, active = excluded.active"
-            " WHERE excluded.snapshot_at >= customer_limits.snapshot_at",
+            "INSERT INTO customer_limits (user_id, meters, period_start, period_end, snapshot_at, updated_at, active,"
+            " source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (user_id) DO UPDATE SET"
+            " meters = excluded.meters, period_start = excluded.period_start, period_end = excluded.period_end,"
+            " snapshot_at = excluded.snapshot_at, updated_at = excluded.updated_at, active = excluded.active,"
+            " source = excluded.source WHERE excluded.snapshot_at >= customer_limits.snapshot_at",
             limits.user_id,
             _json(meters),
             limits.period_start,
@@ -190,6 +192,7 @@ class PostgresStore(PostgresLeases, PostgresRateWindows, PostgresOutbox, Postgre
             limits.snapshot_at,
             limits.updated_at,
             limits.active,
+            str(limits.source),
         )
         return affected(status) > 0
 

@@ -15,6 +15,7 @@ from gateway.store.base import (
     ApiKey,
     CustomerLimits,
     RequestRecord,
+    SnapshotSource,
     UsageEvent,
     meters_doc,
     meters_from_doc,
@@ -230,7 +231,7 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
     async def get_limits(self, user_id: str) -> CustomerLimits | None:
         rows = list(
             await self.db.execute_fetchall(
-                "SELECT user_id, meters, period_start, period_end, snapshot_at, updated_at, active"
+                "SELECT user_id, meters, period_start, period_end, snapshot_at, updated_at, active, source"
                 " FROM customer_limits WHERE user_id = ?",
                 (user_id,),
             )
@@ -246,6 +247,7 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
             snapshot_at=parse_iso(r[4]),
             updated_at=parse_iso(r[5]),
             active=bool(r[6]),
+            source=SnapshotSource(r[7]),
         )
 
     async def put_limits(self, limits: CustomerLimits) -> bool:
@@ -253,10 +255,10 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
         async with self._lock:
             cur = await self.db.execute(
                 "INSERT INTO customer_limits (user_id, meters, period_start, period_end, snapshot_at, updated_at,"
-                " active) VALUES (?,?,?,?,?,?,?) ON CONFLICT(user_id) DO UPDATE SET meters = excluded.meters,"
+                " active, source) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(user_id) DO UPDATE SET meters = excluded.meters,"
                 " period_start = excluded.period_start, period_end = excluded.period_end,"
-                " snapshot_at = excluded.snapshot_at, updated_at = excluded.updated_at, active = excluded.active"
-                " WHERE excluded.snapshot_at >= customer_limits.snapshot_at",
+                " snapshot_at = excluded.snapshot_at, updated_at = excluded.updated_at, active = excluded.active,"
+                " source = excluded.source WHERE excluded.snapshot_at >= customer_limits.snapshot_at",
                 (
                     limits.user_id,
                     json_text(meters),
@@ -265,6 +267,7 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
                     iso(limits.snapshot_at),
                     iso(limits.updated_at),
                     int(limits.active),
+                    str(limits.source),
                 ),
             )
             return cur.rowcount > 0
