@@ -38,6 +38,9 @@ NOT_TOKENS = COUNT_METERS | SUBSET_METERS
 # COUNT meter's one Polar event per unit would have the sync build millions of events.
 MAX_TOKENS_PER_REQUEST = 2**31 - 1
 MAX_UNITS_PER_REQUEST = 1000
+# The most units a Polar limit (credited units, balance, consumed) is kept at: Polar's numbers are unbounded, the
+# stores' integers (and SQL sums over them) are 64-bit. 2^53 is far past any real grant and exact as a float.
+MAX_CREDITED_UNITS = 2**53
 
 
 def bounded(amounts: dict[str, int]) -> dict[str, int]:

@@ -18,7 +18,7 @@ from standardwebhooks import Webhook
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT, GEMINI_IMAGES
+from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT, GEMINI_IMAGES, MAX_CREDITED_UNITS
 from gateway.polar.client import PolarBilling
 from gateway.polar.webhooks import make_webhook_endpoint
 from gateway.store import Store
@@ -240,3 +240,14 @@ async def test_valid_signature_on_deep_nesting_is_400(hook: Hook) -> None:
     resp = await hook.client.post(hook.url, content=body, headers=headers)
     assert (resp.status_code, resp.json()) == (400, INVALID_PAYLOAD)
     assert await hook.store.record_webhook(msg_id, "x")  # never claimed
+
+
+async def test_credits_past_64_bits_saturate_and_store(hook: Hook) -> None:
+    huge = 2**64
+    resp = await hook.send(state_changed(hook.fake, "user-123", huge))
+    assert (resp.status_code, resp.json()) == (200, {"status": "updated"})
+    limits = await hook.store.get_limits("user-123")
+    assert limits is not None
+    assert limits.meters[CLAUDE_INPUT] == MeterLimit(
+        CLAUDE_INPUT, credited=MAX_CREDITED_UNITS, consumed=10.0, balance=float(MAX_CREDITED_UNITS)
+    )

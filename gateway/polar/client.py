@@ -8,6 +8,7 @@ secrets (the access token) out of every message it produces.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import typing
@@ -23,7 +24,7 @@ from polar.v2026_10 import PolarAsync
 from polar.v2026_10.errors import HTTPValidationError, ResourceNotFound
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from gateway.meters import ALL_METERS, COUNT_METERS
+from gateway.meters import ALL_METERS, COUNT_METERS, MAX_CREDITED_UNITS
 from gateway.settings import Settings
 from gateway.store.base import CustomerLimits, MeterLimit, PendingEvent
 from gateway.timeutil import iso, parse_iso, utcnow
@@ -162,6 +163,19 @@ def meter_ids(state: Any) -> set[str]:
     return {i for i in ids if isinstance(i, str)}
 
 
+def _units(value: Any) -> int:
+    """Credited units as an int within +-MAX_CREDITED_UNITS: Polar's are unbounded, a store's 64-bit."""
+    return max(-MAX_CREDITED_UNITS, min(int(value or 0), MAX_CREDITED_UNITS))
+
+
+def _amount(value: Any) -> float:
+    """Consumed units or a balance, likewise bounded; not a finite number is a ValueError."""
+    number = float(value or 0)
+    if not math.isfinite(number):
+        raise ValueError("not a finite number")
+    return max(-float(MAX_CREDITED_UNITS), min(number, float(MAX_CREDITED_UNITS)))
+
+
 def limits_from_state(state: Any, meter_names: Mapping[str, str], snapshot_at: datetime) -> CustomerLimits:
     """CustomerLimits from a Polar CustomerState (SDK object or raw webhook JSON).
 
@@ -171,6 +185,7 @@ def limits_from_state(state: Any, meter_names: Mapping[str, str], snapshot_at: d
     are limited to their credited units. A meter with neither is left out, so the plan applies to
     it: Polar lists a customer meter (credited 0) from the first event for it on, and that event
     must not turn the plan's allowance into 0. Meters Polar reports but we don't know are skipped.
+    Numbers saturate at MAX_CREDITED_UNITS.
     """
     user_id = _get(state, "external_id")
     if not user_id:
@@ -183,24 +198,24 @@ def limits_from_state(state: Any, meter_names: Mapping[str, str], snapshot_at: d
         for sm in _get(sub, "meters") or []:
             name = meter_names.get(_get(sm, "meter_id"))
             if name:
-                metered[name] = (float(_get(sm, "consumed_units") or 0), int(_get(sm, "credited_units") or 0))
+                metered[name] = (_amount(_get(sm, "consumed_units")), _units(_get(sm, "credited_units")))
     meters: dict[str, MeterLimit] = {}
     for am in _get(state, "active_meters") or []:
         name = meter_names.get(_get(am, "meter_id"))
         if not name:
             continue
-        credited = int(_get(am, "credited_units") or 0)
+        credited = _units(_get(am, "credited_units"))
         if credited <= 0 and name not in metered:
             continue
         meters[name] = MeterLimit(
             meter=name,
             credited=None if name in metered else credited,
-            consumed=float(_get(am, "consumed_units") or 0),
-            balance=float(_get(am, "balance") or 0),
+            consumed=_amount(_get(am, "consumed_units")),
+            balance=_amount(_get(am, "balance")),
         )
     for name, (consumed, credited) in metered.items():
         if name not in meters:
-            balance = credited - consumed
+            balance = _amount(credited - consumed)
             meters[name] = MeterLimit(meter=name, credited=None, consumed=consumed, balance=balance)
     period_start = period_end = None
     if subs:
