@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import socket
 import time
@@ -19,10 +20,11 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT, GEMINI_IMAGES, MAX_CREDITED_UNITS
+from gateway.metrics import NullMetrics
 from gateway.polar.client import PolarBilling
 from gateway.polar.webhooks import make_webhook_endpoint
 from gateway.store import Store
-from gateway.store.base import CustomerLimits, MeterLimit
+from gateway.store.base import CustomerLimits, MeterLimit, WebhookStore
 from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
 
 STANDARD_SECRET = new_standard_secret()
@@ -44,6 +46,7 @@ class Hook:
     secret: str
     client: httpx.AsyncClient
     changed: list[str] = field(default_factory=list)
+    counted: list[tuple[str, str]] = field(default_factory=list)  # (type, outcome) per delivery
 
     async def send(
         self, payload: dict[str, Any], *, secret: str | None = None, legacy: bool | None = None, **kw: Any
@@ -67,17 +70,32 @@ async def serve(app: Starlette) -> tuple[str, uvicorn.Server, asyncio.Task[None]
     return f"http://127.0.0.1:{sock.getsockname()[1]}/webhooks/polar", server, task
 
 
-async def make_hook(store: Store, fake: FakePolar, secret: str) -> AsyncIterator[Hook]:
-    polar = PolarBilling(fake.token, base_url=fake.url, timeout=2.0)
+class WebhookTally(NullMetrics):
+    """Metrics that keep the webhook counts (a fake: only the hook these tests read)."""
+
+    def __init__(self) -> None:
+        self.counted: list[tuple[str, str]] = []
+
+    def webhook(self, event_type: str, outcome: str) -> None:
+        self.counted.append((event_type, outcome))
+
+
+async def make_hook(
+    store: Store, fake: FakePolar, secret: str, *, webhook_store: WebhookStore | None = None
+) -> AsyncIterator[Hook]:
+    polar = PolarBilling(fake.token, base_url=fake.url, timeout=2.0, call_attempts=1)
     changed: list[str] = []
+    tally = WebhookTally()
 
     async def on_changed(user_id: str) -> None:
         changed.append(user_id)
 
-    endpoint = make_webhook_endpoint(store, secret, polar.meter_names, on_changed, polar=polar)
+    endpoint = make_webhook_endpoint(
+        webhook_store or store, secret, polar.meter_names, on_changed, polar=polar, metrics=tally
+    )
     url, server, task = await serve(Starlette(routes=[Route("/webhooks/polar", endpoint, methods=["POST"])]))
     async with httpx.AsyncClient(timeout=10) as client:
-        yield Hook(url, store, fake, secret, client, changed)
+        yield Hook(url, store, fake, secret, client, changed, tally.counted)
     server.should_exit = True
     await asyncio.wait_for(task, 10)
     await polar.close()
@@ -240,6 +258,108 @@ async def test_valid_signature_on_deep_nesting_is_400(hook: Hook) -> None:
     resp = await hook.client.post(hook.url, content=body, headers=headers)
     assert (resp.status_code, resp.json()) == (400, INVALID_PAYLOAD)
     assert await hook.store.record_webhook(msg_id, "x")  # never claimed
+
+
+# ---------------------------------------------------------------- signed deliveries that cannot be applied
+
+INVALID = (202, {"status": "invalid"})
+
+
+def _bad_timestamp(payload: dict[str, Any]) -> None:
+    payload["timestamp"] = "yesterday-ish SECRET-ISH-TEXT"
+
+
+def _numeric_external_id(payload: dict[str, Any]) -> None:
+    payload["data"]["external_id"] = 12345
+
+
+def _credited_not_a_number(payload: dict[str, Any]) -> None:
+    payload["data"]["active_meters"][0]["credited_units"] = "lots SECRET-ISH-TEXT"
+
+
+def _meters_not_a_list(payload: dict[str, Any]) -> None:
+    payload["data"]["active_meters"] = 7
+
+
+def _meter_id_a_list(payload: dict[str, Any]) -> None:
+    payload["data"]["active_meters"][0]["meter_id"] = ["SECRET-ISH-TEXT"]
+
+
+@pytest.mark.parametrize(
+    "spoil", [_bad_timestamp, _numeric_external_id, _credited_not_a_number, _meters_not_a_list, _meter_id_a_list]
+)
+async def test_signed_but_malformed_state_is_answered_invalid_once(
+    hook: Hook, spoil: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A payload error is not transient: a 5xx would have Polar retry it (and fail) until it disables the endpoint.
+    payload = state_changed(hook.fake, "user-123", 1000)
+    spoil(payload)
+    with caplog.at_level(logging.INFO, logger="gateway.webhooks"):
+        first = await hook.send(payload, msg_id="msg_poison")
+    assert (first.status_code, first.json()) == INVALID
+    assert await hook.store.get_limits("user-123") is None
+    again = await hook.send(payload, msg_id="msg_poison")  # kept claimed: Polar's retry is a duplicate
+    assert (again.status_code, again.json()) == (200, {"status": "duplicate"})
+    assert hook.counted == [("customer.state_changed", "invalid"), ("customer.state_changed", "duplicate")]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # once, without a traceback
+    assert len(errors) == 1 and not any(r.exc_info for r in caplog.records)
+    assert "customer.state_changed" in errors[0] and "msg_poison" in errors[0]
+    assert "SECRET-ISH-TEXT" not in caplog.text and hook.secret not in caplog.text
+    assert hook.changed == []
+
+
+@pytest.mark.parametrize("event_type", ["subscription.revoked", "benefit_grant.created"])
+async def test_a_non_string_customer_id_is_invalid_not_a_500(hook: Hook, event_type: str) -> None:
+    resp = await hook.send(webhook_payload(event_type, {"customer": {"external_id": ["u"]}}))
+    assert (resp.status_code, resp.json()) == INVALID
+    assert hook.counted == [(event_type, "invalid")]
+
+
+async def test_an_external_id_no_user_can_have_is_ignored(hook: Hook) -> None:
+    payload = state_changed(hook.fake, "user-123", 1000)
+    payload["data"]["external_id"] = "user\x00123"  # (PostgreSQL text refuses NUL: a 500 on every retry)
+    resp = await hook.send(payload)
+    assert (resp.status_code, resp.json()) == (200, {"status": "ignored"})
+    assert await hook.store.get_limits("user-123") is None
+
+
+async def test_polar_unavailable_for_meter_names_is_500_and_the_retry_applies(hook: Hook) -> None:
+    payload = state_changed(hook.fake, "user-123", 1000)
+    hook.fake.fail_next(1, 503, path="/v1/meters/")
+    first = await hook.send(payload, msg_id="msg_transient")
+    assert (first.status_code, first.json()) == (500, api_error("internal_error", "processing failed"))
+    again = await hook.send(payload, msg_id="msg_transient")  # the claim was forgotten: processed now
+    assert (again.status_code, again.json()) == (200, {"status": "updated"})
+    assert hook.counted == [("customer.state_changed", "failed"), ("customer.state_changed", "updated")]
+
+
+class RefusingStore:
+    """The store, but its next `put_limits` fails the way a database does (not the payload's fault)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.refuse = 1
+
+    async def put_limits(self, limits: CustomerLimits) -> bool:
+        if self.refuse:
+            self.refuse -= 1
+            raise ConnectionResetError("database went away")
+        return await self.store.put_limits(limits)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+async def test_a_store_failure_is_500_and_the_retry_applies(store: Store, fake: FakePolar) -> None:
+    refusing: Any = RefusingStore(store)
+    async for hook in make_hook(store, fake, STANDARD_SECRET, webhook_store=refusing):
+        payload = state_changed(fake, "user-123", 1000)
+        first = await hook.send(payload, msg_id="msg_db")
+        assert first.status_code == 500
+        again = await hook.send(payload, msg_id="msg_db")
+        assert (again.status_code, again.json()) == (200, {"status": "updated"})
+        limits = await store.get_limits("user-123")
+        assert limits is not None and limits.meters[CLAUDE_INPUT].credited == 1000
 
 
 async def test_credits_past_64_bits_saturate_and_store(hook: Hook) -> None:

@@ -163,6 +163,10 @@ def meter_ids(state: Any) -> set[str]:
     return {i for i in ids if isinstance(i, str)}
 
 
+# What reading a malformed state raises (a wrong type, a number that isn't one, a bad date).
+MALFORMED_STATE = (ValueError, TypeError, AttributeError, OverflowError)
+
+
 def _units(value: Any) -> int:
     """Credited units as an int within +-MAX_CREDITED_UNITS: Polar's are unbounded, a store's 64-bit."""
     return max(-MAX_CREDITED_UNITS, min(int(value or 0), MAX_CREDITED_UNITS))
@@ -185,7 +189,8 @@ def limits_from_state(state: Any, meter_names: Mapping[str, str], snapshot_at: d
     are limited to their credited units. A meter with neither is left out, so the plan applies to
     it: Polar lists a customer meter (credited 0) from the first event for it on, and that event
     must not turn the plan's allowance into 0. Meters Polar reports but we don't know are skipped.
-    Numbers saturate at MAX_CREDITED_UNITS.
+    Numbers saturate at MAX_CREDITED_UNITS. Reads the state only: a malformed one raises one of
+    MALFORMED_STATE (a webhook answers it as invalid); no other error comes from here.
     """
     user_id = _get(state, "external_id")
     if not user_id:

@@ -7,14 +7,17 @@ once (a failed one is forgotten again, for Polar's retry); snapshots are ordered
 timestamp (the store refuses older ones), so retries and out-of-order deliveries can't roll limits
 back. Answers fast: Polar gives 2 s. A database that does not answer within `store_timeout` gets a 503
 (Polar retries); the delivery's processing goes on and, once the database answers, is applied once.
+A signed delivery whose data cannot be applied is answered 202 `invalid` and stays claimed: its
+retries would fail the same way, and an endpoint that keeps failing is disabled by Polar.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import typing
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -31,7 +34,14 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.http_api import MAX_BODY_BYTES, BodyRefused, StoreUnavailable, api_error, from_store, read_body
 from gateway.metrics import NO_METRICS, OTHER, Metrics
-from gateway.polar.client import PolarBilling, PolarBillingError, limits_from_state, meter_ids, valid_user_id
+from gateway.polar.client import (
+    MALFORMED_STATE,
+    PolarBilling,
+    PolarBillingError,
+    limits_from_state,
+    meter_ids,
+    valid_user_id,
+)
 from gateway.store.base import CustomerLimits, WebhookStore
 from gateway.timeutil import parse_iso, utcnow
 
@@ -55,6 +65,24 @@ def _load_payload(data: dict[str, Any]) -> Any:
     if data.get("type") == "customer.state_changed":
         return deserialize(data, sdk_webhooks.WebhookCustomerStateChangedPayload)
     return None
+
+
+class InvalidPayload(Exception):
+    """A verified delivery whose data cannot be applied: a retry of it would fail the same way."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what  # names the part, never quotes the payload
+
+
+@contextlib.contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """Errors raised while reading the payload's data are the payload's. Only code that reads the payload
+    runs inside (never the store or Polar, whose errors are transient and must reach Polar as a 5xx)."""
+    try:
+        yield
+    except MALFORMED_STATE as exc:
+        raise InvalidPayload(f"{what} ({type(exc).__name__})") from None
 
 
 def _field(obj: Any, *path: str) -> Any:
@@ -129,6 +157,8 @@ def make_webhook_endpoint(
             return event_type, "unavailable", exc.response
         if status == "failed":
             return event_type, status, api_error(500, "processing failed")
+        if status == "invalid":  # answered like the deliveries we ignore: 2xx, so Polar stops retrying
+            return event_type, status, JSONResponse({"status": status}, status_code=202)
         return event_type, status, JSONResponse({"status": status}, status_code=200)
 
     async def _apply(webhook_id: str, event_type: str, typed: Any, raw: dict[str, Any]) -> str:
@@ -137,6 +167,15 @@ def make_webhook_endpoint(
             return "duplicate"
         try:
             return await _handle(event_type, typed, raw)
+        except InvalidPayload as exc:
+            # Kept claimed (a retry is a duplicate). The limits refresher catches the customer up.
+            log.error(
+                "Polar webhook %s %r is signed but cannot be applied (%s); answered 202 invalid, not retried",
+                event_type,
+                webhook_id[:200],
+                exc.what,
+            )
+            return "invalid"
         except Exception:
             log.exception("processing Polar webhook %s failed", event_type)
             await store.forget_webhook(webhook_id)  # so that Polar's retry is processed
@@ -145,15 +184,20 @@ def make_webhook_endpoint(
     async def _handle(event_type: str, typed: Any, raw: dict[str, Any]) -> str:
         data = typed.data if typed is not None else raw.get("data")
         ts_text = typed.timestamp if typed is not None else raw.get("timestamp")
-        snapshot_at = parse_iso(ts_text) if isinstance(ts_text, str) else utcnow()
+        with _reading("timestamp"):
+            snapshot_at = parse_iso(ts_text) if isinstance(ts_text, str) else utcnow()
         if event_type == "customer.state_changed":
-            user_id = _field(data, "external_id")
+            user_id = _user_id(data, "external_id")
             if not user_id:
                 return "ignored"  # a Polar customer that isn't one of our users
-            limits = limits_from_state(data, await meter_names_provider(meter_ids(data)), snapshot_at)
+            with _reading("customer state"):
+                ids = meter_ids(data)
+            names = await meter_names_provider(ids)  # Polar: its failure is transient
+            with _reading("customer state"):
+                limits = limits_from_state(data, names, snapshot_at)
             return await _put(limits)
         if event_type == "subscription.revoked":
-            user_id = _field(data, "customer", "external_id")
+            user_id = _user_id(data, "customer", "external_id")
             if not user_id:
                 return "ignored"
             old = await store.get_limits(user_id)
@@ -172,25 +216,40 @@ def make_webhook_endpoint(
             # customer.state_changed) is what changes limits.
             return "noted"
         if event_type.startswith("benefit_grant."):
-            user_id = _field(data, "customer", "external_id")
-            if not user_id or polar is None or not valid_user_id(user_id):
+            user_id = _user_id(data, "customer", "external_id")
+            if not user_id or polar is None:
                 return "ignored"
-            # Credits changed; fetch the fresh state in the background (Polar wants a 2xx within 2 s).
-            task = asyncio.create_task(_refresh(polar, user_id, event_type))
-            refreshing.add(task)
-            task.add_done_callback(refreshing.discard)
+            # Credits changed; fetch the fresh state.
+            _fetch(polar, user_id, event_type)
             return "refresh_scheduled"
         return "ignored"
 
-    async def _refresh(client: PolarBilling, user_id: str, event_type: str) -> None:
+    def _user_id(data: Any, *path: str) -> str | None:
+        """Our user id from the payload; None for a customer that isn't one of our users (no external
+        id, or one no user id can be). Not a string at all is the payload's error."""
+        with _reading("customer id"):
+            value = _field(data, *path)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise InvalidPayload("customer id is not a string")
+        return value if valid_user_id(value) else None
+
+    def _fetch(client: PolarBilling, user_id: str, why: str) -> None:
+        """Fetch and store the user's state in the background (Polar wants a 2xx within 2 s)."""
+        task = asyncio.create_task(_refresh(client, user_id, why))
+        refreshing.add(task)
+        task.add_done_callback(refreshing.discard)
+
+    async def _refresh(client: PolarBilling, user_id: str, why: str) -> None:
         try:
             limits = await client.customer_limits(user_id)
             if limits is not None:
                 await _put(limits)
         except PolarBillingError as exc:  # the LimitsRefresher catches up later
-            log.warning("refresh after %s failed: %s", event_type, exc)
+            log.warning("refresh after %s failed: %s", why, exc)
         except Exception:
-            log.exception("refresh after %s failed", event_type)
+            log.exception("refresh after %s failed", why)
 
     async def _put(limits: CustomerLimits) -> str:
         if not await store.put_limits(limits):
