@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT, GEMINI_IMAGES, MAX_CREDITED_UNITS
 from gateway.metrics import NullMetrics
+from gateway.polar import client as polar_client
 from gateway.polar.client import PolarBilling
 from gateway.polar.webhooks import make_webhook_endpoint
 from gateway.store import Store
@@ -371,3 +372,44 @@ async def test_credits_past_64_bits_saturate_and_store(hook: Hook) -> None:
     assert limits.meters[CLAUDE_INPUT] == MeterLimit(
         CLAUDE_INPUT, credited=MAX_CREDITED_UNITS, consumed=10.0, balance=float(MAX_CREDITED_UNITS)
     )
+
+
+# ---------------------------------------------------------------- webhooks against local-clock refreshes
+
+
+async def test_a_webhook_older_than_a_refresh_from_a_clock_ahead_still_applies(
+    hook: Hook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This machine's clock runs a minute ahead of Polar's: its refresh stamps the snapshot a minute
+    "later" than Polar's next webhook, which must not be dropped as stale (a 402 until the next refresh)."""
+    real = polar_client.utcnow
+    polar = PolarBilling(hook.fake.token, base_url=hook.fake.url, timeout=2.0)
+    try:
+        hook.fake.set_state("user-123", {CLAUDE_INPUT: (10, 10.0)})  # used up: requests get 402
+        with monkeypatch.context() as mp:
+            mp.setattr(polar_client, "utcnow", lambda: real() + timedelta(seconds=60))
+            refreshed = await polar.customer_limits("user-123")
+        assert refreshed is not None and await hook.store.put_limits(refreshed)
+    finally:
+        await polar.close()
+    # Credits bought just after: Polar's webhook carries Polar's (true) time, before the refresh's stamp.
+    resp = await hook.send(state_changed(hook.fake, "user-123", 5000, datetime.now(UTC)))
+    assert (resp.status_code, resp.json()) == (200, {"status": "refresh_scheduled"})
+    deadline = time.monotonic() + 10
+    while (limits := await hook.store.get_limits("user-123")) is None or limits.meters[CLAUDE_INPUT].credited == 10:
+        assert time.monotonic() < deadline, "the state fetched from Polar was not stored"
+        await asyncio.sleep(0.02)
+    assert limits.meters[CLAUDE_INPUT].credited == 5000
+    assert hook.changed == ["user-123"]
+
+
+async def test_a_late_webhook_against_a_newer_webhook_stays_stale_without_asking_polar(hook: Hook) -> None:
+    t1 = datetime.now(UTC) - timedelta(seconds=30)
+    assert (await hook.send(state_changed(hook.fake, "user-123", 2000, t1 + timedelta(seconds=5)))).json() == {
+        "status": "updated"
+    }
+    late = await hook.send(state_changed(hook.fake, "user-123", 1000, t1))
+    assert (late.status_code, late.json()) == (200, {"status": "stale"})
+    assert not any("/state" in p for p in hook.fake.paths())
+    limits = await hook.store.get_limits("user-123")
+    assert limits is not None and limits.meters[CLAUDE_INPUT].credited == 2000

@@ -26,7 +26,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from gateway.meters import ALL_METERS, COUNT_METERS, MAX_CREDITED_UNITS
 from gateway.settings import Settings
-from gateway.store.base import CustomerLimits, MeterLimit, PendingEvent
+from gateway.store.base import CustomerLimits, MeterLimit, PendingEvent, SnapshotSource
 from gateway.timeutil import iso, parse_iso, utcnow
 
 # polar-sdk 1.0.2 types CustomerStateSubscription.status as Literal["granted","disabled"] (a generator
@@ -180,7 +180,13 @@ def _amount(value: Any) -> float:
     return max(-float(MAX_CREDITED_UNITS), min(number, float(MAX_CREDITED_UNITS)))
 
 
-def limits_from_state(state: Any, meter_names: Mapping[str, str], snapshot_at: datetime) -> CustomerLimits:
+def limits_from_state(
+    state: Any,
+    meter_names: Mapping[str, str],
+    snapshot_at: datetime,
+    *,
+    source: SnapshotSource = SnapshotSource.FETCH,
+) -> CustomerLimits:
     """CustomerLimits from a Polar CustomerState (SDK object or raw webhook JSON).
 
     `active_meters` carry the credit balance. A meter that also has a metered price in an active
@@ -233,6 +239,7 @@ def limits_from_state(state: Any, meter_names: Mapping[str, str], snapshot_at: d
         period_end=period_end,
         snapshot_at=snapshot_at,
         updated_at=utcnow(),
+        source=source,
     )
 
 

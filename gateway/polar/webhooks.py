@@ -5,7 +5,9 @@ legacy and the Standard Webhooks secret encodings). Deliveries are deduplicated 
 `webhook-id`, claimed before processing so that a delivery reaching several replicas is applied
 once (a failed one is forgotten again, for Polar's retry); snapshots are ordered by the payload
 timestamp (the store refuses older ones), so retries and out-of-order deliveries can't roll limits
-back. Answers fast: Polar gives 2 s. A database that does not answer within `store_timeout` gets a 503
+back. A snapshot fetched from Polar is stamped with this machine's clock instead: a webhook "older"
+than one is only older on one of two clocks, so it has the state fetched again rather than dropped.
+Answers fast: Polar gives 2 s. A database that does not answer within `store_timeout` gets a 503
 (Polar retries); the delivery's processing goes on and, once the database answers, is applied once.
 A signed delivery whose data cannot be applied is answered 202 `invalid` and stays claimed: its
 retries would fail the same way, and an endpoint that keeps failing is disabled by Polar.
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import typing
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -42,7 +46,7 @@ from gateway.polar.client import (
     meter_ids,
     valid_user_id,
 )
-from gateway.store.base import CustomerLimits, WebhookStore
+from gateway.store.base import CustomerLimits, SnapshotSource, WebhookStore
 from gateway.timeutil import parse_iso, utcnow
 
 log = logging.getLogger("gateway.webhooks")
@@ -194,7 +198,7 @@ def make_webhook_endpoint(
                 ids = meter_ids(data)
             names = await meter_names_provider(ids)  # Polar: its failure is transient
             with _reading("customer state"):
-                limits = limits_from_state(data, names, snapshot_at)
+                limits = limits_from_state(data, names, snapshot_at, source=SnapshotSource.WEBHOOK)
             return await _put(limits)
         if event_type == "subscription.revoked":
             user_id = _user_id(data, "customer", "external_id")
@@ -209,6 +213,7 @@ def make_webhook_endpoint(
                 snapshot_at=snapshot_at,
                 updated_at=utcnow(),
                 active=False,
+                source=SnapshotSource.WEBHOOK,
             )
             return await _put(revoked)
         if event_type == "subscription.canceled":
@@ -235,15 +240,18 @@ def make_webhook_endpoint(
             raise InvalidPayload("customer id is not a string")
         return value if valid_user_id(value) else None
 
-    def _fetch(client: PolarBilling, user_id: str, why: str) -> None:
+    def _fetch(client: PolarBilling, user_id: str, why: str, newer_than: datetime | None = None) -> None:
         """Fetch and store the user's state in the background (Polar wants a 2xx within 2 s)."""
-        task = asyncio.create_task(_refresh(client, user_id, why))
+        task = asyncio.create_task(_refresh(client, user_id, why, newer_than))
         refreshing.add(task)
         task.add_done_callback(refreshing.discard)
 
-    async def _refresh(client: PolarBilling, user_id: str, why: str) -> None:
+    async def _refresh(client: PolarBilling, user_id: str, why: str, newer_than: datetime | None) -> None:
         try:
             limits = await client.customer_limits(user_id)
+            if limits is not None and newer_than is not None and limits.snapshot_at <= newer_than:
+                # Asked after that snapshot was stored, so newer than it, whatever the clock that stamped it.
+                limits = dataclasses.replace(limits, snapshot_at=newer_than + timedelta(microseconds=1))
             if limits is not None:
                 await _put(limits)
         except PolarBillingError as exc:  # the LimitsRefresher catches up later
@@ -252,9 +260,17 @@ def make_webhook_endpoint(
             log.exception("refresh after %s failed", why)
 
     async def _put(limits: CustomerLimits) -> str:
-        if not await store.put_limits(limits):
-            return "stale"  # an equal-or-newer snapshot is already stored
-        await on_limits_changed(limits.user_id)
-        return "updated"
+        if await store.put_limits(limits):
+            await on_limits_changed(limits.user_id)
+            return "updated"
+        if limits.source is SnapshotSource.WEBHOOK and polar is not None:
+            stored = await store.get_limits(limits.user_id)
+            if stored is not None and stored.source is SnapshotSource.FETCH:
+                # Older only than a fetch stamped by a local clock, which may run ahead of Polar's: the
+                # update may be newer. Polar's state now is, so fetch it (a webhook older than another
+                # webhook is compared on Polar's clock alone: stale).
+                _fetch(polar, limits.user_id, "a webhook older than a fetch", stored.snapshot_at)
+                return "refresh_scheduled"
+        return "stale"  # an equal-or-newer snapshot is already stored
 
     return endpoint
