@@ -3,7 +3,8 @@ SQLite (one file, a store per "process"), PostgreSQL (a database of the test's o
 
 `shared_backend(kind, tmp)` yields `make(rpm, tpm, clock=None, policy=OPEN)`: a new limiter (a new
 process: connections of its own) on the one backend (PostgreSQL's also takes `pg_settings` for its
-sessions). `Counting` wraps a backend's `RateBudget` to count its round trips and to fail on demand.
+sessions). `Counting` wraps a backend's `RateBudget` to count its round trips and to fail on demand; `down(kind,
+tmp)` yields a budget of that kind whose backend really fails (nothing listens, no table).
 `lock_waiting` polls until a PostgreSQL session waits on a lock.
 """
 
@@ -19,14 +20,14 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from gateway.ratelimit.budget import Correction, Grant, RateBudget, Want
+from gateway.ratelimit.budget import Correction, Grant, NotApplied, RateBudget, Want
 from gateway.ratelimit.limiter import RateLimit, RateLimited, StoreErrorPolicy
-from gateway.ratelimit.redis_backend import RedisRateLimiter
+from gateway.ratelimit.redis_backend import RedisBudget, RedisRateLimiter
 from gateway.ratelimit.shared import StoreRateLimiter
 from gateway.store.postgres_ratelimit import PostgresRateWindows
 from gateway.store.schema import migration_scripts
 from gateway.store.sqlite import SqliteStore
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, free_port
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 KINDS = ["redis", "sqlite", "postgres"]
@@ -50,7 +51,8 @@ class PgHost(PostgresRateWindows):
 
 
 class Counting:
-    """A `RateBudget` that counts the round trips to the one it wraps, and fails while `failing`."""
+    """A `RateBudget` that counts the round trips to the one it wraps, and fails while `failing` (a
+    batch of corrections as one that never reached it), or after applying a batch while `lost`."""
 
     def __init__(self, inner: RateBudget) -> None:
         self.inner = inner
@@ -58,6 +60,7 @@ class Counting:
         self.corrections = 0  # batches
         self.sweeps = 0
         self.failing = False
+        self.lost = False  # the answer to a batch it applied is lost (a connection dropped, a timeout)
         self.hang: asyncio.Event | None = None  # takes do not answer until it is set
 
     async def rate_take(
@@ -73,8 +76,10 @@ class Counting:
     async def rate_correct(self, corrections: Sequence[tuple[str, int, int, int]]) -> None:
         self.corrections += 1
         if self.failing:
-            raise ConnectionError("the backend is down")
+            raise NotApplied("the backend is down") from ConnectionError("the backend is down")
         await self.inner.rate_correct(corrections)
+        if self.lost:
+            raise ConnectionError("the connection dropped before the answer")
 
     async def rate_sweep(self, now: float | None) -> int:
         self.sweeps += 1
@@ -184,6 +189,31 @@ async def _postgres() -> AsyncIterator[Make]:
             await pool.close()
         await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
         await admin.close()
+
+
+@asynccontextmanager
+async def down(kind: str, tmp: Path) -> AsyncIterator[RateBudget]:
+    """A budget of `kind` whose backend fails for real: nothing listens (Redis, PostgreSQL), or the
+    database file has no rate windows (SQLite)."""
+    if kind == "redis":
+        redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1.0)
+        try:
+            yield RedisBudget(redis, "test:rl:down:", 120)
+        finally:
+            await redis.aclose()
+    elif kind == "sqlite":
+        store = SqliteStore(str(tmp / "unmigrated.db"))
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
+    else:
+        pool = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/test", min_size=0)
+        try:
+            yield PgHost(pool)
+        finally:
+            await pool.close()
 
 
 async def admitted(rl: RateLimit, user: str = "u", tokens: int = 0) -> bool:

@@ -26,7 +26,7 @@ from gateway.ratelimit.shared import StoreRateLimiter, make_limiter
 from gateway.settings import ConfigError, FileConfig, RateLimitConfig, Settings, parse_file_config, settings_from_env
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import REDIS_URL, free_port, wait_until_async
-from tests.support_ratelimit import KINDS, Clock, Counting, Make, admitted, lock_waiting, shared_backend
+from tests.support_ratelimit import KINDS, Clock, Counting, Make, admitted, down, lock_waiting, shared_backend
 
 
 @pytest.fixture(params=KINDS)
@@ -139,6 +139,118 @@ async def test_a_request_of_more_tokens_than_a_backend_integer_holds_is_a_lone_o
     await rl.flush()
     assert sum([await admitted(rl, tokens=100) for _ in range(15)]) == 10
     assert caplog.records == []
+
+
+async def _spent_twenty_of_eighty(rl: Any, clock: Clock) -> object:
+    """An estimate of 80 tokens admitted at second 1000 and not yet settled; its second has ended (so
+    its correction goes to the backend, none of it into the lease)."""
+    refusal, ticket = await rl.acquire("u", 80)
+    assert refusal is None
+    clock.now = 1001.5
+    return ticket
+
+
+async def _window_holds_one_request_of_twenty_tokens(rl: Any) -> None:
+    # (limits 2 requests, 100 tokens per minute: twenty tokens if 80 fits and 81 does not, one request
+    # if a second one passes and a third does not)
+    assert await rl.acquire("u", 81) == (RateLimited("tokens", 59), None)
+    assert await admitted(rl, tokens=80)
+    assert await rl.acquire("u", 0) == (RateLimited("requests", 59), None)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_correction_batch_that_failed_is_applied_once_when_the_backend_answers_again(
+    kind: str, tmp_path: Path
+) -> None:
+    # A failed batch was logged and dropped: the window kept the estimate (80, not 20) for a minute,
+    # in every process, and refused the user's requests that fitted.
+    async with shared_backend(kind, tmp_path) as make, down(kind, tmp_path) as dead:
+        clock = Clock(1000.0)
+        a, b = await make(2, 100, clock), await make(2, 100, clock)
+        ticket = await _spent_twenty_of_eighty(a, clock)
+        up, a.budget = a.budget, Counting(dead)  # the backend goes down: a real failure of its kind
+        a.settle("u", ticket, 20)
+
+        async def retried() -> bool:
+            return a.budget.corrections >= 2
+
+        await wait_until_async(retried)  # failed, kept, tried again (and failed again)
+        a.budget.inner = up  # the backend answers again
+        await a.flush()
+        await _window_holds_one_request_of_twenty_tokens(b)
+
+
+async def test_a_batch_postgresql_refused_and_rolled_back_is_sent_again(tmp_path: Path) -> None:
+    async with shared_backend("postgres", tmp_path) as make:
+        clock = Clock(1000.0)
+        a, b = await make(2, 100, clock), await make(2, 100, clock)
+        ticket = await _spent_twenty_of_eighty(a, clock)
+        a.budget = store = Counting(a.budget)
+        pool = b.budget.pool
+        await pool.execute("ALTER TABLE rate_windows RENAME TO rate_windows_away")
+        a.settle("u", ticket, 20)
+
+        async def retried() -> bool:
+            return store.corrections >= 2
+
+        await wait_until_async(retried)  # the server's error (no such table) rolled it back: kept
+        await pool.execute("ALTER TABLE rate_windows_away RENAME TO rate_windows")
+        await a.flush()
+        await _window_holds_one_request_of_twenty_tokens(b)
+
+
+async def test_a_batch_whose_answer_was_lost_after_it_was_applied_is_not_sent_again(backend: Make) -> None:
+    # A batch that may have been applied (the connection dropped, a timeout, after the backend had it) is
+    # not retried: applied twice, a hand-back would let the user past the limit.
+    clock = Clock(1000.0)
+    a, b = await backend(2, 100, clock), await backend(2, 100, clock)
+    ticket = await _spent_twenty_of_eighty(a, clock)
+    a.budget = store = Counting(a.budget)
+    store.lost = True
+    a.settle("u", ticket, 20)
+    await a.flush()
+    assert store.corrections == 1
+    await _window_holds_one_request_of_twenty_tokens(b)
+
+
+async def test_corrections_of_seconds_that_left_the_window_are_dropped_not_retried(backend: Make) -> None:
+    clock = Clock(1000.0)
+    a = await backend(2, 100, clock)
+    ticket = await _spent_twenty_of_eighty(a, clock)
+    a.budget = store = Counting(a.budget)
+    store.failing = True
+    a.settle("u", ticket, 20)
+
+    async def failed() -> bool:
+        return store.corrections >= 1
+
+    await wait_until_async(failed)
+    clock.now = 1060.0  # second 1000 leaves the window: its correction changes no decision any more
+    started = time.monotonic()
+    await a.flush()  # nothing left to send, with the backend still down
+    assert time.monotonic() - started < 2.0
+    tried = store.corrections
+    store.failing = False
+    await a.flush()
+    assert store.corrections == tried  # dropped, not sent when the backend answers
+
+
+async def test_shutdown_with_the_backend_down_ends_and_says_what_was_lost(
+    backend: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock(1000.0)
+    a = await backend(2, 100, clock)
+    a.timeout = 0.5  # the store timeout bounds the last flush
+    ticket = await _spent_twenty_of_eighty(a, clock)
+    a.budget = store = Counting(a.budget)
+    store.failing = True
+    a.settle("u", ticket, 20)
+    caplog.set_level(logging.WARNING, logger="gateway.ratelimit")
+    started = time.monotonic()
+    await asyncio.wait_for(a.close(), 5.0)
+    assert time.monotonic() - started < 2.0
+    assert store.corrections >= 1
+    assert any("1 correction(s) not sent" in r.getMessage() for r in caplog.records), caplog.records
 
 
 async def test_redis_keys_expire_with_their_user(redis_backend: Make) -> None:

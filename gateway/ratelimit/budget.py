@@ -22,6 +22,12 @@ Bucket = tuple[int, int, int]  # second, requests, tokens
 Correction = tuple[int, int, int]  # second, requests delta, tokens delta
 
 
+class NotApplied(Exception):
+    """`rate_correct` failed before the backend could apply any of the batch (it was not reached, or
+    rolled the batch back): it may be sent again. Any other error may come after the backend applied
+    it (an answer lost: a dropped connection, a timeout)."""
+
+
 class Want(NamedTuple):
     """A take's question: a slice this big, at least one request of `need` tokens, under these limits."""
 
@@ -53,7 +59,8 @@ class RateBudget(Protocol):
         ...
 
     async def rate_correct(self, corrections: Sequence[tuple[str, int, int, int]]) -> None:
-        """Add (user, second, requests delta, tokens delta) to buckets that still exist."""
+        """Add (user, second, requests delta, tokens delta) to buckets that still exist, all or none;
+        `NotApplied` when certainly none (see there)."""
         ...
 
     async def rate_sweep(self, now: float | None) -> int:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -98,7 +99,8 @@ class LeasedRateLimiter:
         self._clock = clock
         self._local = clock or suspend_clock
         self._errors = ErrorLog(what)
-        self._settler = Settler(self._send, self._errors)
+        self._offset: float | None = None  # the backend's clock minus the local one, as the last take saw it
+        self._settler = Settler(self._send, self._errors, self._backend_now)
         self._leases: dict[str, Lease] = {}
         self._taking: dict[str, tuple[asyncio.Task[Outcome], int]] = {}  # the take under way per user, its tokens
         self._waiting: dict[str, int] = {}  # requests per user that wait for a take (they size it)
@@ -162,8 +164,9 @@ class LeasedRateLimiter:
             self._wake_at(wake)
 
     async def flush(self) -> None:
-        """Wait until the corrections made so far (hand-backs included) reached the backend."""
-        await self._settler.flush()
+        """Wait until the corrections made so far (hand-backs included) reached the backend (or were
+        dropped), for the store timeout at most (they are still retried after)."""
+        await self._settler.flush(self.timeout)
 
     async def close(self) -> None:
         if self._timer is not None:
@@ -173,7 +176,8 @@ class LeasedRateLimiter:
             if not lease.ended:
                 self._end(user_id, lease)
         self._leases.clear()
-        await self._settler.flush()
+        # Bounded, as shutdown waits for it: what a failing backend has not taken by then is lost.
+        await self._settler.close(self.timeout)
 
     # --- leases ---------------------------------------------------------------------------------
 
@@ -253,6 +257,7 @@ class LeasedRateLimiter:
                 # (a rest that may not have gone back stays counted until it leaves the window: never too many)
                 self._errors.failed(exc)
                 return STORE_FAILED
+            self._saw_backend_at(got)
             if self._errors.failing:
                 self._errors.recovered()
             if isinstance(got, RateLimited):
@@ -289,7 +294,19 @@ class LeasedRateLimiter:
     def _give_back(self, user_id: str, late: Grant | RateLimited) -> None:
         """A slice booked after its take was given up on: nobody spends it (the rest it took back stays back)."""
         if isinstance(late, Grant):
+            self._saw_backend_at(late)
             self._settler.add(user_id, late.second, -late.requests, -late.tokens)
+
+    def _saw_backend_at(self, got: Grant | RateLimited) -> None:
+        if isinstance(got, Grant):
+            # (read after the answer came: a little behind the backend, so a correction is never dropped early)
+            self._offset = got.now - self._local()
+
+    def _backend_now(self) -> float:
+        """The backend's clock as the last take saw it (before any: the wall clock, which backends keep)."""
+        if self._clock is not None:
+            return self._clock()
+        return time.time() if self._offset is None else self._local() + self._offset
 
     def _end(self, user_id: str, lease: Lease) -> None:
         """Hand back what `lease` did not spend (or book what it spent past its slice), in the background."""

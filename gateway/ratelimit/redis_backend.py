@@ -17,8 +17,9 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
-from gateway.ratelimit.budget import SLICE, Correction, Grant, Want
+from gateway.ratelimit.budget import SLICE, Correction, Grant, NotApplied, Want
 from gateway.ratelimit.lease import LeasedRateLimiter
 from gateway.ratelimit.limiter import WINDOW, RateLimited, StoreErrorPolicy
 
@@ -140,6 +141,12 @@ class RedisBudget:
         async with self.redis.pipeline(transaction=False) as pipe:
             for user_id, args in by_user.items():
                 await self._correct(keys=[self.prefix + user_id], args=args, client=pipe)
+            try:
+                # The connection and the script first: a Redis down fails here, before any correction went.
+                await pipe.load_scripts()
+            except RedisError as exc:
+                raise NotApplied(str(exc)) from exc
+            pipe.scripts.clear()  # (loaded: `execute` need not ask again)
             await pipe.execute()
 
     async def rate_sweep(self, now: float | None) -> int:

@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.ratelimit.budget import Correction, Grant, Want, slice_of
+import asyncpg
+
+from gateway.ratelimit.budget import Correction, Grant, NotApplied, Want, slice_of
 from gateway.ratelimit.limiter import WINDOW, RateLimited
 
 _LOCK_SPACE = 0x524C  # advisory-lock namespace of the rate limiter (first key of the pair)
@@ -60,8 +62,20 @@ class PostgresRateWindows:
         # One transaction (executemany is atomic): rows locked in one order, by second then user, as a
         # take locks them (its hand-back's second, then the current one), so no two processes deadlock.
         rows = [(r, t, user, second) for user, second, r, t in sorted(corrections, key=lambda c: (c[1], c[0]))]
-        async with self.pool.acquire() as conn:
+        try:
+            conn = await self.pool.acquire()
+        except Exception as exc:  # (the database down: nothing sent)
+            raise NotApplied(str(exc)) from exc
+        try:
             await conn.executemany(_CORRECT, rows)
+        except asyncpg.PostgresError as exc:
+            # An error the server answered rolled the batch back (a deadlock, a missing table); not one
+            # that ends the session (class 08, 57P: shutting down), which may come after a commit.
+            if exc.sqlstate is not None and not exc.sqlstate.startswith(("08", "57P")):
+                raise NotApplied(str(exc)) from exc
+            raise
+        finally:
+            await self.pool.release(conn)
 
     async def rate_sweep(self, now: float | None) -> int:
         async with self.pool.acquire() as conn:

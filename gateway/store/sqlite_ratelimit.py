@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from gateway.ratelimit.budget import Correction, Grant, Want, slice_of
+from gateway.ratelimit.budget import Correction, Grant, NotApplied, Want, slice_of
 from gateway.ratelimit.limiter import WINDOW, RateLimited
 
 T = TypeVar("T")
@@ -61,7 +61,10 @@ class SqliteRateWindows:
 
     async def rate_correct(self, corrections: Sequence[tuple[str, int, int, int]]) -> None:
         rows = [(requests, tokens, user_id, second) for user_id, second, requests, tokens in corrections]
-        await self._rate_run(_correct, rows)
+        try:
+            await self._rate_run(_correct, rows)
+        except Exception as exc:  # one transaction, rolled back on any error (a COMMIT that failed included)
+            raise NotApplied(str(exc)) from exc
 
     async def rate_sweep(self, now: float | None) -> int:
         return await self._rate_run(_sweep, now)
