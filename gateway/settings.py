@@ -195,6 +195,7 @@ class Settings:
     sync_backoff_max_seconds: float = 300.0
     sync_batch_size: int = 500
     limits_max_age_seconds: float = 900.0
+    webhook_retention_days: float = 30.0  # Polar delivery ids kept for deduplication, far beyond its retries
     # Several processes on one database (gateway/billing/leases.py, keeper.py)
     lease_fraction: float = 0.25  # a lease takes this share of what is unleased (at least the request's need)
     lease_idle_seconds: float = 5.0  # a user quiet this long: the idle part of its leases goes back
@@ -279,6 +280,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_SYNC_BACKOFF_MAX_SECONDS": ("sync_backoff_max_seconds", float),
     "GATEWAY_SYNC_BATCH_SIZE": ("sync_batch_size", int),
     "GATEWAY_LIMITS_MAX_AGE_SECONDS": ("limits_max_age_seconds", float),
+    "GATEWAY_WEBHOOK_RETENTION_DAYS": ("webhook_retention_days", float),
     "GATEWAY_LEASE_FRACTION": ("lease_fraction", float),
     "GATEWAY_LEASE_IDLE_SECONDS": ("lease_idle_seconds", float),
     "GATEWAY_LEASE_RECALL_WAIT_SECONDS": ("lease_recall_wait_seconds", float),
@@ -304,6 +306,7 @@ _POSITIVE = (
     "GATEWAY_SYNC_BACKOFF_MAX_SECONDS",
     "GATEWAY_KEEPER_POLL_SECONDS",
     "GATEWAY_HEARTBEAT_SECONDS",
+    "GATEWAY_WEBHOOK_RETENTION_DAYS",
 )
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

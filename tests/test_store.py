@@ -22,7 +22,7 @@ from gateway.store import Store, create_store
 from gateway.store.base import CustomerLimits, MeterLimit, RequestRecord, SnapshotSource
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SqliteStore
-from gateway.timeutil import parse_iso
+from gateway.timeutil import iso, parse_iso, utcnow
 from tests.support_db import Database
 
 YEAR = (datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
@@ -393,6 +393,24 @@ async def test_a_forgotten_webhook_delivery_can_be_claimed_again(store: Store) -
     await store.forget_webhook("wh_unknown")  # nothing to forget: no error
 
 
+async def test_old_webhook_deliveries_are_pruned_in_batches_and_concurrently(store: Store, db: Database) -> None:
+    for n in range(7):
+        assert await store.record_webhook(f"wh_old_{n}", "customer.state_changed") is True
+    assert await store.record_webhook("wh_new", "customer.state_changed") is True
+    month_ago = utcnow() - timedelta(days=31)
+    db.query(
+        "UPDATE webhook_deliveries SET processed_at = ? WHERE webhook_id LIKE 'wh_old_%'",
+        month_ago if db.is_postgres else iso(month_ago),
+    )
+    cutoff = utcnow() - timedelta(days=30)
+    assert await store.prune_webhooks(cutoff, 3) == 3  # one bounded batch
+    assert db.query("SELECT COUNT(*) FROM webhook_deliveries") == [(5,)]
+    # Replicas pruning at once delete each row once, and none fails.
+    assert sum(await asyncio.gather(*(store.prune_webhooks(cutoff, 3) for _ in range(4)))) == 4
+    assert db.query("SELECT webhook_id FROM webhook_deliveries") == [("wh_new",)]
+    assert await store.prune_webhooks(cutoff, 3) == 0
+
+
 # ---------------------------------------------------------------------- SQLite upgrades
 
 
@@ -436,6 +454,7 @@ async def test_upgrade_from_the_first_schema_keeps_requests_and_their_sync_state
             "0009_leases_by_batch",
             "0010_drop_outbox_index",
             "0011_limits_source",
+            "0012_webhook_deliveries_by_age",
         ]
         assert await s.finished_ids(["req_old", "req_new"]) == {"req_old"}
         await s.finish_request(record("req_new", outcome="ok", usage={"claude_output_tokens": 5}))

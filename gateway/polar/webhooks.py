@@ -46,7 +46,7 @@ from gateway.polar.client import (
     meter_ids,
     valid_user_id,
 )
-from gateway.store.base import CustomerLimits, SnapshotSource, WebhookStore
+from gateway.store.base import CustomerLimits, SnapshotSource, WebhookLog, WebhookStore
 from gateway.timeutil import parse_iso, utcnow
 
 log = logging.getLogger("gateway.webhooks")
@@ -61,6 +61,28 @@ KNOWN_EVENT_TYPES = frozenset(
     for cls in typing.get_args(sdk_webhooks.WebhookPayload)
     for t in typing.get_args(typing.get_type_hints(cls)["type"])
 )
+
+
+PRUNE_BATCH = 500  # deliveries deleted per statement: a short write lock however big the backlog
+PRUNE_MAX_BATCHES = 200  # per call; what is left waits for the next
+
+
+async def prune_deliveries(
+    store: WebhookLog, retention_seconds: float, *, batch: int = PRUNE_BATCH, max_batches: int = PRUNE_MAX_BATCHES
+) -> int:
+    """Forget deliveries claimed more than `retention_seconds` ago (far beyond Polar's retries, so a
+    retry still finds its claim), in batches of `batch`, each its own transaction; how many."""
+    older_than = utcnow() - timedelta(seconds=retention_seconds)
+    pruned = 0
+    for _ in range(max_batches):
+        n = await store.prune_webhooks(older_than, batch)
+        pruned += n
+        if n < batch:
+            break
+        await asyncio.sleep(0)  # let requests waiting on the store in between
+    if pruned:
+        log.info("forgot %d Polar webhook deliveries older than %s", pruned, older_than.date())
+    return pruned
 
 
 def _load_payload(data: dict[str, Any]) -> Any:

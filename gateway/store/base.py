@@ -282,6 +282,11 @@ class WebhookLog(Protocol):
         """Drop a claimed delivery whose processing failed, so the sender's retry is processed."""
         ...
 
+    async def prune_webhooks(self, older_than: datetime, limit: int) -> int:
+        """Delete at most `limit` deliveries claimed before `older_than`, oldest first (one short
+        transaction; concurrent callers delete disjoint rows or nothing); how many were deleted."""
+        ...
+
 
 class Store(
     Lifecycle,

@@ -294,3 +294,12 @@ class SqliteStore(SqliteLeases, SqliteRateWindows, SqliteOutbox, SqliteDashboard
     async def forget_webhook(self, webhook_id: str) -> None:
         async with self._lock:
             await self.db.execute("DELETE FROM webhook_deliveries WHERE webhook_id = ?", (webhook_id,))
+
+    async def prune_webhooks(self, older_than: datetime, limit: int) -> int:
+        async with self._lock:
+            cur = await self.db.execute(
+                "DELETE FROM webhook_deliveries WHERE webhook_id IN (SELECT webhook_id FROM webhook_deliveries"
+                " WHERE processed_at < ? ORDER BY processed_at LIMIT ?)",
+                (iso(older_than), limit),
+            )
+            return cur.rowcount
