@@ -40,7 +40,7 @@ from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.gemini import GeminiProvider
 from gateway.proxy import ProxyEndpoint
 from gateway.quota import Ledger
-from gateway.ratelimit.shared import make_limiter
+from gateway.ratelimit.shared import make_limiter, make_portal_limiter
 from gateway.recording import Recorder, recover, recover_journal
 from gateway.refusals import RefusalCounter
 from gateway.services import Services, process_owner_id
@@ -107,6 +107,7 @@ def build_services(settings: Settings, *, shared: bool = False) -> Services:
             ledger, limiter, journal, recorder, metrics, refusals, store_timeout=settings.store_timeout_seconds
         ),
         refusals=refusals,
+        portal_limiter=make_portal_limiter(settings, store, shared=shared),
         metrics=metrics,
         keeper=keeper,
     )
@@ -282,6 +283,7 @@ def create_app(
                 ("polar client", s.polar.close if s.polar is not None else None),
                 ("recorder", s.recorder.close),
                 ("rate limiter", s.limiter.close),  # its last token corrections may go to the store
+                ("portal rate limiter", s.portal_limiter.close),
                 ("refusal counts", s.refusals.close),  # the last counts (no more requests by now)
                 ("journal", s.journal.close),
                 # leases back, but for what covers requests left to the journal

@@ -284,6 +284,10 @@ _PATHS: dict[str, Any] = {
                     "The portal URL (short-lived)",
                 ),
                 **_errors(400, 401, 404, 503),
+                "429": _json(
+                    _ref("Error"),
+                    "Too many portal sessions for this user this minute; `Retry-After` says when to try again",
+                ),
             },
         }
     },

@@ -42,6 +42,7 @@ class Services:
     recorder: Recorder  # wakes the sync when events land (its `on_events`)
     billing: BillingOwner  # begins and finishes metered requests over ledger, limiter, journal and recorder
     refusals: RefusalCounter  # refusals per hour for the dashboard, added to the store in the background
+    portal_limiter: RateLimit  # billing portal sessions per user (each one a Polar API call)
     client: aiohttp.ClientSession | None = None  # created in the lifespan (needs a running loop)
     polar: PolarBilling | None = None  # None when POLAR_ACCESS_TOKEN is not set
     metrics: Metrics = NO_METRICS  # GATEWAY_METRICS=off: hooks that do nothing

@@ -32,6 +32,9 @@ class RateLimitConfig:
     requests_per_minute: int | None = 60
     tokens_per_minute: int | None = 400_000
     on_store_error: StoreErrorPolicy = StoreErrorPolicy.OPEN  # shared limits (Redis, the database) failing
+    # GET /api/billing/portal per user: each creates a Polar customer session on the organisation's token,
+    # whose Polar rate limit the usage sync shares.
+    portal_sessions_per_minute: int = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +133,12 @@ def parse_file_config(raw: Mapping[str, Any]) -> FileConfig:
     for name, why in _CEILINGS:
         if getattr(reservation, name) < 1:
             raise ConfigError(f"[reservation] {name} must be at least 1 ({why})")
+    rate_limit = _section(RateLimitConfig, "rate_limit", raw.get("rate_limit", {}))
+    if rate_limit.portal_sessions_per_minute < 1:
+        raise ConfigError("[rate_limit] portal_sessions_per_minute must be at least 1")
     return FileConfig(
         plan=plan,
-        rate_limit=_section(RateLimitConfig, "rate_limit", raw.get("rate_limit", {})),
+        rate_limit=rate_limit,
         status=status,
         reservation=reservation,
     )

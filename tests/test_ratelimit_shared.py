@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from gateway.ratelimit.limiter import RateLimited, RateLimiter, StoreErrorPolicy
 from gateway.ratelimit.redis_backend import RedisBudget, RedisRateLimiter
-from gateway.ratelimit.shared import StoreRateLimiter, make_limiter
+from gateway.ratelimit.shared import PORTAL_KEY, StoreRateLimiter, make_limiter, make_portal_limiter
 from gateway.settings import ConfigError, FileConfig, RateLimitConfig, Settings, parse_file_config, settings_from_env
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import REDIS_URL, free_port, wait_until_async
@@ -409,6 +409,28 @@ async def test_the_factory_chooses_redis_then_the_store_when_shared_then_memory(
     assert isinstance(make_limiter(_settings(), store, shared=False), RateLimiter)
     unlimited = Settings(file=FileConfig(rate_limit=RateLimitConfig(None, None)), redis_url=REDIS_URL)
     assert isinstance(make_limiter(unlimited, store, shared=True), RateLimiter)  # nothing to share
+
+
+async def test_portal_sessions_are_limited_in_the_shared_backend_across_processes(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "p.db"))
+    # Request limits off: the portal keeps its own budget (5 a minute by default).
+    settings = Settings(file=FileConfig(rate_limit=RateLimitConfig(None, None)), redis_url=REDIS_URL)
+    first, second = (make_portal_limiter(settings, store, shared=True) for _ in range(2))  # two processes
+    try:
+        assert isinstance(first, RedisRateLimiter) and (first.rpm, first.tpm) == (5, None)
+        user = PORTAL_KEY + secrets.token_hex(6)
+        answers = [await (first if n % 2 else second).acquire(user, 0) for n in range(7)]
+        assert [refusal is None for refusal, _ in answers] == [True] * 5 + [False] * 2
+    finally:
+        await first.close()
+        await second.close()
+    local = Settings(file=FileConfig(rate_limit=RateLimitConfig(portal_sessions_per_minute=2)))
+    db = make_portal_limiter(local, store, shared=True)
+    assert isinstance(db, StoreRateLimiter) and (db.rpm, db.tpm) == (2, None)
+    memory = make_portal_limiter(local, store, shared=False)
+    assert isinstance(memory, RateLimiter) and (memory.rpm, memory.tpm) == (2, None)
+    with pytest.raises(ConfigError, match="portal_sessions_per_minute must be at least 1"):
+        parse_file_config({"rate_limit": {"portal_sessions_per_minute": 0}})
 
 
 def test_on_store_error_is_read_from_the_config_file_and_validated() -> None:

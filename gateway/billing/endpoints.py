@@ -14,6 +14,7 @@ from gateway.keys import Identity
 from gateway.meters import ALL_METERS
 from gateway.polar.client import CustomerNotFound, PolarBillingError, SessionRefused
 from gateway.quota import meter_status, overall_status
+from gateway.ratelimit.shared import PORTAL_KEY
 from gateway.services import Services
 from gateway.status_tokens import TOKEN_PREFIX, StatusTokens
 from gateway.timeutil import iso
@@ -106,6 +107,13 @@ def portal_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Aw
         return_url = request.query_params.get("return_url")
         if return_url is not None and (not return_url.startswith(("https://", "http://")) or not _host(return_url)):
             return api_error(400, "return_url must be an http(s) URL")
+        # Each session is a call on the organisation's Polar token, whose rate limit the usage sync
+        # shares: a user's budget is spent before Polar is asked, and a refusal never asks it.
+        limited, _ = await s.portal_limiter.acquire(PORTAL_KEY + ident.user_id, 0)
+        if limited is not None:
+            return api_error(
+                429, "too many billing portal sessions: try again later", {"retry-after": str(limited.retry_after)}
+            )
         try:
             url = await s.polar.portal_url(ident.user_id, return_url)
         except CustomerNotFound:

@@ -59,4 +59,21 @@ def make_limiter(settings: Settings, store: RateBudget, *, shared: bool) -> Rate
     return RateLimiter(rl.requests_per_minute, rl.tokens_per_minute)
 
 
-__all__ = ["StoreRateLimiter", "make_limiter"]
+PORTAL_KEY = "portal:"  # + the user id (which never holds a colon): apart from the user's request window
+
+
+def make_portal_limiter(settings: Settings, store: RateBudget, *, shared: bool) -> RateLimit:
+    """Billing portal sessions per user and minute (`[rate_limit] portal_sessions_per_minute`), in the
+    same backend as the request limits, under the key `PORTAL_KEY + user id`: so across processes too."""
+    rl = settings.file.rate_limit
+    per_minute = rl.portal_sessions_per_minute
+    if settings.redis_url:
+        from gateway.ratelimit.redis_backend import RedisRateLimiter
+
+        return RedisRateLimiter(settings.redis_url, per_minute, None, on_store_error=rl.on_store_error)
+    if shared:
+        return StoreRateLimiter(store, per_minute, None, rl.on_store_error, timeout=settings.store_timeout_seconds)
+    return RateLimiter(per_minute, None)
+
+
+__all__ = ["PORTAL_KEY", "StoreRateLimiter", "make_limiter", "make_portal_limiter"]

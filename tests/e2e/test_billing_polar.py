@@ -9,6 +9,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from gateway.settings import RateLimitConfig
 from tests.conftest import Gateway, wait_until
 from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
 from tests.fakes.upstream import FakeUpstream, Reply
@@ -149,6 +150,28 @@ def test_portal_url_from_customer_session(polar_gateway, polar: FakePolar) -> No
     assert httpx.get(f"{gw.url}/api/billing/portal").status_code == 401
     bad = httpx.get(f"{gw.url}/api/billing/portal", params={"return_url": "https://"}, headers={"x-api-key": key})
     assert (bad.status_code, bad.json()["error"]["message"]) == (400, "return_url must be an http(s) URL")
+
+
+def test_portal_sessions_are_limited_per_user_before_polar_is_asked(polar_gateway, polar: FakePolar) -> None:  # type: ignore[no-untyped-def]
+    limits = RateLimitConfig(requests_per_minute=None, tokens_per_minute=None, portal_sessions_per_minute=3)
+    gw: Gateway = polar_gateway(rate_limit=limits)
+    key, other = gw.issue_key("fay"), gw.issue_key("gus")
+    polar.add_customer("fay")
+    polar.add_customer("gus")
+    token = gw.status_token("fay")  # the same user's budget, whichever credential
+    answers = [
+        httpx.get(f"{gw.url}/api/billing/portal", headers={"authorization": f"Bearer {cred}"})
+        for cred in (key, token, key, token)
+    ]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    refused = answers[-1]
+    assert refused.json() == {
+        "error": {"type": "rate_limit_error", "message": "too many billing portal sessions: try again later"}
+    }
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert polar.session_calls() == 3  # the refused one never reached Polar
+    ok = httpx.get(f"{gw.url}/api/billing/portal", headers={"x-api-key": other})  # another user's own budget
+    assert ok.status_code == 200 and polar.session_calls() == 4
 
 
 def test_portal_without_polar_is_503(make_gateway) -> None:  # type: ignore[no-untyped-def]

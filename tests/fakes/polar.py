@@ -224,6 +224,10 @@ class FakePolar:
         with self._lock:
             return [f"{r.method} {r.path}" for r in self.requests]
 
+    def session_calls(self) -> int:
+        """Customer sessions asked for (created or refused)."""
+        return self.paths().count("POST /v1/customer-sessions/")
+
     # ------------------------------------------------------------------ fixtures for tests
     def add_customer(self, external_id: str, email: str | None = None) -> dict[str, Any]:
         with self._lock:
