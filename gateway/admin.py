@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from gateway.admin_attempts import TokenCheck, client_address
 from gateway.http_api import BodyRefused, StoreUnavailable, api_error, from_store, read_json
-from gateway.keys import USER_ID_RE, InvalidUserId, check_user_id, issue_key
+from gateway.keys import USER_ID_RE, InvalidKeyName, InvalidUserId, check_key_name, check_user_id, issue_key
 from gateway.services import Services
 from gateway.store.base import ApiKey
 from gateway.timeutil import iso
@@ -84,11 +84,12 @@ def admin_routes(s: Services) -> list[Route]:
         if not isinstance(data, dict) or not isinstance(data.get("user_id"), str):
             return api_error(400, 'body must be {"user_id": "...", "name": "..."}')
         name = data.get("name", "")
-        if not isinstance(name, str) or "\x00" in name:
+        if not isinstance(name, str):
             return api_error(400, "name must be a string")
         try:
             user_id = check_user_id(data["user_id"])  # before the store call: what that raises is a 503
-        except InvalidUserId as exc:
+            check_key_name(name)
+        except (InvalidUserId, InvalidKeyName) as exc:
             return api_error(400, str(exc))
         # A key given up on may still be stored after the 503: harmless, as its secret was in no answer
         # (only its hash is stored), so nobody can use it; it is listed, and can be revoked, like any other.

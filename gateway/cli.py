@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway.admin import key_json
 from gateway.collector import tune_collector
-from gateway.keys import InvalidUserId, check_user_id, issue_key
+from gateway.keys import InvalidKeyName, InvalidUserId, check_key_name, check_user_id, issue_key
 from gateway.recording import recover_journal
 from gateway.settings import ConfigError, Settings, settings_from_env
 from gateway.store import Store, create_store
@@ -85,7 +85,8 @@ def _keys(args: argparse.Namespace, settings: Settings) -> Callable[[Store], Awa
         if args.keys_command == "create":
             try:
                 check_user_id(args.user)
-            except InvalidUserId as exc:
+                check_key_name(args.name)
+            except (InvalidUserId, InvalidKeyName) as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
             if args.email:

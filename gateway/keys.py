@@ -32,6 +32,28 @@ def check_user_id(user_id: str) -> str:
     return user_id
 
 
+KEY_NAME_MAX = 200  # characters
+
+
+class InvalidKeyName(ValueError):
+    pass
+
+
+# Control characters (Unicode Cc), line and paragraph separators, and the bidirectional controls
+# (invisible, they reorder the text after them where a name is shown). Also the OpenAPI pattern.
+KEY_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]*$"
+_KEY_NAME_RE = re.compile(KEY_NAME_PATTERN)
+
+
+def check_key_name(name: str) -> str:
+    """A key's label is shown in the dashboard, the CLI's listing and the admin API: bounded, and
+    without control characters (NUL, which PostgreSQL refuses, line breaks, terminal escapes, bidi
+    overrides) that would garble or forge what is shown beside it."""
+    if len(name) > KEY_NAME_MAX or not _KEY_NAME_RE.fullmatch(name):
+        raise InvalidKeyName(f"name must be at most {KEY_NAME_MAX} characters, without control characters")
+    return name
+
+
 def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
@@ -44,6 +66,7 @@ class IssuedKey:
 
 async def issue_key(store: KeyStore, user_id: str, name: str = "") -> IssuedKey:
     check_user_id(user_id)
+    check_key_name(name)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     key_id = "key_" + secrets.token_hex(8)
     record = await store.create_key(key_id, user_id, name, key[:12], hash_key(key))

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.keys import USER_ID_RE
+from gateway.keys import KEY_NAME_MAX, KEY_NAME_PATTERN, USER_ID_RE
 from gateway.status_tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, MIN_TTL_SECONDS
 
 _USER_ID = {
@@ -155,7 +155,15 @@ _PATHS: dict[str, Any] = {
                 {
                     "type": "object",
                     "required": ["user_id"],
-                    "properties": {"user_id": _USER_ID, "name": {"type": "string"}},
+                    "properties": {
+                        "user_id": _USER_ID,
+                        "name": {
+                            "type": "string",
+                            "maxLength": KEY_NAME_MAX,
+                            "pattern": KEY_NAME_PATTERN,
+                            "description": "A label; no control characters",
+                        },
+                    },
                 }
             ),
             "responses": {

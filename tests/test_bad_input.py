@@ -16,6 +16,9 @@ from tests.support_db import Databases
 
 CONFIG = str(Path(__file__).resolve().parent.parent / "config" / "gateway.toml")
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+NAME_REFUSED = "name must be at most 200 characters, without control characters"
+# Names shown in HTML, the CLI's listing and logs: too long, or holding what garbles or forges what is shown.
+BAD_NAMES = ["x" * 201, "web\nkey_0123 alice revoked", "\x1b[2Jweb", "a\u0085b", "a\u2028b", "\u202egnp.exe"]
 
 
 def _client(url: str, tmp_path: Path) -> TestClient:
@@ -153,7 +156,7 @@ def test_dashboard_sync_page_with_a_unicode_digit_is_not_a_500(sqlite_client: Te
 
 def test_admin_key_name_with_nul_is_not_a_500_on_postgres(pg_client: TestClient) -> None:
     resp = pg_client.post("/admin/keys", headers=ADMIN, json={"user_id": "alice", "name": "a\u0000b"})
-    assert (resp.status_code, resp.json()["error"]["message"]) == (400, "name must be a string"), resp.text
+    assert (resp.status_code, resp.json()["error"]["message"]) == (400, NAME_REFUSED), resp.text
 
 
 def test_admin_list_and_revoke_with_nul_are_not_500_on_postgres(pg_client: TestClient) -> None:
@@ -173,7 +176,7 @@ def test_dashboard_key_name_with_nul_is_not_a_500_on_postgres(pg_client: TestCli
     csrf = re.search(r'name="csrf" value="([^"]+)"', pg_client.get("/admin/users/alice").text)
     assert csrf is not None
     resp = pg_client.post("/admin/users/alice/keys", data={"csrf": csrf.group(1), "name": "a\u0000b"})
-    assert resp.status_code == 201, resp.text  # created, the NUL dropped from its name
+    assert resp.status_code == 400 and NAME_REFUSED in resp.text, resp.text  # refused as by the admin API
 
 
 # --- user ids '.' and '..' are not URL path segments (the Polar SDK does not encode path params) ---
@@ -185,3 +188,41 @@ def test_dot_segment_user_ids_are_refused(sqlite_client: TestClient, user_id: st
     # key issued for one has a user Polar calls can never be made for (`keys create --email` crashes).
     resp = sqlite_client.post("/admin/keys", headers=ADMIN, json={"user_id": user_id})
     assert resp.status_code == 400, resp.text
+
+
+# --- key names: bounded and without control characters, alike in the admin API, the dashboard and the CLI ---
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_admin_api_refuses_a_long_or_control_character_key_name(sqlite_client: TestClient, name: str) -> None:
+    resp = sqlite_client.post("/admin/keys", headers=ADMIN, json={"user_id": "alice", "name": name})
+    assert resp.status_code == 400, resp.text
+    assert resp.json() == {"error": {"type": "invalid_request", "message": NAME_REFUSED}}
+    assert sqlite_client.get("/admin/keys", headers=ADMIN).json() == {"data": []}
+
+
+def test_admin_api_takes_a_name_of_200_characters_with_unicode(sqlite_client: TestClient) -> None:
+    name = "clé \u2013 🔑 " + "x" * 192
+    assert len(name) == 200
+    resp = sqlite_client.post("/admin/keys", headers=ADMIN, json={"user_id": "alice", "name": name})
+    assert (resp.status_code, resp.json()["name"]) == (201, name), resp.text
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_dashboard_refuses_a_long_or_control_character_key_name(sqlite_client: TestClient, name: str) -> None:
+    assert sqlite_client.post("/admin/signin", data={"token": ADMIN_TOKEN}).status_code == 303
+    page = sqlite_client.get("/admin/users/alice").text
+    assert 'maxlength="200"' in page
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf is not None
+    resp = sqlite_client.post("/admin/users/alice/keys", data={"csrf": csrf.group(1), "name": name})
+    assert resp.status_code == 400 and NAME_REFUSED in resp.text, resp.text
+    assert sqlite_client.get("/admin/keys", headers=ADMIN).json() == {"data": []}
+
+
+def test_cli_refuses_a_long_or_control_character_key_name(tmp_path: Path) -> None:
+    env = {"GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/gw.db", "GATEWAY_CONFIG": CONFIG}
+    for name in (BAD_NAMES[0], BAD_NAMES[1]):
+        done = run_cli(env, "keys", "create", "--user", "alice", "--name", name, timeout=60)
+        assert (done.returncode, done.stdout, done.stderr) == (2, "", f"error: {NAME_REFUSED}\n")
+    assert run_cli(env, "keys", "list", "--json", timeout=60).stdout.strip() == "[]"

@@ -24,7 +24,7 @@ from gateway.dashboard.auth import (
 )
 from gateway.dashboard.pages import Pages
 from gateway.dashboard.render import SECURITY_HEADERS, page
-from gateway.keys import USER_ID_RE, InvalidUserId, check_user_id, issue_key
+from gateway.keys import USER_ID_RE, InvalidKeyName, InvalidUserId, check_key_name, check_user_id, issue_key
 from gateway.services import Services
 
 log = logging.getLogger("gateway.dashboard")
@@ -99,11 +99,12 @@ class Actions:
         form = await self._checked_form(request)
         if isinstance(form, Response):
             return form
+        name = form.get("name", "").strip()  # (the rest as the admin API has it)
         try:
             user_id = check_user_id(request.path_params["user_id"])  # before the store: what that raises is a 503
-        except InvalidUserId as exc:
+            check_key_name(name)
+        except (InvalidUserId, InvalidKeyName) as exc:
             return _refused(str(exc), 400)
-        name = form.get("name", "").replace("\x00", "").strip()[:100]
         # A key given up on (a 503 page, here or on reading the page that shows it) may be stored all the
         # same: harmless, as its secret was in no answer, so nobody can use it; it is listed and revocable.
         issued = await self.pages.read(issue_key(self.s.store, user_id, name), f"issuing a key for {user_id}")
