@@ -210,6 +210,7 @@ class Settings:
     heartbeat_seconds: float = 1.0
     heartbeat_stale_seconds: float = 10.0  # no heartbeat this long: the process is dead, its leases are released
     shared: bool = False  # other processes serve from this database (set for `--workers`; implied by PostgreSQL)
+    secure_cookie: bool = False  # the dashboard's session cookie always Secure (behind a TLS proxy that says nothing)
     watchdog_seconds: float = 30.0  # a `--workers` worker whose event loop is stuck this long is replaced (0: never)
     file: FileConfig = field(default_factory=FileConfig)
 
@@ -295,6 +296,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "GATEWAY_HEARTBEAT_STALE_SECONDS": ("heartbeat_stale_seconds", float),
     "GATEWAY_SHARED": ("shared", bool),
     "GATEWAY_WATCHDOG_SECONDS": ("watchdog_seconds", float),
+    "GATEWAY_SECURE_COOKIE": ("secure_cookie", bool),
 }
 
 # Settings 0 is no value for: aiohttp takes a 0 timeout for none (a provider that never answers would hold

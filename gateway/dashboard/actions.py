@@ -71,7 +71,8 @@ class Actions:
                 log.warning("dashboard sign-in refused from %s", address)
             return self._signin_page("Wrong admin token.", 401)
         response = _see("/admin")
-        response.headers.append("set-cookie", session_cookie(self.signer.issue(), secure=is_https(request)))
+        secure = is_https(request, self.s.settings.secure_cookie)
+        response.headers.append("set-cookie", session_cookie(self.signer.issue(), secure=secure))
         return response
 
     async def _checked_form(self, request: Request) -> dict[str, str] | Response:
@@ -92,7 +93,8 @@ class Actions:
         if isinstance(form, Response):
             return form
         response = _see("/admin/signin")
-        response.headers.append("set-cookie", session_cookie("", secure=is_https(request), max_age=0))
+        secure = is_https(request, self.s.settings.secure_cookie)
+        response.headers.append("set-cookie", session_cookie("", secure=secure, max_age=0))
         return response
 
     async def create_key(self, request: Request) -> Response:

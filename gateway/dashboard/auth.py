@@ -115,8 +115,25 @@ def session_cookie(value: str, *, secure: bool, max_age: int = SESSION_SECONDS) 
     return "; ".join(parts)
 
 
-def is_https(request: Request) -> bool:
-    return request.url.scheme == "https"
+def is_https(request: Request, always: bool = False) -> bool:
+    """Whether the browser reached the gateway over https, so the session cookie gets `Secure`:
+    uvicorn serving TLS itself, or a TLS-terminating proxy saying so (`X-Forwarded-Proto`, RFC 7239
+    `Forwarded`; the first proxy's value, the one the browser used), or `always` (GATEWAY_SECURE_COOKIE,
+    for a proxy that says nothing). The headers are taken from anyone: Secure only restricts where the
+    cookie goes, so a client forging them can only keep its own session from working over http."""
+    if always or request.url.scheme == "https":
+        return True
+    headers = request.headers
+    proto = headers.get("x-forwarded-proto")
+    if proto is not None:
+        return proto.split(",")[0].strip().lower() == "https"
+    forwarded = headers.get("forwarded")
+    if forwarded is not None:
+        for pair in forwarded.split(",")[0].split(";"):
+            name, _, value = pair.partition("=")
+            if name.strip().lower() == "proto":
+                return value.strip().strip('"').lower() == "https"
+    return False
 
 
 class FormRefused(Exception):

@@ -13,12 +13,13 @@ import pytest
 
 from gateway.app import create_app
 from gateway.dashboard.auth import SessionSigner
-from gateway.settings import Settings
+from gateway.settings import Settings, settings_from_env
 from tests.conftest import ADMIN_TOKEN, Gateway, wait_until
 from tests.fakes.polar import FakePolar
 from tests.support_dashboard import csrf_of, signed_in
 
 MSG = [{"role": "user", "content": "Hello"}]
+CONFIG = str(Path(__file__).resolve().parents[2] / "config" / "gateway.toml")
 PAGES = ["/admin", "/admin/users", "/admin/users?q=a", "/admin/users/alice", "/admin/sync"]
 ACTIONS = [
     "/admin/users/alice/keys",
@@ -258,6 +259,49 @@ async def test_the_session_cookie_is_secure_over_https(tmp_path: Path) -> None:
         resp = await client.post("/admin/signin", data={"token": ADMIN_TOKEN})
     assert resp.status_code == 303
     assert "Secure" in [a.strip() for a in resp.headers["set-cookie"].split(";")]
+
+
+def _cookie_attrs(resp: httpx.Response) -> list[str]:
+    return [a.strip() for a in resp.headers["set-cookie"].split(";")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "secure"),
+    [
+        ({"x-forwarded-proto": "https"}, True),  # a TLS-terminating load balancer (ALB, Traefik, Caddy, nginx)
+        ({"x-forwarded-proto": "https, http"}, True),  # the first proxy's: what the browser used
+        ({"forwarded": 'for=203.0.113.7;proto=https, for="[2001:db8::1]"'}, True),  # RFC 7239
+        ({"x-forwarded-proto": "http"}, False),
+        ({}, False),
+    ],
+)
+async def test_the_session_cookie_is_secure_behind_a_tls_proxy(
+    tmp_path: Path, headers: dict[str, str], secure: bool
+) -> None:
+    settings = Settings(database_url=f"sqlite:///{tmp_path}/gw.db", journal_dir=str(tmp_path), admin_token=ADMIN_TOKEN)
+    app = create_app(settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw.internal") as client:
+        signin = await client.post("/admin/signin", data={"token": ADMIN_TOKEN}, headers=headers)
+        assert signin.status_code == 303
+        assert ("Secure" in _cookie_attrs(signin)) is secure
+        cookie = _cookie_attrs(signin)[0]
+        signed = SessionSigner(ADMIN_TOKEN).verify(cookie.removeprefix("gw_admin="))
+        assert signed is not None
+        client.cookies.clear()  # (sent by hand: a client's jar keeps no Secure cookie from http)
+        session = {"cookie": cookie}
+        out = await client.post("/admin/signout", data={"csrf": signed.csrf}, headers={**headers, **session})
+    assert out.status_code == 303 and "Max-Age=0" in _cookie_attrs(out)
+    assert ("Secure" in _cookie_attrs(out)) is secure  # the cookie is cleared as it was set
+
+
+async def test_gateway_secure_cookie_makes_the_session_cookie_secure_without_a_header(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/gw.db"
+    settings = Settings(database_url=db, journal_dir=str(tmp_path), admin_token=ADMIN_TOKEN, secure_cookie=True)
+    app = create_app(settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw.internal") as client:
+        resp = await client.post("/admin/signin", data={"token": ADMIN_TOKEN})
+    assert resp.status_code == 303 and "Secure" in _cookie_attrs(resp)
+    assert settings_from_env({"GATEWAY_SECURE_COOKIE": "1", "GATEWAY_CONFIG": CONFIG}).secure_cookie is True
 
 
 def test_overview_says_when_polar_refuses_the_token_or_is_down(
