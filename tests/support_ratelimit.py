@@ -3,8 +3,9 @@ SQLite (one file, a store per "process"), PostgreSQL (a database of the test's o
 
 `shared_backend(kind, tmp)` yields `make(rpm, tpm, clock=None, policy=OPEN)`: a new limiter (a new
 process: connections of its own) on the one backend (PostgreSQL's also takes `pg_settings` for its
-sessions). `Counting` wraps a backend's `RateBudget` to count its round trips and to fail on demand; `down(kind,
-tmp)` yields a budget of that kind whose backend really fails (nothing listens, no table).
+sessions, Redis's the `url` it reaches Redis by). `Counting` wraps a backend's `RateBudget` to count
+its round trips and to fail on demand; `down(kind, tmp)` yields a budget of that kind whose backend
+really fails (nothing listens, no table).
 `lock_waiting` polls until a PostgreSQL session waits on a lock.
 """
 
@@ -108,9 +109,13 @@ async def _redis() -> AsyncIterator[Make]:
     made: list[RedisRateLimiter] = []
 
     async def make(
-        rpm: int | None, tpm: int | None, clock: Clock | None = None, policy: StoreErrorPolicy = StoreErrorPolicy.OPEN
+        rpm: int | None,
+        tpm: int | None,
+        clock: Clock | None = None,
+        policy: StoreErrorPolicy = StoreErrorPolicy.OPEN,
+        url: str = REDIS_URL,  # the one Redis, maybe by another way (a relay, a client name)
     ) -> RedisRateLimiter:
-        rl = RedisRateLimiter(REDIS_URL, rpm, tpm, on_store_error=policy, key_prefix=prefix, clock=clock)
+        rl = RedisRateLimiter(url, rpm, tpm, on_store_error=policy, key_prefix=prefix, clock=clock)
         made.append(rl)
         return rl
 

@@ -13,9 +13,10 @@ import multiprocessing
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from redis.asyncio import Redis
@@ -26,6 +27,7 @@ from gateway.ratelimit.shared import PORTAL_KEY, StoreRateLimiter, make_limiter,
 from gateway.settings import ConfigError, FileConfig, RateLimitConfig, Settings, parse_file_config, settings_from_env
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import REDIS_URL, free_port, wait_until_async
+from tests.fakes.link import FreezableLink
 from tests.support_ratelimit import KINDS, Clock, Counting, Make, admitted, down, lock_waiting, shared_backend
 
 
@@ -45,6 +47,17 @@ async def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Async
 async def redis_backend(tmp_path: Path) -> AsyncIterator[Make]:
     async with shared_backend("redis", tmp_path) as make:
         yield make
+
+
+@pytest.fixture
+def redis_link() -> Iterator[FreezableLink]:
+    """Redis reached through a relay that can break a connection before an answer comes back."""
+    parts = urlsplit(REDIS_URL)
+    relay = FreezableLink(parts.hostname or "127.0.0.1", parts.port or 6379).start()
+    try:
+        yield relay
+    finally:
+        relay.stop()
 
 
 async def test_thirty_parallel_acquires_over_three_processes_admit_exactly_ten(backend: Make) -> None:
@@ -211,6 +224,72 @@ async def test_a_batch_whose_answer_was_lost_after_it_was_applied_is_not_sent_ag
     await a.flush()
     assert store.corrections == 1
     await _window_holds_one_request_of_twenty_tokens(b)
+
+
+async def _buckets(rl: RedisRateLimiter, user: str) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in (await rl.redis.hgetall(rl.prefix + user)).items()}
+
+
+async def test_a_correction_batch_redis_ran_whose_answer_a_broken_connection_lost_is_applied_once(
+    redis_link: FreezableLink,
+    redis_backend: Make,  # (this order: the limiters close before the relay stops)
+) -> None:
+    # redis-py's retry of a broken connection (meant for a pooled socket Redis closed while idle) sent
+    # the whole pipeline of corrections again after Redis had run it: each applied twice, the hand-backs
+    # undercounting the window (the user past the limit, in every process).
+    clock = Clock(1000.0)
+    a: RedisRateLimiter = await redis_backend(80, 8000, clock, url=f"redis://127.0.0.1:{redis_link.port}/0")
+    refusal, first = await a.acquire("u", 100)  # a slice of the request alone
+    assert refusal is None
+    assert await admitted(a, "u", 100)  # a slice of two (twice what the last admitted), one left
+    refusal, other = await a.acquire("v", 100)
+    assert refusal is None
+    assert await _buckets(a, "u") == {"r1000": 3, "t1000": 300}
+    clock.now = 1001.5
+    redis_link.cut_answer_to(b"EVALSHA")
+    a.settle("u", first, 40)  # -60 tokens
+    a.reap()  # u's rest goes back: -1 request, -100 tokens
+    a.settle("v", other, 70)  # -30 tokens; all in one batch (nothing awaited since the first)
+    await a.flush()
+    assert redis_link.cuts == 1
+    assert await _buckets(a, "u") == {"r1000": 2, "t1000": 140}
+    assert await _buckets(a, "v") == {"r1000": 1, "t1000": 70}
+
+
+async def test_pooled_redis_connections_redis_closed_while_idle_still_take_and_correct(
+    redis_backend: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = f"gw-test-{secrets.token_hex(4)}"
+    clock = Clock(1000.0)
+    a: RedisRateLimiter = await redis_backend(
+        80, 8000, clock, StoreErrorPolicy.CLOSED, url=f"{REDIS_URL}?client_name={name}"
+    )
+    refusal, ticket = await a.acquire("u", 100)
+    assert refusal is None
+    clock.now = 1001.5
+    a.settle("u", ticket, 40)
+    await a.flush()
+    admin = Redis.from_url(REDIS_URL)
+
+    async def ours() -> set[int]:
+        return {int(c["id"]) for c in await admin.client_list() if c["name"] == name}
+
+    try:
+        idle = await ours()
+        assert len(idle) == 2  # the takes' pooled connection and the corrections'
+        for client_id in idle:
+            await admin.client_kill_filter(_id=str(client_id))
+        caplog.set_level(logging.ERROR, logger="gateway.ratelimit")
+        refusal, ticket = await a.acquire("u", 100)
+        assert refusal is None  # (closed: a take that failed is refused)
+        clock.now = 1002.5
+        a.settle("u", ticket, 50)
+        a.reap()  # (the rest of its slice of two goes back)
+        await a.flush()  # at once, or sent again after NotApplied
+        assert await _buckets(a, "u") == {"r1000": 1, "t1000": 40, "r1001": 1, "t1001": 50}
+        assert not (await ours()) & idle
+    finally:
+        await admin.aclose()
 
 
 async def test_corrections_of_seconds_that_left_the_window_are_dropped_not_retried(backend: Make) -> None:

@@ -1,5 +1,6 @@
 """A TCP relay to a real server that can stop relaying: a database that stops answering (a network
-partition, a failover) without closing anything, as a client on the far side of it sees it."""
+partition, a failover) without closing anything, as a client on the far side of it sees it; or a
+connection that breaks after the server got a request and before its answer came back."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from tests.conftest import wait_until
 
 class FreezableLink:
     """Relays 127.0.0.1:`port` to `target`; `freeze()` holds every byte (both ways, new connections
-    too) until `thaw()`."""
+    too) until `thaw()`; `cut_answer_to(marker)` breaks the connection of the next request containing
+    `marker` once the server answers it, the answer not relayed (`cuts` counts them)."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -19,6 +21,8 @@ class FreezableLink:
         self._loop = asyncio.new_event_loop()
         self._open = asyncio.Event()  # set: bytes flow
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._cut_marker: bytes | None = None
+        self.cuts = 0
 
     def start(self) -> FreezableLink:
         self._thread.start()
@@ -32,6 +36,13 @@ class FreezableLink:
 
     def thaw(self) -> None:
         self._loop.call_soon_threadsafe(self._open.set)
+
+    def cut_answer_to(self, marker: bytes) -> None:
+        """Once: relay the next request (a read from a client) that contains `marker`, then close that
+        connection both ways when the server's answer comes, instead of relaying it: the server did
+        what it was asked, the client never hears (as when a connection breaks at that moment)."""
+        self._loop.call_soon_threadsafe(setattr, self, "_cut_marker", marker)
+        wait_until(lambda: self._cut_marker == marker, timeout=5)
 
     def stop(self) -> None:
         self.thaw()
@@ -50,12 +61,30 @@ class FreezableLink:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        marked = asyncio.Event()  # this connection carried the request whose answer is cut
+        await asyncio.gather(
+            self._pipe(reader, up_writer, mark=marked), self._pipe(up_reader, writer, cut=marked, peer=up_writer)
+        )
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        mark: asyncio.Event | None = None,  # (client to server) set it on the marked request
+        cut: asyncio.Event | None = None,  # (server to client) once set, the next bytes break the connection
+        peer: asyncio.StreamWriter | None = None,  # (server to client) the server's side, closed with it
+    ) -> None:
         try:
             while data := await reader.read(65536):
                 await self._open.wait()  # frozen: held, not lost
+                if cut is not None and cut.is_set():
+                    self.cuts += 1
+                    if peer is not None:
+                        peer.close()
+                    return
+                if mark is not None and self._cut_marker is not None and self._cut_marker in data:
+                    self._cut_marker = None
+                    mark.set()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
