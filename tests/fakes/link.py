@@ -21,6 +21,7 @@ class FreezableLink:
         self._loop = asyncio.new_event_loop()
         self._open = asyncio.Event()  # set: bytes flow
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
         self._cut_marker: bytes | None = None
         self.cuts = 0
 
@@ -46,13 +47,26 @@ class FreezableLink:
 
     def stop(self) -> None:
         self.thaw()
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        self._loop.close()
 
     async def _serve(self) -> None:
         self._open.set()
-        server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _close(self) -> None:
+        # Ends the relays still running: left pending in a stopped loop, they were destroyed later
+        # ("Task was destroyed but it is pending!"), logged into whichever test was running then.
+        if self._server is not None:
+            self._server.close()
+        relays = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        await asyncio.sleep(0)  # (the closed transports' connection_lost callbacks run)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._open.wait()
