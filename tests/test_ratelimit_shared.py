@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 
 from gateway.ratelimit.limiter import RateLimited, RateLimiter, StoreErrorPolicy
 from gateway.ratelimit.redis_backend import RedisBudget, RedisRateLimiter
+from gateway.ratelimit.settler import on_store_error
 from gateway.ratelimit.shared import PORTAL_KEY, StoreRateLimiter, make_limiter, make_portal_limiter
 from gateway.settings import ConfigError, FileConfig, RateLimitConfig, Settings, parse_file_config, settings_from_env
 from gateway.store.sqlite import SqliteStore
@@ -256,38 +257,80 @@ async def test_a_correction_batch_redis_ran_whose_answer_a_broken_connection_los
     assert await _buckets(a, "v") == {"r1000": 1, "t1000": 70}
 
 
+async def test_a_take_redis_ran_whose_answer_a_broken_connection_lost_hands_the_rest_back_once(
+    redis_link: FreezableLink,
+    redis_backend: Make,  # (this order: the limiters close before the relay stops)
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # redis-py's retry of a broken connection ran the take's script again after Redis had run it: the
+    # lease's rest it hands back went back twice (here 83 requests in the window instead of 91), and
+    # other processes admitted that many more than the limit, exactly when room was tight.
+    clock = Clock(1000.0)
+    a: RedisRateLimiter = await redis_backend(
+        100, 10000, clock, StoreErrorPolicy.CLOSED, url=f"redis://127.0.0.1:{redis_link.port}/0"
+    )
+    b: RedisRateLimiter = await redis_backend(100, None, clock)  # books requests only
+    assert all(await asyncio.gather(*(admitted(a, "u", 10) for _ in range(11))))  # one slice of 11
+    clock.now = 1001.0
+    assert await admitted(a, "u", 10)  # a slice of 11 requests, 220 tokens: 10 and 210 left
+    filled = 0
+    while await admitted(b, "u"):
+        filled += 1
+    assert filled == 78  # the window is full, a's rest included
+    assert await _buckets(a, "u") == {"r1000": 11, "t1000": 110, "r1001": 89, "t1001": 220}
+    redis_link.cut_answer_to(b"EVALSHA")
+    caplog.set_level(logging.ERROR, logger="gateway.ratelimit")
+    # Its slice cannot cover 300 tokens: a take, handing back the rest (-10, -210) and booking a slice
+    # of 1 request, 600 tokens (2 requests wanted, 1/8 of the 10 left); the answer never comes.
+    assert await a.acquire("u", 300) == on_store_error(StoreErrorPolicy.CLOSED)
+    assert redis_link.cuts == 1
+    assert [r.levelname for r in caplog.records] == ["ERROR"]
+    assert await _buckets(a, "u") == {"r1000": 11, "t1000": 110, "r1001": 80, "t1001": 610}
+    assert await admitted(a, "u", 10)  # one take failed, the next goes through (a new connection)
+    assert await _buckets(a, "u") == {"r1000": 11, "t1000": 110, "r1001": 81, "t1001": 630}
+
+
 async def test_pooled_redis_connections_redis_closed_while_idle_still_take_and_correct(
     redis_backend: Make, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Nothing retries a command (a take or a batch Redis may have run would be applied twice): the
+    # pool must replace a socket Redis closed while it was idle before handing it out.
     name = f"gw-test-{secrets.token_hex(4)}"
     clock = Clock(1000.0)
     a: RedisRateLimiter = await redis_backend(
         80, 8000, clock, StoreErrorPolicy.CLOSED, url=f"{REDIS_URL}?client_name={name}"
     )
-    refusal, ticket = await a.acquire("u", 100)
-    assert refusal is None
+    users = ["u0", "u1", "u2"]
+    first = await asyncio.gather(*(a.acquire(user, 100) for user in users))  # three takes at once
+    assert [refusal for refusal, _ in first] == [None] * 3
     clock.now = 1001.5
-    a.settle("u", ticket, 40)
+    a.settle("u0", first[0][1], 40)
     await a.flush()
     admin = Redis.from_url(REDIS_URL)
 
-    async def ours() -> set[int]:
-        return {int(c["id"]) for c in await admin.client_list() if c["name"] == name}
+    async def kill_ours() -> set[int]:
+        ids = {int(c["id"]) for c in await admin.client_list() if c["name"] == name}
+        for client_id in ids:
+            await admin.client_kill_filter(_id=str(client_id))
+        return ids
 
     try:
-        idle = await ours()
-        assert len(idle) == 2  # the takes' pooled connection and the corrections'
-        for client_id in idle:
-            await admin.client_kill_filter(_id=str(client_id))
         caplog.set_level(logging.ERROR, logger="gateway.ratelimit")
-        refusal, ticket = await a.acquire("u", 100)
-        assert refusal is None  # (closed: a take that failed is refused)
+        killed = await kill_ours()
+        assert len(killed) == 3  # one pooled connection per take at once; corrections use them too
+        again = await asyncio.gather(*(a.acquire(user, 100) for user in users))
+        # Admitted by Redis (the policy, closed, would refuse; its answer has no ticket): slices of two.
+        assert again == [(None, (1001, 100))] * 3
+        killed |= await kill_ours()
+        a.settle("u0", again[0][1], 50)
         clock.now = 1002.5
-        a.settle("u", ticket, 50)
-        a.reap()  # (the rest of its slice of two goes back)
-        await a.flush()  # at once, or sent again after NotApplied
-        assert await _buckets(a, "u") == {"r1000": 1, "t1000": 40, "r1001": 1, "t1001": 50}
-        assert not (await ours()) & idle
+        a.reap()  # (the rest of each slice of two goes back)
+        await a.flush()
+        assert await _buckets(a, "u0") == {"r1000": 1, "t1000": 40, "r1001": 1, "t1001": 50}
+        for user in users[1:]:
+            assert await _buckets(a, user) == {"r1000": 1, "t1000": 100, "r1001": 1, "t1001": 100}
+        assert caplog.records == []  # no take or batch failed (nor was sent again after NotApplied)
+        assert len(killed) == 6
     finally:
         await admin.aclose()
 

@@ -5,8 +5,8 @@ A take is one Lua script (EVALSHA): it reads the user's hash of 1 s buckets (fie
 requests, `t<second>` tokens), drops the buckets out of the window, sizes the slice as
 `gateway.ratelimit.budget.slice_of` does (the script is its copy: keep the two alike) and books it,
 atomically, on the Redis server's clock (TIME), so the processes' clocks do not matter. The key
-expires after `ttl_seconds` without takes, so idle users vanish. Corrections go in the background,
-on a connection of their own that is never retried (see `RedisRateLimiter`).
+expires after `ttl_seconds` without takes, so idle users vanish. Corrections go in the background.
+The client never sends a take or a batch again (see `RedisRateLimiter`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.ratelimit.budget import SLICE, Correction, Grant, NotApplied, Want
@@ -110,16 +109,15 @@ _REASONS = {1: "requests", 2: "tokens"}
 
 
 class RedisBudget:
-    """`RateBudget` in Redis: a hash per user under `prefix`. Takes go on `redis`, corrections on
-    `corrections` (default: `redis`), which must not retry a command (see `RedisRateLimiter`)."""
+    """`RateBudget` in Redis: a hash per user under `prefix`. `redis` must not retry a command (see
+    `RedisRateLimiter`)."""
 
-    def __init__(self, redis: Redis, prefix: str, ttl_seconds: int, corrections: Redis | None = None) -> None:
+    def __init__(self, redis: Redis, prefix: str, ttl_seconds: int) -> None:
         self.redis = redis
-        self.corrections = redis if corrections is None else corrections
         self.prefix = prefix
         self._ttl_ms = str(int(ttl_seconds * 1000))
         self._take = redis.register_script(_TAKE)
-        self._correct = self.corrections.register_script(_CORRECT)
+        self._correct = redis.register_script(_CORRECT)
 
     async def rate_take(
         self, user_id: str, want: Want, now: float | None, back: Correction | None
@@ -141,7 +139,7 @@ class RedisBudget:
             by_user.setdefault(user_id, []).extend((second, requests, tokens))
         if not by_user:
             return
-        async with self.corrections.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=False) as pipe:
             for user_id, args in by_user.items():
                 await self._correct(keys=[self.prefix + user_id], args=args, client=pipe)
             try:
@@ -154,11 +152,6 @@ class RedisBudget:
 
     async def rate_sweep(self, now: float | None) -> int:
         return 0  # the take drops a user's old buckets, and idle users' keys expire
-
-    async def aclose(self) -> None:
-        await self.redis.aclose()
-        if self.corrections is not self.redis:
-            await self.corrections.aclose()
 
 
 class RedisRateLimiter(LeasedRateLimiter):
@@ -176,30 +169,26 @@ class RedisRateLimiter(LeasedRateLimiter):
         timeout_seconds: float = 1.0,  # connect and per command: a stuck Redis delays a request this long at most
         clock: Callable[[], float] | None = None,  # None: the server's TIME (tests inject one)
     ) -> None:
-        def client(connections: int, retry: Retry) -> Redis:
-            # Blocking: more users taking at once than it has connections wait for one (takes are quick)
-            # instead of failing with MaxConnectionsError, as if Redis were down.
-            pool = BlockingConnectionPool.from_url(
-                url,
-                max_connections=connections,
-                timeout=timeout_seconds,
-                socket_connect_timeout=timeout_seconds,
-                socket_timeout=timeout_seconds,
-                retry=retry,
-            )
-            return Redis.from_pool(pool)
-
-        # Takes: once, at once, on a broken connection (a pooled socket Redis closed), never on a timeout
-        # and without backoff: a request waits at most about one timeout before the policy decides.
-        takes = client(MAX_CONNECTIONS, Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
-        # Corrections: never retried by redis-py. Its retry sends a pipeline again whole when the
-        # connection breaks before the replies, so a batch Redis already ran would be applied twice (a
-        # hand-back twice: the user past the limit). Without it a broken connection fails the batch:
-        # before the batch went (the script check) as NotApplied, which the Settler sends again; after,
-        # dropped. A client of its own rather than a per-batch token the script records (SET NX), which
-        # costs a write and a key per batch; one connection, as the Settler sends one batch at a time.
-        corrections = client(1, Retry(NoBackoff(), 0))
-        self.redis_budget = RedisBudget(takes, key_prefix, ttl_seconds, corrections)
+        # Blocking: more users taking at once than it has connections wait for one (takes are quick)
+        # instead of failing with MaxConnectionsError, as if Redis were down.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            socket_timeout=timeout_seconds,
+            # Never retried: when a connection breaks after Redis ran a command and before its reply,
+            # redis-py's retry runs it again: a take's hand-back (`back`) or a batch of corrections
+            # (the pipeline is sent again whole) applied twice, the window undercounted (users past
+            # the limit in every process). So a broken connection fails that one take (the policy
+            # answers, as when Redis is down) or batch: at the script check, before any correction
+            # went, as NotApplied (the Settler sends it again); after, dropped. A socket Redis closed
+            # while pooled (idle timeout, CLIENT KILL, a restart) needs no retry: the pool's
+            # `get_connection` (`ensure_connection`: `can_read` raises on the EOF it read) reconnects
+            # it before handing it out; only one closed in the instant before a command fails it.
+            retry=Retry(NoBackoff(), 0),
+        )
+        self.redis_budget = RedisBudget(Redis.from_pool(pool), key_prefix, ttl_seconds)
         super().__init__(
             self.redis_budget, requests_per_minute, tokens_per_minute, on_store_error, clock, "rate-limit Redis"
         )
@@ -214,4 +203,4 @@ class RedisRateLimiter(LeasedRateLimiter):
 
     async def close(self) -> None:
         await super().close()
-        await self.redis_budget.aclose()
+        await self.redis.aclose()
