@@ -29,7 +29,7 @@ Key = tuple[int, int, str]  # (hour as unix seconds of its start, status, reason
 
 
 class RefusalSink(Protocol):
-    """Where the billing owner and the proxy report a request they refused."""
+    """Where the billing owner, the proxy and the billing portal report a request they refused."""
 
     def count(self, status: int, reason: str) -> None: ...
 

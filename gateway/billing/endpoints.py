@@ -21,6 +21,10 @@ from gateway.timeutil import iso
 
 log = logging.getLogger("gateway.billing")
 
+# Refusal reasons of the portal's 429 (metrics, the dashboard), apart from the provider requests' own.
+PORTAL_RATE_LIMITED = "portal_rate_limited"  # the user's portal_sessions_per_minute are spent
+PORTAL_UNAVAILABLE = "portal_unavailable"  # the shared limit could not be checked (on_store_error = "closed")
+
 
 def bearer(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
@@ -111,6 +115,9 @@ def portal_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Aw
         # shares: a user's budget is spent before Polar is asked, and a refusal never asks it.
         limited, _ = await s.portal_limiter.acquire(PORTAL_KEY + ident.user_id, 0)
         if limited is not None:
+            reason = PORTAL_UNAVAILABLE if limited.reason == "unavailable" else PORTAL_RATE_LIMITED
+            s.metrics.refused(429, reason)
+            s.refusals.count(429, reason)
             return api_error(
                 429, "too many billing portal sessions: try again later", {"retry-after": str(limited.retry_after)}
             )

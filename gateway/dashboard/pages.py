@@ -49,7 +49,8 @@ def _totals(rows: list[TrafficRow]) -> list[OutcomeTotal]:
     return [OutcomeTotal(o, requests[o], tokens[o]) for o in sorted(requests, key=lambda o: (o != "ok", o))]
 
 
-# What each refusal reason means (`BillingOwner._refused`, the proxy's 401, `RateLimited.reason`).
+# What each refusal reason means (`BillingOwner._refused`, the proxy's 401, `RateLimited.reason`,
+# the billing portal's 429).
 REFUSAL_REASONS = {
     "invalid_key": "invalid or revoked gateway key",
     "quota": "over the quota of a meter",
@@ -58,6 +59,8 @@ REFUSAL_REASONS = {
     "unavailable": "rate limits could not be checked",
     "unrecordable": "the journal could not record the request",
     "store_unavailable": "the database did not answer: the quota could not be checked",
+    "portal_rate_limited": "too many billing portal links per minute for the user",
+    "portal_unavailable": "the limit on billing portal links could not be checked",
 }
 
 

@@ -8,11 +8,14 @@ import anthropic
 import httpx
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.ratelimit.limiter import StoreErrorPolicy
 from gateway.settings import RateLimitConfig
-from tests.conftest import Gateway, wait_until
+from tests.conftest import ADMIN_TOKEN, Gateway, free_port, wait_until
 from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
 from tests.fakes.upstream import FakeUpstream, Reply
+from tests.support_dashboard import signed_in
 
 MSG = [{"role": "user", "content": "Hello"}]
 SECRET = new_standard_secret()
@@ -36,6 +39,18 @@ def polar_gateway(make_gateway: Callable[..., Gateway], polar: FakePolar) -> Cal
         )
 
     return make
+
+
+def refusal_metrics(gw: Gateway) -> dict[tuple[str, str], float]:
+    """`gateway_refusals_total` by (status, reason), as /metrics shows it."""
+    resp = httpx.get(f"{gw.url}/metrics", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert resp.status_code == 200, resp.text
+    return {
+        (s.labels["status"], s.labels["reason"]): s.value
+        for family in text_string_to_metric_families(resp.text)
+        for s in family.samples
+        if s.name == "gateway_refusals_total"
+    }
 
 
 def claude(gw: Gateway, key: str) -> anthropic.Anthropic:
@@ -154,7 +169,7 @@ def test_portal_url_from_customer_session(polar_gateway, polar: FakePolar) -> No
 
 def test_portal_sessions_are_limited_per_user_before_polar_is_asked(polar_gateway, polar: FakePolar) -> None:  # type: ignore[no-untyped-def]
     limits = RateLimitConfig(requests_per_minute=None, tokens_per_minute=None, portal_sessions_per_minute=3)
-    gw: Gateway = polar_gateway(rate_limit=limits)
+    gw: Gateway = polar_gateway(rate_limit=limits, refusals_flush_seconds=0.05)
     key, other = gw.issue_key("fay"), gw.issue_key("gus")
     polar.add_customer("fay")
     polar.add_customer("gus")
@@ -172,6 +187,28 @@ def test_portal_sessions_are_limited_per_user_before_polar_is_asked(polar_gatewa
     assert polar.session_calls() == 3  # the refused one never reached Polar
     ok = httpx.get(f"{gw.url}/api/billing/portal", headers={"x-api-key": other})  # another user's own budget
     assert ok.status_code == 200 and polar.session_calls() == 4
+    # Counted like every other refusal, under its own reason: in /metrics and in the store (the dashboard's).
+    assert refusal_metrics(gw) == {("429", "portal_rate_limited"): 1}
+    wait_until(lambda: gw.query("SELECT status, reason, SUM(count) FROM refusals GROUP BY status, reason"))
+    rows = gw.query("SELECT status, reason, SUM(count) FROM refusals GROUP BY status, reason")
+    assert [(int(st), why, int(n)) for st, why, n in rows] == [(429, "portal_rate_limited", 1)]
+    with signed_in(gw) as client:
+        table = client.get("/admin").text.split('id="refusals-24h"', 1)[1].split("</table>", 1)[0]
+    assert (
+        "<td>429</td><td>portal_rate_limited</td><td>too many billing portal links per minute for the user</td>"
+        in table
+    )
+
+
+def test_a_portal_limit_that_cannot_be_checked_is_counted_apart(polar_gateway, polar: FakePolar) -> None:  # type: ignore[no-untyped-def]
+    # Redis refuses connections and on_store_error is "closed": a 429 that is no user's fault.
+    limits = RateLimitConfig(requests_per_minute=None, tokens_per_minute=None, on_store_error=StoreErrorPolicy.CLOSED)
+    gw: Gateway = polar_gateway(rate_limit=limits, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    key = gw.issue_key("hal")
+    polar.add_customer("hal")
+    resp = httpx.get(f"{gw.url}/api/billing/portal", headers={"x-api-key": key}, timeout=10)
+    assert resp.status_code == 429 and polar.session_calls() == 0
+    assert refusal_metrics(gw) == {("429", "portal_unavailable"): 1}
 
 
 def test_portal_without_polar_is_503(make_gateway) -> None:  # type: ignore[no-untyped-def]
