@@ -115,12 +115,16 @@ def portal_endpoint(s: Services, tokens: StatusTokens) -> Callable[[Request], Aw
         # shares: a user's budget is spent before Polar is asked, and a refusal never asks it.
         limited, _ = await s.portal_limiter.acquire(PORTAL_KEY + ident.user_id, 0)
         if limited is not None:
-            reason = PORTAL_UNAVAILABLE if limited.reason == "unavailable" else PORTAL_RATE_LIMITED
+            if limited.reason == "unavailable":
+                reason, message = (
+                    PORTAL_UNAVAILABLE,
+                    "billing portal links cannot be handed out right now: try again later",
+                )
+            else:
+                reason, message = PORTAL_RATE_LIMITED, "too many billing portal sessions: try again later"
             s.metrics.refused(429, reason)
             s.refusals.count(429, reason)
-            return api_error(
-                429, "too many billing portal sessions: try again later", {"retry-after": str(limited.retry_after)}
-            )
+            return api_error(429, message, {"retry-after": str(limited.retry_after)})
         try:
             url = await s.polar.portal_url(ident.user_id, return_url)
         except CustomerNotFound:

@@ -208,6 +208,12 @@ def test_a_portal_limit_that_cannot_be_checked_is_counted_apart(polar_gateway, p
     polar.add_customer("hal")
     resp = httpx.get(f"{gw.url}/api/billing/portal", headers={"x-api-key": key}, timeout=10)
     assert resp.status_code == 429 and polar.session_calls() == 0
+    assert resp.json() == {
+        "error": {
+            "type": "rate_limit_error",
+            "message": "billing portal links cannot be handed out right now: try again later",
+        }
+    }
     assert refusal_metrics(gw) == {("429", "portal_unavailable"): 1}
 
 
