@@ -413,3 +413,39 @@ async def test_a_late_webhook_against_a_newer_webhook_stays_stale_without_asking
     assert not any("/state" in p for p in hook.fake.paths())
     limits = await hook.store.get_limits("user-123")
     assert limits is not None and limits.meters[CLAUDE_INPUT].credited == 2000
+
+
+# ---------------------------------------------------------------- timestamps ahead of this machine's clock
+
+
+async def test_a_timestamp_days_ahead_is_invalid_and_cannot_pin_the_limits(
+    hook: Hook, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A delivery stamped far ahead (a bad clock at Polar) would make every later webhook `stale` until then."""
+    now = datetime.now(UTC)
+    assert (await hook.send(state_changed(hook.fake, "user-123", 1000, now - timedelta(seconds=5)))).json() == {
+        "status": "updated"
+    }
+    with caplog.at_level(logging.INFO, logger="gateway.webhooks"):
+        ahead = await hook.send(state_changed(hook.fake, "user-123", 5, now + timedelta(days=2)), msg_id="msg_ahead")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "msg_ahead" in errors[0] and "timestamp" in errors[0]
+    assert (ahead.status_code, ahead.json()) == INVALID
+    assert view(await hook.store.get_limits("user-123")) == expected(1000, now - timedelta(seconds=5))
+    again = await hook.send(state_changed(hook.fake, "user-123", 5, now + timedelta(days=2)), msg_id="msg_ahead")
+    assert (again.status_code, again.json()) == (200, {"status": "duplicate"})  # kept claimed
+    later = await hook.send(state_changed(hook.fake, "user-123", 2000, now))  # not refused as stale
+    assert (later.status_code, later.json()) == (200, {"status": "updated"})
+    assert hook.counted == [
+        ("customer.state_changed", "updated"),
+        ("customer.state_changed", "invalid"),
+        ("customer.state_changed", "duplicate"),
+        ("customer.state_changed", "updated"),
+    ]
+
+
+async def test_a_timestamp_an_hour_ahead_still_applies(hook: Hook) -> None:
+    ts = datetime.now(UTC) + timedelta(hours=1)  # within the bound: Polar's clock may run ahead of this one
+    resp = await hook.send(state_changed(hook.fake, "user-123", 1000, ts))
+    assert (resp.status_code, resp.json()) == (200, {"status": "updated"})
+    assert view(await hook.store.get_limits("user-123")) == expected(1000, ts)

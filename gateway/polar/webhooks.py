@@ -63,6 +63,10 @@ KNOWN_EVENT_TYPES = frozenset(
 )
 
 
+# A payload timestamp further ahead of this clock is the payload's error (a bad clock at Polar): stored, it
+# would make every later webhook for the customer `stale` until then. Generous: clocks only drift seconds.
+MAX_TIMESTAMP_AHEAD = timedelta(days=1)
+
 PRUNE_BATCH = 500  # deliveries deleted per statement: a short write lock however big the backlog
 PRUNE_MAX_BATCHES = 200  # per call; what is left waits for the next
 
@@ -212,6 +216,8 @@ def make_webhook_endpoint(
         ts_text = typed.timestamp if typed is not None else raw.get("timestamp")
         with _reading("timestamp"):
             snapshot_at = parse_iso(ts_text) if isinstance(ts_text, str) else utcnow()
+        if snapshot_at > utcnow() + MAX_TIMESTAMP_AHEAD:
+            raise InvalidPayload("timestamp too far ahead")
         if event_type == "customer.state_changed":
             user_id = _user_id(data, "external_id")
             if not user_id:
