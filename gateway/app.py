@@ -35,7 +35,7 @@ from gateway.openapi import openapi_route
 from gateway.polar.client import PolarBilling
 from gateway.polar.limits import LimitsRefresher
 from gateway.polar.sync import Syncer
-from gateway.polar.webhooks import make_webhook_endpoint, prune_deliveries
+from gateway.polar.webhooks import make_webhook_endpoint, prune_forever
 from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.gemini import GeminiProvider
 from gateway.proxy import ProxyEndpoint
@@ -252,19 +252,15 @@ def create_app(
                 metrics=s.metrics,
             )
             s.recorder.on_events = syncer.notify
-            retention = settings.webhook_retention_days * 86400.0
-
-            def prune() -> Awaitable[int]:  # every replica prunes; concurrent deletes are harmless
-                return prune_deliveries(s.store, retention)
-
-            refresher = LimitsRefresher(
-                s.store, s.polar, settings.limits_max_age_seconds, s.limits_changed, prune=prune
-            )
+            refresher = LimitsRefresher(s.store, s.polar, settings.limits_max_age_seconds, s.limits_changed)
             background += [
                 asyncio.create_task(syncer.run_forever(stop), name="polar-sync"),
                 asyncio.create_task(refresher.run_forever(stop), name="polar-limits"),
             ]
             log.info("Polar %s: syncing usage every %.0f s", settings.polar_environment, settings.sync_interval_seconds)
+        if settings.polar_webhook_secret:  # deliveries are claimed: forget old claims (in every process)
+            retention = settings.webhook_retention_days * 86400.0
+            background.append(asyncio.create_task(prune_forever(s.store, retention, stop), name="webhook-prune"))
         if multiprocess_dir():
             background.append(asyncio.create_task(s.metrics.flush_every(stop), name="metrics-flush"))
         try:

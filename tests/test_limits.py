@@ -12,13 +12,9 @@ import pytest
 from gateway.meters import CLAUDE_INPUT, GEMINI_IMAGES
 from gateway.polar.client import PolarBilling
 from gateway.polar.limits import LimitsRefresher
-from gateway.polar.webhooks import prune_deliveries
 from gateway.store import Store
 from gateway.store.base import CustomerLimits, MeterLimit
-from gateway.timeutil import iso
-from tests.conftest import poll_until
 from tests.fakes.polar import FakePolar
-from tests.support_db import Database
 
 
 @pytest.fixture
@@ -97,67 +93,3 @@ async def test_run_forever_refreshes_and_stops(store: Store, polar: PolarBilling
     stop.set()
     await asyncio.wait_for(task, 5)
     assert time.monotonic() - started < 5
-
-
-async def test_run_forever_prunes_old_webhook_deliveries_in_batches(
-    store: Store, db: Database, polar: PolarBilling
-) -> None:
-    for n in range(5):
-        await store.record_webhook(f"wh_old_{n}", "customer.state_changed")
-    await store.record_webhook("wh_new", "customer.state_changed")
-    month_ago = datetime.now(UTC) - timedelta(days=31)
-    db.query(
-        "UPDATE webhook_deliveries SET processed_at = ? WHERE webhook_id LIKE 'wh_old_%'",
-        month_ago if db.is_postgres else iso(month_ago),
-    )
-    batches: list[int] = []
-    real = store.prune_webhooks
-
-    async def counted(older_than: datetime, limit: int) -> int:
-        batches.append(await real(older_than, limit))
-        return batches[-1]
-
-    store.prune_webhooks = counted  # type: ignore[method-assign]
-    pruned: list[int] = []
-
-    async def prune() -> None:
-        pruned.append(await prune_deliveries(store, 30 * 86400.0, batch=2))
-
-    stop = asyncio.Event()
-    refresher = LimitsRefresher(store, polar, 60.0, lambda _u: asyncio.sleep(0), interval=30.0, prune=prune)
-    task = asyncio.create_task(refresher.run_forever(stop))
-    await poll_until(lambda: pruned)
-    stop.set()
-    await asyncio.wait_for(task, 5)
-    assert pruned == [5] and batches == [2, 2, 1]  # bounded batches, until one comes back short
-    assert db.query("SELECT webhook_id FROM webhook_deliveries") == [("wh_new",)]
-    assert await store.record_webhook("wh_new", "customer.state_changed") is False  # still deduplicated
-
-
-async def test_a_failing_prune_does_not_stop_the_refresh(store: Store, polar: PolarBilling, fake: FakePolar) -> None:
-    fake.set_state("u3", {CLAUDE_INPUT: (9, 0.0)})
-    await store.put_limits(old_limits("u3", timedelta(hours=1)))
-    calls: list[str] = []
-
-    async def prune() -> None:
-        calls.append("prune")
-        raise RuntimeError("database refused")
-
-    async def on_changed(user: str) -> None:
-        calls.append(user)
-
-    refresher = LimitsRefresher(store, polar, 60.0, on_changed, interval=0.01, prune=prune, prune_every=3600.0)
-    rounds: list[int] = []
-    real = refresher.refresh_once
-
-    async def counted() -> int:
-        rounds.append(await real())
-        return rounds[-1]
-
-    refresher.refresh_once = counted  # type: ignore[method-assign]
-    stop = asyncio.Event()
-    task = asyncio.create_task(refresher.run_forever(stop))
-    await poll_until(lambda: len(rounds) >= 5)
-    stop.set()
-    await asyncio.wait_for(task, 5)
-    assert calls.count("prune") == 1 and "u3" in calls  # once per prune_every, even after a failure

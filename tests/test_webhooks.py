@@ -1,4 +1,5 @@
-"""POST /webhooks/polar served by uvicorn over loopback: signatures, dedup, ordering, event types."""
+"""POST /webhooks/polar served by uvicorn over loopback: signatures, dedup, ordering, event types,
+forgetting old deliveries."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,10 +24,13 @@ from gateway.meters import CLAUDE_INPUT, CLAUDE_OUTPUT, GEMINI_IMAGES, MAX_CREDI
 from gateway.metrics import NullMetrics
 from gateway.polar import client as polar_client
 from gateway.polar.client import PolarBilling
-from gateway.polar.webhooks import make_webhook_endpoint
+from gateway.polar.webhooks import make_webhook_endpoint, prune_forever
 from gateway.store import Store
 from gateway.store.base import CustomerLimits, MeterLimit, WebhookStore
+from gateway.timeutil import iso
+from tests.conftest import Gateway, poll_until, wait_until
 from tests.fakes.polar import FakePolar, new_standard_secret, sign_webhook, webhook_payload
+from tests.support_db import Database, Databases, open_store, run_async
 
 STANDARD_SECRET = new_standard_secret()
 
@@ -449,3 +453,90 @@ async def test_a_timestamp_an_hour_ahead_still_applies(hook: Hook) -> None:
     resp = await hook.send(state_changed(hook.fake, "user-123", 1000, ts))
     assert (resp.status_code, resp.json()) == (200, {"status": "updated"})
     assert view(await hook.store.get_limits("user-123")) == expected(1000, ts)
+
+
+# ---------------------------------------------------------------- forgetting old delivery ids
+
+
+def age_deliveries(db: Database, like: str, age: timedelta) -> None:
+    then = datetime.now(UTC) - age
+    db.query(
+        "UPDATE webhook_deliveries SET processed_at = ? WHERE webhook_id LIKE ?",
+        then if db.is_postgres else iso(then),
+        like,
+    )
+
+
+def test_an_app_with_the_secret_and_no_token_prunes_old_deliveries(
+    make_gateway: Callable[..., Gateway], databases: Databases
+) -> None:
+    """Webhooks are claimed whenever the secret is set, so they are pruned then too, not only with a token."""
+    db = databases.new("webhooks-only")
+
+    async def claim() -> None:
+        store = await open_store(db.url)
+        try:
+            for n in range(3):
+                await store.record_webhook(f"wh_old_{n}", "customer.state_changed")
+            await store.record_webhook("wh_new", "customer.state_changed")
+        finally:
+            await store.close()
+
+    run_async(claim)
+    age_deliveries(db, "wh_old_%", timedelta(days=31))
+    gw = make_gateway(database_url=db.url, polar_webhook_secret=STANDARD_SECRET)  # no POLAR_ACCESS_TOKEN
+    assert gw.services.polar is None
+    wait_until(lambda: db.query("SELECT webhook_id FROM webhook_deliveries") == [("wh_new",)])
+
+
+async def test_prune_forever_prunes_at_start_in_batches_and_stops(store: Store, db: Database) -> None:
+    for n in range(5):
+        await store.record_webhook(f"wh_old_{n}", "customer.state_changed")
+    await store.record_webhook("wh_new", "customer.state_changed")
+    age_deliveries(db, "wh_old_%", timedelta(days=31))
+    batches: list[int] = []
+    real = store.prune_webhooks
+
+    async def counted(older_than: datetime, limit: int) -> int:
+        batches.append(await real(older_than, limit))
+        return batches[-1]
+
+    store.prune_webhooks = counted  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(prune_forever(store, 30 * 86400.0, stop, every=3600.0, batch=2))
+    await poll_until(lambda: len(batches) == 3)
+    stop.set()
+    await asyncio.wait_for(task, 5)  # not an hour
+    assert batches == [2, 2, 1]  # bounded batches, until one comes back short
+    assert db.query("SELECT webhook_id FROM webhook_deliveries") == [("wh_new",)]
+    assert await store.record_webhook("wh_new", "customer.state_changed") is False  # still deduplicated
+
+
+class PruneRefusingStore:
+    """The store, but its first `prune_webhooks` fails the way a database does."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.refuse = 1
+
+    async def prune_webhooks(self, older_than: datetime, limit: int) -> int:
+        if self.refuse:
+            self.refuse -= 1
+            raise ConnectionResetError("database went away")
+        return await self.store.prune_webhooks(older_than, limit)
+
+
+async def test_a_failing_prune_is_logged_and_retried_next_round(
+    store: Store, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    await store.record_webhook("wh_old", "customer.state_changed")
+    age_deliveries(db, "wh_old", timedelta(days=31))
+    refusing = PruneRefusingStore(store)
+    stop = asyncio.Event()
+    with caplog.at_level(logging.INFO, logger="gateway.webhooks"):
+        task = asyncio.create_task(prune_forever(refusing, 30 * 86400.0, stop, every=0.01))
+        await poll_until(lambda: not db.query("SELECT webhook_id FROM webhook_deliveries"))
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert refusing.refuse == 0 and len(failures) == 1 and "pruning" in failures[0].getMessage()

@@ -2,14 +2,12 @@
 
 Webhooks keep limits current; this loop is the safety net for missed or failed deliveries
 and for users who have no cached limits yet. Errors are logged and retried next round.
-It also runs the webhooks' housekeeping (`prune`: old delivery claims), every `prune_every` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Protocol
@@ -35,8 +33,6 @@ class LimitsRefresher:
         *,
         interval: float | None = None,
         per_round: int = 50,
-        prune: Callable[[], Awaitable[object]] | None = None,
-        prune_every: float = 3600.0,
     ) -> None:
         self.store = store
         self.polar = polar
@@ -46,9 +42,6 @@ class LimitsRefresher:
         self.interval = interval if interval is not None else max(1.0, min(60.0, max_age_seconds / 4))
         self.per_round = per_round
         self._untold: set[str] = set()  # limits stored, the change not announced yet
-        self.prune = prune
-        self.prune_every = prune_every
-        self._next_prune = 0.0  # (monotonic) the first round prunes
 
     async def users_to_refresh(self) -> list[str]:
         """Users whose cached limits are older than max_age, then known users with none cached yet."""
@@ -90,23 +83,12 @@ class LimitsRefresher:
                 self._untold.discard(user_id)
         return stored
 
-    async def _maybe_prune(self) -> None:
-        now = time.monotonic()
-        if self.prune is None or now < self._next_prune:
-            return
-        self._next_prune = now + self.prune_every
-        try:
-            await self.prune()
-        except Exception:
-            log.exception("pruning old webhook deliveries failed; retrying later")
-
     async def run_forever(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 await self.refresh_once()
             except Exception:
                 log.exception("limits refresh round failed; retrying next round")
-            await self._maybe_prune()
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.interval)
             except TimeoutError:

@@ -69,6 +69,7 @@ MAX_TIMESTAMP_AHEAD = timedelta(days=1)
 
 PRUNE_BATCH = 500  # deliveries deleted per statement: a short write lock however big the backlog
 PRUNE_MAX_BATCHES = 200  # per call; what is left waits for the next
+PRUNE_EVERY = 3600.0  # seconds: deliveries come a few per customer and day
 
 
 async def prune_deliveries(
@@ -87,6 +88,25 @@ async def prune_deliveries(
     if pruned:
         log.info("forgot %d Polar webhook deliveries older than %s", pruned, older_than.date())
     return pruned
+
+
+async def prune_forever(
+    store: WebhookLog,
+    retention_seconds: float,
+    stop: asyncio.Event,
+    *,
+    every: float = PRUNE_EVERY,
+    batch: int = PRUNE_BATCH,
+) -> None:
+    """`prune_deliveries` at start and every `every` seconds until `stop`. Runs in every process that
+    receives webhooks: concurrent deletes take disjoint rows or none. A failure waits for the next round."""
+    while not stop.is_set():
+        try:
+            await prune_deliveries(store, retention_seconds, batch=batch)
+        except Exception:
+            log.exception("pruning old webhook deliveries failed; retrying later")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every)
 
 
 def _load_payload(data: dict[str, Any]) -> Any:
