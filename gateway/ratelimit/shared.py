@@ -42,21 +42,7 @@ def make_limiter(settings: Settings, store: RateBudget, *, shared: bool) -> Rate
     rl = settings.file.rate_limit
     if rl.requests_per_minute is None and rl.tokens_per_minute is None:
         return RateLimiter(None, None)
-    if settings.redis_url:
-        from gateway.ratelimit.redis_backend import RedisRateLimiter
-
-        return RedisRateLimiter(
-            settings.redis_url, rl.requests_per_minute, rl.tokens_per_minute, on_store_error=rl.on_store_error
-        )
-    if shared:
-        return StoreRateLimiter(
-            store,
-            rl.requests_per_minute,
-            rl.tokens_per_minute,
-            rl.on_store_error,
-            timeout=settings.store_timeout_seconds,
-        )
-    return RateLimiter(rl.requests_per_minute, rl.tokens_per_minute)
+    return _limiter(settings, store, shared, rl.requests_per_minute, rl.tokens_per_minute)
 
 
 PORTAL_KEY = "portal:"  # + the user id (which never holds a colon): apart from the user's request window
@@ -65,15 +51,19 @@ PORTAL_KEY = "portal:"  # + the user id (which never holds a colon): apart from 
 def make_portal_limiter(settings: Settings, store: RateBudget, *, shared: bool) -> RateLimit:
     """Billing portal sessions per user and minute (`[rate_limit] portal_sessions_per_minute`), in the
     same backend as the request limits, under the key `PORTAL_KEY + user id`: so across processes too."""
-    rl = settings.file.rate_limit
-    per_minute = rl.portal_sessions_per_minute
+    return _limiter(settings, store, shared, settings.file.rate_limit.portal_sessions_per_minute, None)
+
+
+def _limiter(settings: Settings, store: RateBudget, shared: bool, rpm: int | None, tpm: int | None) -> RateLimit:
+    """The limiter of these limits in the backend `make_limiter` says."""
+    on_store_error = settings.file.rate_limit.on_store_error
     if settings.redis_url:
         from gateway.ratelimit.redis_backend import RedisRateLimiter
 
-        return RedisRateLimiter(settings.redis_url, per_minute, None, on_store_error=rl.on_store_error)
+        return RedisRateLimiter(settings.redis_url, rpm, tpm, on_store_error=on_store_error)
     if shared:
-        return StoreRateLimiter(store, per_minute, None, rl.on_store_error, timeout=settings.store_timeout_seconds)
-    return RateLimiter(per_minute, None)
+        return StoreRateLimiter(store, rpm, tpm, on_store_error, timeout=settings.store_timeout_seconds)
+    return RateLimiter(rpm, tpm)
 
 
 __all__ = ["PORTAL_KEY", "StoreRateLimiter", "make_limiter", "make_portal_limiter"]
